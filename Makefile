@@ -1,0 +1,33 @@
+# Two commands on a fresh machine with Python >= 3.11: `make serve`, `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: serve test bench lint format clean
+
+$(BIN)/imaging-scp: pyproject.toml
+	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "Python >= 3.11 is required")'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+serve: $(BIN)/imaging-scp
+	$(BIN)/imaging-scp serve $(ARGS)
+
+test: $(BIN)/imaging-scp
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: $(BIN)/imaging-scp
+	$(BIN)/python -m benchmarks.run $(ARGS)
+
+lint: $(BIN)/imaging-scp
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+
+format: $(BIN)/imaging-scp
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,70 @@
+"""The `imaging-scp` command: `serve`, and the admin commands over the index."""
+
+import dataclasses
+import sys
+from pathlib import Path
+
+import click
+
+from scp.config import Config, ConfigError, load_config
+from storage.store import DuplicatePolicy
+
+_CLICK_TYPES = {
+    int: click.INT,
+    float: click.FLOAT,
+    str: click.STRING,
+    Path: click.Path(path_type=Path, file_okay=False),
+    DuplicatePolicy: click.Choice([p.value for p in DuplicatePolicy]),
+}
+
+
+def config_options(command):
+    """Add `--config FILE` and one flag per configuration key to a command."""
+    for item in reversed(dataclasses.fields(Config)):
+        flag = "--" + item.name.replace("_", "-")
+        if item.type is bool:
+            option = click.option(
+                f"{flag}/--no-{flag[2:]}",
+                item.name,
+                default=None,
+                help=f"[default: {item.default}]",
+            )
+        else:
+            option = click.option(
+                flag,
+                item.name,
+                type=_CLICK_TYPES[item.type],
+                default=None,
+                help=f"[default: {item.default}]",
+            )
+        command = option(command)
+    return click.option(
+        "--config",
+        "config_file",
+        type=click.Path(path_type=Path, dir_okay=False),
+        help="TOML file with any of the keys below; flags win over it.",
+    )(command)
+
+
+def effective_config(config_file: Path | None, flags: dict) -> Config:
+    try:
+        return load_config(config_file, **flags)
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from exc
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main():
+    """imaging-scp: a DICOM C-STORE receiver with an ImagingStudy index."""
+
+
+@main.command()
+@config_options
+def serve(config_file, **flags):
+    """Listen for DICOM associations and store what arrives."""
+    from scp.logs import configure_logging
+    from scp.server import serve as run
+
+    config = effective_config(config_file, flags)
+    configure_logging(config.log_level)
+    sys.exit(run(config))

@@ -1,0 +1,206 @@
+"""pynetdicom event handlers: the seam between the DICOM protocol and storage.
+
+Each association gets a `Session`: an id, a logger bound once with the id, the
+calling and called AE titles and the peer address, and running totals. The
+C-STORE handler hands the dataset bytes to `InstanceStore.store` and turns its
+answer into a DICOM status.
+"""
+
+import itertools
+import os
+import time
+import weakref
+from dataclasses import dataclass, field
+
+import structlog
+from pydicom.dataset import Dataset
+from pynetdicom import evt
+
+from storage.index import Provenance
+from storage.store import InstanceStore, Refusal, StoreRefused
+
+SUCCESS = 0x0000
+
+# C-STORE failure statuses (PS3.4 B.2.3): A7xx out of resources, A900 dataset
+# does not match SOP class, Cxxx cannot understand. The low byte of our Cxxx
+# codes tells admins which check failed; the ErrorComment says it in words.
+REFUSAL_STATUS = {
+    Refusal.OUT_OF_SPACE: 0xA700,
+    Refusal.WRITE_FAILED: 0xA701,
+    Refusal.MISMATCH: 0xA900,
+    Refusal.UNREADABLE: 0xC000,
+    Refusal.MISSING_UID: 0xC001,
+    Refusal.INVALID_UID: 0xC002,
+    Refusal.SERIES_IN_OTHER_STUDY: 0xC003,
+    Refusal.DUPLICATE: 0xC004,
+}
+INTERNAL_ERROR_STATUS = 0xC0FF
+
+_ERROR_COMMENT_LENGTH = 64  # LO
+
+_association_numbers = itertools.count(1)
+
+
+@dataclass
+class Session:
+    """What we know and count about one association."""
+
+    id: str
+    peer: str
+    log: structlog.typing.FilteringBoundLogger
+    provenance: Provenance = field(default_factory=Provenance)
+    started: float = field(default_factory=time.monotonic)
+    instances: int = 0
+    bytes: int = 0
+    refused: int = 0
+    outcome: str = "closed"
+
+
+def status(code: int, comment: str | None = None) -> Dataset:
+    """A C-STORE/C-ECHO response status, with an ErrorComment when given."""
+    response = Dataset()
+    response.Status = code
+    if comment:
+        response.ErrorComment = comment[:_ERROR_COMMENT_LENGTH]
+    return response
+
+
+class ReceiverHandlers:
+    """The handlers bound to the receiver's association server."""
+
+    def __init__(self, store: InstanceStore):
+        self.store = store
+        self.log = structlog.get_logger("imaging_scp")
+        self._sessions: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        # Distinguishes associations across restarts and listener processes.
+        self._id_prefix = f"{os.getpid():x}-{int(time.time()) % 0x10000:04x}"
+
+    def bindings(self) -> list:
+        return [
+            (evt.EVT_CONN_OPEN, self.on_connection_open),
+            (evt.EVT_REQUESTED, self.on_requested),
+            (evt.EVT_ACCEPTED, self.on_accepted),
+            (evt.EVT_REJECTED, self.on_rejected),
+            (evt.EVT_RELEASED, self.on_released),
+            (evt.EVT_ABORTED, self.on_aborted),
+            (evt.EVT_CONN_CLOSE, self.on_connection_close),
+            (evt.EVT_C_ECHO, self.on_echo),
+            (evt.EVT_C_STORE, self.on_store),
+        ]
+
+    def active_sessions(self) -> list[Session]:
+        return list(self._sessions.values())
+
+    def _session(self, assoc) -> Session:
+        session = self._sessions.get(assoc)
+        if session is None:  # an event before EVT_CONN_OPEN should not happen
+            session = self._open_session(assoc, assoc.requestor.address_info.address)
+        return session
+
+    def _open_session(self, assoc, peer: str) -> Session:
+        session_id = f"{self._id_prefix}-{next(_association_numbers)}"
+        session = Session(id=session_id, peer=peer, log=self.log.bind(assoc=session_id, peer=peer))
+        self._sessions[assoc] = session
+        return session
+
+    def on_connection_open(self, event) -> None:
+        host, port = event.address[0], event.address[1]
+        self._open_session(event.assoc, f"{host}:{port}")
+
+    def on_requested(self, event) -> None:
+        session = self._session(event.assoc)
+        request = event.assoc.requestor.primitive
+        calling = str(request.calling_ae_title).strip()
+        called = str(request.called_ae_title).strip()
+        session.provenance = Provenance(calling, called, session.peer, session.id)
+        session.log = session.log.bind(calling_ae=calling, called_ae=called)
+
+    def on_accepted(self, event) -> None:
+        session = self._session(event.assoc)
+        session.log.info(
+            "association.accepted",
+            contexts=len(event.assoc.accepted_contexts),
+            rejected_contexts=len(event.assoc.rejected_contexts),
+        )
+
+    def on_rejected(self, event) -> None:
+        session = self._session(event.assoc)
+        session.outcome = "rejected"
+        session.log.warning("association.rejected")
+
+    def on_released(self, event) -> None:
+        self._session(event.assoc).outcome = "released"
+
+    def on_aborted(self, event) -> None:
+        self._session(event.assoc).outcome = "aborted"
+
+    def on_connection_close(self, event) -> None:
+        session = self._sessions.pop(event.assoc, None)
+        if session is None:
+            return
+        log = session.log.warning if session.outcome == "aborted" else session.log.info
+        log(
+            "association.end",
+            outcome=session.outcome,
+            instances=session.instances,
+            bytes=session.bytes,
+            refused=session.refused,
+            seconds=round(time.monotonic() - session.started, 3),
+        )
+
+    def on_echo(self, event) -> int:
+        self._session(event.assoc).log.info("echo")
+        return SUCCESS
+
+    def on_store(self, event) -> Dataset | int:
+        session = self._session(event.assoc)
+        started = time.perf_counter()
+        request = event.request
+        sop_instance_uid = request.AffectedSOPInstanceUID
+        dataset = request.DataSet.getbuffer()
+        try:
+            result = self.store.store(
+                dataset,
+                str(event.context.transfer_syntax),
+                request.AffectedSOPClassUID,
+                sop_instance_uid,
+                session.provenance,
+            )
+        except StoreRefused as refused:
+            session.refused += 1
+            code = REFUSAL_STATUS[refused.refusal]
+            session.log.warning(
+                "instance.refused",
+                sop_instance_uid=str(sop_instance_uid),
+                status=f"0x{code:04X}",
+                reason=refused.reason,
+            )
+            return status(code, refused.reason)
+        except Exception as exc:
+            session.refused += 1
+            session.log.exception("instance.failed", sop_instance_uid=str(sop_instance_uid))
+            return status(INTERNAL_ERROR_STATUS, f"internal error: {type(exc).__name__}")
+        finally:
+            dataset.release()
+        session.instances += 1
+        session.bytes += result.size
+        header = result.header
+        session.log.info(
+            "instance.stored",
+            study_uid=header.study_uid,
+            series_uid=header.series_uid,
+            sop_instance_uid=header.sop_instance_uid,
+            outcome=str(result.outcome),
+            bytes=result.size,
+            ms=round((time.perf_counter() - started) * 1000, 2),
+        )
+        for level, name, stored, received in result.disagreements:
+            session.log.warning(
+                "index.disagreement",
+                level=level,
+                field=name,
+                kept=stored,
+                received=received,
+                sop_instance_uid=header.sop_instance_uid,
+            )
+        return SUCCESS

@@ -1,0 +1,159 @@
+"""Instance files on disk: encoding the file header, durable writes, the layout.
+
+A stored file is the 128-byte preamble, ``DICM``, our file meta group, and then the
+dataset bytes exactly as received. Files are written to a temporary name under
+``<data>/.incoming`` (same filesystem), fsynced, and renamed into
+``<data>/<study>/<series>/<sop>.dcm``; the directory is fsynced after the rename so
+the new name survives a power cut too.
+"""
+
+import hashlib
+import os
+import struct
+import uuid
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+# Generated once with pydicom.uid.generate_uid(entropy_srcs=["imaging-scp"]).
+IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.8.498.11069188136420714549864405244484754416"
+IMPLEMENTATION_VERSION_NAME = "IMAGING_SCP_01"
+
+INCOMING_DIR = ".incoming"
+CONFLICTS_DIR = "conflicts"
+TEMP_SUFFIX = ".part"
+INSTANCE_SUFFIX = ".dcm"
+
+_PREAMBLE = b"\x00" * 128 + b"DICM"
+
+
+def encode_file_header(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str) -> bytes:
+    """Preamble, magic and File Meta Information group (Explicit VR Little Endian).
+
+    The group depends only on these three UIDs, so two receptions of the same
+    dataset in the same syntax produce byte-identical files.
+    """
+    elements = b"".join(
+        (
+            _element(0x0001, b"OB", b"\x00\x01"),
+            _element(0x0002, b"UI", _pad(sop_class_uid.encode(), b"\x00")),
+            _element(0x0003, b"UI", _pad(sop_instance_uid.encode(), b"\x00")),
+            _element(0x0010, b"UI", _pad(transfer_syntax.encode(), b"\x00")),
+            _element(0x0012, b"UI", _pad(IMPLEMENTATION_CLASS_UID.encode(), b"\x00")),
+            _element(0x0013, b"SH", _pad(IMPLEMENTATION_VERSION_NAME.encode(), b" ")),
+        )
+    )
+    group_length = _element(0x0000, b"UL", struct.pack("<I", len(elements)))
+    return _PREAMBLE + group_length + elements
+
+
+def _pad(value: bytes, padding: bytes) -> bytes:
+    return value + padding if len(value) % 2 else value
+
+
+def _element(element: int, vr: bytes, value: bytes) -> bytes:
+    if vr == b"OB":  # long form: 2 reserved bytes and a 4-byte length
+        return (
+            struct.pack("<HH", 0x0002, element)
+            + vr
+            + b"\x00\x00"
+            + struct.pack("<I", len(value))
+            + value
+        )
+    return struct.pack("<HH", 0x0002, element) + vr + struct.pack("<H", len(value)) + value
+
+
+def instance_relpath(study_uid: str, series_uid: str, sop_instance_uid: str) -> PurePosixPath:
+    """Where an instance lives, relative to the data directory. UIDs must be valid."""
+    return PurePosixPath(study_uid, series_uid, sop_instance_uid + INSTANCE_SUFFIX)
+
+
+def conflict_relpath(sop_instance_uid: str, sha256: str) -> PurePosixPath:
+    """Where a second, different copy of an instance is kept aside."""
+    return PurePosixPath(CONFLICTS_DIR, sop_instance_uid, sha256[:16] + INSTANCE_SUFFIX)
+
+
+@dataclass(frozen=True)
+class TempFile:
+    """A durable file under a temporary name, not yet visible in the layout."""
+
+    path: Path
+    size: int
+    sha256: str
+
+
+def file_digest(parts: list[bytes | memoryview]) -> tuple[int, str]:
+    """Size and SHA-256 of the file `parts` would make."""
+    digest = hashlib.sha256()
+    size = 0
+    for part in parts:
+        digest.update(part)
+        size += len(part)
+    return size, digest.hexdigest()
+
+
+def write_temp_file(
+    data_dir: Path, parts: list[bytes | memoryview], size: int, sha256: str
+) -> TempFile:
+    """Write `parts` to a new temporary file and fsync it.
+
+    On any OSError (ENOSPC, EIO, ...) the temporary file is removed before the
+    error propagates, so nothing half-written remains.
+    """
+    incoming = data_dir / INCOMING_DIR
+    path = incoming / (uuid.uuid4().hex + TEMP_SUFFIX)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        for part in parts:
+            view = memoryview(part)
+            while view:
+                view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        path.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    return TempFile(path=path, size=size, sha256=sha256)
+
+
+def move_into_place(data_dir: Path, temp: TempFile, relpath: PurePosixPath) -> None:
+    """Rename a durable temp file to its final name, durably (replacing any file there)."""
+    final = data_dir / relpath
+    ensure_directory(data_dir, final.parent)
+    os.replace(temp.path, final)
+    fsync_directory(final.parent)
+
+
+def ensure_directory(data_dir: Path, directory: Path) -> None:
+    """Create `directory` (inside `data_dir`) with every new level fsynced into its parent."""
+    if directory.is_dir():
+        return
+    missing = []
+    level = directory
+    while not level.is_dir() and level != data_dir:
+        missing.append(level)
+        level = level.parent
+    for level in reversed(missing):
+        try:
+            level.mkdir()
+        except FileExistsError:
+            continue  # a concurrent association created it
+        fsync_directory(level.parent)
+
+
+def fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def prepare_data_dir(data_dir: Path) -> list[Path]:
+    """Create the data directory layout; remove and return leftover temp files."""
+    incoming = data_dir / INCOMING_DIR
+    incoming.mkdir(parents=True, exist_ok=True)
+    leftovers = sorted(incoming.glob("*" + TEMP_SUFFIX))
+    for leftover in leftovers:
+        leftover.unlink(missing_ok=True)
+    return leftovers

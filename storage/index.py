@@ -1,0 +1,447 @@
+"""The ImagingStudy-shaped index: studies, series and instances in SQLite (WAL).
+
+Live ingest updates it incrementally: one transaction per instance inserts the
+instance and updates its series and study through primary-key reads and writes
+only, so the cost of indexing an instance does not depend on how large the study
+or the index already is. Counts and the modality list are maintained here, never
+read from DICOM tags.
+
+Writes go through one connection guarded by one lock per process
+(`Index.writing`); across processes SQLite's own write lock serialises them.
+Readers (the admin CLI) open their own connection and never block the writer.
+"""
+
+import json
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import sqlite_utils
+
+from storage.header import InstanceHeader
+
+INDEX_FILENAME = "index.sqlite"
+SCHEMA_VERSION = 1
+
+ONLINE, NEARLINE, OFFLINE, UNAVAILABLE = "ONLINE", "NEARLINE", "OFFLINE", "UNAVAILABLE"
+# Best first: a study's availability is the worst one among its series.
+AVAILABILITIES = (ONLINE, NEARLINE, OFFLINE, UNAVAILABLE)
+
+STUDY_FIELDS = {
+    "patient_id": str,
+    "issuer_of_patient_id": str,
+    "patient_name": str,
+    "patient_birth_date": str,
+    "patient_sex": str,
+    "study_date": str,
+    "study_time": str,
+    "timezone_offset": str,
+    "accession": str,
+    "accession_issuer": str,
+    "study_id": str,
+    "description": str,
+    "referrer": str,
+    "interpreter": str,
+    "procedure_codes": str,
+    "reason": str,
+    "institution": str,
+    "department": str,
+}
+SERIES_FIELDS = {
+    "modality": str,
+    "number": int,
+    "description": str,
+    "body_part": str,
+    "laterality": str,
+    "series_date": str,
+    "series_time": str,
+    "performer": str,
+}
+INSTANCE_FIELDS = {"number": int, "title": str, "number_of_frames": int}
+
+
+def utc_now() -> str:
+    """A sortable UTC timestamp with milliseconds, as stored in the index."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Who sent an instance, over which association."""
+
+    calling_ae: str | None = None
+    called_ae: str | None = None
+    peer: str | None = None
+    association_id: str | None = None
+
+
+@dataclass(frozen=True)
+class IndexEntry:
+    """Everything the index records about one received instance."""
+
+    header: InstanceHeader
+    path: str
+    size: int
+    sha256: str
+    transfer_syntax: str
+    received_at: str
+    provenance: Provenance
+
+
+@dataclass(frozen=True)
+class StoredDigest:
+    """What the index knows of an instance already received, to compare a resend."""
+
+    study_uid: str
+    series_uid: str
+    path: str
+    size: int
+    sha256: str
+
+
+@dataclass
+class IndexOutcome:
+    """What indexing one instance changed, for the caller to log."""
+
+    new_study: bool = False
+    new_series: bool = False
+    # (level, field, stored value, received value): later values that disagree
+    # with the stored first one; the stored value is kept.
+    disagreements: list[tuple[str, str, object, object]] = field(default_factory=list)
+
+
+class SeriesStudyMismatch(ValueError):
+    """A Series Instance UID already indexed under another study."""
+
+
+class Index:
+    """The index database of one data directory."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.conn = sqlite3.connect(
+            self.path, check_same_thread=False, isolation_level=None, timeout=30
+        )
+        self.db = sqlite_utils.Database(self.conn)
+        self.conn.execute("PRAGMA journal_mode=WAL")
+        # FULL: a committed transaction survives a power cut, which is what a
+        # Success status promises.
+        self.conn.execute("PRAGMA synchronous=FULL")
+        self._lock = threading.Lock()
+        self._create_schema()
+
+    @classmethod
+    def in_data_dir(cls, data_dir: Path) -> "Index":
+        return cls(Path(data_dir) / INDEX_FILENAME)
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def _create_schema(self) -> None:
+        db = self.db
+        with self._lock:
+            db["studies"].create(
+                {
+                    "study_uid": str,
+                    **STUDY_FIELDS,
+                    "modalities": str,
+                    "number_of_series": int,
+                    "number_of_instances": int,
+                    "bytes": int,
+                    "availability": str,
+                    "first_received": str,
+                    "last_received": str,
+                },
+                pk="study_uid",
+                if_not_exists=True,
+            )
+            db["series"].create(
+                {
+                    "series_uid": str,
+                    "study_uid": str,
+                    **SERIES_FIELDS,
+                    "number_of_instances": int,
+                    "bytes": int,
+                    "availability": str,
+                    "first_received": str,
+                    "last_received": str,
+                    "incomplete_reason": str,
+                    "incomplete_since": str,
+                },
+                pk="series_uid",
+                if_not_exists=True,
+            )
+            db["instances"].create(
+                {
+                    "sop_instance_uid": str,
+                    "series_uid": str,
+                    "study_uid": str,
+                    "sop_class_uid": str,
+                    **INSTANCE_FIELDS,
+                    "transfer_syntax": str,
+                    "path": str,
+                    "size": int,
+                    "sha256": str,
+                    "received_at": str,
+                    "calling_ae": str,
+                    "called_ae": str,
+                    "peer": str,
+                    "association_id": str,
+                },
+                pk="sop_instance_uid",
+                if_not_exists=True,
+            )
+            db["conflicts"].create(
+                {
+                    "id": int,
+                    "sop_instance_uid": str,
+                    "action": str,
+                    "path": str,
+                    "size": int,
+                    "sha256": str,
+                    "received_at": str,
+                    "calling_ae": str,
+                    "peer": str,
+                    "association_id": str,
+                },
+                pk="id",
+                if_not_exists=True,
+            )
+            db["series"].create_index(["study_uid"], if_not_exists=True)
+            db["instances"].create_index(["series_uid"], if_not_exists=True)
+            db["conflicts"].create_index(["sop_instance_uid"], if_not_exists=True)
+            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    @contextmanager
+    def writing(self) -> Iterator["Index"]:
+        """One write transaction, exclusive within this process.
+
+        Commits on normal exit (durably: synchronous=FULL), rolls back on error.
+        """
+        with self._lock:
+            self.conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self
+            except BaseException:
+                self.conn.execute("ROLLBACK")
+                raise
+            self.conn.execute("COMMIT")
+
+    def stored_digest(self, sop_instance_uid: str) -> StoredDigest | None:
+        """The indexed copy of an instance, or None. Call inside `writing()` to
+        act on the answer; outside, it is only a hint."""
+        row = self.conn.execute(
+            "SELECT study_uid, series_uid, path, size, sha256 FROM instances"
+            " WHERE sop_instance_uid = ?",
+            (sop_instance_uid,),
+        ).fetchone()
+        return StoredDigest(*row) if row else None
+
+    def digest_hint(self, sop_instance_uid: str) -> StoredDigest | None:
+        """`stored_digest` outside a transaction: lets an identical resend be
+        answered without writing anything. Decisions are re-checked in `writing()`."""
+        with self._lock:
+            return self.stored_digest(sop_instance_uid)
+
+    def check_series_study(self, series_uid: str, study_uid: str) -> None:
+        """Raise SeriesStudyMismatch if the series is indexed under another study."""
+        row = self.conn.execute(
+            "SELECT study_uid FROM series WHERE series_uid = ?", (series_uid,)
+        ).fetchone()
+        if row and row[0] != study_uid:
+            raise SeriesStudyMismatch(f"series {series_uid} already belongs to study {row[0]}")
+
+    def index_instance(self, entry: IndexEntry) -> IndexOutcome:
+        """Add a new instance and update its series and study. Call inside `writing()`."""
+        header = entry.header
+        source = entry.provenance
+        self.conn.execute(
+            "INSERT INTO instances (sop_instance_uid, series_uid, study_uid, sop_class_uid,"
+            " number, title, number_of_frames, transfer_syntax, path, size, sha256,"
+            " received_at, calling_ae, called_ae, peer, association_id)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                header.sop_instance_uid,
+                header.series_uid,
+                header.study_uid,
+                header.sop_class_uid,
+                header.instance.get("number"),
+                header.instance.get("title"),
+                header.instance.get("number_of_frames"),
+                entry.transfer_syntax,
+                entry.path,
+                entry.size,
+                entry.sha256,
+                entry.received_at,
+                source.calling_ae,
+                source.called_ae,
+                source.peer,
+                source.association_id,
+            ),
+        )
+        outcome = IndexOutcome()
+        new_modality = self._count_in_series(entry, outcome)
+        self._count_in_study(entry, new_modality, outcome)
+        return outcome
+
+    def replace_instance(self, entry: IndexEntry) -> None:
+        """Record a new copy of an indexed instance in the same series (policy
+        overwrite): counts stay, byte totals follow the new size."""
+        header = entry.header
+        old_size = self.conn.execute(
+            "SELECT size FROM instances WHERE sop_instance_uid = ?", (header.sop_instance_uid,)
+        ).fetchone()[0]
+        self.conn.execute(
+            "UPDATE instances SET sop_class_uid = ?, number = ?, title = ?, number_of_frames = ?,"
+            " transfer_syntax = ?, size = ?, sha256 = ?, received_at = ?, calling_ae = ?,"
+            " called_ae = ?, peer = ?, association_id = ? WHERE sop_instance_uid = ?",
+            (
+                header.sop_class_uid,
+                header.instance.get("number"),
+                header.instance.get("title"),
+                header.instance.get("number_of_frames"),
+                entry.transfer_syntax,
+                entry.size,
+                entry.sha256,
+                entry.received_at,
+                entry.provenance.calling_ae,
+                entry.provenance.called_ae,
+                entry.provenance.peer,
+                entry.provenance.association_id,
+                header.sop_instance_uid,
+            ),
+        )
+        delta = entry.size - old_size
+        self.conn.execute(
+            "UPDATE series SET bytes = bytes + ?, last_received = ? WHERE series_uid = ?",
+            (delta, entry.received_at, header.series_uid),
+        )
+        self.conn.execute(
+            "UPDATE studies SET bytes = bytes + ?, last_received = ? WHERE study_uid = ?",
+            (delta, entry.received_at, header.study_uid),
+        )
+
+    def record_conflict(self, entry: IndexEntry, action: str) -> None:
+        """Remember a resend whose bytes differ from the indexed copy, and what was done."""
+        source = entry.provenance
+        self.conn.execute(
+            "INSERT INTO conflicts (sop_instance_uid, action, path, size, sha256, received_at,"
+            " calling_ae, peer, association_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                entry.header.sop_instance_uid,
+                action,
+                entry.path,
+                entry.size,
+                entry.sha256,
+                entry.received_at,
+                source.calling_ae,
+                source.peer,
+                source.association_id,
+            ),
+        )
+
+    def _count_in_series(self, entry: IndexEntry, outcome: IndexOutcome) -> str | None:
+        """Create or update the instance's series.
+
+        Returns the series modality when the study has not seen it through this
+        series before (a new series, or one that only now learnt its modality).
+        """
+        header = entry.header
+        columns = list(SERIES_FIELDS)
+        row = self.conn.execute(
+            f"SELECT study_uid, {', '.join(columns)} FROM series WHERE series_uid = ?",
+            (header.series_uid,),
+        ).fetchone()
+        if row is None:
+            outcome.new_series = True
+            values = {name: header.series.get(name) for name in columns}
+            self.db["series"].insert(
+                {
+                    "series_uid": header.series_uid,
+                    "study_uid": header.study_uid,
+                    **values,
+                    "number_of_instances": 1,
+                    "bytes": entry.size,
+                    "availability": ONLINE,
+                    "first_received": entry.received_at,
+                    "last_received": entry.received_at,
+                }
+            )
+            return values["modality"]
+        stored = dict(zip(columns, row[1:], strict=True))
+        updates = _first_values_win("series", stored, header.series, outcome)
+        assignments = "".join(f", {name} = ?" for name in updates)
+        # A new instance supersedes an earlier aborted transfer's "incomplete" mark.
+        self.conn.execute(
+            "UPDATE series SET number_of_instances = number_of_instances + 1,"
+            f" bytes = bytes + ?, last_received = ?, incomplete_reason = NULL,"
+            f" incomplete_since = NULL{assignments} WHERE series_uid = ?",
+            (entry.size, entry.received_at, *updates.values(), header.series_uid),
+        )
+        return updates.get("modality")
+
+    def _count_in_study(
+        self, entry: IndexEntry, new_modality: str | None, outcome: IndexOutcome
+    ) -> None:
+        header = entry.header
+        columns = list(STUDY_FIELDS)
+        row = self.conn.execute(
+            f"SELECT modalities, {', '.join(columns)} FROM studies WHERE study_uid = ?",
+            (header.study_uid,),
+        ).fetchone()
+        if row is None:
+            outcome.new_study = True
+            self.db["studies"].insert(
+                {
+                    "study_uid": header.study_uid,
+                    **{name: header.study.get(name) for name in columns},
+                    "modalities": json.dumps([new_modality] if new_modality else []),
+                    "number_of_series": 1,
+                    "number_of_instances": 1,
+                    "bytes": entry.size,
+                    "availability": ONLINE,
+                    "first_received": entry.received_at,
+                    "last_received": entry.received_at,
+                }
+            )
+            return
+        stored = dict(zip(columns, row[1:], strict=True))
+        updates = _first_values_win("study", stored, header.study, outcome)
+        modalities = json.loads(row[0] or "[]")
+        if new_modality and new_modality not in modalities:
+            updates["modalities"] = json.dumps([*modalities, new_modality])
+        assignments = "".join(f", {name} = ?" for name in updates)
+        self.conn.execute(
+            "UPDATE studies SET number_of_instances = number_of_instances + 1,"
+            f" number_of_series = number_of_series + ?, bytes = bytes + ?,"
+            f" last_received = ?{assignments} WHERE study_uid = ?",
+            (
+                int(outcome.new_series),
+                entry.size,
+                entry.received_at,
+                *updates.values(),
+                header.study_uid,
+            ),
+        )
+
+
+def _first_values_win(level: str, stored: dict, received: dict, outcome: IndexOutcome) -> dict:
+    """The fields to fill in: received values where nothing is stored yet.
+
+    A received value that disagrees with a stored one is noted in `outcome` and
+    otherwise ignored; a missing received value never erases a stored one.
+    """
+    updates = {}
+    for name, value in received.items():
+        if value is None or name not in stored:
+            continue
+        current = stored[name]
+        if current is None:
+            updates[name] = value
+        elif current != value:
+            outcome.disagreements.append((level, name, current, value))
+    return updates
