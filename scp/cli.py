@@ -27,7 +27,7 @@ def config_options(command):
                 f"{flag}/--no-{flag[2:]}",
                 item.name,
                 default=None,
-                help=f"[default: {item.default}]",
+                help=_help(item),
             )
         else:
             option = click.option(
@@ -35,7 +35,7 @@ def config_options(command):
                 item.name,
                 type=_CLICK_TYPES[item.type],
                 default=None,
-                help=f"[default: {item.default}]",
+                help=_help(item),
             )
         command = option(command)
     return click.option(
@@ -44,6 +44,10 @@ def config_options(command):
         type=click.Path(path_type=Path, dir_okay=False),
         help="TOML file with any of the keys below; flags win over it.",
     )(command)
+
+
+def _help(item: dataclasses.Field) -> str:
+    return f"{item.metadata['help']} [default: {item.default}]"
 
 
 def effective_config(config_file: Path | None, flags: dict) -> Config:

@@ -6,7 +6,8 @@ the defaults. Every key of the file is also a flag (``data_dir`` ↔ ``--data-di
 
 import dataclasses
 import tomllib
-from dataclasses import dataclass
+import zoneinfo
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from storage.store import DuplicatePolicy
@@ -16,23 +17,36 @@ class ConfigError(ValueError):
     """A configuration problem, phrased for the admin: it names the key."""
 
 
+def _key(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass(frozen=True)
 class Config:
-    aet: str = "IMAGING_SCP"
-    host: str = "0.0.0.0"
-    port: int = 11112
-    data_dir: Path = Path("data")
+    """Every setting of the service; each field is a TOML key and a flag."""
+
+    aet: str = _key("IMAGING_SCP", "AE title this receiver answers to")
+    host: str = _key("0.0.0.0", "address to listen on")
+    port: int = _key(11112, "TCP port to listen on")
+    data_dir: Path = _key(Path("data"), "where files and index.sqlite are kept")
     # Bounded: an unlimited max PDU lets one sender push a whole object in one PDU.
-    max_pdu: int = 262144
-    max_associations: int = 32
-    duplicates: DuplicatePolicy = DuplicatePolicy.KEEP_FIRST
-    # Refuse associations addressed to another AE title (a misrouted modality).
-    require_called_aet: bool = True
-    # Seconds a connection may stay silent (mid-PDU or between messages).
-    network_timeout: float = 60.0
-    # Seconds SIGTERM waits for in-flight associations before aborting them.
-    drain_timeout: float = 30.0
-    log_level: str = "info"
+    max_pdu: int = _key(262144, "largest PDU we accept, in bytes")
+    max_associations: int = _key(32, "simultaneous associations; more are rejected (transient)")
+    duplicates: DuplicatePolicy = _key(
+        DuplicatePolicy.KEEP_FIRST,
+        "a resent SOP Instance UID with different bytes: keep-first, overwrite or reject",
+    )
+    require_called_aet: bool = _key(True, "refuse associations addressed to another AE title")
+    network_timeout: float = _key(60.0, "seconds a connection may stay silent before it is closed")
+    drain_timeout: float = _key(30.0, "seconds SIGTERM waits for associations in flight")
+    log_level: str = _key("info", "debug, info, warning or error")
+    stable_after: float = _key(
+        60.0, "seconds without a new instance before a series or study is 'stable'"
+    )
+    wado_base_url: str = _key("", "WADO-RS base URL for ImagingStudy url/endpoint (none if empty)")
+    site_timezone: str = _key(
+        "", "IANA zone for study times without a UTC offset, e.g. Europe/Paris"
+    )
 
 
 _LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -117,9 +131,16 @@ def _check_ranges(config: Config) -> None:
         raise ConfigError(
             f"key 'max_associations': must be at least 1, got {config.max_associations}"
         )
-    for key in ("network_timeout", "drain_timeout"):
+    for key in ("network_timeout", "drain_timeout", "stable_after"):
         if getattr(config, key) <= 0:
             raise ConfigError(f"key '{key}': must be a positive number of seconds")
+    if config.site_timezone:
+        try:
+            zoneinfo.ZoneInfo(config.site_timezone)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError) as exc:
+            raise ConfigError(
+                f"key 'site_timezone': unknown time zone {config.site_timezone!r}"
+            ) from exc
     if config.log_level not in _LOG_LEVELS:
         raise ConfigError(
             f"key 'log_level': one of {', '.join(_LOG_LEVELS)}, got {config.log_level!r}"
