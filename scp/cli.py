@@ -50,11 +50,21 @@ def _help(item: dataclasses.Field) -> str:
     return f"{item.metadata['help']} [default: {item.default}]"
 
 
+EXIT_NOT_FOUND = 1
+EXIT_USAGE = 2
+
+
+def fail(message: str, code: int) -> None:
+    """End the command with one clear line on stderr."""
+    click.echo(f"imaging-scp: {message}", err=True)
+    sys.exit(code)
+
+
 def effective_config(config_file: Path | None, flags: dict) -> Config:
     try:
         return load_config(config_file, **flags)
     except ConfigError as exc:
-        raise click.UsageError(str(exc)) from exc
+        fail(str(exc), EXIT_USAGE)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

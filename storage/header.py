@@ -161,8 +161,6 @@ def _parse(dataset_bytes: bytes | memoryview, transfer_syntax: str) -> Dataset:
         )
     except Exception as exc:  # pydicom raises many kinds on malformed input
         raise HeaderError(f"dataset does not parse: {exc}") from exc
-    if len(dataset) == 0:
-        raise HeaderError("dataset is empty")
     return dataset
 
 

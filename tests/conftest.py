@@ -1,0 +1,245 @@
+"""Shared test harness: a real `imaging-scp serve` process, real senders, real files."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE, _config
+from pynetdicom.dsutils import split_dataset
+
+# Send files' dataset bytes exactly as they are on disk (no decode/re-encode), so
+# a byte-for-byte comparison of what the server stored is meaningful.
+_config.STORE_SEND_CHUNKED_DATASET = True
+
+BIN = Path(sys.executable).parent
+IMAGING_SCP = str(BIN / "imaging-scp")
+STORESCU = "/usr/bin/storescu"
+ECHOSCU = "/usr/bin/echoscu"
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@dataclass
+class Server:
+    """An `imaging-scp serve` subprocess on a free loopback port."""
+
+    data_dir: Path
+    port: int
+    process: subprocess.Popen
+    log_path: Path
+    exit_code: int | None = field(default=None)
+
+    def events(self, name: str | None = None) -> list[dict]:
+        """The server's JSON log events so far (optionally only those named `name`)."""
+        events = []
+        for line in self.log_path.read_text().splitlines():
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if name is None or event.get("event") == name:
+                events.append(event)
+        return events
+
+    def wait_for_event(self, name: str, count: int = 1, timeout: float = 10) -> list[dict]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = self.events(name)
+            if len(found) >= count:
+                return found
+            time.sleep(0.05)
+        raise AssertionError(f"no {count} '{name}' events within {timeout}s: {self.events()}")
+
+    def index(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.data_dir / "index.sqlite")
+        conn.row_factory = sqlite3.Row
+        return conn
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        self.exit_code = self.process.wait(timeout)
+        return self.exit_code
+
+
+def start_server(data_dir: Path, *flags: str, env: dict | None = None) -> Server:
+    port = free_port()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    log_path = data_dir.parent / f"serve-{port}.log"
+    process = subprocess.Popen(
+        [
+            IMAGING_SCP,
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--data-dir",
+            str(data_dir),
+            *flags,
+        ],
+        stdout=log_path.open("w"),
+        stderr=subprocess.STDOUT,
+        env={**os.environ, **(env or {})},
+    )
+    server = Server(data_dir, port, process, log_path)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"server exited with {process.returncode}: {log_path.read_text()}")
+        if server.events("listening"):
+            return server
+        time.sleep(0.05)
+    process.kill()
+    raise AssertionError(f"server did not start: {log_path.read_text()}")
+
+
+@pytest.fixture
+def server_factory(tmp_path):
+    """Start servers with given flags; every one is stopped at the end of the test."""
+    servers = []
+
+    def start(*flags: str, data_dir: Path | None = None, env: dict | None = None) -> Server:
+        server = start_server(data_dir or tmp_path / f"data{len(servers)}", *flags, env=env)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        if server.process.poll() is None:
+            server.process.kill()
+            server.process.wait(10)
+
+
+@pytest.fixture
+def server(server_factory) -> Server:
+    return server_factory()
+
+
+@dataclass
+class StoreStatus:
+    status: int
+    comment: str | None
+
+
+def send_files(
+    port: int, paths: list[Path], *, calling: str = "TESTSCU", called: str = "IMAGING_SCP"
+) -> list[StoreStatus]:
+    """Send files over one association with pynetdicom, each in its own transfer
+    syntax, bytes as on disk. Returns one status per file."""
+    ae = AE(ae_title=calling)
+    contexts = set()
+    for path in paths:
+        meta, _ = split_dataset(path)
+        contexts.add((meta.MediaStorageSOPClassUID, meta.TransferSyntaxUID))
+    assert len(contexts) <= 128, "one association carries at most 128 presentation contexts"
+    for sop_class, syntax in sorted(contexts):
+        ae.add_requested_context(sop_class, syntax)
+    assoc = ae.associate("127.0.0.1", port, ae_title=called)
+    assert assoc.is_established, "association was not accepted"
+    statuses = []
+    try:
+        for path in paths:
+            response = assoc.send_c_store(path)
+            assert "Status" in response, f"no C-STORE response for {path}"
+            statuses.append(StoreStatus(response.Status, response.get("ErrorComment")))
+    finally:
+        assoc.release()
+    return statuses
+
+
+def dataset_bytes(path: Path) -> bytes:
+    """The encoded dataset of a DICOM file: everything after its file meta group."""
+    _, offset = split_dataset(path)
+    return Path(path).read_bytes()[offset:]
+
+
+def make_instance(
+    directory: Path,
+    *,
+    study_uid: str,
+    series_uid: str,
+    modality: str = "CT",
+    sop_instance_uid: str | None = None,
+    sop_class_uid: str = CT_IMAGE_STORAGE,
+    transfer_syntax: str = ExplicitVRLittleEndian,
+    pixels: int = 16,
+    **attributes,
+) -> Path:
+    """Write a small valid DICOM file; `attributes` are DICOM keywords. A keyword
+    given as None is left out (to make a dataset that lacks it)."""
+    ds = Dataset()
+    ds.SOPClassUID = sop_class_uid
+    ds.SOPInstanceUID = sop_instance_uid or generate_uid()
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = series_uid
+    ds.Modality = modality
+    ds.PatientID = "PAT-1"
+    ds.PatientName = "Test^Patient"
+    ds.StudyDate = "20261122"
+    ds.StudyTime = "101500"
+    ds.Rows = ds.Columns = pixels
+    ds.BitsAllocated = ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 0
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.PixelData = os.urandom(pixels * pixels * 2)
+    for keyword, value in attributes.items():
+        if value is None:
+            if keyword in ds:
+                delattr(ds, keyword)
+        else:
+            setattr(ds, keyword, value)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class_uid
+    meta.MediaStorageSOPInstanceUID = ds.get("SOPInstanceUID", "1.2.3")
+    meta.TransferSyntaxUID = transfer_syntax
+    ds.file_meta = meta
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{generate_uid()}.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def stored_files(data_dir: Path) -> list[Path]:
+    """Every instance file in a data directory (conflicts included)."""
+    return sorted(p for p in data_dir.rglob("*.dcm"))
+
+
+def requires_dcmtk(tool: str = STORESCU):
+    return pytest.mark.skipif(
+        shutil.which(tool) is None, reason=f"{tool} not installed (apt-get install dcmtk)"
+    )
+
+
+def bundled_test_files() -> list[Path]:
+    """pydicom's bundled test files that carry file meta (no download is ever triggered)."""
+    root = Path(pydicom.data.get_testdata_file("CT_small.dcm")).parent
+    files = []
+    for path in sorted(root.glob("*.dcm")):
+        try:
+            meta, _ = split_dataset(path)
+        except Exception:
+            continue
+        keywords = ("MediaStorageSOPClassUID", "MediaStorageSOPInstanceUID", "TransferSyntaxUID")
+        if all(meta.get(keyword) for keyword in keywords):  # else it cannot be a C-STORE
+            files.append(path)
+    return files

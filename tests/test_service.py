@@ -1,0 +1,109 @@
+"""The service as an admin runs it: configuration, shutdown, association control, logs."""
+
+import json
+import signal
+import socket
+import subprocess
+import time
+
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE
+
+from tests.conftest import CT_IMAGE_STORAGE, IMAGING_SCP, make_instance, send_files
+
+
+def test_config_file_is_read_and_flags_win(server_factory, tmp_path):
+    config = tmp_path / "config.toml"
+    config.write_text('aet = "FROM_FILE"\nduplicates = "reject"\nmax_pdu = 65536\n')
+    server = server_factory("--config", str(config), "--aet", "FROM_FLAG")
+    (listening,) = server.events("listening")
+    assert listening["aet"] == "FROM_FLAG"
+    assert listening["duplicates"] == "reject"
+    assert listening["max_pdu"] == 65536
+
+
+def test_bad_config_is_one_clear_line_naming_the_key(tmp_path):
+    for content, expected in [
+        ('colour = "blue"\n', "unknown key 'colour'"),
+        ('port = "eleven"\n', "key 'port'"),
+        ('duplicates = "sometimes"\n', "key 'duplicates'"),
+        ("port = [\n", "not valid TOML"),
+    ]:
+        config = tmp_path / "bad.toml"
+        config.write_text(content)
+        result = subprocess.run(
+            [IMAGING_SCP, "serve", "--config", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert result.returncode == 2, result
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and expected in lines[0], result.stderr
+
+
+def test_max_pdu_is_bounded_and_advertised(server):
+    ae = AE("TESTSCU")
+    ae.add_requested_context(CT_IMAGE_STORAGE, ExplicitVRLittleEndian)
+    ae.maximum_pdu_size = 0  # we ask for unlimited; the receiver still bounds what it takes
+    assoc = ae.associate("127.0.0.1", server.port, ae_title="IMAGING_SCP")
+    assert assoc.is_established
+    assert assoc.acceptor.maximum_length == 262144
+    assoc.release()
+
+
+def test_wrong_called_ae_title_is_rejected(server):
+    ae = AE("TESTSCU")
+    ae.add_requested_context(CT_IMAGE_STORAGE, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", server.port, ae_title="SOMEONE_ELSE")
+    assert assoc.is_rejected
+    rejected = server.wait_for_event("association.rejected")
+    assert rejected[0]["called_ae"] == "SOMEONE_ELSE"
+
+
+def test_sigterm_stops_accepting_and_lets_the_association_in_flight_finish(server, tmp_path):
+    study, series = generate_uid(), generate_uid()
+    first, second = (make_instance(tmp_path, study_uid=study, series_uid=series) for _ in range(2))
+    ae = AE("TESTSCU")
+    ae.add_requested_context(CT_IMAGE_STORAGE, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", server.port, ae_title="IMAGING_SCP")
+    assert assoc.send_c_store(first).Status == 0
+
+    server.process.send_signal(signal.SIGTERM)
+    server.wait_for_event("shutdown.requested")
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # the listening socket closes promptly
+        try:
+            socket.create_connection(("127.0.0.1", server.port), timeout=1).close()
+        except ConnectionRefusedError:
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError("the server still accepts connections after SIGTERM")
+
+    assert assoc.send_c_store(second).Status == 0  # in flight: still served
+    assoc.release()
+    assert server.process.wait(30) == 0
+    row = server.index().execute("SELECT number_of_instances FROM studies").fetchone()
+    assert row["number_of_instances"] == 2
+    assert server.events("stopped")[0]["aborted_associations"] == 0
+
+
+def test_logs_are_json_lines_with_association_context(server, tmp_path):
+    path = make_instance(tmp_path, study_uid=generate_uid(), series_uid=generate_uid())
+    send_files(server.port, [path], calling="MODALITY_1")
+    end = server.wait_for_event("association.end")[0]
+    assert server.stop() == 0
+    lines = server.log_path.read_text().splitlines()
+    assert lines and all(json.loads(line) for line in lines)  # every line is one JSON object
+    stored = server.events("instance.stored")[0]
+    for event in (stored, end):
+        assert event["calling_ae"] == "MODALITY_1"
+        assert event["called_ae"] == "IMAGING_SCP"
+        assert event["peer"].startswith("127.0.0.1:")
+        assert event["assoc"] == stored["assoc"]
+    assert (end["instances"], end["outcome"]) == (1, "released")
+    stored_file = (
+        server.data_dir / server.index().execute("SELECT path FROM instances").fetchone()[0]
+    )
+    assert end["bytes"] == stored["bytes"] == stored_file.stat().st_size
