@@ -8,11 +8,14 @@ the new name survives a power cut too.
 """
 
 import hashlib
+import json
 import os
 import struct
 import uuid
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+
+import pydicom.filereader
 
 # Generated once with pydicom.uid.generate_uid(entropy_srcs=["imaging-scp"]).
 IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.8.498.11069188136420714549864405244484754416"
@@ -26,24 +29,77 @@ INSTANCE_SUFFIX = ".dcm"
 _PREAMBLE = b"\x00" * 128 + b"DICM"
 
 
-def encode_file_header(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str) -> bytes:
+def encode_file_header(
+    sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str, receipt: dict
+) -> bytes:
     """Preamble, magic and File Meta Information group (Explicit VR Little Endian).
 
-    The group depends only on these three UIDs, so two receptions of the same
-    dataset in the same syntax produce byte-identical files.
+    `receipt` (when and from whom the object arrived: received_at, calling_ae,
+    called_ae, peer, association_id) is kept in the file itself, as Sending and
+    Receiving AE Title and as Private Information under our implementation UID,
+    so the index can be rebuilt from the files alone.
     """
-    elements = b"".join(
-        (
-            _element(0x0001, b"OB", b"\x00\x01"),
-            _element(0x0002, b"UI", _pad(sop_class_uid.encode(), b"\x00")),
-            _element(0x0003, b"UI", _pad(sop_instance_uid.encode(), b"\x00")),
-            _element(0x0010, b"UI", _pad(transfer_syntax.encode(), b"\x00")),
-            _element(0x0012, b"UI", _pad(IMPLEMENTATION_CLASS_UID.encode(), b"\x00")),
-            _element(0x0013, b"SH", _pad(IMPLEMENTATION_VERSION_NAME.encode(), b" ")),
-        )
+    elements = [
+        _element(0x0001, b"OB", b"\x00\x01"),
+        _element(0x0002, b"UI", _pad(sop_class_uid.encode(), b"\x00")),
+        _element(0x0003, b"UI", _pad(sop_instance_uid.encode(), b"\x00")),
+        _element(0x0010, b"UI", _pad(transfer_syntax.encode(), b"\x00")),
+        _element(0x0012, b"UI", _pad(IMPLEMENTATION_CLASS_UID.encode(), b"\x00")),
+        _element(0x0013, b"SH", _pad(IMPLEMENTATION_VERSION_NAME.encode(), b" ")),
+    ]
+    for element, key in ((0x0017, "calling_ae"), (0x0018, "called_ae")):
+        title = receipt.get(key)
+        if title and title.isascii():
+            elements.append(_element(element, b"AE", _pad(title.encode()[:16], b" ")))
+    elements.append(_element(0x0100, b"UI", _pad(IMPLEMENTATION_CLASS_UID.encode(), b"\x00")))
+    elements.append(_element(0x0102, b"OB", _pad(json.dumps(receipt).encode(), b" ")))
+    body = b"".join(elements)
+    group_length = _element(0x0000, b"UL", struct.pack("<I", len(body)))
+    return _PREAMBLE + group_length + body
+
+
+@dataclass(frozen=True)
+class FileMeta:
+    """What a stored file says about itself."""
+
+    sop_class_uid: str | None
+    sop_instance_uid: str | None
+    transfer_syntax: str | None
+    dataset_offset: int
+    receipt: dict
+
+
+def read_file_meta(path: Path) -> FileMeta:
+    """Read a DICOM file's meta group (ours or another writer's).
+
+    Raises ValueError when the file is not a DICOM file with a meta group.
+    """
+    try:
+        with open(path, "rb") as handle:
+            pydicom.filereader.read_preamble(handle, force=False)  # raises without DICM
+            # pydicom's public read_file_meta_info does not tell where the dataset starts.
+            meta = pydicom.filereader._read_file_meta_info(handle)
+            offset = handle.tell()
+    except Exception as exc:
+        raise ValueError(f"{path}: not a DICOM file with file meta: {exc}") from exc
+    receipt = {}
+    if meta.get("PrivateInformationCreatorUID") == IMPLEMENTATION_CLASS_UID:
+        try:
+            receipt = json.loads(bytes(meta.PrivateInformation).rstrip(b" \x00"))
+        except ValueError:
+            receipt = {}
+    return FileMeta(
+        sop_class_uid=_meta_text(meta, "MediaStorageSOPClassUID"),
+        sop_instance_uid=_meta_text(meta, "MediaStorageSOPInstanceUID"),
+        transfer_syntax=_meta_text(meta, "TransferSyntaxUID"),
+        dataset_offset=offset,
+        receipt=receipt,
     )
-    group_length = _element(0x0000, b"UL", struct.pack("<I", len(elements)))
-    return _PREAMBLE + group_length + elements
+
+
+def _meta_text(meta, keyword: str) -> str | None:
+    value = meta.get(keyword)
+    return str(value).strip("\x00 ") or None if value is not None else None
 
 
 def _pad(value: bytes, padding: bytes) -> bytes:
@@ -78,22 +134,25 @@ class TempFile:
 
     path: Path
     size: int
-    sha256: str
 
 
-def file_digest(parts: list[bytes | memoryview]) -> tuple[int, str]:
-    """Size and SHA-256 of the file `parts` would make."""
+def dataset_digest(dataset: bytes | memoryview) -> str:
+    """SHA-256 of the dataset bytes as sent: equal for identical objects whoever sent them."""
+    return hashlib.sha256(dataset).hexdigest()
+
+
+def file_dataset_digest(path: Path) -> str:
+    """SHA-256 of a stored file's dataset (the bytes after its meta group)."""
+    offset = read_file_meta(path).dataset_offset
     digest = hashlib.sha256()
-    size = 0
-    for part in parts:
-        digest.update(part)
-        size += len(part)
-    return size, digest.hexdigest()
+    with open(path, "rb") as handle:
+        handle.seek(offset)
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
-def write_temp_file(
-    data_dir: Path, parts: list[bytes | memoryview], size: int, sha256: str
-) -> TempFile:
+def write_temp_file(data_dir: Path, parts: list[bytes | memoryview]) -> TempFile:
     """Write `parts` to a new temporary file and fsync it.
 
     On any OSError (ENOSPC, EIO, ...) the temporary file is removed before the
@@ -113,7 +172,7 @@ def write_temp_file(
         path.unlink(missing_ok=True)
         raise
     os.close(fd)
-    return TempFile(path=path, size=size, sha256=sha256)
+    return TempFile(path=path, size=sum(len(part) for part in parts))
 
 
 def move_into_place(data_dir: Path, temp: TempFile, relpath: PurePosixPath) -> None:

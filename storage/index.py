@@ -11,6 +11,7 @@ Writes go through one connection guarded by one lock per process
 Readers (the admin CLI) open their own connection and never block the writer.
 """
 
+import dataclasses
 import json
 import sqlite3
 import threading
@@ -77,6 +78,14 @@ class Provenance:
     called_ae: str | None = None
     peer: str | None = None
     association_id: str | None = None
+
+    def receipt(self, received_at: str) -> dict:
+        """What a stored file records about its reception (see files.encode_file_header)."""
+        return {"received_at": received_at, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_receipt(cls, receipt: dict) -> "Provenance":
+        return cls(**{f.name: receipt.get(f.name) for f in dataclasses.fields(cls)})
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,6 @@ durable on disk and the index transaction is committed.
 import dataclasses
 import enum
 import errno
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -70,7 +69,6 @@ class StoreResult:
     new_study: bool = False
     new_series: bool = False
     disagreements: list = field(default_factory=list)
-    write_ms: float = 0.0
 
 
 class InstanceStore:
@@ -91,13 +89,19 @@ class InstanceStore:
     ) -> StoreResult:
         """Store one received dataset. Raises StoreRefused with the reason it was not."""
         header = self._validated_header(dataset, transfer_syntax, sop_class_uid, sop_instance_uid)
-        parts = [
-            files.encode_file_header(
-                header.sop_class_uid, header.sop_instance_uid, transfer_syntax
-            ),
-            dataset,
-        ]
-        size, sha256 = files.file_digest(parts)
+        sha256 = files.dataset_digest(dataset)
+        known = self.index.digest_hint(header.sop_instance_uid)
+        if known is not None and known.sha256 == sha256:
+            return StoreResult(Outcome.IDENTICAL_RESEND, header, known.path, known.size, sha256)
+
+        received_at = utc_now()
+        file_header = files.encode_file_header(
+            header.sop_class_uid,
+            header.sop_instance_uid,
+            transfer_syntax,
+            provenance.receipt(received_at),
+        )
+        size = len(file_header) + len(dataset)
         relpath = files.instance_relpath(
             header.study_uid, header.series_uid, header.sop_instance_uid
         )
@@ -107,20 +111,11 @@ class InstanceStore:
             size=size,
             sha256=sha256,
             transfer_syntax=transfer_syntax,
-            received_at=utc_now(),
+            received_at=received_at,
             provenance=provenance,
         )
         result = StoreResult(Outcome.STORED, header, entry.path, size, sha256)
-
-        known = self.index.digest_hint(header.sop_instance_uid)
-        if known is not None and known.sha256 == sha256:
-            result.outcome = Outcome.IDENTICAL_RESEND
-            result.path = known.path
-            return result
-
-        started = time.perf_counter()
-        temp = self._write_temp(parts, size, sha256)
-        result.write_ms = (time.perf_counter() - started) * 1000
+        temp = self._write_temp([file_header, dataset])
         try:
             with self.index.writing():
                 self._place(temp, entry, result)
@@ -179,9 +174,9 @@ class InstanceStore:
         result.outcome = Outcome.KEPT_ASIDE
         result.path = str(aside)
 
-    def _write_temp(self, parts, size: int, sha256: str) -> files.TempFile:
+    def _write_temp(self, parts: list) -> files.TempFile:
         try:
-            return files.write_temp_file(self.data_dir, parts, size, sha256)
+            return files.write_temp_file(self.data_dir, parts)
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise StoreRefused(
