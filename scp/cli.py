@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from scp.config import Config, ConfigError, load_config
-from storage.store import DuplicatePolicy
+from storage.policy import DuplicatePolicy
 
 _CLICK_TYPES = {
     int: click.INT,
@@ -82,3 +82,9 @@ def serve(config_file, **flags):
     config = effective_config(config_file, flags)
     configure_logging(config.log_level)
     sys.exit(run(config))
+
+
+from scp.service_cli import check_config, echo  # noqa: E402
+
+main.add_command(echo)
+main.add_command(check_config)

@@ -10,7 +10,7 @@ import zoneinfo
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from storage.store import DuplicatePolicy
+from storage.policy import DuplicatePolicy
 
 
 class ConfigError(ValueError):

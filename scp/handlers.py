@@ -8,6 +8,7 @@ answer into a DICOM status.
 
 import itertools
 import os
+import threading
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -74,6 +75,9 @@ class ReceiverHandlers:
         self._sessions: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         # Distinguishes associations across restarts and listener processes.
         self._id_prefix = f"{os.getpid():x}-{int(time.time()) % 0x10000:04x}"
+        # Instances stored since start, for the service's STATUS= line.
+        self.stored = 0
+        self._stored_lock = threading.Lock()
 
     def bindings(self) -> list:
         return [
@@ -157,10 +161,9 @@ class ReceiverHandlers:
         started = time.perf_counter()
         request = event.request
         sop_instance_uid = request.AffectedSOPInstanceUID
-        dataset = request.DataSet.getbuffer()
         try:
             result = self.store.store(
-                dataset,
+                request.DataSet,
                 str(event.context.transfer_syntax),
                 request.AffectedSOPClassUID,
                 sop_instance_uid,
@@ -180,10 +183,10 @@ class ReceiverHandlers:
             session.refused += 1
             session.log.exception("instance.failed", sop_instance_uid=str(sop_instance_uid))
             return status(INTERNAL_ERROR_STATUS, f"internal error: {type(exc).__name__}")
-        finally:
-            dataset.release()
         session.instances += 1
         session.bytes += result.size
+        with self._stored_lock:
+            self.stored += 1
         header = result.header
         session.log.info(
             "instance.stored",

@@ -20,6 +20,9 @@ Extensions this module defines (the README lists them):
     ``valueString``, next to a state of ``incomplete``: why the study or series
     is known to be incomplete (e.g. an aborted association).
 
+Each resource's ``id`` is the Study Instance UID: the index only holds UIDs of at
+most 64 digits and dots (``storage.uids``), which is a valid FHIR id.
+
 Absent required values (a series without Modality, a study without any patient
 identification) carry the standard data-absent-reason extension instead of
 being invented or dropped.
@@ -27,6 +30,7 @@ being invented or dropped.
 
 import json
 import re
+from collections.abc import Callable
 from datetime import date, datetime, time
 from zoneinfo import ZoneInfo
 
@@ -109,6 +113,8 @@ _DATE = re.compile(r"(\d{4})\.?(\d{2})\.?(\d{2})")  # the dots: ACR-NEMA's YYYY.
 _TIME = re.compile(r"(\d{2})(?::?(\d{2})(?::?(\d{2})(?:\.(\d{1,6}))?)?)?")
 _OFFSET = re.compile(r"([+-])(\d{2})(\d{2})")
 
+Instances = dict[str, list[dict]] | None
+
 _PATIENT_ID = "patient"
 _ENDPOINT_ID = "wado-rs"
 
@@ -116,7 +122,7 @@ _ENDPOINT_ID = "wado-rs"
 def render_imaging_study(
     study: dict,
     series: list[dict],
-    instances: dict[str, list[dict]] | None,
+    instances: Instances,
     version: str,
     *,
     wado_base_url: str = "",
@@ -165,7 +171,9 @@ def _check_version(version: str) -> None:
 # R4 and R5 ------------------------------------------------------------------
 
 
-def _study(study: dict, series, instances, clock: "_Clock", base: str, *, r5: bool) -> dict:
+def _study(
+    study: dict, series: list[dict], instances: Instances, clock: "_Clock", base: str, *, r5: bool
+) -> dict:
     uid = study["study_uid"]
     modalities = _modalities(study)
     if not r5:
@@ -209,7 +217,7 @@ def _study(study: dict, series, instances, clock: "_Clock", base: str, *, r5: bo
     return resource
 
 
-def _series(row: dict, instances, clock: "_Clock", *, r5: bool) -> dict:
+def _series(row: dict, instances: Instances, clock: "_Clock", *, r5: bool) -> dict:
     body_part = row.get("body_part")
     laterality = _laterality(row.get("laterality"))
     return {
@@ -304,7 +312,9 @@ def _location(study: dict) -> str | None:
 # DSTU2 ------------------------------------------------------------------------
 
 
-def _dstu2_study(study: dict, series, instances, clock: "_Clock", base: str) -> dict:
+def _dstu2_study(
+    study: dict, series: list[dict], instances: Instances, clock: "_Clock", base: str
+) -> dict:
     uid = study["study_uid"]
     patient = _dstu2_patient(study)
     modalities = [m for m in _modalities(study) if m not in NON_ACQUISITION_MODALITIES]
@@ -335,7 +345,7 @@ def _dstu2_study(study: dict, series, instances, clock: "_Clock", base: str) -> 
     }
 
 
-def _dstu2_series(row: dict, instances, clock: "_Clock", study_url: str | None) -> dict:
+def _dstu2_series(row: dict, instances: Instances, clock: "_Clock", study_url: str | None) -> dict:
     uid = row["series_uid"]
     modality = row.get("modality")
     body_part = row.get("body_part")
@@ -533,14 +543,16 @@ def _display_reference(display: str | None) -> dict | None:
     return {"display": display} if display else None
 
 
-def _instances(series_row: dict, instances: dict | None, render) -> list[dict] | None:
+def _instances(
+    series_row: dict, instances: Instances, render: Callable[[dict], dict]
+) -> list[dict] | None:
     if instances is None:
         return None
     rows = instances.get(series_row["series_uid"], [])
     return [render(row) for row in sorted(rows, key=_by_number("sop_instance_uid"))]
 
 
-def _by_number(uid_column: str):
+def _by_number(uid_column: str) -> Callable[[dict], tuple]:
     """Order rows by their DICOM number (absent last), then UID, so that the
     same index renders the same document."""
     return lambda row: (row.get("number") is None, row.get("number") or 0, row[uid_column])

@@ -9,6 +9,7 @@ import io
 import json
 import zlib
 from dataclasses import dataclass, field
+from typing import BinaryIO
 
 import pydicom.config
 from pydicom.dataset import Dataset
@@ -91,12 +92,13 @@ class InstanceHeader:
     instance: dict = field(default_factory=dict)
 
 
-def read_header(dataset_bytes: bytes | memoryview, transfer_syntax: str) -> InstanceHeader:
-    """Decode the indexed attributes of an encoded dataset.
+def read_header(stream: BinaryIO, transfer_syntax: str) -> InstanceHeader:
+    """Decode the indexed attributes of the encoded dataset that `stream` holds
+    from its current position (a BytesIO off the wire, or a file after its meta).
 
     Raises HeaderError when the bytes are not a dataset in `transfer_syntax`.
     """
-    dataset = _parse(dataset_bytes, transfer_syntax)
+    dataset = _parse(stream, transfer_syntax)
     return InstanceHeader(
         sop_class_uid=_text(dataset, "SOPClassUID"),
         sop_instance_uid=_text(dataset, "SOPInstanceUID"),
@@ -142,18 +144,18 @@ def read_header(dataset_bytes: bytes | memoryview, transfer_syntax: str) -> Inst
     )
 
 
-def _parse(dataset_bytes: bytes | memoryview, transfer_syntax: str) -> Dataset:
+def _parse(stream: BinaryIO, transfer_syntax: str) -> Dataset:
     implicit = transfer_syntax == IMPLICIT_VR_LITTLE_ENDIAN
     little = transfer_syntax != EXPLICIT_VR_BIG_ENDIAN
     if transfer_syntax == DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN:
         try:
             inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-            dataset_bytes = inflater.decompress(dataset_bytes, MAX_INFLATED_HEADER_BYTES)
+            stream = io.BytesIO(inflater.decompress(stream.read(), MAX_INFLATED_HEADER_BYTES))
         except zlib.error as exc:
             raise HeaderError(f"deflated dataset does not inflate: {exc}") from exc
     try:
         dataset = read_dataset(
-            io.BytesIO(dataset_bytes),
+            stream,
             is_implicit_VR=implicit,
             is_little_endian=little,
             stop_when=_at_pixel_data,

@@ -20,10 +20,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import sqlite_utils
-
-from storage.header import InstanceHeader
+if TYPE_CHECKING:
+    from storage.header import InstanceHeader
 
 INDEX_FILENAME = "index.sqlite"
 SCHEMA_VERSION = 1
@@ -92,7 +92,7 @@ class Provenance:
 class IndexEntry:
     """Everything the index records about one received instance."""
 
-    header: InstanceHeader
+    header: "InstanceHeader"
     path: str
     size: int
     sha256: str
@@ -135,6 +135,10 @@ class Index:
         self.conn = sqlite3.connect(
             self.path, check_same_thread=False, isolation_level=None, timeout=30
         )
+        # Imported here: the read-only admin commands never open an Index, and
+        # sqlite-utils costs them 0.1 s of start-up.
+        import sqlite_utils
+
         self.db = sqlite_utils.Database(self.conn)
         self.conn.execute("PRAGMA journal_mode=WAL")
         # FULL: a committed transaction survives a power cut, which is what a

@@ -9,6 +9,7 @@ durable on disk and the index transaction is committed.
 import dataclasses
 import enum
 import errno
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,15 +22,8 @@ from storage.index import (
     SeriesStudyMismatch,
     utc_now,
 )
+from storage.policy import DuplicatePolicy
 from storage.uids import MAX_UID_LENGTH, is_valid_uid
-
-
-class DuplicatePolicy(enum.StrEnum):
-    """What to do with a resent SOP Instance UID whose bytes differ from the stored copy."""
-
-    KEEP_FIRST = "keep-first"  # the first stays; the new copy is kept under conflicts/
-    OVERWRITE = "overwrite"  # the new copy replaces the first
-    REJECT = "reject"  # the new copy is refused with an error status
 
 
 class Refusal(enum.Enum):
@@ -81,14 +75,28 @@ class InstanceStore:
 
     def store(
         self,
-        dataset: bytes | memoryview,
+        dataset: io.BytesIO,
         transfer_syntax: str,
         sop_class_uid: str | None,
         sop_instance_uid: str | None,
         provenance: Provenance,
     ) -> StoreResult:
-        """Store one received dataset. Raises StoreRefused with the reason it was not."""
+        """Store one received dataset (its encoded bytes, as sent, in a BytesIO).
+
+        Raises StoreRefused with the reason it was not stored.
+        """
+        dataset.seek(0)
         header = self._validated_header(dataset, transfer_syntax, sop_class_uid, sop_instance_uid)
+        with dataset.getbuffer() as view:
+            return self._store(view, header, transfer_syntax, provenance)
+
+    def _store(
+        self,
+        dataset: memoryview,
+        header: InstanceHeader,
+        transfer_syntax: str,
+        provenance: Provenance,
+    ) -> StoreResult:
         sha256 = files.dataset_digest(dataset)
         known = self.index.digest_hint(header.sop_instance_uid)
         if known is not None and known.sha256 == sha256:
@@ -188,7 +196,7 @@ class InstanceStore:
 
     def _validated_header(
         self,
-        dataset: bytes | memoryview,
+        dataset: io.BytesIO,
         transfer_syntax: str,
         sop_class_uid: str | None,
         sop_instance_uid: str | None,
