@@ -72,6 +72,17 @@ def main():
     """imaging-scp: a DICOM C-STORE receiver with an ImagingStudy index."""
 
 
+def run() -> None:
+    """The console entry point: click's own usage errors become one line too."""
+    try:
+        code = main.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        fail("aborted", EXIT_NOT_FOUND)
+    except click.ClickException as exc:
+        fail(exc.format_message(), exc.exit_code)
+    sys.exit(code or 0)
+
+
 @main.command()
 @config_options
 def serve(config_file, **flags):
@@ -88,3 +99,5 @@ from scp.service_cli import check_config, echo  # noqa: E402
 
 main.add_command(echo)
 main.add_command(check_config)
+
+from scp import admin  # noqa: E402,F401  (registers the admin commands)

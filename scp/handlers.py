@@ -18,6 +18,7 @@ from pydicom.dataset import Dataset
 from pynetdicom import evt
 
 from storage.index import Provenance
+from storage.query import mark_incomplete
 from storage.store import InstanceStore, Refusal, StoreRefused
 
 SUCCESS = 0x0000
@@ -55,6 +56,9 @@ class Session:
     bytes: int = 0
     refused: int = 0
     outcome: str = "closed"
+    established: bool = False
+    # Series this association stored into: marked incomplete if it breaks off.
+    series_uids: set[str] = field(default_factory=set)
 
 
 def status(code: int, comment: str | None = None) -> Dataset:
@@ -121,6 +125,7 @@ class ReceiverHandlers:
 
     def on_accepted(self, event) -> None:
         session = self._session(event.assoc)
+        session.established = True
         session.log.info(
             "association.accepted",
             contexts=len(event.assoc.accepted_contexts),
@@ -151,6 +156,22 @@ class ReceiverHandlers:
             refused=session.refused,
             seconds=round(time.monotonic() - session.started, 3),
         )
+        if session.established and session.outcome != "released" and session.series_uids:
+            self._mark_incomplete(session)
+
+    def _mark_incomplete(self, session: Session) -> None:
+        """An association that ends without a release may have left its series
+        half-sent: say so until more instances arrive or an admin clears it."""
+        reason = (
+            f"association {session.id} from {session.provenance.calling_ae}"
+            f" ({session.peer}) {session.outcome} after {session.instances} instances"
+        )
+        try:
+            mark_incomplete(self.store.index, sorted(session.series_uids), reason)
+        except Exception:
+            session.log.exception("series.mark_incomplete_failed")
+            return
+        session.log.warning("series.incomplete", series=sorted(session.series_uids), reason=reason)
 
     def on_echo(self, event) -> int:
         self._session(event.assoc).log.info("echo")
@@ -184,6 +205,7 @@ class ReceiverHandlers:
             session.log.exception("instance.failed", sop_instance_uid=str(sop_instance_uid))
             return status(INTERNAL_ERROR_STATUS, f"internal error: {type(exc).__name__}")
         session.instances += 1
+        session.series_uids.add(result.header.series_uid)
         session.bytes += result.size
         with self._stored_lock:
             self.stored += 1

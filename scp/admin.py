@@ -1,0 +1,566 @@
+"""Admin commands over the index: a thin layer over `storage.query` and
+`storage.maintenance`. Every command reads the index directly (it works while
+`serve` runs), prints a table for people and `--json` for scripts, and exits 0
+on success, 1 when something is not found, 2 on a usage error.
+"""
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import click
+
+from scp.cli import EXIT_NOT_FOUND, EXIT_USAGE, effective_config, fail, main
+from storage.query import (
+    FilterError,
+    IndexMissing,
+    StudyFilter,
+    get_study,
+    iter_studies,
+    open_reader,
+    series_of,
+    stats,
+)
+
+# --- options shared by the commands ------------------------------------------
+
+
+def data_options(command):
+    """`--config FILE` and `--data-dir DIR`, as `serve` takes them."""
+    command = click.option(
+        "--data-dir",
+        type=click.Path(path_type=Path, file_okay=False),
+        help="data directory [default: data, or data_dir from --config]",
+    )(command)
+    return click.option(
+        "--config",
+        "config_file",
+        type=click.Path(path_type=Path, dir_okay=False),
+        help="the service's TOML config file",
+    )(command)
+
+
+def filter_options(command):
+    options = [
+        click.option("--patient-id", help="exact Patient ID"),
+        click.option("--patient-name", help="Patient's Name, DICOM wildcards * and ?"),
+        click.option("--from", "date_from", help="study date on or after (2026-11-22)"),
+        click.option("--to", "date_to", help="study date on or before"),
+        click.option("--modality", help="a modality in the study (CT, MR, …)"),
+        click.option("--accession", help="exact Accession Number"),
+        click.option("--received-since", help="last received at or after: ISO time or age (2h)"),
+        click.option("--limit", type=click.IntRange(min=1), help="at most this many studies"),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _filters(kwargs: dict) -> StudyFilter:
+    names = StudyFilter.__dataclass_fields__
+    return StudyFilter(**{name: kwargs.pop(name) for name in list(kwargs) if name in names})
+
+
+def _reader(config):
+    try:
+        return open_reader(config.data_dir)
+    except IndexMissing as exc:
+        fail(
+            f"{exc} (has `imaging-scp serve` received anything into this data dir?)", EXIT_NOT_FOUND
+        )
+
+
+def _open_index(config):
+    from storage.index import Index  # the writer side: only the commands that change things
+
+    _reader(config).close()  # the same "no index" error as the read commands
+    return Index.in_data_dir(config.data_dir)
+
+
+def _config(config_file, data_dir):
+    return effective_config(config_file, {"data_dir": data_dir})
+
+
+# --- presentation -------------------------------------------------------------
+
+
+def _modalities(study: dict) -> list[str]:
+    return json.loads(study.get("modalities") or "[]")
+
+
+def study_json(study: dict) -> dict:
+    """A study in ImagingStudy element names, plus our own fields."""
+    return _without_none(
+        {
+            "uid": study["study_uid"],
+            "accession": study["accession"],
+            "patient": _without_none({"id": study["patient_id"], "name": study["patient_name"]})
+            or None,
+            "started": _joined(study["study_date"], study["study_time"]),
+            "description": study["description"],
+            "referrer": study["referrer"],
+            "modality": _modalities(study),
+            "numberOfSeries": study["number_of_series"],
+            "numberOfInstances": study["number_of_instances"],
+            "availability": study["availability"],
+            "state": study["state"],
+            "incompleteReason": study["incomplete_reason"],
+            "bytes": study["bytes"],
+            "firstReceived": study["first_received"],
+            "lastReceived": study["last_received"],
+            "series": [series_json(s) for s in study["series"]] if "series" in study else None,
+        }
+    )
+
+
+def series_json(series: dict) -> dict:
+    return _without_none(
+        {
+            "uid": series["series_uid"],
+            "number": series["number"],
+            "modality": series["modality"],
+            "description": series["description"],
+            "bodySite": series["body_part"],
+            "laterality": series["laterality"],
+            "started": _joined(series["series_date"], series["series_time"]),
+            "numberOfInstances": series["number_of_instances"],
+            "availability": series["availability"],
+            "state": series["state"],
+            "incompleteReason": series["incomplete_reason"],
+            "bytes": series["bytes"],
+            "firstReceived": series["first_received"],
+            "lastReceived": series["last_received"],
+            "instance": [instance_json(i) for i in series["instances"]]
+            if "instances" in series
+            else None,
+        }
+    )
+
+
+def instance_json(instance: dict) -> dict:
+    return _without_none(
+        {
+            "uid": instance["sop_instance_uid"],
+            "number": instance["number"],
+            "sopClass": instance["sop_class_uid"],
+            "title": instance["title"],
+            "path": instance["path"],
+            "size": instance["size"],
+            "sha256": instance["sha256"],
+            "transferSyntax": instance["transfer_syntax"],
+            "receivedAt": instance["received_at"],
+            "callingAe": instance["calling_ae"],
+            "peer": instance["peer"],
+            "association": instance["association_id"],
+        }
+    )
+
+
+def _joined(day: str | None, clock: str | None) -> str | None:
+    """DICOM date and time as ISO 8601 local time (no offset: DICOM rarely has one)."""
+    if not day:
+        return None
+    text = _date(day)
+    digits = (clock or "").split(".")[0]
+    if len(digits) >= 4 and digits.isdigit():
+        text += f"T{digits[:2]}:{digits[2:4]}:{digits[4:6] or '00'}"
+    return text
+
+
+def _without_none(values: dict) -> dict:
+    return {key: value for key, value in values.items() if value is not None}
+
+
+def _date(value: str | None) -> str:
+    if value and len(value) == 8 and value.isdigit():
+        return f"{value[:4]}-{value[4:6]}-{value[6:]}"
+    return value or ""
+
+
+def _received(value: str | None) -> str:
+    return (value or "").replace("T", " ")[:19]
+
+
+def print_table(headers: list[str], rows: list[list]) -> None:
+    cells = [[str(c) if c is not None else "" for c in row] for row in rows]
+    widths = [max([len(h)] + [len(row[i]) for row in cells]) for i, h in enumerate(headers)]
+    # Cut lines to a terminal's width only: a pipe or a file gets whole paths.
+    limit = shutil.get_terminal_size().columns if sys.stdout.isatty() else None
+
+    def line(values):
+        return "  ".join(v.ljust(w) for v, w in zip(values, widths, strict=True)).rstrip()[:limit]
+
+    click.echo(line(headers))
+    click.echo(line(["-" * w for w in widths]))
+    for row in cells:
+        click.echo(line(row))
+
+
+def _dump(value) -> None:
+    click.echo(json.dumps(value, indent=2, ensure_ascii=False))
+
+
+# --- commands ----------------------------------------------------------------
+
+
+@main.command()
+@filter_options
+@click.option("--json", "as_json", is_flag=True, help="a JSON array")
+@click.option("--ndjson", is_flag=True, help="one JSON object per line")
+@data_options
+def studies(config_file, data_dir, as_json, ndjson, **kwargs):
+    """List studies, most recently received first."""
+    config = _config(config_file, data_dir)
+    filters = _filters(kwargs)
+    conn = _reader(config)
+    try:
+        found = iter_studies(conn, filters, config.stable_after)
+        if ndjson:
+            for study in found:
+                click.echo(json.dumps(study_json(study), ensure_ascii=False))
+            return
+        found = list(found)
+    except FilterError as exc:
+        fail(str(exc), EXIT_USAGE)
+    if as_json:
+        _dump([study_json(s) for s in found])
+        return
+    print_table(
+        ["date", "patient id", "name", "accession", "modalities", "series", "instances",
+         "availability", "state", "last received", "study uid"],
+        [
+            [_date(s["study_date"]), s["patient_id"], s["patient_name"], s["accession"],
+             ",".join(_modalities(s)), s["number_of_series"], s["number_of_instances"],
+             s["availability"], s["state"], _received(s["last_received"]), s["study_uid"]]
+            for s in found
+        ],
+    )  # fmt: skip
+
+
+@main.command()
+@click.argument("study_uid")
+@click.option("--instances", is_flag=True, help="also list instances with their paths")
+@click.option("--mark-complete", is_flag=True, help="clear the study's 'incomplete' mark")
+@click.option("--json", "as_json", is_flag=True)
+@data_options
+def study(config_file, data_dir, study_uid, instances, mark_complete, as_json):
+    """Show one study: its attributes and its series."""
+    config = _config(config_file, data_dir)
+    if mark_complete:
+        from storage.query import mark_complete as clear_incomplete
+
+        index = _open_index(config)
+        cleared = clear_incomplete(index, study_uid)
+        index.close()
+        click.echo(f"marked complete: {cleared} series", err=True)
+    conn = _reader(config)
+    found = get_study(conn, study_uid, config.stable_after, with_instances=instances)
+    if found is None:
+        fail(f"no study {study_uid} in the index", EXIT_NOT_FOUND)
+    if as_json:
+        _dump(study_json(found))
+        return
+    attributes = [
+        ("study uid", found["study_uid"]),
+        ("patient", f"{found['patient_id'] or ''}  {found['patient_name'] or ''}".strip()),
+        ("date", f"{_date(found['study_date'])} {found['study_time'] or ''}".strip()),
+        ("accession", found["accession"]),
+        ("description", found["description"]),
+        ("referrer", found["referrer"]),
+        ("modalities", ",".join(_modalities(found))),
+        ("series", found["number_of_series"]),
+        ("instances", found["number_of_instances"]),
+        ("bytes", found["bytes"]),
+        ("availability", found["availability"]),
+        ("state", found["state"]),
+        ("incomplete because", found["incomplete_reason"]),
+        ("first received", _received(found["first_received"])),
+        ("last received", _received(found["last_received"])),
+    ]
+    for name, value in attributes:
+        if value not in (None, ""):
+            click.echo(f"{name + ':':<20}{value}")
+    click.echo()
+    print_table(
+        ["number", "modality", "description", "instances", "availability", "state",
+         "first received", "last received", "series uid"],
+        [
+            [s["number"], s["modality"], s["description"], s["number_of_instances"],
+             s["availability"], s["state"], _received(s["first_received"]),
+             _received(s["last_received"]), s["series_uid"]]
+            for s in found["series"]
+        ],
+    )  # fmt: skip
+    if instances:
+        click.echo()
+        print_table(
+            ["series", "number", "sop instance uid", "bytes", "received", "path"],
+            [
+                [s["number"], i["number"], i["sop_instance_uid"], i["size"],
+                 _received(i["received_at"]), str(config.data_dir / i["path"])]
+                for s in found["series"]
+                for i in s["instances"]
+            ],
+        )  # fmt: skip
+
+
+_VERSION_OPTION = click.option(
+    "--version",
+    "fhir_version",
+    type=click.Choice(["r4", "r5", "dstu2"]),
+    default="r4",
+    show_default=True,
+    help="FHIR version",
+)
+
+
+@main.command()
+@click.argument("study_uid")
+@_VERSION_OPTION
+@data_options
+def fhir(config_file, data_dir, study_uid, fhir_version):
+    """One study as a FHIR ImagingStudy (JSON), instances included."""
+    from storage.fhir import render_imaging_study
+
+    config = _config(config_file, data_dir)
+    found = get_study(_reader(config), study_uid, config.stable_after, with_instances=True)
+    if found is None:
+        fail(f"no study {study_uid} in the index", EXIT_NOT_FOUND)
+    resource = render_imaging_study(
+        found,
+        found["series"],
+        {s["series_uid"]: s["instances"] for s in found["series"]},
+        fhir_version,
+        wado_base_url=config.wado_base_url,
+        site_timezone=config.site_timezone,
+    )
+    _dump(resource)
+
+
+_EXPORT_BATCH = 500
+
+
+@main.command()
+@filter_options
+@_VERSION_OPTION
+@click.option(
+    "--format",
+    "output_format",
+    type=click.Choice(["bundle", "ndjson"]),
+    default="bundle",
+    show_default=True,
+    help="a searchset Bundle, or one ImagingStudy per line",
+)
+@click.option("--instances", is_flag=True, help="include each series' instances")
+@click.option("-o", "--output", type=click.File("w"), default="-", help="file [default: stdout]")
+@data_options
+def export(config_file, data_dir, fhir_version, output_format, instances, output, **kwargs):
+    """Many studies as FHIR ImagingStudy resources."""
+    from storage.fhir import render_bundle, render_imaging_study
+
+    config = _config(config_file, data_dir)
+    filters = _filters(kwargs)
+    conn = _reader(config)
+
+    def resources():
+        batch = []
+        for found in iter_studies(conn, filters, config.stable_after):
+            batch.append(found)
+            if len(batch) == _EXPORT_BATCH:
+                yield from _render_batch(batch)
+                batch = []
+        yield from _render_batch(batch)
+
+    def _render_batch(batch):
+        # The series of a batch of studies in one query, not one per study.
+        all_series = series_of(
+            conn, [s["study_uid"] for s in batch], config.stable_after, with_instances=instances
+        )
+        for found in batch:
+            series = all_series[found["study_uid"]]
+            yield render_imaging_study(
+                found,
+                series,
+                {s["series_uid"]: s["instances"] for s in series} if instances else None,
+                fhir_version,
+                wado_base_url=config.wado_base_url,
+                site_timezone=config.site_timezone,
+            )
+
+    try:
+        if output_format == "ndjson":
+            for resource in resources():
+                output.write(json.dumps(resource, ensure_ascii=False, separators=(",", ":")))
+                output.write("\n")
+        else:
+            json.dump(render_bundle(list(resources()), fhir_version), output, ensure_ascii=False)
+            output.write("\n")
+    except FilterError as exc:
+        fail(str(exc), EXIT_USAGE)
+
+
+@main.command(name="stats")
+@click.option("--json", "as_json", is_flag=True)
+@data_options
+def stats_command(config_file, data_dir, as_json):
+    """Totals: patients, studies, series, instances, bytes, per modality."""
+    config = _config(config_file, data_dir)
+    totals = stats(_reader(config))
+    if as_json:
+        _dump(totals)
+        return
+    for name in ("patients", "studies", "series", "instances", "bytes"):
+        click.echo(f"{name + ':':<16}{totals[name]:,}")
+    click.echo(f"{'last received:':<16}{_received(totals['last_received'])}")
+    click.echo()
+    print_table(
+        ["modality", "studies", "series", "instances", "bytes"],
+        [[m["modality"] or "(none)", m["studies"], m["series"], m["instances"], m["bytes"]]
+         for m in totals["modalities"]],
+    )  # fmt: skip
+
+
+@main.group()
+def availability():
+    """Set the availability of a study's or a series' instances."""
+
+
+@availability.command(name="set")
+@click.option("--study", "study_uid", help="every series of this study")
+@click.option("--series", "series_uid", help="one series")
+@click.argument("value", type=click.Choice(["online", "nearline", "offline", "unavailable"]))
+@data_options
+def availability_set(config_file, data_dir, study_uid, series_uid, value):
+    """Set series availability; the study's is derived: the worst of its series
+    (ONLINE < NEARLINE < OFFLINE < UNAVAILABLE)."""
+    from storage.query import set_availability
+
+    if (study_uid is None) == (series_uid is None):
+        fail("give exactly one of --study UID or --series UID", EXIT_USAGE)
+    index = _open_index(_config(config_file, data_dir))
+    changed = set_availability(index, value, study_uid=study_uid, series_uid=series_uid)
+    index.close()
+    if not changed:
+        fail(f"no {'series' if series_uid else 'study'} {series_uid or study_uid}", EXIT_NOT_FOUND)
+    click.echo(f"{value.upper()}: {changed} series")
+
+
+def _progress(label: str, length: int):
+    """A progress bar on a terminal, nothing otherwise."""
+    if sys.stderr.isatty():
+        return click.progressbar(length=length, label=label, file=sys.stderr)
+    return _Silent()
+
+
+class _Silent:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *_):
+        return False
+
+    def update(self, _):
+        pass
+
+
+@main.command()
+@click.option("--checksum", is_flag=True, help="also compare each file's SHA-256")
+@click.option("--repair", is_flag=True, help="index files the index does not know")
+@click.option("--json", "as_json", is_flag=True)
+@data_options
+def verify(config_file, data_dir, checksum, repair, as_json):
+    """Check that every indexed file is on disk as recorded. Exit 1 if not."""
+    from storage.maintenance import count_instances
+    from storage.maintenance import verify as run_verify
+
+    config = _config(config_file, data_dir)
+    index = _open_index(config)
+    with _progress("verifying", count_instances(config.data_dir)) as bar:
+        report = run_verify(
+            index, config.data_dir, checksum=checksum, repair=repair, progress=bar.update
+        )
+    index.close()
+    if as_json:
+        _dump({**report.__dict__, "ok": report.ok})
+    else:
+        click.echo(f"checked {report.checked:,} indexed files")
+        for name, items in [
+            ("missing", report.missing),
+            ("wrong size", report.wrong_size),
+            ("wrong checksum", report.wrong_checksum),
+            ("series now UNAVAILABLE", report.unavailable_series),
+            ("files the index does not know", report.unknown_files),
+            ("indexed (repair)", report.repaired),
+            ("could not index", report.unindexable),
+        ]:
+            if items:
+                click.echo(f"{name}: {len(items)}")
+                for item in items[:20]:
+                    click.echo(f"  {item}")
+                if len(items) > 20:
+                    click.echo(f"  … and {len(items) - 20} more")
+        click.echo("OK" if report.ok else "PROBLEMS FOUND")
+    sys.exit(0 if report.ok else 1)
+
+
+@main.command()
+@data_options
+def rebuild(config_file, data_dir):
+    """Recreate the index from the files on disk (safe to interrupt and rerun)."""
+    from storage.maintenance import rebuild as run_rebuild
+    from storage.maintenance import rebuild_size
+
+    config = _config(config_file, data_dir)
+    _reader(config).close()
+    with _progress("rebuilding", rebuild_size(config.data_dir)) as bar:
+        report = run_rebuild(config.data_dir, progress=bar.update)
+    click.echo(f"indexed {report.instances:,} instances, {report.conflicts:,} kept-aside copies")
+    for problem in report.unindexable:
+        click.echo(f"could not index: {problem}", err=True)
+
+
+@main.command()
+@click.option("--study", "study_uid")
+@click.option("--series", "series_uid")
+@click.option("--yes", is_flag=True, help="do not ask for confirmation")
+@data_options
+def delete(config_file, data_dir, study_uid, series_uid, yes):
+    """Remove a study or a series: its files and its index rows."""
+    from storage.query import delete as delete_rows
+
+    if (study_uid is None) == (series_uid is None):
+        fail("give exactly one of --study UID or --series UID", EXIT_USAGE)
+    config = _config(config_file, data_dir)
+    what = f"series {series_uid}" if series_uid else f"study {study_uid}"
+    conn = _reader(config)
+    if series_uid:
+        row = conn.execute(
+            "SELECT number_of_instances FROM series WHERE series_uid = ?", (series_uid,)
+        ).fetchone()
+    else:
+        row = conn.execute(
+            "SELECT number_of_instances FROM studies WHERE study_uid = ?", (study_uid,)
+        ).fetchone()
+    if row is None:
+        fail(f"no {what} in the index", EXIT_NOT_FOUND)
+    if not yes:
+        if not sys.stdin.isatty():
+            fail(f"not deleting {what} without --yes (no terminal to ask on)", EXIT_USAGE)
+        click.confirm(f"Delete {what} and its {row[0]} instances?", abort=True)
+    index = _open_index(config)
+    deletion = delete_rows(index, study_uid=study_uid, series_uid=series_uid)
+    index.close()
+    _remove_files(config.data_dir, deletion.files)
+    click.echo(f"deleted {what}: {deletion.instances} instances, {deletion.bytes:,} bytes")
+
+
+def _remove_files(data_dir: Path, relpaths: list[str]) -> None:
+    parents = set()
+    for relpath in relpaths:
+        path = data_dir / relpath
+        path.unlink(missing_ok=True)
+        parents.update((path.parent, path.parent.parent))
+    for directory in sorted(parents, key=lambda p: len(p.parts), reverse=True):
+        if directory != data_dir and directory.is_dir() and not any(directory.iterdir()):
+            directory.rmdir()

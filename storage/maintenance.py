@@ -1,0 +1,301 @@
+"""Keeping files and index in agreement: index files found on disk, verify, rebuild.
+
+Every instance file records when and from whom it arrived (see
+`files.encode_file_header`), so indexing a file found on disk produces the same
+rows that live ingest produced when it arrived.
+"""
+
+import os
+import sqlite3
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path, PurePosixPath
+
+from storage import files
+from storage.header import HeaderError, read_header
+from storage.index import INDEX_FILENAME, UNAVAILABLE, Index, IndexEntry, Provenance, utc_now
+from storage.query import refresh_study_availability
+from storage.uids import is_valid_uid
+
+Progress = Callable[[int], None]
+
+
+def _no_progress(_: int) -> None:
+    pass
+
+
+class UnindexableFile(ValueError):
+    """A file in the data directory that cannot be indexed, and why."""
+
+
+def instance_files(data_dir: Path) -> Iterator[PurePosixPath]:
+    """Relative paths of the .dcm files in the data directory, except kept-aside
+    copies and temp files (a misplaced one is listed too, to be reported)."""
+    skipped = {files.CONFLICTS_DIR, files.INCOMING_DIR}
+    for dirpath, dirnames, filenames in os.walk(data_dir):
+        if Path(dirpath) == Path(data_dir):
+            dirnames[:] = [name for name in dirnames if name not in skipped]
+        dirnames.sort()
+        for name in sorted(filenames):
+            if name.endswith(files.INSTANCE_SUFFIX):
+                yield PurePosixPath(Path(dirpath, name).relative_to(data_dir).as_posix())
+
+
+def conflict_files(data_dir: Path) -> Iterator[PurePosixPath]:
+    root = Path(data_dir) / files.CONFLICTS_DIR
+    if root.is_dir():
+        for path in sorted(root.rglob("*" + files.INSTANCE_SUFFIX)):
+            yield PurePosixPath(path.relative_to(data_dir).as_posix())
+
+
+def entry_for_file(data_dir: Path, relpath: PurePosixPath) -> IndexEntry:
+    """The index entry of a stored file, as ingest made it when the file arrived."""
+    path = Path(data_dir) / relpath
+    try:
+        meta = files.read_file_meta(path)
+    except ValueError as exc:
+        raise UnindexableFile(str(exc)) from exc
+    if not meta.transfer_syntax:
+        raise UnindexableFile(f"{relpath}: no transfer syntax in the file meta")
+    with open(path, "rb") as handle:
+        handle.seek(meta.dataset_offset)
+        try:
+            header = read_header(handle, meta.transfer_syntax)
+        except HeaderError as exc:
+            raise UnindexableFile(f"{relpath}: {exc}") from exc
+    uids = (header.study_uid, header.series_uid, header.sop_instance_uid, header.sop_class_uid)
+    if not all(is_valid_uid(uid) for uid in uids):
+        raise UnindexableFile(f"{relpath}: missing or invalid UIDs")
+    expected = files.instance_relpath(header.study_uid, header.series_uid, header.sop_instance_uid)
+    if relpath.parts[0] != files.CONFLICTS_DIR and relpath != expected:
+        raise UnindexableFile(f"{relpath}: its UIDs say it belongs at {expected}")
+    receipt = meta.receipt
+    received_at = receipt.get("received_at") or _mtime(path)
+    return IndexEntry(
+        header=header,
+        path=str(relpath),
+        size=path.stat().st_size,
+        sha256=files.file_dataset_digest(path),
+        transfer_syntax=meta.transfer_syntax,
+        received_at=received_at,
+        provenance=Provenance.from_receipt(receipt),
+    )
+
+
+def _mtime(path: Path) -> str:
+    moment = datetime.fromtimestamp(path.stat().st_mtime, UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def index_file(index: Index, entry: IndexEntry) -> bool:
+    """Add a file found on disk to the index, unless its SOP Instance UID is
+    known already. Inside `writing()`. Returns whether it was added."""
+    if index.stored_digest(entry.header.sop_instance_uid) is not None:
+        return False
+    index.index_instance(entry)
+    return True
+
+
+@dataclass
+class VerifyReport:
+    checked: int = 0
+    missing: list[str] = field(default_factory=list)
+    wrong_size: list[str] = field(default_factory=list)
+    wrong_checksum: list[str] = field(default_factory=list)
+    unavailable_series: list[str] = field(default_factory=list)
+    unknown_files: list[str] = field(default_factory=list)
+    repaired: list[str] = field(default_factory=list)
+    unindexable: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        problems = (self.missing, self.wrong_size, self.wrong_checksum, self.unindexable)
+        unknown = set(self.unknown_files) - set(self.repaired)
+        return not any(problems) and not unknown
+
+
+def count_instances(data_dir: Path) -> int:
+    with sqlite3.connect(Path(data_dir) / INDEX_FILENAME) as conn:
+        return conn.execute("SELECT count(*) FROM instances").fetchone()[0]
+
+
+def verify(
+    index: Index,
+    data_dir: Path,
+    *,
+    checksum: bool = False,
+    repair: bool = False,
+    progress: Progress = _no_progress,
+) -> VerifyReport:
+    """Check every indexed file (exists, recorded size, and SHA-256 when asked);
+    series with missing files become UNAVAILABLE; files on disk the index does
+    not know are reported, and indexed when `repair`."""
+    data_dir = Path(data_dir)
+    report = VerifyReport()
+    reader = sqlite3.connect(index.path)
+    damaged_series: dict[str, str] = {}
+    for relpath, size, sha256, series_uid, study_uid in reader.execute(
+        "SELECT path, size, sha256, series_uid, study_uid FROM instances"
+    ):
+        report.checked += 1
+        progress(1)
+        path = data_dir / relpath
+        try:
+            actual_size = path.stat().st_size
+        except FileNotFoundError:
+            report.missing.append(relpath)
+            damaged_series[series_uid] = study_uid
+            continue
+        if actual_size != size:
+            report.wrong_size.append(relpath)
+        elif checksum and files.file_dataset_digest(path) != sha256:
+            report.wrong_checksum.append(relpath)
+    reader.close()
+    if damaged_series:
+        with index.writing():
+            for series_uid, study_uid in damaged_series.items():
+                index.conn.execute(
+                    "UPDATE series SET availability = ? WHERE series_uid = ?",
+                    (UNAVAILABLE, series_uid),
+                )
+                refresh_study_availability(index, study_uid)
+        report.unavailable_series = sorted(damaged_series)
+    _find_unknown_files(index, data_dir, report, repair)
+    return report
+
+
+def _find_unknown_files(index: Index, data_dir: Path, report: VerifyReport, repair: bool) -> None:
+    for relpath in instance_files(data_dir):
+        sop_instance_uid = relpath.name.removesuffix(files.INSTANCE_SUFFIX)
+        known = index.digest_hint(sop_instance_uid)
+        if known is not None and known.path == str(relpath):
+            continue
+        report.unknown_files.append(str(relpath))
+        if not repair:
+            continue
+        try:
+            entry = entry_for_file(data_dir, relpath)
+        except UnindexableFile as exc:
+            report.unindexable.append(str(exc))
+            continue
+        with index.writing():
+            if index_file(index, entry):
+                report.repaired.append(str(relpath))
+
+
+@dataclass
+class RebuildReport:
+    instances: int = 0
+    conflicts: int = 0
+    unindexable: list[str] = field(default_factory=list)
+
+
+REBUILD_SUFFIX = ".rebuild"
+_REBUILD_BATCH = 2000
+
+
+def rebuild(data_dir: Path, *, progress: Progress = _no_progress) -> RebuildReport:
+    """Recreate the index from the files on disk.
+
+    The new index is built beside the live one (``index.sqlite.rebuild``, started
+    afresh on every run, so an interrupted rebuild is simply run again), then
+    copied into the live index in one transaction — safe while `serve` runs:
+    instances that arrived during the build are read from their files then.
+    Files are indexed in the order they were received, so first-value-wins and
+    the modality order come out as live ingest made them.
+    """
+    data_dir = Path(data_dir)
+    started_at = utc_now()
+    scratch_path = data_dir / (INDEX_FILENAME + REBUILD_SUFFIX)
+    _remove_database(scratch_path)
+    report = RebuildReport()
+    scratch = Index(scratch_path)
+    try:
+        order = _arrival_order(data_dir, report)
+        for start in range(0, len(order), _REBUILD_BATCH):
+            with scratch.writing():
+                for _, relpath in order[start : start + _REBUILD_BATCH]:
+                    try:
+                        index_file(scratch, entry_for_file(data_dir, relpath))
+                        report.instances += 1
+                    except UnindexableFile as exc:
+                        report.unindexable.append(str(exc))
+                    progress(1)
+        report.conflicts = _rebuild_conflicts(scratch, data_dir, report)
+    finally:
+        scratch.close()
+    try:
+        _replace_live_rows(data_dir, scratch_path, started_at, report)
+    finally:
+        _remove_database(scratch_path)
+    return report
+
+
+def rebuild_size(data_dir: Path) -> int:
+    """How many instance files a rebuild will read (for a progress bar)."""
+    return sum(1 for _ in instance_files(data_dir))
+
+
+def _remove_database(path: Path) -> None:
+    for suffix in ("", "-wal", "-shm"):
+        Path(str(path) + suffix).unlink(missing_ok=True)
+
+
+def _arrival_order(data_dir: Path, report: RebuildReport) -> list[tuple[str, PurePosixPath]]:
+    """(received time, path) of every instance file, oldest first. Reads the
+    file meta only, so a million files fit in memory."""
+    order = []
+    for relpath in instance_files(data_dir):
+        path = data_dir / relpath
+        try:
+            received_at = files.read_file_meta(path).receipt.get("received_at") or _mtime(path)
+        except ValueError as exc:
+            report.unindexable.append(str(exc))
+            continue
+        order.append((received_at, relpath))
+    order.sort()
+    return order
+
+
+def _rebuild_conflicts(scratch: Index, data_dir: Path, report: RebuildReport) -> int:
+    count = 0
+    with scratch.writing():
+        for relpath in conflict_files(data_dir):
+            try:
+                entry = entry_for_file(data_dir, relpath)
+            except UnindexableFile as exc:
+                report.unindexable.append(str(exc))
+                continue
+            scratch.record_conflict(entry, "kept-aside")
+            count += 1
+    return count
+
+
+_TABLES = ("studies", "series", "instances", "conflicts")
+
+
+def _replace_live_rows(
+    data_dir: Path, scratch_path: Path, started_at: str, report: RebuildReport
+) -> None:
+    live = Index.in_data_dir(data_dir)
+    try:
+        live.conn.execute("ATTACH DATABASE ? AS rebuilt", (str(scratch_path),))
+        with live.writing():
+            arrived_during_build = live.conn.execute(
+                "SELECT path FROM main.instances WHERE received_at >= ? AND sop_instance_uid"
+                " NOT IN (SELECT sop_instance_uid FROM rebuilt.instances) ORDER BY received_at",
+                (started_at,),
+            ).fetchall()
+            for table in _TABLES:
+                live.conn.execute(f"DELETE FROM main.{table}")
+                live.conn.execute(f"INSERT INTO main.{table} SELECT * FROM rebuilt.{table}")
+            for (relpath,) in arrived_during_build:
+                try:
+                    index_file(live, entry_for_file(data_dir, PurePosixPath(relpath)))
+                    report.instances += 1
+                except UnindexableFile as exc:
+                    report.unindexable.append(str(exc))
+        live.conn.execute("DETACH DATABASE rebuilt")
+    finally:
+        live.close()

@@ -1,0 +1,381 @@
+"""Questions admins ask the index, and the changes they make to it.
+
+Reads use a plain sqlite3 connection (`open_reader`) that never blocks ingest:
+the index is in WAL mode. Changes go through `Index.writing()`, the same single
+writer path as ingest.
+
+Rows come back as dicts whose keys are the index's column names, plus:
+- ``state``: ``receiving`` until `stable_after` seconds pass with no new
+  instance, then ``stable``; ``incomplete`` when an association that delivered
+  into the series ended in an abort (until a new instance arrives or an admin
+  marks it complete). A study is incomplete when one of its series is.
+- ``incomplete_reason``: why, when incomplete.
+"""
+
+import json
+import re
+import sqlite3
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from storage.index import AVAILABILITIES, INDEX_FILENAME, Index, utc_now
+
+RECEIVING, STABLE, INCOMPLETE = "receiving", "stable", "incomplete"
+
+
+class IndexMissing(FileNotFoundError):
+    """The data directory has no index yet."""
+
+
+class FilterError(ValueError):
+    """A filter value an admin typed that cannot be understood."""
+
+
+def open_reader(data_dir: Path) -> sqlite3.Connection:
+    """A read connection to the index of `data_dir`."""
+    path = Path(data_dir) / INDEX_FILENAME
+    if not path.is_file():
+        raise IndexMissing(f"no index at {path}")
+    conn = sqlite3.connect(path, timeout=30)
+    conn.row_factory = sqlite3.Row
+    return conn
+
+
+@dataclass(frozen=True)
+class StudyFilter:
+    """The filters of `studies` and `export`; None means "any"."""
+
+    patient_id: str | None = None
+    patient_name: str | None = None  # DICOM wildcards * and ?, case-insensitive
+    date_from: str | None = None  # study date, YYYYMMDD or YYYY-MM-DD
+    date_to: str | None = None
+    modality: str | None = None
+    accession: str | None = None
+    received_since: str | None = None  # ISO date/time, or an age: 30m, 2h, 7d
+    limit: int | None = None
+
+    def where(self) -> tuple[str, list]:
+        """The SQL condition on `studies` and its parameters."""
+        clauses, params = [], []
+        if self.patient_id is not None:
+            clauses.append("patient_id = ?")
+            params.append(self.patient_id)
+        if self.patient_name is not None:
+            clauses.append("patient_name LIKE ? ESCAPE '\\'")
+            params.append(dicom_wildcards_to_like(self.patient_name))
+        if self.date_from is not None:
+            clauses.append("study_date >= ?")
+            params.append(_dicom_date(self.date_from, "--from"))
+        if self.date_to is not None:
+            clauses.append("study_date <= ?")
+            params.append(_dicom_date(self.date_to, "--to"))
+        if self.modality is not None:
+            # modalities is a JSON array of codes: match one element exactly.
+            clauses.append("modalities LIKE ?")
+            params.append(f'%"{self.modality.upper()}"%')
+        if self.accession is not None:
+            clauses.append("accession = ?")
+            params.append(self.accession)
+        if self.received_since is not None:
+            clauses.append("last_received >= ?")
+            params.append(_since(self.received_since))
+        return (" WHERE " + " AND ".join(clauses) if clauses else ""), params
+
+
+def dicom_wildcards_to_like(pattern: str) -> str:
+    """DICOM `*`/`?` wildcards as a SQL LIKE pattern (escape character `\\`)."""
+    escaped = re.sub(r"([%_\\])", r"\\\1", pattern)
+    return escaped.replace("*", "%").replace("?", "_")
+
+
+def _dicom_date(value: str, option: str) -> str:
+    digits = value.replace("-", "")
+    try:
+        datetime.strptime(digits, "%Y%m%d")
+    except ValueError as exc:
+        raise FilterError(f"{option}: expected a date like 2026-11-22, got {value!r}") from exc
+    return digits
+
+
+_AGE = re.compile(r"(\d+)([smhd])")
+
+
+def _since(value: str) -> str:
+    match = _AGE.fullmatch(value.strip())
+    if match:
+        unit = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}[match.group(2)]
+        moment = datetime.now(UTC) - timedelta(**{unit: int(match.group(1))})
+    else:
+        try:
+            moment = datetime.fromisoformat(value)
+        except ValueError as exc:
+            raise FilterError(
+                f"--received-since: expected an ISO date/time or an age like 2h, got {value!r}"
+            ) from exc
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _state(last_received: str | None, incomplete_reason: str | None, stable_after: float) -> str:
+    if incomplete_reason:
+        return INCOMPLETE
+    if last_received is None:
+        return STABLE
+    age = datetime.now(UTC) - datetime.fromisoformat(last_received.replace("Z", "+00:00"))
+    return RECEIVING if age.total_seconds() < stable_after else STABLE
+
+
+_STUDY_COLUMNS = (
+    "s.*, (SELECT x.incomplete_reason FROM series x WHERE x.study_uid = s.study_uid"
+    " AND x.incomplete_reason IS NOT NULL LIMIT 1) AS incomplete_reason"
+)
+
+
+def _study_dict(row: sqlite3.Row, stable_after: float) -> dict:
+    study = dict(row)
+    study["state"] = _state(study["last_received"], study["incomplete_reason"], stable_after)
+    return study
+
+
+def _series_dict(row: sqlite3.Row, stable_after: float) -> dict:
+    series = dict(row)
+    series["state"] = _state(series["last_received"], series["incomplete_reason"], stable_after)
+    return series
+
+
+def find_studies(conn: sqlite3.Connection, filters: StudyFilter, stable_after: float) -> list[dict]:
+    """Studies matching `filters`, most recently received first."""
+    return list(iter_studies(conn, filters, stable_after))
+
+
+def iter_studies(
+    conn: sqlite3.Connection, filters: StudyFilter, stable_after: float
+) -> Iterator[dict]:
+    where, params = filters.where()
+    sql = f"SELECT {_STUDY_COLUMNS} FROM studies s{where} ORDER BY s.last_received DESC"
+    if filters.limit is not None:
+        sql += " LIMIT ?"
+        params.append(filters.limit)
+    for row in conn.execute(sql, params):
+        yield _study_dict(row, stable_after)
+
+
+def get_study(
+    conn: sqlite3.Connection, study_uid: str, stable_after: float, *, with_instances: bool = False
+) -> dict | None:
+    """One study with its `series` (ordered by series number), each with its
+    `instances` when asked; None when the index does not know the study."""
+    row = conn.execute(
+        f"SELECT {_STUDY_COLUMNS} FROM studies s WHERE s.study_uid = ?", (study_uid,)
+    ).fetchone()
+    if row is None:
+        return None
+    study = _study_dict(row, stable_after)
+    study["series"] = series_of(conn, [study_uid], stable_after, with_instances=with_instances)[
+        study_uid
+    ]
+    return study
+
+
+def series_of(
+    conn: sqlite3.Connection,
+    study_uids: list[str],
+    stable_after: float,
+    *,
+    with_instances: bool = False,
+) -> dict[str, list[dict]]:
+    """The series of several studies at once: study UID → series dicts."""
+    result: dict[str, list[dict]] = {uid: [] for uid in study_uids}
+    if not study_uids:
+        return result
+    marks = ",".join("?" * len(study_uids))
+    rows = conn.execute(
+        f"SELECT * FROM series WHERE study_uid IN ({marks})"
+        " ORDER BY number IS NULL, number, first_received",
+        study_uids,
+    ).fetchall()
+    by_uid = {}
+    for row in rows:
+        series = _series_dict(row, stable_after)
+        result[series["study_uid"]].append(series)
+        by_uid[series["series_uid"]] = series
+        if with_instances:
+            series["instances"] = []
+    if with_instances and by_uid:
+        instance_rows = conn.execute(
+            f"SELECT * FROM instances WHERE study_uid IN ({marks})"
+            " ORDER BY number IS NULL, number, received_at",
+            study_uids,
+        )
+        for row in instance_rows:
+            by_uid[row["series_uid"]]["instances"].append(dict(row))
+    return result
+
+
+def study_uid_of_series(conn: sqlite3.Connection, series_uid: str) -> str | None:
+    row = conn.execute(
+        "SELECT study_uid FROM series WHERE series_uid = ?", (series_uid,)
+    ).fetchone()
+    return row[0] if row else None
+
+
+def stats(conn: sqlite3.Connection) -> dict:
+    """Totals over the whole index, and per modality."""
+    totals = conn.execute(
+        "SELECT count(DISTINCT patient_id) AS patients, count(*) AS studies,"
+        " coalesce(sum(number_of_series), 0) AS series,"
+        " coalesce(sum(number_of_instances), 0) AS instances,"
+        " coalesce(sum(bytes), 0) AS bytes, max(last_received) AS last_received FROM studies"
+    ).fetchone()
+    per_modality = conn.execute(
+        "SELECT coalesce(modality, '') AS modality, count(DISTINCT study_uid) AS studies,"
+        " count(*) AS series, sum(number_of_instances) AS instances, sum(bytes) AS bytes"
+        " FROM series GROUP BY 1 ORDER BY instances DESC"
+    ).fetchall()
+    return {**dict(totals), "modalities": [dict(row) for row in per_modality]}
+
+
+def worst_availability(values: list[str]) -> str:
+    """A study's availability: the worst among its series (ONLINE when it has none)."""
+    return max(values, key=AVAILABILITIES.index, default=AVAILABILITIES[0])
+
+
+def set_availability(
+    index: Index, availability: str, *, study_uid: str | None = None, series_uid: str | None = None
+) -> int:
+    """Set the availability of one series, or of every series of a study; the
+    study's is derived again. Returns how many series changed (0: not found)."""
+    availability = availability.upper()
+    if availability not in AVAILABILITIES:
+        raise ValueError(f"availability must be one of {', '.join(AVAILABILITIES)}")
+    conn = index.conn
+    with index.writing():
+        if series_uid is not None:
+            row = conn.execute(
+                "SELECT study_uid FROM series WHERE series_uid = ?", (series_uid,)
+            ).fetchone()
+            if row is None:
+                return 0
+            study_uid = row[0]
+            changed = conn.execute(
+                "UPDATE series SET availability = ? WHERE series_uid = ?",
+                (availability, series_uid),
+            ).rowcount
+        else:
+            changed = conn.execute(
+                "UPDATE series SET availability = ? WHERE study_uid = ?", (availability, study_uid)
+            ).rowcount
+        if changed:
+            refresh_study_availability(index, study_uid)
+    return changed
+
+
+def refresh_study_availability(index: Index, study_uid: str) -> None:
+    """Derive a study's availability from its series. Inside `writing()`."""
+    values = [
+        row[0]
+        for row in index.conn.execute(
+            "SELECT DISTINCT availability FROM series WHERE study_uid = ?", (study_uid,)
+        )
+    ]
+    index.conn.execute(
+        "UPDATE studies SET availability = ? WHERE study_uid = ?",
+        (worst_availability(values), study_uid),
+    )
+
+
+def mark_incomplete(index: Index, series_uids: list[str], reason: str) -> None:
+    """Mark series delivered into by an association that broke off."""
+    with index.writing():
+        index.conn.executemany(
+            "UPDATE series SET incomplete_reason = ?, incomplete_since = ? WHERE series_uid = ?",
+            [(reason, utc_now(), uid) for uid in series_uids],
+        )
+
+
+def mark_complete(index: Index, study_uid: str) -> int:
+    """Clear the incomplete mark of a study's series; returns how many were marked."""
+    with index.writing():
+        return index.conn.execute(
+            "UPDATE series SET incomplete_reason = NULL, incomplete_since = NULL"
+            " WHERE study_uid = ? AND incomplete_reason IS NOT NULL",
+            (study_uid,),
+        ).rowcount
+
+
+@dataclass(frozen=True)
+class Deletion:
+    studies: int
+    series: int
+    instances: int
+    bytes: int
+    files: list[str]
+
+
+def delete(
+    index: Index, *, study_uid: str | None = None, series_uid: str | None = None
+) -> Deletion:
+    """Remove a study or a series from the index (counts of the study updated).
+
+    Returns the relative paths of the files it held; the caller removes them
+    once this commit is done, so a crash never leaves rows pointing at nothing.
+    """
+    conn = index.conn
+    with index.writing():
+        if series_uid is not None:
+            row = conn.execute(
+                "SELECT study_uid, number_of_instances, bytes FROM series WHERE series_uid = ?",
+                (series_uid,),
+            ).fetchone()
+            if row is None:
+                return Deletion(0, 0, 0, 0, [])
+            study_uid, instances, size = row
+            paths = _paths(conn, "series_uid", series_uid)
+            conn.execute("DELETE FROM instances WHERE series_uid = ?", (series_uid,))
+            conn.execute("DELETE FROM series WHERE series_uid = ?", (series_uid,))
+            remaining = conn.execute(
+                "SELECT count(*) FROM series WHERE study_uid = ?", (study_uid,)
+            ).fetchone()[0]
+            if remaining == 0:
+                conn.execute("DELETE FROM studies WHERE study_uid = ?", (study_uid,))
+                return Deletion(1, 1, instances, size, paths)
+            _drop_series_from_study(index, study_uid, instances, size)
+            return Deletion(0, 1, instances, size, paths)
+        row = conn.execute(
+            "SELECT number_of_series, number_of_instances, bytes FROM studies WHERE study_uid = ?",
+            (study_uid,),
+        ).fetchone()
+        if row is None:
+            return Deletion(0, 0, 0, 0, [])
+        paths = _paths(conn, "study_uid", study_uid)
+        conn.execute("DELETE FROM instances WHERE study_uid = ?", (study_uid,))
+        conn.execute("DELETE FROM series WHERE study_uid = ?", (study_uid,))
+        conn.execute("DELETE FROM studies WHERE study_uid = ?", (study_uid,))
+        return Deletion(1, row[0], row[1], row[2], paths)
+
+
+def _paths(conn: sqlite3.Connection, column: str, uid: str) -> list[str]:
+    return [
+        row[0] for row in conn.execute(f"SELECT path FROM instances WHERE {column} = ?", (uid,))
+    ]
+
+
+def _drop_series_from_study(index: Index, study_uid: str, instances: int, size: int) -> None:
+    modalities = [
+        row[0]
+        for row in index.conn.execute(
+            "SELECT DISTINCT modality FROM series WHERE study_uid = ? AND modality IS NOT NULL"
+            " ORDER BY first_received",
+            (study_uid,),
+        )
+    ]
+    index.conn.execute(
+        "UPDATE studies SET number_of_series = number_of_series - 1,"
+        " number_of_instances = number_of_instances - ?, bytes = bytes - ?, modalities = ?"
+        " WHERE study_uid = ?",
+        (instances, size, json.dumps(modalities), study_uid),
+    )
+    refresh_study_availability(index, study_uid)
