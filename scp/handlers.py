@@ -57,6 +57,7 @@ class Session:
     refused: int = 0
     outcome: str = "closed"
     established: bool = False
+    connection_closed: bool = False
     # Series this association stored into: marked incomplete if it breaks off.
     series_uids: set[str] = field(default_factory=set)
 
@@ -77,6 +78,7 @@ class ReceiverHandlers:
         self.store = store
         self.log = structlog.get_logger("imaging_scp")
         self._sessions: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._finish_lock = threading.Lock()
         # Distinguishes associations across restarts and listener processes.
         self._id_prefix = f"{os.getpid():x}-{int(time.time()) % 0x10000:04x}"
         # Instances stored since start, for the service's STATUS= line.
@@ -134,19 +136,39 @@ class ReceiverHandlers:
 
     def on_rejected(self, event) -> None:
         session = self._session(event.assoc)
-        session.outcome = "rejected"
         session.log.warning("association.rejected")
+        self._finish(event.assoc, outcome="rejected")
 
     def on_released(self, event) -> None:
-        self._session(event.assoc).outcome = "released"
+        self._finish(event.assoc, outcome="released")
 
     def on_aborted(self, event) -> None:
-        self._session(event.assoc).outcome = "aborted"
+        self._finish(event.assoc, outcome="aborted")
 
     def on_connection_close(self, event) -> None:
-        session = self._sessions.pop(event.assoc, None)
-        if session is None:
-            return
+        self._finish(event.assoc, closed=True)
+
+    def _finish(self, assoc, *, outcome: str | None = None, closed: bool = False) -> None:
+        """Record how an association ended; once both its outcome and the closing
+        of its connection are known, log its end and forget it.
+
+        pynetdicom reports the two from different threads, in either order: a
+        peer's A-ABORT closes the connection before the abort is reported.
+        """
+        with self._finish_lock:
+            session = self._sessions.get(assoc)
+            if session is None:
+                return
+            if outcome is not None:
+                session.outcome = outcome
+            session.connection_closed |= closed
+            outcome_known = session.outcome != "closed" or not session.established
+            if not (session.connection_closed and outcome_known):
+                return
+            del self._sessions[assoc]
+        self._log_end(session)
+
+    def _log_end(self, session: Session) -> None:
         log = session.log.warning if session.outcome == "aborted" else session.log.info
         log(
             "association.end",

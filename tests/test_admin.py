@@ -1,0 +1,386 @@
+"""The admin CLI against an index filled by real C-STOREs, while `serve` runs."""
+
+import json
+import shutil
+import sqlite3
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from fhir.resources.bundle import Bundle as R5Bundle
+from fhir.resources.imagingstudy import ImagingStudy as R5ImagingStudy
+from fhir.resources.R4B.bundle import Bundle as R4Bundle
+from fhir.resources.R4B.imagingstudy import ImagingStudy as R4ImagingStudy
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE
+
+from tests.conftest import (
+    CT_IMAGE_STORAGE,
+    IMAGING_SCP,
+    bundled_test_files,
+    make_instance,
+    send_files,
+)
+
+
+def cli(
+    *args: str, data_dir: Path | None = None, check: bool = True
+) -> subprocess.CompletedProcess:
+    command = [IMAGING_SCP, *args]
+    if data_dir is not None:
+        command += ["--data-dir", str(data_dir)]
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL
+    )
+    if check:
+        assert result.returncode == 0, (args, result.stdout, result.stderr)
+    return result
+
+
+def cli_json(*args: str, data_dir: Path):
+    return json.loads(cli(*args, "--json", data_dir=data_dir).stdout)
+
+
+def one_error_line(result: subprocess.CompletedProcess, code: int, text: str) -> None:
+    assert result.returncode == code, result
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and text in lines[0], result.stderr
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory):
+    """A running server holding two generated studies and every bundled pydicom file."""
+    from tests.conftest import start_server
+
+    root = tmp_path_factory.mktemp("archive")
+    server = start_server(root / "data")
+    studies = {
+        "ct": dict(study_uid=generate_uid(), PatientID="P-100", PatientName="Doe^Jane",
+                   AccessionNumber="ACC-1", StudyDate="20240301"),
+        "mr": dict(study_uid=generate_uid(), PatientID="P-200", PatientName="Roe^Richard",
+                   AccessionNumber="ACC-2", StudyDate="20250615"),
+    }  # fmt: skip
+    ct_series = [(generate_uid(), "CT", 3), (generate_uid(), "SR", 1)]
+    files = [
+        make_instance(root / "src", series_uid=uid, modality=mod, SeriesNumber=n, **studies["ct"])
+        for n, (uid, mod, count) in enumerate(ct_series, 1)
+        for _ in range(count)
+    ]
+    send_files(server.port, files)
+    time.sleep(0.01)  # the second study is received later: newest first
+    mr_series = generate_uid()
+    send_files(
+        server.port,
+        [
+            make_instance(root / "src", series_uid=mr_series, modality="MR", **studies["mr"])
+            for _ in range(2)
+        ],
+    )
+    bundled = bundled_test_files()
+    for start in range(0, len(bundled), 40):
+        send_files(server.port, bundled[start : start + 40])
+    yield {
+        "server": server,
+        "data": server.data_dir,
+        "ct": studies["ct"]["study_uid"],
+        "mr": studies["mr"]["study_uid"],
+        "ct_series": ct_series,
+        "mr_series": mr_series,
+    }
+    server.stop()
+
+
+def test_studies_filters_and_outputs(archive):
+    data = archive["data"]
+    newest_first = cli_json("studies", data_dir=data)
+    all_uids = [s["uid"] for s in newest_first]
+    assert all_uids.index(archive["mr"]) < all_uids.index(archive["ct"])
+    assert [s["uid"] for s in cli_json("studies", "--patient-id", "P-100", data_dir=data)] == [
+        archive["ct"]
+    ]
+    for pattern in ("doe^*", "D?E*", "*jane*"):
+        found = cli_json("studies", "--patient-name", pattern, data_dir=data)
+        assert [s["uid"] for s in found] == [archive["ct"]], pattern
+    ranged = cli_json("studies", "--from", "2025-01-01", "--to", "20251231", data_dir=data)
+    assert [s["uid"] for s in ranged] == [archive["mr"]]
+    assert archive["ct"] in [
+        s["uid"] for s in cli_json("studies", "--modality", "sr", data_dir=data)
+    ]
+    assert [s["uid"] for s in cli_json("studies", "--accession", "ACC-2", data_dir=data)] == [
+        archive["mr"]
+    ]
+    assert len(cli_json("studies", "--received-since", "1h", data_dir=data)) == len(all_uids)
+    assert cli_json("studies", "--received-since", "2999-01-01", data_dir=data) == []
+    assert len(cli_json("studies", "--limit", "2", data_dir=data)) == 2
+
+    ct = next(s for s in newest_first if s["uid"] == archive["ct"])
+    assert (ct["numberOfSeries"], ct["numberOfInstances"], ct["modality"]) == (2, 4, ["CT", "SR"])
+    assert (ct["availability"], ct["state"]) == ("ONLINE", "receiving")
+    assert ct["patient"] == {"id": "P-100", "name": "Doe^Jane"}
+
+    lines = cli("studies", "--ndjson", data_dir=data).stdout.splitlines()
+    assert [json.loads(line)["uid"] for line in lines] == all_uids
+    table = cli("studies", "--patient-id", "P-100", data_dir=data).stdout
+    assert "Doe^Jane" in table and "CT,SR" in table and "ACC-1" in table
+    one_error_line(cli("studies", "--from", "yesterday", data_dir=data, check=False), 2, "--from")
+
+
+def test_study_shows_series_and_instance_paths(archive):
+    data = archive["data"]
+    shown = cli_json("study", archive["ct"], "--instances", data_dir=data)
+    assert shown["numberOfInstances"] == 4
+    assert [(s["uid"], s["numberOfInstances"], s["modality"]) for s in shown["series"]] == [
+        (uid, count, mod) for uid, mod, count in archive["ct_series"]
+    ]
+    for series in shown["series"]:
+        for instance in series["instance"]:
+            assert (data / instance["path"]).is_file()
+    table = cli("study", archive["ct"], "--instances", data_dir=data).stdout
+    assert archive["ct_series"][0][0] in table and str(data) in table
+    one_error_line(cli("study", "1.2.3.4", data_dir=data, check=False), 1, "no study 1.2.3.4")
+
+
+def test_fhir_of_every_ingested_study_validates(archive):
+    data = archive["data"]
+    uids = [s["uid"] for s in cli_json("studies", data_dir=data)]
+    assert len(uids) > 10
+    for uid in uids:
+        r4 = json.loads(cli("fhir", uid, data_dir=data).stdout)
+        R4ImagingStudy.model_validate(r4)
+        R5ImagingStudy.model_validate(
+            json.loads(cli("fhir", uid, "--version", "r5", data_dir=data).stdout)
+        )
+        dstu2 = json.loads(cli("fhir", uid, "--version", "dstu2", data_dir=data).stdout)
+        assert dstu2["uid"] == f"urn:oid:{uid}"
+        assert dstu2["numberOfInstances"] == r4["numberOfInstances"]
+    ct = json.loads(cli("fhir", archive["ct"], data_dir=data).stdout)
+    assert (ct["numberOfSeries"], ct["numberOfInstances"]) == (2, 4)
+    assert [m["code"] for m in ct["modality"]] == ["CT"]  # R4: acquisition modalities only
+
+
+def test_export_bundle_and_ndjson(archive, tmp_path):
+    data = archive["data"]
+    count = len(cli_json("studies", data_dir=data))
+    bundle_file = tmp_path / "bundle.json"
+    cli("export", "--version", "r4", "-o", str(bundle_file), data_dir=data)
+    bundle = json.loads(bundle_file.read_text())
+    R4Bundle.model_validate(bundle)
+    assert bundle["type"] == "searchset" and len(bundle["entry"]) == count
+    r5 = json.loads(
+        cli("export", "--version", "r5", "--instances", "--modality", "CT", data_dir=data).stdout
+    )
+    R5Bundle.model_validate(r5)
+    lines = cli(
+        "export", "--format", "ndjson", "--patient-id", "P-200", data_dir=data
+    ).stdout.splitlines()
+    assert [json.loads(line)["id"] for line in lines] == [archive["mr"]]
+
+
+def test_stats(archive):
+    totals = cli_json("stats", data_dir=archive["data"])
+    conn = sqlite3.connect(archive["data"] / "index.sqlite")
+    assert totals["instances"] == conn.execute("SELECT count(*) FROM instances").fetchone()[0]
+    assert totals["studies"] == conn.execute("SELECT count(*) FROM studies").fetchone()[0]
+    by_modality = {m["modality"]: m for m in totals["modalities"]}
+    assert by_modality["MR"]["instances"] >= 2
+    assert totals["bytes"] == conn.execute("SELECT sum(size) FROM instances").fetchone()[0]
+    assert "instances:" in cli("stats", data_dir=archive["data"]).stdout
+
+
+def _study(data: Path, uid: str) -> dict:
+    return cli_json("study", uid, data_dir=data)
+
+
+def test_availability_is_stored_per_series_and_derived_for_the_study(server, tmp_path):
+    study, first, second = generate_uid(), generate_uid(), generate_uid()
+    send_files(
+        server.port,
+        [make_instance(tmp_path, study_uid=study, series_uid=s) for s in (first, second)],
+    )
+    data = server.data_dir
+    cli("availability", "set", "--series", first, "nearline", data_dir=data)
+    assert _study(data, study)["availability"] == "NEARLINE"
+    cli("availability", "set", "--series", second, "offline", data_dir=data)
+    shown = _study(data, study)
+    assert shown["availability"] == "OFFLINE"
+    assert {s["uid"]: s["availability"] for s in shown["series"]} == {
+        first: "NEARLINE",
+        second: "OFFLINE",
+    }
+    assert json.loads(cli("fhir", study, data_dir=data).stdout)["status"] == "registered"
+    cli("availability", "set", "--study", study, "online", data_dir=data)
+    assert _study(data, study)["availability"] == "ONLINE"
+    one_error_line(
+        cli("availability", "set", "--series", "1.2.3", "online", data_dir=data, check=False),
+        1,
+        "no series",
+    )
+    one_error_line(
+        cli("availability", "set", "online", data_dir=data, check=False), 2, "exactly one"
+    )
+
+
+def test_state_receiving_then_stable(server_factory, tmp_path):
+    server = server_factory("--stable-after", "1")
+    study = generate_uid()
+    send_files(server.port, [make_instance(tmp_path, study_uid=study, series_uid=generate_uid())])
+    data = server.data_dir
+    assert _study(data, study)["state"] == "receiving"
+    time.sleep(1.2)
+    assert (
+        cli_json("study", study, "--config", str(_config(tmp_path, stable_after=1)), data_dir=data)[
+            "state"
+        ]
+        == "stable"
+    )
+
+
+def _config(directory: Path, **values) -> Path:
+    path = directory / "admin.toml"
+    path.write_text("".join(f"{key} = {json.dumps(value)}\n" for key, value in values.items()))
+    return path
+
+
+def test_aborted_association_marks_its_series_incomplete(server, tmp_path):
+    study, series = generate_uid(), generate_uid()
+    ae = AE("MODALITY")
+    ae.add_requested_context(CT_IMAGE_STORAGE, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", server.port, ae_title="IMAGING_SCP")
+    assert (
+        assoc.send_c_store(make_instance(tmp_path, study_uid=study, series_uid=series)).Status == 0
+    )
+    assoc.abort()
+    server.wait_for_event("series.incomplete")
+    data = server.data_dir
+    shown = _study(data, study)
+    assert shown["state"] == "incomplete"
+    assert "aborted" in shown["incompleteReason"] and "MODALITY" in shown["incompleteReason"]
+    assert shown["series"][0]["state"] == "incomplete"
+    assert "incomplete" in cli("study", study, data_dir=data).stdout
+    extensions = json.loads(cli("fhir", study, data_dir=data).stdout)["extension"]
+    assert {
+        "url": "https://imaging-scp.example/fhir/StructureDefinition/state",
+        "valueCode": "incomplete",
+    } in extensions
+
+    # The rest of the series arrives: no longer incomplete.
+    send_files(server.port, [make_instance(tmp_path, study_uid=study, series_uid=series)])
+    assert _study(data, study)["state"] == "receiving"
+
+    # Another abort, then the admin says it is complete.
+    assoc = ae.associate("127.0.0.1", server.port, ae_title="IMAGING_SCP")
+    assoc.send_c_store(make_instance(tmp_path, study_uid=study, series_uid=series))
+    assoc.abort()
+    server.wait_for_event("series.incomplete", count=2)
+    assert _study(data, study)["state"] == "incomplete"
+    cli("study", study, "--mark-complete", data_dir=data)
+    assert _study(data, study)["state"] == "receiving"
+
+
+def test_verify_finds_missing_damaged_and_unknown_files(server, tmp_path):
+    study, series = generate_uid(), generate_uid()
+    send_files(
+        server.port, [make_instance(tmp_path, study_uid=study, series_uid=series) for _ in range(3)]
+    )
+    data = server.data_dir
+    assert cli("verify", "--checksum", data_dir=data).returncode == 0
+
+    paths = [
+        data / i["path"]
+        for s in cli_json("study", study, "--instances", data_dir=data)["series"]
+        for i in s["instance"]
+    ]
+    damaged = bytearray(paths[0].read_bytes())
+    damaged[-1] ^= 0xFF
+    paths[0].write_bytes(damaged)
+    assert cli("verify", data_dir=data).returncode == 0  # same size: only --checksum can tell
+    report = json.loads(cli("verify", "--checksum", "--json", data_dir=data, check=False).stdout)
+    assert report["wrong_checksum"] == [str(paths[0].relative_to(data))]
+
+    paths[1].unlink()
+    result = cli("verify", "--json", data_dir=data, check=False)
+    assert result.returncode == 1
+    assert json.loads(result.stdout)["unavailable_series"] == [series]
+    assert _study(data, study)["availability"] == "UNAVAILABLE"
+
+    # A file in its place that the index does not know (e.g. copied back from a backup).
+    other = tmp_path / "other"
+    other_server = start_other_server(other)
+    extra = make_instance(tmp_path, study_uid=study, series_uid=series)
+    send_files(other_server.port, [extra])
+    other_server.stop()
+    (relpath,) = [p.relative_to(other / "data") for p in (other / "data").rglob("*.dcm")]
+    shutil.copy(other / "data" / relpath, data / relpath)
+    report = json.loads(cli("verify", "--json", data_dir=data, check=False).stdout)
+    assert report["unknown_files"] == [str(relpath)]
+    report = json.loads(cli("verify", "--repair", "--json", data_dir=data, check=False).stdout)
+    assert report["repaired"] == [str(relpath)]
+    assert _study(data, study)["numberOfInstances"] == 4
+
+
+def start_other_server(directory: Path):
+    from tests.conftest import start_server
+
+    return start_server(directory / "data")
+
+
+def _tables(data: Path) -> dict:
+    conn = sqlite3.connect(data / "index.sqlite")
+    return {
+        table: sorted(conn.execute(f"SELECT * FROM {table}").fetchall(), key=repr)
+        for table in ("studies", "series", "instances")
+    }
+
+
+def test_rebuild_recreates_what_live_ingest_made(server, tmp_path):
+    study = generate_uid()
+    first = [make_instance(tmp_path, study_uid=study, series_uid=generate_uid(), modality=m,
+                           SeriesDescription=m) for m in ("CT", "PT")]  # fmt: skip
+    series = generate_uid()
+    second = [make_instance(tmp_path, study_uid=study, series_uid=series, SeriesDescription=d)
+              for d in ("FIRST", "SECOND")]  # fmt: skip
+    send_files(server.port, first, calling="ONE")
+    send_files(server.port, second, calling="TWO")
+    send_files(
+        server.port, [make_instance(tmp_path, study_uid=generate_uid(), series_uid=generate_uid())]
+    )
+    data = server.data_dir
+    live = _tables(data)
+    # A stale scratch file from an interrupted run is started afresh.
+    (data / "index.sqlite.rebuild").write_bytes(b"left over by an interrupted rebuild")
+    cli("rebuild", data_dir=data)
+    assert _tables(data) == live
+    assert not (data / "index.sqlite.rebuild").exists()
+    assert cli("verify", "--checksum", data_dir=data).returncode == 0
+
+
+def test_delete_series_and_study(server, tmp_path):
+    study, ct, sr = generate_uid(), generate_uid(), generate_uid()
+    send_files(
+        server.port,
+        [
+            make_instance(tmp_path, study_uid=study, series_uid=ct, modality="CT"),
+            make_instance(tmp_path, study_uid=study, series_uid=sr, modality="SR"),
+        ],
+    )
+    data = server.data_dir
+    one_error_line(cli("delete", "--series", sr, data_dir=data, check=False), 2, "--yes")
+    cli("delete", "--series", sr, "--yes", data_dir=data)
+    shown = _study(data, study)
+    assert (shown["numberOfSeries"], shown["numberOfInstances"], shown["modality"]) == (
+        1,
+        1,
+        ["CT"],
+    )
+    assert not (data / study / sr).exists()
+    cli("delete", "--study", study, "--yes", data_dir=data)
+    assert not (data / study).exists()
+    one_error_line(cli("study", study, data_dir=data, check=False), 1, "no study")
+    one_error_line(
+        cli("delete", "--study", study, "--yes", data_dir=data, check=False), 1, "no study"
+    )
+
+
+def test_commands_say_clearly_when_there_is_no_index(tmp_path):
+    one_error_line(cli("studies", data_dir=tmp_path / "empty", check=False), 1, "no index")
