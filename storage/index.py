@@ -224,10 +224,14 @@ class Index:
                 pk="id",
                 if_not_exists=True,
             )
+            # The admin filters (storage.query.StudyFilter) and its newest-first order.
+            for column in ("patient_id", "accession", "study_date", "last_received"):
+                db["studies"].create_index([column], if_not_exists=True)
             db["series"].create_index(["study_uid"], if_not_exists=True)
             db["instances"].create_index(["series_uid"], if_not_exists=True)
             db["conflicts"].create_index(["sop_instance_uid"], if_not_exists=True)
-            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            if db.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
+                db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     @contextmanager
     def writing(self) -> Iterator["Index"]:
