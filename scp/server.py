@@ -7,12 +7,13 @@ import time
 import structlog
 from pynetdicom import AE, _config
 
+from scp import notify
 from scp.config import Config
 from scp.contexts import install_storage_negotiation, supported_contexts
 from scp.handlers import ReceiverHandlers
 from scp.transport import ReceiverServer
-from storage.files import prepare_data_dir
 from storage.index import Index
+from storage.maintenance import recover_incoming
 from storage.store import InstanceStore
 
 log = structlog.get_logger("imaging_scp")
@@ -74,22 +75,28 @@ def _build_ae(config: Config) -> AE:
 
 
 def open_store(config: Config) -> InstanceStore:
-    """Prepare the data directory and open its index (removing leftover temp files)."""
+    """Prepare the data directory, open its index, and finish what a crash left."""
     config.data_dir.mkdir(parents=True, exist_ok=True)
-    leftovers = prepare_data_dir(config.data_dir)
-    if leftovers:
-        log.warning("startup.removed_temp_files", count=len(leftovers))
     index = Index.in_data_dir(config.data_dir)
+    recovery = recover_incoming(index, config.data_dir)
+    if recovery.removed or recovery.indexed:
+        log.warning(
+            "startup.recovered",
+            removed_temp_files=recovery.removed,
+            indexed_files=recovery.indexed,
+        )
     return InstanceStore(config.data_dir, index, config.duplicates)
 
 
 def serve(config: Config) -> int:
     """Run the service until SIGINT or SIGTERM; return the exit code."""
-    stop_requested = threading.Event()
+    # The handler only records the signal. It runs between two bytecodes of the
+    # main thread, which may be holding the very lock that Event.set() or a log
+    # call would take: a SIGTERM at that moment hung the process for good.
+    stop_requested: list[int] = []
 
     def request_stop(signum, _frame):
-        log.info("shutdown.requested", signal=signal.Signals(signum).name)
-        stop_requested.set()
+        stop_requested.append(signum)
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
@@ -106,8 +113,15 @@ def serve(config: Config) -> int:
         duplicates=str(config.duplicates),
         max_pdu=config.max_pdu,
     )
-    while not stop_requested.wait(0.5):
-        pass
+    # The port accepts connections since receiver.start(): tell systemd.
+    status = notify.ServiceStatus(config.host, receiver.port)
+    status.ready(0, receiver.handlers.stored)
+    while not stop_requested:
+        time.sleep(0.25)
+        status.update(len(receiver.handlers.active_sessions()), receiver.handlers.stored)
+    log.info("shutdown.requested", signal=signal.Signals(stop_requested[0]).name)
+    in_flight = len(receiver.handlers.active_sessions())
+    notify.stopping(f"stopping: draining {in_flight} association(s)")
     aborted = receiver.stop(config.drain_timeout)
     store.index.close()
     log.info("stopped", aborted_associations=aborted)

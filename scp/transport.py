@@ -18,6 +18,8 @@ from pynetdicom.transport import (
     ThreadedAssociationServer,
 )
 
+from scp import notify
+
 _TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", None)
 
 # The largest non-P-DATA PDU we accept (an A-ASSOCIATE-RQ with the maximum 128
@@ -70,6 +72,7 @@ class ReceiverServer(ThreadedAssociationServer):
     def __init__(self, *args, connection_timeout: float, max_pdu: int, **kwargs):
         self.connection_timeout = connection_timeout
         self.max_pdu = max_pdu
+        self.watchdog = notify.Watchdog()
         super().__init__(*args, request_handler=ReceiverRequestHandler, **kwargs)
 
     def get_request(self):
@@ -77,3 +80,9 @@ class ReceiverServer(ThreadedAssociationServer):
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         client.settimeout(self.connection_timeout)
         return client, address
+
+    def service_actions(self) -> None:
+        """Called by serve_forever() on every loop (at least every 0.5 s): the
+        systemd watchdog ping comes from here, so it proves the accept loop lives."""
+        super().service_actions()  # pynetdicom's periodic gc.collect()
+        self.watchdog.ping_if_due()

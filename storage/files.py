@@ -175,12 +175,37 @@ def write_temp_file(data_dir: Path, parts: list[bytes | memoryview]) -> TempFile
     return TempFile(path=path, size=sum(len(part) for part in parts))
 
 
-def move_into_place(data_dir: Path, temp: TempFile, relpath: PurePosixPath) -> None:
-    """Rename a durable temp file to its final name, durably (replacing any file there)."""
+def link_into_place(data_dir: Path, temp: TempFile, relpath: PurePosixPath) -> None:
+    """Give a durable temp file its final name, durably, keeping the temp name.
+
+    The temp name is removed by the caller only once the index has committed:
+    until then it marks the object as "placed, maybe not indexed", which is what
+    startup recovery looks for (`placed_path`). A file already at the final name
+    (policy overwrite) is replaced atomically.
+    """
     final = data_dir / relpath
     ensure_directory(data_dir, final.parent)
-    os.replace(temp.path, final)
+    try:
+        os.link(temp.path, final)
+    except FileExistsError:
+        staging = final.with_name(final.name + TEMP_SUFFIX)
+        staging.unlink(missing_ok=True)
+        os.link(temp.path, staging)
+        os.replace(staging, final)
     fsync_directory(final.parent)
+
+
+def placed_path(
+    data_dir: Path, temp: Path, candidates: list[PurePosixPath]
+) -> PurePosixPath | None:
+    """Which of `candidates` is a temp file's final name, if it was placed."""
+    for relpath in candidates:
+        try:
+            if os.path.samefile(temp, data_dir / relpath):
+                return relpath
+        except FileNotFoundError:
+            continue
+    return None
 
 
 def ensure_directory(data_dir: Path, directory: Path) -> None:
@@ -209,10 +234,8 @@ def fsync_directory(directory: Path) -> None:
 
 
 def prepare_data_dir(data_dir: Path) -> list[Path]:
-    """Create the data directory layout; remove and return leftover temp files."""
+    """Create the data directory layout; return the temp files left by a crash
+    (see `link_into_place`), oldest first."""
     incoming = data_dir / INCOMING_DIR
     incoming.mkdir(parents=True, exist_ok=True)
-    leftovers = sorted(incoming.glob("*" + TEMP_SUFFIX))
-    for leftover in leftovers:
-        leftover.unlink(missing_ok=True)
-    return leftovers
+    return sorted(incoming.glob("*" + TEMP_SUFFIX), key=lambda path: path.stat().st_mtime_ns)

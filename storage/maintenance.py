@@ -98,6 +98,66 @@ def index_file(index: Index, entry: IndexEntry) -> bool:
 
 
 @dataclass
+class Recovery:
+    """What startup recovery found in `.incoming` after a crash."""
+
+    removed: int = 0  # never placed: their senders got no Success
+    indexed: list[str] = field(default_factory=list)  # placed, and the index lacked them
+
+
+def recover_incoming(index: Index, data_dir: Path) -> Recovery:
+    """Finish what a crash interrupted: a temp file still linked to its final
+    name was placed but perhaps not indexed (see `files.link_into_place`), so
+    index it; any other temp file is removed."""
+    data_dir = Path(data_dir)
+    recovery = Recovery()
+    for temp in files.prepare_data_dir(data_dir):
+        relpath = _final_name(data_dir, temp) if temp.stat().st_nlink > 1 else None
+        if relpath is None:
+            temp.unlink()
+            recovery.removed += 1
+            continue
+        entry = entry_for_file(data_dir, relpath)
+        with index.writing():
+            if _finish_placing(index, entry, relpath):
+                recovery.indexed.append(str(relpath))
+        temp.unlink()
+    return recovery
+
+
+def _final_name(data_dir: Path, temp: Path) -> PurePosixPath | None:
+    meta = files.read_file_meta(temp)
+    with open(temp, "rb") as handle:
+        handle.seek(meta.dataset_offset)
+        header = read_header(handle, meta.transfer_syntax)
+    candidates = [
+        files.instance_relpath(header.study_uid, header.series_uid, header.sop_instance_uid),
+        files.conflict_relpath(header.sop_instance_uid, files.file_dataset_digest(temp)),
+    ]
+    return files.placed_path(data_dir, temp, candidates)
+
+
+def _finish_placing(index: Index, entry: IndexEntry, relpath: PurePosixPath) -> bool:
+    """Record a placed file as ingest would have; False if it already was."""
+    if relpath.parts[0] == files.CONFLICTS_DIR:
+        known = index.conn.execute(
+            "SELECT 1 FROM conflicts WHERE path = ?", (str(relpath),)
+        ).fetchone()
+        if not known:
+            index.record_conflict(entry, "kept-aside")
+        return not known
+    known = index.stored_digest(entry.header.sop_instance_uid)
+    if known is None:
+        index.index_instance(entry)
+        return True
+    if known.sha256 != entry.sha256:  # an overwrite that did not commit
+        index.replace_instance(entry)
+        index.record_conflict(entry, "overwrote")
+        return True
+    return False
+
+
+@dataclass
 class VerifyReport:
     checked: int = 0
     missing: list[str] = field(default_factory=list)

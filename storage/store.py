@@ -128,7 +128,9 @@ class InstanceStore:
             with self.index.writing():
                 self._place(temp, entry, result)
         finally:
-            temp.path.unlink(missing_ok=True)  # still there only if not placed
+            # Only after the commit: until then the temp name marks the object as
+            # placed but perhaps not indexed, for startup recovery.
+            temp.path.unlink(missing_ok=True)
         return result
 
     def _place(self, temp: files.TempFile, entry: IndexEntry, result: StoreResult) -> None:
@@ -140,7 +142,7 @@ class InstanceStore:
                 self.index.check_series_study(header.series_uid, header.study_uid)
             except SeriesStudyMismatch as exc:
                 raise StoreRefused(Refusal.SERIES_IN_OTHER_STUDY, str(exc)) from exc
-            files.move_into_place(
+            files.link_into_place(
                 self.data_dir,
                 temp,
                 files.instance_relpath(
@@ -163,7 +165,7 @@ class InstanceStore:
             )
         same_place = (known.study_uid, known.series_uid) == (header.study_uid, header.series_uid)
         if self.duplicates is DuplicatePolicy.OVERWRITE and same_place:
-            files.move_into_place(
+            files.link_into_place(
                 self.data_dir,
                 temp,
                 files.instance_relpath(
@@ -177,7 +179,7 @@ class InstanceStore:
         # keep-first, or an overwrite that would move the instance to another
         # series: the first copy stays and the new one is kept aside, not lost.
         aside = files.conflict_relpath(header.sop_instance_uid, entry.sha256)
-        files.move_into_place(self.data_dir, temp, aside)
+        files.link_into_place(self.data_dir, temp, aside)
         self.index.record_conflict(dataclasses.replace(entry, path=str(aside)), "kept-aside")
         result.outcome = Outcome.KEPT_ASIDE
         result.path = str(aside)
