@@ -1,6 +1,7 @@
 """The `imaging-scp` command: `serve`, and the admin commands over the index."""
 
 import dataclasses
+import sqlite3
 import sys
 from pathlib import Path
 
@@ -22,7 +23,9 @@ def config_options(command):
     """Add `--config FILE` and one flag per configuration key to a command."""
     for item in reversed(dataclasses.fields(Config)):
         flag = "--" + item.name.replace("_", "-")
-        if item.type is bool:
+        if item.type is dict:  # allowed_callers: repeatable AE@host,host
+            option = click.option(flag, item.name, multiple=True, default=None, help=_help(item))
+        elif item.type is bool:
             option = click.option(
                 f"{flag}/--no-{flag[2:]}",
                 item.name,
@@ -47,7 +50,8 @@ def config_options(command):
 
 
 def _help(item: dataclasses.Field) -> str:
-    return f"{item.metadata['help']} [default: {item.default}]"
+    default = item.default if item.default is not dataclasses.MISSING else item.default_factory()
+    return f"{item.metadata['help']} [default: {default}]"
 
 
 EXIT_NOT_FOUND = 1
@@ -80,6 +84,8 @@ def run() -> None:
         fail("aborted", EXIT_NOT_FOUND)
     except click.ClickException as exc:
         fail(exc.format_message(), exc.exit_code)
+    except (sqlite3.Error, OSError) as exc:  # e.g. the index's disk is full
+        fail(f"{type(exc).__name__}: {exc}", EXIT_NOT_FOUND)
     sys.exit(code or 0)
 
 
@@ -92,7 +98,7 @@ def serve(config_file, **flags):
 
     config = effective_config(config_file, flags)
     configure_logging(config.log_level)
-    sys.exit(run(config))
+    sys.exit(run(config, reload_config=lambda: load_config(config_file, **flags)))
 
 
 from scp.service_cli import check_config, echo  # noqa: E402

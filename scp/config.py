@@ -10,6 +10,7 @@ import zoneinfo
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from scp.access import CallerPolicy, parse_caller_flag
 from storage.policy import DuplicatePolicy
 
 
@@ -47,6 +48,16 @@ class Config:
     site_timezone: str = _key(
         "", "IANA zone for study times without a UTC offset, e.g. Europe/Paris"
     )
+    allowed_callers: dict = field(
+        default_factory=dict,
+        metadata={
+            "help": "calling AE titles allowed in, each with the hosts/CIDRs it may call from"
+            " (TOML table AE = [hosts]; flag AE@host,host; empty: everyone)"
+        },
+    )
+    min_free_space: str = _key(
+        "1GiB", "below this free space (bytes, KiB/MiB/GiB/TiB, or %), refuse new objects"
+    )
 
 
 _LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -58,7 +69,8 @@ def load_config(path: Path | None = None, **flags) -> Config:
     values: dict = {}
     if path is not None:
         values.update(_read_file(Path(path)))
-    values.update({key: value for key, value in flags.items() if value is not None})
+    # None (or an empty tuple, for a repeatable flag) means the flag was not given.
+    values.update({key: value for key, value in flags.items() if value not in (None, ())})
     return _validated(values)
 
 
@@ -104,6 +116,10 @@ def _convert(key: str, value, kind):
             return Path(value)
         if kind is DuplicatePolicy:
             return DuplicatePolicy(value)
+        if kind is dict:
+            return _callers(value)
+        if kind is str and isinstance(value, int) and not isinstance(value, bool):
+            return str(value)  # min_free_space = 1073741824
         if not isinstance(value, str):
             raise TypeError
         return value
@@ -114,9 +130,42 @@ def _convert(key: str, value, kind):
             float: "a number",
             Path: "a path",
             DuplicatePolicy: "one of " + ", ".join(p.value for p in DuplicatePolicy),
+            dict: "a table of AE title = [hosts]",
             str: "a string",
         }[kind]
         raise ConfigError(f"key '{key}': expected {expected}, got {value!r}") from exc
+
+
+def _callers(value) -> dict[str, list[str]]:
+    """The allowed callers from a TOML table or from repeated flags."""
+    if isinstance(value, list | tuple):
+        return dict(parse_caller_flag(item) for item in value)
+    if not isinstance(value, dict):
+        raise TypeError
+    callers = {}
+    for title, hosts in value.items():
+        if isinstance(hosts, str):
+            hosts = [hosts]
+        if not isinstance(hosts, list) or not all(isinstance(h, str) for h in hosts):
+            raise TypeError
+        callers[title] = hosts
+    return callers
+
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}  # fmt: skip
+
+
+def free_space_floor(value: str) -> tuple[int, float]:
+    """`min_free_space` as (bytes, percent of the filesystem); one of them is 0."""
+    text = value.strip().upper().replace(" ", "")
+    if text.endswith("%"):
+        percent = float(text[:-1])
+        if not 0 <= percent < 100:
+            raise ValueError(value)
+        return 0, percent
+    number = text.rstrip("KMGTIB")
+    return int(float(number) * _UNITS[text[len(number) :]]), 0.0
 
 
 def _check_ranges(config: Config) -> None:
@@ -141,6 +190,17 @@ def _check_ranges(config: Config) -> None:
             raise ConfigError(
                 f"key 'site_timezone': unknown time zone {config.site_timezone!r}"
             ) from exc
+    try:
+        free_space_floor(config.min_free_space)
+    except (ValueError, KeyError) as exc:
+        raise ConfigError(
+            f"key 'min_free_space': expected bytes, e.g. 1GiB or 500MB, or a percent, e.g. 5%,"
+            f" got {config.min_free_space!r}"
+        ) from exc
+    try:
+        CallerPolicy(config.allowed_callers)
+    except ValueError as exc:
+        raise ConfigError(f"key 'allowed_callers': {exc}") from exc
     if config.log_level not in _LOG_LEVELS:
         raise ConfigError(
             f"key 'log_level': one of {', '.join(_LOG_LEVELS)}, got {config.log_level!r}"

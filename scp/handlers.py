@@ -17,6 +17,7 @@ import structlog
 from pydicom.dataset import Dataset
 from pynetdicom import evt
 
+from scp.access import CallerPolicy
 from storage.index import Provenance
 from storage.query import mark_incomplete
 from storage.store import InstanceStore, Refusal, StoreRefused
@@ -48,6 +49,7 @@ class Session:
     """What we know and count about one association."""
 
     id: str
+    host: str
     peer: str
     log: structlog.typing.FilteringBoundLogger
     provenance: Provenance = field(default_factory=Provenance)
@@ -74,8 +76,10 @@ def status(code: int, comment: str | None = None) -> Dataset:
 class ReceiverHandlers:
     """The handlers bound to the receiver's association server."""
 
-    def __init__(self, store: InstanceStore):
+    def __init__(self, store: InstanceStore, callers: CallerPolicy | None = None):
         self.store = store
+        # Replaced as a whole on SIGHUP; read once per association request.
+        self.callers = callers or CallerPolicy({})
         self.log = structlog.get_logger("imaging_scp")
         self._sessions: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._finish_lock = threading.Lock()
@@ -104,18 +108,23 @@ class ReceiverHandlers:
     def _session(self, assoc) -> Session:
         session = self._sessions.get(assoc)
         if session is None:  # an event before EVT_CONN_OPEN should not happen
-            session = self._open_session(assoc, assoc.requestor.address_info.address)
+            address = assoc.requestor.address_info
+            session = self._open_session(assoc, address.address, address.port)
         return session
 
-    def _open_session(self, assoc, peer: str) -> Session:
+    def _open_session(self, assoc, host: str, port: int) -> Session:
         session_id = f"{self._id_prefix}-{next(_association_numbers)}"
-        session = Session(id=session_id, peer=peer, log=self.log.bind(assoc=session_id, peer=peer))
+        session = Session(
+            id=session_id,
+            host=host,
+            peer=f"{host}:{port}",
+            log=self.log.bind(assoc=session_id, peer=f"{host}:{port}"),
+        )
         self._sessions[assoc] = session
         return session
 
     def on_connection_open(self, event) -> None:
-        host, port = event.address[0], event.address[1]
-        self._open_session(event.assoc, f"{host}:{port}")
+        self._open_session(event.assoc, event.address[0], event.address[1])
 
     def on_requested(self, event) -> None:
         session = self._session(event.assoc)
@@ -124,6 +133,26 @@ class ReceiverHandlers:
         called = str(request.called_ae_title).strip()
         session.provenance = Provenance(calling, called, session.peer, session.id)
         session.log = session.log.bind(calling_ae=calling, called_ae=called)
+        if not self.callers.permits(calling, session.host):
+            self._reject(event.assoc, session, "calling AE title not allowed from this address",
+                         result=0x01, source=0x01, diagnostic=0x03)  # fmt: skip
+        elif not self.store.has_room():
+            # Transient: the sender may retry once an admin has made room.
+            self._reject(event.assoc, session, "receiver's disk is below its free-space floor",
+                         result=0x02, source=0x03, diagnostic=0x02)  # fmt: skip
+
+    def _reject(self, assoc, session: Session, reason: str, **rejection: int) -> None:
+        """A-ASSOCIATE-RJ from EVT_REQUESTED; pynetdicom then negotiates nothing."""
+        assoc.acse.send_reject(rejection["result"], rejection["source"], rejection["diagnostic"])
+        # As pynetdicom's own rejections do: wait until the DUL has sent the
+        # A-ASSOCIATE-RJ, or the socket closes first and the peer sees an abort.
+        assoc.kill()
+        session.log.warning(
+            "association.rejected",
+            reason=reason,
+            permanent=rejection["result"] == 0x01,
+        )
+        session.outcome = "rejected"
 
     def on_accepted(self, event) -> None:
         session = self._session(event.assoc)

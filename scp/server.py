@@ -3,12 +3,14 @@
 import signal
 import threading
 import time
+from collections.abc import Callable
 
 import structlog
 from pynetdicom import AE, _config
 
 from scp import notify
-from scp.config import Config
+from scp.access import CallerPolicy
+from scp.config import Config, ConfigError, free_space_floor
 from scp.contexts import install_storage_negotiation, supported_contexts
 from scp.handlers import ReceiverHandlers
 from scp.transport import ReceiverServer
@@ -24,7 +26,7 @@ class Receiver:
 
     def __init__(self, config: Config, store: InstanceStore):
         self.config = config
-        self.handlers = ReceiverHandlers(store)
+        self.handlers = ReceiverHandlers(store, CallerPolicy(config.allowed_callers))
         self.ae = _build_ae(config)
         self.server: ReceiverServer | None = None
 
@@ -85,11 +87,17 @@ def open_store(config: Config) -> InstanceStore:
             removed_temp_files=recovery.removed,
             indexed_files=recovery.indexed,
         )
-    return InstanceStore(config.data_dir, index, config.duplicates)
+    return InstanceStore(
+        config.data_dir, index, config.duplicates, free_space_floor(config.min_free_space)
+    )
 
 
-def serve(config: Config) -> int:
-    """Run the service until SIGINT or SIGTERM; return the exit code."""
+def serve(config: Config, reload_config: Callable[[], Config] | None = None) -> int:
+    """Run the service until SIGINT or SIGTERM; return the exit code.
+
+    SIGHUP calls `reload_config` and applies its allowed callers to new
+    associations; associations in flight are not touched.
+    """
     # The handler only records the signal. It runs between two bytecodes of the
     # main thread, which may be holding the very lock that Event.set() or a log
     # call would take: a SIGTERM at that moment hung the process for good.
@@ -100,6 +108,8 @@ def serve(config: Config) -> int:
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
+    reload_requested: list[int] = []
+    signal.signal(signal.SIGHUP, lambda signum, _frame: reload_requested.append(signum))
 
     store = open_store(config)
     receiver = Receiver(config, store)
@@ -118,6 +128,9 @@ def serve(config: Config) -> int:
     status.ready(0, receiver.handlers.stored)
     while not stop_requested:
         time.sleep(0.25)
+        if reload_requested:
+            reload_requested.clear()
+            _reload_callers(receiver, reload_config)
         status.update(len(receiver.handlers.active_sessions()), receiver.handlers.stored)
     log.info("shutdown.requested", signal=signal.Signals(stop_requested[0]).name)
     in_flight = len(receiver.handlers.active_sessions())
@@ -126,3 +139,16 @@ def serve(config: Config) -> int:
     store.index.close()
     log.info("stopped", aborted_associations=aborted)
     return 0
+
+
+def _reload_callers(receiver: Receiver, reload_config: Callable[[], Config] | None) -> None:
+    if reload_config is None:
+        log.warning("reload.skipped", reason="no --config file to reload")
+        return
+    try:
+        new = reload_config()
+        receiver.handlers.callers = CallerPolicy(new.allowed_callers)
+    except (ConfigError, ValueError) as exc:
+        log.error("reload.failed", reason=str(exc))
+        return
+    log.info("reload.done", allowed_callers=sorted(new.allowed_callers))

@@ -188,8 +188,9 @@ def link_into_place(data_dir: Path, temp: TempFile, relpath: PurePosixPath) -> N
     try:
         os.link(temp.path, final)
     except FileExistsError:
-        staging = final.with_name(final.name + TEMP_SUFFIX)
-        staging.unlink(missing_ok=True)
+        # Staged in .incoming, where startup recovery looks: a crash between
+        # the two steps leaves nothing stray in the study tree.
+        staging = temp.path.with_name(uuid.uuid4().hex + TEMP_SUFFIX)
         os.link(temp.path, staging)
         os.replace(staging, final)
     fsync_directory(final.parent)

@@ -243,10 +243,13 @@ class Index:
             self.conn.execute("BEGIN IMMEDIATE")
             try:
                 yield self
+                self.conn.execute("COMMIT")
             except BaseException:
-                self.conn.execute("ROLLBACK")
+                # Also after a failed COMMIT (SQLITE_FULL, I/O error): the shared
+                # connection must not stay inside a transaction.
+                if self.conn.in_transaction:
+                    self.conn.execute("ROLLBACK")
                 raise
-            self.conn.execute("COMMIT")
 
     def stored_digest(self, sop_instance_uid: str) -> StoredDigest | None:
         """The indexed copy of an instance, or None. Call inside `writing()` to

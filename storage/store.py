@@ -10,6 +10,8 @@ import dataclasses
 import enum
 import errno
 import io
+import os
+import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,15 +65,34 @@ class StoreResult:
     new_study: bool = False
     new_series: bool = False
     disagreements: list = field(default_factory=list)
+    placed: bool = False  # the file got its final name (the index may not have it yet)
 
 
 class InstanceStore:
     """Files and index of one data directory, as the receiver writes them."""
 
-    def __init__(self, data_dir: Path, index: Index, duplicates: DuplicatePolicy):
+    def __init__(
+        self,
+        data_dir: Path,
+        index: Index,
+        duplicates: DuplicatePolicy,
+        min_free: tuple[int, float] = (0, 0.0),
+    ):
+        """`min_free` is the free-space floor: (bytes, percent of the filesystem)."""
         self.data_dir = Path(data_dir)
         self.index = index
         self.duplicates = DuplicatePolicy(duplicates)
+        self.min_free_bytes, self.min_free_percent = min_free
+
+    def has_room(self, incoming: int = 0) -> bool:
+        """Whether `incoming` more bytes keep the data filesystem above the floor.
+
+        Checked on every object, so ingest resumes by itself once space is back.
+        """
+        fs = os.statvfs(self.data_dir)
+        free = fs.f_bavail * fs.f_frsize
+        floor = max(self.min_free_bytes, fs.f_blocks * fs.f_frsize * self.min_free_percent / 100)
+        return free - incoming >= floor
 
     def store(
         self,
@@ -123,32 +144,53 @@ class InstanceStore:
             provenance=provenance,
         )
         result = StoreResult(Outcome.STORED, header, entry.path, size, sha256)
+        if not self.has_room(size):
+            raise StoreRefused(
+                Refusal.OUT_OF_SPACE, "receiver's disk is below its free-space floor"
+            )
         temp = self._write_temp([file_header, dataset])
         try:
             with self.index.writing():
                 self._place(temp, entry, result)
-        finally:
+        except sqlite3.OperationalError as exc:
+            self._undo_placing(temp, result)
+            if "full" in str(exc):
+                raise StoreRefused(Refusal.OUT_OF_SPACE, "index: no space left on disk") from exc
+            raise StoreRefused(Refusal.WRITE_FAILED, f"index write failed: {exc}") from exc
+        except OSError as exc:
+            self._undo_placing(temp, result)
+            raise StoreRefused(_refusal_for(exc), f"placing failed: {exc.strerror}") from exc
+        except BaseException:
+            self._undo_placing(temp, result)
+            raise
+        else:
             # Only after the commit: until then the temp name marks the object as
             # placed but perhaps not indexed, for startup recovery.
             temp.path.unlink(missing_ok=True)
         return result
 
+    def _undo_placing(self, temp: files.TempFile, result: StoreResult) -> None:
+        """After a failed index transaction: the sender gets a failure, so leave
+        no file without its row."""
+        if result.outcome is Outcome.OVERWRITTEN:
+            return  # the old copy is gone: startup recovery records the new one
+        if result.placed:
+            (self.data_dir / result.path).unlink(missing_ok=True)
+        temp.path.unlink(missing_ok=True)
+
     def _place(self, temp: files.TempFile, entry: IndexEntry, result: StoreResult) -> None:
-        """Move the durable temp file to its place and index it. Inside `writing()`."""
+        """Give the durable temp file its place and index it. Inside `writing()`."""
         header = entry.header
+        relpath = files.instance_relpath(
+            header.study_uid, header.series_uid, header.sop_instance_uid
+        )
         known = self.index.stored_digest(header.sop_instance_uid)
         if known is None:
             try:
                 self.index.check_series_study(header.series_uid, header.study_uid)
             except SeriesStudyMismatch as exc:
                 raise StoreRefused(Refusal.SERIES_IN_OTHER_STUDY, str(exc)) from exc
-            files.link_into_place(
-                self.data_dir,
-                temp,
-                files.instance_relpath(
-                    header.study_uid, header.series_uid, header.sop_instance_uid
-                ),
-            )
+            self._link(temp, relpath, result, Outcome.STORED)
             outcome = self.index.index_instance(entry)
             result.new_study = outcome.new_study
             result.new_series = outcome.new_series
@@ -165,36 +207,29 @@ class InstanceStore:
             )
         same_place = (known.study_uid, known.series_uid) == (header.study_uid, header.series_uid)
         if self.duplicates is DuplicatePolicy.OVERWRITE and same_place:
-            files.link_into_place(
-                self.data_dir,
-                temp,
-                files.instance_relpath(
-                    header.study_uid, header.series_uid, header.sop_instance_uid
-                ),
-            )
+            self._link(temp, relpath, result, Outcome.OVERWRITTEN)
             self.index.replace_instance(entry)
             self.index.record_conflict(entry, "overwrote")
-            result.outcome = Outcome.OVERWRITTEN
             return
         # keep-first, or an overwrite that would move the instance to another
         # series: the first copy stays and the new one is kept aside, not lost.
         aside = files.conflict_relpath(header.sop_instance_uid, entry.sha256)
-        files.link_into_place(self.data_dir, temp, aside)
+        if (self.data_dir / aside).exists():  # these very bytes were kept aside before
+            result.outcome, result.path = Outcome.KEPT_ASIDE, str(aside)
+            return
+        self._link(temp, aside, result, Outcome.KEPT_ASIDE)
         self.index.record_conflict(dataclasses.replace(entry, path=str(aside)), "kept-aside")
-        result.outcome = Outcome.KEPT_ASIDE
-        result.path = str(aside)
+
+    def _link(self, temp: files.TempFile, relpath, result: StoreResult, outcome: Outcome) -> None:
+        result.outcome, result.path = outcome, str(relpath)
+        files.link_into_place(self.data_dir, temp, relpath)
+        result.placed = True
 
     def _write_temp(self, parts: list) -> files.TempFile:
         try:
             return files.write_temp_file(self.data_dir, parts)
         except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise StoreRefused(
-                    Refusal.OUT_OF_SPACE, "no space left on the receiver's disk"
-                ) from exc
-            raise StoreRefused(
-                Refusal.WRITE_FAILED, f"write failed: {exc.strerror or exc}"
-            ) from exc
+            raise StoreRefused(_refusal_for(exc), f"write failed: {exc.strerror or exc}") from exc
 
     def _validated_header(
         self,
@@ -232,6 +267,14 @@ class InstanceStore:
                 Refusal.MISMATCH, "dataset SOP Instance UID differs from the request"
             )
         return header
+
+
+def _refusal_for(error: OSError) -> Refusal:
+    return (
+        Refusal.OUT_OF_SPACE
+        if error.errno in (errno.ENOSPC, errno.EDQUOT)
+        else Refusal.WRITE_FAILED
+    )
 
 
 def _shown(uid: str) -> str:
