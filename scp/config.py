@@ -58,6 +58,9 @@ class Config:
     min_free_space: str = _key(
         "1GiB", "below this free space (bytes, KiB/MiB/GiB/TiB, or %), refuse new objects"
     )
+    large_object_threshold: str = _key(
+        "64MiB", "objects larger than this are received straight to a file, not to memory"
+    )
 
 
 _LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -158,14 +161,20 @@ _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
 
 def free_space_floor(value: str) -> tuple[int, float]:
     """`min_free_space` as (bytes, percent of the filesystem); one of them is 0."""
-    text = value.strip().upper().replace(" ", "")
+    text = value.strip().replace(" ", "")
     if text.endswith("%"):
         percent = float(text[:-1])
         if not 0 <= percent < 100:
             raise ValueError(value)
         return 0, percent
+    return byte_size(text), 0.0
+
+
+def byte_size(value: str) -> int:
+    """`64MiB`, `500MB`, `1073741824` as a number of bytes."""
+    text = value.strip().upper().replace(" ", "")
     number = text.rstrip("KMGTIB")
-    return int(float(number) * _UNITS[text[len(number) :]]), 0.0
+    return int(float(number) * _UNITS[text[len(number) :]])
 
 
 def _check_ranges(config: Config) -> None:
@@ -196,6 +205,14 @@ def _check_ranges(config: Config) -> None:
         raise ConfigError(
             f"key 'min_free_space': expected bytes, e.g. 1GiB or 500MB, or a percent, e.g. 5%,"
             f" got {config.min_free_space!r}"
+        ) from exc
+    try:
+        if byte_size(config.large_object_threshold) < 1024 * 1024:
+            raise ValueError
+    except (ValueError, KeyError) as exc:
+        raise ConfigError(
+            f"key 'large_object_threshold': expected at least 1MiB, e.g. 64MiB,"
+            f" got {config.large_object_threshold!r}"
         ) from exc
     try:
         CallerPolicy(config.allowed_callers)

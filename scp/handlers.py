@@ -18,6 +18,7 @@ from pydicom.dataset import Dataset
 from pynetdicom import evt
 
 from scp.access import CallerPolicy
+from scp.spool import discard_partial
 from storage.index import Provenance
 from storage.query import mark_incomplete
 from storage.store import InstanceStore, Refusal, StoreRefused
@@ -195,6 +196,8 @@ class ReceiverHandlers:
             if not (session.connection_closed and outcome_known):
                 return
             del self._sessions[assoc]
+        if session.outcome != "released":
+            discard_partial(assoc)
         self._log_end(session)
 
     def _log_end(self, session: Session) -> None:
@@ -233,9 +236,10 @@ class ReceiverHandlers:
         started = time.perf_counter()
         request = event.request
         sop_instance_uid = request.AffectedSOPInstanceUID
+        received = request.DataSet.received()
         try:
             result = self.store.store(
-                request.DataSet,
+                received,
                 str(event.context.transfer_syntax),
                 request.AffectedSOPClassUID,
                 sop_instance_uid,
@@ -255,6 +259,9 @@ class ReceiverHandlers:
             session.refused += 1
             session.log.exception("instance.failed", sop_instance_uid=str(sop_instance_uid))
             return status(INTERNAL_ERROR_STATUS, f"internal error: {type(exc).__name__}")
+        finally:
+            if received is not request.DataSet:
+                received.close()  # a spool file: closing deletes it
         session.instances += 1
         session.series_uids.add(result.header.series_uid)
         session.bytes += result.size

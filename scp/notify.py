@@ -109,10 +109,6 @@ class Watchdog:
         self.period = interval / 2 if interval else None
         self._next = 0.0  # the first call pings
 
-    @property
-    def enabled(self) -> bool:
-        return self.period is not None and _address() is not None
-
     def ping_if_due(self) -> bool:
         if self.period is None:
             return False
@@ -131,6 +127,8 @@ class ServiceStatus:
 
     def __init__(self, host: str, port: int):
         where = "" if host in ("", "0.0.0.0", "::") else host
+        if ":" in where:
+            where = f"[{where}]"  # an IPv6 address
         self.listening = f"listening on {where}:{port}"
         self._day = date.today()
         self._stored_before_today = 0

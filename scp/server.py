@@ -10,10 +10,12 @@ from pynetdicom import AE, _config
 
 from scp import notify
 from scp.access import CallerPolicy
-from scp.config import Config, ConfigError, free_space_floor
+from scp.config import Config, ConfigError, byte_size, free_space_floor
 from scp.contexts import install_storage_negotiation, supported_contexts
 from scp.handlers import ReceiverHandlers
+from scp.spool import install_spooling
 from scp.transport import ReceiverServer
+from storage.files import INCOMING_DIR
 from storage.index import Index
 from storage.maintenance import recover_incoming
 from storage.store import InstanceStore
@@ -55,11 +57,16 @@ class Receiver:
         `drain_timeout` seconds, then abort the rest. Returns how many were aborted."""
         self.server.shutdown()
         deadline = time.monotonic() + drain_timeout
-        while self.ae.active_associations and time.monotonic() < deadline:
+        while self._established() and time.monotonic() < deadline:
             time.sleep(0.05)
-        remaining = len(self.ae.active_associations)
+        remaining = len(self._established())
         self.ae.shutdown()
         return remaining
+
+    def _established(self) -> list:
+        # A connection that never sent an A-ASSOCIATE-RQ (a port probe) has
+        # nothing in flight: it must not hold up a stop for its 30 s ACSE timeout.
+        return [assoc for assoc in self.ae.active_associations if assoc.is_established]
 
 
 def _build_ae(config: Config) -> AE:
@@ -67,6 +74,7 @@ def _build_ae(config: Config) -> AE:
     # time on the receive path and our handlers log what matters.
     _config.LOG_HANDLER_LEVEL = "none"
     install_storage_negotiation()
+    install_spooling(config.data_dir / INCOMING_DIR, byte_size(config.large_object_threshold))
     ae = AE(ae_title=config.aet)
     ae.maximum_pdu_size = config.max_pdu
     ae.maximum_associations = config.max_associations

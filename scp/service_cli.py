@@ -8,13 +8,13 @@ import dataclasses
 import enum
 import json
 import logging
+import os
 import sys
 import time
 import tomllib
 from pathlib import Path
 
 import click
-from pynetdicom._validators import validate_ae
 
 from scp.config import Config, ConfigError, load_config
 
@@ -40,6 +40,8 @@ class _Collected(logging.Handler):
 
 
 def _ae_title(_ctx, param, value: str) -> str:
+    from pynetdicom._validators import validate_ae  # pynetdicom: 0.2 s of start-up
+
     valid, reason = validate_ae(value)
     if not valid or not value.strip():
         raise click.BadParameter(reason or "must not be empty", param=param)
@@ -49,6 +51,16 @@ def _ae_title(_ctx, param, value: str) -> str:
 def _fail(message: str, code: int):
     click.echo(f"error: {message}", err=True)
     sys.exit(code)
+
+
+def _no_echo(message: str):
+    """Give up on the peer: exit 1 now. pynetdicom's reader thread may be stuck
+    in recv() on a peer that is not DICOM (the length field of an HTTP answer
+    says a gigabyte follows), and it must not keep the command alive."""
+    click.echo(f"error: {message}", err=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
 
 
 @click.command()
@@ -97,32 +109,38 @@ def echo(aet: str, called_aet: str, timeout: float, host: str, port: int):
     peer = f"{called_aet}@{host}:{port}"
 
     started = time.perf_counter()
-    assoc = ae.associate(host, port, ae_title=called_aet)
+    try:
+        assoc = ae.associate(host, port, ae_title=called_aet)
+    except OSError as exc:  # socket.gaierror: the host name does not resolve
+        _no_echo(f"cannot resolve {host}: {exc.strerror or exc}")
     associated = time.perf_counter()
     if not assoc.is_established:
         if assoc.is_rejected:
             result = collected.find("Result:") or "rejected"
             reason = collected.find("Reason:")
-            _fail(f"{peer} rejected the association: {result}; {reason}", 1)
-        if assoc.is_aborted:
-            _fail(f"{peer} aborted the association", 1)
+            _no_echo(f"{peer} rejected the association: {result}; {reason}")
         cause = collected.find("TCP Initialisation Error:")
-        if cause:
-            _fail(f"cannot connect to {host}:{port}: {cause}", 1)
-        _fail(f"no association with {peer} (no answer within {timeout:g} s)", 1)
+        if cause:  # (pynetdicom also marks this one "aborted")
+            _no_echo(f"cannot connect to {host}:{port}: {cause}")
+        if assoc.is_aborted:
+            unknown = collected.find("Unknown PDU type received")
+            if unknown:
+                _no_echo(f"{host}:{port} answered something that is not DICOM (PDU type {unknown})")
+            _no_echo(f"{peer} aborted the association")
+        _no_echo(f"no association with {peer} (no answer within {timeout:g} s)")
     try:
         response = assoc.send_c_echo()
     except ValueError:  # no accepted presentation context for Verification
         assoc.release()
-        _fail(f"{peer} does not accept the Verification SOP Class (C-ECHO)", 1)
+        _no_echo(f"{peer} does not accept the Verification SOP Class (C-ECHO)")
     answered = time.perf_counter()
     assoc.release()
 
     code = response.get("Status")
     if code is None:
-        _fail(f"{peer} did not answer the C-ECHO within {timeout:g} s", 1)
+        _no_echo(f"{peer} did not answer the C-ECHO within {timeout:g} s")
     if code != 0x0000:
-        _fail(f"{peer} answered the C-ECHO with status 0x{code:04X}", 1)
+        _no_echo(f"{peer} answered the C-ECHO with status 0x{code:04X}")
     click.echo(
         f"C-ECHO {peer}: Success (0x0000) in {(answered - associated) * 1000:.1f} ms"
         f" (association {(associated - started) * 1000:.1f} ms)"
@@ -138,6 +156,11 @@ def _toml_value(value) -> str:
         return "true" if value else "false"
     if isinstance(value, int | float):
         return repr(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    if isinstance(value, dict):  # an inline table; keys quoted, AE titles may have spaces
+        pairs = (f"{json.dumps(str(key))} = {_toml_value(item)}" for key, item in value.items())
+        return "{ " + ", ".join(pairs) + " }" if value else "{}"
     if isinstance(value, enum.Enum):
         value = value.value
     return json.dumps(str(value), ensure_ascii=False)  # a TOML basic string
@@ -190,7 +213,15 @@ _SERVICE_NOTES = {
     "data_dir": "the unit's StateDirectory=imaging-scp, the one place the service may write",
     "drain_timeout": "keep it below the unit's TimeoutStopSec=",
     "log_level": "logs go to the journal as JSON lines: journalctl -u imaging-scp -o cat | jq",
+    "allowed_callers": 'e.g. { CT_1 = ["10.20.1.15"], PACS = ["10.20.0.0/16"], ANYWHERE = [] }',
 }
+
+
+def default_value(item: dataclasses.Field):
+    """A Config field's default, whether a value or a factory."""
+    if item.default_factory is not dataclasses.MISSING:
+        return item.default_factory()
+    return item.default
 
 
 def example_config(data_dir: str = "/var/lib/imaging-scp") -> str:
@@ -203,9 +234,10 @@ def example_config(data_dir: str = "/var/lib/imaging-scp") -> str:
         "# Check a change before restarting: imaging-scp check-config /etc/imaging-scp/config.toml",
     ]
     for item in dataclasses.fields(Config):
-        comment = f"# {item.metadata['help']} (default: {_toml_value(item.default)})"
+        default = default_value(item)
+        comment = f"# {item.metadata['help']} (default: {_toml_value(default)})"
         if item.name in _SERVICE_NOTES:
             comment += f"; {_SERVICE_NOTES[item.name]}"
-        value = data_dir if item.name == "data_dir" else item.default
+        value = data_dir if item.name == "data_dir" else default
         lines += ["", comment, f"{item.name} = {_toml_value(value)}"]
     return "\n".join(lines) + "\n"

@@ -7,6 +7,7 @@ dataset bytes exactly as received. Files are written to a temporary name under
 the new name survives a power cut too.
 """
 
+import errno
 import hashlib
 import json
 import os
@@ -14,6 +15,7 @@ import struct
 import uuid
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import BinaryIO
 
 import pydicom.filereader
 
@@ -136,9 +138,26 @@ class TempFile:
     size: int
 
 
-def dataset_digest(dataset: bytes | memoryview) -> str:
+# What a stored file is made of: bytes in memory, or an open file copied in
+# whole (a large dataset that arrived on disk).
+Part = bytes | memoryview | BinaryIO
+
+
+def dataset_digest(dataset: Part) -> str:
     """SHA-256 of the dataset bytes as sent: equal for identical objects whoever sent them."""
-    return hashlib.sha256(dataset).hexdigest()
+    if isinstance(dataset, bytes | memoryview):
+        return hashlib.sha256(dataset).hexdigest()
+    digest = hashlib.sha256()
+    dataset.seek(0)
+    while chunk := dataset.read(1 << 20):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def part_size(part: Part) -> int:
+    if isinstance(part, bytes | memoryview):
+        return len(part)
+    return os.fstat(part.fileno()).st_size
 
 
 def file_dataset_digest(path: Path) -> str:
@@ -152,7 +171,7 @@ def file_dataset_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_temp_file(data_dir: Path, parts: list[bytes | memoryview]) -> TempFile:
+def write_temp_file(data_dir: Path, parts: list[Part]) -> TempFile:
     """Write `parts` to a new temporary file and fsync it.
 
     On any OSError (ENOSPC, EIO, ...) the temporary file is removed before the
@@ -163,16 +182,38 @@ def write_temp_file(data_dir: Path, parts: list[bytes | memoryview]) -> TempFile
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
         for part in parts:
-            view = memoryview(part)
-            while view:
-                view = view[os.write(fd, view) :]
+            if isinstance(part, bytes | memoryview):
+                view = memoryview(part)
+                while view:
+                    view = view[os.write(fd, view) :]
+            else:
+                _copy_file(part, fd)
         os.fsync(fd)
     except BaseException:
         os.close(fd)
         path.unlink(missing_ok=True)
         raise
     os.close(fd)
-    return TempFile(path=path, size=sum(len(part) for part in parts))
+    return TempFile(path=path, size=sum(part_size(part) for part in parts))
+
+
+def _copy_file(source: BinaryIO, fd: int) -> None:
+    """Append a whole file to `fd`, in the kernel where it can (no copy through
+    our memory: these are the large objects)."""
+    size = os.fstat(source.fileno()).st_size
+    copied = 0
+    try:
+        while copied < size:
+            count = os.copy_file_range(source.fileno(), fd, size - copied, copied)
+            if count == 0:
+                break
+            copied += count
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+    source.seek(copied)
+    while chunk := source.read(1 << 20):
+        os.write(fd, chunk)
 
 
 def link_into_place(data_dir: Path, temp: TempFile, relpath: PurePosixPath) -> None:

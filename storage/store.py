@@ -14,6 +14,7 @@ import os
 import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 from storage import files
 from storage.header import HeaderError, InstanceHeader, read_header
@@ -96,24 +97,27 @@ class InstanceStore:
 
     def store(
         self,
-        dataset: io.BytesIO,
+        dataset: BinaryIO,
         transfer_syntax: str,
         sop_class_uid: str | None,
         sop_instance_uid: str | None,
         provenance: Provenance,
     ) -> StoreResult:
-        """Store one received dataset (its encoded bytes, as sent, in a BytesIO).
+        """Store one received dataset: its encoded bytes as sent, in a BytesIO, or
+        in a file for a large object that was received to disk.
 
         Raises StoreRefused with the reason it was not stored.
         """
         dataset.seek(0)
         header = self._validated_header(dataset, transfer_syntax, sop_class_uid, sop_instance_uid)
+        if not isinstance(dataset, io.BytesIO):  # a large object received to a file
+            return self._store(dataset, header, transfer_syntax, provenance)
         with dataset.getbuffer() as view:
             return self._store(view, header, transfer_syntax, provenance)
 
     def _store(
         self,
-        dataset: memoryview,
+        dataset: files.Part,
         header: InstanceHeader,
         transfer_syntax: str,
         provenance: Provenance,
@@ -130,7 +134,7 @@ class InstanceStore:
             transfer_syntax,
             provenance.receipt(received_at),
         )
-        size = len(file_header) + len(dataset)
+        size = len(file_header) + files.part_size(dataset)
         relpath = files.instance_relpath(
             header.study_uid, header.series_uid, header.sop_instance_uid
         )
@@ -233,7 +237,7 @@ class InstanceStore:
 
     def _validated_header(
         self,
-        dataset: io.BytesIO,
+        dataset: BinaryIO,
         transfer_syntax: str,
         sop_class_uid: str | None,
         sop_instance_uid: str | None,

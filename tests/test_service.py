@@ -107,3 +107,13 @@ def test_logs_are_json_lines_with_association_context(server, tmp_path):
         server.data_dir / server.index().execute("SELECT path FROM instances").fetchone()[0]
     )
     assert end["bytes"] == stored["bytes"] == stored_file.stat().st_size
+
+
+def test_an_idle_connection_does_not_hold_up_a_stop(server):
+    # A port probe or health check that never starts an association.
+    probe = socket.create_connection(("127.0.0.1", server.port))
+    server.wait_for_event("listening")
+    server.process.send_signal(signal.SIGTERM)
+    # pynetdicom would keep the probe's thread for its 30 s ACSE timeout.
+    assert server.process.wait(15) == 0
+    probe.close()
