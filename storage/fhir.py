@@ -590,11 +590,31 @@ def _person_names(names: str | None) -> list[str]:
 
 
 def _pruned(value):
-    """Drop None, empty strings, lists and objects at every level: FHIR forbids them."""
+    """Drop None, empty strings, lists and objects at every level: FHIR forbids them.
+
+    Written as plain loops: it runs on every element of every exported resource
+    (a quarter of `export`'s time with comprehensions and tuple comparisons).
+    """
     if isinstance(value, dict):
-        items = ((key, _pruned(item)) for key, item in value.items())
-        return {key: item for key, item in items if item not in (None, "", [], {})}
+        kept = {}
+        for key, item in value.items():
+            if isinstance(item, dict | list):
+                item = _pruned(item)
+                if not item:
+                    continue
+            elif item is None or item == "":
+                continue
+            kept[key] = item
+        return kept
     if isinstance(value, list):
-        items = (_pruned(item) for item in value)
-        return [item for item in items if item not in (None, "", [], {})]
+        kept = []
+        for item in value:
+            if isinstance(item, dict | list):
+                item = _pruned(item)
+                if not item:
+                    continue
+            elif item is None or item == "":
+                continue
+            kept.append(item)
+        return kept
     return value

@@ -205,14 +205,22 @@ def series_of(
         if with_instances:
             series["instances"] = []
     if with_instances and by_uid:
-        instance_rows = conn.execute(
-            f"SELECT * FROM instances WHERE study_uid IN ({marks})"
-            " ORDER BY number IS NULL, number, received_at",
-            study_uids,
-        )
-        for row in instance_rows:
-            by_uid[row["series_uid"]]["instances"].append(dict(row))
+        # By series UID: instances are indexed by series, not by study.
+        series_uids = list(by_uid)
+        for start in range(0, len(series_uids), _MAX_PARAMETERS):
+            chunk = series_uids[start : start + _MAX_PARAMETERS]
+            instance_rows = conn.execute(
+                f"SELECT * FROM instances WHERE series_uid IN ({','.join('?' * len(chunk))})"
+                " ORDER BY number IS NULL, number, received_at",
+                chunk,
+            )
+            for row in instance_rows:
+                by_uid[row["series_uid"]]["instances"].append(dict(row))
     return result
+
+
+# Below SQLite's limit on the number of parameters of one statement.
+_MAX_PARAMETERS = 900
 
 
 def study_uid_of_series(conn: sqlite3.Connection, series_uid: str) -> str | None:
