@@ -28,7 +28,7 @@ class Config:
 
     aet: str = _key("IMAGING_SCP", "AE title this receiver answers to")
     host: str = _key("0.0.0.0", "address to listen on")
-    port: int = _key(11112, "TCP port to listen on")
+    port: int = _key(11112, "TCP port for plain DICOM (0: none, TLS only; needs tls_port)")
     data_dir: Path = _key(Path("data"), "where files and index.sqlite are kept")
     # Bounded: an unlimited max PDU lets one sender push a whole object in one PDU.
     max_pdu: int = _key(262144, "largest PDU we accept, in bytes")
@@ -60,6 +60,19 @@ class Config:
     )
     large_object_threshold: str = _key(
         "64MiB", "objects larger than this are received straight to a file, not to memory"
+    )
+    tls_port: int = _key(
+        0, "TCP port for DICOM over TLS, beside `port` (0: no TLS listener; 2762 is DICOM's)"
+    )
+    tls_certificate: str = _key(
+        "", "PEM file with the server's certificate (and intermediates) for tls_port"
+    )
+    tls_private_key: str = _key("", "PEM file with the certificate's private key, unencrypted")
+    tls_client_ca: str = _key(
+        "", "PEM file of CAs; when set, TLS senders must present a certificate signed by one"
+    )
+    tls_handshake_timeout: float = _key(
+        10.0, "seconds a new TLS connection has to complete its handshake"
     )
 
 
@@ -183,13 +196,14 @@ def _check_ranges(config: Config) -> None:
         raise ConfigError(f"key 'aet': an AE title is 1 to 16 ASCII characters, got {aet!r}")
     if not 0 <= config.port <= 65535:
         raise ConfigError(f"key 'port': must be 0..65535, got {config.port}")
+    _check_tls(config)
     if not 4096 <= config.max_pdu <= 16 * 1024 * 1024:
         raise ConfigError(f"key 'max_pdu': must be 4096..16777216 bytes, got {config.max_pdu}")
     if config.max_associations < 1:
         raise ConfigError(
             f"key 'max_associations': must be at least 1, got {config.max_associations}"
         )
-    for key in ("network_timeout", "drain_timeout", "stable_after"):
+    for key in ("network_timeout", "drain_timeout", "stable_after", "tls_handshake_timeout"):
         if getattr(config, key) <= 0:
             raise ConfigError(f"key '{key}': must be a positive number of seconds")
     if config.site_timezone:
@@ -222,3 +236,24 @@ def _check_ranges(config: Config) -> None:
         raise ConfigError(
             f"key 'log_level': one of {', '.join(_LOG_LEVELS)}, got {config.log_level!r}"
         )
+
+
+def _check_tls(config: Config) -> None:
+    """The TLS keys go together. The files themselves are read by `serve`
+    (scp.tls.server_context): the admin commands read this config too, as users
+    who may not read the service's private key."""
+    if not 0 <= config.tls_port <= 65535:
+        raise ConfigError(f"key 'tls_port': must be 0..65535, got {config.tls_port}")
+    if config.port == 0 and config.tls_port == 0:
+        raise ConfigError("key 'port': 0 (no plain DICOM listener) needs tls_port (TLS only)")
+    if config.tls_port and config.tls_port == config.port:
+        raise ConfigError(f"key 'tls_port': {config.tls_port} is already `port`, the plain one")
+    files = ("tls_certificate", "tls_private_key", "tls_client_ca")
+    if config.tls_port:
+        for key in files[:2]:
+            if not getattr(config, key):
+                raise ConfigError(f"key '{key}': required with tls_port")
+    else:
+        for key in files:
+            if getattr(config, key):
+                raise ConfigError(f"key 'tls_port': {key} is set but tls_port is 0 (no TLS)")

@@ -1,6 +1,7 @@
 """The listener: build the AE, serve associations, stop cleanly on a signal."""
 
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -14,6 +15,7 @@ from scp.config import Config, ConfigError, byte_size, free_space_floor
 from scp.contexts import install_storage_negotiation, supported_contexts
 from scp.handlers import ReceiverHandlers
 from scp.spool import install_spooling
+from scp.tls import server_context
 from scp.transport import ReceiverServer
 from storage.files import INCOMING_DIR
 from storage.index import Index
@@ -30,32 +32,50 @@ class Receiver:
         self.config = config
         self.handlers = ReceiverHandlers(store, CallerPolicy(config.allowed_callers))
         self.ae = _build_ae(config)
-        self.server: ReceiverServer | None = None
+        self.server: ReceiverServer | None = None  # plain DICOM; None with port = 0
+        self.tls_server: ReceiverServer | None = None  # DICOM over TLS, on tls_port
 
-    def start(self) -> None:
-        """Bind and listen; returns once connections are being accepted."""
-        self.server = self.ae.make_server(
-            (self.config.host, self.config.port),
+    def start(self, tls_context=None) -> None:
+        """Bind and listen; returns once connections are being accepted. Both
+        listeners share the AE, the handlers and the store."""
+        if self.config.port:
+            self.server = self._listen(self.config.port)
+        if self.config.tls_port:
+            self.tls_server = self._listen(
+                self.config.tls_port, tls_context or server_context(self.config)
+            )
+
+    def _listen(self, port: int, tls_context=None) -> ReceiverServer:
+        server = self.ae.make_server(
+            (self.config.host, port),
             ae_title=self.config.aet,
             evt_handlers=self.handlers.bindings(),
             server_class=ReceiverServer,
             connection_timeout=self.config.network_timeout,
             max_pdu=self.config.max_pdu,
+            tls_context=tls_context,
+            tls_handshake_timeout=self.config.tls_handshake_timeout,
         )
         # What AE.start_server(block=False) does, with our server class.
-        self.ae._servers.append(self.server)
-        threading.Thread(
-            target=self.server.serve_forever, name="imaging-scp-accept", daemon=True
-        ).start()
+        self.ae._servers.append(server)
+        name = "imaging-scp-accept" + ("-tls" if tls_context else "")
+        threading.Thread(target=server.serve_forever, name=name, daemon=True).start()
+        return server
 
     @property
-    def port(self) -> int:
-        return self.server.server_address[1]
+    def port(self) -> int | None:
+        return self.server.server_address[1] if self.server else None
+
+    @property
+    def tls_port(self) -> int | None:
+        return self.tls_server.server_address[1] if self.tls_server else None
 
     def stop(self, drain_timeout: float) -> int:
         """Stop accepting, let in-flight associations finish for up to
         `drain_timeout` seconds, then abort the rest. Returns how many were aborted."""
-        self.server.shutdown()
+        for server in (self.server, self.tls_server):
+            if server is not None:
+                server.shutdown()
         deadline = time.monotonic() + drain_timeout
         while self._established() and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -103,9 +123,15 @@ def open_store(config: Config) -> InstanceStore:
 def serve(config: Config, reload_config: Callable[[], Config] | None = None) -> int:
     """Run the service until SIGINT or SIGTERM; return the exit code.
 
-    SIGHUP calls `reload_config` and applies its allowed callers to new
-    associations; associations in flight are not touched.
+    SIGHUP calls `reload_config` and applies its allowed callers (and TLS
+    certificate, key and client CAs) to new associations; associations in flight
+    are not touched.
     """
+    try:  # before anything starts: a bad certificate is a usage error (exit 2)
+        tls_context = server_context(config) if config.tls_port else None
+    except ConfigError as exc:
+        print(f"imaging-scp: {exc}", file=sys.stderr)
+        return 2
     # The handler only records the signal. It runs between two bytecodes of the
     # main thread, which may be holding the very lock that Event.set() or a log
     # call would take: a SIGTERM at that moment hung the process for good.
@@ -121,18 +147,23 @@ def serve(config: Config, reload_config: Callable[[], Config] | None = None) -> 
 
     store = open_store(config)
     receiver = Receiver(config, store)
-    receiver.start()
-    log.info(
-        "listening",
-        aet=config.aet,
-        host=config.host,
-        port=receiver.port,
-        data_dir=str(config.data_dir.resolve()),
-        duplicates=str(config.duplicates),
-        max_pdu=config.max_pdu,
-    )
+    receiver.start(tls_context)
+    for port, tls in ((receiver.port, False), (receiver.tls_port, True)):
+        if port is None:
+            continue
+        log.info(
+            "listening",
+            aet=config.aet,
+            host=config.host,
+            port=port,
+            tls=tls,
+            **({"client_certificates": bool(config.tls_client_ca)} if tls else {}),
+            data_dir=str(config.data_dir.resolve()),
+            duplicates=str(config.duplicates),
+            max_pdu=config.max_pdu,
+        )
     # The port accepts connections since receiver.start(): tell systemd.
-    status = notify.ServiceStatus(config.host, receiver.port)
+    status = notify.ServiceStatus(config.host, receiver.port or receiver.tls_port)
     status.ready(0, receiver.handlers.stored)
     while not stop_requested:
         time.sleep(0.25)
@@ -155,6 +186,8 @@ def _reload_callers(receiver: Receiver, reload_config: Callable[[], Config] | No
         return
     try:
         new = reload_config()
+        if receiver.tls_server is not None and new.tls_port:  # renewed certificate, CAs
+            receiver.tls_server.tls_context = server_context(new)
         receiver.handlers.callers = CallerPolicy(new.allowed_callers)
     except (ConfigError, ValueError) as exc:
         log.error("reload.failed", reason=str(exc))

@@ -8,18 +8,26 @@
   slot after `network_timeout` instead of holding a thread forever.
 - A bound on the PDU length we agree to read: a hostile length field must not
   make us allocate gigabytes.
+- TLS (a listener with `tls_context`): the handshake runs in the connection's
+  own thread, with a deadline, before pynetdicom sees the socket. pynetdicom's
+  own TLS server shakes hands in the accept loop, where one silent connection
+  stalls every sender behind it. An SSLSocket works unchanged below: pynetdicom's
+  `ready()` asks it for `pending()` bytes, `recv_into` and `setsockopt` work.
 """
 
 import socket
+import ssl
 
+import structlog
 from pynetdicom.transport import (
     AssociationSocket,
     RequestHandler,
     ThreadedAssociationServer,
 )
 
-from scp import notify
+from scp import notify, tls
 
+log = structlog.get_logger("imaging_scp")
 _TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", None)
 
 # The largest non-P-DATA PDU we accept (an A-ASSOCIATE-RQ with the maximum 128
@@ -55,7 +63,34 @@ class ReceiverSocket(AssociationSocket):
 
 
 class ReceiverRequestHandler(RequestHandler):
-    """pynetdicom's request handler, with our socket class on the association."""
+    """pynetdicom's request handler, with our socket class on the association,
+    and the TLS handshake first on a TLS listener."""
+
+    def handle(self):
+        context = self.server.tls_context
+        if context is not None:
+            self.request = self._tls_handshake(context)
+            if self.request is None:
+                return
+        super().handle()
+
+    def _tls_handshake(self, context: ssl.SSLContext) -> ssl.SSLSocket | None:
+        """The connection's socket after a completed TLS handshake, or None when
+        the peer failed it (closed, logged, and no association created)."""
+        host, port = self.client_address[:2]
+        peer = f"{host}:{port}"
+        try:
+            secured = tls.handshake(context, self.request, self.server.tls_handshake_timeout)
+        except (OSError, ssl.SSLError) as exc:  # HandshakeTimeout is an OSError
+            self.request.close()
+            reason = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
+            log.warning("tls.handshake_failed", peer=peer, reason=reason)
+            return None
+        if self.server.stopping:  # the handshake outlasted a stop: nothing may start now
+            secured.close()
+            return None
+        log.info("tls.established", peer=peer, **tls.describe(secured))
+        return secured
 
     def _create_association(self):
         assoc = super()._create_association()
@@ -69,9 +104,25 @@ class ReceiverRequestHandler(RequestHandler):
 class ReceiverServer(ThreadedAssociationServer):
     """pynetdicom's threaded server with our socket options on accepted connections."""
 
-    def __init__(self, *args, connection_timeout: float, max_pdu: int, **kwargs):
+    # A connection's thread only shakes hands (TLS) and starts the association's
+    # own thread; it must not hold the process up at exit.
+    daemon_threads = True
+
+    def __init__(
+        self,
+        *args,
+        connection_timeout: float,
+        max_pdu: int,
+        tls_context: ssl.SSLContext | None = None,
+        tls_handshake_timeout: float = 10.0,
+        **kwargs,
+    ):
         self.connection_timeout = connection_timeout
         self.max_pdu = max_pdu
+        # Not pynetdicom's `ssl_context`, which would shake hands in the accept loop.
+        self.tls_context = tls_context
+        self.tls_handshake_timeout = tls_handshake_timeout
+        self.stopping = False
         self.watchdog = notify.Watchdog()
         super().__init__(*args, request_handler=ReceiverRequestHandler, **kwargs)
 
@@ -80,6 +131,10 @@ class ReceiverServer(ThreadedAssociationServer):
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         client.settimeout(self.connection_timeout)
         return client, address
+
+    def shutdown(self) -> None:
+        self.stopping = True
+        super().shutdown()
 
     def service_actions(self) -> None:
         """Called by serve_forever() on every loop (at least every 0.5 s): the
