@@ -186,6 +186,10 @@ def check_config(file: Path, as_json: bool):
         config = load_config(file)
         with file.open("rb") as handle:
             from_file = set(tomllib.load(handle))
+        if config.tls_port:  # the certificate and key as `serve` will load them
+            from scp.tls import server_context
+
+            server_context(config)
     except ConfigError as exc:
         message = str(exc)
         _fail(message if message.startswith(str(file)) else f"{file}: {message}", 2)

@@ -441,3 +441,17 @@ def test_admin_commands_do_not_need_to_read_the_key(tmp_path):
         'tls_private_key = "/nonexistent/server.key"\n'
     )
     assert load_config(config).tls_port == 2762
+
+
+def test_check_config_loads_the_tls_files_as_serve_will(tmp_path):
+    config = tmp_path / "tls.toml"
+    config.write_text(
+        'tls_port = 2762\ntls_certificate = "/nonexistent/server.crt"\n'
+        'tls_private_key = "/nonexistent/server.key"\n'
+    )
+    result = subprocess.run(
+        [IMAGING_SCP, "check-config", str(config)], capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "tls_certificate" in lines[0], result.stderr
