@@ -11,7 +11,14 @@ from pathlib import Path
 
 import click
 
-from scp.cli import EXIT_NOT_FOUND, EXIT_USAGE, effective_config, fail, main
+from scp.cli import (
+    EXIT_NOT_FOUND,
+    EXIT_USAGE,
+    config_file_option,
+    effective_config,
+    fail,
+    main,
+)
 from storage.query import (
     FilterError,
     IndexMissing,
@@ -33,12 +40,7 @@ def data_options(command):
         type=click.Path(path_type=Path, file_okay=False),
         help="data directory [default: data, or data_dir from --config]",
     )(command)
-    return click.option(
-        "--config",
-        "config_file",
-        type=click.Path(path_type=Path, dir_okay=False),
-        help="the service's TOML config file",
-    )(command)
+    return config_file_option("the service's TOML config file")(command)
 
 
 def filter_options(command):

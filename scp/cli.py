@@ -41,12 +41,14 @@ def config_options(command):
                 help=_help(item),
             )
         command = option(command)
+    return config_file_option("TOML file with any of the keys below; flags win over it.")(command)
+
+
+def config_file_option(help: str):
+    """`--config FILE`, passed to the command as `config_file`."""
     return click.option(
-        "--config",
-        "config_file",
-        type=click.Path(path_type=Path, dir_okay=False),
-        help="TOML file with any of the keys below; flags win over it.",
-    )(command)
+        "--config", "config_file", type=click.Path(path_type=Path, dir_okay=False), help=help
+    )
 
 
 def _help(item: dataclasses.Field) -> str:
