@@ -13,7 +13,7 @@ import io
 import os
 import sqlite3
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
 from storage import files
@@ -185,9 +185,7 @@ class InstanceStore:
     def _place(self, temp: files.TempFile, entry: IndexEntry, result: StoreResult) -> None:
         """Give the durable temp file its place and index it. Inside `writing()`."""
         header = entry.header
-        relpath = files.instance_relpath(
-            header.study_uid, header.series_uid, header.sop_instance_uid
-        )
+        relpath = PurePosixPath(entry.path)
         known = self.index.stored_digest(header.sop_instance_uid)
         if known is None:
             try:
