@@ -237,6 +237,8 @@ class ImagingScp(Receiver):
             str(self.port),
             "--data-dir",
             str(self.data_dir),
+            # e.g. IMAGING_SCP_ARGS="--workers 2": benchmark a non-default setting.
+            *os.environ.get("IMAGING_SCP_ARGS", "").split(),
         ]
 
     def received(self):

@@ -74,6 +74,9 @@ class Config:
     tls_handshake_timeout: float = _key(
         10.0, "seconds a new TLS connection has to complete its handshake"
     )
+    workers: int = _key(
+        1, "listener processes sharing the port(s) (SO_REUSEPORT): more use more cores"
+    )
 
 
 _LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -197,6 +200,8 @@ def _check_ranges(config: Config) -> None:
     if not 0 <= config.port <= 65535:
         raise ConfigError(f"key 'port': must be 0..65535, got {config.port}")
     _check_tls(config)
+    if not 1 <= config.workers <= 64:
+        raise ConfigError(f"key 'workers': must be 1..64, got {config.workers}")
     if not 4096 <= config.max_pdu <= 16 * 1024 * 1024:
         raise ConfigError(f"key 'max_pdu': must be 4096..16777216 bytes, got {config.max_pdu}")
     if config.max_associations < 1:

@@ -1,5 +1,8 @@
 """The listener: build the AE, serve associations, stop cleanly on a signal."""
 
+import contextlib
+import ctypes
+import os
 import signal
 import sys
 import threading
@@ -55,6 +58,7 @@ class Receiver:
             max_pdu=self.config.max_pdu,
             tls_context=tls_context,
             tls_handshake_timeout=self.config.tls_handshake_timeout,
+            reuse_port=self.config.workers > 1,
         )
         # What AE.start_server(block=False) does, with our server class.
         self.ae._servers.append(server)
@@ -104,20 +108,78 @@ def _build_ae(config: Config) -> AE:
     return ae
 
 
-def open_store(config: Config) -> InstanceStore:
-    """Prepare the data directory, open its index, and finish what a crash left."""
+def recover(config: Config) -> None:
+    """Prepare the data directory and finish what a crash left (before any worker starts)."""
     config.data_dir.mkdir(parents=True, exist_ok=True)
     index = Index.in_data_dir(config.data_dir)
-    recovery = recover_incoming(index, config.data_dir)
+    try:
+        recovery = recover_incoming(index, config.data_dir)
+    finally:
+        index.close()
     if recovery.removed or recovery.indexed:
         log.warning(
             "startup.recovered",
             removed_temp_files=recovery.removed,
             indexed_files=recovery.indexed,
         )
+
+
+def open_store(config: Config) -> InstanceStore:
+    """This process's index connection and store."""
     return InstanceStore(
-        config.data_dir, index, config.duplicates, free_space_floor(config.min_free_space)
+        config.data_dir,
+        Index.in_data_dir(config.data_dir),
+        config.duplicates,
+        free_space_floor(config.min_free_space),
     )
+
+
+def fork_workers(count: int) -> list[int] | None:
+    """Start `count` more listener processes; returns their pids in the parent,
+    None in a worker. Called before any thread exists, so fork is safe."""
+    pids = []
+    for _ in range(count):
+        pid = os.fork()
+        if pid == 0:
+            # systemd listens to the main process only (NotifyAccess=main).
+            for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
+                os.environ.pop(name, None)
+            _stop_when_parent_dies()
+            return None
+        pids.append(pid)
+    return pids
+
+
+def _stop_when_parent_dies() -> None:
+    """A worker gets SIGTERM if the main process dies, even by SIGKILL (Linux)."""
+    pr_set_pdeathsig = 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+def _signal_workers(pids: list[int], signum: int) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signum)
+
+
+def _a_worker_died(pids: list[int]) -> int | None:
+    for pid in pids:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            pids.remove(pid)
+            return os.waitstatus_to_exitcode(status)
+    return None
+
+
+def _wait_for_workers(pids: list[int], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while pids and time.monotonic() < deadline:
+        _a_worker_died(pids)
+        time.sleep(0.05)
+    _signal_workers(pids, signal.SIGKILL)
+    for pid in pids:
+        os.waitpid(pid, 0)
 
 
 def serve(config: Config, reload_config: Callable[[], Config] | None = None) -> int:
@@ -145,6 +207,8 @@ def serve(config: Config, reload_config: Callable[[], Config] | None = None) -> 
     reload_requested: list[int] = []
     signal.signal(signal.SIGHUP, lambda signum, _frame: reload_requested.append(signum))
 
+    recover(config)
+    workers = fork_workers(config.workers - 1)
     store = open_store(config)
     receiver = Receiver(config, store)
     receiver.start(tls_context)
@@ -165,19 +229,30 @@ def serve(config: Config, reload_config: Callable[[], Config] | None = None) -> 
     # The port accepts connections since receiver.start(): tell systemd.
     status = notify.ServiceStatus(config.host, receiver.port or receiver.tls_port)
     status.ready(0, receiver.handlers.stored)
+    exit_code = 0
     while not stop_requested:
         time.sleep(0.25)
         if reload_requested:
             reload_requested.clear()
             _reload_callers(receiver, reload_config)
+            _signal_workers(workers or [], signal.SIGHUP)
+        if workers and (died := _a_worker_died(workers)) is not None:
+            # One worker gone means a degraded service: stop, and let systemd
+            # (Restart=on-failure) start all of it again.
+            log.error("worker.died", exit_code=died)
+            exit_code = 1
+            break
         status.update(len(receiver.handlers.active_sessions()), receiver.handlers.stored)
-    log.info("shutdown.requested", signal=signal.Signals(stop_requested[0]).name)
+    if stop_requested:
+        log.info("shutdown.requested", signal=signal.Signals(stop_requested[0]).name)
+    _signal_workers(workers or [], signal.SIGTERM)
     in_flight = len(receiver.handlers.active_sessions())
     notify.stopping(f"stopping: draining {in_flight} association(s)")
     aborted = receiver.stop(config.drain_timeout)
     store.index.close()
+    _wait_for_workers(workers or [], config.drain_timeout + 5)
     log.info("stopped", aborted_associations=aborted)
-    return 0
+    return exit_code
 
 
 def _reload_callers(receiver: Receiver, reload_config: Callable[[], Config] | None) -> None:

@@ -117,8 +117,10 @@ class ReceiverServer(ThreadedAssociationServer):
         max_pdu: int,
         tls_context: ssl.SSLContext | None = None,
         tls_handshake_timeout: float = 10.0,
+        reuse_port: bool = False,
         **kwargs,
     ):
+        self.reuse_port = reuse_port
         self.connection_timeout = connection_timeout
         self.max_pdu = max_pdu
         # Not pynetdicom's `ssl_context`, which would shake hands in the accept loop.
@@ -127,6 +129,11 @@ class ReceiverServer(ThreadedAssociationServer):
         self.stopping = False
         self.watchdog = notify.Watchdog()
         super().__init__(*args, request_handler=ReceiverRequestHandler, **kwargs)
+
+    def server_bind(self) -> None:
+        if self.reuse_port:  # several worker processes listen on one port
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
 
     def get_request(self):
         client, address = self.socket.accept()
