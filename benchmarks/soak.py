@@ -68,6 +68,7 @@ def main() -> int:
          "--data-dir", str(work / "data"), "--log-level", "warning"],
         stdout=(work / "serve.log").open("w"), stderr=subprocess.STDOUT,
     )  # fmt: skip
+    keep = False  # the work directory, to look into a failure
     try:
         time.sleep(2)
         ae = AE("SOAK")
@@ -82,8 +83,12 @@ def main() -> int:
             assoc = ae.associate("127.0.0.1", port, ae_title="IMAGING_SCP")
             assert assoc.is_established
             for _ in range(min(args.per_association, args.instances - sent)):
-                status = assoc.send_c_store(instance(study, series, sent, pixels))
-                assert status.Status == 0, status
+                response = assoc.send_c_store(instance(study, series, sent, pixels))
+                if response.get("Status") != 0:
+                    failure = f"instance {sent}: response {response!r}, see {work}/serve.log"
+                    print(failure, flush=True)
+                    keep = True
+                    return 1
                 sent += 1
             assoc.release()
             samples.append((sent, round(rss_mb(server.pid), 1)))
@@ -110,7 +115,8 @@ def main() -> int:
     finally:
         server.terminate()
         server.wait(60)
-        shutil.rmtree(work, ignore_errors=True)
+        if not keep:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -134,7 +134,12 @@ class ReceiverHandlers:
         called = str(request.called_ae_title).strip()
         session.provenance = Provenance(calling, called, session.peer, session.id)
         session.log = session.log.bind(calling_ae=calling, called_ae=called)
-        if not self.callers.permits(calling, session.host):
+        context_ids = [cx.context_id for cx in request.presentation_context_definition_list]
+        if len(context_ids) > 128 or len(set(context_ids)) != len(context_ids):
+            # PS3.8 allows 128 contexts with distinct odd IDs; more is an attack or a bug.
+            self._reject(event.assoc, session, f"{len(context_ids)} presentation contexts",
+                         result=0x01, source=0x01, diagnostic=0x01)  # fmt: skip
+        elif not self.callers.permits(calling, session.host):
             self._reject(event.assoc, session, "calling AE title not allowed from this address",
                          result=0x01, source=0x01, diagnostic=0x03)  # fmt: skip
         elif not self.store.has_room():

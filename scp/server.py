@@ -103,6 +103,9 @@ def _build_ae(config: Config) -> AE:
     ae.maximum_pdu_size = config.max_pdu
     ae.maximum_associations = config.max_associations
     ae.network_timeout = config.network_timeout
+    # A connection that never sends its A-ASSOCIATE-RQ holds a slot until this
+    # expires: no longer than a silent connection may last otherwise.
+    ae.acse_timeout = min(config.network_timeout, 30)
     ae.require_called_aet = config.require_called_aet
     ae.supported_contexts = supported_contexts()
     return ae

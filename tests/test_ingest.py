@@ -75,6 +75,10 @@ def test_every_bundled_transfer_syntax_is_stored_byte_for_byte(server, tmp_path)
             assert result.status == 0xC001, (source.name, result)
             assert "has no" in result.comment
             continue
+        if "truncated" in source.name:  # pydicom's deliberately cut-off files
+            assert result.status == 0xC000, (source.name, result)
+            assert "truncated" in result.comment
+            continue
         meta = pydicom.dcmread(source, stop_before_pixels=True).file_meta
         if meta.MediaStorageSOPInstanceUID != source_ds.SOPInstanceUID:
             # The C-STORE request carries the meta's UID (e.g. badVR.dcm): a mismatch.
