@@ -26,7 +26,6 @@ from pynetdicom.transport import (
 )
 
 from scp import notify, tls
-from scp.reactor import make_waking
 
 log = structlog.get_logger("imaging_scp")
 _TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", None)
@@ -99,7 +98,6 @@ class ReceiverRequestHandler(RequestHandler):
         # overrides a method, so changing the class of the instance is safe.
         assoc.dul.socket.__class__ = ReceiverSocket
         assoc.dul.socket.pdu_read_limit = max(self.server.max_pdu + 6, MIN_PDU_READ_LIMIT)
-        make_waking(assoc)
         return assoc
 
 
