@@ -146,11 +146,6 @@ def _series_dict(row: sqlite3.Row, stable_after: float) -> dict:
     return series
 
 
-def find_studies(conn: sqlite3.Connection, filters: StudyFilter, stable_after: float) -> list[dict]:
-    """Studies matching `filters`, most recently received first."""
-    return list(iter_studies(conn, filters, stable_after))
-
-
 def iter_studies(
     conn: sqlite3.Connection, filters: StudyFilter, stable_after: float
 ) -> Iterator[dict]:
@@ -221,13 +216,6 @@ def series_of(
 
 # Below SQLite's limit on the number of parameters of one statement.
 _MAX_PARAMETERS = 900
-
-
-def study_uid_of_series(conn: sqlite3.Connection, series_uid: str) -> str | None:
-    row = conn.execute(
-        "SELECT study_uid FROM series WHERE series_uid = ?", (series_uid,)
-    ).fetchone()
-    return row[0] if row else None
 
 
 def stats(conn: sqlite3.Connection) -> dict:
