@@ -17,10 +17,6 @@ class CallerPolicy:
             for title, hosts in allowed.items()
         }
 
-    @property
-    def restricted(self) -> bool:
-        return bool(self._rules)
-
     def permits(self, calling_ae: str, address: str) -> bool:
         if not self._rules:
             return True

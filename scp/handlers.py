@@ -282,13 +282,13 @@ class ReceiverHandlers:
             bytes=result.size,
             ms=round((time.perf_counter() - started) * 1000, 2),
         )
-        for level, name, stored, received in result.disagreements:
+        for level, name, kept, incoming in result.disagreements:
             session.log.warning(
                 "index.disagreement",
                 level=level,
                 field=name,
-                kept=stored,
-                received=received,
+                kept=kept,
+                received=incoming,
                 sop_instance_uid=header.sop_instance_uid,
             )
         return SUCCESS
