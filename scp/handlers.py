@@ -255,14 +255,14 @@ class ReceiverHandlers:
             code = REFUSAL_STATUS[refused.refusal]
             session.log.warning(
                 "instance.refused",
-                sop_instance_uid=str(sop_instance_uid),
+                sop_instance_uid=sop_instance_uid,
                 status=f"0x{code:04X}",
                 reason=refused.reason,
             )
             return status(code, refused.reason)
         except Exception as exc:
             session.refused += 1
-            session.log.exception("instance.failed", sop_instance_uid=str(sop_instance_uid))
+            session.log.exception("instance.failed", sop_instance_uid=sop_instance_uid)
             return status(INTERNAL_ERROR_STATUS, f"internal error: {type(exc).__name__}")
         finally:
             if received is not request.DataSet:

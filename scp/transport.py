@@ -8,6 +8,9 @@
   slot after `network_timeout` instead of holding a thread forever.
 - A bound on the PDU length we agree to read: a hostile length field must not
   make us allocate gigabytes.
+- poll() instead of select() to ask whether a socket has data: select() fails
+  on descriptors numbered 1024 and above, and pynetdicom takes that failure
+  for a closed connection, so a busy listener would drop healthy associations.
 - TLS (a listener with `tls_context`): the handshake runs in the connection's
   own thread, with a deadline, before pynetdicom sees the socket. pynetdicom's
   own TLS server shakes hands in the accept loop, where one silent connection
@@ -15,6 +18,7 @@
   `ready()` asks it for `pending()` bytes, `recv_into` and `setsockopt` work.
 """
 
+import select
 import socket
 import ssl
 
@@ -25,7 +29,7 @@ from pynetdicom.transport import (
     ThreadedAssociationServer,
 )
 
-from scp import notify, tls
+from scp import notify, protocol, tls
 
 log = structlog.get_logger("imaging_scp")
 _TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", None)
@@ -39,6 +43,21 @@ class ReceiverSocket(AssociationSocket):
     """An association socket that keeps ACKs immediate and bounds PDU reads."""
 
     pdu_read_limit = MIN_PDU_READ_LIMIT
+
+    @property
+    def ready(self) -> bool:
+        sock = self.socket
+        if sock is None or self._is_connected is False:
+            return False
+        if isinstance(sock, ssl.SSLSocket) and sock.pending():  # decrypted, already read
+            return True
+        poller = select.poll()
+        try:
+            poller.register(sock, select.POLLIN)
+            return bool(poller.poll(0))
+        except (OSError, ValueError):  # as pynetdicom: the connection is gone
+            self.event_queue.put("Evt17")
+            return False
 
     def recv(self, nr_bytes: int) -> bytearray:
         if nr_bytes > self.pdu_read_limit:
@@ -98,6 +117,7 @@ class ReceiverRequestHandler(RequestHandler):
         # overrides a method, so changing the class of the instance is safe.
         assoc.dul.socket.__class__ = ReceiverSocket
         assoc.dul.socket.pdu_read_limit = max(self.server.max_pdu + 6, MIN_PDU_READ_LIMIT)
+        protocol.install(assoc)
         return assoc
 
 

@@ -79,12 +79,17 @@ class Server:
         return self.exit_code
 
 
-def start_server(data_dir: Path, *flags: str, env: dict | None = None) -> Server:
+def start_server(
+    data_dir: Path, *flags: str, env: dict | None = None, launcher: tuple[str, ...] = ()
+) -> Server:
+    """`imaging-scp serve` on a free port, run through `launcher` when given (a
+    command that ends by exec-ing its arguments)."""
     port = free_port()
     data_dir.mkdir(parents=True, exist_ok=True)
     log_path = data_dir.parent / f"serve-{port}.log"
     process = subprocess.Popen(
         [
+            *launcher,
             IMAGING_SCP,
             "serve",
             "--host",

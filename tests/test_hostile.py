@@ -103,13 +103,16 @@ def command_set(elements: dict[int, bytes]) -> bytes:
     return struct.pack("<HHII", 0, 0, 4, len(body)) + body
 
 
-def c_store_rq(sop_class: str | None, sop_instance: str | None, message_id: int = 1) -> bytes:
+def c_store_rq(
+    sop_class: str | None, sop_instance: str | None, message_id: int | None = 1
+) -> bytes:
     elements = {
         0x0100: struct.pack("<H", 0x0001),  # C-STORE-RQ
-        0x0110: struct.pack("<H", message_id),
         0x0700: struct.pack("<H", 0),
         0x0800: struct.pack("<H", 0x0000),  # a dataset follows
     }
+    if message_id is not None:
+        elements[0x0110] = struct.pack("<H", message_id)
     if sop_class is not None:
         elements[0x0002] = _uid(sop_class)
     if sop_instance is not None:
@@ -690,22 +693,47 @@ def test_wrong_or_missing_uids_are_refused(hostile_server, case):
     assert refused_event(hostile_server, request_uid)["reason"].startswith(response.comment)
 
 
-def test_request_without_affected_sop_instance_uid_does_not_hang_the_sender(hostile_server):
-    """pynetdicom drops a C-STORE-RQ that lacks a mandatory UID without calling
-    our handler: the sender must get a failure or an abort, at the latest when
-    the network timeout ends the silent association."""
+@pytest.mark.parametrize(
+    ("sop_class", "sop_instance", "missing"),
+    [
+        (CT, None, "Affected SOP Instance UID"),
+        (None, "from-dataset", "Affected SOP Class UID"),
+    ],
+    ids=["no-affected-sop-instance-uid", "no-affected-sop-class-uid"],
+)
+def test_request_without_a_uid_in_its_command_is_answered_at_once(
+    hostile_server, sop_class, sop_instance, missing
+):
+    """pynetdicom ignores a C-STORE-RQ whose command lacks a mandatory UID;
+    the sender would wait for a response until its own timeout."""
     dataset, _ = encode(instance_elements())
+    uid = _sop_instance_of(dataset)
     before = files_on_disk(hostile_server)
-    started = time.monotonic()
     contexts = [(1, CT, [EXPLICIT_LE])]
     with RawAssociation(hostile_server.port, contexts, calling="NO_UID") as assoc:
-        try:
-            response = assoc.store(1, CT, None, dataset)
-        except (AssociationRefused, ConnectionError, OSError):
-            response = None  # aborted or closed
-    assert response is None or response.status == 0xC001, response
-    assert time.monotonic() - started < NETWORK_TIMEOUT + 5
+        response = assoc.store(1, sop_class, uid if sop_instance else None, dataset)
+        assert response.status == 0xC001, response
+        assert missing in response.comment
+        assert assoc.echo(1).status == 0x0000  # the association goes on
+        assoc.release()
+    assert_nothing_written(hostile_server, before, uid)
+    assert any(missing in event["reason"] for event in hostile_server.events("instance.refused"))
+
+
+def test_request_without_a_message_id_aborts_the_association(hostile_server):
+    """No response could name the request: the sender hears an A-ABORT at once."""
+    dataset, _ = encode(instance_elements())
+    before = files_on_disk(hostile_server)
+    with RawAssociation(
+        hostile_server.port, [(1, CT, [EXPLICIT_LE])], calling="NO_MSG_ID"
+    ) as assoc:
+        command = c_store_rq(CT, _sop_instance_of(dataset), message_id=None)
+        assoc.sock.sendall(p_data(1, command, command=True) + p_data(1, dataset, command=False))
+        answer, closed = read_until_closed(assoc.sock, 5)
+    assert closed
+    assert _pdu_types(answer) == [0x07], answer[:64]
     assert_nothing_written(hostile_server, before, _sop_instance_of(dataset))
+    assert hostile_server.wait_for_event("dimse.request_without_message_id")
     assert_echo(hostile_server.port)
 
 
@@ -912,6 +940,20 @@ def test_connection_dropped_mid_associate_request(hostile_server):
     for cut in (3, 6, len(request) // 2, len(request) - 1):
         with _connect(hostile_server.port) as sock:
             sock.sendall(request[:cut])
+    assert_echo(hostile_server.port)
+
+
+def test_request_pynetdicom_cannot_take_apart_is_aborted(hostile_server):
+    """An even presentation context ID decodes as a PDU but fails in
+    pynetdicom's state machine: the sender hears an A-ABORT at once instead of
+    a dead protocol thread and silence."""
+    request = associate_rq([(2, CT, [EXPLICIT_LE])], calling="EVEN_ID")
+    with _connect(hostile_server.port) as sock:
+        sock.sendall(request)
+        answer, closed = read_until_closed(sock, 5)
+    assert closed
+    assert _pdu_types(answer) == [0x07], answer[:64]
+    assert thread_crashes(hostile_server) == []
     assert_echo(hostile_server.port)
 
 
@@ -1216,12 +1258,6 @@ def test_associations_give_back_their_file_descriptors(hostile_server):
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a connection closed before its A-ASSOCIATE-RQ keeps its association "
-    "thread (and slot) for acse_timeout (30 s): it waits in receive_pdu(timeout=acse_timeout) "
-    "and nothing wakes it when the DUL ends (bounded: acse_timeout = min(network_timeout, 30))",
-)
 def test_connections_closed_before_their_request_free_their_slots(tmp_path):
     server = start_server(tmp_path / "data", "--network-timeout", "30", "--max-associations", "4")
     try:
@@ -1352,12 +1388,6 @@ def test_server_answers_echo_after_the_fuzz_run(garbage_server):
     assert_echo(garbage_server.port)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: pynetdicom's DUL thread dies of InvalidEventError ('Evt7'/'Evt8' in 'Sta13': "
-    "our A-ASSOCIATE-AC/RJ after the DUL aborted on a bad PDU); do_action is outside the "
-    "reactor's try in pynetdicom's DUL run_reactor",
-)
 def test_fuzz_run_killed_no_server_thread():
     if "thread_crashes" not in _FUZZ_RUN:
         pytest.skip("needs test_fuzzed_connections_do_not_hurt_the_server first")
@@ -1366,11 +1396,6 @@ def test_fuzz_run_killed_no_server_thread():
     assert _FUZZ_RUN["held_open"] == [], "connections left open after the peer stopped"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: association threads of connections closed before their A-ASSOCIATE-RQ "
-    "wait out acse_timeout (30 s), and the interpreter waits for them at exit",
-)
 def test_stop_is_prompt_after_garbage_connections(tmp_path):
     server = start_server(tmp_path / "data", "--network-timeout", str(NETWORK_TIMEOUT))
     try:
