@@ -4,9 +4,14 @@
 
 Each instance is generated with new UIDs (no resend shortcuts), 64x64 16-bit,
 sent by pynetdicom over loopback in associations of `--per-association`
-instances. The server's RSS is sampled after every association; the report
-compares the RSS after the first 10 % with the RSS at the end (target: no more
-than 10 % growth) and writes benchmarks/results/soak.json.
+instances. The server's RSS is sampled before the first instance and after
+every association; the report compares the RSS after the first 10 % (warm:
+imports done, caches filled) with the RSS at the end (target: no more than
+10 % growth) and writes benchmarks/results/soak.json.
+
+A C-STORE left unanswered for `--stall-after` seconds is a stall: the soak
+records it and leaves py-spy dumps of both ends (server and this sender) in its
+work directory, which it then keeps.
 """
 
 import argparse
@@ -17,6 +22,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -26,6 +32,7 @@ from pynetdicom import AE
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 RESULTS = Path(__file__).parent / "results" / "soak.json"
+PY_SPY = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
 
 
 def rss_mb(pid: int) -> float:
@@ -52,11 +59,50 @@ def instance(study: str, series: str, number: int, pixels: bytes) -> Dataset:
     return ds
 
 
+class StallWatch:
+    """Watches the C-STORE in flight; dumps both ends' stacks once per stall."""
+
+    def __init__(self, server_pid: int, work: Path, stall_after: float):
+        self.server_pid, self.work, self.stall_after = server_pid, work, stall_after
+        self.in_flight_since: float | None = None
+        self.stalls: list[dict] = []
+        self._stop = threading.Event()
+        threading.Thread(target=self._watch, daemon=True).start()
+
+    def _watch(self) -> None:
+        dumped_for = None
+        while not self._stop.wait(1):
+            since = self.in_flight_since
+            if since is None or since == dumped_for or time.monotonic() - since < self.stall_after:
+                continue
+            dumped_for = since
+            number = len(self.stalls) + 1
+            dumps = {}
+            for end, pid in (("server", self.server_pid), ("sender", os.getpid())):
+                if PY_SPY is None:
+                    break
+                path = self.work / f"stall-{number}-{end}.txt"
+                with path.open("w") as out:
+                    subprocess.run([PY_SPY, "dump", "--pid", str(pid)], stdout=out,
+                                   stderr=subprocess.STDOUT, check=False)  # fmt: skip
+                dumps[end] = str(path)
+            self.stalls.append({"at": round(since, 1), "dumps": dumps})
+            print(
+                f"stall: a C-STORE unanswered for {self.stall_after} s; dumps {dumps}", flush=True
+            )
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--instances", type=int, default=100_000)
     parser.add_argument("--per-association", type=int, default=1000)
+    parser.add_argument("--stall-after", type=float, default=10.0)
     args = parser.parse_args()
+    if PY_SPY is None:
+        print("py-spy is not installed: stalls will be recorded without stack dumps")
 
     work = Path(tempfile.mkdtemp(prefix="soak-"))
     with socket.socket() as probe:
@@ -71,6 +117,8 @@ def main() -> int:
     keep = False  # the work directory, to look into a failure
     try:
         time.sleep(2)
+        idle_rss = round(rss_mb(server.pid), 1)
+        watch = StallWatch(server.pid, work, args.stall_after)
         ae = AE("SOAK")
         ae.add_requested_context(CT_IMAGE_STORAGE, ExplicitVRLittleEndian)
         pixels = os.urandom(64 * 64 * 2)
@@ -83,7 +131,10 @@ def main() -> int:
             assoc = ae.associate("127.0.0.1", port, ae_title="IMAGING_SCP")
             assert assoc.is_established
             for _ in range(min(args.per_association, args.instances - sent)):
-                response = assoc.send_c_store(instance(study, series, sent, pixels))
+                dataset = instance(study, series, sent, pixels)
+                watch.in_flight_since = time.monotonic()
+                response = assoc.send_c_store(dataset)
+                watch.in_flight_since = None
                 if response.get("Status") != 0:
                     failure = f"instance {sent}: response {response!r}, see {work}/serve.log"
                     print(failure, flush=True)
@@ -94,23 +145,28 @@ def main() -> int:
             samples.append((sent, round(rss_mb(server.pid), 1)))
             print(f"{sent:>7} sent, server RSS {samples[-1][1]} MB", flush=True)
         elapsed = time.monotonic() - started
+        watch.stop()
+        keep = bool(watch.stalls)
         early = next(rss for count, rss in samples if count >= args.instances // 10)
         end = samples[-1][1]
         report = {
             "instances": sent,
             "seconds": round(elapsed, 1),
             "rate": round(sent / elapsed, 1),
+            "rss_idle_mb": idle_rss,
             "rss_after_10_percent_mb": early,
             "rss_end_mb": end,
             "growth": round(end / early - 1, 4),
             "target_growth_max": 0.10,
+            "stalls": watch.stalls,
             "samples": samples,
         }
         RESULTS.write_text(json.dumps(report, indent=2) + "\n")
         verdict = "PASS" if report["growth"] <= 0.10 else "FAIL"
         growth = f"{report['growth']:+.1%}"
         print(f"RSS {early} MB after 10 % -> {end} MB at the end: {growth} ({verdict},")
-        print(f"target <= +10 %); {report['rate']} instances/s")
+        print(f"target <= +10 %); {report['rate']} instances/s; idle RSS {idle_rss} MB;")
+        print(f"{len(watch.stalls)} stalls" + (f", dumps kept in {work}" if keep else ""))
         return 0 if verdict == "PASS" else 1
     finally:
         server.terminate()

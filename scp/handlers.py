@@ -28,9 +28,11 @@ SUCCESS = 0x0000
 # C-STORE failure statuses (PS3.4 B.2.3): A7xx out of resources, A900 dataset
 # does not match SOP class, Cxxx cannot understand. The low byte of our Cxxx
 # codes tells admins which check failed; the ErrorComment says it in words.
+# Every write failure is 0xA700, the code senders know to retry on; the
+# ErrorComment tells a full disk from an I/O error.
 REFUSAL_STATUS = {
     Refusal.OUT_OF_SPACE: 0xA700,
-    Refusal.WRITE_FAILED: 0xA701,
+    Refusal.WRITE_FAILED: 0xA700,
     Refusal.MISMATCH: 0xA900,
     Refusal.UNREADABLE: 0xC000,
     Refusal.MISSING_UID: 0xC001,

@@ -1,5 +1,7 @@
 """Disk space: a free-space floor, and a really full filesystem (a small tmpfs the
-test mounts; it needs root, as CI has — elsewhere these tests are skipped)."""
+test mounts; it needs root, as CI has). Where no tmpfs can be mounted these
+tests are skipped, and test_disk_faults.py covers the same promises by fault
+injection."""
 
 import os
 import subprocess
@@ -21,7 +23,7 @@ def small_filesystem(tmp_path):
 
     def mount(mebibytes: int) -> Path:
         if os.geteuid() != 0:
-            pytest.skip("mounting a small tmpfs needs root (CI runs as root)")
+            pytest.skip("mounting a small tmpfs needs root; see test_disk_faults.py")
         point = tmp_path / f"fs{len(mounts)}"
         point.mkdir()
         result = subprocess.run(
@@ -29,7 +31,8 @@ def small_filesystem(tmp_path):
             capture_output=True,
         )
         if result.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here: {result.stderr.decode().strip()}")
+            reason = result.stderr.decode().strip()
+            pytest.skip(f"cannot mount a tmpfs here ({reason}); see test_disk_faults.py")
         mounts.append(point)
         return point
 

@@ -46,7 +46,7 @@ APPLICATION_CONTEXT = b"1.2.840.10008.3.1.1.1"
 
 SUCCESS = 0x0000
 # The failure statuses the receiver documents (scp/handlers.py REFUSAL_STATUS).
-DOCUMENTED_FAILURES = {0xA700, 0xA701, 0xA900, 0xC000, 0xC001, 0xC002, 0xC003, 0xC004}
+DOCUMENTED_FAILURES = {0xA700, 0xA900, 0xC000, 0xC001, 0xC002, 0xC003, 0xC004}
 NETWORK_TIMEOUT = 2  # seconds: --network-timeout of the servers here
 
 # Every socket operation of a test is bounded by this many seconds.
