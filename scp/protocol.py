@@ -19,7 +19,6 @@ meets, corrected on each accepted association.
   with a raw traceback and no word to the peer. The peer now gets an A-ABORT,
   as pynetdicom does for errors elsewhere in its reactor, and the association
   ends as aborted.
-
 - A C-STORE-RQ without a mandatory UID in its command (Affected SOP Class or
   Instance UID) was ignored, and the sender waited for a response until its
   own timeout. `ReceiverAssociation` hands it to the C-STORE handler, which
