@@ -35,11 +35,16 @@ RESULTS = Path(__file__).parent / "results" / "soak.json"
 PY_SPY = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
 
 
-def rss_mb(pid: int) -> float:
+def memory_mb(pid: int) -> dict[str, float]:
+    """The process's resident memory (VmRSS) and its parts: anonymous (the heaps),
+    file-backed (code, mapped files), shared (SQLite's WAL index)."""
+    fields = {"VmRSS": "rss", "RssAnon": "anon", "RssFile": "file", "RssShmem": "shmem"}
+    memory = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS")
+        name, _, value = line.partition(":")
+        if name in fields:
+            memory[fields[name]] = round(int(value.split()[0]) / 1024, 1)
+    return memory
 
 
 def instance(study: str, series: str, number: int, pixels: bytes) -> Dataset:
@@ -117,7 +122,7 @@ def main() -> int:
     keep = False  # the work directory, to look into a failure
     try:
         time.sleep(2)
-        idle_rss = round(rss_mb(server.pid), 1)
+        idle_rss = memory_mb(server.pid)["rss"]
         watch = StallWatch(server.pid, work, args.stall_after)
         ae = AE("SOAK")
         ae.add_requested_context(CT_IMAGE_STORAGE, ExplicitVRLittleEndian)
@@ -142,12 +147,13 @@ def main() -> int:
                     return 1
                 sent += 1
             assoc.release()
-            samples.append((sent, round(rss_mb(server.pid), 1)))
-            print(f"{sent:>7} sent, server RSS {samples[-1][1]} MB", flush=True)
+            memory = memory_mb(server.pid)
+            samples.append((sent, memory["rss"], memory["anon"], memory["file"], memory["shmem"]))
+            print(f"{sent:>7} sent, server memory (MB) {memory}", flush=True)
         elapsed = time.monotonic() - started
         watch.stop()
         keep = bool(watch.stalls)
-        early = next(rss for count, rss in samples if count >= args.instances // 10)
+        early = next(rss for count, rss, *_ in samples if count >= args.instances // 10)
         end = samples[-1][1]
         report = {
             "instances": sent,
@@ -159,6 +165,7 @@ def main() -> int:
             "growth": round(end / early - 1, 4),
             "target_growth_max": 0.10,
             "stalls": watch.stalls,
+            "samples_columns": ["instances", "rss_mb", "anon_mb", "file_mb", "shmem_mb"],
             "samples": samples,
         }
         RESULTS.write_text(json.dumps(report, indent=2) + "\n")
