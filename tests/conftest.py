@@ -28,6 +28,7 @@ IMAGING_SCP = str(BIN / "imaging-scp")
 STORESCU = "/usr/bin/storescu"
 ECHOSCU = "/usr/bin/echoscu"
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+VERIFICATION = "1.2.840.10008.1.1"
 
 
 def free_port() -> int:
@@ -71,6 +72,10 @@ class Server:
         conn = sqlite3.connect(self.data_dir / "index.sqlite")
         conn.row_factory = sqlite3.Row
         return conn
+
+    def indexed_paths(self) -> set[str]:
+        """The file path of every instance the index holds."""
+        return {row[0] for row in self.index().execute("SELECT path FROM instances")}
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
         if self.process.poll() is None:
@@ -168,6 +173,28 @@ def send_files(
     finally:
         assoc.release()
     return statuses
+
+
+def ct_association(port: int):
+    """An association proposing CT Image Storage (explicit VR LE) and Verification."""
+    ae = AE("TESTSCU")
+    ae.add_requested_context(CT_IMAGE_STORAGE, ExplicitVRLittleEndian)
+    ae.add_requested_context(VERIFICATION)
+    return ae.associate("127.0.0.1", port, ae_title="IMAGING_SCP")
+
+
+def assert_refused_below_the_floor(server: Server, open_assoc, source: Path) -> None:
+    """With the disk below the free-space floor: the open association's C-STORE
+    is answered 0xA700 with the reason, and a new association is rejected as
+    transient (the sender may retry), with a log event saying why."""
+    response = open_assoc.send_c_store(source)
+    assert response.Status == 0xA700
+    assert "free-space floor" in response.ErrorComment
+    open_assoc.release()
+    refused = ct_association(server.port)
+    assert refused.is_rejected
+    assert refused.acceptor.primitive.result == 0x02  # transient: try again later
+    assert "free-space floor" in server.wait_for_event("association.rejected")[0]["reason"]
 
 
 def dataset_bytes(path: Path) -> bytes:

@@ -13,11 +13,15 @@ a full disk under the index is covered by test_disk_space.py only.
 import sys
 
 import pytest
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-from pynetdicom import AE
-from pynetdicom.sop_class import Verification
+from pydicom.uid import generate_uid
 
-from tests.conftest import CT_IMAGE_STORAGE, make_instance, start_server, stored_files
+from tests.conftest import (
+    assert_refused_below_the_floor,
+    ct_association,
+    make_instance,
+    start_server,
+    stored_files,
+)
 
 # Runs `imaging-scp ...` (argv[2:]) in this interpreter after replacing the
 # calls; argv[1] is the control file: "ENOSPC" or "EIO" fails writes and
@@ -84,21 +88,10 @@ def faulty_server(tmp_path):
         server.stop()
 
 
-def _association(port: int):
-    ae = AE("TESTSCU")
-    ae.add_requested_context(CT_IMAGE_STORAGE, ExplicitVRLittleEndian)
-    ae.add_requested_context(Verification)
-    return ae.associate("127.0.0.1", port, ae_title="IMAGING_SCP")
-
-
-def _indexed(server) -> set[str]:
-    return {row[0] for row in server.index().execute("SELECT path FROM instances")}
-
-
 def _assert_nothing_half_written(server) -> None:
     assert list((server.data_dir / ".incoming").iterdir()) == []
     on_disk = {str(p.relative_to(server.data_dir)) for p in stored_files(server.data_dir)}
-    assert on_disk == _indexed(server)
+    assert on_disk == server.indexed_paths()
 
 
 @pytest.mark.parametrize(
@@ -111,7 +104,7 @@ def test_a_write_error_is_answered_0xA700_and_the_service_goes_on(
     server, control = faulty_server("--min-free-space", "0")
     study, series = generate_uid(), generate_uid()
     sources = [make_instance(tmp_path, study_uid=study, series_uid=series) for _ in range(3)]
-    assoc = _association(server.port)
+    assoc = ct_association(server.port)
     assert assoc.send_c_store(sources[0]).Status == 0
 
     control.write_text(fault)
@@ -121,14 +114,14 @@ def test_a_write_error_is_answered_0xA700_and_the_service_goes_on(
     refused = server.wait_for_event("instance.refused")
     assert reason in refused[0]["reason"]
     _assert_nothing_half_written(server)
-    assert len(_indexed(server)) == 1
+    assert len(server.indexed_paths()) == 1
 
     control.write_text("")  # the disk is back: the same association goes on
     assert assoc.send_c_store(sources[1]).Status == 0
     assert assoc.send_c_store(sources[2]).Status == 0
     assoc.release()
     _assert_nothing_half_written(server)
-    assert len(_indexed(server)) == 3
+    assert len(server.indexed_paths()) == 3
     assert server.process.poll() is None
 
 
@@ -136,21 +129,14 @@ def test_below_the_free_space_floor_ingest_stops_and_resumes_by_itself(faulty_se
     server, control = faulty_server("--min-free-space", "6MiB")
     study, series = generate_uid(), generate_uid()
     sources = [make_instance(tmp_path, study_uid=study, series_uid=series) for _ in range(2)]
-    open_assoc = _association(server.port)
+    open_assoc = ct_association(server.port)
 
     control.write_text(f"free={4 * 2**20}")
-    response = open_assoc.send_c_store(sources[0])
-    assert response.Status == 0xA700
-    assert "free-space floor" in response.ErrorComment
-    open_assoc.release()
-    refused = _association(server.port)
-    assert refused.is_rejected
-    assert refused.acceptor.primitive.result == 0x02  # transient
-    assert "free-space floor" in server.wait_for_event("association.rejected")[0]["reason"]
+    assert_refused_below_the_floor(server, open_assoc, sources[0])
 
     control.write_text("")
-    resumed = _association(server.port)
+    resumed = ct_association(server.port)
     assert resumed.is_established
     assert [resumed.send_c_store(source).Status for source in sources] == [0, 0]
     resumed.release()
-    assert len(_indexed(server)) == 2
+    assert len(server.indexed_paths()) == 2

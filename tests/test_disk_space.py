@@ -9,11 +9,15 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-from pynetdicom import AE
-from pynetdicom.sop_class import Verification
+from pydicom.uid import generate_uid
 
-from tests.conftest import CT_IMAGE_STORAGE, IMAGING_SCP, make_instance, stored_files
+from tests.conftest import (
+    IMAGING_SCP,
+    assert_refused_below_the_floor,
+    ct_association,
+    make_instance,
+    stored_files,
+)
 
 
 @pytest.fixture
@@ -41,17 +45,6 @@ def small_filesystem(tmp_path):
         subprocess.run(["umount", "-l", str(point)], check=False)
 
 
-def _association(port: int):
-    ae = AE("TESTSCU")
-    ae.add_requested_context(CT_IMAGE_STORAGE, ExplicitVRLittleEndian)
-    ae.add_requested_context(Verification)
-    return ae.associate("127.0.0.1", port, ae_title="IMAGING_SCP")
-
-
-def _indexed(server) -> set[str]:
-    return {row[0] for row in server.index().execute("SELECT path FROM instances")}
-
-
 def test_below_the_free_space_floor_new_objects_are_refused_until_space_is_back(
     server_factory, small_filesystem, tmp_path
 ):
@@ -60,30 +53,21 @@ def test_below_the_free_space_floor_new_objects_are_refused_until_space_is_back(
     study, series = generate_uid(), generate_uid()
     sources = [make_instance(tmp_path, study_uid=study, series_uid=series) for _ in range(3)]
 
-    open_assoc = _association(server.port)
+    open_assoc = ct_association(server.port)
     assert open_assoc.send_c_store(sources[0]).Status == 0
 
     filler = fs / "filler"
     free = os.statvfs(fs).f_bavail * os.statvfs(fs).f_frsize
     filler.write_bytes(b"\0" * (free - 4 * 2**20))  # leave 4 MiB: below the 6 MiB floor
 
-    response = open_assoc.send_c_store(sources[1])
-    assert response.Status == 0xA700
-    assert "free-space floor" in response.ErrorComment
-    open_assoc.release()
-
-    refused = _association(server.port)
-    assert refused.is_rejected
-    assert refused.acceptor.primitive.result == 0x02  # transient: try again later
-    rejected = server.wait_for_event("association.rejected")
-    assert "free-space floor" in rejected[0]["reason"]
+    assert_refused_below_the_floor(server, open_assoc, sources[1])
 
     filler.unlink()  # an admin makes room: ingest resumes by itself
-    resumed = _association(server.port)
+    resumed = ct_association(server.port)
     assert resumed.is_established
     assert resumed.send_c_store(sources[1]).Status == 0
     resumed.release()
-    assert len(_indexed(server)) == 2
+    assert len(server.indexed_paths()) == 2
 
 
 def test_a_full_disk_is_answered_0xA700_and_leaves_nothing_half_written(
@@ -94,7 +78,7 @@ def test_a_full_disk_is_answered_0xA700_and_leaves_nothing_half_written(
     ballast.write_bytes(b"\0" * 2**19)
     server = server_factory("--min-free-space", "0", data_dir=fs / "data")
     study, series = generate_uid(), generate_uid()
-    assoc = _association(server.port)
+    assoc = ct_association(server.port)
     statuses = []
     for _ in range(40):  # ~130 KB each: the 3 MiB filesystem fills up
         source = make_instance(tmp_path, study_uid=study, series_uid=series, pixels=256)
@@ -107,7 +91,7 @@ def test_a_full_disk_is_answered_0xA700_and_leaves_nothing_half_written(
     assert set(codes) <= {0, 0xA700}, statuses
     assert all("space" in comment for code, comment in statuses if code == 0xA700)
     assert list((server.data_dir / ".incoming").iterdir()) == []
-    indexed = _indexed(server)
+    indexed = server.indexed_paths()
     on_disk = {str(p.relative_to(server.data_dir)) for p in stored_files(server.data_dir)}
     assert on_disk == indexed  # no file without its row, no row without its file
     assert len(indexed) == codes.count(0)
@@ -115,7 +99,7 @@ def test_a_full_disk_is_answered_0xA700_and_leaves_nothing_half_written(
         pydicom.dcmread(path)
 
     # The service goes on: it answers C-ECHO, and stores again once there is room.
-    echo = _association(server.port)
+    echo = ct_association(server.port)
     assert echo.send_c_echo().Status == 0
     echo.release()
     full = subprocess.run(
@@ -127,7 +111,7 @@ def test_a_full_disk_is_answered_0xA700_and_leaves_nothing_half_written(
     assert full.returncode == 1
     assert len(full.stderr.strip().splitlines()) == 1 and "full" in full.stderr
     ballast.unlink()
-    again = _association(server.port)
+    again = ct_association(server.port)
     source = make_instance(tmp_path, study_uid=generate_uid(), series_uid=generate_uid())
     assert again.send_c_store(source).Status == 0
     again.release()
