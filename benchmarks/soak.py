@@ -160,6 +160,7 @@ def main() -> int:
             "seconds": round(elapsed, 1),
             "rate": round(sent / elapsed, 1),
             "rss_idle_mb": idle_rss,
+            "malloc_arena_max": os.environ.get("MALLOC_ARENA_MAX"),
             "rss_after_10_percent_mb": early,
             "rss_end_mb": end,
             "growth": round(end / early - 1, 4),
