@@ -345,9 +345,9 @@ def deflate(data: bytes) -> bytes:
 
 
 def _stop(server: Server, timeout: float = 5) -> None:
-    """SIGTERM, then SIGKILL after `timeout` seconds: a server that garbage
-    connections have kept from stopping promptly (see the xfail test) must not
-    cost the run 30 s each."""
+    """SIGTERM, then SIGKILL after `timeout` seconds: should garbage connections
+    ever keep a server from stopping promptly again (a test below checks that
+    they do not), it must not cost the run 30 s each."""
     try:
         server.stop(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -1201,8 +1201,8 @@ _STREAM = st.one_of(
 @pytest.fixture(scope="module")
 def garbage_server(tmp_path_factory):
     """A server for floods of garbage connections. Its association limit is high
-    so that the slots garbage holds for 30 s (see the xfail tests) do not turn a
-    flood into a lock-out that hides everything else it could show."""
+    so that the slots that half-sent PDUs hold until the network timeout do not
+    turn a flood into a lock-out that hides everything else it could show."""
     server = start_server(
         tmp_path_factory.mktemp("garbage") / "data",
         "--network-timeout",
