@@ -126,11 +126,14 @@ def handshake(context: ssl.SSLContext, sock: socket.socket, timeout: float) -> s
                 tls.do_handshake()
                 break
             except ssl.SSLWantReadError:
-                wanted = ([tls], [])
+                wanted = select.POLLIN
             except ssl.SSLWantWriteError:
-                wanted = ([], [tls])
+                wanted = select.POLLOUT
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or not any(select.select(*wanted, [], remaining)[:2]):
+            # poll(), not select(): select() fails on descriptors above 1023.
+            poller = select.poll()
+            poller.register(tls, wanted)
+            if remaining <= 0 or not poller.poll(remaining * 1000):
                 raise HandshakeTimeout(f"no TLS handshake within {timeout:g} s")
     except BaseException:
         tls.close()

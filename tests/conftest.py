@@ -2,6 +2,7 @@
 
 import json
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -121,13 +122,41 @@ def start_server(
     raise AssertionError(f"server did not start: {log_path.read_text()}")
 
 
+# Runs its arguments (a command) with the lowest `argv[1]` descriptors taken, as
+# a busy listener (many connections, spool files) has them.
+_HOLD_DESCRIPTORS = """
+import os, resource, sys
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+for _ in range(int(sys.argv[1])):
+    os.set_inheritable(os.open(os.devnull, os.O_RDONLY), True)
+os.execv(sys.argv[2], sys.argv[2:])
+"""
+
+
+def holding_descriptors(count: int = 1100) -> tuple[str, ...]:
+    """A `start_server` launcher under which the server's own sockets and files
+    get descriptors above `count` (skips the test where the limit is too low)."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard != resource.RLIM_INFINITY and hard < count + 200:
+        pytest.skip(f"the descriptor limit ({hard}) is too low to hold {count}")
+    return (sys.executable, "-c", _HOLD_DESCRIPTORS, str(count))
+
+
 @pytest.fixture
 def server_factory(tmp_path):
     """Start servers with given flags; every one is stopped at the end of the test."""
     servers = []
 
-    def start(*flags: str, data_dir: Path | None = None, env: dict | None = None) -> Server:
-        server = start_server(data_dir or tmp_path / f"data{len(servers)}", *flags, env=env)
+    def start(
+        *flags: str,
+        data_dir: Path | None = None,
+        env: dict | None = None,
+        launcher: tuple[str, ...] = (),
+    ) -> Server:
+        server = start_server(
+            data_dir or tmp_path / f"data{len(servers)}", *flags, env=env, launcher=launcher
+        )
         servers.append(server)
         return server
 

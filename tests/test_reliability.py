@@ -7,9 +7,7 @@ index, the logs, and the admin commands.
 
 import json
 import random
-import resource
 import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -17,7 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pydicom
-import pytest
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 
@@ -28,6 +25,7 @@ from tests.conftest import (
     STORESCU,
     Server,
     dataset_bytes,
+    holding_descriptors,
     make_instance,
     requires_dcmtk,
     start_server,
@@ -422,30 +420,12 @@ def test_sigkill_during_ingest_loses_nothing_that_was_answered_success(server_fa
     assert not any("database is locked" in s.log_path.read_text() for s in servers)
 
 
-# Runs the server with its lowest 1,100 descriptors taken, as a busy listener
-# (many connections, spool files) has them.
-_HOLD_DESCRIPTORS = """
-import os, resource, sys
-soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-for _ in range(int(sys.argv[1])):
-    os.set_inheritable(os.open(os.devnull, os.O_RDONLY), True)
-os.execv(sys.argv[2], sys.argv[2:])
-"""
-
-
 @requires_dcmtk()
 def test_connections_on_descriptors_above_1023_are_served(tmp_path):
     """select() cannot watch a descriptor above 1023 and pynetdicom took its
     failure for a closed connection: every association a busy listener accepted
     was dropped before its A-ASSOCIATE-AC."""
-    held = 1100
-    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-    if hard != resource.RLIM_INFINITY and hard < held + 200:
-        pytest.skip(f"the descriptor limit ({hard}) is too low to hold {held}")
-    server = start_server(
-        tmp_path / "data", launcher=(sys.executable, "-c", _HOLD_DESCRIPTORS, str(held))
-    )
+    server = start_server(tmp_path / "data", launcher=holding_descriptors())
     try:
         study, series = generate_uid(), generate_uid()
         folder = tmp_path / "folder"

@@ -28,6 +28,7 @@ from tests.conftest import (
     STORESCU,
     dataset_bytes,
     free_port,
+    holding_descriptors,
     make_instance,
     requires_dcmtk,
     stored_files,
@@ -209,6 +210,16 @@ def test_tls_only_with_port_zero(server_factory, pki, tmp_path):
     server = server_factory("--port", "0", *_tls_flags(pki, tls_port))
     assert [(e["port"], e["tls"]) for e in server.events("listening")] == [(tls_port, True)]
     assert _store(tls_port, _client_context(pki), _instance(tmp_path)) == 0x0000
+
+
+def test_tls_on_descriptors_above_1023(server_factory, pki, tmp_path):
+    """The handshake waits with poll(): select() cannot watch such a descriptor."""
+    tls_port = free_port()
+    server = server_factory(
+        "--port", "0", *_tls_flags(pki, tls_port), launcher=holding_descriptors()
+    )
+    assert _store(tls_port, _client_context(pki), _instance(tmp_path)) == 0x0000
+    assert server.events("tls.established")
 
 
 # --- client certificates ---------------------------------------------------------
