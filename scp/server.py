@@ -153,6 +153,20 @@ def fork_workers(count: int) -> list[int] | None:
     return pids
 
 
+def _map_large_blocks_apart() -> None:
+    """Give every malloc block of 128 KiB or more its own mapping, returned to
+    the system when freed (glibc; elsewhere nothing changes).
+
+    glibc's default threshold moves: once such a block is freed it serves later
+    ones from the heap, where small allocations fragment what they leave. The
+    soak measured the heap keeping 1.8 MB more every ~19,000 instances (+15 %
+    RSS at 217,000); with the threshold fixed it stayed flat.
+    """
+    m_mmap_threshold = -3
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).mallopt(m_mmap_threshold, 128 * 1024)
+
+
 def _stop_when_parent_dies() -> None:
     """A worker gets SIGTERM if the main process dies, even by SIGKILL (Linux)."""
     pr_set_pdeathsig = 1
@@ -192,6 +206,7 @@ def serve(config: Config, reload_config: Callable[[], Config] | None = None) -> 
     certificate, key and client CAs) to new associations; associations in flight
     are not touched.
     """
+    _map_large_blocks_apart()
     try:  # before anything starts: a bad certificate is a usage error (exit 2)
         tls_context = server_context(config) if config.tls_port else None
     except ConfigError as exc:
