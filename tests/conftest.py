@@ -280,6 +280,13 @@ def make_instance(
     return path
 
 
+def assert_nothing_half_written(server: Server) -> None:
+    """No temp file left, no file without its index row, no row without its file."""
+    assert list((server.data_dir / ".incoming").iterdir()) == []
+    on_disk = {str(p.relative_to(server.data_dir)) for p in stored_files(server.data_dir)}
+    assert on_disk == server.indexed_paths()
+
+
 def stored_files(data_dir: Path) -> list[Path]:
     """Every instance file in a data directory (conflicts included)."""
     return sorted(p for p in data_dir.rglob("*.dcm"))

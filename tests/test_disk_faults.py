@@ -16,11 +16,11 @@ import pytest
 from pydicom.uid import generate_uid
 
 from tests.conftest import (
+    assert_nothing_half_written,
     assert_refused_below_the_floor,
     ct_association,
     make_instance,
     start_server,
-    stored_files,
 )
 
 # Runs `imaging-scp ...` (argv[2:]) in this interpreter after replacing the
@@ -88,12 +88,6 @@ def faulty_server(tmp_path):
         server.stop()
 
 
-def _assert_nothing_half_written(server) -> None:
-    assert list((server.data_dir / ".incoming").iterdir()) == []
-    on_disk = {str(p.relative_to(server.data_dir)) for p in stored_files(server.data_dir)}
-    assert on_disk == server.indexed_paths()
-
-
 @pytest.mark.parametrize(
     ("fault", "reason"),
     [("ENOSPC", "No space left on device"), ("EIO", "Input/output error")],
@@ -113,14 +107,14 @@ def test_a_write_error_is_answered_0xA700_and_the_service_goes_on(
     assert reason in response.ErrorComment
     refused = server.wait_for_event("instance.refused")
     assert reason in refused[0]["reason"]
-    _assert_nothing_half_written(server)
+    assert_nothing_half_written(server)
     assert len(server.indexed_paths()) == 1
 
     control.write_text("")  # the disk is back: the same association goes on
     assert assoc.send_c_store(sources[1]).Status == 0
     assert assoc.send_c_store(sources[2]).Status == 0
     assoc.release()
-    _assert_nothing_half_written(server)
+    assert_nothing_half_written(server)
     assert len(server.indexed_paths()) == 3
     assert server.process.poll() is None
 

@@ -13,6 +13,7 @@ from pydicom.uid import generate_uid
 
 from tests.conftest import (
     IMAGING_SCP,
+    assert_nothing_half_written,
     assert_refused_below_the_floor,
     ct_association,
     make_instance,
@@ -90,11 +91,8 @@ def test_a_full_disk_is_answered_0xA700_and_leaves_nothing_half_written(
     assert 0 in codes and 0xA700 in codes, statuses
     assert set(codes) <= {0, 0xA700}, statuses
     assert all("space" in comment for code, comment in statuses if code == 0xA700)
-    assert list((server.data_dir / ".incoming").iterdir()) == []
-    indexed = server.indexed_paths()
-    on_disk = {str(p.relative_to(server.data_dir)) for p in stored_files(server.data_dir)}
-    assert on_disk == indexed  # no file without its row, no row without its file
-    assert len(indexed) == codes.count(0)
+    assert_nothing_half_written(server)
+    assert len(server.indexed_paths()) == codes.count(0)
     for path in stored_files(server.data_dir):
         pydicom.dcmread(path)
 
