@@ -58,9 +58,6 @@ class Config:
     min_free_space: str = _key(
         "1GiB", "below this free space (bytes, KiB/MiB/GiB/TiB, or %), refuse new objects"
     )
-    large_object_threshold: str = _key(
-        "64MiB", "objects larger than this are received straight to a file, not to memory"
-    )
     tls_port: int = _key(
         0, "TCP port for DICOM over TLS, beside `port` (0: no TLS listener; 2762 is DICOM's)"
     )
@@ -80,6 +77,10 @@ class Config:
 
 
 _LOG_LEVELS = ("debug", "info", "warning", "error")
+# Keys of earlier versions that no longer mean anything, accepted in a file so
+# that an existing configuration keeps working: every object is now received
+# straight to a file, whatever its size.
+_RETIRED_KEYS = frozenset({"large_object_threshold"})
 
 
 def load_config(path: Path | None = None, **flags) -> Config:
@@ -107,6 +108,8 @@ def _validated(values: dict) -> Config:
     fields = {item.name: item for item in dataclasses.fields(Config)}
     converted = {}
     for key, value in values.items():
+        if key in _RETIRED_KEYS:
+            continue
         if key not in fields:
             raise ConfigError(f"unknown key '{key}'")
         converted[key] = _convert(key, value, fields[key].type)
@@ -193,9 +196,19 @@ def byte_size(value: str) -> int:
     return int(float(number) * _UNITS[text[len(number) :]])
 
 
+def is_ae_title(value: str) -> bool:
+    """1 to 16 printable ASCII characters, not all spaces, no backslash (PS3.5 AE)."""
+    return (
+        0 < len(value.strip()) <= 16
+        and value.isascii()
+        and value.isprintable()
+        and "\\" not in value
+    )
+
+
 def _check_ranges(config: Config) -> None:
     aet = config.aet
-    if not (0 < len(aet.strip()) <= 16) or not aet.isascii() or "\\" in aet:
+    if not is_ae_title(aet):
         raise ConfigError(f"key 'aet': an AE title is 1 to 16 ASCII characters, got {aet!r}")
     if not 0 <= config.port <= 65535:
         raise ConfigError(f"key 'port': must be 0..65535, got {config.port}")
@@ -224,14 +237,6 @@ def _check_ranges(config: Config) -> None:
         raise ConfigError(
             f"key 'min_free_space': expected bytes, e.g. 1GiB or 500MB, or a percent, e.g. 5%,"
             f" got {config.min_free_space!r}"
-        ) from exc
-    try:
-        if byte_size(config.large_object_threshold) < 1024 * 1024:
-            raise ValueError
-    except (ValueError, KeyError) as exc:
-        raise ConfigError(
-            f"key 'large_object_threshold': expected at least 1MiB, e.g. 64MiB,"
-            f" got {config.large_object_threshold!r}"
         ) from exc
     try:
         CallerPolicy(config.allowed_callers)

@@ -1,114 +1,179 @@
-"""The listener: build the AE, serve associations, stop cleanly on a signal."""
+"""The listener: accept connections, give each its own thread, stop cleanly on a signal.
+
+Each accepted connection is served start to end by one thread (`Acceptor.serve`):
+the TLS handshake when the listener is a TLS one, then the association, with
+blocking reads. The accept loop only accepts; it wakes twice a second to feed
+the systemd watchdog, which so proves that it lives.
+"""
 
 import contextlib
 import ctypes
 import os
+import select
 import signal
+import socket
+import ssl
 import sys
 import threading
 import time
 from collections.abc import Callable
 
 import structlog
-from pynetdicom import AE, _config
 
-from scp import notify
+from scp import notify, tls
 from scp.access import CallerPolicy
-from scp.config import Config, ConfigError, byte_size, free_space_floor
-from scp.contexts import install_storage_negotiation, supported_contexts
-from scp.handlers import ReceiverHandlers
-from scp.spool import install_spooling
+from scp.association import Acceptor
+from scp.config import Config, ConfigError, free_space_floor
+from scp.store_service import StoreService
 from scp.tls import server_context
-from scp.transport import ReceiverServer
-from storage.files import INCOMING_DIR
 from storage.index import Index
 from storage.maintenance import recover_incoming
 from storage.store import InstanceStore
 
 log = structlog.get_logger("imaging_scp")
 
+_ACCEPT_WAKEUP = 0.5  # seconds between two watchdog checks of the accept loop
+_LISTEN_BACKLOG = 128
+
+
+class Listener:
+    """One listening socket (plain DICOM or DICOM over TLS)."""
+
+    def __init__(self, config: Config, acceptor: Acceptor, port: int, tls_context=None):
+        self.config = config
+        self.acceptor = acceptor
+        self.tls_context: ssl.SSLContext | None = tls_context  # replaced on SIGHUP
+        self.stopping = False
+        self.watchdog = notify.Watchdog()
+        family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
+        self.socket = socket.socket(family, socket.SOCK_STREAM)
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if config.workers > 1:  # several worker processes listen on one port
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        try:
+            self.socket.bind((config.host, port))
+        except OSError:
+            self.socket.close()
+            raise
+        self.socket.listen(_LISTEN_BACKLOG)
+        self.port = self.socket.getsockname()[1]
+        self._thread = threading.Thread(
+            target=self._accept_loop,
+            name="imaging-scp-accept" + ("-tls" if tls_context else ""),
+            daemon=True,
+        )
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _accept_loop(self) -> None:
+        # poll(), not select(): select() fails on descriptors above 1023.
+        poller = select.poll()
+        poller.register(self.socket, select.POLLIN)
+        while not self.stopping:
+            self.watchdog.ping_if_due()
+            if not poller.poll(_ACCEPT_WAKEUP * 1000) or self.stopping:
+                continue
+            try:
+                client, address = self.socket.accept()
+            except OSError as exc:  # EMFILE, a connection reset before accept...
+                log.warning("accept.failed", reason=exc.strerror or str(exc))
+                time.sleep(0.05)  # let descriptors free up rather than spin
+                continue
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            client.settimeout(self.config.network_timeout)
+            threading.Thread(
+                target=self._serve_connection, args=(client, address), daemon=True
+            ).start()
+        self.socket.close()
+
+    def _serve_connection(self, client: socket.socket, address) -> None:
+        host, port = address[:2]
+        context = self.tls_context
+        if context is not None:
+            client = self._tls_handshake(context, client, f"{host}:{port}")
+            if client is None:
+                return
+        self.acceptor.serve(client, host, port)
+
+    def _tls_handshake(self, context, client, peer: str) -> ssl.SSLSocket | None:
+        """The connection's socket after a completed TLS handshake, or None when
+        the peer failed it (closed, logged, and no association created)."""
+        try:
+            secured = tls.handshake(context, client, self.config.tls_handshake_timeout)
+        except (OSError, ssl.SSLError) as exc:  # HandshakeTimeout is an OSError
+            client.close()
+            reason = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
+            log.warning("tls.handshake_failed", peer=peer, reason=reason)
+            return None
+        if self.stopping:  # the handshake outlasted a stop: nothing may start now
+            secured.close()
+            return None
+        log.info("tls.established", peer=peer, **tls.describe(secured))
+        return secured
+
+    def stop_accepting(self) -> None:
+        self.stopping = True
+        self._thread.join(_ACCEPT_WAKEUP * 4)
+
 
 class Receiver:
-    """One listening AE: its pynetdicom server and our handlers."""
+    """The listeners of one process and what their associations share."""
 
     def __init__(self, config: Config, store: InstanceStore):
         self.config = config
-        self.handlers = ReceiverHandlers(store, CallerPolicy(config.allowed_callers))
-        self.ae = _build_ae(config)
-        self.server: ReceiverServer | None = None  # plain DICOM; None with port = 0
-        self.tls_server: ReceiverServer | None = None  # DICOM over TLS, on tls_port
+        self.storage = StoreService(store)
+        self.acceptor = Acceptor(config, self.storage, CallerPolicy(config.allowed_callers))
+        self.server: Listener | None = None  # plain DICOM; None with port = 0
+        self.tls_server: Listener | None = None  # DICOM over TLS, on tls_port
 
     def start(self, tls_context=None) -> None:
-        """Bind and listen; returns once connections are being accepted. Both
-        listeners share the AE, the handlers and the store."""
+        """Bind and listen; returns once connections are being accepted."""
         if self.config.port:
-            self.server = self._listen(self.config.port)
+            self.server = Listener(self.config, self.acceptor, self.config.port)
         if self.config.tls_port:
-            self.tls_server = self._listen(
-                self.config.tls_port, tls_context or server_context(self.config)
+            self.tls_server = Listener(
+                self.config,
+                self.acceptor,
+                self.config.tls_port,
+                tls_context or server_context(self.config),
             )
-
-    def _listen(self, port: int, tls_context=None) -> ReceiverServer:
-        server = self.ae.make_server(
-            (self.config.host, port),
-            ae_title=self.config.aet,
-            evt_handlers=self.handlers.bindings(),
-            server_class=ReceiverServer,
-            connection_timeout=self.config.network_timeout,
-            max_pdu=self.config.max_pdu,
-            tls_context=tls_context,
-            tls_handshake_timeout=self.config.tls_handshake_timeout,
-            reuse_port=self.config.workers > 1,
-        )
-        # What AE.start_server(block=False) does, with our server class.
-        self.ae._servers.append(server)
-        name = "imaging-scp-accept" + ("-tls" if tls_context else "")
-        threading.Thread(target=server.serve_forever, name=name, daemon=True).start()
-        return server
+        for listener in (self.server, self.tls_server):
+            if listener is not None:
+                listener.start()
 
     @property
     def port(self) -> int | None:
-        return self.server.server_address[1] if self.server else None
+        return self.server.port if self.server else None
 
     @property
     def tls_port(self) -> int | None:
-        return self.tls_server.server_address[1] if self.tls_server else None
+        return self.tls_server.port if self.tls_server else None
 
     def stop(self, drain_timeout: float) -> int:
-        """Stop accepting, let in-flight associations finish for up to
+        """Stop accepting, let established associations finish for up to
         `drain_timeout` seconds, then abort the rest. Returns how many were aborted."""
-        for server in (self.server, self.tls_server):
-            if server is not None:
-                server.shutdown()
+        for listener in (self.server, self.tls_server):
+            if listener is not None:
+                listener.stop_accepting()
+        for association in self.acceptor.active():
+            # A connection that has not associated (a port probe) has nothing in
+            # flight: it must not hold up a stop.
+            if not association.established:
+                association.stop()
         deadline = time.monotonic() + drain_timeout
         while self._established() and time.monotonic() < deadline:
             time.sleep(0.05)
-        remaining = len(self._established())
-        self.ae.shutdown()
-        return remaining
+        remaining = self.acceptor.active()
+        for association in remaining:
+            association.stop()
+        deadline = time.monotonic() + 5
+        while self.acceptor.active() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return sum(1 for association in remaining if association.established)
 
     def _established(self) -> list:
-        # A connection that never sent an A-ASSOCIATE-RQ (a port probe) has
-        # nothing in flight: it must not hold up a stop for its 30 s ACSE timeout.
-        return [assoc for assoc in self.ae.active_associations if assoc.is_established]
-
-
-def _build_ae(config: Config) -> AE:
-    # pynetdicom's standard handlers log every PDU and DIMSE message; they cost
-    # time on the receive path and our handlers log what matters.
-    _config.LOG_HANDLER_LEVEL = "none"
-    install_storage_negotiation()
-    install_spooling(config.data_dir / INCOMING_DIR, byte_size(config.large_object_threshold))
-    ae = AE(ae_title=config.aet)
-    ae.maximum_pdu_size = config.max_pdu
-    ae.maximum_associations = config.max_associations
-    ae.network_timeout = config.network_timeout
-    # A connection that never sends its A-ASSOCIATE-RQ holds a slot until this
-    # expires: no longer than a silent connection may last otherwise.
-    ae.acse_timeout = min(config.network_timeout, 30)
-    ae.require_called_aet = config.require_called_aet
-    ae.supported_contexts = supported_contexts()
-    return ae
+        return [a for a in self.acceptor.active() if a.established]
 
 
 def recover(config: Config) -> None:
@@ -230,7 +295,7 @@ def serve(config: Config, reload_config: Callable[[], Config] | None = None) -> 
     store = open_store(config)
     receiver = Receiver(config, store)
     receiver.start(tls_context)
-    for port, tls in ((receiver.port, False), (receiver.tls_port, True)):
+    for port, over_tls in ((receiver.port, False), (receiver.tls_port, True)):
         if port is None:
             continue
         log.info(
@@ -238,15 +303,15 @@ def serve(config: Config, reload_config: Callable[[], Config] | None = None) -> 
             aet=config.aet,
             host=config.host,
             port=port,
-            tls=tls,
-            **({"client_certificates": bool(config.tls_client_ca)} if tls else {}),
+            tls=over_tls,
+            **({"client_certificates": bool(config.tls_client_ca)} if over_tls else {}),
             data_dir=str(config.data_dir.resolve()),
             duplicates=str(config.duplicates),
             max_pdu=config.max_pdu,
         )
     # The port accepts connections since receiver.start(): tell systemd.
     status = notify.ServiceStatus(config.host, receiver.port or receiver.tls_port)
-    status.ready(0, receiver.handlers.stored)
+    status.ready(0, receiver.storage.stored)
     exit_code = 0
     while not stop_requested:
         time.sleep(0.25)
@@ -260,11 +325,11 @@ def serve(config: Config, reload_config: Callable[[], Config] | None = None) -> 
             log.error("worker.died", exit_code=died)
             exit_code = 1
             break
-        status.update(len(receiver.handlers.active_sessions()), receiver.handlers.stored)
+        status.update(len(receiver.acceptor.active()), receiver.storage.stored)
     if stop_requested:
         log.info("shutdown.requested", signal=signal.Signals(stop_requested[0]).name)
     _signal_workers(workers or [], signal.SIGTERM)
-    in_flight = len(receiver.handlers.active_sessions())
+    in_flight = len(receiver.acceptor.active())
     notify.stopping(f"stopping: draining {in_flight} association(s)")
     aborted = receiver.stop(config.drain_timeout)
     store.index.close()
@@ -281,7 +346,7 @@ def _reload_callers(receiver: Receiver, reload_config: Callable[[], Config] | No
         new = reload_config()
         if receiver.tls_server is not None and new.tls_port:  # renewed certificate, CAs
             receiver.tls_server.tls_context = server_context(new)
-        receiver.handlers.callers = CallerPolicy(new.allowed_callers)
+        receiver.acceptor.callers = CallerPolicy(new.allowed_callers)
     except (ConfigError, ValueError) as exc:
         log.error("reload.failed", reason=str(exc))
         return

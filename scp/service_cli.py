@@ -16,7 +16,7 @@ from pathlib import Path
 
 import click
 
-from scp.config import Config, ConfigError, load_config
+from scp.config import Config, ConfigError, is_ae_title, load_config
 
 # --- echo -------------------------------------------------------------------
 
@@ -40,11 +40,11 @@ class _Collected(logging.Handler):
 
 
 def _ae_title(_ctx, param, value: str) -> str:
-    from pynetdicom._validators import validate_ae  # pynetdicom: 0.2 s of start-up
-
-    valid, reason = validate_ae(value)
-    if not valid or not value.strip():
-        raise click.BadParameter(reason or "must not be empty", param=param)
+    if not is_ae_title(value):
+        raise click.BadParameter(
+            f"an AE title is 1 to 16 printable ASCII characters, no backslash; got {value!r}",
+            param=param,
+        )
     return value
 
 

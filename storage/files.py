@@ -7,7 +7,6 @@ dataset bytes exactly as received. Files are written to a temporary name under
 the new name survives a power cut too.
 """
 
-import errno
 import hashlib
 import json
 import os
@@ -15,7 +14,6 @@ import struct
 import uuid
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO
 
 import pydicom.filereader
 
@@ -138,28 +136,6 @@ class TempFile:
     size: int
 
 
-# What a stored file is made of: bytes in memory, or an open file copied in
-# whole (a large dataset that arrived on disk).
-Part = bytes | memoryview | BinaryIO
-
-
-def dataset_digest(dataset: Part) -> str:
-    """SHA-256 of the dataset bytes as sent: equal for identical objects whoever sent them."""
-    if isinstance(dataset, bytes | memoryview):
-        return hashlib.sha256(dataset).hexdigest()
-    digest = hashlib.sha256()
-    dataset.seek(0)
-    while chunk := dataset.read(1 << 20):
-        digest.update(chunk)
-    return digest.hexdigest()
-
-
-def part_size(part: Part) -> int:
-    if isinstance(part, bytes | memoryview):
-        return len(part)
-    return os.fstat(part.fileno()).st_size
-
-
 def file_dataset_digest(path: Path) -> str:
     """SHA-256 of a stored file's dataset (the bytes after its meta group)."""
     offset = read_file_meta(path).dataset_offset
@@ -171,49 +147,54 @@ def file_dataset_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_temp_file(data_dir: Path, parts: list[Part]) -> TempFile:
+class TempWriter:
+    """A new temporary file in `.incoming` that a dataset is written to as it
+    arrives. `durable()` fsyncs and closes it; `discard()` removes it. On an
+    OSError from a write the file is left to the caller to discard."""
+
+    def __init__(self, data_dir: Path):
+        self.path = data_dir / INCOMING_DIR / (uuid.uuid4().hex + TEMP_SUFFIX)
+        self.size = 0
+        self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+
+    def write(self, data) -> None:
+        view = memoryview(data)
+        fd = self._fd
+        while view:
+            view = view[os.write(fd, view) :]
+        self.size += len(data)
+
+    def durable(self) -> TempFile:
+        try:
+            os.fsync(self._fd)
+        finally:
+            self._close()
+        return TempFile(path=self.path, size=self.size)
+
+    def discard(self) -> None:
+        self._close()
+        self.path.unlink(missing_ok=True)
+
+    def _close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def write_temp_file(data_dir: Path, parts: list[bytes]) -> TempFile:
     """Write `parts` to a new temporary file and fsync it.
 
     On any OSError (ENOSPC, EIO, ...) the temporary file is removed before the
     error propagates, so nothing half-written remains.
     """
-    incoming = data_dir / INCOMING_DIR
-    path = incoming / (uuid.uuid4().hex + TEMP_SUFFIX)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    writer = TempWriter(data_dir)
     try:
         for part in parts:
-            if isinstance(part, bytes | memoryview):
-                view = memoryview(part)
-                while view:
-                    view = view[os.write(fd, view) :]
-            else:
-                _copy_file(part, fd)
-        os.fsync(fd)
+            writer.write(part)
+        return writer.durable()
     except BaseException:
-        os.close(fd)
-        path.unlink(missing_ok=True)
+        writer.discard()
         raise
-    os.close(fd)
-    return TempFile(path=path, size=sum(part_size(part) for part in parts))
-
-
-def _copy_file(source: BinaryIO, fd: int) -> None:
-    """Append a whole file to `fd`, in the kernel where it can (no copy through
-    our memory: these are the large objects)."""
-    size = os.fstat(source.fileno()).st_size
-    copied = 0
-    try:
-        while copied < size:
-            count = os.copy_file_range(source.fileno(), fd, size - copied, copied)
-            if count == 0:
-                break
-            copied += count
-    except OSError as exc:
-        if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
-            raise
-    source.seek(copied)
-    while chunk := source.read(1 << 20):
-        os.write(fd, chunk)
 
 
 def link_into_place(data_dir: Path, temp: TempFile, relpath: PurePosixPath) -> None:

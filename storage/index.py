@@ -8,6 +8,8 @@ read from DICOM tags.
 
 Writes go through one connection guarded by one lock per process
 (`Index.writing`); across processes SQLite's own write lock serialises them.
+Live ingest commits in groups (`Index.commit_together`): the instances that
+reach the index at the same moment share one transaction and one WAL sync.
 Readers (the admin CLI) open their own connection and never block the writer.
 """
 
@@ -15,12 +17,12 @@ import dataclasses
 import json
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 if TYPE_CHECKING:
     from storage.header import InstanceHeader
@@ -123,6 +125,24 @@ class IndexOutcome:
     disagreements: list[tuple[str, str, object, object]] = field(default_factory=list)
 
 
+T = TypeVar("T")
+
+
+@dataclass
+class _Ticket:
+    """One thread's work in a group commit."""
+
+    work: Callable[[], object]
+    done: bool = False
+    result: object = None
+    error: BaseException | None = None
+
+    def outcome(self):
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
 class SeriesStudyMismatch(ValueError):
     """A Series Instance UID already indexed under another study."""
 
@@ -145,6 +165,9 @@ class Index:
         # Success status promises.
         self.conn.execute("PRAGMA synchronous=FULL")
         self._lock = threading.Lock()
+        self._group = threading.Condition()  # group commit: who leads, who waits
+        self._queue: list[_Ticket] = []
+        self._leading = False
         self._create_schema()
 
     @classmethod
@@ -250,6 +273,54 @@ class Index:
                 if self.conn.in_transaction:
                     self.conn.execute("ROLLBACK")
                 raise
+
+    def commit_together(self, work: Callable[[], T]) -> T:
+        """Run `work` in a write transaction shared with what other threads of this
+        process bring at the same moment (group commit): one COMMIT, and so one
+        WAL sync, for all of them. Returns, or raises, only after that COMMIT.
+
+        Each work runs in its own savepoint: one that raises is rolled back alone
+        and its exception raised in its own thread; a failed COMMIT fails all.
+        """
+        ticket = _Ticket(work)
+        with self._group:
+            self._queue.append(ticket)
+            while self._leading and not ticket.done:
+                self._group.wait()
+            if ticket.done:  # another thread's transaction carried it
+                return ticket.outcome()
+            self._leading = True
+            batch, self._queue = self._queue, []
+        try:
+            self._commit_batch(batch)
+        finally:
+            with self._group:
+                self._leading = False
+                self._group.notify_all()
+        return ticket.outcome()
+
+    def _commit_batch(self, batch: list["_Ticket"]) -> None:
+        conn = self.conn
+        with self._lock:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                for ticket in batch:
+                    conn.execute("SAVEPOINT instance")
+                    try:
+                        ticket.result = ticket.work()
+                    except BaseException as exc:
+                        ticket.error = exc
+                        conn.execute("ROLLBACK TO instance")
+                    conn.execute("RELEASE instance")
+                conn.execute("COMMIT")
+            except BaseException as exc:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                for ticket in batch:
+                    ticket.error = ticket.error or exc
+            finally:
+                for ticket in batch:
+                    ticket.done = True
 
     def stored_digest(self, sop_instance_uid: str) -> StoredDigest | None:
         """The indexed copy of an instance, or None. Call inside `writing()` to

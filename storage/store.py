@@ -1,23 +1,25 @@
 """Receiving one instance: validate, write durably, index — or refuse with a reason.
 
-`InstanceStore.store` is the whole storage side of a C-STORE. It knows nothing of
-the network: the caller hands it the dataset bytes and the request's UIDs, and
-maps a `StoreRefused` to a DICOM status. When `store` returns, the file is
-durable on disk and the index transaction is committed.
+`InstanceStore.receive` is the whole storage side of a C-STORE. It knows nothing
+of the network: the caller names the request's UIDs, hands over the dataset's
+bytes as they arrive (`IncomingInstance.write`), and maps a `StoreRefused` from
+`finish` to a DICOM status. When `finish` returns, the file is durable on disk
+and the index transaction is committed.
 """
 
 import dataclasses
 import enum
 import errno
-import io
+import hashlib
 import os
 import sqlite3
+import time
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
 from storage import files
-from storage.header import HeaderError, InstanceHeader, read_header
+from storage.header import DatasetWalk, HeaderError, InstanceHeader, read_header, walkable
 from storage.index import (
     Index,
     IndexEntry,
@@ -67,6 +69,7 @@ class StoreResult:
     new_series: bool = False
     disagreements: list = field(default_factory=list)
     placed: bool = False  # the file got its final name (the index may not have it yet)
+    timings: dict = field(default_factory=dict)  # stage: milliseconds, for the log
 
 
 class InstanceStore:
@@ -85,15 +88,27 @@ class InstanceStore:
         self.duplicates = DuplicatePolicy(duplicates)
         self.min_free_bytes, self.min_free_percent = min_free
 
-    def has_room(self, incoming: int = 0) -> bool:
-        """Whether `incoming` more bytes keep the data filesystem above the floor.
+    def has_room(self) -> bool:
+        """Whether the data filesystem is above the free-space floor.
 
-        Checked on every object, so ingest resumes by itself once space is back.
+        Checked as each object starts to arrive and again once it is written
+        (to its temp file), so ingest resumes by itself once space is back.
         """
         fs = os.statvfs(self.data_dir)
         free = fs.f_bavail * fs.f_frsize
         floor = max(self.min_free_bytes, fs.f_blocks * fs.f_frsize * self.min_free_percent / 100)
-        return free - incoming >= floor
+        return free >= floor
+
+    def receive(
+        self,
+        transfer_syntax: str,
+        sop_class_uid: str | None,
+        sop_instance_uid: str | None,
+        provenance: Provenance,
+    ) -> "IncomingInstance":
+        """Start receiving one dataset, announced by a request with these UIDs.
+        Feed its bytes to `write` as they arrive, then call `finish`."""
+        return IncomingInstance(self, transfer_syntax, sop_class_uid, sop_instance_uid, provenance)
 
     def store(
         self,
@@ -103,38 +118,31 @@ class InstanceStore:
         sop_instance_uid: str | None,
         provenance: Provenance,
     ) -> StoreResult:
-        """Store one received dataset: its encoded bytes as sent, in a BytesIO, or
-        in a file for a large object that was received to disk.
+        """Store a dataset that is all there already (its encoded bytes as sent).
 
         Raises StoreRefused with the reason it was not stored.
         """
+        incoming = self.receive(transfer_syntax, sop_class_uid, sop_instance_uid, provenance)
         dataset.seek(0)
-        header = self._validated_header(dataset, transfer_syntax, sop_class_uid, sop_instance_uid)
-        if not isinstance(dataset, io.BytesIO):  # a large object received to a file
-            return self._store(dataset, header, transfer_syntax, provenance)
-        with dataset.getbuffer() as view:
-            return self._store(view, header, transfer_syntax, provenance)
+        while chunk := dataset.read(1 << 20):
+            incoming.write(chunk)
+        return incoming.finish()
 
-    def _store(
-        self,
-        dataset: files.Part,
-        header: InstanceHeader,
-        transfer_syntax: str,
-        provenance: Provenance,
-    ) -> StoreResult:
-        sha256 = files.dataset_digest(dataset)
+    def _keep(self, incoming: "IncomingInstance", header: InstanceHeader) -> StoreResult:
+        """Make a received, checked dataset durable and index it (or see that it is
+        an identical resend)."""
+        temp_writer = incoming.temp
+        sha256 = incoming.digest.hexdigest()
         known = self.index.digest_hint(header.sop_instance_uid)
         if known is not None and known.sha256 == sha256:
+            temp_writer.discard()
             return StoreResult(Outcome.IDENTICAL_RESEND, header, known.path, known.size, sha256)
-
-        received_at = utc_now()
-        file_header = files.encode_file_header(
-            header.sop_class_uid,
-            header.sop_instance_uid,
-            transfer_syntax,
-            provenance.receipt(received_at),
-        )
-        size = len(file_header) + files.part_size(dataset)
+        size = temp_writer.size
+        if not self.has_room():  # measured with the object's bytes already on the disk
+            temp_writer.discard()
+            raise StoreRefused(
+                Refusal.OUT_OF_SPACE, "receiver's disk is below its free-space floor"
+            )
         relpath = files.instance_relpath(
             header.study_uid, header.series_uid, header.sop_instance_uid
         )
@@ -143,19 +151,22 @@ class InstanceStore:
             path=str(relpath),
             size=size,
             sha256=sha256,
-            transfer_syntax=transfer_syntax,
-            received_at=received_at,
-            provenance=provenance,
+            transfer_syntax=incoming.transfer_syntax,
+            received_at=incoming.received_at,
+            provenance=incoming.provenance,
         )
         result = StoreResult(Outcome.STORED, header, entry.path, size, sha256)
-        if not self.has_room(size):
-            raise StoreRefused(
-                Refusal.OUT_OF_SPACE, "receiver's disk is below its free-space floor"
-            )
-        temp = self._write_temp([file_header, dataset])
+        result.timings = timings = incoming.timings
+        started = time.perf_counter()
         try:
-            with self.index.writing():
-                self._place(temp, entry, result)
+            temp = temp_writer.durable()
+        except OSError as exc:
+            temp_writer.discard()
+            raise StoreRefused(_refusal_for(exc), f"write failed: {exc.strerror or exc}") from exc
+        timings["fsync"] = _ms_since(started)
+        started = time.perf_counter()
+        try:
+            self.index.commit_together(lambda: self._place(temp, entry, result))
         except sqlite3.OperationalError as exc:
             self._undo_placing(temp, result)
             if "full" in str(exc):
@@ -171,6 +182,7 @@ class InstanceStore:
             # Only after the commit: until then the temp name marks the object as
             # placed but perhaps not indexed, for startup recovery.
             temp.path.unlink(missing_ok=True)
+        timings["index"] = round(_ms_since(started) - timings.get("place", 0.0), 3)
         return result
 
     def _undo_placing(self, temp: files.TempFile, result: StoreResult) -> None:
@@ -183,7 +195,7 @@ class InstanceStore:
         temp.path.unlink(missing_ok=True)
 
     def _place(self, temp: files.TempFile, entry: IndexEntry, result: StoreResult) -> None:
-        """Give the durable temp file its place and index it. Inside `writing()`."""
+        """Give the durable temp file its place and index it, inside a transaction."""
         header = entry.header
         relpath = PurePosixPath(entry.path)
         known = self.index.stored_digest(header.sop_instance_uid)
@@ -224,32 +236,107 @@ class InstanceStore:
 
     def _link(self, temp: files.TempFile, relpath, result: StoreResult, outcome: Outcome) -> None:
         result.outcome, result.path = outcome, str(relpath)
+        started = time.perf_counter()
         files.link_into_place(self.data_dir, temp, relpath)
         result.placed = True
+        result.timings["place"] = _ms_since(started)
 
-    def _write_temp(self, parts: list) -> files.TempFile:
-        try:
-            return files.write_temp_file(self.data_dir, parts)
-        except OSError as exc:
-            raise StoreRefused(_refusal_for(exc), f"write failed: {exc.strerror or exc}") from exc
 
-    def _validated_header(
+class IncomingInstance:
+    """One dataset on its way in. Its bytes go to a temp file in `.incoming` as
+    they arrive, through the SHA-256 and the header walk, so that an object of
+    any size is read once and never held in memory. A refusal known early (the
+    request's UIDs, a full disk, a write error) is kept and raised by `finish`:
+    the sender is still sending, and its bytes are taken and dropped.
+    """
+
+    def __init__(
         self,
-        dataset: BinaryIO,
+        store: InstanceStore,
         transfer_syntax: str,
         sop_class_uid: str | None,
         sop_instance_uid: str | None,
-    ) -> InstanceHeader:
-        for name, uid in (
-            ("Affected SOP Class UID", sop_class_uid),
-            ("Affected SOP Instance UID", sop_instance_uid),
-        ):
-            if not uid:
-                raise StoreRefused(Refusal.MISSING_UID, f"request has no {name}")
-            if not is_valid_uid(uid):
-                raise StoreRefused(Refusal.INVALID_UID, f"invalid {name} {_shown(uid)}")
+        provenance: Provenance,
+    ):
+        self.store = store
+        self.transfer_syntax = transfer_syntax
+        self.sop_class_uid = sop_class_uid
+        self.sop_instance_uid = sop_instance_uid
+        self.provenance = provenance
+        self.received_at = utc_now()
+        self.timings: dict[str, float] = {}
+        self._started = time.perf_counter()
+        self.digest = hashlib.sha256()
+        self.temp: files.TempWriter | None = None
+        self._walk = DatasetWalk(transfer_syntax) if walkable(transfer_syntax) else None
+        self._refused: StoreRefused | None = None
         try:
-            header = read_header(dataset, transfer_syntax)
+            _check_request_uids(sop_class_uid, sop_instance_uid)
+            if not store.has_room():
+                raise StoreRefused(
+                    Refusal.OUT_OF_SPACE, "receiver's disk is below its free-space floor"
+                )
+            self.temp = files.TempWriter(store.data_dir)
+            self.temp.write(
+                files.encode_file_header(
+                    sop_class_uid,
+                    sop_instance_uid,
+                    transfer_syntax,
+                    provenance.receipt(self.received_at),
+                )
+            )
+        except StoreRefused as refused:
+            self._refuse(refused)
+        except OSError as exc:
+            self._refuse(StoreRefused(_refusal_for(exc), f"write failed: {exc.strerror or exc}"))
+        self._dataset_offset = self.temp.size if self.temp else 0
+
+    def write(self, data) -> None:
+        """The next bytes of the dataset (a view the caller reuses afterwards)."""
+        if self._refused is not None:
+            return
+        try:
+            self.temp.write(data)
+        except OSError as exc:
+            self._refuse(StoreRefused(_refusal_for(exc), f"write failed: {exc.strerror or exc}"))
+            return
+        self.digest.update(data)
+        if self._walk is not None:
+            self._walk.feed(data)
+
+    def finish(self) -> StoreResult:
+        """The dataset is complete: check it, make it durable, index it.
+        Raises StoreRefused; nothing of a refused object stays on disk."""
+        self.timings["receive"] = _ms_since(self._started)
+        if self._refused is not None:
+            raise self._refused
+        started = time.perf_counter()
+        try:
+            header = self._validated_header()
+        except StoreRefused:
+            self.temp.discard()
+            raise
+        self.timings["check"] = _ms_since(started)
+        return self.store._keep(self, header)
+
+    def discard(self) -> None:
+        """The transfer broke off: leave nothing behind."""
+        if self.temp is not None:
+            self.temp.discard()
+
+    def _refuse(self, refused: StoreRefused) -> None:
+        self._refused = refused
+        self._walk = None
+        self.discard()
+
+    def _validated_header(self) -> InstanceHeader:
+        try:
+            if self._walk is not None:
+                header = self._walk.finish()
+            else:  # big endian or deflated: pydicom reads the file (see storage.header)
+                with open(self.temp.path, "rb") as handle:
+                    handle.seek(self._dataset_offset)
+                    header = read_header(handle, self.transfer_syntax)
         except HeaderError as exc:
             raise StoreRefused(Refusal.UNREADABLE, str(exc)) from exc
         for name, uid in (
@@ -262,13 +349,28 @@ class InstanceStore:
                 raise StoreRefused(Refusal.MISSING_UID, f"dataset has no {name}")
             if not is_valid_uid(uid):
                 raise StoreRefused(Refusal.INVALID_UID, f"invalid {name} {_shown(uid)}")
-        if header.sop_class_uid != sop_class_uid:
+        if header.sop_class_uid != self.sop_class_uid:
             raise StoreRefused(Refusal.MISMATCH, "dataset SOP Class UID differs from the request")
-        if header.sop_instance_uid != sop_instance_uid:
+        if header.sop_instance_uid != self.sop_instance_uid:
             raise StoreRefused(
                 Refusal.MISMATCH, "dataset SOP Instance UID differs from the request"
             )
         return header
+
+
+def _check_request_uids(sop_class_uid: str | None, sop_instance_uid: str | None) -> None:
+    for name, uid in (
+        ("Affected SOP Class UID", sop_class_uid),
+        ("Affected SOP Instance UID", sop_instance_uid),
+    ):
+        if not uid:
+            raise StoreRefused(Refusal.MISSING_UID, f"request has no {name}")
+        if not is_valid_uid(uid):
+            raise StoreRefused(Refusal.INVALID_UID, f"invalid {name} {_shown(uid)}")
+
+
+def _ms_since(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000, 3)
 
 
 def _refusal_for(error: OSError) -> Refusal:

@@ -737,6 +737,36 @@ def test_request_without_a_message_id_aborts_the_association(hostile_server):
     assert_echo(hostile_server.port)
 
 
+@pytest.mark.parametrize(
+    ("command_field", "with_dataset"),
+    [(0x0020, True), (0x0010, False), (0x0120, True)],
+    ids=["c-find-rq", "c-get-rq-without-dataset", "n-set-rq"],
+)
+def test_a_request_we_do_not_serve_is_answered_unrecognized(
+    hostile_server, command_field, with_dataset
+):
+    """A request of a service we do not offer, on an accepted context, gets the
+    failure status for an unrecognized operation, and the association goes on."""
+    dataset, _ = encode(instance_elements())
+    elements = {
+        0x0002: _uid(CT),
+        0x0100: struct.pack("<H", command_field),
+        0x0110: struct.pack("<H", 7),
+        0x0800: struct.pack("<H", 0x0000 if with_dataset else 0x0101),
+    }
+    with RawAssociation(
+        hostile_server.port, [(1, CT, [EXPLICIT_LE])], calling="UNKNOWN_OP"
+    ) as assoc:
+        stream = p_data(1, command_set(elements), command=True)
+        if with_dataset:
+            stream += p_data(1, dataset, command=False)
+        assoc.sock.sendall(stream)
+        response = assoc._response()
+        assert response.status == 0x0211, response
+        assert assoc.echo(1).status == SUCCESS  # the association goes on
+        assoc.release()
+
+
 def test_dataset_of_another_sop_class_than_the_request(hostile_server):
     dataset, _ = encode(instance_elements(sop_class=CT))
     sop_instance = _sop_instance_of(dataset)

@@ -162,7 +162,7 @@ def _sop_instance_uid(path: Path) -> str:
 
 def test_pynetdicom_stores_over_tls_beside_the_plain_port(server_factory, pki, tmp_path):
     tls_port = free_port()
-    server = server_factory(*_tls_flags(pki, tls_port, "--large-object-threshold", "1MiB"))
+    server = server_factory(*_tls_flags(pki, tls_port))
     listening = server.wait_for_event("listening", count=2)
     assert {(e["port"], e["tls"]) for e in listening} == {(server.port, False), (tls_port, True)}
 

@@ -1,0 +1,139 @@
+"""DIMSE command sets (PS3.7 §9, §E): group 0000, implicit VR little endian.
+
+A command set is a flat list of a dozen short elements: reading one is a walk
+over tag/length pairs, and writing a response is packing a few of them. Both
+are done here by hand because they sit on the path of every C-STORE.
+"""
+
+import struct
+from dataclasses import dataclass
+
+_ELEMENT = struct.Struct("<HHI")
+_US = struct.Struct("<H")
+
+# Command Field values (PS3.7 E.1)
+C_STORE_RQ = 0x0001
+C_STORE_RSP = 0x8001
+C_ECHO_RQ = 0x0030
+C_ECHO_RSP = 0x8030
+C_CANCEL_RQ = 0x0FFF
+NO_DATASET = 0x0101
+
+# Elements (0000,eeee) by their element number
+AFFECTED_SOP_CLASS_UID = 0x0002
+COMMAND_FIELD = 0x0100
+MESSAGE_ID = 0x0110
+MESSAGE_ID_BEING_RESPONDED_TO = 0x0120
+PRIORITY = 0x0700
+COMMAND_DATA_SET_TYPE = 0x0800
+STATUS = 0x0900
+ERROR_COMMENT = 0x0902
+AFFECTED_SOP_INSTANCE_UID = 0x1000
+
+UNRECOGNIZED_OPERATION = 0x0211
+_ERROR_COMMENT_LENGTH = 64  # LO
+
+
+class CommandError(ValueError):
+    """Bytes that are not a command set."""
+
+
+@dataclass(frozen=True)
+class Command:
+    """The elements of a received command set, by element number."""
+
+    elements: dict[int, bytes]
+
+    def us(self, element: int) -> int | None:
+        value = self.elements.get(element)
+        return _US.unpack_from(value)[0] if value is not None and len(value) >= 2 else None
+
+    def uid(self, element: int) -> str | None:
+        """A UI value with its padding removed; None when absent, empty or not ASCII."""
+        value = self.elements.get(element)
+        if value is None:
+            return None
+        try:
+            text = value.decode("ascii").rstrip("\0 ")
+        except UnicodeDecodeError:
+            return None
+        return text or None
+
+    @property
+    def field(self) -> int | None:
+        return self.us(COMMAND_FIELD)
+
+    @property
+    def message_id(self) -> int | None:
+        return self.us(MESSAGE_ID)
+
+    @property
+    def has_dataset(self) -> bool:
+        return self.us(COMMAND_DATA_SET_TYPE) not in (None, NO_DATASET)
+
+
+def read_command(data) -> Command:
+    """Decode a command set; CommandError when an element runs past the end or
+    is not of group 0000."""
+    elements = {}
+    end = len(data)
+    pos = 0
+    while pos < end:
+        if end - pos < 8:
+            raise CommandError(f"command set ends inside an element header at byte {pos}")
+        group, element, length = _ELEMENT.unpack_from(data, pos)
+        pos += 8
+        if group != 0x0000:
+            raise CommandError(f"element ({group:04X},{element:04X}) in a command set")
+        if length > end - pos:
+            raise CommandError(f"(0000,{element:04X}) length {length} runs past the command set")
+        elements[element] = bytes(data[pos : pos + length])
+        pos += length
+    return Command(elements)
+
+
+def _uid_value(uid: str) -> bytes:
+    data = uid.encode("ascii")
+    return data + b"\0" if len(data) % 2 else data
+
+
+def _text_value(text: str) -> bytes:
+    data = text[:_ERROR_COMMENT_LENGTH].encode("ascii", "replace")
+    return data + b" " if len(data) % 2 else data
+
+
+def encode_command(elements: list[tuple[int, bytes]]) -> bytes:
+    """A command set of (element, value) pairs in ascending order, with its group length."""
+    body = b"".join(_ELEMENT.pack(0, element, len(value)) + value for element, value in elements)
+    return _ELEMENT.pack(0, 0x0000, 4) + struct.pack("<I", len(body)) + body
+
+
+def response(
+    command_field: int,
+    message_id: int,
+    status: int,
+    *,
+    sop_class_uid: str | None = None,
+    sop_instance_uid: str | None = None,
+    error_comment: str | None = None,
+) -> bytes:
+    """A response command set without a dataset."""
+    elements = []
+    if sop_class_uid:
+        elements.append((AFFECTED_SOP_CLASS_UID, _uid_value(sop_class_uid)))
+    elements += [
+        (COMMAND_FIELD, _US.pack(command_field)),
+        (MESSAGE_ID_BEING_RESPONDED_TO, _US.pack(message_id)),
+        (COMMAND_DATA_SET_TYPE, _US.pack(NO_DATASET)),
+        (STATUS, _US.pack(status)),
+    ]
+    if error_comment:
+        elements.append((ERROR_COMMENT, _text_value(error_comment)))
+    if sop_instance_uid:
+        elements.append((AFFECTED_SOP_INSTANCE_UID, _uid_value(sop_instance_uid)))
+    return encode_command(elements)
+
+
+def response_field(request_field: int) -> int:
+    """The Command Field of the response to a request (PS3.7 E.1: bit 15 set)."""
+    return request_field | 0x8000

@@ -1,0 +1,169 @@
+"""Association negotiation as acceptor: what we accept, in which transfer syntax.
+
+pynetdicom decodes the A-ASSOCIATE-RQ, negotiates the presentation contexts
+(with SCP/SCU role selection) and encodes the A-ASSOCIATE-AC; this module
+decides. Every storage SOP class is accepted, private and unknown ones
+included, with Verification beside them. When a sender proposes several
+syntaxes for one context, we take the one that lets it send its object as it
+is: compressed before uncompressed, so a JPEG 2000 image is never decompressed
+on the way (and dcmtk's storescu, which cannot convert, does not fail).
+"""
+
+from dataclasses import dataclass, field
+
+from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
+from pynetdicom.pdu_primitives import (
+    A_ASSOCIATE,
+    AsynchronousOperationsWindowNegotiation,
+    ImplementationClassUIDNotification,
+    ImplementationVersionNameNotification,
+    MaximumLengthNotification,
+    SCP_SCU_RoleSelectionNegotiation,
+)
+from pynetdicom.presentation import PresentationContext, negotiate_unrestricted
+from pynetdicom.sop_class import Verification
+
+from storage.files import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+
+APPLICATION_CONTEXT_NAME = "1.2.840.10008.3.1.1.1"
+MAX_PRESENTATION_CONTEXTS = 128  # PS3.8 9.3.2.2: odd IDs 1 to 255
+
+# A-ASSOCIATE-RJ (result, source, diagnostic), PS3.8 9.3.4
+REJECT_NO_REASON = (0x01, 0x01, 0x01)
+REJECT_APPLICATION_CONTEXT = (0x01, 0x01, 0x02)
+REJECT_CALLING_AE = (0x01, 0x01, 0x03)
+REJECT_CALLED_AE = (0x01, 0x01, 0x07)
+REJECT_BUSY = (0x02, 0x03, 0x02)  # transient: local limit exceeded
+
+
+class RequestError(ValueError):
+    """An A-ASSOCIATE-RQ that does not decode."""
+
+
+@dataclass(frozen=True)
+class Request:
+    """What an A-ASSOCIATE-RQ asks."""
+
+    calling_ae: str
+    called_ae: str
+    application_context: str
+    contexts: list[PresentationContext]
+    max_pdu: int  # what the requestor receives: 0 = no limit
+    roles: dict[str, tuple[bool, bool]]  # SOP class: (SCU role, SCP role)
+    async_ops: tuple[int, int] | None
+
+
+@dataclass
+class Agreement:
+    """The accepted contexts, by ID, and the A-ASSOCIATE-AC that says so."""
+
+    pdu: bytes
+    contexts: dict[int, PresentationContext] = field(default_factory=dict)
+    rejected: int = 0
+
+
+def read_request(pdu: bytes) -> Request:
+    """Decode an A-ASSOCIATE-RQ PDU; RequestError for one pynetdicom cannot take
+    apart or whose contents make no sense (an even context ID, say)."""
+    try:
+        rq = A_ASSOCIATE_RQ()
+        rq.decode(pdu)
+        primitive = rq.to_primitive()
+        contexts = list(primitive.presentation_context_definition_list)
+        roles, async_ops, max_pdu = {}, None, 0
+        for item in primitive.user_information:
+            if isinstance(item, MaximumLengthNotification):
+                max_pdu = item.maximum_length_received or 0
+            elif isinstance(item, SCP_SCU_RoleSelectionNegotiation):
+                roles[str(item.sop_class_uid)] = (bool(item.scu_role), bool(item.scp_role))
+            elif isinstance(item, AsynchronousOperationsWindowNegotiation):
+                async_ops = (
+                    item.maximum_number_operations_invoked,
+                    item.maximum_number_operations_performed,
+                )
+        request = Request(
+            calling_ae=str(primitive.calling_ae_title).strip(),
+            called_ae=str(primitive.called_ae_title).strip(),
+            application_context=str(primitive.application_context_name or ""),
+            contexts=contexts,
+            max_pdu=max_pdu,
+            roles=roles,
+            async_ops=async_ops,
+        )
+    except Exception as exc:  # pynetdicom raises many kinds on malformed input
+        raise RequestError(f"A-ASSOCIATE-RQ does not decode: {type(exc).__name__}: {exc}") from exc
+    for cx in contexts:
+        if cx.context_id is None or cx.context_id % 2 == 0:
+            raise RequestError(f"even presentation context ID {cx.context_id}")
+    return request
+
+
+def transfer_syntax_preference(uid: str) -> int:
+    """Rank of a proposed transfer syntax, lowest preferred."""
+    syntax = UID(uid)
+    if not syntax.is_transfer_syntax:
+        # A private syntax: DICOM requires it to encode the dataset in explicit
+        # VR little endian, which we can read; but a known syntax is safer.
+        return 5
+    if syntax.is_compressed:
+        return 0
+    if syntax.is_deflated:
+        return 1
+    return {ExplicitVRLittleEndian: 2, ImplicitVRLittleEndian: 3, ExplicitVRBigEndian: 4}.get(
+        syntax, 5
+    )
+
+
+def _verification() -> PresentationContext:
+    context = PresentationContext()
+    context.abstract_syntax = Verification
+    context.transfer_syntax = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian]
+    return context
+
+
+def agree(request: Request, called_ae: str, max_pdu: int) -> Agreement:
+    """Negotiate the proposed contexts and encode the A-ASSOCIATE-AC."""
+    proposed = [cx for cx in request.contexts if cx.transfer_syntax]
+    # Storage-like contexts (any SOP class pynetdicom does not know as something
+    # else) are all accepted; the others are negotiated against Verification.
+    results, roles = negotiate_unrestricted(proposed, [_verification()], request.roles)
+    offered = {cx.context_id: cx.transfer_syntax for cx in proposed}
+    for cx in results:
+        if cx.result == 0x00 and cx.abstract_syntax != Verification:
+            cx.transfer_syntax = [min(offered[cx.context_id], key=transfer_syntax_preference)]
+    for rq in request.contexts:
+        if not rq.transfer_syntax:  # nothing to choose from
+            empty = PresentationContext()
+            empty.context_id = rq.context_id
+            empty.abstract_syntax = rq.abstract_syntax
+            empty.transfer_syntax = [ImplicitVRLittleEndian]
+            empty.result = 0x04  # transfer syntaxes not supported
+            results.append(empty)
+    results.sort(key=lambda cx: cx.context_id)
+
+    primitive = A_ASSOCIATE()
+    primitive.application_context_name = APPLICATION_CONTEXT_NAME
+    primitive.calling_ae_title = request.calling_ae or "UNKNOWN"
+    primitive.called_ae_title = called_ae
+    primitive.result = 0x00
+    primitive.result_source = 0x01
+    primitive.presentation_context_definition_results_list = results
+    information = [MaximumLengthNotification(), ImplementationClassUIDNotification()]
+    information[0].maximum_length_received = max_pdu
+    information[1].implementation_class_uid = IMPLEMENTATION_CLASS_UID
+    version = ImplementationVersionNameNotification()
+    version.implementation_version_name = IMPLEMENTATION_VERSION_NAME
+    information.append(version)
+    if request.async_ops is not None:
+        # One operation at a time, each way: what we serve (PS3.7 D.3.3.3).
+        window = AsynchronousOperationsWindowNegotiation()
+        window.maximum_number_operations_invoked = 1
+        window.maximum_number_operations_performed = 1
+        information.append(window)
+    information.extend(roles)
+    primitive.user_information = information
+    ac = A_ASSOCIATE_AC()
+    ac.from_primitive(primitive)
+    accepted = {cx.context_id: cx for cx in results if cx.result == 0x00}
+    return Agreement(ac.encode(), accepted, len(results) - len(accepted))

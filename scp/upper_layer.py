@@ -1,0 +1,420 @@
+"""The DICOM upper layer (PS3.8 §9), acceptor side: one socket, one thread.
+
+`UpperLayer.run` reads PDUs with blocking reads and drives the state machine
+of PS3.8 table 9-10 through `TRANSITIONS`, one line per (state, event) an
+acceptor can meet. Events come from the peer (a PDU, the connection closing,
+bytes that are no PDU) or from the local service user (`ServiceUser`, called
+in the same thread: accept or reject, P-DATA, the release response, abort).
+A pair that is not in the table is a bug of ours, not of the peer's: every
+PDU the peer can send has a row in every state we can be in.
+
+The acceptor never requests a release itself (the requestor releases, as
+storescp and Orthanc's acceptor do), so the requestor-side and collision
+states Sta4, Sta5, Sta7 and Sta9-Sta12 never occur, and an A-RELEASE-RP from
+the peer is an unexpected PDU. The ARTIM timer is the socket's read timeout
+in Sta2 (waiting for the A-ASSOCIATE-RQ) and Sta13 (waiting for the peer to
+close after our A-ASSOCIATE-RJ, A-RELEASE-RP or A-ABORT).
+"""
+
+import contextlib
+import enum
+import socket
+import struct
+from dataclasses import dataclass
+
+_TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", None)
+
+# The read buffer, and so the largest PDU we take, is max_pdu but at least
+# this: an A-ASSOCIATE-RQ with the maximum 128 presentation contexts, each with
+# many transfer syntaxes, stays well below it. A longer PDU is refused unread.
+MAX_CONTROL_PDU = 1024 * 1024
+
+# Seconds the peer has to close its side (ARTIM in Sta13) after our RJ or RP,
+# and after our A-ABORT: a peer that sent garbage gets little of our time.
+CLOSE_TIMEOUT = 5.0
+CLOSE_TIMEOUT_AFTER_ABORT = 0.5
+
+_PDU_HEADER = struct.Struct(">BxI")
+_PDV_HEADER = struct.Struct(">IBB")
+
+
+class State(enum.Enum):
+    IDLE = "Sta1"
+    AWAITING_ASSOCIATE_RQ = "Sta2"
+    AWAITING_LOCAL_ASSOCIATE_RESPONSE = "Sta3"
+    ESTABLISHED = "Sta6"
+    AWAITING_LOCAL_RELEASE_RESPONSE = "Sta8"
+    AWAITING_CLOSE = "Sta13"
+
+
+class Event(enum.Enum):
+    ASSOCIATE_AC_PDU = "Evt3"
+    ASSOCIATE_RJ_PDU = "Evt4"
+    ASSOCIATE_RQ_PDU = "Evt6"
+    LOCAL_ACCEPT = "Evt7"
+    LOCAL_REJECT = "Evt8"
+    LOCAL_P_DATA = "Evt9"
+    P_DATA_PDU = "Evt10"
+    RELEASE_RQ_PDU = "Evt12"
+    RELEASE_RP_PDU = "Evt13"
+    LOCAL_RELEASE_RESPONSE = "Evt14"
+    LOCAL_ABORT = "Evt15"
+    ABORT_PDU = "Evt16"
+    CONNECTION_CLOSED = "Evt17"
+    ARTIM_EXPIRED = "Evt18"
+    INVALID_PDU = "Evt19"
+
+
+PDU_EVENTS = {
+    0x01: Event.ASSOCIATE_RQ_PDU,
+    0x02: Event.ASSOCIATE_AC_PDU,
+    0x03: Event.ASSOCIATE_RJ_PDU,
+    0x04: Event.P_DATA_PDU,
+    0x05: Event.RELEASE_RQ_PDU,
+    0x06: Event.RELEASE_RP_PDU,
+    0x07: Event.ABORT_PDU,
+}
+
+S = State
+E = Event
+# (state, event): (PS3.8 action, method of UpperLayer, next state). An action
+# whose next state depends on what it does returns that state instead.
+TRANSITIONS: dict[tuple[State, Event], tuple[str, str, State]] = {
+    # Sta2: transport connection open, awaiting A-ASSOCIATE-RQ
+    (S.AWAITING_ASSOCIATE_RQ, E.ASSOCIATE_RQ_PDU): ("AE-6", "indicate_associate", S.AWAITING_LOCAL_ASSOCIATE_RESPONSE),  # noqa: E501
+    (S.AWAITING_ASSOCIATE_RQ, E.ASSOCIATE_AC_PDU): ("AA-1", "send_abort", S.AWAITING_CLOSE),
+    (S.AWAITING_ASSOCIATE_RQ, E.ASSOCIATE_RJ_PDU): ("AA-1", "send_abort", S.AWAITING_CLOSE),
+    (S.AWAITING_ASSOCIATE_RQ, E.P_DATA_PDU): ("AA-1", "send_abort", S.AWAITING_CLOSE),
+    (S.AWAITING_ASSOCIATE_RQ, E.RELEASE_RQ_PDU): ("AA-1", "send_abort", S.AWAITING_CLOSE),
+    (S.AWAITING_ASSOCIATE_RQ, E.RELEASE_RP_PDU): ("AA-1", "send_abort", S.AWAITING_CLOSE),
+    (S.AWAITING_ASSOCIATE_RQ, E.INVALID_PDU): ("AA-1", "send_abort", S.AWAITING_CLOSE),
+    (S.AWAITING_ASSOCIATE_RQ, E.ABORT_PDU): ("AA-2", "close", S.IDLE),
+    (S.AWAITING_ASSOCIATE_RQ, E.ARTIM_EXPIRED): ("AA-2", "close", S.IDLE),
+    (S.AWAITING_ASSOCIATE_RQ, E.CONNECTION_CLOSED): ("AA-5", "close", S.IDLE),
+    (S.AWAITING_ASSOCIATE_RQ, E.LOCAL_ABORT): ("AA-2", "close", S.IDLE),  # a stop: nothing to abort yet  # noqa: E501
+    # Sta3: awaiting the local A-ASSOCIATE response
+    (S.AWAITING_LOCAL_ASSOCIATE_RESPONSE, E.LOCAL_ACCEPT): ("AE-7", "send_pdu", S.ESTABLISHED),
+    (S.AWAITING_LOCAL_ASSOCIATE_RESPONSE, E.LOCAL_REJECT): ("AE-8", "send_pdu", S.AWAITING_CLOSE),
+    (S.AWAITING_LOCAL_ASSOCIATE_RESPONSE, E.LOCAL_ABORT): ("AA-1", "send_abort", S.AWAITING_CLOSE),
+    # Sta6: association established, ready for data transfer
+    (S.ESTABLISHED, E.P_DATA_PDU): ("DT-2", "indicate_p_data", S.ESTABLISHED),
+    (S.ESTABLISHED, E.LOCAL_P_DATA): ("DT-1", "send_pdu", S.ESTABLISHED),
+    (S.ESTABLISHED, E.RELEASE_RQ_PDU): ("AR-2", "indicate_release", S.AWAITING_LOCAL_RELEASE_RESPONSE),  # noqa: E501
+    (S.ESTABLISHED, E.ASSOCIATE_RQ_PDU): ("AA-8", "provider_abort", S.AWAITING_CLOSE),
+    (S.ESTABLISHED, E.ASSOCIATE_AC_PDU): ("AA-8", "provider_abort", S.AWAITING_CLOSE),
+    (S.ESTABLISHED, E.ASSOCIATE_RJ_PDU): ("AA-8", "provider_abort", S.AWAITING_CLOSE),
+    (S.ESTABLISHED, E.RELEASE_RP_PDU): ("AA-8", "provider_abort", S.AWAITING_CLOSE),
+    (S.ESTABLISHED, E.INVALID_PDU): ("AA-8", "provider_abort", S.AWAITING_CLOSE),
+    (S.ESTABLISHED, E.ABORT_PDU): ("AA-3", "indicate_abort", S.IDLE),
+    (S.ESTABLISHED, E.CONNECTION_CLOSED): ("AA-4", "indicate_provider_abort", S.IDLE),
+    (S.ESTABLISHED, E.LOCAL_ABORT): ("AA-1", "send_abort", S.AWAITING_CLOSE),
+    # Sta8: release requested by the peer, awaiting the local A-RELEASE response
+    (S.AWAITING_LOCAL_RELEASE_RESPONSE, E.LOCAL_RELEASE_RESPONSE): ("AR-4", "send_pdu", S.AWAITING_CLOSE),  # noqa: E501
+    (S.AWAITING_LOCAL_RELEASE_RESPONSE, E.LOCAL_P_DATA): ("AR-7", "send_pdu", S.AWAITING_LOCAL_RELEASE_RESPONSE),  # noqa: E501
+    (S.AWAITING_LOCAL_RELEASE_RESPONSE, E.LOCAL_ABORT): ("AA-1", "send_abort", S.AWAITING_CLOSE),
+    # Sta13: awaiting the peer's close after our RJ, RP or A-ABORT
+    (S.AWAITING_CLOSE, E.ASSOCIATE_AC_PDU): ("AA-6", "ignore", S.AWAITING_CLOSE),
+    (S.AWAITING_CLOSE, E.ASSOCIATE_RJ_PDU): ("AA-6", "ignore", S.AWAITING_CLOSE),
+    (S.AWAITING_CLOSE, E.P_DATA_PDU): ("AA-6", "ignore", S.AWAITING_CLOSE),
+    (S.AWAITING_CLOSE, E.RELEASE_RQ_PDU): ("AA-6", "ignore", S.AWAITING_CLOSE),
+    (S.AWAITING_CLOSE, E.RELEASE_RP_PDU): ("AA-6", "ignore", S.AWAITING_CLOSE),
+    (S.AWAITING_CLOSE, E.ASSOCIATE_RQ_PDU): ("AA-7", "send_abort", S.AWAITING_CLOSE),
+    (S.AWAITING_CLOSE, E.INVALID_PDU): ("AA-7", "send_abort", S.AWAITING_CLOSE),
+    (S.AWAITING_CLOSE, E.ABORT_PDU): ("AA-2", "close", S.IDLE),
+    (S.AWAITING_CLOSE, E.ARTIM_EXPIRED): ("AA-2", "close", S.IDLE),
+    (S.AWAITING_CLOSE, E.CONNECTION_CLOSED): ("AR-5", "close", S.IDLE),
+    (S.AWAITING_CLOSE, E.LOCAL_ABORT): ("AA-2", "close", S.IDLE),  # a stop: already ending
+}  # fmt: skip
+# The three local events of Sta3/Sta6/Sta8 that Sta13 cannot take are never
+# issued there: the service user is only called from the indications above.
+# Every PDU event has a row in every state (PS3.8: AA-8 for the unexpected).
+for _state in State:
+    if _state is not State.IDLE:
+        for _event in (*PDU_EVENTS.values(), Event.INVALID_PDU, Event.CONNECTION_CLOSED):
+            if (_state, _event) not in TRANSITIONS:
+                TRANSITIONS[_state, _event] = ("AA-8", "provider_abort", State.AWAITING_CLOSE)
+
+
+# A-ABORT sources and reasons (PS3.8 9.3.8)
+ABORT_SOURCE_USER = 0x00
+ABORT_SOURCE_PROVIDER = 0x02
+REASON_NOT_SPECIFIED = 0x00
+REASON_UNRECOGNIZED_PDU = 0x01
+REASON_UNEXPECTED_PDU = 0x02
+REASON_INVALID_PARAMETER = 0x06
+
+
+def abort_pdu(source: int, reason: int) -> bytes:
+    return bytes((0x07, 0, 0, 0, 0, 4, 0, 0, source, reason))
+
+
+def reject_pdu(result: int, source: int, diagnostic: int) -> bytes:
+    return bytes((0x03, 0, 0, 0, 0, 4, 0, result, source, diagnostic))
+
+
+RELEASE_RP_PDU = bytes((0x06, 0, 0, 0, 0, 4, 0, 0, 0, 0))
+
+
+@dataclass(frozen=True)
+class Abort:
+    """How an association was aborted, for the service user's log."""
+
+    by: str  # "peer", "us" or "connection" (closed or failed without an A-ABORT)
+    reason: str
+
+
+class ProtocolError(Exception):
+    """A P-DATA whose content breaks the rules of the DIMSE layer: the service
+    user raises it, the upper layer aborts (AA-8)."""
+
+
+class ServiceUser:
+    """What the upper layer tells the service above it, in its own thread."""
+
+    def associate_requested(self, layer: "UpperLayer", pdu: bytes) -> None:
+        """`pdu` is the whole A-ASSOCIATE-RQ PDU. Must end with layer.accept(...),
+        layer.reject(...) or layer.abort(...)."""
+        raise NotImplementedError
+
+    def p_data(self, layer: "UpperLayer", context_id: int, control: int, fragment) -> None:
+        """One PDV. `fragment` is a memoryview valid until the call returns.
+        Raises ProtocolError for a PDV the DIMSE layer cannot take."""
+        raise NotImplementedError
+
+    def released(self) -> None: ...
+
+    def aborted(self, abort: Abort) -> None: ...
+
+
+class UpperLayer:
+    """The upper layer of one accepted connection."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        user: ServiceUser,
+        *,
+        max_pdu: int,
+        artim_timeout: float,
+        network_timeout: float,
+    ):
+        self.sock = sock
+        self.user = user
+        self.max_pdu = max_pdu  # the P-DATA-TF variable field we announced we receive
+        self.artim_timeout = artim_timeout
+        self.network_timeout = network_timeout
+        self.state = State.AWAITING_ASSOCIATE_RQ
+        self.peer_max_pdu = 0  # what the peer receives: 0 = no limit
+        self._buffer = bytearray(max(max_pdu, MAX_CONTROL_PDU))
+        self._view = memoryview(self._buffer)
+        self._stop_requested = False
+        self._abort_reason = REASON_NOT_SPECIFIED
+
+    # -- the state machine ---------------------------------------------------------
+
+    def run(self) -> None:
+        """Serve the connection until it is closed."""
+        self.sock.settimeout(self.artim_timeout)
+        try:
+            while self.state is not State.IDLE:
+                self.handle(*self._next_event())
+        finally:
+            self._close_socket()
+
+    def handle(self, event: Event, detail=None) -> None:
+        """Take one event: run its action and enter the next state (or the one
+        the action returns). An action may raise local events itself."""
+        previous = self.state
+        _, action, self.state = TRANSITIONS[previous, event]
+        override = getattr(self, action)(previous, event, detail)
+        if override is not None:
+            self.state = override
+
+    def _next_event(self) -> tuple[Event, object]:
+        """The next event from the peer (or a stop), with its PDU or a reason."""
+        if self._stop_requested:
+            return Event.LOCAL_ABORT, "the service is stopping"
+        try:
+            header = self._read_exactly(6)
+            if header is None:
+                return self._closed()
+            kind, length = _PDU_HEADER.unpack_from(header)
+            event = PDU_EVENTS.get(kind)
+            if event is None or length > len(self._buffer):
+                self._abort_reason = (
+                    REASON_UNRECOGNIZED_PDU if event is None else REASON_INVALID_PARAMETER
+                )
+                return Event.INVALID_PDU, f"PDU type 0x{kind:02X} of length {length}"
+            body = self._read_exactly(length)
+        except TimeoutError:
+            if self.state in (State.AWAITING_ASSOCIATE_RQ, State.AWAITING_CLOSE):
+                return Event.ARTIM_EXPIRED, None
+            return Event.LOCAL_ABORT, f"no data for {self.network_timeout:g} s"
+        except OSError as exc:
+            return self._closed(exc)
+        if body is None:
+            return self._closed()
+        return event, body
+
+    def _closed(self, error: OSError | None = None) -> tuple[Event, object]:
+        if self._stop_requested:
+            return Event.LOCAL_ABORT, "the service is stopping"
+        if error is None:
+            return Event.CONNECTION_CLOSED, "connection closed without release"
+        return Event.CONNECTION_CLOSED, f"connection failed: {error.strerror or error}"
+
+    def _read_exactly(self, count: int) -> memoryview | None:
+        """The next `count` bytes, in the reused buffer (valid until the next
+        read); None when the peer closes first."""
+        view = self._view[:count]
+        received = 0
+        sock = self.sock
+        while received < count:
+            got = sock.recv_into(view[received:])
+            if got == 0:
+                return None
+            received += got
+            if _TCP_QUICKACK is not None:
+                # Linux turns quick ACKs off again by itself: re-armed after each
+                # read, a Nagle-on sender never waits 40 ms for our ACK.
+                sock.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
+        return view
+
+    # -- actions (PS3.8 tables 9-6 to 9-9) -------------------------------------------
+
+    def indicate_associate(self, previous, event, pdu) -> None:
+        self.sock.settimeout(self.network_timeout)  # ARTIM stopped
+        self.user.associate_requested(self, _PDU_HEADER.pack(0x01, len(pdu)) + pdu)
+        if self.state is State.AWAITING_LOCAL_ASSOCIATE_RESPONSE:
+            raise RuntimeError("the service user neither accepted nor rejected")
+
+    def indicate_p_data(self, previous, event, pdu) -> State | None:
+        try:
+            for context_id, control, fragment in _pdvs(pdu):
+                self.user.p_data(self, context_id, control, fragment)
+                if self.state is not State.ESTABLISHED:  # the user aborted
+                    return None
+        except ProtocolError as exc:
+            self._abort_reason = REASON_INVALID_PARAMETER
+            return self.provider_abort(previous, Event.INVALID_PDU, str(exc))
+        return None
+
+    def indicate_release(self, previous, event, pdu) -> None:
+        self.user.released()
+        self.handle(Event.LOCAL_RELEASE_RESPONSE, RELEASE_RP_PDU)
+
+    def indicate_abort(self, previous, event, pdu) -> None:
+        self.user.aborted(Abort("peer", "A-ABORT from the peer"))
+        self._close_socket()
+
+    def indicate_provider_abort(self, previous, event, reason) -> None:
+        self.user.aborted(Abort("connection", reason))
+        self._close_socket()
+
+    def provider_abort(self, previous, event, detail) -> State:
+        """AA-8: A-ABORT to the peer (from the provider), A-P-ABORT to the user."""
+        reason = self._abort_reason or REASON_UNEXPECTED_PDU
+        self._send_abort(ABORT_SOURCE_PROVIDER, reason)
+        what = (
+            detail if isinstance(detail, str) else f"unexpected {event.value} in {previous.value}"
+        )
+        self.user.aborted(Abort("us", what))
+        return State.AWAITING_CLOSE
+
+    def send_abort(self, previous, event, detail) -> None:
+        """AA-1 / AA-7: A-ABORT to the peer."""
+        if event is Event.LOCAL_ABORT:
+            self._send_abort(ABORT_SOURCE_USER, REASON_NOT_SPECIFIED)
+            if previous in (State.ESTABLISHED, State.AWAITING_LOCAL_RELEASE_RESPONSE):
+                self.user.aborted(Abort("us", detail or "aborted by the receiver"))
+        else:
+            self._send_abort(ABORT_SOURCE_PROVIDER, self._abort_reason or REASON_UNEXPECTED_PDU)
+
+    def send_pdu(self, previous, event, pdu) -> None:
+        self._send(pdu)
+        if self.state is State.AWAITING_CLOSE:  # our RJ or RP: ARTIM started
+            self.sock.settimeout(min(self.network_timeout, CLOSE_TIMEOUT))
+
+    def ignore(self, previous, event, pdu) -> None:
+        pass
+
+    def close(self, previous, event, detail) -> None:
+        self._close_socket()
+
+    # -- what the service user calls --------------------------------------------------
+
+    def accept(self, pdu: bytes, peer_max_pdu: int) -> None:
+        self.peer_max_pdu = peer_max_pdu
+        self.handle(Event.LOCAL_ACCEPT, pdu)
+
+    def reject(self, result: int, source: int, diagnostic: int) -> None:
+        self.handle(Event.LOCAL_REJECT, reject_pdu(result, source, diagnostic))
+
+    def abort(self, reason: str) -> None:
+        """A-ABORT from the local user (a request it cannot answer)."""
+        self.handle(Event.LOCAL_ABORT, reason)
+
+    def send_message(self, context_id: int, command: bytes, dataset: bytes = b"") -> None:
+        """A DIMSE message as P-DATA-TF PDUs within the peer's maximum length."""
+        self.handle(
+            Event.LOCAL_P_DATA, p_data_pdus(context_id, command, dataset, self.peer_max_pdu)
+        )
+
+    def request_stop(self) -> None:
+        """From another thread: end this connection now. Its own thread wakes
+        from its read, sends an A-ABORT where the state has one, and closes."""
+        self._stop_requested = True
+        # The base class's shutdown: an SSLSocket's own would tear down the TLS
+        # session under the thread that is reading from it.
+        with contextlib.suppress(OSError):
+            socket.socket.shutdown(self.sock, socket.SHUT_RD)
+
+    def _send_abort(self, source: int, reason: int) -> None:
+        """A-ABORT, then our side of the connection closed: nothing follows it."""
+        self._send(abort_pdu(source, reason))
+        with contextlib.suppress(OSError):
+            socket.socket.shutdown(self.sock, socket.SHUT_WR)
+        self.sock.settimeout(min(self.network_timeout, CLOSE_TIMEOUT_AFTER_ABORT))
+
+    def _send(self, data: bytes) -> None:
+        # The peer may be gone: the next read tells the state machine.
+        with contextlib.suppress(OSError):
+            self.sock.sendall(data)
+
+    def _close_socket(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+
+def _pdvs(body):
+    """(context ID, message control header, fragment) of each PDV of a P-DATA-TF."""
+    end = len(body)
+    pos = 0
+    if end == 0:
+        raise ProtocolError("P-DATA-TF without a PDV")
+    while pos < end:
+        if end - pos < 6:
+            raise ProtocolError("P-DATA-TF ends inside a PDV header")
+        length, context_id, control = _PDV_HEADER.unpack_from(body, pos)
+        if length < 2 or pos + 4 + length > end:
+            raise ProtocolError(f"PDV length {length} does not fit its PDU")
+        yield context_id, control, body[pos + 6 : pos + 4 + length]
+        pos += 4 + length
+
+
+def p_data_pdus(context_id: int, command: bytes, dataset: bytes, peer_max_pdu: int) -> bytes:
+    """The P-DATA-TF PDUs of one DIMSE message, one PDV each, each within the
+    peer's maximum length (0: no limit)."""
+    # A peer announcing less than a few hundred bytes is broken, not frugal.
+    chunk = max(peer_max_pdu - 6, 256) if peer_max_pdu else max(len(command), len(dataset), 1)
+    out = bytearray()
+    for data, command_bit in ((command, 1), (dataset, 0)):
+        if command_bit == 0 and not data:
+            break
+        for start in range(0, len(data), chunk):
+            piece = data[start : start + chunk]
+            last = 2 if start + chunk >= len(data) else 0
+            out += _PDU_HEADER.pack(0x04, len(piece) + 6)
+            out += _PDV_HEADER.pack(len(piece) + 2, context_id, command_bit | last)
+            out += piece
+    return bytes(out)
