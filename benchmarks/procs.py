@@ -81,9 +81,87 @@ def descendants(pid: int) -> set[int]:
     return found
 
 
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_ticks(pid: int) -> tuple[int, int, int, int] | None:
+    """(start time, ppid, utime + stime, cutime + cstime) of `pid` in clock ticks, from
+    /proc/PID/stat; None if it is gone. A process's utime/stime include all its threads,
+    also those that exited; cutime/cstime are its children that it waited for."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            stat = handle.read()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()  # fields[0] is field 3 (state)
+    try:
+        own = int(fields[11]) + int(fields[12])
+        return int(fields[19]), int(fields[1]), own, int(fields[13]) + int(fields[14])
+    except (IndexError, ValueError):
+        return None
+
+
+class CpuMeter:
+    """CPU time (user + system) used by a process tree.
+
+    Every sample reads the tree's current members (the root and its descendants; pass
+    the set, or it is scanned) and remembers each process's latest figure, own CPU plus
+    that of the children it waited for, keyed by (pid, start time) so a reused pid is a
+    new process. A process that disappears keeps its last figure, except when its
+    parent, still in the tree, has meanwhile gained at least that much children's CPU
+    (it waited for it: the figure moved to the parent's). CPU a vanished process used
+    after its last sample is then missed, so sample often: RssSampler does, at every
+    rescan. `sample()` returns the total in seconds; the difference of two samples is
+    the CPU the tree used in between."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self._figures: dict[tuple[int, int], int] = {}  # what counts, per process
+        self._live: dict[tuple[int, int], tuple[int, int]] = {}  # key -> (ppid, children)
+        self._seen = 0
+        self._lock = threading.Lock()
+
+    def sample(self, pids: set[int] | None = None) -> float:
+        if pids is None:
+            pids = {self.pid} | descendants(self.pid)
+        with self._lock:
+            now = {}
+            for pid in pids:
+                got = cpu_ticks(pid)
+                if got is not None:
+                    start, ppid, own, children = got
+                    now[(pid, start)] = (ppid, own, children)
+            vanished: dict[int, list[tuple[int, int]]] = {}
+            for key, (ppid, _children) in self._live.items():
+                if key not in now:
+                    vanished.setdefault(ppid, []).append(key)
+            for ppid, keys in vanished.items():
+                parent = next((k for k in now if k[0] == ppid and k in self._live), None)
+                if parent is None:
+                    continue
+                gained = now[parent][2] - self._live[parent][1]
+                if gained >= sum(self._figures[k] for k in keys):
+                    for key in keys:
+                        del self._figures[key]  # now inside the parent's figure
+            for key, (_ppid, own, children) in now.items():
+                if key not in self._figures:
+                    self._seen += 1
+                self._figures[key] = own + children
+            self._live = {key: (ppid, children) for key, (ppid, _own, children) in now.items()}
+            return sum(self._figures.values()) / CLK_TCK
+
+    @property
+    def processes(self) -> int:
+        """How many processes were seen so far."""
+        with self._lock:
+            return self._seen
+
+
 class RssSampler:
     """Samples VmRSS of a process tree every `interval` seconds; at the end also reads
-    VmHWM (the kernel's own high-water mark, per process) before the process is stopped."""
+    VmHWM (the kernel's own high-water mark, per process) before the process is stopped.
+    At every rescan of the tree it also samples `self.cpu` (a CpuMeter of the same tree),
+    so the CPU of a process that exits during a run is counted up to its last rescan."""
 
     def __init__(self, pid: int, interval: float = 0.02, rescan: float = 0.25):
         self.pid = pid
@@ -92,10 +170,12 @@ class RssSampler:
         self.pids = {pid}
         self.peak_tree_kib = 0
         self.samples = 0
+        self.cpu = CpuMeter(pid)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
 
     def start(self) -> "RssSampler":
+        self.pids = {self.pid} | descendants(self.pid)  # workers forked at start, too
         self._sample()
         self._thread.start()
         return self
@@ -111,6 +191,7 @@ class RssSampler:
             now = time.monotonic()
             if now - last_scan >= self.rescan:
                 self.pids = {self.pid} | descendants(self.pid)
+                self.cpu.sample(self.pids)
                 last_scan = now
             self._sample()
 

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import sqlite3
+import statistics
 import subprocess
 import sys
 import urllib.request
@@ -155,6 +156,7 @@ class ImagingScp(Receiver):
         super().__init__()
         self.script = VENV_BIN / "imaging-scp"
         self.snapshot: Path | None = None
+        self.flags: list[str] = []  # extra arguments of `imaging-scp serve`
 
     def pin(self, snapshot: Path) -> None:
         """Run every measurement on a copy of the code as it is now.
@@ -237,8 +239,8 @@ class ImagingScp(Receiver):
             str(self.port),
             "--data-dir",
             str(self.data_dir),
-            # e.g. IMAGING_SCP_ARGS="--workers 2": benchmark a non-default setting.
-            *os.environ.get("IMAGING_SCP_ARGS", "").split(),
+            # --imaging-scp-flags "--workers 2" (run.py): benchmark a non-default setting.
+            *self.flags,
         ]
 
     def received(self):
@@ -269,10 +271,15 @@ class ImagingScp(Receiver):
         return problems
 
     def log_summary(self):
+        """Counts of the JSON log's levels and events, the `ms` of `instance.stored`
+        (time in the store path) and, when the events carry `timings` (stage name ->
+        ms), each stage's median and p90 over the run's instances."""
         levels = collections.Counter()
         events = collections.Counter()
         outcomes = collections.Counter()
         stored_ms = []
+        stage_ms: dict[str, list[float]] = {}  # in the order the stages first appear
+        timed = 0
         examples = []
         unparsed = 0
         for line in self._log_lines():
@@ -283,22 +290,26 @@ class ImagingScp(Receiver):
                 if len(examples) < 5:
                     examples.append(line[:300])
                 continue
+            if not isinstance(record, dict):
+                unparsed += 1
+                continue
             level = record.get("level", "?")
             levels[level] += 1
             event = record.get("event", "?")
             events[event] += 1
             if event == "instance.stored":
                 outcomes[record.get("outcome", "?")] += 1
-                if isinstance(record.get("ms"), int | float):
-                    stored_ms.append(record["ms"])
+                if _is_number(record.get("ms")):
+                    stored_ms.append(float(record["ms"]))
+                stages = record.get("timings")
+                if isinstance(stages, dict) and stages:
+                    timed += 1
+                    for name, value in stages.items():
+                        if _is_number(value):
+                            stage_ms.setdefault(str(name), []).append(float(value))
             if level in ("warning", "error", "critical") and len(examples) < 5:
                 examples.append(line[:300])
         stored_ms.sort()
-
-        def pct(p):
-            return (
-                stored_ms[min(len(stored_ms) - 1, int(p * len(stored_ms)))] if stored_ms else None
-            )
 
         return {
             "warnings": levels["warning"],
@@ -308,11 +319,34 @@ class ImagingScp(Receiver):
             "refused": events["instance.refused"],
             "failed": events["instance.failed"],
             "outcomes": dict(outcomes),
-            "handler_ms_median": pct(0.5),
-            "handler_ms_p99": pct(0.99),
+            "handler_ms_median": _percentile(stored_ms, 0.5),
+            "handler_ms_p90": _percentile(stored_ms, 0.9),
+            "handler_ms_p99": _percentile(stored_ms, 0.99),
             "handler_ms_max": stored_ms[-1] if stored_ms else None,
+            "timed_events": timed,
+            "stages": {
+                name: {
+                    "median": round(statistics.median(values), 4),
+                    "p90": round(_percentile(sorted(values), 0.9), 4),
+                    "n": len(values),
+                }
+                for name, values in stage_ms.items()
+            },
             "examples": examples,
         }
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _percentile(ordered: list[float], p: float) -> float | None:
+    """Nearest-rank percentile of a sorted list; p = 0.5 gives `statistics.median`."""
+    if not ordered:
+        return None
+    if p == 0.5:
+        return statistics.median(ordered)
+    return ordered[min(len(ordered) - 1, int(p * len(ordered)))]
 
 
 class DcmtkStorescp(Receiver):

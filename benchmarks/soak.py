@@ -1,13 +1,21 @@
 """Soak: send many small instances to `imaging-scp serve` and watch its memory.
 
     python -m benchmarks.soak [--instances 100000] [--per-association 1000]
+        [--results benchmarks/results/soak.json]
 
 Each instance is generated with new UIDs (no resend shortcuts), 64x64 16-bit,
 sent by pynetdicom over loopback in associations of `--per-association`
 instances. The server's RSS is sampled before the first instance and after
 every association; the report compares the RSS after the first 10 % (warm:
 imports done, caches filled) with the RSS at the end (target: no more than
-10 % growth) and writes benchmarks/results/soak.json.
+10 % growth) and writes benchmarks/results/soak.json (or --results).
+
+Every C-STORE must be answered with Success. One that gets no answer (DIMSE
+timeout, aborted association) is counted as unanswered, one answered with another
+status as failed; after either the soak goes on with a new association, and it
+stops after --max-failures of them. At the end it compares the rows of the
+server's index with the instances stored. The exit status is 0 only when nothing
+was unanswered or failed, the index holds every instance and growth is in target.
 
 A C-STORE left unanswered for `--stall-after` seconds is a stall: the soak
 records it and leaves py-spy dumps of both ends (server and this sender) in its
@@ -15,10 +23,12 @@ work directory, which it then keeps.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -29,6 +39,8 @@ from pathlib import Path
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
+
+from benchmarks import procs
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 RESULTS = Path(__file__).parent / "results" / "soak.json"
@@ -105,6 +117,18 @@ def main() -> int:
     parser.add_argument("--instances", type=int, default=100_000)
     parser.add_argument("--per-association", type=int, default=1000)
     parser.add_argument("--stall-after", type=float, default=10.0)
+    parser.add_argument(
+        "--max-failures",
+        type=int,
+        default=10,
+        help="stop after this many unanswered or failed C-STOREs [10]",
+    )
+    parser.add_argument(
+        "--results",
+        type=Path,
+        default=RESULTS,
+        help="where the JSON report goes [benchmarks/results/soak.json]",
+    )
     args = parser.parse_args()
     if PY_SPY is None:
         print("py-spy is not installed: stalls will be recorded without stack dumps")
@@ -121,66 +145,112 @@ def main() -> int:
     )  # fmt: skip
     keep = False  # the work directory, to look into a failure
     try:
-        time.sleep(2)
+        procs.wait_until(lambda: procs.is_listening(port), 60, server, "imaging-scp serve")
+        time.sleep(0.5)  # let start-up settle before the idle figure
         idle_rss = memory_mb(server.pid)["rss"]
         watch = StallWatch(server.pid, work, args.stall_after)
         ae = AE("SOAK")
         ae.add_requested_context(CT_IMAGE_STORAGE, ExplicitVRLittleEndian)
         pixels = os.urandom(64 * 64 * 2)
         samples, sent, started = [], 0, time.monotonic()
+        stored, unanswered, failed, problems = 0, 0, 0, []
         study = generate_uid()
-        while sent < args.instances:
+        while sent < args.instances and unanswered + failed < args.max_failures:
             if sent % 10_000 == 0:
                 study = generate_uid()
             series = generate_uid()
             assoc = ae.associate("127.0.0.1", port, ae_title="IMAGING_SCP")
-            assert assoc.is_established
+            if not assoc.is_established:
+                problems.append(f"after {sent} instances: association not established")
+                print(problems[-1], flush=True)
+                failed += 1
+                continue
             for _ in range(min(args.per_association, args.instances - sent)):
                 dataset = instance(study, series, sent, pixels)
                 watch.in_flight_since = time.monotonic()
-                response = assoc.send_c_store(dataset)
+                try:
+                    response = assoc.send_c_store(dataset)
+                except (RuntimeError, OSError) as exc:  # the association is gone
+                    response, error = None, f"{type(exc).__name__}: {exc}"
+                else:
+                    error = None
                 watch.in_flight_since = None
-                if response.get("Status") != 0:
-                    failure = f"instance {sent}: response {response!r}, see {work}/serve.log"
-                    print(failure, flush=True)
-                    keep = True
-                    return 1
                 sent += 1
-            assoc.release()
+                status = response.get("Status") if response is not None else None
+                if status == 0:
+                    stored += 1
+                    continue
+                if status is None:
+                    unanswered += 1
+                    what = f"unanswered ({error or 'no response: timeout or abort'})"
+                else:
+                    failed += 1
+                    what = f"status 0x{status:04X}"
+                problems.append(f"instance {sent - 1}: {what}")
+                print(f"{problems[-1]}; see {work}/serve.log", flush=True)
+                keep = True
+                if not assoc.is_established or unanswered + failed >= args.max_failures:
+                    break
+            if assoc.is_established:
+                assoc.release()
             memory = memory_mb(server.pid)
             samples.append((sent, memory["rss"], memory["anon"], memory["file"], memory["shmem"]))
             print(f"{sent:>7} sent, server memory (MB) {memory}", flush=True)
         elapsed = time.monotonic() - started
         watch.stop()
-        keep = bool(watch.stalls)
-        early = next(rss for count, rss, *_ in samples if count >= args.instances // 10)
-        end = samples[-1][1]
+        keep = keep or bool(watch.stalls)
+        indexed = index_rows(work / "data" / "index.sqlite")
+        early = next((rss for count, rss, *_ in samples if count >= args.instances // 10), None)
+        end = samples[-1][1] if samples else None
+        growth = round(end / early - 1, 4) if early and end else None
         report = {
             "instances": sent,
+            "stored": stored,
+            "unanswered": unanswered,
+            "failed": failed,
+            "problems": problems[:50],
+            "indexed": indexed,
             "seconds": round(elapsed, 1),
             "rate": round(sent / elapsed, 1),
             "rss_idle_mb": idle_rss,
             "malloc_arena_max": os.environ.get("MALLOC_ARENA_MAX"),
             "rss_after_10_percent_mb": early,
             "rss_end_mb": end,
-            "growth": round(end / early - 1, 4),
+            "growth": growth,
             "target_growth_max": 0.10,
             "stalls": watch.stalls,
             "samples_columns": ["instances", "rss_mb", "anon_mb", "file_mb", "shmem_mb"],
             "samples": samples,
         }
-        RESULTS.write_text(json.dumps(report, indent=2) + "\n")
-        verdict = "PASS" if report["growth"] <= 0.10 else "FAIL"
-        growth = f"{report['growth']:+.1%}"
-        print(f"RSS {early} MB after 10 % -> {end} MB at the end: {growth} ({verdict},")
-        print(f"target <= +10 %); {report['rate']} instances/s; idle RSS {idle_rss} MB;")
-        print(f"{len(watch.stalls)} stalls" + (f", dumps kept in {work}" if keep else ""))
+        args.results.parent.mkdir(parents=True, exist_ok=True)
+        args.results.write_text(json.dumps(report, indent=2) + "\n")
+        grew = growth is not None and growth <= 0.10
+        complete = unanswered == 0 and failed == 0 and sent == args.instances
+        verdict = "PASS" if grew and complete and indexed == stored else "FAIL"
+        growth_text = f"{growth:+.1%}" if growth is not None else "?"
+        print(
+            f"{verdict}: {sent} instances sent, {stored} stored, {unanswered} unanswered and "
+            f"{failed} failed C-STOREs (target: 0 and 0), {indexed} rows in the index\n"
+            f"  RSS {early} MB after 10 % -> {end} MB at the end: {growth_text} "
+            f"(target <= +10 %); idle RSS {idle_rss} MB\n"
+            f"  {report['rate']} instances/s, {len(watch.stalls)} stalls; report {args.results}"
+            + (f"; work directory kept: {work}" if keep else "")
+        )
         return 0 if verdict == "PASS" else 1
     finally:
         server.terminate()
         server.wait(60)
         if not keep:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def index_rows(path: Path) -> int | None:
+    """Rows of the server's `instances` table (None if unreadable)."""
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+            return db.execute("SELECT COUNT(*) FROM instances").fetchone()[0]
+    except sqlite3.Error:
+        return None
 
 
 if __name__ == "__main__":
