@@ -28,6 +28,7 @@ import io
 import json
 import mmap
 import os
+import re
 import struct
 import zlib
 from collections.abc import Iterator
@@ -295,14 +296,24 @@ def _items(dataset: Dataset, keyword: str) -> list[Dataset]:
         return []
 
 
+def _item_value(item, keyword: str):
+    """An item's value, or None where pydicom cannot convert it (an unknown VR
+    raises NotImplementedError, a bad value anything): a sender's odd item must
+    not stop us from storing its object."""
+    try:
+        return item.get(keyword)
+    except Exception:
+        return None
+
+
 def _codes(items: list) -> str | None:
     """A code sequence as JSON: [{"code", "system", "display"}], or None."""
     codes = []
     for item in items:
         code = {
-            "code": item.get("CodeValue"),
-            "system": item.get("CodingSchemeDesignator"),
-            "display": item.get("CodeMeaning"),
+            "code": _item_value(item, "CodeValue"),
+            "system": _item_value(item, "CodingSchemeDesignator"),
+            "display": _item_value(item, "CodeMeaning"),
         }
         codes.append({k: str(v) for k, v in code.items() if v})
     codes = [code for code in codes if code]
@@ -312,7 +323,7 @@ def _codes(items: list) -> str | None:
 def _accession_issuer(items: list) -> str | None:
     for item in items:
         for keyword in ("UniversalEntityID", "LocalNamespaceEntityID"):
-            value = item.get(keyword)
+            value = _item_value(item, keyword)
             if value:
                 return str(value)
     return None
@@ -323,7 +334,7 @@ def _title(text_of, items: list) -> str | None:
     if label:
         return label
     for item in items:
-        meaning = item.get("CodeMeaning")
+        meaning = _item_value(item, "CodeMeaning")
         if meaning:
             return str(meaning)
     return text_of("DocumentTitle")
@@ -573,6 +584,7 @@ _PLAIN_VRS = frozenset(
     ["AE", "AS", "CS", "DA", "DT", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UI", "UT"]
 )
 _PRINTABLE = bytes(range(0x20, 0x7F)).replace(b"\\", b"")
+_PLAIN_INTEGER = re.compile(rb" *[+-]?[0-9]{1,12} *\x00?")
 _UNPACK_LE = struct.Struct("<HHI").unpack_from
 _UNPACK_EXPLICIT_LE = struct.Struct("<HH2sH").unpack_from
 _UNPACK_LONG_LE = struct.Struct("<I").unpack_from
@@ -1212,6 +1224,10 @@ class _WalkResult:
             body = value.rstrip(b" \x00")
             if not body.translate(None, _PRINTABLE):
                 return body.decode("ascii").strip() or None
+        elif vr == "IS" and _PLAIN_INTEGER.fullmatch(value):
+            # What pydicom's IS makes of it has the same value, which is all
+            # that is read of an IS (`_integer`).
+            return value.decode("ascii").strip(" \x00")
         try:
             element = self._convert(tag, raw)
         except Exception:

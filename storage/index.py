@@ -17,10 +17,10 @@ import dataclasses
 import json
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
@@ -68,8 +68,10 @@ INSTANCE_FIELDS = {"number": int, "title": str, "number_of_frames": int}
 
 
 def utc_now() -> str:
-    """A sortable UTC timestamp with milliseconds, as stored in the index."""
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    """A sortable UTC timestamp with milliseconds, as stored in the index
+    (2026-12-01T20:41:24.123Z). Formatted by hand: it is taken for every instance."""
+    now = time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now * 1000) % 1000:03d}Z"
 
 
 @dataclass(frozen=True)
@@ -83,7 +85,13 @@ class Provenance:
 
     def receipt(self, received_at: str) -> dict:
         """What a stored file records about its reception (see files.encode_file_header)."""
-        return {"received_at": received_at, **dataclasses.asdict(self)}
+        return {
+            "received_at": received_at,
+            "calling_ae": self.calling_ae,
+            "called_ae": self.called_ae,
+            "peer": self.peer,
+            "association_id": self.association_id,
+        }
 
     @classmethod
     def from_receipt(cls, receipt: dict) -> "Provenance":
@@ -304,14 +312,17 @@ class Index:
         with self._lock:
             try:
                 conn.execute("BEGIN IMMEDIATE")
-                for ticket in batch:
-                    conn.execute("SAVEPOINT instance")
-                    try:
-                        ticket.result = ticket.work()
-                    except BaseException as exc:
-                        ticket.error = exc
-                        conn.execute("ROLLBACK TO instance")
-                    conn.execute("RELEASE instance")
+                if len(batch) == 1:  # alone: its failure rolls back the whole transaction
+                    batch[0].result = batch[0].work()
+                else:
+                    for ticket in batch:
+                        conn.execute("SAVEPOINT instance")
+                        try:
+                            ticket.result = ticket.work()
+                        except BaseException as exc:
+                            ticket.error = exc
+                            conn.execute("ROLLBACK TO instance")
+                        conn.execute("RELEASE instance")
                 conn.execute("COMMIT")
             except BaseException as exc:
                 if conn.in_transaction:

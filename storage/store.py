@@ -272,10 +272,6 @@ class IncomingInstance:
         self._refused: StoreRefused | None = None
         try:
             _check_request_uids(sop_class_uid, sop_instance_uid)
-            if not store.has_room():
-                raise StoreRefused(
-                    Refusal.OUT_OF_SPACE, "receiver's disk is below its free-space floor"
-                )
             self.temp = files.TempWriter(store.data_dir)
             self.temp.write(
                 files.encode_file_header(
@@ -339,15 +335,15 @@ class IncomingInstance:
                     header = read_header(handle, self.transfer_syntax)
         except HeaderError as exc:
             raise StoreRefused(Refusal.UNREADABLE, str(exc)) from exc
-        for name, uid in (
-            ("SOP Class UID", header.sop_class_uid),
-            ("SOP Instance UID", header.sop_instance_uid),
-            ("Study Instance UID", header.study_uid),
-            ("Series Instance UID", header.series_uid),
+        for name, uid, requested in (
+            ("SOP Class UID", header.sop_class_uid, self.sop_class_uid),
+            ("SOP Instance UID", header.sop_instance_uid, self.sop_instance_uid),
+            ("Study Instance UID", header.study_uid, None),
+            ("Series Instance UID", header.series_uid, None),
         ):
             if not uid:
                 raise StoreRefused(Refusal.MISSING_UID, f"dataset has no {name}")
-            if not is_valid_uid(uid):
+            if uid != requested and not is_valid_uid(uid):  # the request's are checked
                 raise StoreRefused(Refusal.INVALID_UID, f"invalid {name} {_shown(uid)}")
         if header.sop_class_uid != self.sop_class_uid:
             raise StoreRefused(Refusal.MISMATCH, "dataset SOP Class UID differs from the request")

@@ -1,0 +1,82 @@
+"""Group commit: instances that reach the index together share one transaction,
+each caller still returns only once the commit holding its row is done, and
+one that fails takes nobody else down."""
+
+import sqlite3
+import threading
+import time
+
+import pytest
+
+from storage.index import Index
+
+
+@pytest.fixture
+def index(tmp_path):
+    index = Index(tmp_path / "index.sqlite")
+    yield index
+    index.close()
+
+
+def _row_writer(index: Index, key: str, seen_committed: list):
+    def work():
+        index.conn.execute(
+            "INSERT INTO conflicts (sop_instance_uid, action) VALUES (?, 'test')", (key,)
+        )
+        time.sleep(0.02)  # as long as a file's fsync: others queue up meanwhile
+        return key
+
+    def run():
+        result = index.commit_together(work)
+        # Returned: the row must be visible to a connection of its own.
+        with sqlite3.connect(index.path) as reader:
+            seen_committed.append(
+                reader.execute(
+                    "SELECT count(*) FROM conflicts WHERE sop_instance_uid = ?", (result,)
+                ).fetchone()[0]
+            )
+
+    return run
+
+
+def test_concurrent_writers_share_commits_and_each_returns_after_its_own(index):
+    commits = []
+    index.conn.set_trace_callback(lambda sql: commits.append(sql) if sql == "COMMIT" else None)
+    seen: list[int] = []
+    threads = [threading.Thread(target=_row_writer(index, f"1.2.{n}", seen)) for n in range(12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert seen == [1] * 12
+    assert len(commits) < 12, "every writer paid its own commit"
+
+
+def test_a_failing_writer_is_rolled_back_alone(index):
+    start = threading.Barrier(6)
+    outcomes = {}
+
+    def writer(n: int):
+        def work():
+            index.conn.execute(
+                "INSERT INTO conflicts (sop_instance_uid, action) VALUES (?, 'test')", (f"2.{n}",)
+            )
+            time.sleep(0.01)
+            if n == 3:
+                raise ValueError("refused")
+            return n
+
+        start.wait()
+        try:
+            outcomes[n] = index.commit_together(work)
+        except ValueError as exc:
+            outcomes[n] = str(exc)
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert outcomes == {0: 0, 1: 1, 2: 2, 3: "refused", 4: 4, 5: 5}
+    rows = {r[0] for r in index.conn.execute("SELECT sop_instance_uid FROM conflicts")}
+    assert rows == {"2.0", "2.1", "2.2", "2.4", "2.5"}
