@@ -19,6 +19,7 @@ close after our A-ASSOCIATE-RJ, A-RELEASE-RP or A-ABORT).
 import contextlib
 import enum
 import socket
+import ssl
 import struct
 from dataclasses import dataclass
 
@@ -207,6 +208,12 @@ class UpperLayer:
         self.peer_max_pdu = 0  # what the peer receives: 0 = no limit
         self._buffer = bytearray(max(max_pdu, MAX_CONTROL_PDU))
         self._view = memoryview(self._buffer)
+        self._start = self._end = 0  # the bytes received and not yet taken
+        # A plain socket waits in the kernel (SO_RCVTIMEO): Python's own timeout
+        # would add a poll() before every read. An SSLSocket keeps Python's.
+        self._kernel_timeouts = not isinstance(sock, ssl.SSLSocket)
+        if self._kernel_timeouts:
+            sock.settimeout(None)
         self._stop_requested = False
         self._abort_reason = REASON_NOT_SPECIFIED
 
@@ -214,7 +221,7 @@ class UpperLayer:
 
     def run(self) -> None:
         """Serve the connection until it is closed."""
-        self.sock.settimeout(self.artim_timeout)
+        self._set_timeout(self.artim_timeout)
         try:
             while self.state is not State.IDLE:
                 self.handle(*self._next_event())
@@ -246,7 +253,7 @@ class UpperLayer:
                 )
                 return Event.INVALID_PDU, f"PDU type 0x{kind:02X} of length {length}"
             body = self._read_exactly(length)
-        except TimeoutError:
+        except (TimeoutError, BlockingIOError):  # BlockingIOError: SO_RCVTIMEO expired
             if self.state in (State.AWAITING_ASSOCIATE_RQ, State.AWAITING_CLOSE):
                 return Event.ARTIM_EXPIRED, None
             return Event.LOCAL_ABORT, f"no data for {self.network_timeout:g} s"
@@ -264,26 +271,42 @@ class UpperLayer:
         return Event.CONNECTION_CLOSED, f"connection failed: {error.strerror or error}"
 
     def _read_exactly(self, count: int) -> memoryview | None:
-        """The next `count` bytes, in the reused buffer (valid until the next
-        read); None when the peer closes first."""
-        view = self._view[:count]
-        received = 0
-        sock = self.sock
-        while received < count:
-            got = sock.recv_into(view[received:])
-            if got == 0:
-                return None
-            received += got
-            if _TCP_QUICKACK is not None:
-                # Linux turns quick ACKs off again by itself: re-armed after each
-                # read, a Nagle-on sender never waits 40 ms for our ACK.
-                sock.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
-        return view
+        """The next `count` bytes, from the reused buffer (valid until the next
+        read); None when the peer closes first. Each read from the socket takes
+        what has arrived, up to the buffer's end: a small C-STORE's command and
+        dataset PDUs come in one read, a large one's PDUs a megabyte at a time."""
+        start = self._start
+        if self._end - start < count:
+            if start + count > len(self._buffer):  # make room: what is left goes first
+                left = self._end - start
+                self._view[:left] = self._view[start : self._end]
+                start, self._end = 0, left
+            sock = self.sock
+            while self._end - start < count:
+                got = sock.recv_into(self._view[self._end :])
+                if got == 0:
+                    return None
+                self._end += got
+                if _TCP_QUICKACK is not None:
+                    # Linux turns quick ACKs off again by itself: re-armed after
+                    # each read, a Nagle-on sender never waits 40 ms for our ACK.
+                    sock.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
+        self._start = start + count
+        return self._view[start : start + count]
+
+    def _set_timeout(self, seconds: float) -> None:
+        if not self._kernel_timeouts:
+            self.sock.settimeout(seconds)
+            return
+        whole = int(seconds)
+        value = struct.pack("ll", whole, int((seconds - whole) * 1_000_000))
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
 
     # -- actions (PS3.8 tables 9-6 to 9-9) -------------------------------------------
 
     def indicate_associate(self, previous, event, pdu) -> None:
-        self.sock.settimeout(self.network_timeout)  # ARTIM stopped
+        self._set_timeout(self.network_timeout)  # ARTIM stopped
         self.user.associate_requested(self, _PDU_HEADER.pack(0x01, len(pdu)) + pdu)
         if self.state is State.AWAITING_LOCAL_ASSOCIATE_RESPONSE:
             raise RuntimeError("the service user neither accepted nor rejected")
@@ -333,7 +356,7 @@ class UpperLayer:
     def send_pdu(self, previous, event, pdu) -> None:
         self._send(pdu)
         if self.state is State.AWAITING_CLOSE:  # our RJ or RP: ARTIM started
-            self.sock.settimeout(min(self.network_timeout, CLOSE_TIMEOUT))
+            self._set_timeout(min(self.network_timeout, CLOSE_TIMEOUT))
 
     def ignore(self, previous, event, pdu) -> None:
         pass
@@ -374,7 +397,7 @@ class UpperLayer:
         self._send(abort_pdu(source, reason))
         with contextlib.suppress(OSError):
             socket.socket.shutdown(self.sock, socket.SHUT_WR)
-        self.sock.settimeout(min(self.network_timeout, CLOSE_TIMEOUT_AFTER_ABORT))
+        self._set_timeout(min(self.network_timeout, CLOSE_TIMEOUT_AFTER_ABORT))
 
     def _send(self, data: bytes) -> None:
         # The peer may be gone: the next read tells the state machine.

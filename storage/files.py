@@ -8,10 +8,11 @@ the new name survives a power cut too.
 """
 
 import hashlib
+import itertools
 import json
 import os
 import struct
-import uuid
+import time
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -147,25 +148,50 @@ def file_dataset_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
+_temp_numbers = itertools.count()
+
+
+def _temp_name() -> str:
+    # Unique across the listener processes sharing `.incoming` (pid), and
+    # cheaper than a random UUID on every object; O_EXCL guards the rest.
+    return f"{os.getpid():x}-{time.time_ns():x}-{next(_temp_numbers)}{TEMP_SUFFIX}"
+
+
 class TempWriter:
     """A new temporary file in `.incoming` that a dataset is written to as it
-    arrives. `durable()` fsyncs and closes it; `discard()` removes it. On an
+    arrives, after `head` (the file header), which goes out with its first
+    bytes. `durable()` fsyncs and closes it; `discard()` removes it. On an
     OSError from a write the file is left to the caller to discard."""
 
-    def __init__(self, data_dir: Path):
-        self.path = data_dir / INCOMING_DIR / (uuid.uuid4().hex + TEMP_SUFFIX)
-        self.size = 0
+    def __init__(self, data_dir: Path, head: bytes = b""):
+        self.path = data_dir / INCOMING_DIR / _temp_name()
+        self.size = len(head)
+        self._head = head
         self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
 
     def write(self, data) -> None:
-        view = memoryview(data)
         fd = self._fd
+        if self._head:
+            head, self._head = self._head, b""
+            written = os.writev(fd, [head, data])
+            if written < len(head):
+                self._write_all(fd, memoryview(head)[written:])
+                written = len(head)
+            self._write_all(fd, memoryview(data)[written - len(head) :])
+        else:
+            self._write_all(fd, memoryview(data))
+        self.size += len(data)
+
+    @staticmethod
+    def _write_all(fd: int, view: memoryview) -> None:
         while view:
             view = view[os.write(fd, view) :]
-        self.size += len(data)
 
     def durable(self) -> TempFile:
         try:
+            if self._head:  # nothing came after it
+                head, self._head = self._head, b""
+                self._write_all(self._fd, memoryview(head))
             os.fsync(self._fd)
         finally:
             self._close()
@@ -187,9 +213,9 @@ def write_temp_file(data_dir: Path, parts: list[bytes]) -> TempFile:
     On any OSError (ENOSPC, EIO, ...) the temporary file is removed before the
     error propagates, so nothing half-written remains.
     """
-    writer = TempWriter(data_dir)
+    writer = TempWriter(data_dir, parts[0] if parts else b"")
     try:
-        for part in parts:
+        for part in parts[1:]:
             writer.write(part)
         return writer.durable()
     except BaseException:
@@ -212,7 +238,7 @@ def link_into_place(data_dir: Path, temp: TempFile, relpath: PurePosixPath) -> N
     except FileExistsError:
         # Staged in .incoming, where startup recovery looks: a crash between
         # the two steps leaves nothing stray in the study tree.
-        staging = temp.path.with_name(uuid.uuid4().hex + TEMP_SUFFIX)
+        staging = temp.path.with_name(_temp_name())
         os.link(temp.path, staging)
         os.replace(staging, final)
     fsync_directory(final.parent)

@@ -970,6 +970,17 @@ class _ReaderWalk(_Walk):
                             store[tag] = None  # left out
                         pos += length
                         continue
+                    if length <= end - pos:  # all here: no need to collect it piece by piece
+                        self._keep(
+                            store,
+                            tag,
+                            vr,
+                            frame.implicit,
+                            length,
+                            bytes(buffer[pos : pos + length]),
+                        )
+                        pos += length
+                        continue
                     self.collecting = (store, tag, vr, frame.implicit, length, bytearray(), length)
                     continue
                 # Undefined length.

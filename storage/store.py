@@ -272,14 +272,14 @@ class IncomingInstance:
         self._refused: StoreRefused | None = None
         try:
             _check_request_uids(sop_class_uid, sop_instance_uid)
-            self.temp = files.TempWriter(store.data_dir)
-            self.temp.write(
+            self.temp = files.TempWriter(
+                store.data_dir,
                 files.encode_file_header(
                     sop_class_uid,
                     sop_instance_uid,
                     transfer_syntax,
                     provenance.receipt(self.received_at),
-                )
+                ),
             )
         except StoreRefused as refused:
             self._refuse(refused)

@@ -5,7 +5,7 @@ test_disk_space.py fills a real small filesystem, which needs a tmpfs mount
 (root); where it cannot mount one, these tests still cover the same promises.
 They also cover what a tmpfs cannot produce: EIO. The injection replaces, in
 the server process before it starts, the calls storage writes and measures
-through (os.write, os.copy_file_range, os.fsync, os.statvfs); a control file
+through (os.write, os.writev, os.fsync, os.statvfs); a control file
 the test writes says which fault is on. SQLite's own writes are not affected:
 a full disk under the index is covered by test_disk_space.py only.
 """
@@ -48,7 +48,7 @@ def failing(call):
     return replacement
 
 os.write = failing(os.write)
-os.copy_file_range = failing(os.copy_file_range)
+os.writev = failing(os.writev)
 os.fsync = failing(os.fsync)
 real_statvfs = os.statvfs
 
