@@ -283,14 +283,16 @@ class UpperLayer:
                 start, self._end = 0, left
             sock = self.sock
             while self._end - start < count:
+                if _TCP_QUICKACK is not None:
+                    # Linux turns quick ACKs off again by itself. Re-armed before
+                    # each read, the kernel ACKs what arrives at once, while this
+                    # thread is still waking: a Nagle-on sender never waits 40 ms
+                    # for our ACK, nor for this thread, to send its next segment.
+                    sock.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
                 got = sock.recv_into(self._view[self._end :])
                 if got == 0:
                     return None
                 self._end += got
-                if _TCP_QUICKACK is not None:
-                    # Linux turns quick ACKs off again by itself: re-armed after
-                    # each read, a Nagle-on sender never waits 40 ms for our ACK.
-                    sock.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
         self._start = start + count
         return self._view[start : start + count]
 

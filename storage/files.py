@@ -223,19 +223,24 @@ def write_temp_file(data_dir: Path, parts: list[bytes]) -> TempFile:
         raise
 
 
-def link_into_place(data_dir: Path, temp: TempFile, relpath: PurePosixPath) -> None:
+def link_into_place(
+    data_dir: Path, temp: TempFile, relpath: PurePosixPath, *, replace: bool = True
+) -> None:
     """Give a durable temp file its final name, durably, keeping the temp name.
 
     The temp name is removed by the caller only once the index has committed:
     until then it marks the object as "placed, maybe not indexed", which is what
     startup recovery looks for (`placed_path`). A file already at the final name
-    (policy overwrite) is replaced atomically.
+    (policy overwrite) is replaced atomically, or, without `replace`, raises
+    FileExistsError.
     """
     final = data_dir / relpath
     ensure_directory(data_dir, final.parent)
     try:
         os.link(temp.path, final)
     except FileExistsError:
+        if not replace:
+            raise
         # Staged in .incoming, where startup recovery looks: a crash between
         # the two steps leaves nothing stray in the study tree.
         staging = temp.path.with_name(_temp_name())

@@ -7,6 +7,7 @@ bytes as they arrive (`IncomingInstance.write`), and maps a `StoreRefused` from
 and the index transaction is committed.
 """
 
+import contextlib
 import dataclasses
 import enum
 import errno
@@ -70,6 +71,7 @@ class StoreResult:
     disagreements: list = field(default_factory=list)
     placed: bool = False  # the file got its final name (the index may not have it yet)
     timings: dict = field(default_factory=dict)  # stage: milliseconds, for the log
+    placing_in_transaction: float = 0.0  # ms of `timings["place"]` spent inside it
 
 
 class InstanceStore:
@@ -164,8 +166,15 @@ class InstanceStore:
             temp_writer.discard()
             raise StoreRefused(_refusal_for(exc), f"write failed: {exc.strerror or exc}") from exc
         timings["fsync"] = _ms_since(started)
-        started = time.perf_counter()
         try:
+            if known is None:
+                # Most likely a new instance: placed (link, directory fsync) before
+                # the transaction, so that the group commits only index rows while
+                # several associations' directory fsyncs overlap. `_place` checks
+                # again inside the transaction, and undoes it if a row appeared.
+                with contextlib.suppress(FileExistsError):
+                    self._link(temp, PurePosixPath(entry.path), result, Outcome.STORED, new=True)
+            started = time.perf_counter()
             self.index.commit_together(lambda: self._place(temp, entry, result))
         except sqlite3.OperationalError as exc:
             self._undo_placing(temp, result)
@@ -182,7 +191,7 @@ class InstanceStore:
             # Only after the commit: until then the temp name marks the object as
             # placed but perhaps not indexed, for startup recovery.
             temp.path.unlink(missing_ok=True)
-        timings["index"] = round(_ms_since(started) - timings.get("place", 0.0), 3)
+        timings["index"] = round(_ms_since(started) - result.placing_in_transaction, 3)
         return result
 
     def _undo_placing(self, temp: files.TempFile, result: StoreResult) -> None:
@@ -204,12 +213,17 @@ class InstanceStore:
                 self.index.check_series_study(header.series_uid, header.study_uid)
             except SeriesStudyMismatch as exc:
                 raise StoreRefused(Refusal.SERIES_IN_OTHER_STUDY, str(exc)) from exc
-            self._link(temp, relpath, result, Outcome.STORED)
+            if not result.placed:
+                self._link(temp, relpath, result, Outcome.STORED)
+                result.placing_in_transaction = result.timings["place"]
             outcome = self.index.index_instance(entry)
             result.new_study = outcome.new_study
             result.new_series = outcome.new_series
             result.disagreements = outcome.disagreements
             return
+        if result.placed:  # placed before the transaction, but a row came first
+            (self.data_dir / result.path).unlink(missing_ok=True)
+            result.placed = False
         result.path = known.path
         if known.sha256 == entry.sha256:  # an identical copy won the race
             result.outcome = Outcome.IDENTICAL_RESEND
@@ -234,10 +248,20 @@ class InstanceStore:
         self._link(temp, aside, result, Outcome.KEPT_ASIDE)
         self.index.record_conflict(dataclasses.replace(entry, path=str(aside)), "kept-aside")
 
-    def _link(self, temp: files.TempFile, relpath, result: StoreResult, outcome: Outcome) -> None:
-        result.outcome, result.path = outcome, str(relpath)
+    def _link(
+        self,
+        temp: files.TempFile,
+        relpath,
+        result: StoreResult,
+        outcome: Outcome,
+        *,
+        new: bool = False,
+    ) -> None:
+        """Link the temp file at `relpath`; with `new`, FileExistsError when
+        something is there already (nothing is replaced)."""
         started = time.perf_counter()
-        files.link_into_place(self.data_dir, temp, relpath)
+        files.link_into_place(self.data_dir, temp, relpath, replace=not new)
+        result.outcome, result.path = outcome, str(relpath)
         result.placed = True
         result.timings["place"] = _ms_since(started)
 

@@ -899,6 +899,58 @@ def _pdu_types(data: bytes) -> list[int]:
     return types
 
 
+RELEASE_RP = _pdu(0x06, bytes(4))
+A_ABORT = _pdu(0x07, bytes(4))
+
+# (what the peer sends after associating, or before: PS3.8 table 9-10's answer)
+UNEXPECTED_PDUS = {
+    # Sta2 (no association yet): AA-1, an A-ABORT
+    "p-data-before-associating": (False, p_data(1, b"\0" * 8, command=True), [0x07]),
+    "release-rq-before-associating": (False, RELEASE_RQ, [0x07]),
+    "associate-ac-to-an-acceptor": (False, _pdu(0x02, bytes(68)), [0x07]),
+    # Sta6 (established): AA-8, an A-ABORT
+    "second-associate-rq": (True, associate_rq([(1, VERIFICATION, [IMPLICIT_LE])]), [0x07]),
+    "release-rp-nobody-asked-for": (True, RELEASE_RP, [0x07]),
+    "unknown-pdu-type": (True, _pdu(0x09, bytes(4)), [0x07]),
+    "p-data-on-a-context-never-proposed": (True, p_data(9, c_echo_rq(1), command=True), [0x07]),
+    "dataset-fragment-without-a-command": (True, p_data(1, b"\0" * 8, command=False), [0x07]),
+    # A-ABORT from the peer: AA-3 (Sta6) / AA-2 (Sta2), closed without a word
+    "abort-from-the-peer": (True, A_ABORT, []),
+    "abort-before-associating": (False, A_ABORT, []),
+}
+
+
+@pytest.mark.parametrize("case", list(UNEXPECTED_PDUS))
+def test_unexpected_pdus_are_answered_as_the_state_table_says(hostile_server, case):
+    associated, pdu, expected = UNEXPECTED_PDUS[case]
+    with _connect(hostile_server.port) as sock:
+        if associated:
+            sock.sendall(associate_rq([(1, VERIFICATION, [IMPLICIT_LE])], calling="STATES"))
+            assert read_pdu(sock)[0] == 0x02
+        sock.sendall(pdu)
+        started = time.monotonic()
+        answer, closed = read_until_closed(sock, NETWORK_TIMEOUT + 5)
+    assert closed, "the server kept the connection open"
+    assert time.monotonic() - started < 2, "the server waited instead of ending it"
+    assert _pdu_types(answer) == expected, answer[:64]
+    assert_echo(hostile_server.port)
+
+
+def test_release_gets_its_rp_and_the_connection_ends(hostile_server):
+    with _connect(hostile_server.port) as sock:
+        sock.sendall(associate_rq([(1, VERIFICATION, [IMPLICIT_LE])], calling="RELEASE"))
+        assert read_pdu(sock)[0] == 0x02
+        sock.sendall(RELEASE_RQ)
+        assert read_pdu(sock)[0] == 0x06
+        # Sta13: the server waits for our close (ARTIM); a PDU now is ignored (AA-6).
+        sock.sendall(p_data(1, c_echo_rq(1), command=True))
+        sock.shutdown(socket.SHUT_WR)
+        answer, closed = read_until_closed(sock, NETWORK_TIMEOUT + 5)
+    assert closed and answer == b""
+    end = _association_end(hostile_server, "RELEASE", IO_TIMEOUT)
+    assert end["outcome"] == "released"
+
+
 def test_random_bytes_are_dropped(hostile_server):
     rng = random.Random(1234)
     for _ in range(20):

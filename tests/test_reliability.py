@@ -31,6 +31,7 @@ from tests.conftest import (
     start_server,
     stored_files,
 )
+from tests.test_hostile import AssociationRefused, RawAssociation
 
 SUCCESS = 0x0000
 
@@ -80,11 +81,16 @@ class ReaderRun:
 
 
 def _send(sender: Sender, port: int, everyone_associated: threading.Barrier, gate) -> None:
+    # The upper layer spoken by hand (tests/test_hostile.py), one blocking socket
+    # per sender: twenty pynetdicom requestors in one process meet pynetdicom's
+    # own race between send_c_store and its reactor, which can take the
+    # C-STORE-RSP off the queue first and leave the sender waiting out its DIMSE
+    # timeout (pydicom/pynetdicom#435, #842); a fast acceptor makes it likely.
+    contexts = [(1, CT_IMAGE_STORAGE, [ExplicitVRLittleEndian])]
     try:
-        assoc = requesting_ae(f"SENDER{sender.number:02d}").associate(
-            "127.0.0.1", port, ae_title="IMAGING_SCP"
-        )
-        if not assoc.is_established:
+        try:
+            assoc = RawAssociation(port, contexts, calling=f"SENDER{sender.number:02d}")
+        except AssociationRefused:
             sender.error = "association was not accepted"
             everyone_associated.abort()
             return
@@ -95,8 +101,8 @@ def _send(sender: Sender, port: int, everyone_associated: threading.Barrier, gat
                     sender.error = "the first `studies --json` never finished"
                     return
                 sop_instance_uid = pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID
-                response = assoc.send_c_store(path)
-                sender.statuses[sop_instance_uid] = response.get("Status")
+                response = assoc.store(1, CT_IMAGE_STORAGE, sop_instance_uid, dataset_bytes(path))
+                sender.statuses[sop_instance_uid] = response.status
         finally:
             assoc.release()
     except Exception as exc:  # reported by the test, with the sender's number

@@ -9,7 +9,13 @@ import time
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 
-from tests.conftest import CT_IMAGE_STORAGE, IMAGING_SCP, make_instance, send_files
+from tests.conftest import (
+    CT_IMAGE_STORAGE,
+    IMAGING_SCP,
+    association_rejection,
+    make_instance,
+    send_files,
+)
 
 
 def test_config_file_is_read_and_flags_win(server_factory, tmp_path):
@@ -53,10 +59,7 @@ def test_max_pdu_is_bounded_and_advertised(server):
 
 
 def test_wrong_called_ae_title_is_rejected(server):
-    ae = AE("TESTSCU")
-    ae.add_requested_context(CT_IMAGE_STORAGE, ExplicitVRLittleEndian)
-    assoc = ae.associate("127.0.0.1", server.port, ae_title="SOMEONE_ELSE")
-    assert assoc.is_rejected
+    assert association_rejection(server.port, called="SOMEONE_ELSE") is not None
     rejected = server.wait_for_event("association.rejected")
     assert rejected[0]["called_ae"] == "SOMEONE_ELSE"
 
