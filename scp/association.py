@@ -52,6 +52,9 @@ class Acceptor:
 class _DiscardedDataset:
     """The dataset of a request we do not serve: read and dropped."""
 
+    def __init__(self, command: dimse.Command):
+        self.command = command
+
     def write(self, data) -> None:
         pass
 
@@ -76,7 +79,6 @@ class Association(ServiceUser):
         self.contexts: dict[int, str] = {}  # accepted context ID: transfer syntax
         self._command = bytearray()
         self._command_context: int | None = None
-        self._pending: dimse.Command | None = None  # a request whose dataset is arriving
         self._dataset: IncomingStore | _DiscardedDataset | None = None
         self._dataset_context: int | None = None
 
@@ -119,7 +121,7 @@ class Association(ServiceUser):
             session.log.warning("association.rejected", reason=reason, permanent=rejection[0] == 1)
             layer.reject(*rejection)
             return
-        agreement = negotiation.agree(request, request.called_ae, config.max_pdu)
+        agreement = negotiation.agree(request, config.max_pdu)
         self.contexts = {
             context_id: str(cx.transfer_syntax[0]) for context_id, cx in agreement.contexts.items()
         }
@@ -216,12 +218,11 @@ class Association(ServiceUser):
         if not command.has_dataset:
             layer.send_message(context_id, self._serve_without_dataset(command))
             return
-        self._pending = command
         self._dataset_context = context_id
         if field_ == dimse.C_STORE_RQ:
             self._dataset = self.acceptor.storage.receive(self.session, command, transfer_syntax)
         else:
-            self._dataset = _DiscardedDataset()
+            self._dataset = _DiscardedDataset(command)
 
     def _serve_without_dataset(self, command: dimse.Command) -> bytes:
         field_ = command.field
@@ -232,11 +233,10 @@ class Association(ServiceUser):
         return self._unrecognized(command)
 
     def _dataset_received(self, layer: UpperLayer, context_id: int, dataset) -> None:
-        command, self._pending = self._pending, None
         if isinstance(dataset, IncomingStore):
             response = dataset.finish()
         else:
-            response = self._unrecognized(command)
+            response = self._unrecognized(dataset.command)
         layer.send_message(context_id, response)
 
     def _unrecognized(self, command: dimse.Command) -> bytes:

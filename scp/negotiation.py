@@ -122,7 +122,7 @@ def _verification() -> PresentationContext:
     return context
 
 
-def agree(request: Request, called_ae: str, max_pdu: int) -> Agreement:
+def agree(request: Request, max_pdu: int) -> Agreement:
     """Negotiate the proposed contexts and encode the A-ASSOCIATE-AC."""
     proposed = [cx for cx in request.contexts if cx.transfer_syntax]
     # Storage-like contexts (any SOP class pynetdicom does not know as something
@@ -145,7 +145,7 @@ def agree(request: Request, called_ae: str, max_pdu: int) -> Agreement:
     primitive = A_ASSOCIATE()
     primitive.application_context_name = APPLICATION_CONTEXT_NAME
     primitive.calling_ae_title = request.calling_ae or "UNKNOWN"
-    primitive.called_ae_title = called_ae
+    primitive.called_ae_title = request.called_ae
     primitive.result = 0x00
     primitive.result_source = 0x01
     primitive.presentation_context_definition_results_list = results

@@ -6,7 +6,8 @@ acceptor can meet. Events come from the peer (a PDU, the connection closing,
 bytes that are no PDU) or from the local service user (`ServiceUser`, called
 in the same thread: accept or reject, P-DATA, the release response, abort).
 A pair that is not in the table is a bug of ours, not of the peer's: every
-PDU the peer can send has a row in every state we can be in.
+PDU the peer can send has a row in every state in which we read from it
+(Sta2, Sta6, Sta13).
 
 The acceptor never requests a release itself (the requestor releases, as
 storescp and Orthanc's acceptor do), so the requestor-side and collision
@@ -126,14 +127,10 @@ TRANSITIONS: dict[tuple[State, Event], tuple[str, str, State]] = {
     (S.AWAITING_CLOSE, E.CONNECTION_CLOSED): ("AR-5", "close", S.IDLE),
     (S.AWAITING_CLOSE, E.LOCAL_ABORT): ("AA-2", "close", S.IDLE),  # a stop: already ending
 }  # fmt: skip
-# The three local events of Sta3/Sta6/Sta8 that Sta13 cannot take are never
-# issued there: the service user is only called from the indications above.
-# Every PDU event has a row in every state (PS3.8: AA-8 for the unexpected).
-for _state in State:
-    if _state is not State.IDLE:
-        for _event in (*PDU_EVENTS.values(), Event.INVALID_PDU, Event.CONNECTION_CLOSED):
-            if (_state, _event) not in TRANSITIONS:
-                TRANSITIONS[_state, _event] = ("AA-8", "provider_abort", State.AWAITING_CLOSE)
+# Sta3 and Sta8 last only while the service user answers, in this same thread:
+# no PDU is read in them, so they have rows for local events only. The local
+# events that Sta13 has no row for are never issued there: the service user is
+# only called from the indications above.
 
 
 # A-ABORT sources and reasons (PS3.8 9.3.8)
@@ -201,11 +198,11 @@ class UpperLayer:
     ):
         self.sock = sock
         self.user = user
-        self.max_pdu = max_pdu  # the P-DATA-TF variable field we announced we receive
         self.artim_timeout = artim_timeout
         self.network_timeout = network_timeout
         self.state = State.AWAITING_ASSOCIATE_RQ
         self.peer_max_pdu = 0  # what the peer receives: 0 = no limit
+        # max_pdu: the P-DATA-TF variable field we announced we receive.
         self._buffer = bytearray(max(max_pdu, MAX_CONTROL_PDU))
         self._view = memoryview(self._buffer)
         self._start = self._end = 0  # the bytes received and not yet taken

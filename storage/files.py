@@ -76,11 +76,9 @@ def read_file_meta(path: Path) -> FileMeta:
     Raises ValueError when the file is not a DICOM file with a meta group.
     """
     try:
+        meta = pydicom.filereader.read_file_meta_info(path)
         with open(path, "rb") as handle:
-            pydicom.filereader.read_preamble(handle, force=False)  # raises without DICM
-            # pydicom's public read_file_meta_info does not tell where the dataset starts.
-            meta = pydicom.filereader._read_file_meta_info(handle)
-            offset = handle.tell()
+            offset = _meta_end(handle.read(_MAX_META))
     except Exception as exc:
         raise ValueError(f"{path}: not a DICOM file with file meta: {exc}") from exc
     receipt = {}
@@ -96,6 +94,26 @@ def read_file_meta(path: Path) -> FileMeta:
         dataset_offset=offset,
         receipt=receipt,
     )
+
+
+# A meta group larger than this is no file of ours or anybody's.
+_MAX_META = 1024 * 1024
+_META_LONG_VRS = (b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT")
+
+
+def _meta_end(head: bytes) -> int:
+    """Where the dataset starts: after the preamble, DICM and every group 0002
+    element (explicit VR little endian), counted without trusting the group length."""
+    pos = len(_PREAMBLE)
+    while pos + 8 <= len(head) and struct.unpack_from("<H", head, pos)[0] == 0x0002:
+        vr = head[pos + 4 : pos + 6]
+        if vr in _META_LONG_VRS:
+            pos += 12 + struct.unpack_from("<I", head, pos + 8)[0]
+        else:
+            pos += 8 + struct.unpack_from("<H", head, pos + 6)[0]
+    if pos > len(head):
+        raise ValueError("the file meta group runs past its end")
+    return pos
 
 
 def _meta_text(meta, keyword: str) -> str | None:

@@ -71,7 +71,6 @@ class StoreResult:
     disagreements: list = field(default_factory=list)
     placed: bool = False  # the file got its final name (the index may not have it yet)
     timings: dict = field(default_factory=dict)  # stage: milliseconds, for the log
-    placing_in_transaction: float = 0.0  # ms of `timings["place"]` spent inside it
 
 
 class InstanceStore:
@@ -93,8 +92,8 @@ class InstanceStore:
     def has_room(self) -> bool:
         """Whether the data filesystem is above the free-space floor.
 
-        Checked as each object starts to arrive and again once it is written
-        (to its temp file), so ingest resumes by itself once space is back.
+        Checked for each new association and for each object once it is written
+        to its temp file, so ingest resumes by itself once space is back.
         """
         fs = os.statvfs(self.data_dir)
         free = fs.f_bavail * fs.f_frsize
@@ -130,9 +129,9 @@ class InstanceStore:
             incoming.write(chunk)
         return incoming.finish()
 
-    def _keep(self, incoming: "IncomingInstance", header: InstanceHeader) -> StoreResult:
+    def keep_received(self, incoming: "IncomingInstance", header: InstanceHeader) -> StoreResult:
         """Make a received, checked dataset durable and index it (or see that it is
-        an identical resend)."""
+        an identical resend). Called by `IncomingInstance.finish`."""
         temp_writer = incoming.temp
         sha256 = incoming.digest.hexdigest()
         known = self.index.digest_hint(header.sop_instance_uid)
@@ -174,6 +173,7 @@ class InstanceStore:
                 # again inside the transaction, and undoes it if a row appeared.
                 with contextlib.suppress(FileExistsError):
                     self._link(temp, PurePosixPath(entry.path), result, Outcome.STORED, new=True)
+            placed_before = result.placed
             started = time.perf_counter()
             self.index.commit_together(lambda: self._place(temp, entry, result))
         except sqlite3.OperationalError as exc:
@@ -191,7 +191,8 @@ class InstanceStore:
             # Only after the commit: until then the temp name marks the object as
             # placed but perhaps not indexed, for startup recovery.
             temp.path.unlink(missing_ok=True)
-        timings["index"] = round(_ms_since(started) - result.placing_in_transaction, 3)
+        placing = 0.0 if placed_before else timings.get("place", 0.0)  # inside the transaction
+        timings["index"] = round(_ms_since(started) - placing, 3)
         return result
 
     def _undo_placing(self, temp: files.TempFile, result: StoreResult) -> None:
@@ -215,7 +216,6 @@ class InstanceStore:
                 raise StoreRefused(Refusal.SERIES_IN_OTHER_STUDY, str(exc)) from exc
             if not result.placed:
                 self._link(temp, relpath, result, Outcome.STORED)
-                result.placing_in_transaction = result.timings["place"]
             outcome = self.index.index_instance(entry)
             result.new_study = outcome.new_study
             result.new_series = outcome.new_series
@@ -337,7 +337,7 @@ class IncomingInstance:
             self.temp.discard()
             raise
         self.timings["check"] = _ms_since(started)
-        return self.store._keep(self, header)
+        return self.store.keep_received(self, header)
 
     def discard(self) -> None:
         """The transfer broke off: leave nothing behind."""
