@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from scp import dimse, negotiation
 from scp.access import CallerPolicy
+from scp.commitment_service import Channel, CommitmentService, IncomingAction
 from scp.config import Config
 from scp.session import Session
 from scp.store_service import IncomingStore, StoreService
@@ -29,6 +30,7 @@ class Acceptor:
 
     config: Config
     storage: StoreService
+    commitment: CommitmentService
     callers: CallerPolicy  # replaced as a whole on SIGHUP; read once per request
     associations: set["Association"] = field(default_factory=set)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -79,7 +81,7 @@ class Association(ServiceUser):
         self.contexts: dict[int, str] = {}  # accepted context ID: transfer syntax
         self._command = bytearray()
         self._command_context: int | None = None
-        self._dataset: IncomingStore | _DiscardedDataset | None = None
+        self._dataset: IncomingStore | IncomingAction | _DiscardedDataset | None = None
         self._dataset_context: int | None = None
 
     @property
@@ -96,6 +98,10 @@ class Association(ServiceUser):
         finally:
             if self._dataset is not None:  # the transfer broke off
                 self._dataset.discard()
+            try:
+                self.acceptor.commitment.association_ended(self.session)
+            except Exception:
+                self.session.log.exception("commitment.handover_failed")
             self.session.ended(self.acceptor.storage.store.index)
 
     def stop(self) -> None:
@@ -202,11 +208,19 @@ class Association(ServiceUser):
         except dimse.CommandError as exc:
             raise ProtocolError(str(exc)) from exc
         field_ = command.field
-        if field_ is None or field_ & 0x8000:
-            # A response (we send no requests) or no command at all: nothing to answer.
-            if field_ is None:
-                raise ProtocolError("a command set without a Command Field")
-            self.session.log.warning("dimse.unexpected_response", command_field=f"0x{field_:04X}")
+        if field_ is None:
+            raise ProtocolError("a command set without a Command Field")
+        if field_ & 0x8000:  # a response: to one of our reports, or to nothing
+            if command.has_dataset:
+                self._dataset_context = context_id
+                self._dataset = _DiscardedDataset(command)
+            if not (
+                field_ == dimse.N_EVENT_REPORT_RSP
+                and self.acceptor.commitment.answered(self.session, command)
+            ):
+                self.session.log.warning(
+                    "dimse.unexpected_response", command_field=f"0x{field_:04X}"
+                )
             return
         if command.message_id is None:
             # No response could name the request it answers.
@@ -221,6 +235,8 @@ class Association(ServiceUser):
         self._dataset_context = context_id
         if field_ == dimse.C_STORE_RQ:
             self._dataset = self.acceptor.storage.receive(self.session, command, transfer_syntax)
+        elif field_ == dimse.N_ACTION_RQ:
+            self._dataset = self.acceptor.commitment.receive(self.session, command, transfer_syntax)
         else:
             self._dataset = _DiscardedDataset(command)
 
@@ -230,14 +246,21 @@ class Association(ServiceUser):
             return self.acceptor.storage.echo(self.session, command)
         if field_ == dimse.C_STORE_RQ:
             return self.acceptor.storage.store_without_dataset(self.session, command)
+        if field_ == dimse.N_ACTION_RQ:
+            return self.acceptor.commitment.action_without_dataset(self.session, command)
         return self._unrecognized(command)
 
     def _dataset_received(self, layer: UpperLayer, context_id: int, dataset) -> None:
         if isinstance(dataset, IncomingStore):
-            response = dataset.finish()
-        else:
-            response = self._unrecognized(dataset.command)
-        layer.send_message(context_id, response)
+            layer.send_message(context_id, dataset.finish())
+        elif isinstance(dataset, IncomingAction):
+            response, transaction_uid = dataset.finish()
+            layer.send_message(context_id, response)
+            if transaction_uid is not None:
+                channel = Channel(layer, context_id, self.contexts[context_id])
+                self.acceptor.commitment.report_on(self.session, channel, transaction_uid)
+        elif not dataset.command.field & 0x8000:  # a response's dataset is only dropped
+            layer.send_message(context_id, self._unrecognized(dataset.command))
 
     def _unrecognized(self, command: dimse.Command) -> bytes:
         self.session.log.warning("dimse.unrecognized", command_field=f"0x{command.field:04X}")

@@ -22,8 +22,8 @@ _CLICK_TYPES = {
 def config_options(command):
     """Add `--config FILE` and one flag per configuration key to a command."""
     for item in reversed(dataclasses.fields(Config)):
-        flag = "--" + item.name.replace("_", "-")
-        if item.type is dict:  # allowed_callers: repeatable AE@host,host
+        flag = item.metadata.get("flag") or "--" + item.name.replace("_", "-")
+        if item.type is dict:  # allowed_callers, peers: repeatable
             option = click.option(flag, item.name, multiple=True, default=None, help=_help(item))
         elif item.type is bool:
             option = click.option(

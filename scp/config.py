@@ -74,6 +74,22 @@ class Config:
     workers: int = _key(
         1, "listener processes sharing the port(s) (SO_REUSEPORT): more use more cores"
     )
+    peers: dict = field(
+        default_factory=dict,
+        metadata={
+            "help": "where storage commitment reports go when the requester has released:"
+            " AE title = HOST:PORT (TOML table; flag --peer AE=HOST:PORT, repeatable)",
+            "flag": "--peer",
+        },
+    )
+    report_retry_interval: float = _key(
+        10.0,
+        "seconds before retrying an undelivered commitment report; doubles each time, up to"
+        " 15 minutes",
+    )
+    report_attempts: int = _key(
+        50, "attempts to deliver a commitment report before giving up (about 11 h by default)"
+    )
 
 
 _LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -139,7 +155,7 @@ def _convert(key: str, value, kind):
         if kind is DuplicatePolicy:
             return DuplicatePolicy(value)
         if kind is dict:
-            return _callers(value)
+            return _peers(value) if key == "peers" else _callers(value)
         if kind is str and isinstance(value, int) and not isinstance(value, bool):
             return str(value)  # min_free_space = 1073741824
         if not isinstance(value, str):
@@ -152,7 +168,9 @@ def _convert(key: str, value, kind):
             float: "a number",
             Path: "a path",
             DuplicatePolicy: "one of " + ", ".join(p.value for p in DuplicatePolicy),
-            dict: "a table of AE title = [hosts]",
+            dict: 'a table of AE title = "HOST:PORT"'
+            if key == "peers"
+            else "a table of AE title = [hosts]",
             str: "a string",
         }[kind]
         raise ConfigError(f"key '{key}': expected {expected}, got {value!r}") from exc
@@ -172,6 +190,30 @@ def _callers(value) -> dict[str, list[str]]:
             raise TypeError
         callers[title] = hosts
     return callers
+
+
+def _peers(value) -> dict[str, tuple[str, int]]:
+    """AE title -> (host, port), from a TOML table or from repeated AE=HOST:PORT flags."""
+    if isinstance(value, list | tuple):
+        pairs = []
+        for item in value:
+            title, sep, address = str(item).partition("=")
+            if not sep:
+                raise ValueError(f"expected AE=HOST:PORT, got {item!r}")
+            pairs.append((title, address))
+    elif isinstance(value, dict):
+        pairs = list(value.items())
+    else:
+        raise TypeError
+    peers = {}
+    for title, address in pairs:
+        if not isinstance(address, str) or not is_ae_title(title):
+            raise ValueError(f"{title!r} = {address!r}")
+        host, sep, port = address.strip().rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
+            raise ValueError(f"{title}: expected HOST:PORT, got {address!r}")
+        peers[title.strip()] = (host.strip("[]"), int(port))
+    return peers
 
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -221,7 +263,17 @@ def _check_ranges(config: Config) -> None:
         raise ConfigError(
             f"key 'max_associations': must be at least 1, got {config.max_associations}"
         )
-    for key in ("network_timeout", "drain_timeout", "stable_after", "tls_handshake_timeout"):
+    if config.report_attempts < 1:
+        raise ConfigError(
+            f"key 'report_attempts': must be at least 1, got {config.report_attempts}"
+        )
+    for key in (
+        "network_timeout",
+        "drain_timeout",
+        "stable_after",
+        "tls_handshake_timeout",
+        "report_retry_interval",
+    ):
         if getattr(config, key) <= 0:
             raise ConfigError(f"key '{key}': must be a positive number of seconds")
     if config.site_timezone:

@@ -17,10 +17,16 @@ C_STORE_RSP = 0x8001
 C_ECHO_RQ = 0x0030
 C_ECHO_RSP = 0x8030
 C_CANCEL_RQ = 0x0FFF
+N_EVENT_REPORT_RQ = 0x0100
+N_EVENT_REPORT_RSP = 0x8100
+N_ACTION_RQ = 0x0130
+N_ACTION_RSP = 0x8130
 NO_DATASET = 0x0101
+WITH_DATASET = 0x0001  # any value but NO_DATASET (PS3.7 E.1)
 
 # Elements (0000,eeee) by their element number
 AFFECTED_SOP_CLASS_UID = 0x0002
+REQUESTED_SOP_CLASS_UID = 0x0003
 COMMAND_FIELD = 0x0100
 MESSAGE_ID = 0x0110
 MESSAGE_ID_BEING_RESPONDED_TO = 0x0120
@@ -28,6 +34,9 @@ COMMAND_DATA_SET_TYPE = 0x0800
 STATUS = 0x0900
 ERROR_COMMENT = 0x0902
 AFFECTED_SOP_INSTANCE_UID = 0x1000
+REQUESTED_SOP_INSTANCE_UID = 0x1001
+EVENT_TYPE_ID = 0x1002
+ACTION_TYPE_ID = 0x1008
 
 UNRECOGNIZED_OPERATION = 0x0211
 _ERROR_COMMENT_LENGTH = 64  # LO
@@ -65,6 +74,14 @@ class Command:
     @property
     def message_id(self) -> int | None:
         return self.us(MESSAGE_ID)
+
+    @property
+    def responds_to(self) -> int | None:
+        return self.us(MESSAGE_ID_BEING_RESPONDED_TO)
+
+    @property
+    def status(self) -> int | None:
+        return self.us(STATUS)
 
     @property
     def has_dataset(self) -> bool:
@@ -115,6 +132,7 @@ def response(
     sop_class_uid: str | None = None,
     sop_instance_uid: str | None = None,
     error_comment: str | None = None,
+    action_type: int | None = None,
 ) -> bytes:
     """A response command set without a dataset."""
     elements = []
@@ -130,7 +148,25 @@ def response(
         elements.append((ERROR_COMMENT, _text_value(error_comment)))
     if sop_instance_uid:
         elements.append((AFFECTED_SOP_INSTANCE_UID, _uid_value(sop_instance_uid)))
+    if action_type is not None:
+        elements.append((ACTION_TYPE_ID, _US.pack(action_type)))
     return encode_command(elements)
+
+
+def event_report_request(
+    message_id: int, sop_class_uid: str, sop_instance_uid: str, event_type: int
+) -> bytes:
+    """An N-EVENT-REPORT-RQ command set announcing its Event Information dataset."""
+    return encode_command(
+        [
+            (AFFECTED_SOP_CLASS_UID, _uid_value(sop_class_uid)),
+            (COMMAND_FIELD, _US.pack(N_EVENT_REPORT_RQ)),
+            (MESSAGE_ID, _US.pack(message_id)),
+            (COMMAND_DATA_SET_TYPE, _US.pack(WITH_DATASET)),
+            (AFFECTED_SOP_INSTANCE_UID, _uid_value(sop_instance_uid)),
+            (EVENT_TYPE_ID, _US.pack(event_type)),
+        ]
+    )
 
 
 def response_field(request_field: int) -> int:

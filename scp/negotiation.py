@@ -3,10 +3,11 @@
 pynetdicom decodes the A-ASSOCIATE-RQ, negotiates the presentation contexts
 (with SCP/SCU role selection) and encodes the A-ASSOCIATE-AC; this module
 decides. Every storage SOP class is accepted, private and unknown ones
-included, with Verification beside them. When a sender proposes several
-syntaxes for one context, we take the one that lets it send its object as it
-is: compressed before uncompressed, so a JPEG 2000 image is never decompressed
-on the way (and dcmtk's storescu, which cannot convert, does not fail).
+included, with Verification and Storage Commitment Push Model beside them.
+When a sender proposes several syntaxes for a storage context, we take the one
+that lets it send its object as it is: compressed before uncompressed, so a
+JPEG 2000 image is never decompressed on the way (and dcmtk's storescu, which
+cannot convert, does not fail).
 """
 
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from pynetdicom.pdu_primitives import (
     SCP_SCU_RoleSelectionNegotiation,
 )
 from pynetdicom.presentation import PresentationContext, negotiate_unrestricted
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import StorageCommitmentPushModel, Verification
 
 from storage.files import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 
@@ -115,22 +116,28 @@ def transfer_syntax_preference(uid: str) -> int:
     )
 
 
-def _verification() -> PresentationContext:
+def _service_context(abstract_syntax: str) -> PresentationContext:
+    """A non-storage service we serve, in the uncompressed syntaxes."""
     context = PresentationContext()
-    context.abstract_syntax = Verification
+    context.abstract_syntax = abstract_syntax
     context.transfer_syntax = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian]
     return context
+
+
+# Verification, and Storage Commitment Push Model as SCP (scp.commitment_service).
+_SERVICES = (Verification, StorageCommitmentPushModel)
 
 
 def agree(request: Request, max_pdu: int) -> Agreement:
     """Negotiate the proposed contexts and encode the A-ASSOCIATE-AC."""
     proposed = [cx for cx in request.contexts if cx.transfer_syntax]
     # Storage-like contexts (any SOP class pynetdicom does not know as something
-    # else) are all accepted; the others are negotiated against Verification.
-    results, roles = negotiate_unrestricted(proposed, [_verification()], request.roles)
+    # else) are all accepted; the others are negotiated against our services.
+    services = [_service_context(uid) for uid in _SERVICES]
+    results, roles = negotiate_unrestricted(proposed, services, request.roles)
     offered = {cx.context_id: cx.transfer_syntax for cx in proposed}
     for cx in results:
-        if cx.result == 0x00 and cx.abstract_syntax != Verification:
+        if cx.result == 0x00 and cx.abstract_syntax not in _SERVICES:
             cx.transfer_syntax = [min(offered[cx.context_id], key=transfer_syntax_preference)]
     for rq in request.contexts:
         if not rq.transfer_syntax:  # nothing to choose from

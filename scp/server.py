@@ -23,7 +23,9 @@ import structlog
 from scp import notify, tls
 from scp.access import CallerPolicy
 from scp.association import Acceptor
+from scp.commitment_service import CommitmentService
 from scp.config import Config, ConfigError, free_space_floor
+from scp.reports import Reporter
 from scp.store_service import StoreService
 from scp.tls import server_context
 from storage.index import Index
@@ -123,7 +125,10 @@ class Receiver:
     def __init__(self, config: Config, store: InstanceStore):
         self.config = config
         self.storage = StoreService(store)
-        self.acceptor = Acceptor(config, self.storage, CallerPolicy(config.allowed_callers))
+        self.commitment = CommitmentService(store, config.aet, config.peers, config.network_timeout)
+        self.acceptor = Acceptor(
+            config, self.storage, self.commitment, CallerPolicy(config.allowed_callers)
+        )
         self.server: Listener | None = None  # plain DICOM; None with port = 0
         self.tls_server: Listener | None = None  # DICOM over TLS, on tls_port
 
@@ -295,6 +300,10 @@ def serve(config: Config, reload_config: Callable[[], Config] | None = None) -> 
     store = open_store(config)
     receiver = Receiver(config, store)
     receiver.start(tls_context)
+    # One process delivers reports on new associations: the main one.
+    reporter = Reporter(config, receiver.commitment) if workers is not None else None
+    if reporter is not None:
+        reporter.start()
     for port, over_tls in ((receiver.port, False), (receiver.tls_port, True)):
         if port is None:
             continue
@@ -332,6 +341,8 @@ def serve(config: Config, reload_config: Callable[[], Config] | None = None) -> 
     in_flight = len(receiver.acceptor.active())
     notify.stopping(f"stopping: draining {in_flight} association(s)")
     aborted = receiver.stop(config.drain_timeout)
+    if reporter is not None:
+        reporter.stop()
     store.index.close()
     _wait_for_workers(workers or [], config.drain_timeout + 5)
     log.info("stopped", aborted_associations=aborted)

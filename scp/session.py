@@ -34,6 +34,9 @@ class Session:
     established: bool = False
     # Series this association stored into: marked incomplete if it breaks off.
     series_uids: set[str] = field(default_factory=set)
+    # Our N-EVENT-REPORT-RQs on this association not yet answered: Message ID -> Transaction UID.
+    reports_awaiting_answer: dict[int, str] = field(default_factory=dict)
+    last_message_id: int = 0  # of the requests we send on this association
 
     @classmethod
     def open(cls, host: str, port: int) -> "Session":

@@ -387,6 +387,27 @@ class UpperLayer:
             Event.LOCAL_P_DATA, p_data_pdus(context_id, command, dataset, self.peer_max_pdu)
         )
 
+    def peer_is_leaving(self) -> bool:
+        """Whether the peer's next PDU has already arrived and is an A-RELEASE-RQ
+        or an A-ABORT (or it closed): it has no use for this association any
+        more. Looked at without taking it; on TLS, where the socket cannot be
+        peeked at, only what has been read counts."""
+        if self._end > self._start:
+            kind = self._buffer[self._start]
+        elif not self._kernel_timeouts:
+            return False
+        else:
+            try:
+                waiting = self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            except BlockingIOError:  # nothing yet
+                return False
+            except OSError:
+                return True
+            if not waiting:
+                return True
+            kind = waiting[0]
+        return PDU_EVENTS.get(kind) in (Event.RELEASE_RQ_PDU, Event.ABORT_PDU)
+
     def request_stop(self) -> None:
         """From another thread: end this connection now. Its own thread wakes
         from its read, sends an A-ABORT where the state has one, and closes."""

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from storage.header import InstanceHeader
 
 INDEX_FILENAME = "index.sqlite"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: storage commitment (commitments, commitment_items, series.committed_at)
 
 ONLINE, NEARLINE, OFFLINE, UNAVAILABLE = "ONLINE", "NEARLINE", "OFFLINE", "UNAVAILABLE"
 # Best first: a study's availability is the worst one among its series.
@@ -215,10 +215,15 @@ class Index:
                     "last_received": str,
                     "incomplete_reason": str,
                     "incomplete_since": str,
+                    # When a storage commitment last covered every instance it
+                    # referenced in this series with success: the series is complete.
+                    "committed_at": str,
                 },
                 pk="series_uid",
                 if_not_exists=True,
             )
+            if "committed_at" not in db["series"].columns_dict:  # an index of version 1
+                db["series"].add_column("committed_at", str)
             db["instances"].create(
                 {
                     "sop_instance_uid": str,
@@ -255,6 +260,47 @@ class Index:
                 pk="id",
                 if_not_exists=True,
             )
+            db["commitments"].create(
+                {
+                    "transaction_uid": str,
+                    "requester_ae": str,
+                    "requester_peer": str,
+                    "association_id": str,
+                    "requested_at": str,
+                    "instances": int,
+                    # Set once, when checked: the result never changes after.
+                    "checked_at": str,
+                    "committed": int,
+                    "failed": int,
+                    # checking -> pending -> delivered, or failed (given up)
+                    "delivery_state": str,
+                    "attempts": int,
+                    "next_attempt_at": str,
+                    "delivered_at": str,
+                    "delivered_by": str,  # same association | new association
+                    "last_error": str,
+                },
+                pk="transaction_uid",
+                if_not_exists=True,
+            )
+            db["commitment_items"].create(
+                {
+                    "transaction_uid": str,
+                    "position": int,
+                    "sop_class_uid": str,
+                    "sop_instance_uid": str,
+                    # Where the indexed instance was when checked (NULL: not indexed).
+                    "study_uid": str,
+                    "series_uid": str,
+                    "failure_reason": int,  # NULL: committed (once checked)
+                },
+                pk=("transaction_uid", "position"),
+                if_not_exists=True,
+            )
+            db["commitments"].create_index(
+                ["delivery_state", "next_attempt_at"], if_not_exists=True
+            )
+            db["commitment_items"].create_index(["study_uid"], if_not_exists=True)
             # The admin filters (storage.query.StudyFilter) and its newest-first order.
             for column in ("patient_id", "accession", "study_date", "last_received"):
                 db["studies"].create_index([column], if_not_exists=True)
@@ -477,11 +523,12 @@ class Index:
         stored = dict(zip(columns, row[1:], strict=True))
         updates = _first_values_win("series", stored, header.series, outcome)
         assignments = "".join(f", {name} = ?" for name in updates)
-        # A new instance supersedes an earlier aborted transfer's "incomplete" mark.
+        # A new instance supersedes an earlier aborted transfer's "incomplete" mark,
+        # and a commitment's "complete": the series has grown since.
         self.conn.execute(
             "UPDATE series SET number_of_instances = number_of_instances + 1,"
             f" bytes = bytes + ?, last_received = ?, incomplete_reason = NULL,"
-            f" incomplete_since = NULL{assignments} WHERE series_uid = ?",
+            f" incomplete_since = NULL, committed_at = NULL{assignments} WHERE series_uid = ?",
             (entry.size, entry.received_at, *updates.values(), header.series_uid),
         )
         return updates.get("modality")
