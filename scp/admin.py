@@ -24,6 +24,7 @@ from storage.query import (
     IndexMissing,
     StudyFilter,
     get_study,
+    iter_commitments,
     iter_studies,
     open_reader,
     series_of,
@@ -130,6 +131,7 @@ def series_json(series: dict) -> dict:
             "availability": series["availability"],
             "state": series["state"],
             "incompleteReason": series["incomplete_reason"],
+            "committedAt": series["committed_at"],
             "bytes": series["bytes"],
             "firstReceived": series["first_received"],
             "lastReceived": series["last_received"],
@@ -286,14 +288,19 @@ def study(config_file, data_dir, study_uid, instances, mark_complete, as_json):
     click.echo()
     print_table(
         ["number", "modality", "description", "instances", "availability", "state",
-         "first received", "last received", "series uid"],
+         "committed", "first received", "last received", "series uid"],
         [
             [s["number"], s["modality"], s["description"], s["number_of_instances"],
-             s["availability"], s["state"], _received(s["first_received"]),
-             _received(s["last_received"]), s["series_uid"]]
+             s["availability"], s["state"], _received(s["committed_at"]),
+             _received(s["first_received"]), _received(s["last_received"]), s["series_uid"]]
             for s in found["series"]
         ],
     )  # fmt: skip
+    for s in found["series"]:
+        if s["incomplete_reason"]:
+            click.echo(
+                f"series {s['number'] or s['series_uid']} incomplete: {s['incomplete_reason']}"
+            )
     if instances:
         click.echo()
         print_table(
@@ -414,12 +421,69 @@ def stats_command(config_file, data_dir, as_json):
         return
     for name in ("patients", "studies", "series", "instances", "bytes"):
         click.echo(f"{name + ':':<16}{totals[name]:,}")
+    click.echo(
+        f"{'series state:':<16}{totals['complete_series']:,} complete (committed),"
+        f" {totals['incomplete_series']:,} incomplete"
+    )
+    if totals["commitments"]:
+        counts = ", ".join(f"{n:,} {state}" for state, n in sorted(totals["commitments"].items()))
+        click.echo(f"{'commitments:':<16}{counts}")
     click.echo(f"{'last received:':<16}{_received(totals['last_received'])}")
     click.echo()
     print_table(
         ["modality", "studies", "series", "instances", "bytes"],
         [[m["modality"] or "(none)", m["studies"], m["series"], m["instances"], m["bytes"]]
          for m in totals["modalities"]],
+    )  # fmt: skip
+
+
+def commitment_json(found: dict) -> dict:
+    return _without_none(
+        {
+            "transactionUid": found["transaction_uid"],
+            "requester": found["requester_ae"],
+            "peer": found["requester_peer"],
+            "received": found["requested_at"],
+            "instances": found["instances"],
+            "committed": found["committed"],
+            "failed": found["failed"],
+            "checked": found["checked_at"],
+            "delivery": found["delivery_state"],
+            "deliveredBy": found["delivered_by"],
+            "deliveredAt": found["delivered_at"],
+            "attempts": found["attempts"],
+            "nextAttempt": found["next_attempt_at"]
+            if found["delivery_state"] == "pending"
+            else None,
+            "lastError": found["last_error"],
+            "studies": found["studies"],
+        }
+    )
+
+
+@main.command()
+@click.option("--pending", is_flag=True, help="only those whose report is not yet delivered")
+@click.option("--study", "study_uid", help="only those referencing instances of this study")
+@click.option("--json", "as_json", is_flag=True, help="a JSON array")
+@data_options
+def commitments(config_file, data_dir, pending, study_uid, as_json):
+    """Storage commitment requests, newest first: what was committed, and whether
+    the report reached the requester."""
+    config = _config(config_file, data_dir)
+    found = list(iter_commitments(_reader(config), pending=pending, study_uid=study_uid))
+    if as_json:
+        _dump([commitment_json(c) for c in found])
+        return
+    print_table(
+        ["received", "requester", "instances", "committed", "failed", "delivery", "attempts",
+         "last error", "transaction uid"],
+        [
+            [_received(c["requested_at"]), c["requester_ae"], c["instances"], c["committed"],
+             c["failed"], c["delivery_state"] + (f" ({c['delivered_by']})" if c["delivered_by"]
+                                                  else ""),
+             c["attempts"], c["last_error"], c["transaction_uid"]]
+            for c in found
+        ],
     )  # fmt: skip
 
 

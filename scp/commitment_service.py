@@ -147,7 +147,7 @@ class CommitmentService:
         try:
             request = self._read_request(session, command, transfer_syntax, data)
             try:
-                recorded = commitment.record_request(self.store.index, request)
+                recorded = commitment.record_request(self.store.index, request, hold=self.hold)
             except Exception as exc:
                 session.log.exception("commitment.record_failed")
                 raise ActionRefused(

@@ -89,14 +89,12 @@ class Reporter:
         self._thread.join(self.config.network_timeout + 5)
 
     def _run(self) -> None:
-        # At start-up no association is checking anything: whatever is still
-        # unchecked was left by a stop or a crash.
-        unchecked_after = 0.0
+        # At start-up no association holds a report: whatever is pending or
+        # unchecked was left by a stop or a crash, and is owed now.
+        starting = True
         while not self._stopping:
             try:
-                for due in commitment.due_reports(
-                    self.config.data_dir, unchecked_after=unchecked_after
-                ):
+                for due in commitment.due_reports(self.config.data_dir, starting=starting):
                     if self._stopping:
                         return
                     self._deliver(due)
@@ -104,7 +102,7 @@ class Reporter:
             except Exception:  # a bug or a broken index: log, and try again later
                 log.exception("commitment.reporter_failed")
                 wait = None
-            unchecked_after = self.service.hold
+            starting = False
             self._wake.wait(_LOOK_FOR_OTHERS if wait is None else min(wait, _LOOK_FOR_OTHERS))
             self._wake.clear()
 

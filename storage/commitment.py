@@ -91,9 +91,10 @@ class CommitmentResult:
         return counts
 
 
-def record_request(index: Index, request: CommitmentRequest) -> Recorded:
+def record_request(index: Index, request: CommitmentRequest, *, hold: float = 0.0) -> Recorded:
     """Record a request durably (the commit is synchronous=FULL), or tell a
-    repeat of a recorded one apart from a different request under its UID."""
+    repeat of a recorded one apart from a different request under its UID.
+    `hold`: seconds during which the caller has it to check and report."""
     conn = index.conn
     with index.writing():
         existing = conn.execute(
@@ -108,8 +109,8 @@ def record_request(index: Index, request: CommitmentRequest) -> Recorded:
             return Recorded.REPEATED if same else Recorded.CONFLICTING
         conn.execute(
             "INSERT INTO commitments (transaction_uid, requester_ae, requester_peer,"
-            " association_id, requested_at, instances, delivery_state, attempts)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, 0)",
+            " association_id, requested_at, instances, delivery_state, attempts, next_attempt_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?)",
             (
                 request.transaction_uid,
                 request.requester_ae,
@@ -118,6 +119,7 @@ def record_request(index: Index, request: CommitmentRequest) -> Recorded:
                 utc_now(),
                 len(request.references),
                 CHECKING,
+                _moment(hold),
             ),
         )
         conn.executemany(
@@ -350,10 +352,11 @@ def delivery_failed(
         )
 
 
-def due_reports(data_dir: Path, *, unchecked_after: float) -> list[DueReport]:
+def due_reports(data_dir: Path, *, starting: bool = False) -> list[DueReport]:
     """Transactions whose report is owed now, oldest first: checked ones whose
-    retry time has come, and those recorded over `unchecked_after` seconds ago
-    and still unchecked (a crash, or a check that failed)."""
+    retry time has come, and those still unchecked whose association's hold
+    has passed (a check that failed). `starting`: the service has just started
+    and no association holds anything: every pending and unchecked one."""
     try:
         conn = open_reader(data_dir)
     except FileNotFoundError:
@@ -361,9 +364,9 @@ def due_reports(data_dir: Path, *, unchecked_after: float) -> list[DueReport]:
     try:
         rows = conn.execute(
             "SELECT transaction_uid, requester_ae, attempts, checked_at IS NOT NULL"
-            " FROM commitments WHERE delivery_state = ? AND next_attempt_at <= ?"
-            " OR delivery_state = ? AND requested_at <= ? ORDER BY requested_at",
-            (PENDING, utc_now(), CHECKING, _moment(-unchecked_after)),
+            " FROM commitments WHERE delivery_state IN (?, ?)"
+            " AND (? OR coalesce(next_attempt_at, requested_at) <= ?) ORDER BY requested_at",
+            (PENDING, CHECKING, starting, utc_now()),
         ).fetchall()
         return [DueReport(uid, ae, attempts, bool(checked)) for uid, ae, attempts, checked in rows]
     finally:

@@ -14,11 +14,12 @@ Extensions this module defines (the README lists them):
     native ``availability`` elements, and R4/R5 ``status`` only says whether the
     study is available at all.
 ``STATE_EXTENSION_URL``
-    ``valueCode`` receiving | stable | incomplete on the study and on each
-    series, in all versions: whether more instances are still expected.
+    ``valueCode`` receiving | stable | complete | incomplete on the study and
+    on each series, in all versions: whether more instances are still expected
+    (complete: a storage commitment request covered it, all committed).
 ``INCOMPLETE_REASON_EXTENSION_URL``
     ``valueString``, next to a state of ``incomplete``: why the study or series
-    is known to be incomplete (e.g. an aborted association).
+    is known to be incomplete (an aborted association, a commitment failure).
 
 Each resource's ``id`` is the Study Instance UID: the index only holds UIDs of at
 most 64 digits and dots (``storage.uids``), which is a valid FHIR id.
@@ -131,7 +132,7 @@ def render_imaging_study(
     """One ImagingStudy resource from a `studies` row and its `series` rows.
 
     `study` and each series row carry a "state" key (receiving | stable |
-    incomplete), the study also "incomplete_reason". `instances` maps a series
+    complete | incomplete), the study also "incomplete_reason". `instances` maps a series
     UID to its `instances` rows; None leaves the instance elements out.
     `wado_base_url` adds the DICOMweb retrieve location (DSTU2 `url`, R4/R5
     `endpoint`); `site_timezone` (IANA name) gives times whose instances carry

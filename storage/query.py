@@ -6,9 +6,13 @@ writer path as ingest.
 
 Rows come back as dicts whose keys are the index's column names, plus:
 - ``state``: ``receiving`` until `stable_after` seconds pass with no new
-  instance, then ``stable``; ``incomplete`` when an association that delivered
-  into the series ended in an abort (until a new instance arrives or an admin
-  marks it complete). A study is incomplete when one of its series is.
+  instance, then ``stable``; ``complete`` once a storage commitment request
+  covered the series and every instance it referenced there was committed
+  (until a new instance arrives); ``incomplete`` when an association that
+  delivered into the series ended in an abort, or a commitment request found
+  instances missing or damaged (until a new instance arrives, a later
+  commitment succeeds, or an admin marks it complete). A study is incomplete
+  when one of its series is, complete when all of them are.
 - ``incomplete_reason``: why, when incomplete.
 """
 
@@ -22,7 +26,7 @@ from pathlib import Path
 
 from storage.index import AVAILABILITIES, INDEX_FILENAME, Index, utc_now
 
-RECEIVING, STABLE, INCOMPLETE = "receiving", "stable", "incomplete"
+RECEIVING, STABLE, COMPLETE, INCOMPLETE = "receiving", "stable", "complete", "incomplete"
 
 
 class IndexMissing(FileNotFoundError):
@@ -119,9 +123,13 @@ def _since(value: str) -> str:
     return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def _state(last_received: str | None, incomplete_reason: str | None, stable_after: float) -> str:
+def _state(
+    last_received: str | None, incomplete_reason: str | None, committed: bool, stable_after: float
+) -> str:
     if incomplete_reason:
         return INCOMPLETE
+    if committed:
+        return COMPLETE
     if last_received is None:
         return STABLE
     age = datetime.now(UTC) - datetime.fromisoformat(last_received.replace("Z", "+00:00"))
@@ -130,19 +138,28 @@ def _state(last_received: str | None, incomplete_reason: str | None, stable_afte
 
 _STUDY_COLUMNS = (
     "s.*, (SELECT x.incomplete_reason FROM series x WHERE x.study_uid = s.study_uid"
-    " AND x.incomplete_reason IS NOT NULL LIMIT 1) AS incomplete_reason"
+    " AND x.incomplete_reason IS NOT NULL LIMIT 1) AS incomplete_reason,"
+    " NOT EXISTS (SELECT 1 FROM series x WHERE x.study_uid = s.study_uid"
+    " AND x.committed_at IS NULL) AS committed"
 )
 
 
 def _study_dict(row: sqlite3.Row, stable_after: float) -> dict:
     study = dict(row)
-    study["state"] = _state(study["last_received"], study["incomplete_reason"], stable_after)
+    study["state"] = _state(
+        study["last_received"], study["incomplete_reason"], bool(study["committed"]), stable_after
+    )
     return study
 
 
 def _series_dict(row: sqlite3.Row, stable_after: float) -> dict:
     series = dict(row)
-    series["state"] = _state(series["last_received"], series["incomplete_reason"], stable_after)
+    series["state"] = _state(
+        series["last_received"],
+        series["incomplete_reason"],
+        series["committed_at"] is not None,
+        stable_after,
+    )
     return series
 
 
@@ -231,7 +248,50 @@ def stats(conn: sqlite3.Connection) -> dict:
         " count(*) AS series, sum(number_of_instances) AS instances, sum(bytes) AS bytes"
         " FROM series GROUP BY 1 ORDER BY instances DESC"
     ).fetchall()
-    return {**dict(totals), "modalities": [dict(row) for row in per_modality]}
+    states = conn.execute(
+        "SELECT sum(committed_at IS NOT NULL AND incomplete_reason IS NULL),"
+        " sum(incomplete_reason IS NOT NULL) FROM series"
+    ).fetchone()
+    commitments = conn.execute(
+        "SELECT delivery_state, count(*) FROM commitments GROUP BY 1"
+    ).fetchall()
+    return {
+        **dict(totals),
+        "complete_series": states[0] or 0,
+        "incomplete_series": states[1] or 0,
+        "commitments": {state: count for state, count in commitments},
+        "modalities": [dict(row) for row in per_modality],
+    }
+
+
+def iter_commitments(
+    conn: sqlite3.Connection, *, pending: bool = False, study_uid: str | None = None
+) -> Iterator[dict]:
+    """Storage commitment transactions, newest first, each with the studies its
+    instances were found in (`studies`). `pending`: report not yet delivered."""
+    clauses, params = [], []
+    if pending:
+        clauses.append("c.delivery_state IN ('checking', 'pending')")
+    if study_uid is not None:
+        clauses.append(
+            "EXISTS (SELECT 1 FROM commitment_items i WHERE i.transaction_uid = c.transaction_uid"
+            " AND i.study_uid = ?)"
+        )
+        params.append(study_uid)
+    where = " WHERE " + " AND ".join(clauses) if clauses else ""
+    for row in conn.execute(
+        f"SELECT c.* FROM commitments c{where} ORDER BY c.requested_at DESC", params
+    ):
+        found = dict(row)
+        found["studies"] = [
+            uid
+            for (uid,) in conn.execute(
+                "SELECT DISTINCT study_uid FROM commitment_items WHERE transaction_uid = ?"
+                " AND study_uid IS NOT NULL ORDER BY study_uid",
+                (found["transaction_uid"],),
+            )
+        ]
+        yield found
 
 
 def worst_availability(values: list[str]) -> str:

@@ -1,0 +1,365 @@
+"""Storage commitment: a modality (pynetdicom's requestor, and Orthanc in
+test_interop) pushes instances, asks for commitment, and gets a report that
+says what is really on our disk — on its association, or on a new one to the
+address `peers` gives for it."""
+
+import json
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import StorageCommitmentPushModel
+
+from scp.cli import main
+from tests.conftest import CT_IMAGE_STORAGE, free_port, make_instance, send_files, start_server
+
+COMMITMENT_INSTANCE = "1.2.840.10008.1.20.1.1"
+MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
+MODALITY = "MODALITY"
+
+
+def a_series(directory: Path, count: int, study_uid: str | None = None) -> list[Path]:
+    study_uid = study_uid or generate_uid()
+    series_uid = generate_uid()
+    return [
+        make_instance(directory, study_uid=study_uid, series_uid=series_uid, InstanceNumber=n)
+        for n in range(1, count + 1)
+    ]
+
+
+def references(paths: list[Path], sop_class: str = CT_IMAGE_STORAGE) -> list[tuple[str, str]]:
+    import pydicom
+
+    return [(sop_class, pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+            for path in paths]  # fmt: skip
+
+
+def action_information(transaction_uid: str, refs: list[tuple[str, str]]) -> Dataset:
+    info = Dataset()
+    info.TransactionUID = transaction_uid
+    items = []
+    for sop_class, sop_instance in refs:
+        item = Dataset()
+        item.ReferencedSOPClassUID = sop_class
+        item.ReferencedSOPInstanceUID = sop_instance
+        items.append(item)
+    info.ReferencedSOPSequence = items
+    return info
+
+
+class Reports:
+    """N-EVENT-REPORTs a modality receives, on whichever association."""
+
+    def __init__(self):
+        self.received: list[tuple[int, Dataset]] = []
+        self._arrived = threading.Condition()
+
+    def handle(self, event):
+        with self._arrived:
+            self.received.append((event.event_type, event.event_information))
+            self._arrived.notify_all()
+        return 0x0000, None
+
+    def wait(self, count: int = 1, timeout: float = 15) -> list[tuple[int, Dataset]]:
+        with self._arrived:
+            self._arrived.wait_for(lambda: len(self.received) >= count, timeout)
+        assert len(self.received) >= count, f"{len(self.received)} reports, not {count}"
+        return self.received
+
+
+def request_commitment(
+    port: int,
+    transaction_uid: str,
+    refs: list[tuple[str, str]],
+    *,
+    reports: Reports | None = None,
+    wait_for_report: bool = True,
+) -> int:
+    """N-ACTION as MODALITY; the N-ACTION-RSP status. With `wait_for_report`,
+    the association stays open until the report has come on it."""
+    ae = AE(ae_title=MODALITY)
+    ae.add_requested_context(StorageCommitmentPushModel, ExplicitVRLittleEndian)
+    handlers = [(evt.EVT_N_EVENT_REPORT, reports.handle)] if reports else []
+    assoc = ae.associate("127.0.0.1", port, ae_title="IMAGING_SCP", evt_handlers=handlers)
+    assert assoc.is_established
+    try:
+        status, _ = assoc.send_n_action(
+            action_information(transaction_uid, refs),
+            1,
+            StorageCommitmentPushModel,
+            COMMITMENT_INSTANCE,
+        )
+        if wait_for_report:
+            reports.wait()
+    finally:
+        assoc.release()
+    return status.Status
+
+
+class Peer:
+    """The modality's own listener, where reports on a new association arrive."""
+
+    def __init__(self, port: int | None = None):
+        self.port = port or free_port()
+        self.reports = Reports()
+        self.ae = AE(ae_title=MODALITY)
+        self.ae.add_supported_context(
+            StorageCommitmentPushModel, ExplicitVRLittleEndian, scu_role=True, scp_role=True
+        )
+        self.server = None
+
+    def start(self) -> "Peer":
+        self.server = self.ae.start_server(
+            ("127.0.0.1", self.port),
+            block=False,
+            evt_handlers=[(evt.EVT_N_EVENT_REPORT, self.reports.handle)],
+        )
+        return self
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+
+
+def committed_uids(info: Dataset) -> list[str]:
+    return [item.ReferencedSOPInstanceUID for item in info.get("ReferencedSOPSequence", [])]
+
+
+def failures(info: Dataset) -> dict[str, int]:
+    return {
+        item.ReferencedSOPInstanceUID: item.FailureReason
+        for item in info.get("FailedSOPSequence", [])
+    }
+
+
+def cli(*args: str) -> dict | list:
+    result = CliRunner().invoke(main, [*args, "--json"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.output)
+
+
+def test_report_on_the_same_association_commits_every_stored_instance(server, tmp_path):
+    paths = a_series(tmp_path / "series", 3)
+    send_files(server.port, paths, calling=MODALITY)
+    transaction = generate_uid()
+    reports = Reports()
+
+    status = request_commitment(server.port, transaction, references(paths), reports=reports)
+
+    assert status == 0x0000
+    [(event_type, info)] = reports.received
+    assert event_type == 1  # all committed
+    assert info.TransactionUID == transaction
+    assert info.RetrieveAETitle == "IMAGING_SCP"
+    assert sorted(committed_uids(info)) == sorted(uid for _, uid in references(paths))
+    assert "FailedSOPSequence" not in info
+    reported = server.wait_for_event("commitment.reported")[0]
+    assert reported["delivery"] == "same association"
+    checked = server.events("commitment.checked")[0]
+    assert (checked["committed"], checked["failed"]) == (3, 0)
+    # The request was durable before its Success: recorded, then delivered.
+    [row] = cli("commitments", "--data-dir", str(server.data_dir))
+    assert (row["transactionUid"], row["committed"], row["failed"]) == (transaction, 3, 0)
+    assert row["delivery"] == "delivered"
+    study = cli("study", "--data-dir", str(server.data_dir), row["studies"][0])
+    assert study["state"] == "complete"
+    assert [s["state"] for s in study["series"]] == ["complete"]
+
+
+def test_failures_are_reported_each_with_its_reason(server, tmp_path):
+    good, damaged, other_class = a_series(tmp_path / "series", 3)
+    send_files(server.port, [good, damaged, other_class], calling=MODALITY)
+    [(_, damaged_uid), (_, class_uid)] = references([damaged, other_class])
+    stored = (
+        server.index()
+        .execute("SELECT path FROM instances WHERE sop_instance_uid = ?", (damaged_uid,))
+        .fetchone()[0]
+    )
+    file = server.data_dir / stored
+    data = bytearray(file.read_bytes())
+    data[-1] ^= 0xFF  # one bit of pixel data flipped on disk
+    file.write_bytes(data)
+    never_sent = generate_uid()
+    refs = [
+        *references([good, damaged]),
+        (MR_IMAGE_STORAGE, class_uid),  # stored as CT
+        (CT_IMAGE_STORAGE, never_sent),
+    ]
+    reports = Reports()
+
+    request_commitment(server.port, generate_uid(), refs, reports=reports)
+
+    [(event_type, info)] = reports.received
+    assert event_type == 2  # failures exist
+    assert committed_uids(info) == [refs[0][1]]
+    assert failures(info) == {damaged_uid: 0x0110, class_uid: 0x0119, never_sent: 0x0112}
+    checked = server.wait_for_event("commitment.checked")[0]
+    assert checked["by_reason"] == {"damaged": 1, "class conflict": 1, "missing": 1}
+    study_uid = server.index().execute("SELECT study_uid FROM studies").fetchone()[0]
+    study = cli("study", "--data-dir", str(server.data_dir), study_uid)
+    assert study["state"] == "incomplete"
+    assert "3 of 4 not committed" in study["series"][0]["incompleteReason"]
+
+
+def test_a_later_successful_commitment_makes_the_series_complete(server, tmp_path):
+    paths = a_series(tmp_path / "series", 2)
+    send_files(server.port, paths[:1], calling=MODALITY)
+    first = Reports()
+    request_commitment(server.port, generate_uid(), references(paths), reports=first)
+    assert first.received[0][0] == 2
+    send_files(server.port, paths[1:], calling=MODALITY)  # the missing one, sent again
+    second = Reports()
+
+    request_commitment(server.port, generate_uid(), references(paths), reports=second)
+
+    assert second.received[0][0] == 1
+    study_uid = server.index().execute("SELECT study_uid FROM studies").fetchone()[0]
+    assert cli("study", "--data-dir", str(server.data_dir), study_uid)["state"] == "complete"
+
+
+def test_a_repeated_transaction_uid(server, tmp_path):
+    """The same request again (a lost N-ACTION-RSP): Success and the same report.
+    The same UID for other instances: 0x0131, and no report."""
+    paths = a_series(tmp_path / "series", 2)
+    send_files(server.port, paths, calling=MODALITY)
+    transaction = generate_uid()
+    refs = references(paths)
+    first, again = Reports(), Reports()
+    request_commitment(server.port, transaction, refs, reports=first)
+
+    assert request_commitment(server.port, transaction, refs, reports=again) == 0x0000
+    assert committed_uids(again.received[0][1]) == committed_uids(first.received[0][1])
+
+    other = Reports()
+    status = request_commitment(
+        server.port, transaction, refs[:1], reports=other, wait_for_report=False
+    )
+    assert status == 0x0131
+    time.sleep(0.5)
+    assert other.received == []
+    refused = server.wait_for_event("commitment.refused")[0]
+    assert transaction in refused["reason"]
+
+
+def test_report_on_a_new_association_when_the_modality_released(server_factory, tmp_path):
+    peer = Peer().start()
+    try:
+        server = server_factory("--peer", f"{MODALITY}=127.0.0.1:{peer.port}")
+        paths = a_series(tmp_path / "series", 3)
+        send_files(server.port, paths, calling=MODALITY)
+        transaction = generate_uid()
+
+        status = request_commitment(
+            server.port, transaction, references(paths), wait_for_report=False
+        )
+
+        assert status == 0x0000
+        [(event_type, info)] = peer.reports.wait()
+        assert (event_type, info.TransactionUID) == (1, transaction)
+        assert len(committed_uids(info)) == 3
+        reported = server.wait_for_event("commitment.reported")[0]
+        assert reported["delivery"] == "new association"
+    finally:
+        peer.stop()
+
+
+def test_a_modality_with_no_known_address_is_told_in_the_log(server, tmp_path):
+    paths = a_series(tmp_path / "series", 1)
+    send_files(server.port, paths, calling=MODALITY)
+
+    request_commitment(server.port, generate_uid(), references(paths), wait_for_report=False)
+
+    failed = server.wait_for_event("commitment.delivery_failed")[0]
+    assert "no address for AE 'MODALITY' in peers" in failed["reason"]
+    [row] = cli("commitments", "--data-dir", str(server.data_dir))
+    assert row["delivery"] == "failed"
+
+
+def test_a_peer_down_at_report_time_gets_the_report_by_a_retry(server_factory, tmp_path):
+    port = free_port()
+    server = server_factory(
+        "--peer", f"{MODALITY}=127.0.0.1:{port}", "--report-retry-interval", "1"
+    )
+    paths = a_series(tmp_path / "series", 2)
+    send_files(server.port, paths, calling=MODALITY)
+    transaction = generate_uid()
+    request_commitment(server.port, transaction, references(paths), wait_for_report=False)
+    server.wait_for_event("commitment.delivery_failed")
+    assert cli("commitments", "--pending", "--data-dir", str(server.data_dir))
+
+    time.sleep(5)
+    peer = Peer(port).start()
+    try:
+        [(event_type, info)] = peer.reports.wait(timeout=30)
+        assert (event_type, info.TransactionUID) == (1, transaction)
+        assert server.wait_for_event("commitment.reported")[0]["attempts"] >= 2
+        assert cli("commitments", "--pending", "--data-dir", str(server.data_dir)) == []
+    finally:
+        peer.stop()
+
+
+def test_a_pending_report_survives_a_kill_and_is_delivered_once(tmp_path):
+    port = free_port()
+    data_dir = tmp_path / "data"
+    flags = ("--peer", f"{MODALITY}=127.0.0.1:{port}", "--report-retry-interval", "600")
+    server = start_server(data_dir, *flags)
+    try:
+        paths = a_series(tmp_path / "series", 2)
+        send_files(server.port, paths, calling=MODALITY)
+        transaction = generate_uid()
+        request_commitment(server.port, transaction, references(paths), wait_for_report=False)
+        server.wait_for_event("commitment.delivery_failed")
+    finally:
+        server.stop(signal.SIGKILL)
+    peer = Peer(port).start()
+    restarted = start_server(data_dir, *flags)
+    try:
+        [(_, info)] = peer.reports.wait()
+        assert info.TransactionUID == transaction
+        restarted.wait_for_event("commitment.reported")
+        time.sleep(6)  # the Reporter's next rounds send nothing more
+        assert len(peer.reports.received) == 1
+    finally:
+        restarted.stop()
+        peer.stop()
+
+
+@pytest.mark.parametrize(
+    "change, status",
+    [
+        ({"action_type": 2}, 0x0123),
+        ({"instance": "1.2.3.4"}, 0x0117),
+        ({"refs": []}, 0x0115),
+        ({"transaction": "not a uid"}, 0x0115),
+    ],
+)
+def test_a_malformed_request_gets_a_failure_status_and_the_association_goes_on(
+    server, change, status
+):
+    ae = AE(ae_title=MODALITY)
+    ae.add_requested_context(StorageCommitmentPushModel, ExplicitVRLittleEndian)
+    ae.add_requested_context("1.2.840.10008.1.1")
+    assoc = ae.associate("127.0.0.1", server.port, ae_title="IMAGING_SCP")
+    try:
+        info = action_information(
+            change.get("transaction", generate_uid()),
+            change.get("refs", [(CT_IMAGE_STORAGE, generate_uid())]),
+        )
+        response, _ = assoc.send_n_action(
+            info,
+            change.get("action_type", 1),
+            StorageCommitmentPushModel,
+            change.get("instance", COMMITMENT_INSTANCE),
+        )
+        assert response.Status == status
+        assert response.ErrorComment
+        assert assoc.send_c_echo().Status == 0x0000
+    finally:
+        assoc.release()
+    assert server.wait_for_event("commitment.refused")[0]["status"] == f"0x{status:04X}"
