@@ -26,6 +26,7 @@ from storage.index import (
     IndexEntry,
     Provenance,
     SeriesStudyMismatch,
+    StoredDigest,
     utc_now,
 )
 from storage.policy import DuplicatePolicy
@@ -57,6 +58,7 @@ class Outcome(enum.StrEnum):
     IDENTICAL_RESEND = "identical-resend"
     KEPT_ASIDE = "kept-aside"
     OVERWRITTEN = "overwritten"
+    RESTORED = "restored"  # an identical resend of an instance whose file was gone
 
 
 @dataclass
@@ -135,7 +137,7 @@ class InstanceStore:
         temp_writer = incoming.temp
         sha256 = incoming.digest.hexdigest()
         known = self.index.digest_hint(header.sop_instance_uid)
-        if known is not None and known.sha256 == sha256:
+        if known is not None and known.sha256 == sha256 and self._file_present(known):
             temp_writer.discard()
             return StoreResult(Outcome.IDENTICAL_RESEND, header, known.path, known.size, sha256)
         size = temp_writer.size
@@ -195,10 +197,13 @@ class InstanceStore:
         timings["index"] = round(_ms_since(started) - placing, 3)
         return result
 
+    def _file_present(self, known: StoredDigest) -> bool:
+        return (self.data_dir / known.path).exists()
+
     def _undo_placing(self, temp: files.TempFile, result: StoreResult) -> None:
         """After a failed index transaction: the sender gets a failure, so leave
         no file without its row."""
-        if result.outcome is Outcome.OVERWRITTEN:
+        if result.outcome in (Outcome.OVERWRITTEN, Outcome.RESTORED):
             return  # the old copy is gone: startup recovery records the new one
         if result.placed:
             (self.data_dir / result.path).unlink(missing_ok=True)
@@ -225,8 +230,14 @@ class InstanceStore:
             (self.data_dir / result.path).unlink(missing_ok=True)
             result.placed = False
         result.path = known.path
-        if known.sha256 == entry.sha256:  # an identical copy won the race
-            result.outcome = Outcome.IDENTICAL_RESEND
+        if known.sha256 == entry.sha256:
+            if self._file_present(known):  # an identical copy won the race
+                result.outcome = Outcome.IDENTICAL_RESEND
+                return
+            # The indexed file is gone (deleted, lost): the sender resends what a
+            # commitment or `verify` found missing, and gets it back in place.
+            self._link(temp, PurePosixPath(known.path), result, Outcome.RESTORED)
+            self.index.replace_instance(dataclasses.replace(entry, path=known.path))
             return
         if self.duplicates is DuplicatePolicy.REJECT:
             raise StoreRefused(

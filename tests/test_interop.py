@@ -104,11 +104,12 @@ class Orthanc:
 
     def __init__(self, directory: Path):
         self.http_port = free_port()
+        self.dicom_port = free_port()
         config = {
             "Name": "interop",
             "StorageDirectory": str(directory / "storage"),
             "IndexDirectory": str(directory / "index"),
-            "DicomPort": free_port(),
+            "DicomPort": self.dicom_port,
             "DicomAet": "ORTHANC",
             "HttpPort": self.http_port,
             "RemoteAccessAllowed": False,
@@ -195,6 +196,89 @@ def test_orthanc_sends_a_study_and_compressed_files_byte_for_byte(server, orthan
     assert_stored_exactly(server, sent)  # compressed ones included: nothing transcoded
     ends = server.wait_for_event("association.end")
     assert ends[-1]["calling_ae"] == "ORTHANC"
+
+
+@pytest.fixture
+def committing_server(orthanc_process, server_factory):
+    """A server that knows where Orthanc listens for storage commitment reports,
+    as Orthanc's modality "scp"."""
+    server = server_factory("--peer", f"ORTHANC=127.0.0.1:{orthanc_process.dicom_port}")
+    orthanc_process.use_scp(server.port)
+    return server
+
+
+def orthanc_commitment(orthanc, transaction_uid: str, timeout: float = 20) -> dict:
+    """Orthanc's own record of a storage commitment report, once it has one."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        report = orthanc.request(f"/storage-commitment/{transaction_uid}")
+        if report["Status"] != "Pending":
+            return report
+        time.sleep(0.1)
+    raise AssertionError(f"Orthanc got no report for {transaction_uid}")
+
+
+@requires_orthanc
+def test_orthanc_push_with_storage_commitment_succeeds_end_to_end(
+    committing_server, orthanc_process, tmp_path
+):
+    orthanc = orthanc_process
+    sent = two_series_study(tmp_path / "study", 10)
+    study = {orthanc.request("/instances", path.read_bytes())["ParentStudy"] for path in sent}
+
+    job = orthanc.request(
+        "/modalities/scp/store",
+        {"Resources": sorted(study), "Synchronous": True, "StorageCommitment": True},
+    )
+
+    assert (job["InstancesCount"], job["FailedInstancesCount"]) == (10, 0), job
+    report = orthanc_commitment(orthanc, job["StorageCommitmentTransactionUID"])
+    assert report["Status"] == "Success", report
+    sent_uids = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in sent}
+    assert {item["SOPInstanceUID"] for item in report["Success"]} == sent_uids
+    assert report["Failures"] == []
+    assert_stored_exactly(committing_server, sent)
+    states = {r[0] for r in committing_server.index().execute("SELECT committed_at FROM series")}
+    assert None not in states  # both series complete
+
+
+@requires_orthanc
+def test_orthanc_is_told_which_instance_is_no_longer_on_our_disk_and_can_resend_it(
+    committing_server, orthanc_process, tmp_path
+):
+    orthanc = orthanc_process
+    sent = two_series_study(tmp_path / "study", 4)
+    study = {orthanc.request("/instances", path.read_bytes())["ParentStudy"] for path in sent}
+    orthanc.request("/modalities/scp/store", {"Resources": sorted(study), "Synchronous": True})
+    lost = pydicom.dcmread(sent[2], stop_before_pixels=True)
+    stored = (
+        committing_server.index()
+        .execute("SELECT path FROM instances WHERE sop_instance_uid = ?", (lost.SOPInstanceUID,))
+        .fetchone()[0]
+    )
+    (committing_server.data_dir / stored).unlink()
+    instances = [
+        {"SOPClassUID": ds.SOPClassUID, "SOPInstanceUID": ds.SOPInstanceUID}
+        for ds in (pydicom.dcmread(p, stop_before_pixels=True) for p in sent)
+    ]
+
+    asked = orthanc.request("/modalities/scp/storage-commitment", {"DicomInstances": instances})
+
+    report = orthanc_commitment(orthanc, asked["ID"])
+    assert report["Status"] == "Failure", report
+    assert [f["SOPInstanceUID"] for f in report["Failures"]] == [lost.SOPInstanceUID]
+    assert report["Failures"][0]["FailureReason"] == 0x0110
+    assert len(report["Success"]) == 3
+
+    # What a modality does next: it sends the study again, and asks again.
+    job = orthanc.request(
+        "/modalities/scp/store",
+        {"Resources": sorted(study), "Synchronous": True, "StorageCommitment": True},
+    )
+    again = orthanc_commitment(orthanc, job["StorageCommitmentTransactionUID"])
+    assert again["Status"] == "Success", again
+    assert_stored_exactly(committing_server, sent)  # the lost file is back, byte for byte
+    assert "restored" in {e["outcome"] for e in committing_server.events("instance.stored")}
 
 
 @requires_orthanc
