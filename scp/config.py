@@ -192,8 +192,8 @@ def _callers(value) -> dict[str, list[str]]:
     return callers
 
 
-def _peers(value) -> dict[str, tuple[str, int]]:
-    """AE title -> (host, port), from a TOML table or from repeated AE=HOST:PORT flags."""
+def _peers(value) -> dict[str, str]:
+    """AE title -> "HOST:PORT", from a TOML table or from repeated AE=HOST:PORT flags."""
     if isinstance(value, list | tuple):
         pairs = []
         for item in value:
@@ -212,8 +212,17 @@ def _peers(value) -> dict[str, tuple[str, int]]:
         host, sep, port = address.strip().rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
             raise ValueError(f"{title}: expected HOST:PORT, got {address!r}")
-        peers[title.strip()] = (host.strip("[]"), int(port))
+        peers[title.strip()] = f"{host}:{int(port)}"
     return peers
+
+
+def peer_address(config: Config, ae_title: str | None) -> tuple[str, int] | None:
+    """Where the AE `ae_title` listens, from `peers` (validated by load_config)."""
+    address = config.peers.get(ae_title or "")
+    if address is None:
+        return None
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
 
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,

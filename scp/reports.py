@@ -26,7 +26,7 @@ from scp.commitment_service import (
     CommitmentService,
     event_information,
 )
-from scp.config import Config
+from scp.config import Config, peer_address
 from storage import commitment
 from storage.query import open_reader
 
@@ -119,7 +119,7 @@ class Reporter:
             result = self.service.check(bound, uid)
             if result is None:
                 return
-        address = self.config.peers.get(due.requester_ae)
+        address = peer_address(self.config, due.requester_ae)
         index = self.service.store.index
         if address is None:
             error = f"no address for AE {due.requester_ae!r} in peers"

@@ -17,6 +17,7 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import StorageCommitmentPushModel
 
 from scp.cli import main
+from scp.config import ConfigError, load_config, peer_address
 from tests.conftest import CT_IMAGE_STORAGE, free_port, make_instance, send_files, start_server
 
 COMMITMENT_INSTANCE = "1.2.840.10008.1.20.1.1"
@@ -363,3 +364,18 @@ def test_a_malformed_request_gets_a_failure_status_and_the_association_goes_on(
     finally:
         assoc.release()
     assert server.wait_for_event("commitment.refused")[0]["status"] == f"0x{status:04X}"
+
+
+def test_peers_from_a_toml_table_and_from_flags(tmp_path):
+    config_file = tmp_path / "config.toml"
+    config_file.write_text('[peers]\nORTHANC = "127.0.0.1:4242"\n"CT 1" = "[::1]:104"\n')
+    config = load_config(config_file, peers=("PACS=pacs.example:11112",))
+    assert peer_address(config, "PACS") == ("pacs.example", 11112)  # the flag wins
+    assert peer_address(config, "ORTHANC") is None
+    config = load_config(config_file)
+    assert peer_address(config, "ORTHANC") == ("127.0.0.1", 4242)
+    assert peer_address(config, "CT 1") == ("::1", 104)
+    assert peer_address(config, "NOBODY") is None
+    for bad in ("PACS", "PACS=host", "PACS=host:0", "=host:104"):
+        with pytest.raises(ConfigError, match="key 'peers'"):
+            load_config(peers=(bad,))

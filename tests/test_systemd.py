@@ -482,6 +482,8 @@ def test_check_config_accepts_the_example():
         ("require_called_aet = 1\n", "require_called_aet"),
         ('duplicates = "sometimes"\n', "duplicates"),
         ("max_pdu = 12\n", "max_pdu"),  # out of range
+        ('[peers]\nCT_1 = "10.0.0.1"\n', "peers"),  # no port
+        ("report_attempts = 0\n", "report_attempts"),
     ],
 )
 def test_check_config_names_the_bad_key(tmp_path, content, key):
