@@ -53,6 +53,12 @@ MAX_ACTION_INFORMATION = 16 * 1024 * 1024
 
 SAME_ASSOCIATION, NEW_ASSOCIATION = "same association", "new association"
 
+# Seconds a requester has, after our N-ACTION-RSP and the check, to show that it
+# is releasing (most release at once and want the report on a new association)
+# before the report goes out on its association: one sent into a release
+# confuses requesters (pynetdicom's raises in its reactor thread).
+RELEASE_GRACE = 0.2
+
 
 class ActionRefused(Exception):
     def __init__(self, status: int, reason: str):
@@ -237,7 +243,7 @@ class CommitmentService:
         result = self.check(session.log, transaction_uid, hold=self.hold)
         if result is None:
             return
-        if channel.layer.peer_is_leaving():
+        if channel.layer.peer_is_leaving(RELEASE_GRACE):
             self.not_answered(session, transaction_uid, "requester released before the report")
             return
         event_type, info = event_information(result, self.aet)

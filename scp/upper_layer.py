@@ -19,6 +19,7 @@ close after our A-ASSOCIATE-RJ, A-RELEASE-RP or A-ABORT).
 
 import contextlib
 import enum
+import select
 import socket
 import ssl
 import struct
@@ -387,19 +388,23 @@ class UpperLayer:
             Event.LOCAL_P_DATA, p_data_pdus(context_id, command, dataset, self.peer_max_pdu)
         )
 
-    def peer_is_leaving(self) -> bool:
-        """Whether the peer's next PDU has already arrived and is an A-RELEASE-RQ
-        or an A-ABORT (or it closed): it has no use for this association any
-        more. Looked at without taking it; on TLS, where the socket cannot be
-        peeked at, only what has been read counts."""
+    def peer_is_leaving(self, wait: float) -> bool:
+        """Whether the peer's next PDU, arriving within `wait` seconds, is an
+        A-RELEASE-RQ or an A-ABORT (or it closed): it has no use for this
+        association any more. Looked at without taking it. On TLS, where the
+        socket cannot be peeked at, only what has been read counts."""
         if self._end > self._start:
             kind = self._buffer[self._start]
         elif not self._kernel_timeouts:
             return False
         else:
+            poller = select.poll()
+            poller.register(self.sock, select.POLLIN)
+            if not poller.poll(wait * 1000):
+                return False
             try:
                 waiting = self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-            except BlockingIOError:  # nothing yet
+            except BlockingIOError:
                 return False
             except OSError:
                 return True

@@ -9,6 +9,7 @@ import threading
 import time
 from pathlib import Path
 
+import pydicom
 import pytest
 from click.testing import CliRunner
 from pydicom.dataset import Dataset
@@ -18,6 +19,7 @@ from pynetdicom.sop_class import StorageCommitmentPushModel
 
 from scp.cli import main
 from scp.config import ConfigError, load_config, peer_address
+from storage.fhir import STATE_EXTENSION_URL
 from tests.conftest import CT_IMAGE_STORAGE, free_port, make_instance, send_files, start_server
 
 COMMITMENT_INSTANCE = "1.2.840.10008.1.20.1.1"
@@ -35,8 +37,6 @@ def a_series(directory: Path, count: int, study_uid: str | None = None) -> list[
 
 
 def references(paths: list[Path], sop_class: str = CT_IMAGE_STORAGE) -> list[tuple[str, str]]:
-    import pydicom
-
     return [(sop_class, pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
             for path in paths]  # fmt: skip
 
@@ -75,7 +75,7 @@ class Reports:
 
 
 def request_commitment(
-    port: int,
+    server,
     transaction_uid: str,
     refs: list[tuple[str, str]],
     *,
@@ -83,12 +83,14 @@ def request_commitment(
     wait_for_report: bool = True,
 ) -> int:
     """N-ACTION as MODALITY; the N-ACTION-RSP status. With `wait_for_report`,
-    the association stays open until the report has come on it."""
+    the association stays open until the report has come on it and been
+    answered (the server logs it then)."""
     ae = AE(ae_title=MODALITY)
     ae.add_requested_context(StorageCommitmentPushModel, ExplicitVRLittleEndian)
     handlers = [(evt.EVT_N_EVENT_REPORT, reports.handle)] if reports else []
-    assoc = ae.associate("127.0.0.1", port, ae_title="IMAGING_SCP", evt_handlers=handlers)
+    assoc = ae.associate("127.0.0.1", server.port, ae_title="IMAGING_SCP", evt_handlers=handlers)
     assert assoc.is_established
+    reported_before = len(reported(server, transaction_uid))
     try:
         status, _ = assoc.send_n_action(
             action_information(transaction_uid, refs),
@@ -98,9 +100,19 @@ def request_commitment(
         )
         if wait_for_report:
             reports.wait()
+            deadline = time.monotonic() + 10
+            while len(reported(server, transaction_uid)) == reported_before:
+                assert time.monotonic() < deadline, "the report was not answered"
+                time.sleep(0.02)
     finally:
         assoc.release()
     return status.Status
+
+
+def reported(server, transaction_uid: str) -> list[dict]:
+    return [
+        e for e in server.events("commitment.reported") if e["transaction_uid"] == transaction_uid
+    ]
 
 
 class Peer:
@@ -151,7 +163,7 @@ def test_report_on_the_same_association_commits_every_stored_instance(server, tm
     transaction = generate_uid()
     reports = Reports()
 
-    status = request_commitment(server.port, transaction, references(paths), reports=reports)
+    status = request_commitment(server, transaction, references(paths), reports=reports)
 
     assert status == 0x0000
     [(event_type, info)] = reports.received
@@ -171,6 +183,12 @@ def test_report_on_the_same_association_commits_every_stored_instance(server, tm
     study = cli("study", "--data-dir", str(server.data_dir), row["studies"][0])
     assert study["state"] == "complete"
     assert [s["state"] for s in study["series"]] == ["complete"]
+    resource = json.loads(
+        CliRunner()
+        .invoke(main, ["fhir", "--data-dir", str(server.data_dir), row["studies"][0]])
+        .output
+    )
+    assert {"url": STATE_EXTENSION_URL, "valueCode": "complete"} in resource["extension"]
 
 
 def test_failures_are_reported_each_with_its_reason(server, tmp_path):
@@ -194,7 +212,7 @@ def test_failures_are_reported_each_with_its_reason(server, tmp_path):
     ]
     reports = Reports()
 
-    request_commitment(server.port, generate_uid(), refs, reports=reports)
+    request_commitment(server, generate_uid(), refs, reports=reports)
 
     [(event_type, info)] = reports.received
     assert event_type == 2  # failures exist
@@ -208,16 +226,36 @@ def test_failures_are_reported_each_with_its_reason(server, tmp_path):
     assert "3 of 4 not committed" in study["series"][0]["incompleteReason"]
 
 
+def test_a_copy_kept_aside_does_not_commit_a_damaged_indexed_one(server, tmp_path):
+    [first] = a_series(tmp_path / "first", 1)
+    send_files(server.port, [first], calling=MODALITY)
+    ds = pydicom.dcmread(first)
+    ds.PatientName = "Other^Bytes"  # the same SOP Instance UID, other bytes: kept aside
+    resent = tmp_path / "resent.dcm"
+    ds.save_as(resent)
+    send_files(server.port, [resent], calling=MODALITY)
+    assert server.index().execute("SELECT count(*) FROM conflicts").fetchone()[0] == 1
+    (stored,) = server.index().execute("SELECT path FROM instances").fetchone()
+    (server.data_dir / stored).unlink()
+    reports = Reports()
+
+    request_commitment(server, generate_uid(), references([first]), reports=reports)
+
+    [(event_type, info)] = reports.received
+    assert event_type == 2
+    assert failures(info) == {ds.SOPInstanceUID: 0x0110}
+
+
 def test_a_later_successful_commitment_makes_the_series_complete(server, tmp_path):
     paths = a_series(tmp_path / "series", 2)
     send_files(server.port, paths[:1], calling=MODALITY)
     first = Reports()
-    request_commitment(server.port, generate_uid(), references(paths), reports=first)
+    request_commitment(server, generate_uid(), references(paths), reports=first)
     assert first.received[0][0] == 2
     send_files(server.port, paths[1:], calling=MODALITY)  # the missing one, sent again
     second = Reports()
 
-    request_commitment(server.port, generate_uid(), references(paths), reports=second)
+    request_commitment(server, generate_uid(), references(paths), reports=second)
 
     assert second.received[0][0] == 1
     study_uid = server.index().execute("SELECT study_uid FROM studies").fetchone()[0]
@@ -232,15 +270,13 @@ def test_a_repeated_transaction_uid(server, tmp_path):
     transaction = generate_uid()
     refs = references(paths)
     first, again = Reports(), Reports()
-    request_commitment(server.port, transaction, refs, reports=first)
+    request_commitment(server, transaction, refs, reports=first)
 
-    assert request_commitment(server.port, transaction, refs, reports=again) == 0x0000
+    assert request_commitment(server, transaction, refs, reports=again) == 0x0000
     assert committed_uids(again.received[0][1]) == committed_uids(first.received[0][1])
 
     other = Reports()
-    status = request_commitment(
-        server.port, transaction, refs[:1], reports=other, wait_for_report=False
-    )
+    status = request_commitment(server, transaction, refs[:1], reports=other, wait_for_report=False)
     assert status == 0x0131
     time.sleep(0.5)
     assert other.received == []
@@ -256,9 +292,7 @@ def test_report_on_a_new_association_when_the_modality_released(server_factory, 
         send_files(server.port, paths, calling=MODALITY)
         transaction = generate_uid()
 
-        status = request_commitment(
-            server.port, transaction, references(paths), wait_for_report=False
-        )
+        status = request_commitment(server, transaction, references(paths), wait_for_report=False)
 
         assert status == 0x0000
         [(event_type, info)] = peer.reports.wait()
@@ -274,7 +308,7 @@ def test_a_modality_with_no_known_address_is_told_in_the_log(server, tmp_path):
     paths = a_series(tmp_path / "series", 1)
     send_files(server.port, paths, calling=MODALITY)
 
-    request_commitment(server.port, generate_uid(), references(paths), wait_for_report=False)
+    request_commitment(server, generate_uid(), references(paths), wait_for_report=False)
 
     failed = server.wait_for_event("commitment.delivery_failed")[0]
     assert "no address for AE 'MODALITY' in peers" in failed["reason"]
@@ -290,7 +324,7 @@ def test_a_peer_down_at_report_time_gets_the_report_by_a_retry(server_factory, t
     paths = a_series(tmp_path / "series", 2)
     send_files(server.port, paths, calling=MODALITY)
     transaction = generate_uid()
-    request_commitment(server.port, transaction, references(paths), wait_for_report=False)
+    request_commitment(server, transaction, references(paths), wait_for_report=False)
     server.wait_for_event("commitment.delivery_failed")
     assert cli("commitments", "--pending", "--data-dir", str(server.data_dir))
 
@@ -314,7 +348,7 @@ def test_a_pending_report_survives_a_kill_and_is_delivered_once(tmp_path):
         paths = a_series(tmp_path / "series", 2)
         send_files(server.port, paths, calling=MODALITY)
         transaction = generate_uid()
-        request_commitment(server.port, transaction, references(paths), wait_for_report=False)
+        request_commitment(server, transaction, references(paths), wait_for_report=False)
         server.wait_for_event("commitment.delivery_failed")
     finally:
         server.stop(signal.SIGKILL)
