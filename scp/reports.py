@@ -86,7 +86,8 @@ class Reporter:
     def stop(self) -> None:
         self._stopping = True
         self._wake.set()
-        self._thread.join(self.config.network_timeout + 5)
+        # A delivery cut short stays pending: the next start sends it again.
+        self._thread.join(5)
 
     def _run(self) -> None:
         # At start-up no association holds a report: whatever is pending or

@@ -75,8 +75,9 @@ class Session:
             f" ({self.peer}) {self.outcome} after {self.instances} instances"
         )
         try:
-            mark_incomplete(index, series, reason)
+            marked = mark_incomplete(index, series, reason)
         except Exception:
             self.log.exception("series.mark_incomplete_failed")
             return
-        self.log.warning("series.incomplete", series=series, reason=reason)
+        if marked:
+            self.log.warning("series.incomplete", series=marked, reason=reason)

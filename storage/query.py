@@ -343,13 +343,21 @@ def refresh_study_availability(index: Index, study_uid: str) -> None:
     )
 
 
-def mark_incomplete(index: Index, series_uids: list[str], reason: str) -> None:
-    """Mark series delivered into by an association that broke off."""
+def mark_incomplete(index: Index, series_uids: list[str], reason: str) -> list[str]:
+    """Mark series delivered into by an association that broke off; returns
+    those marked. A series a storage commitment has found complete since its
+    last instance is left alone: the sender's own list said it was all there."""
+    now = utc_now()
+    marked = []
     with index.writing():
-        index.conn.executemany(
-            "UPDATE series SET incomplete_reason = ?, incomplete_since = ? WHERE series_uid = ?",
-            [(reason, utc_now(), uid) for uid in series_uids],
-        )
+        for uid in series_uids:
+            if index.conn.execute(
+                "UPDATE series SET incomplete_reason = ?, incomplete_since = ?"
+                " WHERE series_uid = ? AND committed_at IS NULL",
+                (reason, now, uid),
+            ).rowcount:
+                marked.append(uid)
+    return marked
 
 
 def mark_complete(index: Index, study_uid: str) -> int:

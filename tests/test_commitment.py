@@ -262,6 +262,38 @@ def test_a_later_successful_commitment_makes_the_series_complete(server, tmp_pat
     assert cli("study", "--data-dir", str(server.data_dir), study_uid)["state"] == "complete"
 
 
+def test_an_abort_after_a_successful_commitment_leaves_the_series_complete(server, tmp_path):
+    """Some modalities end with an A-ABORT instead of a release. After their own
+    list was committed, that says nothing about completeness."""
+    paths = a_series(tmp_path / "series", 2)
+    ae = AE(ae_title=MODALITY)
+    ae.add_requested_context(CT_IMAGE_STORAGE, ExplicitVRLittleEndian)
+    ae.add_requested_context(StorageCommitmentPushModel, ExplicitVRLittleEndian)
+    reports = Reports()
+    assoc = ae.associate(
+        "127.0.0.1",
+        server.port,
+        ae_title="IMAGING_SCP",
+        evt_handlers=[(evt.EVT_N_EVENT_REPORT, reports.handle)],
+    )
+    for path in paths:
+        assert assoc.send_c_store(path).Status == 0x0000
+    assoc.send_n_action(
+        action_information(generate_uid(), references(paths)),
+        1,
+        StorageCommitmentPushModel,
+        COMMITMENT_INSTANCE,
+    )
+    reports.wait()
+    server.wait_for_event("commitment.reported")
+    assoc.abort()
+    server.wait_for_event("association.end")
+
+    study_uid = server.index().execute("SELECT study_uid FROM studies").fetchone()[0]
+    assert cli("study", "--data-dir", str(server.data_dir), study_uid)["state"] == "complete"
+    assert server.events("series.incomplete") == []
+
+
 def test_a_repeated_transaction_uid(server, tmp_path):
     """The same request again (a lost N-ACTION-RSP): Success and the same report.
     The same UID for other instances: 0x0131, and no report."""

@@ -136,6 +136,22 @@ class Orthanc:
         with urllib.request.urlopen(request, timeout=30) as reply:
             return json.loads(reply.read() or b"null")
 
+    def upload(self, paths: list[Path]) -> list[str]:
+        """Store files in Orthanc; the Orthanc IDs of their studies."""
+        studies = set()
+        for path in paths:
+            uploaded = self.request("/instances", path.read_bytes())
+            assert uploaded["Status"] == "Success", (path.name, uploaded)
+            studies.add(uploaded["ParentStudy"])
+        return sorted(studies)
+
+    def push(self, studies: list[str], *, commitment: bool = False) -> dict:
+        """C-STORE studies to the modality "scp" (with storage commitment); the job."""
+        body = {"Resources": studies, "Synchronous": True}
+        if commitment:
+            body["StorageCommitment"] = True
+        return self.request("/modalities/scp/store", body)
+
     def use_scp(self, port: int) -> None:
         modality = {"AET": "IMAGING_SCP", "Host": "127.0.0.1", "Port": port}
         self.request("/modalities/scp", modality, method="PUT")
@@ -182,15 +198,8 @@ def test_orthanc_sends_a_study_and_compressed_files_byte_for_byte(server, orthan
     root = bundled_test_files()[0].parent
     compressed = [root / name for name in ORTHANC_VERBATIM]
     sent = two_series_study(tmp_path / "study", 20) + compressed
-    studies = set()
-    for path in sent:
-        uploaded = orthanc.request("/instances", path.read_bytes())
-        assert uploaded["Status"] == "Success", (path.name, uploaded)
-        studies.add(uploaded["ParentStudy"])
 
-    job = orthanc.request(
-        "/modalities/scp/store", {"Resources": sorted(studies), "Synchronous": True}
-    )
+    job = orthanc.push(orthanc.upload(sent))
 
     assert (job["InstancesCount"], job["FailedInstancesCount"]) == (len(sent), 0), job
     assert_stored_exactly(server, sent)  # compressed ones included: nothing transcoded
@@ -224,12 +233,8 @@ def test_orthanc_push_with_storage_commitment_succeeds_end_to_end(
 ):
     orthanc = orthanc_process
     sent = two_series_study(tmp_path / "study", 10)
-    study = {orthanc.request("/instances", path.read_bytes())["ParentStudy"] for path in sent}
 
-    job = orthanc.request(
-        "/modalities/scp/store",
-        {"Resources": sorted(study), "Synchronous": True, "StorageCommitment": True},
-    )
+    job = orthanc.push(orthanc.upload(sent), commitment=True)
 
     assert (job["InstancesCount"], job["FailedInstancesCount"]) == (10, 0), job
     report = orthanc_commitment(orthanc, job["StorageCommitmentTransactionUID"])
@@ -248,8 +253,8 @@ def test_orthanc_is_told_which_instance_is_no_longer_on_our_disk_and_can_resend_
 ):
     orthanc = orthanc_process
     sent = two_series_study(tmp_path / "study", 4)
-    study = {orthanc.request("/instances", path.read_bytes())["ParentStudy"] for path in sent}
-    orthanc.request("/modalities/scp/store", {"Resources": sorted(study), "Synchronous": True})
+    study = orthanc.upload(sent)
+    orthanc.push(study)
     lost = pydicom.dcmread(sent[2], stop_before_pixels=True)
     stored = (
         committing_server.index()
@@ -271,10 +276,7 @@ def test_orthanc_is_told_which_instance_is_no_longer_on_our_disk_and_can_resend_
     assert len(report["Success"]) == 3
 
     # What a modality does next: it sends the study again, and asks again.
-    job = orthanc.request(
-        "/modalities/scp/store",
-        {"Resources": sorted(study), "Synchronous": True, "StorageCommitment": True},
-    )
+    job = orthanc.push(study, commitment=True)
     again = orthanc_commitment(orthanc, job["StorageCommitmentTransactionUID"])
     assert again["Status"] == "Success", again
     assert_stored_exactly(committing_server, sent)  # the lost file is back, byte for byte
