@@ -181,24 +181,39 @@ class StoreStatus:
 def send_files(
     port: int, paths: list[Path], *, calling: str = "TESTSCU", called: str = "IMAGING_SCP"
 ) -> list[StoreStatus]:
-    """Send files over one association with pynetdicom, each in its own transfer
-    syntax, bytes as on disk. Returns one status per file."""
-    ae = AE(ae_title=calling)
-    contexts = set()
+    """Send files over one association, each in its own transfer syntax, their
+    dataset bytes as on disk. Returns one status per file.
+
+    Spoken by hand (tests.test_hostile.RawAssociation), not by pynetdicom's
+    requestor: its reactor thread can take a response that comes back within
+    microseconds (a refusal) for a request of the peer's and drop it, and the
+    send then times out (pynetdicom#435, #875) — nothing the receiver did.
+    pynetdicom as a sender is tested in test_interop and test_commitment."""
+    from tests.test_hostile import RawAssociation
+
+    contexts: dict[tuple[str, str], int] = {}
+    metas = []
     for path in paths:
         meta, _ = split_dataset(path)
-        contexts.add((meta.MediaStorageSOPClassUID, meta.TransferSyntaxUID))
+        metas.append(meta)
+        contexts.setdefault((meta.MediaStorageSOPClassUID, meta.TransferSyntaxUID), 0)
     assert len(contexts) <= 128, "one association carries at most 128 presentation contexts"
-    for sop_class, syntax in sorted(contexts):
-        ae.add_requested_context(sop_class, syntax)
-    assoc = ae.associate("127.0.0.1", port, ae_title=called)
-    assert assoc.is_established, "association was not accepted"
+    for number, key in enumerate(sorted(contexts)):
+        contexts[key] = 2 * number + 1
+    proposed = [(cid, sop_class, [syntax]) for (sop_class, syntax), cid in contexts.items()]
+    assoc = RawAssociation(port, proposed, calling=calling, called=called)
     statuses = []
     try:
-        for path in paths:
-            response = assoc.send_c_store(path)
-            assert "Status" in response, f"no C-STORE response for {path}"
-            statuses.append(StoreStatus(response.Status, response.get("ErrorComment")))
+        for path, meta in zip(paths, metas, strict=True):
+            context_id = contexts[meta.MediaStorageSOPClassUID, meta.TransferSyntaxUID]
+            assert context_id in assoc.accepted, f"context for {path.name} not accepted"
+            response = assoc.store(
+                context_id,
+                meta.MediaStorageSOPClassUID,
+                meta.MediaStorageSOPInstanceUID,
+                dataset_bytes(path),
+            )
+            statuses.append(StoreStatus(response.status, response.comment))
     finally:
         assoc.release()
     return statuses
