@@ -11,10 +11,11 @@ import socket
 import threading
 from dataclasses import dataclass, field
 
-from scp import dimse, negotiation
+from scp import dimse, find_service, negotiation
 from scp.access import CallerPolicy
 from scp.commitment_service import Channel, CommitmentService, IncomingAction
 from scp.config import Config
+from scp.find_service import FindService, IncomingQuery, RunningQuery
 from scp.session import Session
 from scp.store_service import IncomingStore, StoreService
 from scp.upper_layer import Abort, ProtocolError, ServiceUser, State, UpperLayer
@@ -31,6 +32,7 @@ class Acceptor:
     config: Config
     storage: StoreService
     commitment: CommitmentService
+    find: FindService
     callers: CallerPolicy  # replaced as a whole on SIGHUP; read once per request
     associations: set["Association"] = field(default_factory=set)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -81,8 +83,11 @@ class Association(ServiceUser):
         self.contexts: dict[int, str] = {}  # accepted context ID: transfer syntax
         self._command = bytearray()
         self._command_context: int | None = None
-        self._dataset: IncomingStore | IncomingAction | _DiscardedDataset | None = None
+        self._dataset: IncomingStore | IncomingAction | IncomingQuery | _DiscardedDataset | None
+        self._dataset = None
         self._dataset_context: int | None = None
+        self._query: RunningQuery | None = None  # a C-FIND whose responses are going out
+        self._query_context = 0
 
     @property
     def established(self) -> bool:
@@ -98,6 +103,8 @@ class Association(ServiceUser):
         finally:
             if self._dataset is not None:  # the transfer broke off
                 self._dataset.discard()
+            if self._query is not None:
+                self._query.close()
             try:
                 self.acceptor.commitment.association_ended(self.session)
             except Exception:
@@ -222,13 +229,16 @@ class Association(ServiceUser):
                     "dimse.unexpected_response", command_field=f"0x{field_:04X}"
                 )
             return
+        if field_ == dimse.C_CANCEL_RQ:  # names the request it cancels, has no ID of its own
+            # Only a C-FIND lasts long enough to be cancelled; the others are answered at once.
+            if self._query is not None and command.responds_to == self._query.message_id:
+                self._query.cancel()
+            return
         if command.message_id is None:
             # No response could name the request it answers.
             self.session.log.warning("dimse.request_without_message_id")
             layer.abort("a request without a Message ID")
             return
-        if field_ == dimse.C_CANCEL_RQ:
-            return  # nothing of ours is cancellable: every operation is answered at once
         if not command.has_dataset:
             layer.send_message(context_id, self._serve_without_dataset(command))
             return
@@ -237,6 +247,8 @@ class Association(ServiceUser):
             self._dataset = self.acceptor.storage.receive(self.session, command, transfer_syntax)
         elif field_ == dimse.N_ACTION_RQ:
             self._dataset = self.acceptor.commitment.receive(self.session, command, transfer_syntax)
+        elif field_ == dimse.C_FIND_RQ:
+            self._dataset = self.acceptor.find.receive(self.session, command, transfer_syntax)
         else:
             self._dataset = _DiscardedDataset(command)
 
@@ -248,6 +260,15 @@ class Association(ServiceUser):
             return self.acceptor.storage.store_without_dataset(self.session, command)
         if field_ == dimse.N_ACTION_RQ:
             return self.acceptor.commitment.action_without_dataset(self.session, command)
+        if field_ == dimse.C_FIND_RQ:
+            self.session.log.warning("find.refused", reason="C-FIND-RQ without an identifier")
+            return dimse.response(
+                dimse.C_FIND_RSP,
+                command.message_id,
+                find_service.UNABLE_TO_PROCESS,
+                sop_class_uid=command.uid(dimse.AFFECTED_SOP_CLASS_UID),
+                error_comment="C-FIND-RQ without an identifier",
+            )
         return self._unrecognized(command)
 
     def _dataset_received(self, layer: UpperLayer, context_id: int, dataset) -> None:
@@ -259,6 +280,10 @@ class Association(ServiceUser):
             if transaction_uid is not None:
                 channel = Channel(layer, context_id, self.contexts[context_id])
                 self.acceptor.commitment.report_on(self.session, channel, transaction_uid)
+        elif isinstance(dataset, IncomingQuery):
+            if self._query is not None:  # beyond the 1/1 window we answered
+                raise ProtocolError("a C-FIND-RQ while another C-FIND is being answered")
+            self._query, self._query_context = dataset.start(), context_id
         elif not dataset.command.field & 0x8000:  # a response's dataset is only dropped
             layer.send_message(context_id, self._unrecognized(dataset.command))
 
@@ -271,6 +296,16 @@ class Association(ServiceUser):
             sop_class_uid=command.uid(dimse.AFFECTED_SOP_CLASS_UID),
             error_comment="operation not served by this SCP",
         )
+
+    def has_output(self) -> bool:
+        return self._query is not None
+
+    def send_output(self, layer: UpperLayer) -> None:
+        query = self._query
+        command, identifier = query.next_response()
+        if query.done:
+            self._query = None
+        layer.send_message(self._query_context, command, identifier)
 
     # -- the end -------------------------------------------------------------------
 

@@ -90,6 +90,9 @@ class Config:
     report_attempts: int = _key(
         50, "attempts to deliver a commitment report before giving up (about 11 h by default)"
     )
+    find_limit: int = _key(
+        0, "most matches one C-FIND returns; beyond, it ends with 0xA700 (0: no limit)"
+    )
 
 
 _LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -272,6 +275,8 @@ def _check_ranges(config: Config) -> None:
         raise ConfigError(
             f"key 'max_associations': must be at least 1, got {config.max_associations}"
         )
+    if config.find_limit < 0:
+        raise ConfigError(f"key 'find_limit': must be 0 or more, got {config.find_limit}")
     if config.report_attempts < 1:
         raise ConfigError(
             f"key 'report_attempts': must be at least 1, got {config.report_attempts}"

@@ -16,6 +16,8 @@ C_STORE_RQ = 0x0001
 C_STORE_RSP = 0x8001
 C_ECHO_RQ = 0x0030
 C_ECHO_RSP = 0x8030
+C_FIND_RQ = 0x0020
+C_FIND_RSP = 0x8020
 C_CANCEL_RQ = 0x0FFF
 N_EVENT_REPORT_RQ = 0x0100
 N_EVENT_REPORT_RSP = 0x8100
@@ -133,15 +135,16 @@ def response(
     sop_instance_uid: str | None = None,
     error_comment: str | None = None,
     action_type: int | None = None,
+    with_dataset: bool = False,
 ) -> bytes:
-    """A response command set without a dataset."""
+    """A response command set; `with_dataset`: a dataset follows it."""
     elements = []
     if sop_class_uid:
         elements.append((AFFECTED_SOP_CLASS_UID, _uid_value(sop_class_uid)))
     elements += [
         (COMMAND_FIELD, _US.pack(command_field)),
         (MESSAGE_ID_BEING_RESPONDED_TO, _US.pack(message_id)),
-        (COMMAND_DATA_SET_TYPE, _US.pack(NO_DATASET)),
+        (COMMAND_DATA_SET_TYPE, _US.pack(WITH_DATASET if with_dataset else NO_DATASET)),
         (STATUS, _US.pack(status)),
     ]
     if error_comment:

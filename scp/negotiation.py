@@ -3,7 +3,8 @@
 pynetdicom decodes the A-ASSOCIATE-RQ, negotiates the presentation contexts
 (with SCP/SCU role selection) and encodes the A-ASSOCIATE-AC; this module
 decides. Every storage SOP class is accepted, private and unknown ones
-included, with Verification and Storage Commitment Push Model beside them.
+included, with Verification, Storage Commitment Push Model and Patient/Study
+Root FIND beside them.
 When a sender proposes several syntaxes for a storage context, we take the one
 that lets it send its object as it is: compressed before uncompressed, so a
 JPEG 2000 image is never decompressed on the way (and dcmtk's storescu, which
@@ -23,7 +24,12 @@ from pynetdicom.pdu_primitives import (
     SCP_SCU_RoleSelectionNegotiation,
 )
 from pynetdicom.presentation import PresentationContext, negotiate_unrestricted
-from pynetdicom.sop_class import StorageCommitmentPushModel, Verification
+from pynetdicom.sop_class import (
+    PatientRootQueryRetrieveInformationModelFind,
+    StorageCommitmentPushModel,
+    StudyRootQueryRetrieveInformationModelFind,
+    Verification,
+)
 
 from storage.files import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 
@@ -117,15 +123,20 @@ def transfer_syntax_preference(uid: str) -> int:
 
 
 def _service_context(abstract_syntax: str) -> PresentationContext:
-    """A non-storage service we serve, in the uncompressed syntaxes."""
+    """A non-storage service we serve, in the uncompressed syntaxes (little
+    endian only for queries: their responses are encoded by hand)."""
     context = PresentationContext()
     context.abstract_syntax = abstract_syntax
-    context.transfer_syntax = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian]
+    context.transfer_syntax = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+    if abstract_syntax not in _FIND:
+        context.transfer_syntax.append(ExplicitVRBigEndian)
     return context
 
 
-# Verification, and Storage Commitment Push Model as SCP (scp.commitment_service).
-_SERVICES = (Verification, StorageCommitmentPushModel)
+_FIND = (PatientRootQueryRetrieveInformationModelFind, StudyRootQueryRetrieveInformationModelFind)
+# Verification, Storage Commitment Push Model (scp.commitment_service) and the
+# FIND models (scp.find_service), as SCP.
+_SERVICES = (Verification, StorageCommitmentPushModel, *_FIND)
 
 
 def agree(request: Request, max_pdu: int) -> Agreement:

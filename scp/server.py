@@ -25,6 +25,7 @@ from scp.access import CallerPolicy
 from scp.association import Acceptor
 from scp.commitment_service import CommitmentService
 from scp.config import Config, ConfigError, free_space_floor
+from scp.find_service import FindService
 from scp.reports import Reporter
 from scp.store_service import StoreService
 from scp.tls import server_context
@@ -127,7 +128,11 @@ class Receiver:
         self.storage = StoreService(store)
         self.commitment = CommitmentService(store, config.aet, config.peers, config.network_timeout)
         self.acceptor = Acceptor(
-            config, self.storage, self.commitment, CallerPolicy(config.allowed_callers)
+            config,
+            self.storage,
+            self.commitment,
+            FindService(config.data_dir, config.aet, config.find_limit),
+            CallerPolicy(config.allowed_callers),
         )
         self.server: Listener | None = None  # plain DICOM; None with port = 0
         self.tls_server: Listener | None = None  # DICOM over TLS, on tls_port

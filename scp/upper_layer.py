@@ -184,6 +184,14 @@ class ServiceUser:
 
     def aborted(self, abort: Abort) -> None: ...
 
+    def has_output(self) -> bool:
+        """Whether the user has messages of its own to send (a query's
+        responses): the layer asks for them one at a time, between reads."""
+        return False
+
+    def send_output(self, layer: "UpperLayer") -> None:
+        """Send the next of those messages (with layer.send_message)."""
+
 
 class UpperLayer:
     """The upper layer of one accepted connection."""
@@ -214,14 +222,27 @@ class UpperLayer:
             sock.settimeout(None)
         self._stop_requested = False
         self._abort_reason = REASON_NOT_SPECIFIED
+        self._readable = select.poll()  # has the peer sent something? (without reading)
+        self._readable.register(sock, select.POLLIN)
 
     # -- the state machine ---------------------------------------------------------
 
     def run(self) -> None:
         """Serve the connection until it is closed."""
         self._set_timeout(self.artim_timeout)
+        user = self.user
         try:
             while self.state is not State.IDLE:
+                # The user's own messages go out one at a time, each only when
+                # nothing from the peer is waiting: a C-CANCEL is read before the
+                # next response. Otherwise: block until the peer sends.
+                if (
+                    self.state is State.ESTABLISHED
+                    and user.has_output()
+                    and not self._input_waiting()
+                ):
+                    user.send_output(self)
+                    continue
                 self.handle(*self._next_event())
         finally:
             self._close_socket()
@@ -388,6 +409,13 @@ class UpperLayer:
             Event.LOCAL_P_DATA, p_data_pdus(context_id, command, dataset, self.peer_max_pdu)
         )
 
+    def _input_waiting(self) -> bool:
+        if self._end > self._start or self._stop_requested:
+            return True
+        if not self._kernel_timeouts and self.sock.pending():
+            return True
+        return bool(self._readable.poll(0))
+
     def peer_is_leaving(self, wait: float) -> bool:
         """Whether the peer's next PDU, arriving within `wait` seconds, is an
         A-RELEASE-RQ or an A-ABORT (or it closed): it has no use for this
@@ -398,9 +426,7 @@ class UpperLayer:
         elif not self._kernel_timeouts:
             return False
         else:
-            poller = select.poll()
-            poller.register(self.sock, select.POLLIN)
-            if not poller.poll(wait * 1000):
+            if not self._readable.poll(wait * 1000):
                 return False
             try:
                 waiting = self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)

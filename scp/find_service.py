@@ -1,0 +1,295 @@
+"""The Query/Retrieve FIND service as SCP: C-FIND over the index.
+
+A C-FIND-RQ's identifier is decoded (pydicom, in the request's character set)
+into a `storage.find.Query`; the matches come from the SQL cursor one at a
+time and each becomes a Pending response, encoded by hand (a response is a
+dozen short text elements and there may be thousands of them). The
+association sends them one by one between its reads (`Association.has_output`),
+so a C-CANCEL-RQ is seen before the next response: the query ends with
+Cancel (0xFE00) there.
+
+Statuses: Pending 0xFF00, or 0xFF01 when the request has keys we do not
+support (they come back empty); Success at the end; 0xA900 for an identifier
+that names no level or breaks the hierarchical rules, 0xC000 for one that
+does not decode, 0xA700 when more than `find_limit` matches were sent.
+"""
+
+import io
+import struct
+import time
+
+from pydicom.datadict import keyword_for_tag
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian
+from pynetdicom import dsutils
+
+from scp import dimse
+from scp.session import Session
+from storage import find
+from storage.query import open_reader
+
+PATIENT_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.1.1"
+STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
+ROOTS = {PATIENT_ROOT_FIND: find.PATIENT_ROOT, STUDY_ROOT_FIND: find.STUDY_ROOT}
+
+SUCCESS = 0x0000
+PENDING = 0xFF00
+PENDING_WITH_UNSUPPORTED_KEYS = 0xFF01
+CANCEL = 0xFE00
+OUT_OF_RESOURCES = 0xA700
+IDENTIFIER_DOES_NOT_MATCH = 0xA900
+UNABLE_TO_PROCESS = 0xC000
+
+_SPECIFIC_CHARACTER_SET = 0x00080005
+_QUERY_RETRIEVE_LEVEL = 0x00080052
+_RETRIEVE_AE_TITLE = 0x00080054
+_NOT_KEYS = {_SPECIFIC_CHARACTER_SET, _QUERY_RETRIEVE_LEVEL, _RETRIEVE_AE_TITLE}
+_UNIQUE_KEY = {
+    find.PATIENT: "PatientID",
+    find.STUDY: "StudyInstanceUID",
+    find.SERIES: "SeriesInstanceUID",
+    find.IMAGE: "SOPInstanceUID",
+}
+_LONG_VRS = {"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"}
+
+
+class FindRefused(Exception):
+    def __init__(self, status: int, reason: str):
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+class FindService:
+    def __init__(self, data_dir, aet: str, find_limit: int):
+        self.data_dir = data_dir
+        self.aet = aet
+        self.find_limit = find_limit
+
+    def receive(self, session: Session, command: dimse.Command, transfer_syntax: str):
+        return IncomingQuery(self, session, command, transfer_syntax)
+
+
+class IncomingQuery:
+    """A C-FIND-RQ's identifier on its way in, then the query it asks."""
+
+    def __init__(self, service: FindService, session: Session, command, transfer_syntax: str):
+        self.service = service
+        self.session = session
+        self.command = command
+        self.transfer_syntax = transfer_syntax
+        self._data = bytearray()
+
+    def write(self, fragment) -> None:
+        if len(self._data) < 1024 * 1024:  # an identifier is a few hundred bytes
+            self._data += fragment
+
+    def discard(self) -> None:
+        self._data = bytearray()
+
+    def start(self) -> "RunningQuery":
+        """The query, ready to stream; its first response may be a failure."""
+        return RunningQuery(self, bytes(self._data))
+
+
+class RunningQuery:
+    """One C-FIND being answered: `next_response` gives one response at a time
+    until `done`."""
+
+    def __init__(self, incoming: IncomingQuery, data: bytes):
+        self.service = incoming.service
+        self.session = incoming.session
+        self.command = incoming.command
+        self.message_id = incoming.command.message_id
+        self.explicit = incoming.transfer_syntax != ImplicitVRLittleEndian
+        self.done = False
+        self.cancelled = False
+        self.matches = 0
+        self._started = time.perf_counter()
+        self._conn = None
+        self._rows = None
+        self._failure: FindRefused | None = None
+        try:
+            if incoming.transfer_syntax == ExplicitVRBigEndian:
+                raise FindRefused(UNABLE_TO_PROCESS, "big endian identifiers are not served")
+            self.query, self.returned, self.unsupported = self._read(incoming, data)
+            find.check_query(self.query)
+        except find.QueryError as exc:
+            self._failure = FindRefused(IDENTIFIER_DOES_NOT_MATCH, str(exc))
+        except FindRefused as refused:
+            self._failure = refused
+        if self._failure is None:
+            self.session.log.info(
+                "find.request",
+                level=self.query.level,
+                root=self.query.root,
+                keys={k: v for k, v in self.query.keys.items() if v},
+                unsupported=[keyword_for_tag(tag) or f"{tag:08X}" for tag, _ in self.unsupported],
+            )
+
+    def _read(self, incoming: IncomingQuery, data: bytes):
+        root = ROOTS.get(self.command.uid(dimse.AFFECTED_SOP_CLASS_UID) or "")
+        if root is None:
+            raise FindRefused(
+                IDENTIFIER_DOES_NOT_MATCH,
+                f"C-FIND for SOP class {self.command.uid(dimse.AFFECTED_SOP_CLASS_UID)}:"
+                " only Patient Root and Study Root FIND are served",
+            )
+        try:
+            dataset = dsutils.decode(
+                io.BytesIO(data),
+                incoming.transfer_syntax == ImplicitVRLittleEndian,
+                True,
+                incoming.transfer_syntax == DeflatedExplicitVRLittleEndian,
+            )
+            level = str(dataset.get("QueryRetrieveLevel", "") or "").strip().upper()
+            keys: dict[str, str] = {}
+            returned: list[tuple[int, str]] = []  # (tag, keyword) in tag order
+            unsupported: list[tuple[int, str]] = []  # (tag, VR)
+            for element in dataset:
+                tag = int(element.tag)
+                if tag in _NOT_KEYS or element.tag.group == 0x0002:
+                    continue
+                keyword = element.keyword
+                if find.key_for(keyword, level) is None or element.VR == "SQ":
+                    # Implicit VR gives "UN", or "US or SS" for an ambiguous tag.
+                    unsupported.append((tag, element.VR if len(element.VR) == 2 else "UN"))
+                    continue
+                keys[keyword] = _text(element.value)
+                returned.append((tag, keyword))
+        except FindRefused:
+            raise
+        except Exception as exc:  # pydicom raises many kinds on malformed data
+            raise FindRefused(UNABLE_TO_PROCESS, f"identifier does not decode: {exc}") from exc
+        if not level:
+            raise find.QueryError("the identifier has no QueryRetrieveLevel")
+        unique = _UNIQUE_KEY.get(level)
+        if unique and unique not in keys:  # the level's unique key is always returned
+            keys[unique] = ""
+            returned.append((find.KEYS[unique].tag, unique))
+            returned.sort()
+        return find.Query(root, level, keys), returned, unsupported
+
+    # -- the responses -----------------------------------------------------------------
+
+    def next_response(self) -> tuple[bytes, bytes]:
+        """The next (command, identifier) to send; after the last one, `done`."""
+        if self._failure is not None:
+            return self._final(self._failure.status, self._failure.reason)
+        if self.cancelled:
+            return self._final(CANCEL)
+        limit = self.service.find_limit
+        try:
+            if self._rows is None:
+                self._conn = open_reader(self.service.data_dir)
+                self._rows = find.find(self._conn, self.query)
+            match = next(self._rows, None)
+        except find.QueryError as exc:
+            return self._final(IDENTIFIER_DOES_NOT_MATCH, str(exc))
+        except Exception as exc:
+            self.session.log.exception("find.failed")
+            return self._final(UNABLE_TO_PROCESS, f"query failed: {type(exc).__name__}")
+        if match is None:
+            return self._final(SUCCESS)
+        if limit and self.matches >= limit:
+            return self._final(
+                OUT_OF_RESOURCES, f"more than {limit} matches (find_limit): narrow the query"
+            )
+        self.matches += 1
+        status = PENDING_WITH_UNSUPPORTED_KEYS if self.unsupported else PENDING
+        command = dimse.response(
+            dimse.C_FIND_RSP,
+            self.message_id,
+            status,
+            sop_class_uid=self.command.uid(dimse.AFFECTED_SOP_CLASS_UID),
+            with_dataset=True,
+        )
+        return command, self._identifier(match)
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def close(self) -> None:
+        """The association ended: let the cursor go."""
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def _final(self, status: int, comment: str | None = None) -> tuple[bytes, bytes]:
+        self.done = True
+        self.close()
+        if self._failure is not None or status not in (SUCCESS, CANCEL):
+            self.session.log.warning(
+                "find.refused" if self._failure else "find.failed",
+                status=f"0x{status:04X}",
+                reason=comment,
+                matches=self.matches,
+            )
+        else:
+            self.session.log.info(
+                "find.end",
+                matches=self.matches,
+                ms=round((time.perf_counter() - self._started) * 1000, 1),
+                cancelled=status == CANCEL,
+            )
+        command = dimse.response(
+            dimse.C_FIND_RSP,
+            self.message_id,
+            status,
+            sop_class_uid=self.command.uid(dimse.AFFECTED_SOP_CLASS_UID),
+            error_comment=comment,
+        )
+        return command, b""
+
+    def _identifier(self, match: dict) -> bytes:
+        elements: list[tuple[int, str, bytes]] = []
+        non_ascii = False
+        for tag, keyword in self.returned:
+            key = find.KEYS.get(keyword) or find.INSTANCE_AVAILABILITY
+            value = _value_bytes(match.get(keyword), key.vr)
+            if value is None:
+                value = _value_bytes(match[keyword], key.vr, "utf-8")
+                non_ascii = True
+            elements.append((tag, key.vr, value))
+        elements += [(tag, vr, b"") for tag, vr in self.unsupported]
+        elements.append((_QUERY_RETRIEVE_LEVEL, "CS", _pad(self.query.level.encode())))
+        elements.append((_RETRIEVE_AE_TITLE, "AE", _pad(self.service.aet.encode())))
+        if non_ascii:
+            elements.append((_SPECIFIC_CHARACTER_SET, "CS", _pad(b"ISO_IR 192")))
+        elements.sort()
+        return b"".join(_element(tag, vr, value, self.explicit) for tag, vr, value in elements)
+
+
+def _text(value) -> str:
+    """A requested value as text: "" when empty, values joined by backslash."""
+    if value is None:
+        return ""
+    if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
+        return "\\".join(str(v) for v in value)
+    return str(value).strip()
+
+
+def _value_bytes(value, vr: str, encoding: str = "ascii") -> bytes | None:
+    """A value as the element's bytes, even length; None when it is not ASCII."""
+    if value is None:
+        return b""
+    if isinstance(value, list):
+        value = "\\".join(value)
+    text = str(value)
+    try:
+        data = text.encode(encoding)
+    except UnicodeEncodeError:
+        return None
+    return _pad(data, b"\0" if vr == "UI" else b" ")
+
+
+def _pad(data: bytes, padding: bytes = b" ") -> bytes:
+    return data + padding if len(data) % 2 else data
+
+
+def _element(tag: int, vr: str, value: bytes, explicit: bool) -> bytes:
+    head = struct.pack("<HH", tag >> 16, tag & 0xFFFF)
+    if not explicit:
+        return head + struct.pack("<I", len(value)) + value
+    if vr in _LONG_VRS:
+        return head + vr.encode() + b"\0\0" + struct.pack("<I", len(value)) + value
+    return head + vr.encode() + struct.pack("<H", len(value)) + value

@@ -1,0 +1,304 @@
+"""C-FIND matching over the index (PS3.4 C.2.2.2, C.4.1): the reads behind a
+DICOM query, as SQL on the index's maintained columns. Nothing is recounted:
+the counts and the modalities in a study are the index's own.
+
+A query is a level and a list of keys, each a DICOM keyword with the value the
+requester sent ("" for a return key). `find` yields one dict per match,
+keyword -> value (str, int or list of str), straight from the SQL cursor: the
+caller streams them, and memory does not grow with the number of matches.
+
+Matching, per VR of the key:
+- empty: universal, every value matches (the key is only returned);
+- UI: a single UID or a backslash-separated list of UIDs;
+- DA, TM, DT: a single value or a range (``A-B``, ``A-``, ``-B``); StudyDate with
+  StudyTime (or SeriesDate with SeriesTime) match as one date-time when both
+  are given (``20261101-20261130`` with ``0800-1200``: from 1 Nov 08:00 to
+  30 Nov 12:00);
+- PN: ``*`` and ``?`` wildcards, and case-insensitive for ASCII letters
+  (``doe^j*`` finds ``DOE^JOHN``), as most archives do: names are typed by
+  people at modalities;
+- every other text VR (CS, SH, LO, AE, IS): exact, case-sensitive, with ``*``
+  and ``?``; a backslash gives several values, any of which may match;
+- ModalitiesInStudy: matches when one of the study's modalities matches.
+"""
+
+import re
+import sqlite3
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+PATIENT, STUDY, SERIES, IMAGE = "PATIENT", "STUDY", "SERIES", "IMAGE"
+LEVELS = (PATIENT, STUDY, SERIES, IMAGE)
+PATIENT_ROOT, STUDY_ROOT = "patient", "study"
+
+
+class QueryError(ValueError):
+    """A query that cannot be answered: no level, a missing unique key, a value
+    that cannot be matched. The message says which key and why."""
+
+
+@dataclass(frozen=True)
+class Key:
+    keyword: str
+    tag: int
+    vr: str
+    level: str  # the level whose rows hold it
+    column: str  # SQL expression over the FROM clause of `find`
+
+
+_A = "s"  # studies
+_X = "x"  # series
+_I = "i"  # instances
+
+# Patient attributes live in the studies table (first value wins per study).
+KEYS = {
+    key.keyword: key
+    for key in [
+        Key("PatientName", 0x00100010, "PN", PATIENT, f"{_A}.patient_name"),
+        Key("PatientID", 0x00100020, "LO", PATIENT, f"{_A}.patient_id"),
+        Key("IssuerOfPatientID", 0x00100021, "LO", PATIENT, f"{_A}.issuer_of_patient_id"),
+        Key("PatientBirthDate", 0x00100030, "DA", PATIENT, f"{_A}.patient_birth_date"),
+        Key("PatientSex", 0x00100040, "CS", PATIENT, f"{_A}.patient_sex"),
+        Key("NumberOfPatientRelatedStudies", 0x00201200, "IS", PATIENT, "count(*)"),
+        Key("NumberOfPatientRelatedSeries", 0x00201202, "IS", PATIENT,
+            f"sum({_A}.number_of_series)"),
+        Key("NumberOfPatientRelatedInstances", 0x00201204, "IS", PATIENT,
+            f"sum({_A}.number_of_instances)"),
+        Key("StudyInstanceUID", 0x0020000D, "UI", STUDY, f"{_A}.study_uid"),
+        Key("StudyDate", 0x00080020, "DA", STUDY, f"{_A}.study_date"),
+        Key("StudyTime", 0x00080030, "TM", STUDY, f"{_A}.study_time"),
+        Key("AccessionNumber", 0x00080050, "SH", STUDY, f"{_A}.accession"),
+        Key("StudyID", 0x00200010, "SH", STUDY, f"{_A}.study_id"),
+        Key("StudyDescription", 0x00081030, "LO", STUDY, f"{_A}.description"),
+        Key("ReferringPhysicianName", 0x00080090, "PN", STUDY, f"{_A}.referrer"),
+        Key("ModalitiesInStudy", 0x00080061, "CS", STUDY, f"{_A}.modalities"),
+        Key("NumberOfStudyRelatedSeries", 0x00201206, "IS", STUDY, f"{_A}.number_of_series"),
+        Key("NumberOfStudyRelatedInstances", 0x00201208, "IS", STUDY,
+            f"{_A}.number_of_instances"),
+        Key("SeriesInstanceUID", 0x0020000E, "UI", SERIES, f"{_X}.series_uid"),
+        Key("Modality", 0x00080060, "CS", SERIES, f"{_X}.modality"),
+        Key("SeriesNumber", 0x00200011, "IS", SERIES, f"{_X}.number"),
+        Key("SeriesDescription", 0x0008103E, "LO", SERIES, f"{_X}.description"),
+        Key("BodyPartExamined", 0x00180015, "CS", SERIES, f"{_X}.body_part"),
+        Key("Laterality", 0x00200060, "CS", SERIES, f"{_X}.laterality"),
+        Key("SeriesDate", 0x00080021, "DA", SERIES, f"{_X}.series_date"),
+        Key("SeriesTime", 0x00080031, "TM", SERIES, f"{_X}.series_time"),
+        Key("NumberOfSeriesRelatedInstances", 0x00201209, "IS", SERIES,
+            f"{_X}.number_of_instances"),
+        Key("SOPInstanceUID", 0x00080018, "UI", IMAGE, f"{_I}.sop_instance_uid"),
+        Key("SOPClassUID", 0x00080016, "UI", IMAGE, f"{_I}.sop_class_uid"),
+        Key("InstanceNumber", 0x00200013, "IS", IMAGE, f"{_I}.number"),
+        Key("NumberOfFrames", 0x00280008, "IS", IMAGE, f"{_I}.number_of_frames"),
+    ]
+}  # fmt: skip
+# Instance Availability (0008,0056) exists at every level but PATIENT: the study's
+# availability at STUDY, the series' at SERIES and IMAGE.
+INSTANCE_AVAILABILITY = Key("InstanceAvailability", 0x00080056, "CS", STUDY, "")
+_AVAILABILITY = {STUDY: f"{_A}.availability", SERIES: f"{_X}.availability",
+                 IMAGE: f"{_X}.availability"}  # fmt: skip
+
+# What each level's rows come from, and the order they come in.
+_FROM = {
+    PATIENT: f"studies {_A}",
+    STUDY: f"studies {_A}",
+    SERIES: f"series {_X} JOIN studies {_A} ON {_A}.study_uid = {_X}.study_uid",
+    IMAGE: f"instances {_I} JOIN series {_X} ON {_X}.series_uid = {_I}.series_uid"
+    f" JOIN studies {_A} ON {_A}.study_uid = {_I}.study_uid",
+}
+_ORDER = {
+    PATIENT: f"{_A}.patient_id",
+    STUDY: f"{_A}.study_date, {_A}.study_time, {_A}.study_uid",
+    SERIES: f"{_X}.number IS NULL, {_X}.number, {_X}.first_received",
+    IMAGE: f"{_I}.number IS NULL, {_I}.number, {_I}.received_at",
+}
+# Unique keys a hierarchical query must give for the levels above its own.
+_UNIQUE_ABOVE = {
+    (PATIENT_ROOT, STUDY): ["PatientID"],
+    (PATIENT_ROOT, SERIES): ["PatientID", "StudyInstanceUID"],
+    (PATIENT_ROOT, IMAGE): ["PatientID", "StudyInstanceUID", "SeriesInstanceUID"],
+    (STUDY_ROOT, SERIES): ["StudyInstanceUID"],
+    (STUDY_ROOT, IMAGE): ["StudyInstanceUID", "SeriesInstanceUID"],
+}
+_DATE_TIME_PAIRS = (("StudyDate", "StudyTime"), ("SeriesDate", "SeriesTime"))
+
+
+def key_for(keyword: str, level: str) -> Key | None:
+    """The key `keyword` can be answered with at `level`, or None (unsupported)."""
+    if keyword == "InstanceAvailability":
+        return INSTANCE_AVAILABILITY if level != PATIENT else None
+    key = KEYS.get(keyword)
+    if key is None or LEVELS.index(key.level) > LEVELS.index(level):
+        return None
+    if key.column.startswith(("count(", "sum(")) and level != PATIENT:
+        return None  # the patient's counts only at PATIENT level
+    return key
+
+
+@dataclass(frozen=True)
+class Query:
+    root: str  # PATIENT_ROOT or STUDY_ROOT
+    level: str
+    keys: dict[str, str]  # keyword -> requested value ("" universal), supported keys only
+
+
+def check_query(query: Query) -> None:
+    """Raise QueryError for a query that breaks the model's rules (PS3.4 C.4.1.2)."""
+    if query.level not in LEVELS:
+        raise QueryError(f"QueryRetrieveLevel {query.level!r} is not PATIENT/STUDY/SERIES/IMAGE")
+    if query.level == PATIENT and query.root != PATIENT_ROOT:
+        raise QueryError("QueryRetrieveLevel PATIENT exists only in the Patient Root model")
+    for keyword in _UNIQUE_ABOVE.get((query.root, query.level), []):
+        value = query.keys.get(keyword, "")
+        if not value or any(c in value for c in "*?"):
+            raise QueryError(
+                f"{keyword} is required, with a value, at {query.level} level (hierarchical query)"
+            )
+
+
+def find(conn: sqlite3.Connection, query: Query) -> Iterator[dict]:
+    """The matches of a checked query, one dict per row as the cursor yields it."""
+    level = query.level
+    keys = {keyword: key_for(keyword, level) for keyword in query.keys}
+    keys = {keyword: key for keyword, key in keys.items() if key is not None}
+    columns = [(keyword, _column(key, level)) for keyword, key in keys.items()]
+    where, params = _conditions(query, keys, level)
+    sql = f"SELECT {', '.join(c for _, c in columns) or '1'} FROM {_FROM[level]}"
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    if level == PATIENT:
+        sql += f" GROUP BY {_A}.patient_id, {_A}.issuer_of_patient_id"
+    sql += f" ORDER BY {_ORDER[level]}"
+    for row in conn.execute(sql, params):
+        match = {}
+        for (keyword, _), value in zip(columns, row, strict=True):
+            if keyword == "ModalitiesInStudy":
+                value = _json_list(value)
+            match[keyword] = value
+        yield match
+
+
+def _column(key: Key, level: str) -> str:
+    if key is INSTANCE_AVAILABILITY:
+        return _AVAILABILITY[level]
+    if level == PATIENT and not key.column.startswith(("count(", "sum(")):
+        return f"max({key.column})"  # one value per patient: the first study's, mostly
+    return key.column
+
+
+def _conditions(query: Query, keys: dict[str, Key], level: str) -> tuple[list[str], list]:
+    where, params = [], []
+    values = query.keys
+    combined = set()
+    for date_keyword, time_keyword in _DATE_TIME_PAIRS:
+        if values.get(date_keyword) and values.get(time_keyword) and date_keyword in keys:
+            condition, args = _date_time_range(
+                keys[date_keyword], keys[time_keyword], values[date_keyword], values[time_keyword]
+            )
+            where.append(condition)
+            params += args
+            combined |= {date_keyword, time_keyword}
+    for keyword, key in keys.items():
+        value = values[keyword]
+        if not value or keyword in combined or key.column.startswith(("count(", "sum(")):
+            continue
+        column = _column(key, level) if key is INSTANCE_AVAILABILITY else key.column
+        condition, args = _match(keyword, key.vr, column, value)
+        where.append(condition)
+        params += args
+    return where, params
+
+
+def _match(keyword: str, vr: str, column: str, value: str) -> tuple[str, list]:
+    if vr == "UI":
+        uids = [uid.strip() for uid in value.split("\\") if uid.strip()]
+        if uids == ["*"]:
+            return "1", []
+        return f"{column} IN ({','.join('?' * len(uids))})", uids
+    if vr in ("DA", "TM", "DT"):
+        return _range(column, value, keyword)
+    values = [v for v in value.split("\\")] if vr != "PN" else [value]
+    parts, args = [], []
+    for one in values:
+        if keyword == "ModalitiesInStudy":
+            condition, arg = _text_match("value", vr, one)
+            parts.append(f"EXISTS (SELECT 1 FROM json_each({column}) WHERE {condition})")
+        else:
+            condition, arg = _text_match(column, vr, one)
+            parts.append(condition)
+        args.append(arg)
+    return "(" + " OR ".join(parts) + ")", args
+
+
+def _text_match(column: str, vr: str, value: str) -> tuple[str, str | int]:
+    wild = "*" in value or "?" in value
+    if vr == "PN":
+        # LIKE is case-insensitive for ASCII letters; its own wildcards escaped.
+        escaped = re.sub(r"([%_\\])", r"\\\1", value).replace("*", "%").replace("?", "_")
+        return f"{column} LIKE ? ESCAPE '\\'", escaped
+    if wild:
+        # GLOB: case-sensitive, * and ? as DICOM's; a literal [ is written [[].
+        return f"{column} GLOB ?", value.replace("[", "[[]")
+    if vr == "IS":
+        try:
+            return f"{column} = ?", int(value)
+        except ValueError as exc:
+            raise QueryError(f"{value!r} is not an integer string (IS)") from exc
+    return f"{column} = ?", value
+
+
+def _range(column: str, value: str, keyword: str) -> tuple[str, list]:
+    low, dash, high = value.partition("-")
+    low, high = _normal(low, keyword), _normal(high, keyword)
+    if not dash:
+        return f"{column} = ?", [low]
+    if not low and not high:
+        raise QueryError(f"{keyword}: a range needs one end at least, got {value!r}")
+    clauses, args = [], []
+    if low:
+        clauses.append(f"{column} >= ?")
+        args.append(low)
+    if high:
+        # A time range's upper end includes its whole unit: -1200 is up to 12:00:59.999.
+        clauses.append(f"{column} <= ?")
+        args.append(high + ("\uffff" if keyword.endswith("Time") else ""))
+    return " AND ".join(clauses), args
+
+
+def _date_time_range(date_key: Key, time_key: Key, dates: str, times: str) -> tuple[str, list]:
+    """StudyDate with StudyTime as one date-time range (PS3.4 C.2.2.2.5)."""
+    d_low, d_dash, d_high = dates.partition("-")
+    t_low, t_dash, t_high = times.partition("-")
+    if not d_dash:
+        d_high = d_low
+    if not t_dash:
+        t_high = t_low
+    d_low, d_high = _normal(d_low, date_key.keyword), _normal(d_high, date_key.keyword)
+    t_low, t_high = _normal(t_low, time_key.keyword), _normal(t_high, time_key.keyword)
+    moment = f"{date_key.column} || coalesce({time_key.column}, '')"
+    clauses, args = [], []
+    if d_low:
+        clauses.append(f"{moment} >= ?")
+        args.append(d_low + t_low)
+    if d_high:
+        clauses.append(f"{moment} <= ?")
+        args.append(d_high + (t_high or "") + "\uffff")
+    return ("(" + " AND ".join(clauses) + ")") if clauses else "1", args
+
+
+_DIGITS = re.compile(r"[0-9.]*")
+
+
+def _normal(value: str, keyword: str) -> str:
+    """A date or time as the index holds it: digits only (2026-11-22 and 10:15
+    from older senders are read as 20261122 and 1015)."""
+    value = value.strip()
+    text = value.replace(":", "") if keyword.endswith("Time") else value.replace(".", "")
+    if not _DIGITS.fullmatch(text):
+        raise QueryError(f"{keyword}: {value!r} is not a DICOM date/time or range")
+    return text
+
+
+def _json_list(value: str | None) -> list[str]:
+    import json
+
+    return json.loads(value or "[]")
