@@ -290,7 +290,7 @@ def test_cancel_ends_the_query_within_one_response(archive):
         )
         statuses = []
         while not statuses or statuses[-1] in (0xFF00, 0xFF01):
-            statuses.append(assoc._response().status)
+            statuses.append(assoc.next_response().status)
         assert statuses[-1] == 0xFE00
         assert len(statuses) <= 2  # the 4 studies would give 4 Pendings and a Success
         assert assoc.echo(3).status == 0x0000

@@ -212,14 +212,15 @@ class RawAssociation:
             last = start + chunk >= len(dataset)
             stream += p_data(context_id, dataset[start : start + chunk], command=False, last=last)
         self.sock.sendall(stream)
-        return self._response()
+        return self.next_response()
 
     def echo(self, context_id: int) -> Response:
         self.message_id += 1
         self.sock.sendall(p_data(context_id, c_echo_rq(self.message_id), command=True))
-        return self._response()
+        return self.next_response()
 
-    def _response(self) -> Response:
+    def next_response(self) -> Response:
+        """The next response command (a C-FIND identifier after it is skipped)."""
         command = b""
         while True:
             kind, payload = read_pdu(self.sock)
@@ -228,9 +229,12 @@ class RawAssociation:
             pos = 0
             while pos < len(payload):
                 length, _, control = struct.unpack_from(">IBB", payload, pos)
-                command += payload[pos + 6 : pos + 4 + length]
+                fragment = payload[pos + 6 : pos + 4 + length]
                 pos += 4 + length
-                if control & 0x03 == 0x03:  # the last fragment of a command
+                if not control & 0x01:  # a dataset's (a C-FIND's identifier): not read
+                    continue
+                command += fragment
+                if control & 0x02:  # the last fragment of a command
                     elements = parse_command(command)
                     comment = elements.get(0x0902)
                     return Response(
@@ -761,7 +765,7 @@ def test_a_request_we_do_not_serve_is_answered_unrecognized(
         if with_dataset:
             stream += p_data(1, dataset, command=False)
         assoc.sock.sendall(stream)
-        response = assoc._response()
+        response = assoc.next_response()
         assert response.status == 0x0211, response
         assert assoc.echo(1).status == SUCCESS  # the association goes on
         assoc.release()
