@@ -142,6 +142,12 @@ class RunningQuery:
                 incoming.transfer_syntax == DeflatedExplicitVRLittleEndian,
             )
             level = str(dataset.get("QueryRetrieveLevel", "") or "").strip().upper()
+            if not level:
+                raise find.QueryError("the identifier has no QueryRetrieveLevel")
+            if level not in find.LEVELS:
+                raise find.QueryError(
+                    f"QueryRetrieveLevel {level!r} is not PATIENT, STUDY, SERIES or IMAGE"
+                )
             keys: dict[str, str] = {}
             returned: list[tuple[int, str]] = []  # (tag, keyword) in tag order
             unsupported: list[tuple[int, str]] = []  # (tag, VR)
@@ -156,12 +162,10 @@ class RunningQuery:
                     continue
                 keys[keyword] = _text(element.value)
                 returned.append((tag, keyword))
-        except FindRefused:
+        except (FindRefused, find.QueryError):
             raise
         except Exception as exc:  # pydicom raises many kinds on malformed data
             raise FindRefused(UNABLE_TO_PROCESS, f"identifier does not decode: {exc}") from exc
-        if not level:
-            raise find.QueryError("the identifier has no QueryRetrieveLevel")
         unique = _UNIQUE_KEY.get(level)
         if unique and unique not in keys:  # the level's unique key is always returned
             keys[unique] = ""

@@ -264,30 +264,56 @@ def test_a_latin1_request_matches_a_utf8_name(archive, tmp_path):
     assert answers[-1][0].Status == 0x0000
 
 
+def raw_find(assoc, identifier: bytes, message_id: int = 7) -> bytes:
+    """A C-FIND-RQ (Study Root, context 1) and its identifier, as PDUs."""
+    find_rq = command_set({
+        0x0002: _uid(STUDY_ROOT_FIND),
+        0x0100: struct.pack("<H", 0x0020),  # C-FIND-RQ
+        0x0110: struct.pack("<H", message_id),
+        0x0700: struct.pack("<H", 0),
+        0x0800: struct.pack("<H", 0x0000),  # an identifier follows
+    })  # fmt: skip
+    return p_data(1, find_rq, command=True) + p_data(1, identifier, command=False)
+
+
+RAW_CONTEXTS = [(1, STUDY_ROOT_FIND, [EXPLICIT_LE]), (3, VERIFICATION, [EXPLICIT_LE])]
+
+
+@pytest.mark.parametrize(
+    "identifier, status, says",
+    [
+        (b"\x20\x00\x0d\x00UI\x00\x00", 0xA900, "QueryRetrieveLevel"),  # no level
+        (b"\x08\x00\x52\x00CS\x06\x00SERIES", 0xA900, "StudyInstanceUID"),  # hierarchy
+        (b"\x08\x00\x52\x00CS\x06\x00WARD  ", 0xA900, "WARD"),  # no such level
+        (b"\x08\x00\x52\x00CS\x06\x00STUDY \x10\x00\x10\x00ZZ\x04\x00abcd", 0xC000,
+         "does not decode"),  # no such VR
+        (b"\x08\x00\x52\x00CS\x06\x00STUDY \x08\x00\x20\x00DA\x08\x002026-1-x",
+         0xA900, "StudyDate"),  # a date that is none
+    ],
+)  # fmt: skip
+def test_a_malformed_identifier_gets_a_failure_with_a_reason(archive, identifier, status, says):
+    server, _ = archive
+    with RawAssociation(server.port, RAW_CONTEXTS) as assoc:
+        assoc.sock.sendall(raw_find(assoc, identifier))
+        response = assoc.next_response()
+        assert response.status == status
+        assert says in response.comment
+        assert assoc.echo(3).status == 0x0000  # the association goes on
+        assoc.release()
+
+
 def test_cancel_ends_the_query_within_one_response(archive):
     """A C-CANCEL-RQ that is there before the first response: at most one
     Pending goes out, then Cancel (0xFE00), and the association goes on."""
     server, _ = archive
-    contexts = [(1, STUDY_ROOT_FIND, [EXPLICIT_LE]), (3, VERIFICATION, [EXPLICIT_LE])]
-    with RawAssociation(server.port, contexts) as assoc:
-        find_rq = command_set({
-            0x0002: _uid(STUDY_ROOT_FIND),
-            0x0100: struct.pack("<H", 0x0020),  # C-FIND-RQ
-            0x0110: struct.pack("<H", 7),
-            0x0700: struct.pack("<H", 0),
-            0x0800: struct.pack("<H", 0x0000),  # an identifier follows
-        })  # fmt: skip
+    with RawAssociation(server.port, RAW_CONTEXTS) as assoc:
         identifier = b"\x08\x00\x52\x00CS\x06\x00STUDY \x20\x00\x0d\x00UI\x00\x00"
         cancel_rq = command_set({
             0x0100: struct.pack("<H", 0x0FFF),  # C-CANCEL-RQ
             0x0120: struct.pack("<H", 7),
             0x0800: struct.pack("<H", 0x0101),
         })  # fmt: skip
-        assoc.sock.sendall(
-            p_data(1, find_rq, command=True)
-            + p_data(1, identifier, command=False)
-            + p_data(1, cancel_rq, command=True)
-        )
+        assoc.sock.sendall(raw_find(assoc, identifier) + p_data(1, cancel_rq, command=True))
         statuses = []
         while not statuses or statuses[-1] in (0xFF00, 0xFF01):
             statuses.append(assoc.next_response().status)
