@@ -22,6 +22,7 @@ Matching, per VR of the key:
 - ModalitiesInStudy: matches when one of the study's modalities matches.
 """
 
+import json
 import re
 import sqlite3
 from collections.abc import Iterator
@@ -216,7 +217,7 @@ def _match(keyword: str, vr: str, column: str, value: str) -> tuple[str, list]:
         return f"{column} IN ({','.join('?' * len(uids))})", uids
     if vr in ("DA", "TM", "DT"):
         return _range(column, value, keyword)
-    values = [v for v in value.split("\\")] if vr != "PN" else [value]
+    values = value.split("\\") if vr != "PN" else [value]
     parts, args = [], []
     for one in values:
         if keyword == "ModalitiesInStudy":
@@ -299,6 +300,4 @@ def _normal(value: str, keyword: str) -> str:
 
 
 def _json_list(value: str | None) -> list[str]:
-    import json
-
     return json.loads(value or "[]")

@@ -743,8 +743,8 @@ def test_request_without_a_message_id_aborts_the_association(hostile_server):
 
 @pytest.mark.parametrize(
     ("command_field", "with_dataset"),
-    [(0x0020, True), (0x0010, False), (0x0120, True)],
-    ids=["c-find-rq", "c-get-rq-without-dataset", "n-set-rq"],
+    [(0x0021, True), (0x0010, False), (0x0120, True)],
+    ids=["c-move-rq", "c-get-rq-without-dataset", "n-set-rq"],
 )
 def test_a_request_we_do_not_serve_is_answered_unrecognized(
     hostile_server, command_field, with_dataset
