@@ -111,16 +111,28 @@ class IncomingStore:
         except StoreRefused as refused:
             session.refused += 1
             code = REFUSAL_STATUS[refused.refusal]
+            # The request's UIDs are what the sender knows the object by; the
+            # dataset's, when read, go beside them (they differ in a mismatch).
+            dataset = refused.header
             session.log.warning(
                 "instance.refused",
-                sop_instance_uid=self.sop_instance_uid,
+                request_sop_class_uid=self.command.uid(dimse.AFFECTED_SOP_CLASS_UID),
+                request_sop_instance_uid=self.sop_instance_uid,
+                **(
+                    {
+                        "dataset_sop_class_uid": dataset.sop_class_uid,
+                        "dataset_sop_instance_uid": dataset.sop_instance_uid,
+                    }
+                    if dataset is not None
+                    else {}
+                ),
                 status=f"0x{code:04X}",
                 reason=refused.reason,
             )
             return store_response(self.command, code, refused.reason)
         except Exception as exc:
             session.refused += 1
-            session.log.exception("instance.failed", sop_instance_uid=self.sop_instance_uid)
+            session.log.exception("instance.failed", request_sop_instance_uid=self.sop_instance_uid)
             self.discard()
             return store_response(
                 self.command, INTERNAL_ERROR_STATUS, f"internal error: {type(exc).__name__}"

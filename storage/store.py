@@ -47,10 +47,11 @@ class Refusal(enum.Enum):
 
 
 class StoreRefused(Exception):
-    def __init__(self, refusal: Refusal, reason: str):
+    def __init__(self, refusal: Refusal, reason: str, header: InstanceHeader | None = None):
         super().__init__(reason)
         self.refusal = refusal
         self.reason = reason
+        self.header = header  # the dataset's, when it was read before the refusal
 
 
 class Outcome(enum.StrEnum):
@@ -381,10 +382,12 @@ class IncomingInstance:
             if uid != requested and not is_valid_uid(uid):  # the request's are checked
                 raise StoreRefused(Refusal.INVALID_UID, f"invalid {name} {_shown(uid)}")
         if header.sop_class_uid != self.sop_class_uid:
-            raise StoreRefused(Refusal.MISMATCH, "dataset SOP Class UID differs from the request")
+            raise StoreRefused(
+                Refusal.MISMATCH, "dataset SOP Class UID differs from the request", header
+            )
         if header.sop_instance_uid != self.sop_instance_uid:
             raise StoreRefused(
-                Refusal.MISMATCH, "dataset SOP Instance UID differs from the request"
+                Refusal.MISMATCH, "dataset SOP Instance UID differs from the request", header
             )
         return header
 

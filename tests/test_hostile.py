@@ -517,7 +517,7 @@ def refused_event(server: Server, sop_instance_uid: str) -> dict:
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
         for refused in server.events("instance.refused"):
-            if refused.get("sop_instance_uid") == sop_instance_uid:
+            if refused.get("request_sop_instance_uid") == sop_instance_uid:
                 return refused
         time.sleep(0.05)
     raise AssertionError(f"no instance.refused event for {sop_instance_uid}")
@@ -783,6 +783,10 @@ def test_dataset_of_another_sop_class_than_the_request(hostile_server):
     assert response.comment == "dataset SOP Class UID differs from the request"
     event = refused_event(hostile_server, sop_instance)
     assert (event["status"], event["reason"]) == ("0xA900", response.comment)
+    # The log names the request's UIDs, and the dataset's beside them (issue 13 #5:
+    # a sender's "31" was taken for a parsing bug of ours).
+    assert (event["request_sop_class_uid"], event["dataset_sop_class_uid"]) == (MR, CT)
+    assert event["request_sop_instance_uid"] == event["dataset_sop_instance_uid"] == sop_instance
     assert second.status == SUCCESS  # the association went on
     assert indexed(hostile_server, _sop_instance_of(good))
     assert_nothing_written(hostile_server, before | _paths_of(hostile_server, good), sop_instance)
