@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from scp.config import Config, ConfigError, load_config
+from scp.logs import error_line
 from storage.policy import DuplicatePolicy
 
 _CLICK_TYPES = {
@@ -62,7 +63,7 @@ EXIT_USAGE = 2
 
 def fail(message: str, code: int) -> None:
     """End the command with one clear line on stderr."""
-    click.echo(f"imaging-scp: {message}", err=True)
+    click.echo(error_line(message), err=True)
     sys.exit(code)
 
 

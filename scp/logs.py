@@ -18,6 +18,11 @@ _SHARED_PROCESSORS = [
 ]
 
 
+def error_line(message: str) -> str:
+    """The one form of an error for people, on stderr, of every command."""
+    return f"imaging-scp: error: {message}"
+
+
 def configure_logging(level: str = "info", json_lines: bool | None = None) -> None:
     """Configure structlog and the standard library's root logger."""
     if json_lines is None:

@@ -8,10 +8,12 @@ the systemd watchdog, which so proves that it lives.
 
 import contextlib
 import ctypes
+import errno
 import os
 import select
 import signal
 import socket
+import sqlite3
 import ssl
 import sys
 import threading
@@ -26,6 +28,7 @@ from scp.association import Acceptor
 from scp.commitment_service import CommitmentService
 from scp.config import Config, ConfigError, free_space_floor
 from scp.find_service import FindService
+from scp.logs import error_line
 from scp.reports import Reporter
 from scp.store_service import StoreService
 from scp.tls import server_context
@@ -37,6 +40,14 @@ log = structlog.get_logger("imaging_scp")
 
 _ACCEPT_WAKEUP = 0.5  # seconds between two watchdog checks of the accept loop
 _LISTEN_BACKLOG = 128
+
+
+class ListenError(Exception):
+    """A listening socket that could not be bound: which address, and why."""
+
+    def __init__(self, host: str, port: int, error: OSError):
+        super().__init__(f"{host}:{port}: {error.strerror or error}")
+        self.host, self.port, self.error = host, port, error
 
 
 class Listener:
@@ -55,9 +66,9 @@ class Listener:
             self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         try:
             self.socket.bind((config.host, port))
-        except OSError:
+        except OSError as exc:
             self.socket.close()
-            raise
+            raise ListenError(config.host, port, exc) from exc
         self.socket.listen(_LISTEN_BACKLOG)
         self.port = self.socket.getsockname()[1]
         self._thread = threading.Thread(
@@ -285,7 +296,7 @@ def serve(config: Config, reload_config: Callable[[], Config] | None = None) -> 
     try:  # before anything starts: a bad certificate is a usage error (exit 2)
         tls_context = server_context(config) if config.tls_port else None
     except ConfigError as exc:
-        print(f"imaging-scp: {exc}", file=sys.stderr)
+        print(error_line(str(exc)), file=sys.stderr)
         return 2
     # The handler only records the signal. It runs between two bytecodes of the
     # main thread, which may be holding the very lock that Event.set() or a log
@@ -300,11 +311,19 @@ def serve(config: Config, reload_config: Callable[[], Config] | None = None) -> 
     reload_requested: list[int] = []
     signal.signal(signal.SIGHUP, lambda signum, _frame: reload_requested.append(signum))
 
-    recover(config)
+    try:
+        recover(config)
+    except (OSError, sqlite3.Error) as exc:
+        return _cannot_start(_data_dir_problem(config.data_dir, exc))
     workers = fork_workers(config.workers - 1)
     store = open_store(config)
     receiver = Receiver(config, store)
-    receiver.start(tls_context)
+    try:
+        receiver.start(tls_context)
+    except ListenError as exc:
+        _signal_workers(workers or [], signal.SIGTERM)
+        _wait_for_workers(workers or [], 5)
+        return _cannot_start(_address_problem(exc))
     # One process delivers reports on new associations: the main one.
     reporter = Reporter(config, receiver.commitment) if workers is not None else None
     if reporter is not None:
@@ -352,6 +371,36 @@ def serve(config: Config, reload_config: Callable[[], Config] | None = None) -> 
     _wait_for_workers(workers or [], config.drain_timeout + 5)
     log.info("stopped", aborted_associations=aborted)
     return exit_code
+
+
+def _cannot_start(message: str) -> int:
+    """A start-up that cannot go on: one line for people, one event for the log."""
+    log.error("startup.failed", reason=message)
+    print(error_line(message), file=sys.stderr)
+    return 2
+
+
+def _data_dir_problem(data_dir, exc: Exception) -> str:
+    path = data_dir.resolve()
+    detail = getattr(exc, "strerror", None) or str(exc)
+    return (
+        f"cannot use the data directory {path} ({detail}): give the user running"
+        f" imaging-scp (uid {os.geteuid()}) write access to it and to its index.sqlite,"
+        " or choose another with --data-dir"
+    )
+
+
+def _address_problem(exc: ListenError) -> str:
+    code = exc.error.errno
+    if code == errno.EADDRINUSE:
+        advice = "another program listens there (see `ss -ltnp`): stop it, or choose another port"
+    elif code == errno.EACCES:
+        advice = "ports below 1024 need privileges: use 11112, or grant CAP_NET_BIND_SERVICE"
+    elif code == errno.EADDRNOTAVAIL:
+        advice = "no interface of this machine has that address: check --host"
+    else:
+        advice = "check --host and --port"
+    return f"cannot listen on {exc.host}:{exc.port} ({exc.error.strerror or exc.error}): {advice}"
 
 
 def _reload_callers(receiver: Receiver, reload_config: Callable[[], Config] | None) -> None:

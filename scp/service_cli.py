@@ -17,6 +17,7 @@ from pathlib import Path
 import click
 
 from scp.config import Config, ConfigError, is_ae_title, load_config
+from scp.logs import error_line
 
 # --- echo -------------------------------------------------------------------
 
@@ -49,7 +50,7 @@ def _ae_title(_ctx, param, value: str) -> str:
 
 
 def _fail(message: str, code: int):
-    click.echo(f"error: {message}", err=True)
+    click.echo(error_line(message), err=True)
     sys.exit(code)
 
 
@@ -57,7 +58,7 @@ def _no_echo(message: str):
     """Give up on the peer: exit 1 now. pynetdicom's reader thread may be stuck
     in recv() on a peer that is not DICOM (the length field of an HTTP answer
     says a gigabyte follows), and it must not keep the command alive."""
-    click.echo(f"error: {message}", err=True)
+    click.echo(error_line(message), err=True)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(1)

@@ -1,6 +1,7 @@
 """The service as an admin runs it: configuration, shutdown, association control, logs."""
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -13,6 +14,7 @@ from tests.conftest import (
     CT_IMAGE_STORAGE,
     IMAGING_SCP,
     association_rejection,
+    free_port,
     make_instance,
     send_files,
 )
@@ -26,6 +28,46 @@ def test_config_file_is_read_and_flags_win(server_factory, tmp_path):
     assert listening["aet"] == "FROM_FLAG"
     assert listening["duplicates"] == "reject"
     assert listening["max_pdu"] == 65536
+
+
+def _serve_fails(*flags: str) -> str:
+    """`serve` that cannot start: exit 2 and one line on stderr, which is returned."""
+    result = subprocess.run(
+        [IMAGING_SCP, "serve", "--host", "127.0.0.1", *flags],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2, result
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("imaging-scp: error: ")
+    assert '"event": "startup.failed"' in result.stdout
+    return line
+
+
+def test_a_data_dir_that_cannot_be_written_is_named_with_what_to_do(tmp_path):
+    """Issue 13 #6: it was `OperationalError: unable to open database file`."""
+    data_dir = tmp_path / "data"
+    (data_dir / "index.sqlite").mkdir(parents=True)  # what sqlite cannot open, even as root
+    line = _serve_fails("--port", str(free_port()), "--data-dir", str(data_dir))
+    assert f"cannot use the data directory {data_dir}" in line
+    assert "write access" in line and "--data-dir" in line
+    if os.geteuid() != 0:  # root writes anywhere
+        read_only = tmp_path / "read-only"
+        read_only.mkdir(mode=0o555)
+        line = _serve_fails("--port", str(free_port()), "--data-dir", str(read_only))
+        assert f"cannot use the data directory {read_only}" in line
+
+
+def test_a_port_in_use_is_named_with_what_to_do(tmp_path):
+    """Issue 13 #6: it was `OSError: [Errno 98] Address already in use`."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        line = _serve_fails("--port", str(port), "--data-dir", str(tmp_path / "data"))
+    assert f"cannot listen on 127.0.0.1:{port} (Address already in use)" in line
+    assert "choose another port" in line
 
 
 def test_bad_config_is_one_clear_line_naming_the_key(tmp_path):

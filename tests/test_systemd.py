@@ -543,14 +543,14 @@ def test_echo_against_a_closed_port():
     assert result.returncode == 1
     assert result.stdout == ""
     assert result.stderr.splitlines() == [
-        f"error: cannot connect to 127.0.0.1:{port}: [Errno 111] Connection refused"
+        f"imaging-scp: error: cannot connect to 127.0.0.1:{port}: [Errno 111] Connection refused"
     ]
 
 
 def test_echo_against_an_unknown_host_and_a_non_dicom_peer():
     unknown = run_cli("echo", "--timeout", "5", "no-such-host.invalid", "104")
     assert unknown.returncode == 1
-    assert unknown.stderr.startswith("error: cannot resolve no-such-host.invalid: ")
+    assert unknown.stderr.startswith("imaging-scp: error: cannot resolve no-such-host.invalid: ")
     assert len(unknown.stderr.splitlines()) == 1
 
     # A web server where a DICOM peer was expected.
@@ -571,7 +571,8 @@ def test_echo_against_an_unknown_host_and_a_non_dicom_peer():
     assert child.returncode == 1
     assert out == ""
     assert err.splitlines() == [
-        f"error: 127.0.0.1:{port} answered something that is not DICOM (PDU type '0x48')"
+        f"imaging-scp: error: 127.0.0.1:{port} answered something that is not DICOM"
+        " (PDU type '0x48')"
     ]
 
 

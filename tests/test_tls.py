@@ -387,7 +387,7 @@ def test_serve_exits_2_naming_the_key_of_a_bad_certificate(pki, tmp_path):
         assert result.returncode == 2, (flags, result.stdout, result.stderr)
         lines = result.stderr.splitlines()
         assert len(lines) == 1, result.stderr
-        assert lines[0].startswith(f"imaging-scp: key '{key}'"), lines
+        assert lines[0].startswith(f"imaging-scp: error: key '{key}'"), lines
         assert detail in lines[0]
     assert not (tmp_path / "data").exists()  # nothing was started
 
