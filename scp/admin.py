@@ -550,7 +550,10 @@ def verify(config_file, data_dir, checksum, repair, as_json):
     if as_json:
         _dump({**report.__dict__, "ok": report.ok})
     else:
-        click.echo(f"checked {report.checked:,} indexed files")
+        click.echo(
+            f"checked {report.checked:,} indexed files"
+            f" and {report.checked_kept_aside:,} kept-aside copies"
+        )
         for name, items in [
             ("missing", report.missing),
             ("wrong size", report.wrong_size),

@@ -160,6 +160,7 @@ def _finish_placing(index: Index, entry: IndexEntry, relpath: PurePosixPath) -> 
 @dataclass
 class VerifyReport:
     checked: int = 0
+    checked_kept_aside: int = 0  # copies under conflicts/ the index records
     missing: list[str] = field(default_factory=list)
     wrong_size: list[str] = field(default_factory=list)
     wrong_checksum: list[str] = field(default_factory=list)
@@ -200,17 +201,15 @@ def verify(
     ):
         report.checked += 1
         progress(1)
-        path = data_dir / relpath
-        try:
-            actual_size = path.stat().st_size
-        except FileNotFoundError:
-            report.missing.append(relpath)
+        if not _check_file(data_dir, relpath, size, sha256, checksum, report):
             damaged_series[series_uid] = study_uid
-            continue
-        if actual_size != size:
-            report.wrong_size.append(relpath)
-        elif checksum and files.file_dataset_digest(path) != sha256:
-            report.wrong_checksum.append(relpath)
+    # Copies kept aside are the only copy of what a sender sent the second time:
+    # each must be where the index says, as it arrived.
+    for relpath, size, sha256 in reader.execute(
+        "SELECT path, size, sha256 FROM conflicts WHERE action = 'kept-aside'"
+    ):
+        report.checked_kept_aside += 1
+        _check_file(data_dir, relpath, size, sha256, checksum, report)
     reader.close()
     if damaged_series:
         with index.writing():
@@ -223,6 +222,23 @@ def verify(
         report.unavailable_series = sorted(damaged_series)
     _find_unknown_files(index, data_dir, report, repair)
     return report
+
+
+def _check_file(
+    data_dir: Path, relpath: str, size: int, sha256: str, checksum: bool, report: VerifyReport
+) -> bool:
+    """Check one recorded file into `report`; False when it is missing."""
+    path = data_dir / relpath
+    try:
+        actual_size = path.stat().st_size
+    except FileNotFoundError:
+        report.missing.append(relpath)
+        return False
+    if actual_size != size:
+        report.wrong_size.append(relpath)
+    elif checksum and files.file_dataset_digest(path) != sha256:
+        report.wrong_checksum.append(relpath)
+    return True
 
 
 def _find_unknown_files(index: Index, data_dir: Path, report: VerifyReport, repair: bool) -> None:

@@ -7,6 +7,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import pydicom
 import pytest
 from fhir.resources.bundle import Bundle as R5Bundle
 from fhir.resources.imagingstudy import ImagingStudy as R5ImagingStudy
@@ -317,6 +318,29 @@ def test_verify_finds_missing_damaged_and_unknown_files(server, tmp_path):
     report = json.loads(cli("verify", "--repair", "--json", data_dir=data, check=False).stdout)
     assert report["repaired"] == [str(relpath)]
     assert _study(data, study)["numberOfInstances"] == 4
+
+
+def test_verify_checks_kept_aside_copies_too(server, tmp_path):
+    """Issue 13 #3: a copy removed from conflicts/ gave "checked 1 indexed files OK"."""
+    first = make_instance(tmp_path / "a", study_uid=generate_uid(), series_uid=generate_uid())
+    send_files(server.port, [first])
+    ds = pydicom.dcmread(first)
+    ds.PatientName = "Other^Bytes"  # the same SOP Instance UID, other bytes: kept aside
+    ds.save_as(tmp_path / "resent.dcm")
+    send_files(server.port, [tmp_path / "resent.dcm"])
+    data = server.data_dir
+    (aside,) = (data / "conflicts").rglob("*.dcm")
+    assert cli("verify", "--checksum", data_dir=data).returncode == 0
+
+    aside.unlink()
+
+    result = cli("verify", data_dir=data, check=False)
+    assert result.returncode == 1
+    assert "checked 1 indexed files and 1 kept-aside copies" in result.stdout
+    assert str(aside.relative_to(data)) in result.stdout
+    report = json.loads(cli("verify", "--json", data_dir=data, check=False).stdout)
+    assert report["missing"] == [str(aside.relative_to(data))]
+    assert report["unavailable_series"] == []  # the indexed copy is fine
 
 
 def start_other_server(directory: Path):
