@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from storage.index import Index, Provenance
-from storage.query import mark_incomplete
+from storage.query import clear_incomplete, mark_incomplete
 
 _association_numbers = itertools.count(1)
 _STARTED = int(time.time()) % 0x10000
@@ -32,8 +32,12 @@ class Session:
     outcome: str = "closed"  # closed (no association), rejected, released or aborted
     reason: str | None = None  # why it was rejected or aborted
     established: bool = False
-    # Series this association stored into: marked incomplete if it breaks off.
-    series_uids: set[str] = field(default_factory=set)
+    # Series this association wrote new instances into: marked incomplete if it
+    # breaks off. An identical resend adds nothing that could be half-sent.
+    written_into: set[str] = field(default_factory=set)
+    # Series it delivered instances of, resends included: a release clears their
+    # incomplete mark (the sender finished sending them).
+    delivered_into: set[str] = field(default_factory=set)
     # Our N-EVENT-REPORT-RQs on this association not yet answered: Message ID -> Transaction UID.
     reports_awaiting_answer: dict[int, str] = field(default_factory=dict)
     last_message_id: int = 0  # of the requests we send on this association
@@ -63,13 +67,15 @@ class Session:
             refused=self.refused,
             seconds=round(time.monotonic() - self.started, 3),
         )
-        if self.established and self.outcome != "released" and self.series_uids:
+        if self.established and self.outcome != "released" and self.written_into:
             self._mark_incomplete(index)
+        elif self.outcome == "released" and self.delivered_into:
+            self._clear_incomplete(index)
 
     def _mark_incomplete(self, index: Index) -> None:
         """An association that ends without a release may have left its series
         half-sent: say so until more instances arrive or an admin clears it."""
-        series = sorted(self.series_uids)
+        series = sorted(self.written_into)
         reason = (
             f"association {self.id} from {self.provenance.calling_ae}"
             f" ({self.peer}) {self.outcome} after {self.instances} instances"
@@ -81,3 +87,14 @@ class Session:
             return
         if marked:
             self.log.warning("series.incomplete", series=marked, reason=reason)
+
+    def _clear_incomplete(self, index: Index) -> None:
+        try:
+            cleared = clear_incomplete(index, sorted(self.delivered_into))
+        except Exception:
+            self.log.exception("series.clear_incomplete_failed")
+            return
+        if cleared:
+            self.log.info(
+                "series.complete_again", series=cleared, reason="released after resending"
+            )

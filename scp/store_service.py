@@ -10,7 +10,7 @@ import time
 
 from scp import dimse
 from scp.session import Session
-from storage.store import InstanceStore, Refusal, StoreRefused
+from storage.store import InstanceStore, Outcome, Refusal, StoreRefused
 
 SUCCESS = 0x0000
 
@@ -138,7 +138,9 @@ class IncomingStore:
                 self.command, INTERNAL_ERROR_STATUS, f"internal error: {type(exc).__name__}"
             )
         session.instances += 1
-        session.series_uids.add(result.header.series_uid)
+        session.delivered_into.add(result.header.series_uid)
+        if result.outcome is not Outcome.IDENTICAL_RESEND:  # something new was written
+            session.written_into.add(result.header.series_uid)
         session.bytes += result.size
         self.service.count_stored()
         header = result.header

@@ -360,6 +360,21 @@ def mark_incomplete(index: Index, series_uids: list[str], reason: str) -> list[s
     return marked
 
 
+def clear_incomplete(index: Index, series_uids: list[str]) -> list[str]:
+    """Clear the incomplete mark of series a released association delivered
+    instances of (new ones or resends); returns those that had one."""
+    cleared = []
+    with index.writing():
+        for uid in series_uids:
+            if index.conn.execute(
+                "UPDATE series SET incomplete_reason = NULL, incomplete_since = NULL"
+                " WHERE series_uid = ? AND incomplete_reason IS NOT NULL",
+                (uid,),
+            ).rowcount:
+                cleared.append(uid)
+    return cleared
+
+
 def mark_complete(index: Index, study_uid: str) -> int:
     """Clear the incomplete mark of a study's series; returns how many were marked."""
     with index.writing():

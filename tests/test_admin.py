@@ -20,6 +20,7 @@ from tests.conftest import (
     CT_IMAGE_STORAGE,
     IMAGING_SCP,
     bundled_test_files,
+    dataset_bytes,
     make_instance,
     send_files,
 )
@@ -277,6 +278,41 @@ def test_aborted_association_marks_its_series_incomplete(server, tmp_path):
     assert _study(data, study)["state"] == "incomplete"
     cli("study", study, "--mark-complete", data_dir=data)
     assert _study(data, study)["state"] == "receiving"
+
+
+def test_an_identical_resend_that_aborts_leaves_a_series_complete(server, tmp_path):
+    """Issue 13 #1: 20 instances resent byte for byte, then an abort, made a
+    complete series `incomplete`; a later full resend over a released
+    association did not clear it. (Spoken by hand: an identical resend is
+    answered within microseconds, faster than pynetdicom's requestor can take.)"""
+    from tests.test_hostile import EXPLICIT_LE, RawAssociation
+
+    study, series = generate_uid(), generate_uid()
+    files = [make_instance(tmp_path, study_uid=study, series_uid=series) for _ in range(3)]
+    send_files(server.port, files)
+    data = server.data_dir
+
+    def send_then_drop(paths):
+        assoc = RawAssociation(server.port, [(1, CT_IMAGE_STORAGE, [EXPLICIT_LE])])
+        for path in paths:
+            uid = pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID
+            assert assoc.store(1, CT_IMAGE_STORAGE, uid, dataset_bytes(path)).status == 0
+        assoc.close()  # no release: the connection just ends
+
+    send_then_drop(files[:2])
+    server.wait_for_event("association.end", count=2)
+    assert _study(data, study)["state"] == "receiving"  # nothing new could be half-sent
+    assert server.events("series.incomplete") == []
+
+    # A new instance, then the connection drops: incomplete, rightly.
+    extra = make_instance(tmp_path, study_uid=study, series_uid=series)
+    send_then_drop([extra])
+    server.wait_for_event("series.incomplete")
+    assert _study(data, study)["state"] == "incomplete"
+    # The sender sends the series again, all of it already here, and releases.
+    send_files(server.port, [*files, extra])
+    assert _study(data, study)["state"] == "receiving"
+    assert server.wait_for_event("series.complete_again")[0]["series"] == [series]
 
 
 def test_verify_finds_missing_damaged_and_unknown_files(server, tmp_path):
