@@ -559,6 +559,7 @@ def verify(config_file, data_dir, checksum, repair, as_json):
             ("wrong size", report.wrong_size),
             ("wrong checksum", report.wrong_checksum),
             ("series now UNAVAILABLE", report.unavailable_series),
+            ("series available again (their files are back)", report.available_again),
             ("files the index does not know", report.unknown_files),
             ("indexed (repair)", report.repaired),
             ("could not index", report.unindexable),

@@ -28,7 +28,9 @@ if TYPE_CHECKING:
     from storage.header import InstanceHeader
 
 INDEX_FILENAME = "index.sqlite"
-SCHEMA_VERSION = 2  # 2: storage commitment (commitments, commitment_items, series.committed_at)
+# 2: storage commitment (commitments, commitment_items, series.committed_at),
+# series.unavailable_by_verify
+SCHEMA_VERSION = 2
 
 ONLINE, NEARLINE, OFFLINE, UNAVAILABLE = "ONLINE", "NEARLINE", "OFFLINE", "UNAVAILABLE"
 # Best first: a study's availability is the worst one among its series.
@@ -218,12 +220,16 @@ class Index:
                     # When a storage commitment last covered every instance it
                     # referenced in this series with success: the series is complete.
                     "committed_at": str,
+                    # The availability `verify` found before it marked the series
+                    # UNAVAILABLE (a file missing); NULL when verify did not mark it.
+                    "unavailable_by_verify": str,
                 },
                 pk="series_uid",
                 if_not_exists=True,
             )
-            if "committed_at" not in db["series"].columns_dict:  # an index of version 1
-                db["series"].add_column("committed_at", str)
+            for column in ("committed_at", "unavailable_by_verify"):  # an index of version 1
+                if column not in db["series"].columns_dict:
+                    db["series"].add_column(column, str)
             db["instances"].create(
                 {
                     "sop_instance_uid": str,

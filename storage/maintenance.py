@@ -165,6 +165,7 @@ class VerifyReport:
     wrong_size: list[str] = field(default_factory=list)
     wrong_checksum: list[str] = field(default_factory=list)
     unavailable_series: list[str] = field(default_factory=list)
+    available_again: list[str] = field(default_factory=list)  # files back: what verify set undone
     unknown_files: list[str] = field(default_factory=list)
     repaired: list[str] = field(default_factory=list)
     unindexable: list[str] = field(default_factory=list)
@@ -189,9 +190,11 @@ def verify(
     repair: bool = False,
     progress: Progress = _no_progress,
 ) -> VerifyReport:
-    """Check every indexed file (exists, recorded size, and SHA-256 when asked);
-    series with missing files become UNAVAILABLE; files on disk the index does
-    not know are reported, and indexed when `repair`."""
+    """Check every indexed file (exists, recorded size, and SHA-256 when asked),
+    and every copy kept aside; series with missing files become UNAVAILABLE, and
+    get back the availability they had once their files are back (what an admin
+    set is never undone); files on disk the index does not know are reported,
+    and indexed when `repair`."""
     data_dir = Path(data_dir)
     report = VerifyReport()
     reader = sqlite3.connect(index.path)
@@ -210,16 +213,33 @@ def verify(
     ):
         report.checked_kept_aside += 1
         _check_file(data_dir, relpath, size, sha256, checksum, report)
+    marked_by_verify = dict(
+        reader.execute(
+            "SELECT series_uid, study_uid FROM series WHERE unavailable_by_verify IS NOT NULL"
+        ).fetchall()
+    )
     reader.close()
-    if damaged_series:
+    recovered = {uid: study for uid, study in marked_by_verify.items() if uid not in damaged_series}
+    if damaged_series or recovered:
         with index.writing():
             for series_uid, study_uid in damaged_series.items():
+                # An admin's UNAVAILABLE stays the admin's: only another value is
+                # remembered, to be given back once the files are.
                 index.conn.execute(
-                    "UPDATE series SET availability = ? WHERE series_uid = ?",
-                    (UNAVAILABLE, series_uid),
+                    "UPDATE series SET unavailable_by_verify = availability, availability = ?"
+                    " WHERE series_uid = ? AND availability != ?",
+                    (UNAVAILABLE, series_uid, UNAVAILABLE),
+                )
+                refresh_study_availability(index, study_uid)
+            for series_uid, study_uid in recovered.items():
+                index.conn.execute(
+                    "UPDATE series SET availability = unavailable_by_verify,"
+                    " unavailable_by_verify = NULL WHERE series_uid = ?",
+                    (series_uid,),
                 )
                 refresh_study_availability(index, study_uid)
         report.unavailable_series = sorted(damaged_series)
+        report.available_again = sorted(recovered)
     _find_unknown_files(index, data_dir, report, repair)
     return report
 

@@ -316,13 +316,17 @@ def set_availability(
             if row is None:
                 return 0
             study_uid = row[0]
+            # The admin's word: nothing `verify` set is to be given back any more.
             changed = conn.execute(
-                "UPDATE series SET availability = ? WHERE series_uid = ?",
+                "UPDATE series SET availability = ?, unavailable_by_verify = NULL"
+                " WHERE series_uid = ?",
                 (availability, series_uid),
             ).rowcount
         else:
             changed = conn.execute(
-                "UPDATE series SET availability = ? WHERE study_uid = ?", (availability, study_uid)
+                "UPDATE series SET availability = ?, unavailable_by_verify = NULL"
+                " WHERE study_uid = ?",
+                (availability, study_uid),
             ).rowcount
         if changed:
             refresh_study_availability(index, study_uid)

@@ -356,6 +356,31 @@ def test_verify_finds_missing_damaged_and_unknown_files(server, tmp_path):
     assert _study(data, study)["numberOfInstances"] == 4
 
 
+def test_verify_gives_back_the_availability_it_took_never_an_admins(server, tmp_path):
+    """Issue 13 #4: with the file back, verify said OK and the series stayed UNAVAILABLE."""
+    study, series = generate_uid(), generate_uid()
+    send_files(server.port, [make_instance(tmp_path, study_uid=study, series_uid=series)
+                             for _ in range(2)])  # fmt: skip
+    data = server.data_dir
+    cli("availability", "set", "--series", series, "nearline", data_dir=data)
+    stored = data / cli_json("study", study, "--instances", data_dir=data)["series"][0][
+        "instance"][0]["path"]  # fmt: skip
+    saved = stored.read_bytes()
+    stored.unlink()
+    assert cli("verify", data_dir=data, check=False).returncode == 1
+    assert _study(data, study)["availability"] == "UNAVAILABLE"
+
+    stored.write_bytes(saved)  # back from a backup
+    result = cli("verify", data_dir=data)
+    assert "series available again (their files are back): 1" in result.stdout
+    assert _study(data, study)["series"][0]["availability"] == "NEARLINE"  # the admin's value
+    assert _study(data, study)["availability"] == "NEARLINE"
+
+    cli("availability", "set", "--series", series, "unavailable", data_dir=data)
+    assert cli("verify", data_dir=data).returncode == 0
+    assert _study(data, study)["availability"] == "UNAVAILABLE"  # an admin's stays
+
+
 def test_verify_checks_kept_aside_copies_too(server, tmp_path):
     """Issue 13 #3: a copy removed from conflicts/ gave "checked 1 indexed files OK"."""
     first = make_instance(tmp_path / "a", study_uid=generate_uid(), series_uid=generate_uid())
