@@ -101,6 +101,8 @@ def study_json(study: dict) -> dict:
             "patient": _without_none({"id": study["patient_id"], "name": study["patient_name"]})
             or None,
             "started": _joined(study["study_date"], study["study_time"]),
+            "dateAsSent": study.get("study_date_raw"),
+            "timeAsSent": study.get("study_time_raw"),
             "description": study["description"],
             "referrer": study["referrer"],
             "modality": _modalities(study),
@@ -127,6 +129,8 @@ def series_json(series: dict) -> dict:
             "bodySite": series["body_part"],
             "laterality": series["laterality"],
             "started": _joined(series["series_date"], series["series_time"]),
+            "dateAsSent": series.get("series_date_raw"),
+            "timeAsSent": series.get("series_time_raw"),
             "numberOfInstances": series["number_of_instances"],
             "availability": series["availability"],
             "state": series["state"],

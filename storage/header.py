@@ -166,7 +166,7 @@ def _header_from(source) -> InstanceHeader:
     `_text`) and `source.items(keyword)` (see `_items`). Shared by read_header
     (a pydicom Dataset) and DatasetWalk (the elements the walk kept)."""
     text, items = source.text, source.items
-    return InstanceHeader(
+    header = InstanceHeader(
         sop_class_uid=text("SOPClassUID"),
         sop_instance_uid=text("SOPInstanceUID"),
         study_uid=text("StudyInstanceUID"),
@@ -207,6 +207,44 @@ def _header_from(source) -> InstanceHeader:
             "number_of_frames": _integer(text, "NumberOfFrames"),
         },
     )
+    _normalize_dates(header.study, ("patient_birth_date", "study_date"), ("study_time",))
+    _normalize_dates(header.series, ("series_date",), ("series_time",))
+    return header
+
+
+_DATE = re.compile(r"(\d{4})[.\-/]?(\d{2})[.\-/]?(\d{2})")
+_TIME = re.compile(r"(\d{2})(?::?(\d{2})(?::?(\d{2})(\.\d{1,6})?)?)?")
+
+
+def normal_date(value: str | None) -> str | None:
+    """A DA value as YYYYMMDD: the ACR-NEMA 1997.04.24 (and 1997-04-24) of older
+    senders read as 19970424; None when it is no date at all."""
+    match = _DATE.fullmatch(value or "")
+    if match is None:
+        return None
+    year, month, day = match.groups()
+    return f"{year}{month}{day}" if 1 <= int(month) <= 12 and 1 <= int(day) <= 31 else None
+
+
+def normal_time(value: str | None) -> str | None:
+    """A TM value as HHMMSS.ffffff (as precise as sent): 14:04:38 read as 140438."""
+    match = _TIME.fullmatch(value or "")
+    if match is None:
+        return None
+    hours, minutes, seconds, fraction = match.groups()
+    if int(hours) > 23 or int(minutes or 0) > 59 or int(seconds or 0) > 60:
+        return None
+    return hours + (minutes or "") + (seconds or "") + (fraction or "")
+
+
+def _normalize_dates(values: dict, dates: tuple[str, ...], times: tuple[str, ...]) -> None:
+    """Dates and times in one form, for the index's filters, tables, C-FIND and
+    FHIR alike; the value as sent kept beside (`<name>_raw`) when it differs."""
+    for names, normal in ((dates, normal_date), (times, normal_time)):
+        for name in names:
+            raw = values[name]
+            values[name] = normal(raw) if raw is not None else None
+            values[name + "_raw"] = raw if raw != values[name] else None
 
 
 def _inflate(stream: BinaryIO) -> tuple[io.BytesIO, bool]:

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 INDEX_FILENAME = "index.sqlite"
 # 2: storage commitment (commitments, commitment_items, series.committed_at),
-# series.unavailable_by_verify
+# series.unavailable_by_verify, dates and times normalised with *_raw beside them
 SCHEMA_VERSION = 2
 
 ONLINE, NEARLINE, OFFLINE, UNAVAILABLE = "ONLINE", "NEARLINE", "OFFLINE", "UNAVAILABLE"
@@ -44,6 +44,11 @@ STUDY_FIELDS = {
     "patient_sex": str,
     "study_date": str,
     "study_time": str,
+    # The values as sent, when they differ from the normalised ones above
+    # (storage.header.normal_date/normal_time).
+    "patient_birth_date_raw": str,
+    "study_date_raw": str,
+    "study_time_raw": str,
     "timezone_offset": str,
     "accession": str,
     "accession_issuer": str,
@@ -64,6 +69,8 @@ SERIES_FIELDS = {
     "laterality": str,
     "series_date": str,
     "series_time": str,
+    "series_date_raw": str,
+    "series_time_raw": str,
     "performer": str,
 }
 INSTANCE_FIELDS = {"number": int, "title": str, "number_of_frames": int}
@@ -227,9 +234,15 @@ class Index:
                 pk="series_uid",
                 if_not_exists=True,
             )
-            for column in ("committed_at", "unavailable_by_verify"):  # an index of version 1
-                if column not in db["series"].columns_dict:
-                    db["series"].add_column(column, str)
+            # An index of version 1 gains the columns added since.
+            for table, columns in (
+                ("studies", STUDY_FIELDS),
+                ("series", {**SERIES_FIELDS, "committed_at": str, "unavailable_by_verify": str}),
+            ):
+                present = db[table].columns_dict
+                for column, kind in columns.items():
+                    if column not in present:
+                        db[table].add_column(column, kind)
             db["instances"].create(
                 {
                     "sop_instance_uid": str,

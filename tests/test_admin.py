@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pydicom
+import pydicom.data
 import pytest
 from fhir.resources.bundle import Bundle as R5Bundle
 from fhir.resources.imagingstudy import ImagingStudy as R5ImagingStudy
@@ -313,6 +314,30 @@ def test_an_identical_resend_that_aborts_leaves_a_series_complete(server, tmp_pa
     send_files(server.port, [*files, extra])
     assert _study(data, study)["state"] == "receiving"
     assert server.wait_for_event("series.complete_again")[0]["series"] == [series]
+
+
+def test_legacy_dates_are_normalised_once_and_kept_as_sent(server, tmp_path):
+    """Issue 13 #2: StudyDate 1997.04.24 (ACR-NEMA style, pydicom's ExplVR_BigEnd.dcm)
+    showed as 1997.04.24 and was missed by --from/--to."""
+    source = Path(pydicom.data.get_testdata_file("ExplVR_BigEnd.dcm"))
+    assert pydicom.dcmread(source).StudyDate == "1997.04.24"
+    send_files(server.port, [source])
+    data = server.data_dir
+    study_uid = pydicom.dcmread(source).StudyInstanceUID
+
+    found = cli_json("studies", "--from", "1997-01-01", "--to", "1997-12-31", data_dir=data)
+    assert [s["uid"] for s in found] == [study_uid]
+    assert found[0]["started"] == "1997-04-24T14:04:38"
+    assert (found[0]["dateAsSent"], found[0]["timeAsSent"]) == ("1997.04.24", "14:04:38")
+    assert "1997-04-24" in cli("studies", data_dir=data).stdout
+    resource = json.loads(cli("fhir", study_uid, data_dir=data).stdout)
+    assert resource["started"].startswith("1997-04-24")
+    row = (
+        sqlite3.connect(data / "index.sqlite")
+        .execute("SELECT study_date, study_time, study_date_raw, study_time_raw FROM studies")
+        .fetchone()
+    )
+    assert row == ("19970424", "140438", "1997.04.24", "14:04:38")
 
 
 def test_verify_finds_missing_damaged_and_unknown_files(server, tmp_path):

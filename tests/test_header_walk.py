@@ -11,7 +11,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydicom.filereader import read_file_meta_info
 
-from storage.header import DatasetWalk, HeaderError, read_header, walkable
+from storage.header import (
+    DatasetWalk,
+    HeaderError,
+    normal_date,
+    normal_time,
+    read_header,
+    walkable,
+)
 from tests.conftest import bundled_test_files, dataset_bytes
 from tests.test_hostile import (
     CHARSETS,
@@ -150,3 +157,22 @@ def test_random_datasets_in_random_fragments(case, data):
     dataset, _, syntax, _, _ = case
     cuts = data.draw(st.lists(st.integers(0, len(dataset)), max_size=12))
     assert_same(dataset, syntax, cuts)
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [("20261122", "20261122"), ("1997.04.24", "19970424"), ("1997-04-24", "19970424"),
+     ("2026-13-01", None), ("UNKNOWN", None), ("2026112", None), ("", None)],
+)  # fmt: skip
+def test_dates_are_read_in_one_form(value, expected):
+    assert normal_date(value) == expected
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [("140438", "140438"), ("14:04:38", "140438"), ("14:04:38.125", "140438.125"),
+     ("1015", "1015"), ("10", "10"), ("101500.123456", "101500.123456"), ("2500", None),
+     ("10:15 AM", None)],
+)  # fmt: skip
+def test_times_are_read_in_one_form(value, expected):
+    assert normal_time(value) == expected
