@@ -321,10 +321,10 @@ def study(config_file, data_dir, study_uid, instances, mark_complete, as_json):
 _VERSION_OPTION = click.option(
     "--version",
     "fhir_version",
-    type=click.Choice(["r4", "r5", "dstu2"]),
+    type=click.Choice(["r4", "r5", "dstu2", "dstu2-ballot"]),
     default="r4",
     show_default=True,
-    help="FHIR version",
+    help="r4, r5, dstu2 (FHIR 1.0.2, what DSTU2 clients parse) or dstu2-ballot (v0.5.0)",
 )
 
 

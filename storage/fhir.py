@@ -1,8 +1,12 @@
 """ImagingStudy resources rendered from index rows, for FHIR DSTU2, R4 and R5.
 
-The mapping follows ``notes/fhir-mapping.md``: DSTU2 is the v0.5.0 ballot
-(ImagingStudy with ``availability`` and ``url`` on study and series), R4 is
-4.0.1 (validated with the R4B model, identical for ImagingStudy) and R5 is 5.0.0.
+The mapping follows ``notes/fhir-mapping.md``. Four shapes: ``dstu2`` is the
+published DSTU2, FHIR 1.0.2 (Coding modalities, series ``started``, instance
+``sopClass``: what DSTU2 clients parse, validated with fhirclient 1.0.3's
+models); ``dstu2-ballot`` is the v0.5.0 ballot page the project started from
+(modality codes as strings, series ``dateTime``, ``sopclass``); both have
+``availability`` and ``url`` on study and series. R4 is 4.0.1 (validated with
+the R4B model, identical for ImagingStudy) and R5 is 5.0.0.
 The output is plain JSON-ready dicts; empty values are left out because FHIR
 rejects empty strings, arrays and objects.
 
@@ -37,7 +41,7 @@ from zoneinfo import ZoneInfo
 
 from pydicom.uid import UID
 
-VERSIONS = ("dstu2", "r4", "r5")
+VERSIONS = ("dstu2", "dstu2-ballot", "r4", "r5")
 
 EXTENSION_BASE = "https://imaging-scp.example/fhir/StructureDefinition/"
 AVAILABILITY_EXTENSION_URL = EXTENSION_BASE + "availability"
@@ -142,8 +146,9 @@ def render_imaging_study(
     clock = _Clock(study.get("timezone_offset"), site_timezone)
     base = wado_base_url.rstrip("/")
     ordered = sorted(series, key=_by_number("series_uid"))
-    if version == "dstu2":
-        resource = _dstu2_study(study, ordered, instances, clock, base)
+    if version.startswith("dstu2"):
+        published = version == "dstu2"
+        resource = _dstu2_study(study, ordered, instances, clock, base, published=published)
     else:
         resource = _study(study, ordered, instances, clock, base, r5=version == "r5")
     return _pruned(resource)
@@ -314,13 +319,21 @@ def _location(study: dict) -> str | None:
 
 
 def _dstu2_study(
-    study: dict, series: list[dict], instances: Instances, clock: "_Clock", base: str
+    study: dict,
+    series: list[dict],
+    instances: Instances,
+    clock: "_Clock",
+    base: str,
+    *,
+    published: bool,
 ) -> dict:
+    """DSTU2: the published 1.0.2 shape, or (not `published`) the v0.5.0 ballot's."""
     uid = study["study_uid"]
     patient = _dstu2_patient(study)
     modalities = [m for m in _modalities(study) if m not in NON_ACQUISITION_MODALITIES]
     interpreters = _person_names(study.get("interpreter"))
     study_url = f"{base}/studies/{uid}" if base else None
+    codes = _procedure_codes(study)
     return {
         "resourceType": "ImagingStudy",
         "id": uid,
@@ -331,31 +344,44 @@ def _dstu2_study(
         "uid": f"urn:oid:{uid}",
         "accession": _identifier(study.get("accession"), study.get("accession_issuer")),
         "identifier": [_study_id_identifier(study)],
-        "modalityList": modalities,
+        "modalityList": [_modality(m, r5=False) for m in modalities] if published else modalities,
         "referrer": _display_reference(_person_name(study.get("referrer"))),
         "availability": study.get("availability"),
         "url": study_url,
         "numberOfSeries": _unsigned(study.get("number_of_series")),
         "numberOfInstances": _unsigned(study.get("number_of_instances")),
-        "clinicalInformation": "; ".join(_values(study.get("reason"))),
-        "procedure": [_coding(code) for code in _procedure_codes(study)],
+        # 1.0.2 has no clinicalInformation, and its procedure is a Reference.
+        "clinicalInformation": None if published else "; ".join(_values(study.get("reason"))),
+        "procedure": [_display_reference(code.get("display") or code.get("code")) for code in codes]
+        if published
+        else [_coding(code) for code in codes],
         # 0..1 in DSTU2: the first reader named.
         "interpreter": _display_reference(interpreters[0] if interpreters else None),
         "description": study.get("description"),
-        "series": [_dstu2_series(row, instances, clock, study_url) for row in series],
+        "series": [
+            _dstu2_series(row, instances, clock, study_url, published=published) for row in series
+        ],
     }
 
 
-def _dstu2_series(row: dict, instances: Instances, clock: "_Clock", study_url: str | None) -> dict:
+def _dstu2_series(
+    row: dict, instances: Instances, clock: "_Clock", study_url: str | None, *, published: bool
+) -> dict:
     uid = row["series_uid"]
     modality = row.get("modality")
     body_part = row.get("body_part")
+    started = clock.date_time(row.get("series_date"), row.get("series_time"))
+    if published:  # a Coding, required: data-absent inside it when unknown
+        modality_elements = {"modality": _modality(modality, r5=False)}
+    else:  # a code: a required primitive without a value carries its extension in `_modality`
+        modality_elements = {
+            "modality": modality,
+            "_modality": None if modality else _data_absent(),
+        }
     return {
         "extension": _state_extensions(row),
         "number": _unsigned(row.get("number")),
-        "modality": modality,
-        # A required primitive without a value carries its extension in `_modality`.
-        "_modality": None if modality else _data_absent(),
+        **modality_elements,
         "uid": f"urn:oid:{uid}",
         "description": row.get("description"),
         "numberOfInstances": _unsigned(row.get("number_of_instances")),
@@ -363,12 +389,20 @@ def _dstu2_series(row: dict, instances: Instances, clock: "_Clock", study_url: s
         "url": f"{study_url}/series/{uid}" if study_url else None,
         "bodySite": {"display": body_part} if body_part else None,
         "laterality": _laterality(row.get("laterality")),
-        "dateTime": clock.date_time(row.get("series_date"), row.get("series_time")),
-        "instance": _instances(row, instances, _dstu2_instance),
+        ("started" if published else "dateTime"): started,
+        "instance": _instances(
+            row, instances, _dstu2_instance if published else _dstu2_ballot_instance
+        ),
     }
 
 
 def _dstu2_instance(row: dict) -> dict:
+    instance = _dstu2_ballot_instance(row)
+    instance["sopClass"] = instance.pop("sopclass")
+    return instance
+
+
+def _dstu2_ballot_instance(row: dict) -> dict:
     sop_class = row["sop_class_uid"]
     name = UID(sop_class).name
     return {

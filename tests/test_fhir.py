@@ -3,6 +3,7 @@ storage code (files and SQLite), then the rows are rendered and checked against 
 FHIR models (R4 via R4B, R5) and against the DSTU2 ballot's element list."""
 
 import io
+import logging
 from pathlib import Path
 
 import pydicom
@@ -240,7 +241,7 @@ def test_every_bundled_study_renders_valid_r4_and_r5(bundled):
     study_uids = [row["study_uid"] for row in bundled.index.db["studies"].rows]
     # Enough variety to mean something: legacy dates, no patient, no modality...
     assert len(study_uids) >= 15
-    rendered = {"r4": [], "r5": [], "dstu2": []}
+    rendered = {"r4": [], "r5": [], "dstu2": [], "dstu2-ballot": []}
     for uid in study_uids:
         for options in ({}, {"wado_base_url": WADO, "site_timezone": "Europe/Vienna"}):
             for version, resources in rendered.items():
@@ -250,6 +251,42 @@ def test_every_bundled_study_renders_valid_r4_and_r5(bundled):
                 resources.append(resource)
     R4Bundle.model_validate(render_bundle(rendered["r4"], "r4"))
     R5Bundle.model_validate(render_bundle(rendered["r5"], "r5"))
+    for resource in rendered["dstu2"]:
+        assert_valid_dstu2(resource)
+
+
+def assert_valid_dstu2(resource: dict) -> None:
+    """What a DSTU2 client reads: fhirclient 1.0.3's models (generated from FHIR
+    1.0.2) take every element — they only log a superfluous or missing one, so
+    their warnings are errors here — and give the same JSON back."""
+    from fhirclient.models.imagingstudy import ImagingStudy
+
+    warnings = []
+    handler = logging.Handler()
+    handler.emit = lambda record: warnings.append(record.getMessage())
+    logging.getLogger().addHandler(handler)
+    try:
+        parsed = ImagingStudy(resource)
+    finally:
+        logging.getLogger().removeHandler(handler)
+    assert warnings == [], warnings
+    assert parsed.as_json() == resource
+
+
+def test_dstu2_is_the_published_1_0_2_that_clients_parse(receiver, full_study):
+    """Issue 13 #7: fhirclient 1.0.3 rejected every study of the ballot shape."""
+    resource = receiver.render(full_study, "dstu2", wado_base_url=WADO)
+    assert_valid_dstu2(resource)
+    assert resource["modalityList"][0]["system"] == "http://dicom.nema.org/resources/ontology/DCM"
+    series = resource["series"][0]
+    assert set(series["modality"]) == {"system", "code"}
+    assert "started" in series and "dateTime" not in series
+    assert "sopClass" in series["instance"][0]
+    ballot = receiver.render(full_study, "dstu2-ballot", wado_base_url=WADO)
+    assert isinstance(ballot["modalityList"][0], str)
+    assert "dateTime" in ballot["series"][0]
+    with pytest.raises(Exception, match="JSON dictionary, got CT"):  # fhirclient's verdict
+        assert_valid_dstu2(ballot)
 
 
 def test_bundle_lists_every_resource_as_a_match(bundled):
@@ -264,8 +301,8 @@ def test_bundle_lists_every_resource_as_a_match(bundled):
     R5Bundle.model_validate(empty)
 
 
-def test_dstu2_carries_every_seed_element_the_index_supports(receiver, full_study):
-    resource = receiver.render(full_study, "dstu2", wado_base_url=WADO + "/")
+def test_dstu2_ballot_carries_every_seed_element_the_index_supports(receiver, full_study):
+    resource = receiver.render(full_study, "dstu2-ballot", wado_base_url=WADO + "/")
 
     paths = set(resource) - RESOURCE_KEYS
     for series in resource["series"]:
@@ -415,7 +452,12 @@ def test_started(receiver, study_date, study_time, offset, site_timezone, expect
         SeriesTime=study_time,
         TimezoneOffsetFromUTC=offset,
     )
-    for version, series_element in (("r4", "started"), ("r5", "started"), ("dstu2", "dateTime")):
+    for version, series_element in (
+        ("r4", "started"),
+        ("r5", "started"),
+        ("dstu2", "started"),
+        ("dstu2-ballot", "dateTime"),
+    ):
         resource = receiver.render(study_uid, version, site_timezone=site_timezone)
         assert resource.get("started") == expected
         assert resource["series"][0].get(series_element) == expected
@@ -525,8 +567,9 @@ def test_missing_modality_is_marked_absent(receiver):
     absent = {"extension": [{"url": DATA_ABSENT_REASON_URL, "valueCode": "unknown"}]}
     assert receiver.render(study_uid, "r4")["series"][0]["modality"] == absent
     assert receiver.render(study_uid, "r5")["series"][0]["modality"] == absent
-    dstu2_series = receiver.render(study_uid, "dstu2")["series"][0]
-    assert "modality" not in dstu2_series and dstu2_series["_modality"] == absent
+    assert receiver.render(study_uid, "dstu2")["series"][0]["modality"] == absent
+    ballot_series = receiver.render(study_uid, "dstu2-ballot")["series"][0]
+    assert "modality" not in ballot_series and ballot_series["_modality"] == absent
 
 
 def test_numbers_outside_unsigned_int_are_left_out(receiver):
