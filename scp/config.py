@@ -5,6 +5,8 @@ the defaults. Every key of the file is also a flag (``data_dir`` ↔ ``--data-di
 """
 
 import dataclasses
+import difflib
+import re
 import tomllib
 import zoneinfo
 from dataclasses import dataclass, field
@@ -16,6 +18,12 @@ from storage.policy import DuplicatePolicy
 
 class ConfigError(ValueError):
     """A configuration problem, phrased for the admin: it names the key."""
+
+    @property
+    def key(self) -> str | None:
+        """The key the message names (every message says "key 'name'")."""
+        match = re.search(r"key '([^']+)'", str(self))
+        return match.group(1) if match else None
 
 
 def _key(default, help: str):
@@ -105,12 +113,15 @@ _RETIRED_KEYS = frozenset({"large_object_threshold"})
 def load_config(path: Path | None = None, **flags) -> Config:
     """Build the effective configuration. `flags` are command-line values; None
     means "not given"."""
-    values: dict = {}
-    if path is not None:
-        values.update(_read_file(Path(path)))
+    from_file = _read_file(Path(path)) if path is not None else {}
     # None (or an empty tuple, for a repeatable flag) means the flag was not given.
-    values.update({key: value for key, value in flags.items() if value not in (None, ())})
-    return _validated(values)
+    given = {key: value for key, value in flags.items() if value not in (None, ())}
+    try:
+        return _validated({**from_file, **given})
+    except ConfigError as exc:
+        if exc.key in from_file and exc.key not in given:  # the file's: say which file
+            raise ConfigError(f"{path}: {exc}") from None
+        raise
 
 
 def _read_file(path: Path) -> dict:
@@ -130,7 +141,9 @@ def _validated(values: dict) -> Config:
         if key in _RETIRED_KEYS:
             continue
         if key not in fields:
-            raise ConfigError(f"unknown key '{key}'")
+            close = difflib.get_close_matches(key, list(fields), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"unknown key '{key}'{hint}")
         converted[key] = _convert(key, value, fields[key].type)
     config = Config(**converted)
     _check_ranges(config)

@@ -73,6 +73,7 @@ def test_a_port_in_use_is_named_with_what_to_do(tmp_path):
 def test_bad_config_is_one_clear_line_naming_the_key(tmp_path):
     for content, expected in [
         ('colour = "blue"\n', "unknown key 'colour'"),
+        ("prot = 104\n", "unknown key 'prot' (did you mean 'port'?)"),
         ('port = "eleven"\n', "key 'port'"),
         ('duplicates = "sometimes"\n', "key 'duplicates'"),
         ("port = [\n", "not valid TOML"),
@@ -88,6 +89,7 @@ def test_bad_config_is_one_clear_line_naming_the_key(tmp_path):
         assert result.returncode == 2, result
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and expected in lines[0], result.stderr
+        assert lines[0].startswith(f"imaging-scp: error: {config}"), lines  # names the file
 
 
 def test_max_pdu_is_bounded_and_advertised(server):
