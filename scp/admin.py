@@ -23,8 +23,10 @@ from storage.query import (
     FilterError,
     IndexMissing,
     StudyFilter,
+    count_conflicts,
     get_study,
     iter_commitments,
+    iter_conflicts,
     iter_studies,
     open_reader,
     series_of,
@@ -266,8 +268,9 @@ def study(config_file, data_dir, study_uid, instances, mark_complete, as_json):
     found = get_study(conn, study_uid, config.stable_after, with_instances=instances)
     if found is None:
         fail(f"no study {study_uid} in the index", EXIT_NOT_FOUND)
+    conflicts = count_conflicts(conn, study_uid)
     if as_json:
-        _dump(study_json(found))
+        _dump({**study_json(found), "conflicts": conflicts})
         return
     attributes = [
         ("study uid", found["study_uid"]),
@@ -281,6 +284,7 @@ def study(config_file, data_dir, study_uid, instances, mark_complete, as_json):
         ("instances", found["number_of_instances"]),
         ("bytes", found["bytes"]),
         ("availability", found["availability"]),
+        ("conflicts", f"{conflicts} (imaging-scp conflicts --study UID)" if conflicts else None),
         ("state", found["state"]),
         ("incomplete because", found["incomplete_reason"]),
         ("first received", _received(found["first_received"])),
@@ -423,7 +427,7 @@ def stats_command(config_file, data_dir, as_json):
     if as_json:
         _dump(totals)
         return
-    for name in ("patients", "studies", "series", "instances", "bytes"):
+    for name in ("patients", "studies", "series", "instances", "bytes", "conflicts"):
         click.echo(f"{name + ':':<16}{totals[name]:,}")
     click.echo(
         f"{'series state:':<16}{totals['complete_series']:,} complete (committed),"
@@ -438,6 +442,46 @@ def stats_command(config_file, data_dir, as_json):
         ["modality", "studies", "series", "instances", "bytes"],
         [[m["modality"] or "(none)", m["studies"], m["series"], m["instances"], m["bytes"]]
          for m in totals["modalities"]],
+    )  # fmt: skip
+
+
+def conflict_json(found: dict) -> dict:
+    return _without_none(
+        {
+            "sopInstanceUid": found["sop_instance_uid"],
+            "action": found["action"],
+            "path": found["path"],
+            "size": found["size"],
+            "sha256": found["sha256"],
+            "receivedAt": found["received_at"],
+            "callingAe": found["calling_ae"],
+            "peer": found["peer"],
+            "association": found["association_id"],
+            "study": found["study_uid"],
+            "series": found["series_uid"],
+        }
+    )
+
+
+@main.command()
+@click.option("--study", "study_uid", help="only resends of this study's instances")
+@click.option("--json", "as_json", is_flag=True, help="a JSON array")
+@data_options
+def conflicts(config_file, data_dir, study_uid, as_json):
+    """Resends whose bytes differed from what was stored, newest first: the copy
+    kept aside under conflicts/, or the one that replaced the indexed copy."""
+    config = _config(config_file, data_dir)
+    found = list(iter_conflicts(_reader(config), study_uid=study_uid))
+    if as_json:
+        _dump([conflict_json(c) for c in found])
+        return
+    if not found:
+        click.echo("no conflicts" + (f" in study {study_uid}" if study_uid else ""))
+        return
+    print_table(
+        ["received", "action", "calling ae", "sop instance uid", "bytes", "path"],
+        [[_received(c["received_at"]), c["action"], c["calling_ae"], c["sop_instance_uid"],
+          c["size"], str(config.data_dir / c["path"])] for c in found],
     )  # fmt: skip
 
 

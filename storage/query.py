@@ -257,11 +257,36 @@ def stats(conn: sqlite3.Connection) -> dict:
     ).fetchall()
     return {
         **dict(totals),
+        "conflicts": conn.execute("SELECT count(*) FROM conflicts").fetchone()[0],
         "complete_series": states[0] or 0,
         "incomplete_series": states[1] or 0,
         "commitments": {state: count for state, count in commitments},
         "modalities": [dict(row) for row in per_modality],
     }
+
+
+def iter_conflicts(conn: sqlite3.Connection, *, study_uid: str | None = None) -> Iterator[dict]:
+    """Resends whose bytes differed from the indexed copy, newest first: what was
+    done (kept-aside: the copy is under conflicts/; overwrote: it replaced the
+    indexed one), with the study and series of the instance they resent."""
+    where, params = "", []
+    if study_uid is not None:
+        where, params = " WHERE i.study_uid = ?", [study_uid]
+    for row in conn.execute(
+        "SELECT c.*, i.study_uid, i.series_uid FROM conflicts c"
+        f" LEFT JOIN instances i ON i.sop_instance_uid = c.sop_instance_uid{where}"
+        " ORDER BY c.received_at DESC",
+        params,
+    ):
+        yield dict(row)
+
+
+def count_conflicts(conn: sqlite3.Connection, study_uid: str) -> int:
+    return conn.execute(
+        "SELECT count(*) FROM conflicts c JOIN instances i"
+        " ON i.sop_instance_uid = c.sop_instance_uid WHERE i.study_uid = ?",
+        (study_uid,),
+    ).fetchone()[0]
 
 
 def iter_commitments(

@@ -417,6 +417,14 @@ def test_verify_checks_kept_aside_copies_too(server, tmp_path):
     data = server.data_dir
     (aside,) = (data / "conflicts").rglob("*.dcm")
     assert cli("verify", "--checksum", data_dir=data).returncode == 0
+    # Kept-aside copies are visible: listed, and counted in `study` and `stats`.
+    [conflict] = cli_json("conflicts", data_dir=data)
+    assert (conflict["action"], conflict["path"]) == ("kept-aside", str(aside.relative_to(data)))
+    assert conflict["study"] == ds.StudyInstanceUID
+    assert cli_json("conflicts", "--study", generate_uid(), data_dir=data) == []
+    assert "no conflicts in study" in cli("conflicts", "--study", "1.2.3", data_dir=data).stdout
+    assert cli_json("study", ds.StudyInstanceUID, data_dir=data)["conflicts"] == 1
+    assert cli_json("stats", data_dir=data)["conflicts"] == 1
 
     aside.unlink()
 
