@@ -12,7 +12,6 @@ import sys
 import structlog
 
 _SHARED_PROCESSORS = [
-    structlog.contextvars.merge_contextvars,
     structlog.processors.add_log_level,
     structlog.processors.TimeStamper(fmt="iso", utc=True),
 ]

@@ -1,6 +1,8 @@
 """ImagingStudy resources rendered from index rows, for FHIR DSTU2, R4 and R5.
 
-The mapping follows ``notes/fhir-mapping.md``. Four shapes: ``dstu2`` is the
+Each element comes from the DICOM attribute the ImagingStudy pages map it to
+(Study Instance UID → ``uid``, Modalities in Study → ``modalityList``/
+``modality``, Instance Availability → ``availability``, …). Four shapes: ``dstu2`` is the
 published DSTU2, FHIR 1.0.2 (Coding modalities, series ``started``, instance
 ``sopClass``: what DSTU2 clients parse, validated with fhirclient 1.0.3's
 models); ``dstu2-ballot`` is the v0.5.0 ballot page the project started from

@@ -152,7 +152,6 @@ class TempFile:
     """A durable file under a temporary name, not yet visible in the layout."""
 
     path: Path
-    size: int
 
 
 def file_dataset_digest(path: Path) -> str:
@@ -213,7 +212,7 @@ class TempWriter:
             os.fsync(self._fd)
         finally:
             self._close()
-        return TempFile(path=self.path, size=self.size)
+        return TempFile(path=self.path)
 
     def discard(self) -> None:
         self._close()

@@ -416,8 +416,6 @@ def mark_complete(index: Index, study_uid: str) -> int:
 
 @dataclass(frozen=True)
 class Deletion:
-    studies: int
-    series: int
     instances: int
     bytes: int
     files: list[str]
@@ -439,7 +437,7 @@ def delete(
                 (series_uid,),
             ).fetchone()
             if row is None:
-                return Deletion(0, 0, 0, 0, [])
+                return Deletion(0, 0, [])
             study_uid, instances, size = row
             paths = _paths(conn, "series_uid", series_uid)
             conn.execute("DELETE FROM instances WHERE series_uid = ?", (series_uid,))
@@ -449,20 +447,20 @@ def delete(
             ).fetchone()[0]
             if remaining == 0:
                 conn.execute("DELETE FROM studies WHERE study_uid = ?", (study_uid,))
-                return Deletion(1, 1, instances, size, paths)
+                return Deletion(instances, size, paths)
             _drop_series_from_study(index, study_uid, instances, size)
-            return Deletion(0, 1, instances, size, paths)
+            return Deletion(instances, size, paths)
         row = conn.execute(
-            "SELECT number_of_series, number_of_instances, bytes FROM studies WHERE study_uid = ?",
+            "SELECT number_of_instances, bytes FROM studies WHERE study_uid = ?",
             (study_uid,),
         ).fetchone()
         if row is None:
-            return Deletion(0, 0, 0, 0, [])
+            return Deletion(0, 0, [])
         paths = _paths(conn, "study_uid", study_uid)
         conn.execute("DELETE FROM instances WHERE study_uid = ?", (study_uid,))
         conn.execute("DELETE FROM series WHERE study_uid = ?", (study_uid,))
         conn.execute("DELETE FROM studies WHERE study_uid = ?", (study_uid,))
-        return Deletion(1, row[0], row[1], row[2], paths)
+        return Deletion(row[0], row[1], paths)
 
 
 def _paths(conn: sqlite3.Connection, column: str, uid: str) -> list[str]:

@@ -69,8 +69,6 @@ class StoreResult:
     path: str
     size: int
     sha256: str
-    new_study: bool = False
-    new_series: bool = False
     disagreements: list = field(default_factory=list)
     placed: bool = False  # the file got its final name (the index may not have it yet)
     timings: dict = field(default_factory=dict)  # stage: milliseconds, for the log
@@ -223,8 +221,6 @@ class InstanceStore:
             if not result.placed:
                 self._link(temp, relpath, result, Outcome.STORED)
             outcome = self.index.index_instance(entry)
-            result.new_study = outcome.new_study
-            result.new_series = outcome.new_series
             result.disagreements = outcome.disagreements
             return
         if result.placed:  # placed before the transaction, but a row came first
