@@ -25,6 +25,7 @@ from storage.query import (
     StudyFilter,
     count_conflicts,
     get_study,
+    instances_in,
     iter_commitments,
     iter_conflicts,
     iter_studies,
@@ -258,7 +259,7 @@ def study(config_file, data_dir, study_uid, instances, mark_complete, as_json):
     """Show one study: its attributes and its series."""
     config = _config(config_file, data_dir)
     if mark_complete:
-        from storage.query import mark_complete as clear_incomplete
+        from storage.changes import mark_complete as clear_incomplete
 
         index = _open_index(config)
         cleared = clear_incomplete(index, study_uid)
@@ -548,7 +549,7 @@ def availability():
 def availability_set(config_file, data_dir, study_uid, series_uid, value):
     """Set series availability; the study's is derived: the worst of its series
     (ONLINE < NEARLINE < OFFLINE < UNAVAILABLE)."""
-    from storage.query import set_availability
+    from storage.changes import set_availability
 
     if (study_uid is None) == (series_uid is None):
         fail("give exactly one of --study UID or --series UID", EXIT_USAGE)
@@ -645,40 +646,22 @@ def rebuild(config_file, data_dir):
 @data_options
 def delete(config_file, data_dir, study_uid, series_uid, yes):
     """Remove a study or a series: its files and its index rows."""
-    from storage.query import delete as delete_rows
+    from storage.changes import delete as delete_study_or_series
 
     if (study_uid is None) == (series_uid is None):
         fail("give exactly one of --study UID or --series UID", EXIT_USAGE)
     config = _config(config_file, data_dir)
     what = f"series {series_uid}" if series_uid else f"study {study_uid}"
-    conn = _reader(config)
-    if series_uid:
-        row = conn.execute(
-            "SELECT number_of_instances FROM series WHERE series_uid = ?", (series_uid,)
-        ).fetchone()
-    else:
-        row = conn.execute(
-            "SELECT number_of_instances FROM studies WHERE study_uid = ?", (study_uid,)
-        ).fetchone()
-    if row is None:
+    count = instances_in(_reader(config), study_uid=study_uid, series_uid=series_uid)
+    if count is None:
         fail(f"no {what} in the index", EXIT_NOT_FOUND)
     if not yes:
         if not sys.stdin.isatty():
             fail(f"not deleting {what} without --yes (no terminal to ask on)", EXIT_USAGE)
-        click.confirm(f"Delete {what} and its {row[0]} instances?", abort=True)
+        click.confirm(f"Delete {what} and its {count} instances?", abort=True)
     index = _open_index(config)
-    deletion = delete_rows(index, study_uid=study_uid, series_uid=series_uid)
+    deletion = delete_study_or_series(
+        index, config.data_dir, study_uid=study_uid, series_uid=series_uid
+    )
     index.close()
-    _remove_files(config.data_dir, deletion.files)
     click.echo(f"deleted {what}: {deletion.instances} instances, {deletion.bytes:,} bytes")
-
-
-def _remove_files(data_dir: Path, relpaths: list[str]) -> None:
-    parents = set()
-    for relpath in relpaths:
-        path = data_dir / relpath
-        path.unlink(missing_ok=True)
-        parents.update((path.parent, path.parent.parent))
-    for directory in sorted(parents, key=lambda p: len(p.parts), reverse=True):
-        if directory != data_dir and directory.is_dir() and not any(directory.iterdir()):
-            directory.rmdir()

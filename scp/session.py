@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 
 import structlog
 
+from storage.changes import clear_incomplete, mark_incomplete
 from storage.index import Index, Provenance
-from storage.query import clear_incomplete, mark_incomplete
 
 _association_numbers = itertools.count(1)
 _STARTED = int(time.time()) % 0x10000

@@ -13,9 +13,9 @@ from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 
 from storage import files
+from storage.changes import refresh_study_availability
 from storage.header import HeaderError, read_header
 from storage.index import INDEX_FILENAME, UNAVAILABLE, Index, IndexEntry, Provenance, utc_now
-from storage.query import refresh_study_availability
 from storage.uids import is_valid_uid
 
 Progress = Callable[[int], None]

@@ -1,8 +1,7 @@
-"""Questions admins ask the index, and the changes they make to it.
+"""Questions admins ask the index (read-only: changes are in storage.changes).
 
 Reads use a plain sqlite3 connection (`open_reader`) that never blocks ingest:
-the index is in WAL mode. Changes go through `Index.writing()`, the same single
-writer path as ingest.
+the index is in WAL mode.
 
 Rows come back as dicts whose keys are the index's column names, plus:
 - ``state``: ``receiving`` until `stable_after` seconds pass with no new
@@ -16,7 +15,6 @@ Rows come back as dicts whose keys are the index's column names, plus:
 - ``incomplete_reason``: why, when incomplete.
 """
 
-import json
 import re
 import sqlite3
 from collections.abc import Iterator
@@ -24,7 +22,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from storage.index import AVAILABILITIES, INDEX_FILENAME, Index, utc_now
+from storage.index import AVAILABILITIES, INDEX_FILENAME
 
 RECEIVING, STABLE, COMPLETE, INCOMPLETE = "receiving", "stable", "complete", "incomplete"
 
@@ -319,169 +317,21 @@ def iter_commitments(
         yield found
 
 
+def instances_in(
+    conn: sqlite3.Connection, *, study_uid: str | None = None, series_uid: str | None = None
+) -> int | None:
+    """How many instances a study or a series holds; None when it is not indexed."""
+    table, column, uid = (
+        ("series", "series_uid", series_uid)
+        if series_uid is not None
+        else ("studies", "study_uid", study_uid)
+    )
+    row = conn.execute(
+        f"SELECT number_of_instances FROM {table} WHERE {column} = ?", (uid,)
+    ).fetchone()
+    return row[0] if row else None
+
+
 def worst_availability(values: list[str]) -> str:
     """A study's availability: the worst among its series (ONLINE when it has none)."""
     return max(values, key=AVAILABILITIES.index, default=AVAILABILITIES[0])
-
-
-def set_availability(
-    index: Index, availability: str, *, study_uid: str | None = None, series_uid: str | None = None
-) -> int:
-    """Set the availability of one series, or of every series of a study; the
-    study's is derived again. Returns how many series changed (0: not found)."""
-    availability = availability.upper()
-    if availability not in AVAILABILITIES:
-        raise ValueError(f"availability must be one of {', '.join(AVAILABILITIES)}")
-    conn = index.conn
-    with index.writing():
-        if series_uid is not None:
-            row = conn.execute(
-                "SELECT study_uid FROM series WHERE series_uid = ?", (series_uid,)
-            ).fetchone()
-            if row is None:
-                return 0
-            study_uid = row[0]
-            # The admin's word: nothing `verify` set is to be given back any more.
-            changed = conn.execute(
-                "UPDATE series SET availability = ?, unavailable_by_verify = NULL"
-                " WHERE series_uid = ?",
-                (availability, series_uid),
-            ).rowcount
-        else:
-            changed = conn.execute(
-                "UPDATE series SET availability = ?, unavailable_by_verify = NULL"
-                " WHERE study_uid = ?",
-                (availability, study_uid),
-            ).rowcount
-        if changed:
-            refresh_study_availability(index, study_uid)
-    return changed
-
-
-def refresh_study_availability(index: Index, study_uid: str) -> None:
-    """Derive a study's availability from its series. Inside `writing()`."""
-    values = [
-        row[0]
-        for row in index.conn.execute(
-            "SELECT DISTINCT availability FROM series WHERE study_uid = ?", (study_uid,)
-        )
-    ]
-    index.conn.execute(
-        "UPDATE studies SET availability = ? WHERE study_uid = ?",
-        (worst_availability(values), study_uid),
-    )
-
-
-def mark_incomplete(index: Index, series_uids: list[str], reason: str) -> list[str]:
-    """Mark series delivered into by an association that broke off; returns
-    those marked. A series a storage commitment has found complete since its
-    last instance is left alone: the sender's own list said it was all there."""
-    now = utc_now()
-    marked = []
-    with index.writing():
-        for uid in series_uids:
-            if index.conn.execute(
-                "UPDATE series SET incomplete_reason = ?, incomplete_since = ?"
-                " WHERE series_uid = ? AND committed_at IS NULL",
-                (reason, now, uid),
-            ).rowcount:
-                marked.append(uid)
-    return marked
-
-
-def clear_incomplete(index: Index, series_uids: list[str]) -> list[str]:
-    """Clear the incomplete mark of series a released association delivered
-    instances of (new ones or resends); returns those that had one."""
-    cleared = []
-    with index.writing():
-        for uid in series_uids:
-            if index.conn.execute(
-                "UPDATE series SET incomplete_reason = NULL, incomplete_since = NULL"
-                " WHERE series_uid = ? AND incomplete_reason IS NOT NULL",
-                (uid,),
-            ).rowcount:
-                cleared.append(uid)
-    return cleared
-
-
-def mark_complete(index: Index, study_uid: str) -> int:
-    """Clear the incomplete mark of a study's series; returns how many were marked."""
-    with index.writing():
-        return index.conn.execute(
-            "UPDATE series SET incomplete_reason = NULL, incomplete_since = NULL"
-            " WHERE study_uid = ? AND incomplete_reason IS NOT NULL",
-            (study_uid,),
-        ).rowcount
-
-
-@dataclass(frozen=True)
-class Deletion:
-    instances: int
-    bytes: int
-    files: list[str]
-
-
-def delete(
-    index: Index, *, study_uid: str | None = None, series_uid: str | None = None
-) -> Deletion:
-    """Remove a study or a series from the index (counts of the study updated).
-
-    Returns the relative paths of the files it held; the caller removes them
-    once this commit is done, so a crash never leaves rows pointing at nothing.
-    """
-    conn = index.conn
-    with index.writing():
-        if series_uid is not None:
-            row = conn.execute(
-                "SELECT study_uid, number_of_instances, bytes FROM series WHERE series_uid = ?",
-                (series_uid,),
-            ).fetchone()
-            if row is None:
-                return Deletion(0, 0, [])
-            study_uid, instances, size = row
-            paths = _paths(conn, "series_uid", series_uid)
-            conn.execute("DELETE FROM instances WHERE series_uid = ?", (series_uid,))
-            conn.execute("DELETE FROM series WHERE series_uid = ?", (series_uid,))
-            remaining = conn.execute(
-                "SELECT count(*) FROM series WHERE study_uid = ?", (study_uid,)
-            ).fetchone()[0]
-            if remaining == 0:
-                conn.execute("DELETE FROM studies WHERE study_uid = ?", (study_uid,))
-                return Deletion(instances, size, paths)
-            _drop_series_from_study(index, study_uid, instances, size)
-            return Deletion(instances, size, paths)
-        row = conn.execute(
-            "SELECT number_of_instances, bytes FROM studies WHERE study_uid = ?",
-            (study_uid,),
-        ).fetchone()
-        if row is None:
-            return Deletion(0, 0, [])
-        paths = _paths(conn, "study_uid", study_uid)
-        conn.execute("DELETE FROM instances WHERE study_uid = ?", (study_uid,))
-        conn.execute("DELETE FROM series WHERE study_uid = ?", (study_uid,))
-        conn.execute("DELETE FROM studies WHERE study_uid = ?", (study_uid,))
-        return Deletion(row[0], row[1], paths)
-
-
-def _paths(conn: sqlite3.Connection, column: str, uid: str) -> list[str]:
-    return [
-        row[0] for row in conn.execute(f"SELECT path FROM instances WHERE {column} = ?", (uid,))
-    ]
-
-
-def _drop_series_from_study(index: Index, study_uid: str, instances: int, size: int) -> None:
-    modalities = [
-        row[0]
-        for row in index.conn.execute(
-            "SELECT DISTINCT modality FROM series WHERE study_uid = ? AND modality IS NOT NULL"
-            " ORDER BY first_received",
-            (study_uid,),
-        )
-    ]
-    index.conn.execute(
-        "UPDATE studies SET number_of_series = number_of_series - 1,"
-        " number_of_instances = number_of_instances - ?, bytes = bytes - ?, modalities = ?"
-        " WHERE study_uid = ?",
-        (instances, size, json.dumps(modalities), study_uid),
-    )
-    refresh_study_availability(index, study_uid)
