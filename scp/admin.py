@@ -190,10 +190,29 @@ def _date(value: str | None) -> str:
 
 
 def _received(value: str | None) -> str:
-    return (value or "").replace("T", " ")[:19]
+    """A time the index recorded (UTC) as tables show it: 2026-12-01 20:41:24Z."""
+    return (value or "").replace("T", " ")[:19] + ("Z" if value else "")
 
 
-def print_table(headers: list[str], rows: list[list]) -> None:
+def camel_keys(value):
+    """The index's snake_case names as the JSON of every command spells them."""
+    if isinstance(value, dict):
+        return {_camel(key): camel_keys(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [camel_keys(item) for item in value]
+    return value
+
+
+def _camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(part.capitalize() for part in rest)
+
+
+def print_table(headers: list[str], rows: list[list], *, empty: str | None = None) -> None:
+    """A table for people; with no rows, the one line `empty` instead, when given."""
+    if not rows and empty:
+        click.echo(empty)
+        return
     cells = [[str(c) if c is not None else "" for c in row] for row in rows]
     widths = [max([len(h)] + [len(row[i]) for row in cells]) for i, h in enumerate(headers)]
     # Cut lines to a terminal's width only: a pipe or a file gets whole paths.
@@ -223,6 +242,7 @@ def _dump(value) -> None:
 def studies(config_file, data_dir, as_json, ndjson, **kwargs):
     """List studies, most recently received first."""
     config = _config(config_file, data_dir)
+    kwargs_given = any(value is not None for value in kwargs.values())
     filters = _filters(kwargs)
     conn = _reader(config)
     try:
@@ -246,6 +266,7 @@ def studies(config_file, data_dir, as_json, ndjson, **kwargs):
              s["availability"], s["state"], _received(s["last_received"]), s["study_uid"]]
             for s in found
         ],
+        empty="no studies" + (" match these filters" if kwargs_given else ""),
     )  # fmt: skip
 
 
@@ -426,7 +447,7 @@ def stats_command(config_file, data_dir, as_json):
     config = _config(config_file, data_dir)
     totals = stats(_reader(config))
     if as_json:
-        _dump(totals)
+        _dump(camel_keys(totals))
         return
     for name in ("patients", "studies", "series", "instances", "bytes", "conflicts"):
         click.echo(f"{name + ':':<16}{totals[name]:,}")
@@ -476,13 +497,11 @@ def conflicts(config_file, data_dir, study_uid, as_json):
     if as_json:
         _dump([conflict_json(c) for c in found])
         return
-    if not found:
-        click.echo("no conflicts" + (f" in study {study_uid}" if study_uid else ""))
-        return
     print_table(
         ["received", "action", "calling ae", "sop instance uid", "bytes", "path"],
         [[_received(c["received_at"]), c["action"], c["calling_ae"], c["sop_instance_uid"],
           c["size"], str(config.data_dir / c["path"])] for c in found],
+        empty="no conflicts" + (f" in study {study_uid}" if study_uid else ""),
     )  # fmt: skip
 
 
@@ -533,6 +552,7 @@ def commitments(config_file, data_dir, pending, study_uid, as_json):
              c["attempts"], c["last_error"], c["transaction_uid"]]
             for c in found
         ],
+        empty="no commitment requests" + (" match" if pending or study_uid else ""),
     )  # fmt: skip
 
 
@@ -597,7 +617,7 @@ def verify(config_file, data_dir, checksum, repair, as_json):
         )
     index.close()
     if as_json:
-        _dump({**report.__dict__, "ok": report.ok})
+        _dump(camel_keys({**report.__dict__, "ok": report.ok}))
     else:
         click.echo(
             f"checked {report.checked:,} indexed files"

@@ -180,6 +180,17 @@ def test_export_bundle_and_ndjson(archive, tmp_path):
     assert [json.loads(line)["id"] for line in lines] == [archive["mr"]]
 
 
+def test_empty_results_say_so_in_one_line(archive):
+    data = archive["data"]
+    assert cli("studies", "--patient-id", "NOBODY", data_dir=data).stdout == (
+        "no studies match these filters\n"
+    )
+    assert cli("commitments", data_dir=data).stdout == "no commitment requests\n"
+    assert cli("conflicts", "--study", "1.2.3", data_dir=data).stdout == (
+        "no conflicts in study 1.2.3\n"
+    )
+
+
 def test_stats(archive):
     totals = cli_json("stats", data_dir=archive["data"])
     conn = sqlite3.connect(archive["data"] / "index.sqlite")
@@ -189,6 +200,9 @@ def test_stats(archive):
     assert by_modality["MR"]["instances"] >= 2
     assert totals["bytes"] == conn.execute("SELECT sum(size) FROM instances").fetchone()[0]
     assert "instances:" in cli("stats", data_dir=archive["data"]).stdout
+    # One naming convention across commands: camelCase, as `studies --json` has it.
+    assert "lastReceived" in totals and "last_received" not in totals
+    assert totals["lastReceived"].endswith("Z")
 
 
 def _study(data: Path, uid: str) -> dict:
@@ -358,12 +372,12 @@ def test_verify_finds_missing_damaged_and_unknown_files(server, tmp_path):
     paths[0].write_bytes(damaged)
     assert cli("verify", data_dir=data).returncode == 0  # same size: only --checksum can tell
     report = json.loads(cli("verify", "--checksum", "--json", data_dir=data, check=False).stdout)
-    assert report["wrong_checksum"] == [str(paths[0].relative_to(data))]
+    assert report["wrongChecksum"] == [str(paths[0].relative_to(data))]
 
     paths[1].unlink()
     result = cli("verify", "--json", data_dir=data, check=False)
     assert result.returncode == 1
-    assert json.loads(result.stdout)["unavailable_series"] == [series]
+    assert json.loads(result.stdout)["unavailableSeries"] == [series]
     assert _study(data, study)["availability"] == "UNAVAILABLE"
 
     # A file in its place that the index does not know (e.g. copied back from a backup).
@@ -375,7 +389,7 @@ def test_verify_finds_missing_damaged_and_unknown_files(server, tmp_path):
     (relpath,) = [p.relative_to(other / "data") for p in (other / "data").rglob("*.dcm")]
     shutil.copy(other / "data" / relpath, data / relpath)
     report = json.loads(cli("verify", "--json", data_dir=data, check=False).stdout)
-    assert report["unknown_files"] == [str(relpath)]
+    assert report["unknownFiles"] == [str(relpath)]
     report = json.loads(cli("verify", "--repair", "--json", data_dir=data, check=False).stdout)
     assert report["repaired"] == [str(relpath)]
     assert _study(data, study)["numberOfInstances"] == 4
@@ -434,7 +448,7 @@ def test_verify_checks_kept_aside_copies_too(server, tmp_path):
     assert str(aside.relative_to(data)) in result.stdout
     report = json.loads(cli("verify", "--json", data_dir=data, check=False).stdout)
     assert report["missing"] == [str(aside.relative_to(data))]
-    assert report["unavailable_series"] == []  # the indexed copy is fine
+    assert report["unavailableSeries"] == []  # the indexed copy is fine
 
 
 def start_other_server(directory: Path):
