@@ -1,6 +1,7 @@
 """Who may send: calling AE titles, each optionally bound to hosts or networks."""
 
 import ipaddress
+import re
 import socket
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -29,6 +30,26 @@ class CallerPolicy:
         if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
             ip = ip.ipv4_mapped
         return any(ip in network for network in networks)
+
+
+_HOST_NAME = re.compile(
+    r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*\.?"
+)
+
+
+def check_callers(allowed: dict[str, list[str]]) -> None:
+    """ValueError for an entry that cannot be a host: the shape only, no lookup,
+    so the admin commands, which read the same config, never wait on DNS.
+    `serve` resolves the names when it builds its CallerPolicy."""
+    for hosts in allowed.values():
+        for host in hosts:
+            try:
+                ipaddress.ip_network(host, strict=False)
+            except ValueError:
+                if not _HOST_NAME.fullmatch(host) or len(host) > 253:
+                    raise ValueError(
+                        f"{host!r} is neither an address, a network nor a host name"
+                    ) from None
 
 
 def _networks(host: str) -> list[Network]:

@@ -12,7 +12,7 @@ import zoneinfo
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from scp.access import CallerPolicy, parse_caller_flag
+from scp.access import check_callers, parse_caller_flag
 from storage.policy import DuplicatePolicy
 
 
@@ -318,7 +318,7 @@ def _check_ranges(config: Config) -> None:
             f" got {config.min_free_space!r}"
         ) from exc
     try:
-        CallerPolicy(config.allowed_callers)
+        check_callers(config.allowed_callers)
     except ValueError as exc:
         raise ConfigError(f"key 'allowed_callers': {exc}") from exc
     if config.log_level not in _LOG_LEVELS:

@@ -134,7 +134,7 @@ class Listener:
 class Receiver:
     """The listeners of one process and what their associations share."""
 
-    def __init__(self, config: Config, store: InstanceStore):
+    def __init__(self, config: Config, store: InstanceStore, callers: CallerPolicy):
         self.config = config
         self.storage = StoreService(store)
         self.commitment = CommitmentService(store, config.aet, config.peers, config.network_timeout)
@@ -143,7 +143,7 @@ class Receiver:
             self.storage,
             self.commitment,
             FindService(config.data_dir, config.aet, config.find_limit),
-            CallerPolicy(config.allowed_callers),
+            callers,
         )
         self.server: Listener | None = None  # plain DICOM; None with port = 0
         self.tls_server: Listener | None = None  # DICOM over TLS, on tls_port
@@ -295,6 +295,7 @@ def serve(config: Config, reload_config: Callable[[], Config] | None = None) -> 
     _map_large_blocks_apart()
     try:  # before anything starts: a bad certificate is a usage error (exit 2)
         tls_context = server_context(config) if config.tls_port else None
+        callers = allowed_callers(config)
     except ConfigError as exc:
         print(error_line(str(exc)), file=sys.stderr)
         return 2
@@ -317,7 +318,7 @@ def serve(config: Config, reload_config: Callable[[], Config] | None = None) -> 
         return _cannot_start(_data_dir_problem(config.data_dir, exc))
     workers = fork_workers(config.workers - 1)
     store = open_store(config)
-    receiver = Receiver(config, store)
+    receiver = Receiver(config, store, callers)
     try:
         receiver.start(tls_context)
     except ListenError as exc:
@@ -373,6 +374,14 @@ def serve(config: Config, reload_config: Callable[[], Config] | None = None) -> 
     return exit_code
 
 
+def allowed_callers(config: Config) -> CallerPolicy:
+    """The callers policy, host names resolved now (ConfigError when one is not)."""
+    try:
+        return CallerPolicy(config.allowed_callers)
+    except ValueError as exc:
+        raise ConfigError(f"key 'allowed_callers': {exc}") from exc
+
+
 def _cannot_start(message: str) -> int:
     """A start-up that cannot go on: one line for people, one event for the log."""
     log.error("startup.failed", reason=message)
@@ -411,7 +420,7 @@ def _reload_callers(receiver: Receiver, reload_config: Callable[[], Config] | No
         new = reload_config()
         if receiver.tls_server is not None and new.tls_port:  # renewed certificate, CAs
             receiver.tls_server.tls_context = server_context(new)
-        receiver.acceptor.callers = CallerPolicy(new.allowed_callers)
+        receiver.acceptor.callers = allowed_callers(new)
     except (ConfigError, ValueError) as exc:
         log.error("reload.failed", reason=str(exc))
         return

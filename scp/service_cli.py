@@ -187,6 +187,9 @@ def check_config(file: Path, as_json: bool):
         config = load_config(file)
         with file.open("rb") as handle:
             from_file = set(tomllib.load(handle))
+        from scp.server import allowed_callers
+
+        allowed_callers(config)  # host names resolved, as `serve` will
         if config.tls_port:  # the certificate and key as `serve` will load them
             from scp.tls import server_context
 

@@ -1,11 +1,21 @@
 """Who may send: allowed calling AE titles bound to hosts, reloaded on SIGHUP."""
 
 import signal
+import subprocess
 
+from click.testing import CliRunner
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 
-from tests.conftest import CT_IMAGE_STORAGE, association_rejection, make_instance
+from scp.cli import main
+from storage.index import Index
+from tests.conftest import (
+    CT_IMAGE_STORAGE,
+    IMAGING_SCP,
+    association_rejection,
+    free_port,
+    make_instance,
+)
 
 
 def _associate(port: int, calling: str):
@@ -70,3 +80,26 @@ def test_sighup_reloads_callers_without_dropping_associations_in_flight(server_f
     server.process.send_signal(signal.SIGHUP)
     assert "allowed_callers" in server.wait_for_event("reload.failed")[0]["reason"]
     assert _associate(server.port, "MR_1").is_established
+
+
+def test_host_names_are_resolved_by_serve_only(tmp_path):
+    """Issue 13: every admin command resolved the host names of allowed_callers
+    (a slow or absent DNS made `studies` wait); `serve` and `check-config`, which
+    need the addresses, still do, and say which name did not resolve."""
+    config = tmp_path / "callers.toml"
+    config.write_text('[allowed_callers]\nCT_1 = ["ct-1.no-such-host.invalid"]\n')
+    data = tmp_path / "data"
+    data.mkdir()
+    Index.in_data_dir(data).close()  # an empty index
+
+    studies = CliRunner().invoke(main, ["studies", "--config", str(config), "--data-dir",
+                                        str(data)])  # fmt: skip
+    assert studies.exit_code == 0, studies.output
+
+    serve = [IMAGING_SCP, "serve", "--port", str(free_port()), "--config", str(config),
+             "--data-dir", str(data)]  # fmt: skip
+    for args in (serve, [IMAGING_SCP, "check-config", str(config)]):
+        result = subprocess.run(args, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 2, (args, result.stderr)
+        assert "ct-1.no-such-host.invalid" in result.stderr
+        assert "key 'allowed_callers'" in result.stderr
