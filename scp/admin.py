@@ -11,13 +11,12 @@ from pathlib import Path
 
 import click
 
-from scp.cli import (
+from scp.cli_options import (
     EXIT_NOT_FOUND,
     EXIT_USAGE,
     config_file_option,
     effective_config,
     fail,
-    main,
 )
 from storage.query import (
     FilterError,
@@ -234,7 +233,7 @@ def _dump(value) -> None:
 # --- commands ----------------------------------------------------------------
 
 
-@main.command()
+@click.command()
 @filter_options
 @click.option("--json", "as_json", is_flag=True, help="a JSON array")
 @click.option("--ndjson", is_flag=True, help="one JSON object per line")
@@ -270,7 +269,7 @@ def studies(config_file, data_dir, as_json, ndjson, **kwargs):
     )  # fmt: skip
 
 
-@main.command()
+@click.command()
 @click.argument("study_uid")
 @click.option("--instances", is_flag=True, help="also list instances with their paths")
 @click.option("--mark-complete", is_flag=True, help="clear the study's 'incomplete' mark")
@@ -354,7 +353,7 @@ _VERSION_OPTION = click.option(
 )
 
 
-@main.command()
+@click.command()
 @click.argument("study_uid")
 @_VERSION_OPTION
 @data_options
@@ -380,7 +379,7 @@ def fhir(config_file, data_dir, study_uid, fhir_version):
 _EXPORT_BATCH = 500
 
 
-@main.command()
+@click.command()
 @filter_options
 @_VERSION_OPTION
 @click.option(
@@ -439,7 +438,7 @@ def export(config_file, data_dir, fhir_version, output_format, instances, output
         fail(str(exc), EXIT_USAGE)
 
 
-@main.command(name="stats")
+@click.command(name="stats")
 @click.option("--json", "as_json", is_flag=True)
 @data_options
 def stats_command(config_file, data_dir, as_json):
@@ -485,7 +484,7 @@ def conflict_json(found: dict) -> dict:
     )
 
 
-@main.command()
+@click.command()
 @click.option("--study", "study_uid", help="only resends of this study's instances")
 @click.option("--json", "as_json", is_flag=True, help="a JSON array")
 @data_options
@@ -529,7 +528,7 @@ def commitment_json(found: dict) -> dict:
     )
 
 
-@main.command()
+@click.command()
 @click.option("--pending", is_flag=True, help="only those whose report is not yet delivered")
 @click.option("--study", "study_uid", help="only those referencing instances of this study")
 @click.option("--json", "as_json", is_flag=True, help="a JSON array")
@@ -556,7 +555,7 @@ def commitments(config_file, data_dir, pending, study_uid, as_json):
     )  # fmt: skip
 
 
-@main.group()
+@click.group()
 def availability():
     """Set the availability of a study's or a series' instances."""
 
@@ -599,7 +598,7 @@ class _Silent:
         pass
 
 
-@main.command()
+@click.command()
 @click.option("--checksum", is_flag=True, help="also compare each file's SHA-256")
 @click.option("--repair", is_flag=True, help="index files the index does not know")
 @click.option("--json", "as_json", is_flag=True)
@@ -643,7 +642,7 @@ def verify(config_file, data_dir, checksum, repair, as_json):
     sys.exit(0 if report.ok else 1)
 
 
-@main.command()
+@click.command()
 @data_options
 def rebuild(config_file, data_dir):
     """Recreate the index from the files on disk (safe to interrupt and rerun)."""
@@ -659,7 +658,7 @@ def rebuild(config_file, data_dir):
         click.echo(f"could not index: {problem}", err=True)
 
 
-@main.command()
+@click.command()
 @click.option("--study", "study_uid")
 @click.option("--series", "series_uid")
 @click.option("--yes", is_flag=True, help="do not ask for confirmation")
@@ -685,3 +684,7 @@ def delete(config_file, data_dir, study_uid, series_uid, yes):
     )
     index.close()
     click.echo(f"deleted {what}: {deletion.instances} instances, {deletion.bytes:,} bytes")
+
+
+COMMANDS = [studies, study, fhir, export, stats_command, conflicts, commitments, availability,
+            verify, rebuild, delete]  # fmt: skip

@@ -1,77 +1,15 @@
-"""The `imaging-scp` command: `serve`, and the admin commands over the index."""
+"""The `imaging-scp` command: `serve`, `echo`, `check-config`, and the admin
+commands over the index (scp.admin)."""
 
-import dataclasses
 import sqlite3
 import sys
-from pathlib import Path
 
 import click
 
-from scp.config import Config, ConfigError, load_config
-from scp.logs import error_line
-from storage.policy import DuplicatePolicy
-
-_CLICK_TYPES = {
-    int: click.INT,
-    float: click.FLOAT,
-    str: click.STRING,
-    Path: click.Path(path_type=Path, file_okay=False),
-    DuplicatePolicy: click.Choice([p.value for p in DuplicatePolicy]),
-}
-
-
-def config_options(command):
-    """Add `--config FILE` and one flag per configuration key to a command."""
-    for item in reversed(dataclasses.fields(Config)):
-        flag = item.metadata.get("flag") or "--" + item.name.replace("_", "-")
-        if item.type is dict:  # allowed_callers, peers: repeatable
-            option = click.option(flag, item.name, multiple=True, default=None, help=_help(item))
-        elif item.type is bool:
-            option = click.option(
-                f"{flag}/--no-{flag[2:]}",
-                item.name,
-                default=None,
-                help=_help(item),
-            )
-        else:
-            option = click.option(
-                flag,
-                item.name,
-                type=_CLICK_TYPES[item.type],
-                default=None,
-                help=_help(item),
-            )
-        command = option(command)
-    return config_file_option("TOML file with any of the keys below; flags win over it.")(command)
-
-
-def config_file_option(help: str):
-    """`--config FILE`, passed to the command as `config_file`."""
-    return click.option(
-        "--config", "config_file", type=click.Path(path_type=Path, dir_okay=False), help=help
-    )
-
-
-def _help(item: dataclasses.Field) -> str:
-    default = item.default if item.default is not dataclasses.MISSING else item.default_factory()
-    return f"{item.metadata['help']} [default: {default}]"
-
-
-EXIT_NOT_FOUND = 1
-EXIT_USAGE = 2
-
-
-def fail(message: str, code: int) -> None:
-    """End the command with one clear line on stderr."""
-    click.echo(error_line(message), err=True)
-    sys.exit(code)
-
-
-def effective_config(config_file: Path | None, flags: dict) -> Config:
-    try:
-        return load_config(config_file, **flags)
-    except ConfigError as exc:
-        fail(str(exc), EXIT_USAGE)
+from scp import admin
+from scp.cli_options import EXIT_NOT_FOUND, config_options, effective_config, fail
+from scp.config import load_config
+from scp.service_cli import check_config, echo
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -104,9 +42,5 @@ def serve(config_file, **flags):
     sys.exit(run(config, reload_config=lambda: load_config(config_file, **flags)))
 
 
-from scp.service_cli import check_config, echo  # noqa: E402
-
-main.add_command(echo)
-main.add_command(check_config)
-
-from scp import admin  # noqa: E402,F401  (registers the admin commands)
+for command in (echo, check_config, *admin.COMMANDS):
+    main.add_command(command)

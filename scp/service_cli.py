@@ -16,6 +16,7 @@ from pathlib import Path
 
 import click
 
+from scp.cli_options import fail
 from scp.config import Config, ConfigError, is_ae_title, load_config
 from scp.logs import error_line
 
@@ -47,11 +48,6 @@ def _ae_title(_ctx, param, value: str) -> str:
             param=param,
         )
     return value
-
-
-def _fail(message: str, code: int):
-    click.echo(error_line(message), err=True)
-    sys.exit(code)
 
 
 def _no_echo(message: str):
@@ -196,9 +192,9 @@ def check_config(file: Path, as_json: bool):
             server_context(config)
     except ConfigError as exc:
         message = str(exc)
-        _fail(message if message.startswith(str(file)) else f"{file}: {message}", 2)
+        fail(message if message.startswith(str(file)) else f"{file}: {message}", 2)
     except OSError as exc:
-        _fail(f"{file}: {exc.strerror or exc}", 2)
+        fail(f"{file}: {exc.strerror or exc}", 2)
 
     items = [(item.name, getattr(config, item.name)) for item in dataclasses.fields(Config)]
     if as_json:
