@@ -23,13 +23,13 @@ from storage.query import (
     IndexMissing,
     StudyFilter,
     count_conflicts,
+    count_studies,
     get_study,
     instances_in,
     iter_commitments,
     iter_conflicts,
     iter_studies,
     open_reader,
-    series_of,
     stats,
 )
 
@@ -359,24 +359,21 @@ _VERSION_OPTION = click.option(
 @data_options
 def fhir(config_file, data_dir, study_uid, fhir_version):
     """One study as a FHIR ImagingStudy (JSON), instances included."""
-    from storage.fhir import render_imaging_study
+    from storage.fhir import imaging_study
 
     config = _config(config_file, data_dir)
-    found = get_study(_reader(config), study_uid, config.stable_after, with_instances=True)
-    if found is None:
+    resource = imaging_study(_reader(config), study_uid, fhir_version, **_rendering(config))
+    if resource is None:
         fail(f"no study {study_uid} in the index", EXIT_NOT_FOUND)
-    resource = render_imaging_study(
-        found,
-        found["series"],
-        {s["series_uid"]: s["instances"] for s in found["series"]},
-        fhir_version,
-        wado_base_url=config.wado_base_url,
-        site_timezone=config.site_timezone,
-    )
     _dump(resource)
 
 
-_EXPORT_BATCH = 500
+def _rendering(config) -> dict:
+    return {
+        "stable_after": config.stable_after,
+        "wado_base_url": config.wado_base_url,
+        "site_timezone": config.site_timezone,
+    }
 
 
 @click.command()
@@ -395,47 +392,34 @@ _EXPORT_BATCH = 500
 @data_options
 def export(config_file, data_dir, fhir_version, output_format, instances, output, **kwargs):
     """Many studies as FHIR ImagingStudy resources."""
-    from storage.fhir import render_bundle, render_imaging_study
+    from storage.fhir import imaging_studies, render_bundle
 
     config = _config(config_file, data_dir)
     filters = _filters(kwargs)
     conn = _reader(config)
-
-    def resources():
-        batch = []
-        for found in iter_studies(conn, filters, config.stable_after):
-            batch.append(found)
-            if len(batch) == _EXPORT_BATCH:
-                yield from _render_batch(batch)
-                batch = []
-        yield from _render_batch(batch)
-
-    def _render_batch(batch):
-        # The series of a batch of studies in one query, not one per study.
-        all_series = series_of(
-            conn, [s["study_uid"] for s in batch], config.stable_after, with_instances=instances
-        )
-        for found in batch:
-            series = all_series[found["study_uid"]]
-            yield render_imaging_study(
-                found,
-                series,
-                {s["series_uid"]: s["instances"] for s in series} if instances else None,
-                fhir_version,
-                wado_base_url=config.wado_base_url,
-                site_timezone=config.site_timezone,
-            )
-
     try:
-        if output_format == "ndjson":
-            for resource in resources():
-                output.write(json.dumps(resource, ensure_ascii=False, separators=(",", ":")))
+        resources = imaging_studies(
+            conn, filters, fhir_version, with_instances=instances, **_rendering(config)
+        )
+        to_file = output is not sys.stdout and getattr(output, "name", "-") != "<stdout>"
+        with _progress("exporting", count_studies(conn, filters) if to_file else 0) as bar:
+            if output_format == "ndjson":
+                for resource in resources:
+                    output.write(json.dumps(resource, ensure_ascii=False, separators=(",", ":")))
+                    output.write("\n")
+                    bar.update(1)
+            else:
+                bundle = render_bundle(list(_counted(resources, bar)), fhir_version)
+                json.dump(bundle, output, ensure_ascii=False)
                 output.write("\n")
-        else:
-            json.dump(render_bundle(list(resources()), fhir_version), output, ensure_ascii=False)
-            output.write("\n")
     except FilterError as exc:
         fail(str(exc), EXIT_USAGE)
+
+
+def _counted(items, bar):
+    for item in items:
+        bar.update(1)
+        yield item
 
 
 @click.command(name="stats")
@@ -581,8 +565,8 @@ def availability_set(config_file, data_dir, study_uid, series_uid, value):
 
 
 def _progress(label: str, length: int):
-    """A progress bar on a terminal, nothing otherwise."""
-    if sys.stderr.isatty():
+    """A progress bar (count, rate, time left) on a terminal, nothing otherwise."""
+    if length and sys.stderr.isatty():
         return click.progressbar(length=length, label=label, file=sys.stderr)
     return _Silent()
 
@@ -679,9 +663,10 @@ def delete(config_file, data_dir, study_uid, series_uid, yes):
             fail(f"not deleting {what} without --yes (no terminal to ask on)", EXIT_USAGE)
         click.confirm(f"Delete {what} and its {count} instances?", abort=True)
     index = _open_index(config)
-    deletion = delete_study_or_series(
-        index, config.data_dir, study_uid=study_uid, series_uid=series_uid
-    )
+    with _progress("deleting", count) as bar:
+        deletion = delete_study_or_series(
+            index, config.data_dir, study_uid=study_uid, series_uid=series_uid, progress=bar.update
+        )
     index.close()
     click.echo(f"deleted {what}: {deletion.instances} instances, {deletion.bytes:,} bytes")
 

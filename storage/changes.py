@@ -7,6 +7,7 @@ never leaves rows pointing at nothing.
 
 import json
 import sqlite3
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,19 +118,22 @@ def delete(
     *,
     study_uid: str | None = None,
     series_uid: str | None = None,
+    progress: Callable[[int], None] = lambda _: None,
 ) -> Deletion:
     """Remove a study or a series: its index rows (the study's counts updated),
-    then, once that commit is done, its files and the directories left empty."""
+    then, once that commit is done, its files and the directories left empty.
+    `progress(1)` is called per file removed."""
     deletion = _delete_rows(index, study_uid=study_uid, series_uid=series_uid)
-    _remove_files(Path(data_dir), deletion.files)
+    _remove_files(Path(data_dir), deletion.files, progress)
     return deletion
 
 
-def _remove_files(data_dir: Path, relpaths: list[str]) -> None:
+def _remove_files(data_dir: Path, relpaths: list[str], progress: Callable[[int], None]) -> None:
     parents = set()
     for relpath in relpaths:
         path = data_dir / relpath
         path.unlink(missing_ok=True)
+        progress(1)
         parents.update((path.parent, path.parent.parent))
     for directory in sorted(parents, key=lambda p: len(p.parts), reverse=True):
         if directory != data_dir and directory.is_dir() and not any(directory.iterdir()):

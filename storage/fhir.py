@@ -37,11 +37,13 @@ being invented or dropped.
 
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import date, datetime, time
 from zoneinfo import ZoneInfo
 
 from pydicom.uid import UID
+
+from storage.query import get_study, iter_studies, series_of
 
 VERSIONS = ("dstu2", "dstu2-ballot", "r4", "r5")
 
@@ -154,6 +156,46 @@ def render_imaging_study(
     else:
         resource = _study(study, ordered, instances, clock, base, r5=version == "r5")
     return _pruned(resource)
+
+
+_BATCH = 500  # studies whose series are read in one query
+
+
+def imaging_study(
+    conn, study_uid: str, version: str, *, stable_after: float, **rendering
+) -> dict | None:
+    """One study of the index as an ImagingStudy, instances included; None when
+    the index does not know it. `rendering`: wado_base_url, site_timezone."""
+    found = get_study(conn, study_uid, stable_after, with_instances=True)
+    if found is None:
+        return None
+    instances = {s["series_uid"]: s["instances"] for s in found["series"]}
+    return render_imaging_study(found, found["series"], instances, version, **rendering)
+
+
+def imaging_studies(
+    conn, filters, version: str, *, stable_after: float, with_instances: bool, **rendering
+) -> Iterator[dict]:
+    """The studies `filters` selects as ImagingStudy resources, one at a time
+    (their series read a batch of studies per query)."""
+
+    batch: list[dict] = []
+    for found in iter_studies(conn, filters, stable_after):
+        batch.append(found)
+        if len(batch) == _BATCH:
+            yield from _render_batch(conn, batch, version, stable_after, with_instances, rendering)
+            batch = []
+    yield from _render_batch(conn, batch, version, stable_after, with_instances, rendering)
+
+
+def _render_batch(conn, batch, version, stable_after, with_instances, rendering):
+    all_series = series_of(
+        conn, [s["study_uid"] for s in batch], stable_after, with_instances=with_instances
+    )
+    for found in batch:
+        series = all_series[found["study_uid"]]
+        instances = {s["series_uid"]: s["instances"] for s in series} if with_instances else None
+        yield render_imaging_study(found, series, instances, version, **rendering)
 
 
 def render_bundle(resources: list[dict], version: str) -> dict:

@@ -173,6 +173,12 @@ def iter_studies(
         yield _study_dict(row, stable_after)
 
 
+def count_studies(conn: sqlite3.Connection, filters: StudyFilter) -> int:
+    where, params = filters.where()
+    count = conn.execute(f"SELECT count(*) FROM studies s{where}", params).fetchone()[0]
+    return min(count, filters.limit) if filters.limit is not None else count
+
+
 def get_study(
     conn: sqlite3.Connection, study_uid: str, stable_after: float, *, with_instances: bool = False
 ) -> dict | None:
