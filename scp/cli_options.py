@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from scp.config import Config, ConfigError, load_config
+from scp.config import Config, ConfigError, FreeSpace, load_config
 from scp.logs import error_line
 from storage.policy import DuplicatePolicy
 
@@ -17,6 +17,7 @@ _CLICK_TYPES = {
     str: click.STRING,
     Path: click.Path(path_type=Path, file_okay=False),
     DuplicatePolicy: click.Choice([p.value for p in DuplicatePolicy]),
+    FreeSpace: click.STRING,  # parsed by load_config, which names the key when it cannot
 }
 
 

@@ -30,6 +30,44 @@ def _key(default, help: str):
     return field(default=default, metadata={"help": help})
 
 
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class FreeSpace:
+    """`min_free_space`, parsed once: a floor in bytes or (one of them is 0) in
+    percent of the filesystem, with the text it was written as."""
+
+    text: str
+    bytes: int
+    percent: float
+
+    @classmethod
+    def parse(cls, value) -> "FreeSpace":
+        """From `1GiB`, `500MB`, `1073741824` or `5%`; ValueError otherwise."""
+        text = str(value).strip().replace(" ", "")
+        if text.endswith("%"):
+            percent = float(text[:-1])
+            if not 0 <= percent < 100:
+                raise ValueError(value)
+            return cls(text, 0, percent)
+        try:
+            return cls(text, byte_size(text), 0.0)
+        except KeyError as exc:  # an unknown unit
+            raise ValueError(value) from exc
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def byte_size(value: str) -> int:
+    """`64MiB`, `500MB`, `1073741824` as a number of bytes."""
+    text = value.strip().upper().replace(" ", "")
+    number = text.rstrip("KMGTIB")
+    return int(float(number) * _UNITS[text[len(number) :]])
+
+
 @dataclass(frozen=True)
 class Config:
     """Every setting of the service; each field is a TOML key and a flag."""
@@ -63,8 +101,9 @@ class Config:
             " (TOML table AE = [hosts]; flag AE@host,host; empty: everyone)"
         },
     )
-    min_free_space: str = _key(
-        "1GiB", "below this free space (bytes, KiB/MiB/GiB/TiB, or %), refuse new objects"
+    min_free_space: FreeSpace = _key(
+        FreeSpace.parse("1GiB"),
+        "below this free space (bytes, KiB/MiB/GiB/TiB, or %), refuse new objects",
     )
     tls_port: int = _key(
         0, "TCP port for DICOM over TLS, beside `port` (0: no TLS listener; 2762 is DICOM's)"
@@ -170,10 +209,12 @@ def _convert(key: str, value, kind):
             return Path(value)
         if kind is DuplicatePolicy:
             return DuplicatePolicy(value)
+        if kind is FreeSpace:
+            if isinstance(value, bool) or not isinstance(value, int | str):
+                raise TypeError
+            return FreeSpace.parse(value)
         if kind is dict:
             return _peers(value) if key == "peers" else _callers(value)
-        if kind is str and isinstance(value, int) and not isinstance(value, bool):
-            return str(value)  # min_free_space = 1073741824
         if not isinstance(value, str):
             raise TypeError
         return value
@@ -184,6 +225,7 @@ def _convert(key: str, value, kind):
             float: "a number",
             Path: "a path",
             DuplicatePolicy: "one of " + ", ".join(p.value for p in DuplicatePolicy),
+            FreeSpace: "bytes, e.g. 1GiB or 500MB, or a percent, e.g. 5%",
             dict: 'a table of AE title = "HOST:PORT"'
             if key == "peers"
             else "a table of AE title = [hosts]",
@@ -241,28 +283,6 @@ def peer_address(config: Config, ae_title: str | None) -> tuple[str, int] | None
     return host.strip("[]"), int(port)
 
 
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}  # fmt: skip
-
-
-def free_space_floor(value: str) -> tuple[int, float]:
-    """`min_free_space` as (bytes, percent of the filesystem); one of them is 0."""
-    text = value.strip().replace(" ", "")
-    if text.endswith("%"):
-        percent = float(text[:-1])
-        if not 0 <= percent < 100:
-            raise ValueError(value)
-        return 0, percent
-    return byte_size(text), 0.0
-
-
-def byte_size(value: str) -> int:
-    """`64MiB`, `500MB`, `1073741824` as a number of bytes."""
-    text = value.strip().upper().replace(" ", "")
-    number = text.rstrip("KMGTIB")
-    return int(float(number) * _UNITS[text[len(number) :]])
-
-
 def is_ae_title(value: str) -> bool:
     """1 to 16 printable ASCII characters, not all spaces, no backslash (PS3.5 AE)."""
     return (
@@ -310,13 +330,6 @@ def _check_ranges(config: Config) -> None:
             raise ConfigError(
                 f"key 'site_timezone': unknown time zone {config.site_timezone!r}"
             ) from exc
-    try:
-        free_space_floor(config.min_free_space)
-    except (ValueError, KeyError) as exc:
-        raise ConfigError(
-            f"key 'min_free_space': expected bytes, e.g. 1GiB or 500MB, or a percent, e.g. 5%,"
-            f" got {config.min_free_space!r}"
-        ) from exc
     try:
         check_callers(config.allowed_callers)
     except ValueError as exc:

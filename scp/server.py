@@ -26,7 +26,7 @@ from scp import notify, tls
 from scp.access import CallerPolicy
 from scp.association import Acceptor
 from scp.commitment_service import CommitmentService
-from scp.config import Config, ConfigError, free_space_floor
+from scp.config import Config, ConfigError
 from scp.find_service import FindService
 from scp.logs import error_line
 from scp.reports import Reporter
@@ -219,7 +219,7 @@ def open_store(config: Config) -> InstanceStore:
         config.data_dir,
         Index.in_data_dir(config.data_dir),
         config.duplicates,
-        free_space_floor(config.min_free_space),
+        (config.min_free_space.bytes, config.min_free_space.percent),
     )
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import click
 
 from scp.cli_options import fail
-from scp.config import Config, ConfigError, is_ae_title, load_config
+from scp.config import Config, ConfigError, FreeSpace, is_ae_title, load_config
 from scp.logs import error_line
 
 # --- echo -------------------------------------------------------------------
@@ -166,7 +166,7 @@ def _toml_value(value) -> str:
 def _json_value(value):
     if isinstance(value, enum.Enum):
         return value.value
-    if isinstance(value, Path):
+    if isinstance(value, Path | FreeSpace):
         return str(value)
     return value
 

@@ -113,3 +113,14 @@ def test_a_full_disk_is_answered_0xA700_and_leaves_nothing_half_written(
     source = make_instance(tmp_path, study_uid=generate_uid(), series_uid=generate_uid())
     assert again.send_c_store(source).Status == 0
     again.release()
+
+
+def test_min_free_space_is_parsed_once_into_numbers():
+    from scp.config import ConfigError, load_config
+
+    assert load_config(min_free_space="500MB").min_free_space.bytes == 500_000_000
+    assert load_config(min_free_space="2GiB").min_free_space.bytes == 2 * 2**30
+    floor = load_config(min_free_space="5%").min_free_space
+    assert (floor.bytes, floor.percent, str(floor)) == (0, 5.0, "5%")
+    with pytest.raises(ConfigError, match="key 'min_free_space': expected bytes"):
+        load_config(min_free_space="lots")
