@@ -18,6 +18,14 @@ from scp.cli_options import (
     effective_config,
     fail,
 )
+from storage.documents import (
+    camel_keys,
+    commitment_json,
+    conflict_json,
+    date_text,
+    modalities_of,
+    study_json,
+)
 from storage.query import (
     FilterError,
     IndexMissing,
@@ -90,121 +98,9 @@ def _config(config_file, data_dir):
 # --- presentation -------------------------------------------------------------
 
 
-def _modalities(study: dict) -> list[str]:
-    return json.loads(study.get("modalities") or "[]")
-
-
-def study_json(study: dict) -> dict:
-    """A study in ImagingStudy element names, plus our own fields."""
-    return _without_none(
-        {
-            "uid": study["study_uid"],
-            "accession": study["accession"],
-            "patient": _without_none({"id": study["patient_id"], "name": study["patient_name"]})
-            or None,
-            "started": _joined(study["study_date"], study["study_time"]),
-            "dateAsSent": study.get("study_date_raw"),
-            "timeAsSent": study.get("study_time_raw"),
-            "description": study["description"],
-            "referrer": study["referrer"],
-            "modality": _modalities(study),
-            "numberOfSeries": study["number_of_series"],
-            "numberOfInstances": study["number_of_instances"],
-            "availability": study["availability"],
-            "state": study["state"],
-            "incompleteReason": study["incomplete_reason"],
-            "bytes": study["bytes"],
-            "firstReceived": study["first_received"],
-            "lastReceived": study["last_received"],
-            "series": [series_json(s) for s in study["series"]] if "series" in study else None,
-        }
-    )
-
-
-def series_json(series: dict) -> dict:
-    return _without_none(
-        {
-            "uid": series["series_uid"],
-            "number": series["number"],
-            "modality": series["modality"],
-            "description": series["description"],
-            "bodySite": series["body_part"],
-            "laterality": series["laterality"],
-            "started": _joined(series["series_date"], series["series_time"]),
-            "dateAsSent": series.get("series_date_raw"),
-            "timeAsSent": series.get("series_time_raw"),
-            "numberOfInstances": series["number_of_instances"],
-            "availability": series["availability"],
-            "state": series["state"],
-            "incompleteReason": series["incomplete_reason"],
-            "committedAt": series["committed_at"],
-            "bytes": series["bytes"],
-            "firstReceived": series["first_received"],
-            "lastReceived": series["last_received"],
-            "instance": [instance_json(i) for i in series["instances"]]
-            if "instances" in series
-            else None,
-        }
-    )
-
-
-def instance_json(instance: dict) -> dict:
-    return _without_none(
-        {
-            "uid": instance["sop_instance_uid"],
-            "number": instance["number"],
-            "sopClass": instance["sop_class_uid"],
-            "title": instance["title"],
-            "path": instance["path"],
-            "size": instance["size"],
-            "sha256": instance["sha256"],
-            "transferSyntax": instance["transfer_syntax"],
-            "receivedAt": instance["received_at"],
-            "callingAe": instance["calling_ae"],
-            "peer": instance["peer"],
-            "association": instance["association_id"],
-        }
-    )
-
-
-def _joined(day: str | None, clock: str | None) -> str | None:
-    """DICOM date and time as ISO 8601 local time (no offset: DICOM rarely has one)."""
-    if not day:
-        return None
-    text = _date(day)
-    digits = (clock or "").split(".")[0]
-    if len(digits) >= 4 and digits.isdigit():
-        text += f"T{digits[:2]}:{digits[2:4]}:{digits[4:6] or '00'}"
-    return text
-
-
-def _without_none(values: dict) -> dict:
-    return {key: value for key, value in values.items() if value is not None}
-
-
-def _date(value: str | None) -> str:
-    if value and len(value) == 8 and value.isdigit():
-        return f"{value[:4]}-{value[4:6]}-{value[6:]}"
-    return value or ""
-
-
 def _received(value: str | None) -> str:
     """A time the index recorded (UTC) as tables show it: 2026-12-01 20:41:24Z."""
     return (value or "").replace("T", " ")[:19] + ("Z" if value else "")
-
-
-def camel_keys(value):
-    """The index's snake_case names as the JSON of every command spells them."""
-    if isinstance(value, dict):
-        return {_camel(key): camel_keys(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [camel_keys(item) for item in value]
-    return value
-
-
-def _camel(name: str) -> str:
-    head, *rest = name.split("_")
-    return head + "".join(part.capitalize() for part in rest)
 
 
 def print_table(headers: list[str], rows: list[list], *, empty: str | None = None) -> None:
@@ -260,8 +156,8 @@ def studies(config_file, data_dir, as_json, ndjson, **kwargs):
         ["date", "patient id", "name", "accession", "modalities", "series", "instances",
          "availability", "state", "last received", "study uid"],
         [
-            [_date(s["study_date"]), s["patient_id"], s["patient_name"], s["accession"],
-             ",".join(_modalities(s)), s["number_of_series"], s["number_of_instances"],
+            [date_text(s["study_date"]), s["patient_id"], s["patient_name"], s["accession"],
+             ",".join(modalities_of(s)), s["number_of_series"], s["number_of_instances"],
              s["availability"], s["state"], _received(s["last_received"]), s["study_uid"]]
             for s in found
         ],
@@ -296,11 +192,11 @@ def study(config_file, data_dir, study_uid, instances, mark_complete, as_json):
     attributes = [
         ("study uid", found["study_uid"]),
         ("patient", f"{found['patient_id'] or ''}  {found['patient_name'] or ''}".strip()),
-        ("date", f"{_date(found['study_date'])} {found['study_time'] or ''}".strip()),
+        ("date", f"{date_text(found['study_date'])} {found['study_time'] or ''}".strip()),
         ("accession", found["accession"]),
         ("description", found["description"]),
         ("referrer", found["referrer"]),
-        ("modalities", ",".join(_modalities(found))),
+        ("modalities", ",".join(modalities_of(found))),
         ("series", found["number_of_series"]),
         ("instances", found["number_of_instances"]),
         ("bytes", found["bytes"]),
@@ -450,24 +346,6 @@ def stats_command(config_file, data_dir, as_json):
     )  # fmt: skip
 
 
-def conflict_json(found: dict) -> dict:
-    return _without_none(
-        {
-            "sopInstanceUid": found["sop_instance_uid"],
-            "action": found["action"],
-            "path": found["path"],
-            "size": found["size"],
-            "sha256": found["sha256"],
-            "receivedAt": found["received_at"],
-            "callingAe": found["calling_ae"],
-            "peer": found["peer"],
-            "association": found["association_id"],
-            "study": found["study_uid"],
-            "series": found["series_uid"],
-        }
-    )
-
-
 @click.command()
 @click.option("--study", "study_uid", help="only resends of this study's instances")
 @click.option("--json", "as_json", is_flag=True, help="a JSON array")
@@ -486,30 +364,6 @@ def conflicts(config_file, data_dir, study_uid, as_json):
           c["size"], str(config.data_dir / c["path"])] for c in found],
         empty="no conflicts" + (f" in study {study_uid}" if study_uid else ""),
     )  # fmt: skip
-
-
-def commitment_json(found: dict) -> dict:
-    return _without_none(
-        {
-            "transactionUid": found["transaction_uid"],
-            "requester": found["requester_ae"],
-            "peer": found["requester_peer"],
-            "received": found["requested_at"],
-            "instances": found["instances"],
-            "committed": found["committed"],
-            "failed": found["failed"],
-            "checked": found["checked_at"],
-            "delivery": found["delivery_state"],
-            "deliveredBy": found["delivered_by"],
-            "deliveredAt": found["delivered_at"],
-            "attempts": found["attempts"],
-            "nextAttempt": found["next_attempt_at"]
-            if found["delivery_state"] == "pending"
-            else None,
-            "lastError": found["last_error"],
-            "studies": found["studies"],
-        }
-    )
 
 
 @click.command()
