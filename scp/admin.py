@@ -54,6 +54,11 @@ def data_options(command):
     return config_file_option("the service's TOML config file")(command)
 
 
+def json_option(shape: str):
+    """`--json`, the output for scripts every command has beside its table."""
+    return click.option("--json", "as_json", is_flag=True, help=f"{shape}, camelCase keys")
+
+
 def filter_options(command):
     options = [
         click.option("--patient-id", help="exact Patient ID"),
@@ -131,7 +136,7 @@ def _dump(value) -> None:
 
 @click.command()
 @filter_options
-@click.option("--json", "as_json", is_flag=True, help="a JSON array")
+@json_option("a JSON array")
 @click.option("--ndjson", is_flag=True, help="one JSON object per line")
 @data_options
 def studies(config_file, data_dir, as_json, ndjson, **kwargs):
@@ -169,7 +174,7 @@ def studies(config_file, data_dir, as_json, ndjson, **kwargs):
 @click.argument("study_uid")
 @click.option("--instances", is_flag=True, help="also list instances with their paths")
 @click.option("--mark-complete", is_flag=True, help="clear the study's 'incomplete' mark")
-@click.option("--json", "as_json", is_flag=True)
+@json_option("one JSON object")
 @data_options
 def study(config_file, data_dir, study_uid, instances, mark_complete, as_json):
     """Show one study: its attributes and its series."""
@@ -319,7 +324,7 @@ def _counted(items, bar):
 
 
 @click.command(name="stats")
-@click.option("--json", "as_json", is_flag=True)
+@json_option("one JSON object")
 @data_options
 def stats_command(config_file, data_dir, as_json):
     """Totals: patients, studies, series, instances, bytes, per modality."""
@@ -348,7 +353,7 @@ def stats_command(config_file, data_dir, as_json):
 
 @click.command()
 @click.option("--study", "study_uid", help="only resends of this study's instances")
-@click.option("--json", "as_json", is_flag=True, help="a JSON array")
+@json_option("a JSON array")
 @data_options
 def conflicts(config_file, data_dir, study_uid, as_json):
     """Resends whose bytes differed from what was stored, newest first: the copy
@@ -369,7 +374,7 @@ def conflicts(config_file, data_dir, study_uid, as_json):
 @click.command()
 @click.option("--pending", is_flag=True, help="only those whose report is not yet delivered")
 @click.option("--study", "study_uid", help="only those referencing instances of this study")
-@click.option("--json", "as_json", is_flag=True, help="a JSON array")
+@json_option("a JSON array")
 @data_options
 def commitments(config_file, data_dir, pending, study_uid, as_json):
     """Storage commitment requests, newest first: what was committed, and whether
@@ -439,7 +444,7 @@ class _Silent:
 @click.command()
 @click.option("--checksum", is_flag=True, help="also compare each file's SHA-256")
 @click.option("--repair", is_flag=True, help="index files the index does not know")
-@click.option("--json", "as_json", is_flag=True)
+@json_option("one JSON object")
 @data_options
 def verify(config_file, data_dir, checksum, repair, as_json):
     """Check that every indexed file is on disk as recorded. Exit 1 if not."""
