@@ -200,14 +200,7 @@ class RunningQuery:
             )
         self.matches += 1
         status = PENDING_WITH_UNSUPPORTED_KEYS if self.unsupported else PENDING
-        command = dimse.response(
-            dimse.C_FIND_RSP,
-            self.message_id,
-            status,
-            sop_class_uid=self.command.uid(dimse.AFFECTED_SOP_CLASS_UID),
-            with_dataset=True,
-        )
-        return command, self._identifier(match)
+        return self._response(status, with_dataset=True), self._identifier(match)
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -235,14 +228,17 @@ class RunningQuery:
                 ms=round((time.perf_counter() - self._started) * 1000, 1),
                 cancelled=status == CANCEL,
             )
-        command = dimse.response(
+        return self._response(status, comment=comment), b""
+
+    def _response(self, status: int, *, comment=None, with_dataset=False) -> bytes:
+        return dimse.response(
             dimse.C_FIND_RSP,
             self.message_id,
             status,
             sop_class_uid=self.command.uid(dimse.AFFECTED_SOP_CLASS_UID),
             error_comment=comment,
+            with_dataset=with_dataset,
         )
-        return command, b""
 
     def _identifier(self, match: dict) -> bytes:
         elements: list[tuple[int, str, bytes]] = []

@@ -74,32 +74,36 @@ def mark_incomplete(index: Index, series_uids: list[str], reason: str) -> list[s
     """Mark series delivered into by an association that broke off; returns
     those marked. A series a storage commitment has found complete since its
     last instance is left alone: the sender's own list said it was all there."""
-    now = utc_now()
-    marked = []
-    with index.writing():
-        for uid in series_uids:
-            if index.conn.execute(
-                "UPDATE series SET incomplete_reason = ?, incomplete_since = ?"
-                " WHERE series_uid = ? AND committed_at IS NULL",
-                (reason, now, uid),
-            ).rowcount:
-                marked.append(uid)
-    return marked
+    return _update_each_series(
+        index,
+        series_uids,
+        "UPDATE series SET incomplete_reason = ?, incomplete_since = ?"
+        " WHERE series_uid = ? AND committed_at IS NULL",
+        (reason, utc_now()),
+    )
 
 
 def clear_incomplete(index: Index, series_uids: list[str]) -> list[str]:
     """Clear the incomplete mark of series a released association delivered
     instances of (new ones or resends); returns those that had one."""
-    cleared = []
+    return _update_each_series(
+        index,
+        series_uids,
+        "UPDATE series SET incomplete_reason = NULL, incomplete_since = NULL"
+        " WHERE series_uid = ? AND incomplete_reason IS NOT NULL",
+        (),
+    )
+
+
+def _update_each_series(index: Index, series_uids: list[str], sql: str, values: tuple) -> list[str]:
+    """`sql` (`values`, then the series UID) for each series, in one transaction;
+    the series it changed."""
+    changed = []
     with index.writing():
         for uid in series_uids:
-            if index.conn.execute(
-                "UPDATE series SET incomplete_reason = NULL, incomplete_since = NULL"
-                " WHERE series_uid = ? AND incomplete_reason IS NOT NULL",
-                (uid,),
-            ).rowcount:
-                cleared.append(uid)
-    return cleared
+            if index.conn.execute(sql, (*values, uid)).rowcount:
+                changed.append(uid)
+    return changed
 
 
 def mark_complete(index: Index, study_uid: str) -> int:
