@@ -445,3 +445,33 @@ def test_peers_from_a_toml_table_and_from_flags(tmp_path):
     for bad in ("PACS", "PACS=host", "PACS=host:0", "=host:104"):
         with pytest.raises(ConfigError, match="key 'peers'"):
             load_config(peers=(bad,))
+
+
+def test_with_two_workers_every_report_reaches_the_modality_once(server_factory, tmp_path):
+    """A worker process that took the request hands the report over through the
+    index; the main process delivers it (within 5 s), once."""
+    peer = Peer().start()
+    try:
+        server = server_factory("--workers", "2", "--peer", f"{MODALITY}=127.0.0.1:{peer.port}")
+        paths = a_series(tmp_path / "series", 1)
+        send_files(server.port, paths, calling=MODALITY)
+        transactions: list[str] = []
+
+        def processes() -> set[str]:  # the pid part of the association ids
+            return {e["assoc"].split("-")[0] for e in server.events("commitment.requested")}
+
+        # SO_REUSEPORT spreads associations over both processes by their ports:
+        # ask until each process has taken a request.
+        while len(transactions) < 4 or len(processes()) < 2:
+            assert len(transactions) < 40, "every request went to one process"
+            transactions.append(generate_uid())
+            request_commitment(server, transactions[-1], references(paths), wait_for_report=False)
+            server.wait_for_event("commitment.requested", count=len(transactions))
+        received = peer.reports.wait(count=len(transactions), timeout=30)
+        time.sleep(6)  # a Reporter round more: nothing is sent twice
+        assert sorted(info.TransactionUID for _, info in peer.reports.received) == sorted(
+            transactions
+        )
+        assert len(received) == len(transactions)
+    finally:
+        peer.stop()
