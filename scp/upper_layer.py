@@ -9,6 +9,11 @@ A pair that is not in the table is a bug of ours, not of the peer's: every
 PDU the peer can send has a row in every state in which we read from it
 (Sta2, Sta6, Sta13).
 
+The service user may also have messages of its own to send (a C-FIND's
+responses, one per match): the loop sends them one at a time, each only when
+nothing from the peer is waiting, so a C-CANCEL is read before the next one;
+they go through the same LOCAL_P_DATA event as every other message.
+
 The acceptor never requests a release itself (the requestor releases, as
 storescp and Orthanc's acceptor do), so the requestor-side and collision
 states Sta4, Sta5, Sta7 and Sta9-Sta12 never occur, and an A-RELEASE-RP from
