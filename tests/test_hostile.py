@@ -1318,6 +1318,64 @@ def test_random_byte_streams_are_answered_and_closed(garbage_server, stream):
     assert garbage_server.process.poll() is None
 
 
+FIND = "1.2.840.10008.5.1.4.1.2.2.1"
+COMMITMENT = "1.2.840.10008.1.20.1"
+# Something that looks like a dataset (explicit VR little endian elements), or not.
+_ELEMENT_BYTES = st.builds(
+    lambda group, element, vr, value: struct.pack("<HH", group, element) + vr
+    + struct.pack("<H", len(value)) + value,
+    st.sampled_from([0x0008, 0x0010, 0x0020, 0x0040, 0x7FE0, 0xFFFE]),
+    st.integers(0, 0xFFFF),
+    st.sampled_from([b"CS", b"UI", b"PN", b"DA", b"SQ", b"LO", b"ZZ", b"\0\0"]),
+    st.binary(max_size=40),
+)  # fmt: skip
+_DATASET_BYTES = st.one_of(
+    st.binary(max_size=200),
+    st.lists(_ELEMENT_BYTES, max_size=8).map(b"".join),
+    st.lists(_ELEMENT_BYTES, max_size=8).map(
+        lambda elements: b"\x08\x00\x52\x00CS\x06\x00STUDY " + b"".join(elements)
+    ),
+)
+
+
+@settings(max_examples=150, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])  # fmt: skip
+@given(identifier=_DATASET_BYTES, service=st.sampled_from(["find", "commitment"]))
+def test_random_query_identifiers_and_commitment_requests_get_an_answer(
+    hostile_server, identifier, service
+):
+    """The C-FIND identifier and the N-ACTION information are read by pydicom
+    from what a peer sent: whatever it is, the answer is a status and the
+    association goes on."""
+    contexts = [(1, FIND, [EXPLICIT_LE]), (3, COMMITMENT, [EXPLICIT_LE]),
+                (5, VERIFICATION, [EXPLICIT_LE])]  # fmt: skip
+    if service == "find":
+        context, command = 1, {0x0002: _uid(FIND), 0x0100: struct.pack("<H", 0x0020)}
+    else:
+        context, command = (
+            3,
+            {
+                0x0003: _uid(COMMITMENT),
+                0x0100: struct.pack("<H", 0x0130),
+                0x1001: _uid("1.2.840.10008.1.20.1.1"),
+                0x1008: struct.pack("<H", 1),
+            },
+        )
+    command |= {0x0110: struct.pack("<H", 9), 0x0800: struct.pack("<H", 0x0000)}
+    with RawAssociation(hostile_server.port, contexts, calling="FUZZ") as assoc:
+        assoc.sock.sendall(
+            p_data(context, command_set(dict(sorted(command.items()))), command=True)
+            + p_data(context, identifier, command=False)
+        )
+        status = assoc.next_response().status
+        while status in (0xFF00, 0xFF01):  # a query that happened to match
+            status = assoc.next_response().status
+        assert status == 0x0000 or status >= 0x0100, f"0x{status:04X}"
+        assert assoc.echo(5).status == SUCCESS
+        assoc.release()
+    assert hostile_server.process.poll() is None
+
+
 def test_after_the_property_tests_the_servers_still_serve(hostile_server, garbage_server):
     for server in (hostile_server, garbage_server):
         assert server.process.poll() is None
