@@ -9,7 +9,8 @@ so a C-CANCEL-RQ is seen before the next response: the query ends with
 Cancel (0xFE00) there.
 
 Statuses: Pending 0xFF00, or 0xFF01 when the request has keys we do not
-support (they come back empty); Success at the end; 0xA900 for an identifier
+support (they come back empty); Success at the end; 0x0122 for a SOP class
+that is no FIND model; 0xA900 for an identifier
 that names no level or breaks the hierarchical rules, 0xC000 for one that
 does not decode, 0xA700 when more than `find_limit` matches were sent.
 """
@@ -37,6 +38,7 @@ PENDING_WITH_UNSUPPORTED_KEYS = 0xFF01
 CANCEL = 0xFE00
 OUT_OF_RESOURCES = 0xA700
 IDENTIFIER_DOES_NOT_MATCH = 0xA900
+SOP_CLASS_NOT_SUPPORTED = 0x0122
 UNABLE_TO_PROCESS = 0xC000
 
 _SPECIFIC_CHARACTER_SET = 0x00080005
@@ -130,9 +132,9 @@ class RunningQuery:
         root = ROOTS.get(self.command.uid(dimse.AFFECTED_SOP_CLASS_UID) or "")
         if root is None:
             raise FindRefused(
-                IDENTIFIER_DOES_NOT_MATCH,
-                f"C-FIND for SOP class {self.command.uid(dimse.AFFECTED_SOP_CLASS_UID)}:"
-                " only Patient Root and Study Root FIND are served",
+                SOP_CLASS_NOT_SUPPORTED,
+                f"{self.command.uid(dimse.AFFECTED_SOP_CLASS_UID)} is no Patient or Study Root"
+                " FIND model",
             )
         try:
             dataset = dsutils.decode(

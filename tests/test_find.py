@@ -302,6 +302,24 @@ def test_a_malformed_identifier_gets_a_failure_with_a_reason(archive, identifier
         assoc.release()
 
 
+def test_a_find_on_another_sop_class_is_refused_as_not_supported(archive):
+    server, _ = archive
+    ct = "1.2.840.10008.5.1.4.1.1.2"
+    with RawAssociation(server.port, [(1, ct, [EXPLICIT_LE])]) as assoc:
+        find_rq = command_set({
+            0x0002: _uid(ct),
+            0x0100: struct.pack("<H", 0x0020),
+            0x0110: struct.pack("<H", 3),
+            0x0800: struct.pack("<H", 0x0000),
+        })  # fmt: skip
+        identifier = b"\x08\x00\x52\x00CS\x06\x00STUDY "
+        assoc.sock.sendall(p_data(1, find_rq, command=True) + p_data(1, identifier, command=False))
+        response = assoc.next_response()
+        assert response.status == 0x0122
+        assert response.comment == f"{ct} is no Patient or Study Root FIND model"
+        assoc.release()
+
+
 def test_cancel_ends_the_query_within_one_response(archive):
     """A C-CANCEL-RQ that is there before the first response: at most one
     Pending goes out, then Cancel (0xFE00), and the association goes on."""
