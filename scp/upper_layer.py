@@ -415,34 +415,46 @@ class UpperLayer:
         )
 
     def _input_waiting(self) -> bool:
-        if self._end > self._start or self._stop_requested:
-            return True
-        if not self._kernel_timeouts and self.sock.pending():
-            return True
-        return bool(self._readable.poll(0))
+        return self._end > self._start or self._stop_requested or self._arrives_within(0)
 
     def peer_is_leaving(self, wait: float) -> bool:
         """Whether the peer's next PDU, arriving within `wait` seconds, is an
         A-RELEASE-RQ or an A-ABORT (or it closed): it has no use for this
-        association any more. Looked at without taking it. On TLS, where the
-        socket cannot be peeked at, only what has been read counts."""
+        association any more. The PDU is left to be read as usual."""
         if self._end > self._start:
             kind = self._buffer[self._start]
-        elif not self._kernel_timeouts:
-            return False
         else:
-            if not self._readable.poll(wait * 1000):
+            self._start = self._end = 0
+            if not self._arrives_within(wait):
                 return False
             try:
-                waiting = self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-            except BlockingIOError:
+                kind = self._first_byte_waiting()
+            except (BlockingIOError, ssl.SSLWantReadError):  # not a whole TLS record yet
                 return False
             except OSError:
                 return True
-            if not waiting:
+            if kind is None:
                 return True
-            kind = waiting[0]
         return PDU_EVENTS.get(kind) in (Event.RELEASE_RQ_PDU, Event.ABORT_PDU)
+
+    def _arrives_within(self, wait: float) -> bool:
+        if not self._kernel_timeouts and self.sock.pending():
+            return True
+        return bool(self._readable.poll(wait * 1000))
+
+    def _first_byte_waiting(self) -> int | None:
+        """The first byte that has arrived, left to be read (None: the peer
+        closed). A plain socket is peeked at; TLS records cannot be, so what
+        has arrived is read into the buffer, where the next read takes it."""
+        if self._kernel_timeouts:
+            waiting = self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            return waiting[0] if waiting else None
+        self.sock.settimeout(0)
+        try:
+            self._end = self.sock.recv_into(self._view)
+        finally:
+            self.sock.settimeout(self.network_timeout)
+        return self._buffer[0] if self._end else None
 
     def request_stop(self) -> None:
         """From another thread: end this connection now. Its own thread wakes

@@ -81,6 +81,7 @@ def request_commitment(
     *,
     reports: Reports | None = None,
     wait_for_report: bool = True,
+    tls_args=None,
 ) -> int:
     """N-ACTION as MODALITY; the N-ACTION-RSP status. With `wait_for_report`,
     the association stays open until the report has come on it and been
@@ -88,7 +89,9 @@ def request_commitment(
     ae = AE(ae_title=MODALITY)
     ae.add_requested_context(StorageCommitmentPushModel, ExplicitVRLittleEndian)
     handlers = [(evt.EVT_N_EVENT_REPORT, reports.handle)] if reports else []
-    assoc = ae.associate("127.0.0.1", server.port, ae_title="IMAGING_SCP", evt_handlers=handlers)
+    assoc = ae.associate(
+        "127.0.0.1", server.port, ae_title="IMAGING_SCP", evt_handlers=handlers, tls_args=tls_args
+    )
     assert assoc.is_established
     reported_before = len(reported(server, transaction_uid))
     try:

@@ -31,6 +31,7 @@ from tests.conftest import (
     holding_descriptors,
     make_instance,
     requires_dcmtk,
+    send_files,
     stored_files,
 )
 
@@ -466,3 +467,89 @@ def test_check_config_loads_the_tls_files_as_serve_will(tmp_path):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "tls_certificate" in lines[0], result.stderr
+
+
+def test_queries_and_commitment_over_tls(server_factory, pki, tmp_path):
+    """C-FIND (findscu) and storage commitment (pynetdicom) on the TLS port: the
+    responses are interleaved with the reads of a TLS socket as of a plain one."""
+    if (
+        "OpenSSL"
+        not in subprocess.run([STORESCU, "--version"], capture_output=True).stdout.decode()
+    ):
+        pytest.skip("dcmtk was built without OpenSSL")
+    from pydicom.dataset import Dataset
+    from pynetdicom import evt
+    from pynetdicom.sop_class import StorageCommitmentPushModel
+
+    tls_port = free_port()
+    server = server_factory(*_tls_flags(pki, tls_port))
+    context = _client_context(pki)
+    paths = [_instance(tmp_path / str(n)) for n in range(3)]
+    assert [_store(tls_port, context, path) for path in paths] == [0, 0, 0]
+    out = tmp_path / "rsp"
+    out.mkdir()
+    result = subprocess.run(
+        ["findscu", "+tla", "+cf", str(pki.ca), "-S", "-aec", "IMAGING_SCP",
+         "-X", "-od", str(out), "-k", "QueryRetrieveLevel=STUDY", "-k", "StudyInstanceUID",
+         "-k", "NumberOfStudyRelatedInstances", "127.0.0.1", str(tls_port)],
+        capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    answers = [pydicom.dcmread(p) for p in out.glob("rsp*.dcm")]
+    assert sum(a.NumberOfStudyRelatedInstances for a in answers) == 3
+
+    reports = []
+    ae = AE("TLSSCU")
+    ae.add_requested_context(StorageCommitmentPushModel, ExplicitVRLittleEndian)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 20
+    assoc = ae.associate(
+        "127.0.0.1", tls_port, ae_title="IMAGING_SCP", tls_args=(context, "localhost"),
+        evt_handlers=[(evt.EVT_N_EVENT_REPORT,
+                       lambda event: (reports.append(event.event_type), (0x0000, None))[1])],
+    )  # fmt: skip
+    info = Dataset()
+    info.TransactionUID = generate_uid()
+    items = []
+    for path in paths:
+        item = Dataset()
+        item.ReferencedSOPClassUID = CT_IMAGE_STORAGE
+        item.ReferencedSOPInstanceUID = _sop_instance_uid(path)
+        items.append(item)
+    info.ReferencedSOPSequence = items
+    status, _ = assoc.send_n_action(info, 1, StorageCommitmentPushModel, "1.2.840.10008.1.20.1.1")
+    assert status.Status == 0x0000
+    server.wait_for_event("commitment.reported")
+    assoc.release()
+    assert reports == [1]
+
+
+def test_a_commitment_requester_that_releases_over_tls_gets_its_report_on_a_new_one(
+    server_factory, pki, tmp_path
+):
+    """Its A-RELEASE-RQ is seen through TLS too (read ahead, not peeked at): the
+    report is not sent into the release."""
+    from tests.test_commitment import MODALITY, Peer, a_series, references, request_commitment
+
+    peer = Peer().start()
+    try:
+        tls_port = free_port()
+        server = server_factory(
+            *_tls_flags(pki, tls_port), "--peer", f"{MODALITY}=127.0.0.1:{peer.port}"
+        )
+        paths = a_series(tmp_path / "series", 2)
+        send_files(server.port, paths, calling=MODALITY)
+        over_tls = type(server)(server.data_dir, tls_port, server.process, server.log_path)
+        transaction = generate_uid()
+        request_commitment(
+            over_tls,
+            transaction,
+            references(paths),
+            wait_for_report=False,
+            tls_args=(_client_context(pki), "localhost"),
+        )
+        [(_, info)] = peer.reports.wait()
+        assert info.TransactionUID == transaction
+        deferred = server.wait_for_event("commitment.report_deferred")[0]
+        assert deferred["reason"] == "requester released before the report"
+    finally:
+        peer.stop()
