@@ -144,12 +144,7 @@ class RunningQuery:
                 incoming.transfer_syntax == DeflatedExplicitVRLittleEndian,
             )
             level = str(dataset.get("QueryRetrieveLevel", "") or "").strip().upper()
-            if not level:
-                raise find.QueryError("the identifier has no QueryRetrieveLevel")
-            if level not in find.LEVELS:
-                raise find.QueryError(
-                    f"QueryRetrieveLevel {level!r} is not PATIENT, STUDY, SERIES or IMAGE"
-                )
+            find.check_level(level)  # before the keys, which depend on it
             keys: dict[str, str] = {}
             returned: list[tuple[int, str]] = []  # (tag, keyword) in tag order
             unsupported: list[tuple[int, str]] = []  # (tag, VR)

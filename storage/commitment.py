@@ -174,6 +174,8 @@ def check_request(
     finally:
         reader.close()
     _record_result(index, transaction_uid, outcomes, hold)
+    # Read back what was recorded: ours, or the result of a checker that got
+    # there first, which is the one every report must carry.
     reader = open_reader(data_dir)
     try:
         return load_result(reader, transaction_uid)

@@ -142,10 +142,17 @@ class Query:
     keys: dict[str, str]  # keyword -> requested value ("" universal), supported keys only
 
 
+def check_level(level: str) -> None:
+    """QueryError unless `level` is a QueryRetrieveLevel (the keys depend on it)."""
+    if not level:
+        raise QueryError("the identifier has no QueryRetrieveLevel")
+    if level not in LEVELS:
+        raise QueryError(f"QueryRetrieveLevel {level!r} is not PATIENT, STUDY, SERIES or IMAGE")
+
+
 def check_query(query: Query) -> None:
     """Raise QueryError for a query that breaks the model's rules (PS3.4 C.4.1.2)."""
-    if query.level not in LEVELS:
-        raise QueryError(f"QueryRetrieveLevel {query.level!r} is not PATIENT/STUDY/SERIES/IMAGE")
+    check_level(query.level)
     if query.level == PATIENT and query.root != PATIENT_ROOT:
         raise QueryError("QueryRetrieveLevel PATIENT exists only in the Patient Root model")
     for keyword in _UNIQUE_ABOVE.get((query.root, query.level), []):
