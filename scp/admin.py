@@ -4,6 +4,7 @@
 on success, 1 when something is not found, 2 on a usage error.
 """
 
+import dataclasses
 import json
 import shutil
 import sys
@@ -18,6 +19,7 @@ from scp.cli_options import (
     effective_config,
     fail,
 )
+from storage.database import IndexLocation, IndexUnreachable
 from storage.documents import (
     camel_keys,
     commitment_json,
@@ -28,7 +30,6 @@ from storage.documents import (
 )
 from storage.query import (
     FilterError,
-    IndexMissing,
     StudyFilter,
     count_conflicts,
     count_studies,
@@ -37,7 +38,6 @@ from storage.query import (
     iter_commitments,
     iter_conflicts,
     iter_studies,
-    open_reader,
     stats,
 )
 
@@ -45,7 +45,12 @@ from storage.query import (
 
 
 def data_options(command):
-    """`--config FILE` and `--data-dir DIR`, as `serve` takes them."""
+    """`--config FILE`, `--data-dir DIR` and `--index-url URL`, as `serve` takes them."""
+    command = click.option(
+        "--index-url",
+        help="the index, when not index.sqlite in the data dir: postgresql://user@host/db"
+        " [default: index_url from --config]",
+    )(command)
     command = click.option(
         "--data-dir",
         type=click.Path(path_type=Path, file_okay=False),
@@ -81,23 +86,27 @@ def _filters(kwargs: dict) -> StudyFilter:
 
 
 def _reader(config):
+    location = config.index_location
     try:
-        return open_reader(config.data_dir)
-    except IndexMissing as exc:
-        fail(
-            f"{exc} (has `imaging-scp serve` received anything into this data dir?)", EXIT_NOT_FOUND
+        return location.open()  # one command, one connection: no pool
+    except IndexUnreachable as exc:
+        advice = (
+            "check --index-url, and that PostgreSQL runs there and lets this user in"
+            if location.is_postgresql
+            else "has `imaging-scp serve` received anything into this data dir?"
         )
+        fail(f"{exc} ({advice})", EXIT_NOT_FOUND)
 
 
 def _open_index(config):
     from storage.index import Index  # the writer side: only the commands that change things
 
     _reader(config).close()  # the same "no index" error as the read commands
-    return Index.in_data_dir(config.data_dir)
+    return Index.open(config.index_location)
 
 
-def _config(config_file, data_dir):
-    return effective_config(config_file, {"data_dir": data_dir})
+def _config(config_file, data_dir, index_url):
+    return effective_config(config_file, {"data_dir": data_dir, "index_url": index_url})
 
 
 # --- presentation -------------------------------------------------------------
@@ -139,9 +148,9 @@ def _dump(value) -> None:
 @json_option("a JSON array")
 @click.option("--ndjson", is_flag=True, help="one JSON object per line")
 @data_options
-def studies(config_file, data_dir, as_json, ndjson, **kwargs):
+def studies(config_file, data_dir, index_url, as_json, ndjson, **kwargs):
     """List studies, most recently received first."""
-    config = _config(config_file, data_dir)
+    config = _config(config_file, data_dir, index_url)
     kwargs_given = any(value is not None for value in kwargs.values())
     filters = _filters(kwargs)
     conn = _reader(config)
@@ -176,9 +185,9 @@ def studies(config_file, data_dir, as_json, ndjson, **kwargs):
 @click.option("--mark-complete", is_flag=True, help="clear the study's 'incomplete' mark")
 @json_option("one JSON object")
 @data_options
-def study(config_file, data_dir, study_uid, instances, mark_complete, as_json):
+def study(config_file, data_dir, index_url, study_uid, instances, mark_complete, as_json):
     """Show one study: its attributes and its series."""
-    config = _config(config_file, data_dir)
+    config = _config(config_file, data_dir, index_url)
     if mark_complete:
         from storage.changes import mark_complete as clear_incomplete
 
@@ -258,11 +267,11 @@ _VERSION_OPTION = click.option(
 @click.argument("study_uid")
 @_VERSION_OPTION
 @data_options
-def fhir(config_file, data_dir, study_uid, fhir_version):
+def fhir(config_file, data_dir, index_url, study_uid, fhir_version):
     """One study as a FHIR ImagingStudy (JSON), instances included."""
     from storage.fhir import imaging_study
 
-    config = _config(config_file, data_dir)
+    config = _config(config_file, data_dir, index_url)
     resource = imaging_study(_reader(config), study_uid, fhir_version, **_rendering(config))
     if resource is None:
         fail(f"no study {study_uid} in the index", EXIT_NOT_FOUND)
@@ -291,11 +300,13 @@ def _rendering(config) -> dict:
 @click.option("--instances", is_flag=True, help="include each series' instances")
 @click.option("-o", "--output", type=click.File("w"), default="-", help="file [default: stdout]")
 @data_options
-def export(config_file, data_dir, fhir_version, output_format, instances, output, **kwargs):
+def export(
+    config_file, data_dir, index_url, fhir_version, output_format, instances, output, **kwargs
+):
     """Many studies as FHIR ImagingStudy resources."""
     from storage.fhir import imaging_studies, render_bundle
 
-    config = _config(config_file, data_dir)
+    config = _config(config_file, data_dir, index_url)
     filters = _filters(kwargs)
     conn = _reader(config)
     try:
@@ -326,9 +337,9 @@ def _counted(items, bar):
 @click.command(name="stats")
 @json_option("one JSON object")
 @data_options
-def stats_command(config_file, data_dir, as_json):
+def stats_command(config_file, data_dir, index_url, as_json):
     """Totals: patients, studies, series, instances, bytes, per modality."""
-    config = _config(config_file, data_dir)
+    config = _config(config_file, data_dir, index_url)
     totals = stats(_reader(config))
     if as_json:
         _dump(camel_keys(totals))
@@ -355,10 +366,10 @@ def stats_command(config_file, data_dir, as_json):
 @click.option("--study", "study_uid", help="only resends of this study's instances")
 @json_option("a JSON array")
 @data_options
-def conflicts(config_file, data_dir, study_uid, as_json):
+def conflicts(config_file, data_dir, index_url, study_uid, as_json):
     """Resends whose bytes differed from what was stored, newest first: the copy
     kept aside under conflicts/, or the one that replaced the indexed copy."""
-    config = _config(config_file, data_dir)
+    config = _config(config_file, data_dir, index_url)
     found = list(iter_conflicts(_reader(config), study_uid=study_uid))
     if as_json:
         _dump([conflict_json(c) for c in found])
@@ -376,10 +387,10 @@ def conflicts(config_file, data_dir, study_uid, as_json):
 @click.option("--study", "study_uid", help="only those referencing instances of this study")
 @json_option("a JSON array")
 @data_options
-def commitments(config_file, data_dir, pending, study_uid, as_json):
+def commitments(config_file, data_dir, index_url, pending, study_uid, as_json):
     """Storage commitment requests, newest first: what was committed, and whether
     the report reached the requester."""
-    config = _config(config_file, data_dir)
+    config = _config(config_file, data_dir, index_url)
     found = list(iter_commitments(_reader(config), pending=pending, study_uid=study_uid))
     if as_json:
         _dump([commitment_json(c) for c in found])
@@ -408,14 +419,14 @@ def availability():
 @click.option("--series", "series_uid", help="one series")
 @click.argument("value", type=click.Choice(["online", "nearline", "offline", "unavailable"]))
 @data_options
-def availability_set(config_file, data_dir, study_uid, series_uid, value):
+def availability_set(config_file, data_dir, index_url, study_uid, series_uid, value):
     """Set series availability; the study's is derived: the worst of its series
     (ONLINE < NEARLINE < OFFLINE < UNAVAILABLE)."""
     from storage.changes import set_availability
 
     if (study_uid is None) == (series_uid is None):
         fail("give exactly one of --study UID or --series UID", EXIT_USAGE)
-    index = _open_index(_config(config_file, data_dir))
+    index = _open_index(_config(config_file, data_dir, index_url))
     changed = set_availability(index, value, study_uid=study_uid, series_uid=series_uid)
     index.close()
     if not changed:
@@ -446,14 +457,14 @@ class _Silent:
 @click.option("--repair", is_flag=True, help="index files the index does not know")
 @json_option("one JSON object")
 @data_options
-def verify(config_file, data_dir, checksum, repair, as_json):
+def verify(config_file, data_dir, index_url, checksum, repair, as_json):
     """Check that every indexed file is on disk as recorded. Exit 1 if not."""
     from storage.maintenance import count_instances
     from storage.maintenance import verify as run_verify
 
-    config = _config(config_file, data_dir)
+    config = _config(config_file, data_dir, index_url)
     index = _open_index(config)
-    with _progress("verifying", count_instances(config.data_dir)) as bar:
+    with _progress("verifying", count_instances(config.index_location)) as bar:
         report = run_verify(
             index, config.data_dir, checksum=checksum, repair=repair, progress=bar.update
         )
@@ -487,15 +498,15 @@ def verify(config_file, data_dir, checksum, repair, as_json):
 
 @click.command()
 @data_options
-def rebuild(config_file, data_dir):
+def rebuild(config_file, data_dir, index_url):
     """Recreate the index from the files on disk (safe to interrupt and rerun)."""
     from storage.maintenance import rebuild as run_rebuild
     from storage.maintenance import rebuild_size
 
-    config = _config(config_file, data_dir)
+    config = _config(config_file, data_dir, index_url)
     _reader(config).close()
     with _progress("rebuilding", rebuild_size(config.data_dir)) as bar:
-        report = run_rebuild(config.data_dir, progress=bar.update)
+        report = run_rebuild(config.index_location, progress=bar.update)
     click.echo(f"indexed {report.instances:,} instances, {report.conflicts:,} kept-aside copies")
     for problem in report.unindexable:
         click.echo(f"could not index: {problem}", err=True)
@@ -506,13 +517,13 @@ def rebuild(config_file, data_dir):
 @click.option("--series", "series_uid")
 @click.option("--yes", is_flag=True, help="do not ask for confirmation")
 @data_options
-def delete(config_file, data_dir, study_uid, series_uid, yes):
+def delete(config_file, data_dir, index_url, study_uid, series_uid, yes):
     """Remove a study or a series: its files and its index rows."""
     from storage.changes import delete as delete_study_or_series
 
     if (study_uid is None) == (series_uid is None):
         fail("give exactly one of --study UID or --series UID", EXIT_USAGE)
-    config = _config(config_file, data_dir)
+    config = _config(config_file, data_dir, index_url)
     what = f"series {series_uid}" if series_uid else f"study {study_uid}"
     count = instances_in(_reader(config), study_uid=study_uid, series_uid=series_uid)
     if count is None:
@@ -530,5 +541,34 @@ def delete(config_file, data_dir, study_uid, series_uid, yes):
     click.echo(f"deleted {what}: {deletion.instances} instances, {deletion.bytes:,} bytes")
 
 
+@click.command("migrate-index")
+@click.option("--to", "target_url", required=True, help="the new index: postgresql://user@host/db")
+@data_options
+def migrate_index(config_file, data_dir, index_url, target_url):
+    """Copy the data dir's SQLite index into PostgreSQL (idempotent; counts checked)."""
+    from storage.database import check_index_url
+    from storage.maintenance import MigrationRefused
+    from storage.maintenance import migrate_index as run_migration
+
+    config = _config(config_file, data_dir, index_url)
+    problem = check_index_url(target_url)
+    if problem:
+        fail(f"--to: {problem}", EXIT_USAGE)
+    source = IndexLocation(config.data_dir)
+    reader = _reader(dataclasses.replace(config, index_url=""))
+    total = reader.execute("SELECT count(*) FROM instances").fetchone()[0]
+    reader.close()
+    try:
+        with _progress("copying instances", total) as bar:
+            copied = run_migration(config.data_dir, target_url, progress=bar.update)
+    except (MigrationRefused, IndexUnreachable) as exc:
+        fail(str(exc), EXIT_USAGE)
+    target = IndexLocation(config.data_dir, target_url).describe()
+    click.echo(f"copied {source.describe()} to {target}:")
+    for table, count in copied.items():
+        click.echo(f"  {table}: {count:,} rows (counts equal)")
+    click.echo(f"now serve with index_url = {target!r}")
+
+
 COMMANDS = [studies, study, fhir, export, stats_command, conflicts, commitments, availability,
-            verify, rebuild, delete]  # fmt: skip
+            verify, rebuild, delete, migrate_index]  # fmt: skip

@@ -1,7 +1,6 @@
 """The `imaging-scp` command: `serve`, `echo`, `check-config`, and the admin
 commands over the index (scp.admin)."""
 
-import sqlite3
 import sys
 
 import click
@@ -10,6 +9,7 @@ from scp import admin
 from scp.cli_options import EXIT_NOT_FOUND, config_options, effective_config, fail
 from scp.config import load_config
 from scp.service_cli import check_config, echo
+from storage.database import SchemaTooNew, database_errors
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -25,7 +25,9 @@ def run() -> None:
         fail("aborted", EXIT_NOT_FOUND)
     except click.ClickException as exc:
         fail(exc.format_message(), exc.exit_code)
-    except (sqlite3.Error, OSError) as exc:  # e.g. the index's disk is full
+    except SchemaTooNew as exc:
+        fail(str(exc), EXIT_NOT_FOUND)
+    except (OSError, *database_errors()) as exc:  # e.g. the index's disk is full
         fail(f"{type(exc).__name__}: {exc}", EXIT_NOT_FOUND)
     sys.exit(code or 0)
 

@@ -267,7 +267,7 @@ class CommitmentService:
         try:
             result = commitment.check_request(
                 self.store.index,
-                self.store.data_dir,
+                self.store.index.location,
                 transaction_uid,
                 is_storage_class,
                 hold=hold,

@@ -7,12 +7,15 @@ the defaults. Every key of the file is also a flag (``data_dir`` ↔ ``--data-di
 import dataclasses
 import difflib
 import re
+import socket
 import tomllib
 import zoneinfo
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from scp.access import check_callers, parse_caller_flag
+from storage.database import IndexLocation, check_index_url
+from storage.files import NODE_NAME
 from storage.policy import DuplicatePolicy
 
 
@@ -140,6 +143,23 @@ class Config:
     find_limit: int = _key(
         0, "most matches one C-FIND returns; beyond, it ends with 0xA700 (0: no limit)"
     )
+    index_url: str = _key(
+        "",
+        "the index: empty for index.sqlite in data_dir, or postgresql://user@host/db (one"
+        " index for several nodes sharing data_dir)",
+    )
+    node_name: str = _key(
+        "",
+        "this node's name: its temp files are in data_dir/.incoming/<node_name> (empty: host name)",
+    )
+
+    @property
+    def index_location(self) -> IndexLocation:
+        return IndexLocation(self.data_dir, self.index_url)
+
+    @property
+    def node(self) -> str:
+        return self.node_name or socket.gethostname()
 
 
 _LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -334,6 +354,14 @@ def _check_ranges(config: Config) -> None:
         check_callers(config.allowed_callers)
     except ValueError as exc:
         raise ConfigError(f"key 'allowed_callers': {exc}") from exc
+    problem = check_index_url(config.index_url)
+    if problem:
+        raise ConfigError(f"key 'index_url': {problem}")
+    if not NODE_NAME.fullmatch(config.node):
+        raise ConfigError(
+            f"key 'node_name': {config.node!r} cannot name a directory: use letters, digits,"
+            " '.', '_' or '-' (up to 64)"
+        )
     if config.log_level not in _LOG_LEVELS:
         raise ConfigError(
             f"key 'log_level': one of {', '.join(_LOG_LEVELS)}, got {config.log_level!r}"

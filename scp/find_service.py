@@ -26,7 +26,7 @@ from pynetdicom import dsutils
 from scp import dimse
 from scp.session import Session
 from storage import find
-from storage.query import open_reader
+from storage.database import IndexLocation
 
 PATIENT_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.1.1"
 STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
@@ -62,8 +62,8 @@ class FindRefused(Exception):
 
 
 class FindService:
-    def __init__(self, data_dir, aet: str, find_limit: int):
-        self.data_dir = data_dir
+    def __init__(self, location: IndexLocation, aet: str, find_limit: int):
+        self.location = location
         self.aet = aet
         self.find_limit = find_limit
 
@@ -181,7 +181,7 @@ class RunningQuery:
         limit = self.service.find_limit
         try:
             if self._rows is None:
-                self._conn = open_reader(self.service.data_dir)
+                self._conn = self.service.location.open_reader()
                 self._rows = find.find(self._conn, self.query)
             match = next(self._rows, None)
         except find.QueryError as exc:

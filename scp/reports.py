@@ -28,7 +28,6 @@ from scp.commitment_service import (
 )
 from scp.config import Config, peer_address
 from storage import commitment
-from storage.query import open_reader
 
 log = structlog.get_logger("imaging_scp")
 
@@ -95,11 +94,11 @@ class Reporter:
         starting = True
         while not self._stopping:
             try:
-                for due in commitment.due_reports(self.config.data_dir, starting=starting):
+                for due in commitment.due_reports(self.config.index_location, starting=starting):
                     if self._stopping:
                         return
                     self._deliver(due)
-                wait = commitment.next_attempt_in(self.config.data_dir)
+                wait = commitment.next_attempt_in(self.config.index_location)
             except Exception:  # a bug or a broken index: log, and try again later
                 log.exception("commitment.reporter_failed")
                 wait = None
@@ -111,7 +110,7 @@ class Reporter:
         uid = due.transaction_uid
         bound = log.bind(transaction_uid=uid, requester_ae=due.requester_ae)
         if due.checked:
-            reader = open_reader(self.config.data_dir)
+            reader = self.config.index_location.open_reader()
             try:
                 result = commitment.load_result(reader, uid)
             finally:

@@ -13,7 +13,6 @@ import os
 import select
 import signal
 import socket
-import sqlite3
 import ssl
 import sys
 import threading
@@ -32,6 +31,7 @@ from scp.logs import error_line
 from scp.reports import Reporter
 from scp.store_service import StoreService
 from scp.tls import server_context
+from storage.database import IndexUnreachable, SchemaTooNew, database_errors
 from storage.index import Index
 from storage.maintenance import recover_incoming
 from storage.store import InstanceStore
@@ -142,7 +142,7 @@ class Receiver:
             config,
             self.storage,
             self.commitment,
-            FindService(config.data_dir, config.aet, config.find_limit),
+            FindService(config.index_location, config.aet, config.find_limit),
             callers,
         )
         self.server: Listener | None = None  # plain DICOM; None with port = 0
@@ -200,9 +200,9 @@ class Receiver:
 def recover(config: Config) -> None:
     """Prepare the data directory and finish what a crash left (before any worker starts)."""
     config.data_dir.mkdir(parents=True, exist_ok=True)
-    index = Index.in_data_dir(config.data_dir)
+    index = Index.open(config.index_location)
     try:
-        recovery = recover_incoming(index, config.data_dir)
+        recovery = recover_incoming(index, config.index_location, config.node)
     finally:
         index.close()
     if recovery.removed or recovery.indexed:
@@ -217,9 +217,10 @@ def open_store(config: Config) -> InstanceStore:
     """This process's index connection and store."""
     return InstanceStore(
         config.data_dir,
-        Index.in_data_dir(config.data_dir),
+        Index.open(config.index_location),
         config.duplicates,
         (config.min_free_space.bytes, config.min_free_space.percent),
+        node=config.node,
     )
 
 
@@ -314,8 +315,21 @@ def serve(config: Config, reload_config: Callable[[], Config] | None = None) -> 
 
     try:
         recover(config)
-    except (OSError, sqlite3.Error) as exc:
+    except SchemaTooNew as exc:
+        return _cannot_start(str(exc))
+    except IndexUnreachable as exc:
+        return _cannot_start(
+            f"{exc}: check index_url, that PostgreSQL runs there and lets this user in"
+        )
+    except OSError as exc:
         return _cannot_start(_data_dir_problem(config.data_dir, exc))
+    except database_errors() as exc:
+        if not config.index_location.is_postgresql:
+            return _cannot_start(_data_dir_problem(config.data_dir, exc))
+        return _cannot_start(
+            f"cannot use the index at {config.index_location.describe()} ({exc}): the user of"
+            " index_url must be allowed to create tables in that database"
+        )
     workers = fork_workers(config.workers - 1)
     store = open_store(config)
     receiver = Receiver(config, store, callers)
@@ -340,6 +354,8 @@ def serve(config: Config, reload_config: Callable[[], Config] | None = None) -> 
             tls=over_tls,
             **({"client_certificates": bool(config.tls_client_ca)} if over_tls else {}),
             data_dir=str(config.data_dir.resolve()),
+            index=config.index_location.describe(),
+            node=config.node,
             duplicates=str(config.duplicates),
             max_pdu=config.max_pdu,
         )

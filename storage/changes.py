@@ -6,11 +6,11 @@ never leaves rows pointing at nothing.
 """
 
 import json
-import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from storage.database import Database
 from storage.index import AVAILABILITIES, Index, utc_now
 from storage.query import worst_availability
 
@@ -181,7 +181,7 @@ def _delete_rows(
         return Deletion(row[0], row[1], paths)
 
 
-def _paths(conn: sqlite3.Connection, column: str, uid: str) -> list[str]:
+def _paths(conn: Database, column: str, uid: str) -> list[str]:
     return [
         row[0] for row in conn.execute(f"SELECT path FROM instances WHERE {column} = ?", (uid,))
     ]
@@ -191,8 +191,8 @@ def _drop_series_from_study(index: Index, study_uid: str, instances: int, size: 
     modalities = [
         row[0]
         for row in index.conn.execute(
-            "SELECT DISTINCT modality FROM series WHERE study_uid = ? AND modality IS NOT NULL"
-            " ORDER BY first_received",
+            "SELECT modality FROM series WHERE study_uid = ? AND modality IS NOT NULL"
+            " GROUP BY modality ORDER BY min(first_received)",
             (study_uid,),
         )
     ]

@@ -17,15 +17,14 @@ checked), ``pending`` (checked, report not yet acknowledged; retried at
 """
 
 import enum
-import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from storage import files
+from storage.database import Database, IndexLocation, IndexUnreachable
 from storage.index import Index, utc_now
-from storage.query import open_reader
 
 CHECKING, PENDING, DELIVERED, FAILED = "checking", "pending", "delivered", "failed"
 
@@ -133,7 +132,7 @@ def record_request(index: Index, request: CommitmentRequest, *, hold: float = 0.
     return Recorded.NEW
 
 
-def _is_recorded(conn: sqlite3.Connection, transaction_uid: str) -> bool:
+def _is_recorded(conn: Database, transaction_uid: str) -> bool:
     return (
         conn.execute(
             "SELECT 1 FROM commitments WHERE transaction_uid = ?", (transaction_uid,)
@@ -144,7 +143,7 @@ def _is_recorded(conn: sqlite3.Connection, transaction_uid: str) -> bool:
 
 def check_request(
     index: Index,
-    data_dir: Path,
+    location: IndexLocation,
     transaction_uid: str,
     is_storage_class: Callable[[str], bool],
     *,
@@ -158,7 +157,7 @@ def check_request(
     `hold`: seconds during which retries leave the report to the caller (who
     delivers it on the requester's association).
     """
-    reader = open_reader(data_dir)
+    reader = location.open_reader()
     try:
         if _checked(reader, transaction_uid):
             return load_result(reader, transaction_uid)
@@ -168,7 +167,10 @@ def check_request(
             (transaction_uid,),
         ).fetchall()
         outcomes = [
-            (position, *_check_instance(reader, data_dir, Reference(cls, uid), is_storage_class))
+            (
+                position,
+                *_check_instance(reader, location.data_dir, Reference(cls, uid), is_storage_class),
+            )  # fmt: skip
             for position, cls, uid in items
         ]
     finally:
@@ -176,14 +178,14 @@ def check_request(
     _record_result(index, transaction_uid, outcomes, hold)
     # Read back what was recorded: ours, or the result of a checker that got
     # there first, which is the one every report must carry.
-    reader = open_reader(data_dir)
+    reader = location.open_reader()
     try:
         return load_result(reader, transaction_uid)
     finally:
         reader.close()
 
 
-def _checked(conn: sqlite3.Connection, transaction_uid: str) -> bool:
+def _checked(conn: Database, transaction_uid: str) -> bool:
     row = conn.execute(
         "SELECT checked_at FROM commitments WHERE transaction_uid = ?", (transaction_uid,)
     ).fetchone()
@@ -191,7 +193,7 @@ def _checked(conn: sqlite3.Connection, transaction_uid: str) -> bool:
 
 
 def _check_instance(
-    conn: sqlite3.Connection,
+    conn: Database,
     data_dir: Path,
     reference: Reference,
     is_storage_class: Callable[[str], bool],
@@ -248,9 +250,7 @@ def _record_result(
         _mark_completeness(conn, transaction_uid, outcomes, now)
 
 
-def _mark_completeness(
-    conn: sqlite3.Connection, transaction_uid: str, outcomes: list, now: str
-) -> None:
+def _mark_completeness(conn: Database, transaction_uid: str, outcomes: list, now: str) -> None:
     """A series all of whose referenced instances are committed is complete; a
     series with a failure is incomplete. A failure we cannot place in a series
     (an instance never received) makes every series of the request incomplete:
@@ -287,7 +287,7 @@ def _mark_completeness(
         )
 
 
-def load_result(conn: sqlite3.Connection, transaction_uid: str) -> CommitmentResult:
+def load_result(conn: Database, transaction_uid: str) -> CommitmentResult:
     """The recorded result of a checked transaction."""
     requester = conn.execute(
         "SELECT requester_ae FROM commitments WHERE transaction_uid = ?", (transaction_uid,)
@@ -354,14 +354,14 @@ def delivery_failed(
         )
 
 
-def due_reports(data_dir: Path, *, starting: bool = False) -> list[DueReport]:
+def due_reports(location: IndexLocation, *, starting: bool = False) -> list[DueReport]:
     """Transactions whose report is owed now, oldest first: checked ones whose
     retry time has come, and those still unchecked whose association's hold
     has passed (a check that failed). `starting`: the service has just started
     and no association holds anything: every pending and unchecked one."""
     try:
-        conn = open_reader(data_dir)
-    except FileNotFoundError:
+        conn = location.open_reader()
+    except IndexUnreachable:
         return []
     try:
         rows = conn.execute(
@@ -375,11 +375,11 @@ def due_reports(data_dir: Path, *, starting: bool = False) -> list[DueReport]:
         conn.close()
 
 
-def next_attempt_in(data_dir: Path) -> float | None:
+def next_attempt_in(location: IndexLocation) -> float | None:
     """Seconds until the earliest retry of a pending report (None: none pending)."""
     try:
-        conn = open_reader(data_dir)
-    except FileNotFoundError:
+        conn = location.open_reader()
+    except IndexUnreachable:
         return None
     try:
         row = conn.execute(

@@ -2,7 +2,7 @@
 
 A stored file is the 128-byte preamble, ``DICM``, our file meta group, and then the
 dataset bytes exactly as received. Files are written to a temporary name under
-``<data>/.incoming`` (same filesystem), fsynced, and renamed into
+``<data>/.incoming/<node>`` (same filesystem), fsynced, and renamed into
 ``<data>/<study>/<series>/<sop>.dcm``; the directory is fsynced after the rename so
 the new name survives a power cut too.
 """
@@ -11,6 +11,7 @@ import hashlib
 import itertools
 import json
 import os
+import re
 import struct
 import time
 from dataclasses import dataclass
@@ -174,14 +175,23 @@ def _temp_name() -> str:
     return f"{os.getpid():x}-{time.time_ns():x}-{next(_temp_numbers)}{TEMP_SUFFIX}"
 
 
-class TempWriter:
-    """A new temporary file in `.incoming` that a dataset is written to as it
-    arrives, after `head` (the file header), which goes out with its first
-    bytes. `durable()` fsyncs and closes it; `discard()` removes it. On an
-    OSError from a write the file is left to the caller to discard."""
+def incoming_dir(data_dir: Path, node: str) -> Path:
+    """Where one node's temporary files are: ``.incoming/<node>``. Only that
+    node's startup recovery touches them (several nodes share a data dir)."""
+    return Path(data_dir) / INCOMING_DIR / node
 
-    def __init__(self, data_dir: Path, head: bytes = b""):
-        self.path = data_dir / INCOMING_DIR / _temp_name()
+
+NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+class TempWriter:
+    """A new temporary file in a node's `.incoming` directory that a dataset is
+    written to as it arrives, after `head` (the file header), which goes out
+    with its first bytes. `durable()` fsyncs and closes it; `discard()` removes
+    it. On an OSError from a write the file is left to the caller to discard."""
+
+    def __init__(self, incoming: Path, head: bytes = b""):
+        self.path = incoming / _temp_name()
         self.size = len(head)
         self._head = head
         self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -224,13 +234,13 @@ class TempWriter:
             self._fd = None
 
 
-def write_temp_file(data_dir: Path, parts: list[bytes]) -> TempFile:
+def write_temp_file(incoming: Path, parts: list[bytes]) -> TempFile:
     """Write `parts` to a new temporary file and fsync it.
 
     On any OSError (ENOSPC, EIO, ...) the temporary file is removed before the
     error propagates, so nothing half-written remains.
     """
-    writer = TempWriter(data_dir, parts[0] if parts else b"")
+    writer = TempWriter(incoming, parts[0] if parts else b"")
     try:
         for part in parts[1:]:
             writer.write(part)
@@ -304,9 +314,16 @@ def fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-def prepare_data_dir(data_dir: Path) -> list[Path]:
-    """Create the data directory layout; return the temp files left by a crash
-    (see `link_into_place`), oldest first."""
-    incoming = data_dir / INCOMING_DIR
-    incoming.mkdir(parents=True, exist_ok=True)
-    return sorted(incoming.glob("*" + TEMP_SUFFIX), key=lambda path: path.stat().st_mtime_ns)
+def prepare_data_dir(data_dir: Path, node: str, *, every_node: bool = False) -> list[Path]:
+    """Create the data directory layout; return the temp files a crash of this
+    node left (see `link_into_place`), oldest first — with `every_node`, those
+    of every node's directory (an index no other machine writes to). Files
+    directly in `.incoming` are an earlier version's, and this node's."""
+    root = Path(data_dir) / INCOMING_DIR
+    own = incoming_dir(data_dir, node)
+    own.mkdir(parents=True, exist_ok=True)
+    directories = [root, own]
+    if every_node:
+        directories = [root, *sorted(path for path in root.iterdir() if path.is_dir())]
+    temps = [temp for directory in directories for temp in directory.glob("*" + TEMP_SUFFIX)]
+    return sorted(temps, key=lambda path: path.stat().st_mtime_ns)

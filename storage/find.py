@@ -24,9 +24,10 @@ Matching, per VR of the key:
 
 import json
 import re
-import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
+
+from storage.database import Database
 
 PATIENT, STUDY, SERIES, IMAGE = "PATIENT", "STUDY", "SERIES", "IMAGE"
 LEVELS = (PATIENT, STUDY, SERIES, IMAGE)
@@ -46,6 +47,11 @@ class Key:
     level: str  # the level whose rows hold it
     column: str  # SQL expression over the FROM clause of `find`
 
+    @property
+    def counts_patients(self) -> bool:
+        """An aggregate over a patient's studies (PATIENT level only)."""
+        return self.column.startswith(("count(", "CAST(sum("))
+
 
 _A = "s"  # studies
 _X = "x"  # series
@@ -62,9 +68,9 @@ KEYS = {
         Key("PatientSex", 0x00100040, "CS", PATIENT, f"{_A}.patient_sex"),
         Key("NumberOfPatientRelatedStudies", 0x00201200, "IS", PATIENT, "count(*)"),
         Key("NumberOfPatientRelatedSeries", 0x00201202, "IS", PATIENT,
-            f"sum({_A}.number_of_series)"),
+            f"CAST(sum({_A}.number_of_series) AS BIGINT)"),
         Key("NumberOfPatientRelatedInstances", 0x00201204, "IS", PATIENT,
-            f"sum({_A}.number_of_instances)"),
+            f"CAST(sum({_A}.number_of_instances) AS BIGINT)"),
         Key("StudyInstanceUID", 0x0020000D, "UI", STUDY, f"{_A}.study_uid"),
         Key("StudyDate", 0x00080020, "DA", STUDY, f"{_A}.study_date"),
         Key("StudyTime", 0x00080030, "TM", STUDY, f"{_A}.study_time"),
@@ -130,7 +136,7 @@ def key_for(keyword: str, level: str) -> Key | None:
     key = KEYS.get(keyword)
     if key is None or LEVELS.index(key.level) > LEVELS.index(level):
         return None
-    if key.column.startswith(("count(", "sum(")) and level != PATIENT:
+    if key.counts_patients and level != PATIENT:
         return None  # the patient's counts only at PATIENT level
     return key
 
@@ -163,13 +169,13 @@ def check_query(query: Query) -> None:
             )
 
 
-def find(conn: sqlite3.Connection, query: Query) -> Iterator[dict]:
+def find(conn: Database, query: Query) -> Iterator[dict]:
     """The matches of a checked query, one dict per row as the cursor yields it."""
     level = query.level
     keys = {keyword: key_for(keyword, level) for keyword in query.keys}
     keys = {keyword: key for keyword, key in keys.items() if key is not None}
     columns = [(keyword, _column(key, level)) for keyword, key in keys.items()]
-    where, params = _conditions(query, keys, level)
+    where, params = _conditions(conn, query, keys, level)
     sql = f"SELECT {', '.join(c for _, c in columns) or '1'} FROM {_FROM[level]}"
     if where:
         sql += " WHERE " + " AND ".join(where)
@@ -188,12 +194,14 @@ def find(conn: sqlite3.Connection, query: Query) -> Iterator[dict]:
 def _column(key: Key, level: str) -> str:
     if key is INSTANCE_AVAILABILITY:
         return _AVAILABILITY[level]
-    if level == PATIENT and not key.column.startswith(("count(", "sum(")):
+    if level == PATIENT and not key.counts_patients:
         return f"max({key.column})"  # one value per patient: the first study's, mostly
     return key.column
 
 
-def _conditions(query: Query, keys: dict[str, Key], level: str) -> tuple[list[str], list]:
+def _conditions(
+    db: Database, query: Query, keys: dict[str, Key], level: str
+) -> tuple[list[str], list]:
     where, params = [], []
     values = query.keys
     combined = set()
@@ -207,20 +215,20 @@ def _conditions(query: Query, keys: dict[str, Key], level: str) -> tuple[list[st
             combined |= {date_keyword, time_keyword}
     for keyword, key in keys.items():
         value = values[keyword]
-        if not value or keyword in combined or key.column.startswith(("count(", "sum(")):
+        if not value or keyword in combined or key.counts_patients:
             continue
         column = _column(key, level) if key is INSTANCE_AVAILABILITY else key.column
-        condition, args = _match(keyword, key.vr, column, value)
+        condition, args = _match(db, keyword, key.vr, column, value)
         where.append(condition)
         params += args
     return where, params
 
 
-def _match(keyword: str, vr: str, column: str, value: str) -> tuple[str, list]:
+def _match(db: Database, keyword: str, vr: str, column: str, value: str) -> tuple[str, list]:
     if vr == "UI":
         uids = [uid.strip() for uid in value.split("\\") if uid.strip()]
         if uids == ["*"]:
-            return "1", []
+            return "1 = 1", []
         return f"{column} IN ({','.join('?' * len(uids))})", uids
     if vr in ("DA", "TM", "DT"):
         return _range(column, value, keyword)
@@ -228,24 +236,19 @@ def _match(keyword: str, vr: str, column: str, value: str) -> tuple[str, list]:
     parts, args = [], []
     for one in values:
         if keyword == "ModalitiesInStudy":
-            condition, arg = _text_match("value", vr, one)
-            parts.append(f"EXISTS (SELECT 1 FROM json_each({column}) WHERE {condition})")
+            condition, arg = _text_match(db, "value", vr, one)
+            parts.append(f"EXISTS (SELECT 1 FROM {db.json_elements(column)} WHERE {condition})")
         else:
-            condition, arg = _text_match(column, vr, one)
+            condition, arg = _text_match(db, column, vr, one)
             parts.append(condition)
         args.append(arg)
     return "(" + " OR ".join(parts) + ")", args
 
 
-def _text_match(column: str, vr: str, value: str) -> tuple[str, str | int]:
+def _text_match(db: Database, column: str, vr: str, value: str) -> tuple[str, str | int]:
     wild = "*" in value or "?" in value
-    if vr == "PN":
-        # LIKE is case-insensitive for ASCII letters; its own wildcards escaped.
-        escaped = re.sub(r"([%_\\])", r"\\\1", value).replace("*", "%").replace("?", "_")
-        return f"{column} LIKE ? ESCAPE '\\'", escaped
-    if wild:
-        # GLOB: case-sensitive, * and ? as DICOM's; a literal [ is written [[].
-        return f"{column} GLOB ?", value.replace("[", "[[]")
+    if vr == "PN" or wild:
+        return db.wildcard(column, value, ignore_case=vr == "PN")
     if vr == "IS":
         try:
             return f"{column} = ?", int(value)
@@ -290,7 +293,7 @@ def _date_time_range(date_key: Key, time_key: Key, dates: str, times: str) -> tu
     if d_high:
         clauses.append(f"{moment} <= ?")
         args.append(d_high + (t_high or "") + "\uffff")
-    return ("(" + " AND ".join(clauses) + ")") if clauses else "1", args
+    return ("(" + " AND ".join(clauses) + ")") if clauses else "1 = 1", args
 
 
 _DIGITS = re.compile(r"[0-9.]*")

@@ -1,4 +1,5 @@
-"""The ImagingStudy-shaped index: studies, series and instances in SQLite (WAL).
+"""The ImagingStudy-shaped index: studies, series and instances, in SQLite (WAL)
+or PostgreSQL (storage.database), with the same schema and semantics on both.
 
 Live ingest updates it incrementally: one transaction per instance inserts the
 instance and updates its series and study through primary-key reads and writes
@@ -7,7 +8,9 @@ or the index already is. Counts and the modality list are maintained here, never
 read from DICOM tags.
 
 Writes go through one connection guarded by one lock per process
-(`Index.writing`); across processes SQLite's own write lock serialises them.
+(`Index.writing`); across processes SQLite's own write lock serialises them, and
+on PostgreSQL a lock per study (`Database.lock_keys`) serialises the nodes'
+transactions on the same study while other studies' go on at once.
 Live ingest commits in groups (`Index.commit_together`): the instances that
 reach the index at the same moment share one transaction and one WAL sync.
 Readers (the admin CLI) open their own connection and never block the writer.
@@ -15,7 +18,7 @@ Readers (the admin CLI) open their own connection and never block the writer.
 
 import dataclasses
 import json
-import sqlite3
+import random
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -24,10 +27,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
+from storage.database import (
+    SQLITE_FILENAME,
+    Database,
+    IndexLocation,
+    PostgresDatabase,
+    SchemaTooNew,
+    is_retryable,
+)
+
 if TYPE_CHECKING:
     from storage.header import InstanceHeader
 
-INDEX_FILENAME = "index.sqlite"
+INDEX_FILENAME = SQLITE_FILENAME
 # 2: storage commitment (commitments, commitment_items, series.committed_at),
 # series.unavailable_by_verify, dates and times normalised with *_raw beside them
 SCHEMA_VERSION = 2
@@ -74,6 +86,129 @@ SERIES_FIELDS = {
     "performer": str,
 }
 INSTANCE_FIELDS = {"number": int, "title": str, "number_of_frames": int}
+
+# The schema, the same on SQLite and PostgreSQL: table -> (columns, primary key).
+TABLES = {
+    "studies": (
+        {
+            "study_uid": str,
+            **STUDY_FIELDS,
+            "modalities": str,
+            "number_of_series": int,
+            "number_of_instances": int,
+            "bytes": int,
+            "availability": str,
+            "first_received": str,
+            "last_received": str,
+        },
+        "study_uid",
+    ),
+    "series": (
+        {
+            "series_uid": str,
+            "study_uid": str,
+            **SERIES_FIELDS,
+            "number_of_instances": int,
+            "bytes": int,
+            "availability": str,
+            "first_received": str,
+            "last_received": str,
+            "incomplete_reason": str,
+            "incomplete_since": str,
+            # When a storage commitment last covered every instance it
+            # referenced in this series with success: the series is complete.
+            "committed_at": str,
+            # The availability `verify` found before it marked the series
+            # UNAVAILABLE (a file missing); NULL when verify did not mark it.
+            "unavailable_by_verify": str,
+        },
+        "series_uid",
+    ),
+    "instances": (
+        {
+            "sop_instance_uid": str,
+            "series_uid": str,
+            "study_uid": str,
+            "sop_class_uid": str,
+            **INSTANCE_FIELDS,
+            "transfer_syntax": str,
+            "path": str,
+            "size": int,
+            "sha256": str,
+            "received_at": str,
+            "calling_ae": str,
+            "called_ae": str,
+            "peer": str,
+            "association_id": str,
+        },
+        "sop_instance_uid",
+    ),
+    "conflicts": (
+        {
+            "id": int,
+            "sop_instance_uid": str,
+            "action": str,
+            "path": str,
+            "size": int,
+            "sha256": str,
+            "received_at": str,
+            "calling_ae": str,
+            "peer": str,
+            "association_id": str,
+        },
+        "id",
+    ),
+    "commitments": (
+        {
+            "transaction_uid": str,
+            "requester_ae": str,
+            "requester_peer": str,
+            "association_id": str,
+            "requested_at": str,
+            "instances": int,
+            # Set once, when checked: the result never changes after.
+            "checked_at": str,
+            "committed": int,
+            "failed": int,
+            # checking -> pending -> delivered, or failed (given up)
+            "delivery_state": str,
+            "attempts": int,
+            "next_attempt_at": str,
+            "delivered_at": str,
+            "delivered_by": str,  # same association | new association
+            "last_error": str,
+        },
+        "transaction_uid",
+    ),
+    "commitment_items": (
+        {
+            "transaction_uid": str,
+            "position": int,
+            "sop_class_uid": str,
+            "sop_instance_uid": str,
+            # Where the indexed instance was when checked (NULL: not indexed).
+            "study_uid": str,
+            "series_uid": str,
+            "failure_reason": int,  # NULL: committed (once checked)
+        },
+        ("transaction_uid", "position"),
+    ),
+}
+INDEXES = [
+    ("commitments", ["delivery_state", "next_attempt_at"]),
+    ("commitment_items", ["study_uid"]),
+    # The admin filters (storage.query.StudyFilter) and its newest-first order.
+    *(
+        ("studies", [column])
+        for column in ("patient_id", "accession", "study_date", "last_received")
+    ),
+    ("series", ["study_uid"]),
+    ("instances", ["series_uid"]),
+    ("conflicts", ["sop_instance_uid"]),
+]
+# How often a group's transaction is run again after a PostgreSQL deadlock or
+# serialization failure, before its senders get a failure status.
+COMMIT_ATTEMPTS = 8
 
 
 def utc_now() -> str:
@@ -150,6 +285,7 @@ class _Ticket:
     """One thread's work in a group commit."""
 
     work: Callable[[], object]
+    lock_key: str | None = None
     done: bool = False
     result: object = None
     error: BaseException | None = None
@@ -165,22 +301,16 @@ class SeriesStudyMismatch(ValueError):
 
 
 class Index:
-    """The index database of one data directory."""
+    """The index database of one archive, as its writers use it."""
 
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        self.conn = sqlite3.connect(
-            self.path, check_same_thread=False, isolation_level=None, timeout=30
-        )
-        # Imported here: the read-only admin commands never open an Index, and
-        # sqlite-utils costs them 0.1 s of start-up.
-        import sqlite_utils
-
-        self.db = sqlite_utils.Database(self.conn)
-        self.conn.execute("PRAGMA journal_mode=WAL")
-        # FULL: a committed transaction survives a power cut, which is what a
-        # Success status promises.
-        self.conn.execute("PRAGMA synchronous=FULL")
+    def __init__(self, db: Database, location: IndexLocation | None = None):
+        self.conn = db
+        self.location = location  # None: a scratch index (rebuild)
+        if db.dialect == "sqlite":
+            db.execute("PRAGMA journal_mode=WAL")
+            # FULL: a committed transaction survives a power cut, which is what a
+            # Success status promises.
+            db.execute("PRAGMA synchronous=FULL")
         self._lock = threading.Lock()
         self._group = threading.Condition()  # group commit: who leads, who waits
         self._queue: list[_Ticket] = []
@@ -188,155 +318,50 @@ class Index:
         self._create_schema()
 
     @classmethod
+    def open(cls, location: IndexLocation) -> "Index":
+        return cls(location.open(create=True), location)
+
+    @classmethod
     def in_data_dir(cls, data_dir: Path) -> "Index":
-        return cls(Path(data_dir) / INDEX_FILENAME)
+        return cls.open(IndexLocation(Path(data_dir)))
 
     def close(self) -> None:
         self.conn.close()
 
     def _create_schema(self) -> None:
-        db = self.db
+        db = self.conn
         with self._lock:
-            db["studies"].create(
-                {
-                    "study_uid": str,
-                    **STUDY_FIELDS,
-                    "modalities": str,
-                    "number_of_series": int,
-                    "number_of_instances": int,
-                    "bytes": int,
-                    "availability": str,
-                    "first_received": str,
-                    "last_received": str,
-                },
-                pk="study_uid",
-                if_not_exists=True,
-            )
-            db["series"].create(
-                {
-                    "series_uid": str,
-                    "study_uid": str,
-                    **SERIES_FIELDS,
-                    "number_of_instances": int,
-                    "bytes": int,
-                    "availability": str,
-                    "first_received": str,
-                    "last_received": str,
-                    "incomplete_reason": str,
-                    "incomplete_since": str,
-                    # When a storage commitment last covered every instance it
-                    # referenced in this series with success: the series is complete.
-                    "committed_at": str,
-                    # The availability `verify` found before it marked the series
-                    # UNAVAILABLE (a file missing); NULL when verify did not mark it.
-                    "unavailable_by_verify": str,
-                },
-                pk="series_uid",
-                if_not_exists=True,
-            )
-            # An index of version 1 gains the columns added since.
-            for table, columns in (
-                ("studies", STUDY_FIELDS),
-                ("series", {**SERIES_FIELDS, "committed_at": str, "unavailable_by_verify": str}),
-            ):
-                present = db[table].columns_dict
-                for column, kind in columns.items():
-                    if column not in present:
-                        db[table].add_column(column, kind)
-            db["instances"].create(
-                {
-                    "sop_instance_uid": str,
-                    "series_uid": str,
-                    "study_uid": str,
-                    "sop_class_uid": str,
-                    **INSTANCE_FIELDS,
-                    "transfer_syntax": str,
-                    "path": str,
-                    "size": int,
-                    "sha256": str,
-                    "received_at": str,
-                    "calling_ae": str,
-                    "called_ae": str,
-                    "peer": str,
-                    "association_id": str,
-                },
-                pk="sop_instance_uid",
-                if_not_exists=True,
-            )
-            db["conflicts"].create(
-                {
-                    "id": int,
-                    "sop_instance_uid": str,
-                    "action": str,
-                    "path": str,
-                    "size": int,
-                    "sha256": str,
-                    "received_at": str,
-                    "calling_ae": str,
-                    "peer": str,
-                    "association_id": str,
-                },
-                pk="id",
-                if_not_exists=True,
-            )
-            db["commitments"].create(
-                {
-                    "transaction_uid": str,
-                    "requester_ae": str,
-                    "requester_peer": str,
-                    "association_id": str,
-                    "requested_at": str,
-                    "instances": int,
-                    # Set once, when checked: the result never changes after.
-                    "checked_at": str,
-                    "committed": int,
-                    "failed": int,
-                    # checking -> pending -> delivered, or failed (given up)
-                    "delivery_state": str,
-                    "attempts": int,
-                    "next_attempt_at": str,
-                    "delivered_at": str,
-                    "delivered_by": str,  # same association | new association
-                    "last_error": str,
-                },
-                pk="transaction_uid",
-                if_not_exists=True,
-            )
-            db["commitment_items"].create(
-                {
-                    "transaction_uid": str,
-                    "position": int,
-                    "sop_class_uid": str,
-                    "sop_instance_uid": str,
-                    # Where the indexed instance was when checked (NULL: not indexed).
-                    "study_uid": str,
-                    "series_uid": str,
-                    "failure_reason": int,  # NULL: committed (once checked)
-                },
-                pk=("transaction_uid", "position"),
-                if_not_exists=True,
-            )
-            db["commitments"].create_index(
-                ["delivery_state", "next_attempt_at"], if_not_exists=True
-            )
-            db["commitment_items"].create_index(["study_uid"], if_not_exists=True)
-            # The admin filters (storage.query.StudyFilter) and its newest-first order.
-            for column in ("patient_id", "accession", "study_date", "last_received"):
-                db["studies"].create_index([column], if_not_exists=True)
-            db["series"].create_index(["study_uid"], if_not_exists=True)
-            db["instances"].create_index(["series_uid"], if_not_exists=True)
-            db["conflicts"].create_index(["sop_instance_uid"], if_not_exists=True)
-            if db.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
-                db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            db.begin()
+            try:
+                if isinstance(db, PostgresDatabase):
+                    db.lock_schema()
+                found = db.schema_version()
+                if found > SCHEMA_VERSION:
+                    raise SchemaTooNew(
+                        f"the index has schema version {found}, written by a newer imaging-scp;"
+                        f" this one knows version {SCHEMA_VERSION}: run the newer imaging-scp"
+                    )
+                for name, (columns, pk) in TABLES.items():
+                    db.ensure_table(name, columns, pk)
+                for table, columns in INDEXES:
+                    db.ensure_index(table, columns)
+                if found != SCHEMA_VERSION:
+                    db.set_schema_version(SCHEMA_VERSION)
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
 
     @contextmanager
     def writing(self) -> Iterator["Index"]:
         """One write transaction, exclusive within this process.
 
-        Commits on normal exit (durably: synchronous=FULL), rolls back on error.
+        Commits on normal exit (durably: synchronous=FULL on SQLite,
+        synchronous_commit=on on PostgreSQL), rolls back on error.
         """
         with self._lock:
-            self.conn.execute("BEGIN IMMEDIATE")
+            self.conn.begin()
             try:
                 yield self
                 self.conn.execute("COMMIT")
@@ -347,15 +372,19 @@ class Index:
                     self.conn.execute("ROLLBACK")
                 raise
 
-    def commit_together(self, work: Callable[[], T]) -> T:
+    def commit_together(self, work: Callable[[], T], *, lock_key: str | None = None) -> T:
         """Run `work` in a write transaction shared with what other threads of this
         process bring at the same moment (group commit): one COMMIT, and so one
         WAL sync, for all of them. Returns, or raises, only after that COMMIT.
 
         Each work runs in its own savepoint: one that raises is rolled back alone
         and its exception raised in its own thread; a failed COMMIT fails all.
+        `lock_key` (the study UID) is what the work changes: on PostgreSQL, other
+        nodes' transactions on the same key wait for this one. A transaction that
+        meets a deadlock or another node's concurrent insert is run again, whole,
+        so a work must be safe to run again after a rollback.
         """
-        ticket = _Ticket(work)
+        ticket = _Ticket(work, lock_key)
         with self._group:
             self._queue.append(ticket)
             while self._leading and not ticket.done:
@@ -376,27 +405,42 @@ class Index:
         conn = self.conn
         with self._lock:
             try:
-                conn.execute("BEGIN IMMEDIATE")
-                if len(batch) == 1:  # alone: its failure rolls back the whole transaction
-                    batch[0].result = batch[0].work()
-                else:
+                for attempt in range(1, COMMIT_ATTEMPTS + 1):
+                    try:
+                        self._run_batch(batch)
+                        return
+                    except BaseException as exc:
+                        if conn.in_transaction:
+                            conn.execute("ROLLBACK")
+                        if not is_retryable(exc) or attempt == COMMIT_ATTEMPTS:
+                            for ticket in batch:
+                                ticket.error = ticket.error or exc
+                            return
                     for ticket in batch:
-                        conn.execute("SAVEPOINT instance")
-                        try:
-                            ticket.result = ticket.work()
-                        except BaseException as exc:
-                            ticket.error = exc
-                            conn.execute("ROLLBACK TO instance")
-                        conn.execute("RELEASE instance")
-                conn.execute("COMMIT")
-            except BaseException as exc:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                for ticket in batch:
-                    ticket.error = ticket.error or exc
+                        ticket.result = ticket.error = None
+                    time.sleep(min(0.5, 0.005 * 2**attempt) * random.uniform(0.5, 1.5))
             finally:
                 for ticket in batch:
                     ticket.done = True
+
+    def _run_batch(self, batch: list["_Ticket"]) -> None:
+        conn = self.conn
+        conn.begin()
+        conn.lock_keys([ticket.lock_key for ticket in batch if ticket.lock_key])
+        if len(batch) == 1:  # alone: its failure rolls back the whole transaction
+            batch[0].result = batch[0].work()
+        else:
+            for ticket in batch:
+                conn.execute("SAVEPOINT instance")
+                try:
+                    ticket.result = ticket.work()
+                except BaseException as exc:
+                    if is_retryable(exc):  # the whole transaction runs again
+                        raise
+                    ticket.error = exc
+                    conn.execute("ROLLBACK TO instance")
+                conn.execute("RELEASE instance")
+        conn.execute("COMMIT")
 
     def stored_digest(self, sop_instance_uid: str) -> StoredDigest | None:
         """The indexed copy of an instance, or None. Call inside `writing()` to
@@ -511,6 +555,12 @@ class Index:
             ),
         )
 
+    def _insert(self, table: str, row: dict) -> None:
+        self.conn.execute(
+            f"INSERT INTO {table} ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
+            tuple(row.values()),
+        )
+
     def _count_in_series(self, entry: IndexEntry, outcome: IndexOutcome) -> str | None:
         """Create or update the instance's series.
 
@@ -526,7 +576,8 @@ class Index:
         if row is None:
             outcome.new_series = True
             values = {name: header.series.get(name) for name in columns}
-            self.db["series"].insert(
+            self._insert(
+                "series",
                 {
                     "series_uid": header.series_uid,
                     "study_uid": header.study_uid,
@@ -536,7 +587,7 @@ class Index:
                     "availability": ONLINE,
                     "first_received": entry.received_at,
                     "last_received": entry.received_at,
-                }
+                },
             )
             return values["modality"]
         stored = dict(zip(columns, row[1:], strict=True))
@@ -563,7 +614,8 @@ class Index:
         ).fetchone()
         if row is None:
             outcome.new_study = True
-            self.db["studies"].insert(
+            self._insert(
+                "studies",
                 {
                     "study_uid": header.study_uid,
                     **{name: header.study.get(name) for name in columns},
@@ -574,7 +626,7 @@ class Index:
                     "availability": ONLINE,
                     "first_received": entry.received_at,
                     "last_received": entry.received_at,
-                }
+                },
             )
             return
         stored = dict(zip(columns, row[1:], strict=True))
@@ -613,3 +665,33 @@ def _first_values_win(level: str, stored: dict, received: dict, outcome: IndexOu
         elif current != value:
             outcome.disagreements.append((level, name, current, value))
     return updates
+
+
+def replace_rows(
+    source: Database,
+    target: Database,
+    tables: list[str],
+    progress: Callable[[int], None] = lambda _: None,
+) -> dict[str, int]:
+    """Make `tables` of `target` hold exactly the rows of `source` (inside the
+    caller's transaction on `target`); returns the rows copied per table.
+    `progress(n)` after each n instance rows."""
+    copied = {}
+    for table in tables:
+        columns, pk = TABLES[table]
+        names = list(columns)
+        target.execute(f"DELETE FROM {table}")
+        rows = source.execute(f"SELECT {', '.join(names)} FROM {table}")
+        if table == "instances":
+            rows = _counted(rows, progress)
+        copied[table] = target.insert_rows(table, names, rows)
+        if pk == "id":
+            target.reset_identity(table, "id")
+    return copied
+
+
+def _counted(rows, progress: Callable[[int], None], every: int = 1000):
+    for number, row in enumerate(rows, 1):
+        yield row
+        if number % every == 0:
+            progress(every)

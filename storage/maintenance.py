@@ -6,7 +6,6 @@ rows that live ingest produced when it arrived.
 """
 
 import os
-import sqlite3
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -14,8 +13,18 @@ from pathlib import Path, PurePosixPath
 
 from storage import files
 from storage.changes import refresh_study_availability
+from storage.database import IndexLocation, SQLiteDatabase
 from storage.header import HeaderError, read_header
-from storage.index import INDEX_FILENAME, UNAVAILABLE, Index, IndexEntry, Provenance, utc_now
+from storage.index import (
+    INDEX_FILENAME,
+    TABLES,
+    UNAVAILABLE,
+    Index,
+    IndexEntry,
+    Provenance,
+    replace_rows,
+    utc_now,
+)
 from storage.uids import is_valid_uid
 
 Progress = Callable[[int], None]
@@ -105,13 +114,15 @@ class Recovery:
     indexed: list[str] = field(default_factory=list)  # placed, and the index lacked them
 
 
-def recover_incoming(index: Index, data_dir: Path) -> Recovery:
-    """Finish what a crash interrupted: a temp file still linked to its final
-    name was placed but perhaps not indexed (see `files.link_into_place`), so
-    index it; any other temp file is removed."""
-    data_dir = Path(data_dir)
+def recover_incoming(index: Index, location: IndexLocation, node: str) -> Recovery:
+    """Finish what a crash of this node interrupted: a temp file still linked
+    to its final name was placed but perhaps not indexed (see
+    `files.link_into_place`), so index it; any other temp file is removed.
+    With a SQLite index (one machine), every node directory is this machine's."""
+    data_dir = Path(location.data_dir)
     recovery = Recovery()
-    for temp in files.prepare_data_dir(data_dir):
+    temps = files.prepare_data_dir(data_dir, node, every_node=not location.is_postgresql)
+    for temp in temps:
         relpath = _final_name(data_dir, temp) if temp.stat().st_nlink > 1 else None
         if relpath is None:
             temp.unlink()
@@ -177,9 +188,12 @@ class VerifyReport:
         return not any(problems) and not unknown
 
 
-def count_instances(data_dir: Path) -> int:
-    with sqlite3.connect(Path(data_dir) / INDEX_FILENAME) as conn:
-        return conn.execute("SELECT count(*) FROM instances").fetchone()[0]
+def count_instances(location: IndexLocation) -> int:
+    db = location.open_reader()
+    try:
+        return db.execute("SELECT count(*) FROM instances").fetchone()[0]
+    finally:
+        db.close()
 
 
 def verify(
@@ -197,7 +211,7 @@ def verify(
     and indexed when `repair`."""
     data_dir = Path(data_dir)
     report = VerifyReport()
-    reader = sqlite3.connect(index.path)
+    reader = index.conn.another()
     damaged_series: dict[str, str] = {}
     for relpath, size, sha256, series_uid, study_uid in reader.execute(
         "SELECT path, size, sha256, series_uid, study_uid FROM instances"
@@ -291,22 +305,23 @@ REBUILD_SUFFIX = ".rebuild"
 _REBUILD_BATCH = 2000
 
 
-def rebuild(data_dir: Path, *, progress: Progress = _no_progress) -> RebuildReport:
+def rebuild(location: IndexLocation, *, progress: Progress = _no_progress) -> RebuildReport:
     """Recreate the index from the files on disk.
 
-    The new index is built beside the live one (``index.sqlite.rebuild``, started
-    afresh on every run, so an interrupted rebuild is simply run again), then
-    copied into the live index in one transaction — safe while `serve` runs:
-    instances that arrived during the build are read from their files then.
-    Files are indexed in the order they were received, so first-value-wins and
-    the modality order come out as live ingest made them.
+    The new index is built beside the files (``index.sqlite.rebuild``, a SQLite
+    file whatever the live index is; started afresh on every run, so an
+    interrupted rebuild is simply run again), then copied into the live index
+    in one transaction — safe while `serve` runs: instances that arrived during
+    the build are read from their files then. Files are indexed in the order
+    they were received, so first-value-wins and the modality order come out as
+    live ingest made them.
     """
-    data_dir = Path(data_dir)
+    data_dir = Path(location.data_dir)
     started_at = utc_now()
     scratch_path = data_dir / (INDEX_FILENAME + REBUILD_SUFFIX)
     _remove_database(scratch_path)
     report = RebuildReport()
-    scratch = Index(scratch_path)
+    scratch = Index(SQLiteDatabase(scratch_path))
     try:
         order = _arrival_order(data_dir, report)
         for start in range(0, len(order), _REBUILD_BATCH):
@@ -319,11 +334,9 @@ def rebuild(data_dir: Path, *, progress: Progress = _no_progress) -> RebuildRepo
                         report.unindexable.append(str(exc))
                     progress(1)
         report.conflicts = _rebuild_conflicts(scratch, data_dir, report)
+        _replace_live_rows(location, scratch, started_at, report)
     finally:
         scratch.close()
-    try:
-        _replace_live_rows(data_dir, scratch_path, started_at, report)
-    finally:
         _remove_database(scratch_path)
     return report
 
@@ -368,30 +381,90 @@ def _rebuild_conflicts(scratch: Index, data_dir: Path, report: RebuildReport) ->
     return count
 
 
-_TABLES = ("studies", "series", "instances", "conflicts")
+_TABLES = ["studies", "series", "instances", "conflicts"]
 
 
 def _replace_live_rows(
-    data_dir: Path, scratch_path: Path, started_at: str, report: RebuildReport
+    location: IndexLocation, scratch: Index, started_at: str, report: RebuildReport
 ) -> None:
-    live = Index.in_data_dir(data_dir)
+    live = Index.open(location)
     try:
-        live.conn.execute("ATTACH DATABASE ? AS rebuilt", (str(scratch_path),))
         with live.writing():
-            arrived_during_build = live.conn.execute(
-                "SELECT path FROM main.instances WHERE received_at >= ? AND sop_instance_uid"
-                " NOT IN (SELECT sop_instance_uid FROM rebuilt.instances) ORDER BY received_at",
-                (started_at,),
-            ).fetchall()
-            for table in _TABLES:
-                live.conn.execute(f"DELETE FROM main.{table}")
-                live.conn.execute(f"INSERT INTO main.{table} SELECT * FROM rebuilt.{table}")
-            for (relpath,) in arrived_during_build:
+            arrived_during_build = [
+                relpath
+                for relpath, uid in live.conn.execute(
+                    "SELECT path, sop_instance_uid FROM instances WHERE received_at >= ?"
+                    " ORDER BY received_at",
+                    (started_at,),
+                ).fetchall()
+                if scratch.stored_digest(uid) is None
+            ]
+            replace_rows(scratch.conn, live.conn, _TABLES)
+            for relpath in arrived_during_build:
                 try:
-                    index_file(live, entry_for_file(data_dir, PurePosixPath(relpath)))
+                    index_file(live, entry_for_file(location.data_dir, PurePosixPath(relpath)))
                     report.instances += 1
                 except UnindexableFile as exc:
                     report.unindexable.append(str(exc))
-        live.conn.execute("DETACH DATABASE rebuilt")
     finally:
         live.close()
+
+
+class MigrationRefused(Exception):
+    """migrate-index would lose or mix rows; the message says which and why."""
+
+
+def migrate_index(
+    data_dir: Path, target_url: str, *, progress: Progress = _no_progress
+) -> dict[str, int]:
+    """Copy the SQLite index of `data_dir` into the index at `target_url`, in one
+    transaction there: afterwards every table of the target holds exactly the
+    source's rows (run it again and nothing changes). Refused when the target
+    holds instances the source does not (another archive's). Returns the rows
+    per table, checked against the source's counts."""
+    source_location = IndexLocation(Path(data_dir))
+    target_location = IndexLocation(Path(data_dir), target_url)
+    source = source_location.open()
+    target = Index.open(target_location)
+    try:
+        source.execute("BEGIN")  # one snapshot of the source, even while serve writes
+        _refuse_foreign_rows(source, target, source_location, target_location)
+        with target.writing():
+            copied = replace_rows(source, target.conn, list(TABLES), progress)
+        for table, count in copied.items():
+            expected = source.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+            found = target.conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+            if not expected == found == count:
+                raise MigrationRefused(
+                    f"{table}: {expected} rows in {source_location.describe()},"
+                    f" {found} in {target_location.describe()} after the copy: run it again"
+                )
+        source.execute("COMMIT")
+        return copied
+    finally:
+        source.close()
+        target.close()
+
+
+def _refuse_foreign_rows(
+    source, target: Index, source_location: IndexLocation, target_location: IndexLocation
+) -> None:
+    rows = target.conn.execute("SELECT sop_instance_uid FROM instances").fetchall()
+    uids = [row[0] for row in rows]
+    for start in range(0, len(uids), 500):
+        chunk = uids[start : start + 500]
+        known = {
+            row[0]
+            for row in source.execute(
+                "SELECT sop_instance_uid FROM instances WHERE sop_instance_uid IN"
+                f" ({', '.join('?' * len(chunk))})",
+                chunk,
+            )
+        }
+        foreign = [uid for uid in chunk if uid not in known]
+        if foreign:
+            raise MigrationRefused(
+                f"{target_location.describe()} already holds instances that"
+                f" {source_location.describe()} does not (SOP Instance UID {foreign[0]}):"
+                " migrate-index fills an empty index, or one it filled from this one before"
+            )

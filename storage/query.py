@@ -1,7 +1,8 @@
 """Questions admins ask the index (read-only: changes are in storage.changes).
 
-Reads use a plain sqlite3 connection (`open_reader`) that never blocks ingest:
-the index is in WAL mode.
+Reads use a connection of their own (`IndexLocation.open_reader`) that never
+blocks ingest: SQLite's index is in WAL mode, PostgreSQL's readers see committed
+rows without locks.
 
 Rows come back as dicts whose keys are the index's column names, plus:
 - ``state``: ``receiving`` until `stable_after` seconds pass with no new
@@ -16,33 +17,18 @@ Rows come back as dicts whose keys are the index's column names, plus:
 """
 
 import re
-import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
-from storage.index import AVAILABILITIES, INDEX_FILENAME
+from storage.database import Database
+from storage.index import AVAILABILITIES
 
 RECEIVING, STABLE, COMPLETE, INCOMPLETE = "receiving", "stable", "complete", "incomplete"
 
 
-class IndexMissing(FileNotFoundError):
-    """The data directory has no index yet."""
-
-
 class FilterError(ValueError):
     """A filter value an admin typed that cannot be understood."""
-
-
-def open_reader(data_dir: Path) -> sqlite3.Connection:
-    """A read connection to the index of `data_dir`."""
-    path = Path(data_dir) / INDEX_FILENAME
-    if not path.is_file():
-        raise IndexMissing(f"no index at {path}")
-    conn = sqlite3.connect(path, timeout=30)
-    conn.row_factory = sqlite3.Row
-    return conn
 
 
 @dataclass(frozen=True)
@@ -58,15 +44,16 @@ class StudyFilter:
     received_since: str | None = None  # ISO date/time, or an age: 30m, 2h, 7d
     limit: int | None = None
 
-    def where(self) -> tuple[str, list]:
+    def where(self, db: Database) -> tuple[str, list]:
         """The SQL condition on `studies` and its parameters."""
         clauses, params = [], []
         if self.patient_id is not None:
             clauses.append("patient_id = ?")
             params.append(self.patient_id)
         if self.patient_name is not None:
-            clauses.append("patient_name LIKE ? ESCAPE '\\'")
-            params.append(dicom_wildcards_to_like(self.patient_name))
+            condition, pattern = db.wildcard("patient_name", self.patient_name, ignore_case=True)
+            clauses.append(condition)
+            params.append(pattern)
         if self.date_from is not None:
             clauses.append("study_date >= ?")
             params.append(_dicom_date(self.date_from, "--from"))
@@ -75,7 +62,7 @@ class StudyFilter:
             params.append(_dicom_date(self.date_to, "--to"))
         if self.modality is not None:
             # modalities is a JSON array of codes: match one element exactly.
-            clauses.append("modalities LIKE ?")
+            clauses.append(f"modalities {db.like_ignoring_case} ?")
             params.append(f'%"{self.modality.upper()}"%')
         if self.accession is not None:
             clauses.append("accession = ?")
@@ -84,12 +71,6 @@ class StudyFilter:
             clauses.append("last_received >= ?")
             params.append(_since(self.received_since))
         return (" WHERE " + " AND ".join(clauses) if clauses else ""), params
-
-
-def dicom_wildcards_to_like(pattern: str) -> str:
-    """DICOM `*`/`?` wildcards as a SQL LIKE pattern (escape character `\\`)."""
-    escaped = re.sub(r"([%_\\])", r"\\\1", pattern)
-    return escaped.replace("*", "%").replace("?", "_")
 
 
 def _dicom_date(value: str, option: str) -> str:
@@ -142,7 +123,7 @@ _STUDY_COLUMNS = (
 )
 
 
-def _study_dict(row: sqlite3.Row, stable_after: float) -> dict:
+def _study_dict(row, stable_after: float) -> dict:
     study = dict(row)
     study["state"] = _state(
         study["last_received"], study["incomplete_reason"], bool(study["committed"]), stable_after
@@ -150,7 +131,7 @@ def _study_dict(row: sqlite3.Row, stable_after: float) -> dict:
     return study
 
 
-def _series_dict(row: sqlite3.Row, stable_after: float) -> dict:
+def _series_dict(row, stable_after: float) -> dict:
     series = dict(row)
     series["state"] = _state(
         series["last_received"],
@@ -161,10 +142,8 @@ def _series_dict(row: sqlite3.Row, stable_after: float) -> dict:
     return series
 
 
-def iter_studies(
-    conn: sqlite3.Connection, filters: StudyFilter, stable_after: float
-) -> Iterator[dict]:
-    where, params = filters.where()
+def iter_studies(conn: Database, filters: StudyFilter, stable_after: float) -> Iterator[dict]:
+    where, params = filters.where(conn)
     sql = f"SELECT {_STUDY_COLUMNS} FROM studies s{where} ORDER BY s.last_received DESC"
     if filters.limit is not None:
         sql += " LIMIT ?"
@@ -173,14 +152,14 @@ def iter_studies(
         yield _study_dict(row, stable_after)
 
 
-def count_studies(conn: sqlite3.Connection, filters: StudyFilter) -> int:
-    where, params = filters.where()
+def count_studies(conn: Database, filters: StudyFilter) -> int:
+    where, params = filters.where(conn)
     count = conn.execute(f"SELECT count(*) FROM studies s{where}", params).fetchone()[0]
     return min(count, filters.limit) if filters.limit is not None else count
 
 
 def get_study(
-    conn: sqlite3.Connection, study_uid: str, stable_after: float, *, with_instances: bool = False
+    conn: Database, study_uid: str, stable_after: float, *, with_instances: bool = False
 ) -> dict | None:
     """One study with its `series` (ordered by series number), each with its
     `instances` when asked; None when the index does not know the study."""
@@ -197,7 +176,7 @@ def get_study(
 
 
 def series_of(
-    conn: sqlite3.Connection,
+    conn: Database,
     study_uids: list[str],
     stable_after: float,
     *,
@@ -239,22 +218,24 @@ def series_of(
 _MAX_PARAMETERS = 900
 
 
-def stats(conn: sqlite3.Connection) -> dict:
+def stats(conn: Database) -> dict:
     """Totals over the whole index, and per modality."""
     totals = conn.execute(
         "SELECT count(DISTINCT patient_id) AS patients, count(*) AS studies,"
-        " coalesce(sum(number_of_series), 0) AS series,"
-        " coalesce(sum(number_of_instances), 0) AS instances,"
-        " coalesce(sum(bytes), 0) AS bytes, max(last_received) AS last_received FROM studies"
+        " CAST(coalesce(sum(number_of_series), 0) AS BIGINT) AS series,"
+        " CAST(coalesce(sum(number_of_instances), 0) AS BIGINT) AS instances,"
+        " CAST(coalesce(sum(bytes), 0) AS BIGINT) AS bytes,"
+        " max(last_received) AS last_received FROM studies"
     ).fetchone()
     per_modality = conn.execute(
         "SELECT coalesce(modality, '') AS modality, count(DISTINCT study_uid) AS studies,"
-        " count(*) AS series, sum(number_of_instances) AS instances, sum(bytes) AS bytes"
+        " count(*) AS series, CAST(sum(number_of_instances) AS BIGINT) AS instances,"
+        " CAST(sum(bytes) AS BIGINT) AS bytes"
         " FROM series GROUP BY 1 ORDER BY instances DESC"
     ).fetchall()
     states = conn.execute(
-        "SELECT sum(committed_at IS NOT NULL AND incomplete_reason IS NULL),"
-        " sum(incomplete_reason IS NOT NULL) FROM series"
+        "SELECT count(CASE WHEN committed_at IS NOT NULL AND incomplete_reason IS NULL"
+        " THEN 1 END), count(incomplete_reason) FROM series"
     ).fetchone()
     commitments = conn.execute(
         "SELECT delivery_state, count(*) FROM commitments GROUP BY 1"
@@ -269,7 +250,7 @@ def stats(conn: sqlite3.Connection) -> dict:
     }
 
 
-def iter_conflicts(conn: sqlite3.Connection, *, study_uid: str | None = None) -> Iterator[dict]:
+def iter_conflicts(conn: Database, *, study_uid: str | None = None) -> Iterator[dict]:
     """Resends whose bytes differed from the indexed copy, newest first: what was
     done (kept-aside: the copy is under conflicts/; overwrote: it replaced the
     indexed one), with the study and series of the instance they resent."""
@@ -285,7 +266,7 @@ def iter_conflicts(conn: sqlite3.Connection, *, study_uid: str | None = None) ->
         yield dict(row)
 
 
-def count_conflicts(conn: sqlite3.Connection, study_uid: str) -> int:
+def count_conflicts(conn: Database, study_uid: str) -> int:
     return conn.execute(
         "SELECT count(*) FROM conflicts c JOIN instances i"
         " ON i.sop_instance_uid = c.sop_instance_uid WHERE i.study_uid = ?",
@@ -294,7 +275,7 @@ def count_conflicts(conn: sqlite3.Connection, study_uid: str) -> int:
 
 
 def iter_commitments(
-    conn: sqlite3.Connection, *, pending: bool = False, study_uid: str | None = None
+    conn: Database, *, pending: bool = False, study_uid: str | None = None
 ) -> Iterator[dict]:
     """Storage commitment transactions, newest first, each with the studies its
     instances were found in (`studies`). `pending`: report not yet delivered."""
@@ -324,7 +305,7 @@ def iter_commitments(
 
 
 def instances_in(
-    conn: sqlite3.Connection, *, study_uid: str | None = None, series_uid: str | None = None
+    conn: Database, *, study_uid: str | None = None, series_uid: str | None = None
 ) -> int | None:
     """How many instances a study or a series holds; None when it is not indexed."""
     table, column, uid = (

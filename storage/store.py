@@ -13,13 +13,14 @@ import enum
 import errno
 import hashlib
 import os
-import sqlite3
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
 from storage import files
+from storage.database import database_errors, is_out_of_space
 from storage.header import DatasetWalk, HeaderError, InstanceHeader, read_header, walkable
 from storage.index import (
     Index,
@@ -83,9 +84,12 @@ class InstanceStore:
         index: Index,
         duplicates: DuplicatePolicy,
         min_free: tuple[int, float] = (0, 0.0),
+        node: str | None = None,
     ):
-        """`min_free` is the free-space floor: (bytes, percent of the filesystem)."""
+        """`min_free` is the free-space floor: (bytes, percent of the filesystem);
+        `node` names this node's temp directory (default: the host name)."""
         self.data_dir = Path(data_dir)
+        self.incoming = files.incoming_dir(self.data_dir, node or socket.gethostname())
         self.index = index
         self.duplicates = DuplicatePolicy(duplicates)
         self.min_free_bytes, self.min_free_percent = min_free
@@ -176,10 +180,12 @@ class InstanceStore:
                     self._link(temp, PurePosixPath(entry.path), result, Outcome.STORED, new=True)
             placed_before = result.placed
             started = time.perf_counter()
-            self.index.commit_together(lambda: self._place(temp, entry, result))
-        except sqlite3.OperationalError as exc:
+            self.index.commit_together(
+                lambda: self._place(temp, entry, result), lock_key=header.study_uid
+            )
+        except database_errors() as exc:
             self._undo_placing(temp, result)
-            if "full" in str(exc):
+            if is_out_of_space(exc):
                 raise StoreRefused(Refusal.OUT_OF_SPACE, "index: no space left on disk") from exc
             raise StoreRefused(Refusal.WRITE_FAILED, f"index write failed: {exc}") from exc
         except OSError as exc:
@@ -250,7 +256,8 @@ class InstanceStore:
         # keep-first, or an overwrite that would move the instance to another
         # series: the first copy stays and the new one is kept aside, not lost.
         aside = files.conflict_relpath(header.sop_instance_uid, entry.sha256)
-        if (self.data_dir / aside).exists():  # these very bytes were kept aside before
+        linked_by_us = result.placed and result.path == str(aside)  # a transaction run again
+        if (self.data_dir / aside).exists() and not linked_by_us:  # kept aside before
             result.outcome, result.path = Outcome.KEPT_ASIDE, str(aside)
             return
         self._link(temp, aside, result, Outcome.KEPT_ASIDE)
@@ -305,7 +312,7 @@ class IncomingInstance:
         try:
             _check_request_uids(sop_class_uid, sop_instance_uid)
             self.temp = files.TempWriter(
-                store.data_dir,
+                store.incoming,
                 files.encode_file_header(
                     sop_class_uid,
                     sop_instance_uid,

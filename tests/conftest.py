@@ -6,7 +6,6 @@ import resource
 import shutil
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import time
@@ -19,6 +18,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, _config
 from pynetdicom.dsutils import split_dataset
+
+from storage.database import Database, IndexLocation
 
 # Send files' dataset bytes exactly as they are on disk (no decode/re-encode), so
 # a byte-for-byte comparison of what the server stored is meaningful.
@@ -47,6 +48,7 @@ class Server:
     process: subprocess.Popen
     log_path: Path
     exit_code: int | None = field(default=None)
+    index_url: str = ""
 
     def events(self, name: str | None = None) -> list[dict]:
         """The server's JSON log events so far (optionally only those named `name`)."""
@@ -69,10 +71,19 @@ class Server:
             time.sleep(0.05)
         raise AssertionError(f"no {count} '{name}' events within {timeout}s: {self.events()}")
 
-    def index(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.data_dir / "index.sqlite")
-        conn.row_factory = sqlite3.Row
-        return conn
+    @property
+    def index_flags(self) -> list[str]:
+        """What an admin command needs to read this server's index."""
+        return [
+            "--data-dir",
+            str(self.data_dir),
+            *(["--index-url", self.index_url] if self.index_url else []),
+        ]
+
+    def index(self) -> Database:
+        """A connection to the server's index (SQLite or PostgreSQL): `?`
+        placeholders, rows by position or by column name."""
+        return IndexLocation(self.data_dir, self.index_url).open()
 
     def indexed_paths(self) -> set[str]:
         """The file path of every instance the index holds."""
@@ -86,10 +97,20 @@ class Server:
 
 
 def start_server(
-    data_dir: Path, *flags: str, env: dict | None = None, launcher: tuple[str, ...] = ()
+    data_dir: Path,
+    *flags: str,
+    env: dict | None = None,
+    launcher: tuple[str, ...] = (),
+    index_url: str | None = None,
 ) -> Server:
     """`imaging-scp serve` on a free port, run through `launcher` when given (a
-    command that ends by exec-ing its arguments)."""
+    command that ends by exec-ing its arguments). `index_url`: default
+    `index_url_for(data_dir)`."""
+    if index_url is None:
+        index_url = index_url_for(data_dir)
+    if index_url:
+        INDEX_URLS[Path(data_dir)] = index_url
+        flags = ("--index-url", index_url, *flags)
     port = free_port()
     data_dir.mkdir(parents=True, exist_ok=True)
     log_path = data_dir.parent / f"serve-{port}.log"
@@ -110,7 +131,7 @@ def start_server(
         stderr=subprocess.STDOUT,
         env={**os.environ, **(env or {})},
     )
-    server = Server(data_dir, port, process, log_path)
+    server = Server(data_dir, port, process, log_path, index_url=index_url)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -143,8 +164,55 @@ def holding_descriptors(count: int = 1100) -> tuple[str, ...]:
     return (sys.executable, "-c", _HOLD_DESCRIPTORS, str(count))
 
 
+# --- the index backends --------------------------------------------------------
+# A module with `pytestmark = both_indexes` runs every test twice: with the
+# SQLite index, and with PostgreSQL (a database of its own per data dir, in a
+# private cluster the tests start). `start_server` follows the module's backend.
+
+INDEX_URLS: dict[Path, str] = {}  # data dir -> the index_url its server was given
+_BACKEND: dict = {"name": "sqlite", "cluster": None}
+both_indexes = pytest.mark.usefixtures("index_backend")
+
+
+def pytest_generate_tests(metafunc):
+    marks = getattr(metafunc.module, "pytestmark", [])
+    if both_indexes in (marks if isinstance(marks, list) else [marks]):
+        metafunc.parametrize("index_backend", ["sqlite", "postgresql"], indirect=True,
+                             scope="module")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def index_backend(request):
+    backend = getattr(request, "param", "sqlite")
+    cluster = request.getfixturevalue("postgres_cluster") if backend == "postgresql" else None
+    _BACKEND.update(name=backend, cluster=cluster)
+    yield backend
+    _BACKEND.update(name="sqlite", cluster=None)
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster():
+    from tests.postgres import Cluster, find_binaries
+
+    binaries = find_binaries()
+    if binaries is None:
+        pytest.skip("PostgreSQL not installed (apt-get install postgresql)")
+    cluster = Cluster.start(binaries)
+    yield cluster
+    cluster.stop()
+
+
+def index_url_for(data_dir: Path) -> str:
+    """The index_url of a data dir: the one its server had, else a new database
+    when the module runs on PostgreSQL, else "" (SQLite)."""
+    data_dir = Path(data_dir)
+    if data_dir not in INDEX_URLS and _BACKEND["cluster"] is not None:
+        INDEX_URLS[data_dir] = _BACKEND["cluster"].new_database()
+    return INDEX_URLS.get(data_dir, "")
+
+
 @pytest.fixture
-def server_factory(tmp_path):
+def server_factory(tmp_path, index_backend):
     """Start servers with given flags; every one is stopped at the end of the test."""
     servers = []
 
@@ -154,9 +222,8 @@ def server_factory(tmp_path):
         env: dict | None = None,
         launcher: tuple[str, ...] = (),
     ) -> Server:
-        server = start_server(
-            data_dir or tmp_path / f"data{len(servers)}", *flags, env=env, launcher=launcher
-        )
+        data_dir = data_dir or tmp_path / f"data{len(servers)}"
+        server = start_server(data_dir, *flags, env=env, launcher=launcher)
         servers.append(server)
         return server
 
@@ -315,9 +382,14 @@ def make_instance(
 
 def assert_nothing_half_written(server: Server) -> None:
     """No temp file left, no file without its index row, no row without its file."""
-    assert list((server.data_dir / ".incoming").iterdir()) == []
+    assert temp_files(server.data_dir) == []
     on_disk = {str(p.relative_to(server.data_dir)) for p in stored_files(server.data_dir)}
     assert on_disk == server.indexed_paths()
+
+
+def temp_files(data_dir: Path) -> list[Path]:
+    """Every file left in `.incoming` (any node's directory)."""
+    return sorted(p for p in (data_dir / ".incoming").rglob("*") if p.is_file())
 
 
 def stored_files(data_dir: Path) -> list[Path]:

@@ -2,7 +2,6 @@
 
 import json
 import shutil
-import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,13 +18,19 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 
 from scp.cli import main
+from storage.database import IndexLocation
 from tests.conftest import (
     CT_IMAGE_STORAGE,
+    INDEX_URLS,
+    both_indexes,
     bundled_test_files,
     dataset_bytes,
+    index_url_for,
     make_instance,
     send_files,
 )
+
+pytestmark = both_indexes
 
 
 @dataclass
@@ -41,6 +46,8 @@ def cli(*args: str, data_dir: Path | None = None, check: bool = True) -> Result:
     command = [*args]
     if data_dir is not None:
         command += ["--data-dir", str(data_dir)]
+        if INDEX_URLS.get(Path(data_dir)):  # the PostgreSQL index its server was given
+            command += ["--index-url", INDEX_URLS[Path(data_dir)]]
     outcome = CliRunner().invoke(main, command, catch_exceptions=False)
     result = Result(outcome.exit_code, outcome.stdout, outcome.stderr)
     if check:
@@ -58,8 +65,12 @@ def one_error_line(result: Result, code: int, text: str) -> None:
     assert len(lines) == 1 and text in lines[0], result.stderr
 
 
+def index_of(data: Path):
+    return IndexLocation(data, index_url_for(data)).open()
+
+
 @pytest.fixture(scope="module")
-def archive(tmp_path_factory):
+def archive(tmp_path_factory, index_backend):
     """A running server holding two generated studies and every bundled pydicom file."""
     from tests.conftest import start_server
 
@@ -200,7 +211,7 @@ def test_empty_results_say_so_in_one_line(archive):
 
 def test_stats(archive):
     totals = cli_json("stats", data_dir=archive["data"])
-    conn = sqlite3.connect(archive["data"] / "index.sqlite")
+    conn = index_of(archive["data"])
     assert totals["instances"] == conn.execute("SELECT count(*) FROM instances").fetchone()[0]
     assert totals["studies"] == conn.execute("SELECT count(*) FROM studies").fetchone()[0]
     by_modality = {m["modality"]: m for m in totals["modalities"]}
@@ -354,11 +365,11 @@ def test_legacy_dates_are_normalised_once_and_kept_as_sent(server, tmp_path):
     resource = json.loads(cli("fhir", study_uid, data_dir=data).stdout)
     assert resource["started"].startswith("1997-04-24")
     row = (
-        sqlite3.connect(data / "index.sqlite")
+        index_of(data)
         .execute("SELECT study_date, study_time, study_date_raw, study_time_raw FROM studies")
         .fetchone()
     )
-    assert row == ("19970424", "140438", "1997.04.24", "14:04:38")
+    assert tuple(row) == ("19970424", "140438", "1997.04.24", "14:04:38")
 
 
 def test_verify_finds_missing_damaged_and_unknown_files(server, tmp_path):
@@ -465,9 +476,9 @@ def start_other_server(directory: Path):
 
 
 def _tables(data: Path) -> dict:
-    conn = sqlite3.connect(data / "index.sqlite")
+    conn = index_of(data)
     return {
-        table: sorted(conn.execute(f"SELECT * FROM {table}").fetchall(), key=repr)
+        table: sorted((tuple(row) for row in conn.execute(f"SELECT * FROM {table}")), key=repr)
         for table in ("studies", "series", "instances")
     }
 

@@ -20,7 +20,16 @@ from pynetdicom.sop_class import StorageCommitmentPushModel
 from scp.cli import main
 from scp.config import ConfigError, load_config, peer_address
 from storage.fhir import STATE_EXTENSION_URL
-from tests.conftest import CT_IMAGE_STORAGE, free_port, make_instance, send_files, start_server
+from tests.conftest import (
+    CT_IMAGE_STORAGE,
+    both_indexes,
+    free_port,
+    make_instance,
+    send_files,
+    start_server,
+)
+
+pytestmark = both_indexes
 
 COMMITMENT_INSTANCE = "1.2.840.10008.1.20.1.1"
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
@@ -180,16 +189,14 @@ def test_report_on_the_same_association_commits_every_stored_instance(server, tm
     checked = server.events("commitment.checked")[0]
     assert (checked["committed"], checked["failed"]) == (3, 0)
     # The request was durable before its Success: recorded, then delivered.
-    [row] = cli("commitments", "--data-dir", str(server.data_dir))
+    [row] = cli("commitments", *server.index_flags)
     assert (row["transactionUid"], row["committed"], row["failed"]) == (transaction, 3, 0)
     assert row["delivery"] == "delivered"
-    study = cli("study", "--data-dir", str(server.data_dir), row["studies"][0])
+    study = cli("study", *server.index_flags, row["studies"][0])
     assert study["state"] == "complete"
     assert [s["state"] for s in study["series"]] == ["complete"]
     resource = json.loads(
-        CliRunner()
-        .invoke(main, ["fhir", "--data-dir", str(server.data_dir), row["studies"][0]])
-        .output
+        CliRunner().invoke(main, ["fhir", *server.index_flags, row["studies"][0]]).output
     )
     assert {"url": STATE_EXTENSION_URL, "valueCode": "complete"} in resource["extension"]
 
@@ -224,7 +231,7 @@ def test_failures_are_reported_each_with_its_reason(server, tmp_path):
     checked = server.wait_for_event("commitment.checked")[0]
     assert checked["by_reason"] == {"damaged": 1, "class conflict": 1, "missing": 1}
     study_uid = server.index().execute("SELECT study_uid FROM studies").fetchone()[0]
-    study = cli("study", "--data-dir", str(server.data_dir), study_uid)
+    study = cli("study", *server.index_flags, study_uid)
     assert study["state"] == "incomplete"
     assert "3 of 4 not committed" in study["series"][0]["incompleteReason"]
 
@@ -262,7 +269,7 @@ def test_a_later_successful_commitment_makes_the_series_complete(server, tmp_pat
 
     assert second.received[0][0] == 1
     study_uid = server.index().execute("SELECT study_uid FROM studies").fetchone()[0]
-    assert cli("study", "--data-dir", str(server.data_dir), study_uid)["state"] == "complete"
+    assert cli("study", *server.index_flags, study_uid)["state"] == "complete"
 
 
 def test_an_abort_after_a_successful_commitment_leaves_the_series_complete(server, tmp_path):
@@ -293,7 +300,7 @@ def test_an_abort_after_a_successful_commitment_leaves_the_series_complete(serve
     server.wait_for_event("association.end")
 
     study_uid = server.index().execute("SELECT study_uid FROM studies").fetchone()[0]
-    assert cli("study", "--data-dir", str(server.data_dir), study_uid)["state"] == "complete"
+    assert cli("study", *server.index_flags, study_uid)["state"] == "complete"
     assert server.events("series.incomplete") == []
 
 
@@ -347,7 +354,7 @@ def test_a_modality_with_no_known_address_is_told_in_the_log(server, tmp_path):
 
     failed = server.wait_for_event("commitment.delivery_failed")[0]
     assert "no address for AE 'MODALITY' in peers" in failed["reason"]
-    [row] = cli("commitments", "--data-dir", str(server.data_dir))
+    [row] = cli("commitments", *server.index_flags)
     assert row["delivery"] == "failed"
 
 
@@ -361,7 +368,7 @@ def test_a_peer_down_at_report_time_gets_the_report_by_a_retry(server_factory, t
     transaction = generate_uid()
     request_commitment(server, transaction, references(paths), wait_for_report=False)
     server.wait_for_event("commitment.delivery_failed")
-    assert cli("commitments", "--pending", "--data-dir", str(server.data_dir))
+    assert cli("commitments", "--pending", *server.index_flags)
 
     time.sleep(5)
     peer = Peer(port).start()
@@ -369,7 +376,7 @@ def test_a_peer_down_at_report_time_gets_the_report_by_a_retry(server_factory, t
         [(event_type, info)] = peer.reports.wait(timeout=30)
         assert (event_type, info.TransactionUID) == (1, transaction)
         assert server.wait_for_event("commitment.reported")[0]["attempts"] >= 2
-        assert cli("commitments", "--pending", "--data-dir", str(server.data_dir)) == []
+        assert cli("commitments", "--pending", *server.index_flags) == []
     finally:
         peer.stop()
 

@@ -15,6 +15,7 @@ from fhir.resources.R4B.imagingstudy import ImagingStudy as R4ImagingStudy
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
+from storage.database import IndexLocation
 from storage.fhir import (
     AVAILABILITY_EXTENSION_URL,
     DATA_ABSENT_REASON_URL,
@@ -27,7 +28,15 @@ from storage.fhir import (
 from storage.files import prepare_data_dir
 from storage.index import Index, Provenance
 from storage.store import DuplicatePolicy, InstanceStore, StoreRefused
-from tests.conftest import bundled_test_files, dataset_bytes, make_instance
+from tests.conftest import (
+    both_indexes,
+    bundled_test_files,
+    dataset_bytes,
+    index_url_for,
+    make_instance,
+)
+
+pytestmark = both_indexes
 
 BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
 KEY_OBJECT_SELECTION = "1.2.840.10008.5.1.4.1.1.88.59"
@@ -83,9 +92,11 @@ class Receiver:
     def __init__(self, directory: Path):
         self.data_dir = directory / "data"
         self.sources = directory / "sources"
-        prepare_data_dir(self.data_dir)
-        self.index = Index.in_data_dir(self.data_dir)
-        self.store = InstanceStore(self.data_dir, self.index, DuplicatePolicy.KEEP_FIRST)
+        prepare_data_dir(self.data_dir, "test")
+        self.index = Index.open(IndexLocation(self.data_dir, index_url_for(self.data_dir)))
+        self.store = InstanceStore(
+            self.data_dir, self.index, DuplicatePolicy.KEEP_FIRST, node="test"
+        )
 
     def receive_file(self, path: Path) -> None:
         ds = pydicom.dcmread(path, stop_before_pixels=True)
@@ -102,19 +113,24 @@ class Receiver:
 
     def rows(self, study_uid: str, state: str = "stable", reason: str | None = None):
         """What the query layer hands the renderer: rows plus their state."""
-        study = dict(self.index.db["studies"].get(study_uid), state=state)
+        study = dict(self.select("studies", "study_uid", study_uid)[0], state=state)
         study["incomplete_reason"] = reason
-        series = [
-            dict(row, state=state)
-            for row in self.index.db["series"].rows_where("study_uid = ?", [study_uid])
-        ]
+        series = [dict(row, state=state) for row in self.select("series", "study_uid", study_uid)]
         instances = {
-            row["series_uid"]: list(
-                self.index.db["instances"].rows_where("series_uid = ?", [row["series_uid"]])
-            )
+            row["series_uid"]: self.select("instances", "series_uid", row["series_uid"])
             for row in series
         }
         return study, series, instances
+
+    def select(self, table: str, column: str, uid: str) -> list[dict]:
+        rows = self.index.conn.execute(f"SELECT * FROM {table} WHERE {column} = ?", (uid,))
+        return [dict(row) for row in rows]
+
+    def set(self, table: str, column: str, uid: str, **values) -> None:
+        assignments = ", ".join(f"{name} = ?" for name in values)
+        self.index.conn.execute(
+            f"UPDATE {table} SET {assignments} WHERE {column} = ?", (*values.values(), uid)
+        )
 
     def render(self, study_uid: str, version: str, *, with_instances=True, **options) -> dict:
         """Render a stored study; R4 and R5 renderings must pass their FHIR model."""
@@ -238,7 +254,7 @@ def full_study(receiver) -> str:
 
 @pytest.mark.filterwarnings("ignore:Expected explicit VR")  # a bundled file's own quirk
 def test_every_bundled_study_renders_valid_r4_and_r5(bundled):
-    study_uids = [row["study_uid"] for row in bundled.index.db["studies"].rows]
+    study_uids = [row[0] for row in bundled.index.conn.execute("SELECT study_uid FROM studies")]
     # Enough variety to mean something: legacy dates, no patient, no modality...
     assert len(study_uids) >= 15
     rendered = {"r4": [], "r5": [], "dstu2": [], "dstu2-ballot": []}
@@ -290,7 +306,7 @@ def test_dstu2_is_the_published_1_0_2_that_clients_parse(receiver, full_study):
 
 
 def test_bundle_lists_every_resource_as_a_match(bundled):
-    uids = [row["study_uid"] for row in bundled.index.db["studies"].rows][:3]
+    uids = [row[0] for row in bundled.index.conn.execute("SELECT study_uid FROM studies")][:3]
     bundle = render_bundle([bundled.render(uid, "r4") for uid in uids], "r4")
     assert bundle["type"] == "searchset"
     assert bundle["total"] == 3
@@ -475,8 +491,8 @@ def test_started(receiver, study_date, study_time, offset, site_timezone, expect
 def test_availability(receiver, availability, status):
     study_uid, series_uid = generate_uid(), generate_uid()
     receiver.receive(study_uid=study_uid, series_uid=series_uid)
-    receiver.index.db["studies"].update(study_uid, {"availability": availability})
-    receiver.index.db["series"].update(series_uid, {"availability": availability})
+    receiver.set("studies", "study_uid", study_uid, availability=availability)
+    receiver.set("series", "series_uid", series_uid, availability=availability)
 
     for version in ("r4", "r5"):
         resource = receiver.render(study_uid, version)
@@ -492,7 +508,7 @@ def test_availability(receiver, availability, status):
 def test_state_extensions(receiver):
     study_uid, series_uid = generate_uid(), generate_uid()
     receiver.receive(study_uid=study_uid, series_uid=series_uid)
-    receiver.index.db["series"].update(series_uid, {"incomplete_reason": "association aborted"})
+    receiver.set("series", "series_uid", series_uid, incomplete_reason="association aborted")
 
     for version in ("r4", "r5", "dstu2"):
         study, series, instances = receiver.rows(study_uid, "incomplete", "series incomplete")

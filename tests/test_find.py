@@ -17,7 +17,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 
 from scp.cli import main
-from tests.conftest import make_instance, send_files, start_server
+from tests.conftest import both_indexes, make_instance, send_files, start_server
 from tests.test_hostile import (
     EXPLICIT_LE,
     VERIFICATION,
@@ -32,7 +32,7 @@ FINDSCU = shutil.which("findscu") or "/usr/bin/findscu"
 requires_findscu = pytest.mark.skipif(
     shutil.which("findscu") is None, reason="dcmtk's findscu not installed"
 )
-pytestmark = requires_findscu
+pytestmark = [requires_findscu, both_indexes]
 
 STUDIES = [
     # patient id, name, study date, time, accession, description, [(modality, series, n)]
@@ -44,7 +44,7 @@ STUDIES = [
 
 
 @pytest.fixture(scope="module")
-def archive(tmp_path_factory):
+def archive(tmp_path_factory, index_backend):
     """A server and what it was sent: study UID -> its attributes and series."""
     root = tmp_path_factory.mktemp("find")
     server = start_server(root / "data")
@@ -99,8 +99,7 @@ def findscu(port: int, level: str, *keys: str, root: str = "-S", extra=(), check
 
 
 def studies_json(server, *args: str) -> set[str]:
-    result = CliRunner().invoke(main, ["studies", "--data-dir", str(server.data_dir), *args,
-                                       "--json"])  # fmt: skip
+    result = CliRunner().invoke(main, ["studies", *server.index_flags, *args, "--json"])
     assert result.exit_code == 0, result.output
     return {study["uid"] for study in json.loads(result.output)}
 
@@ -353,7 +352,7 @@ def test_availability_is_answered_as_set_and_as_verify_found_it(tmp_path):
                  for _ in range(2)]  # fmt: skip
         send_files(server.port, paths)
         runner = CliRunner()
-        data = ["--data-dir", str(server.data_dir)]
+        data = server.index_flags
         runner.invoke(main, ["availability", "set", "--study", study_uid, "nearline", *data])
         study, _ = findscu(server.port, "STUDY", "StudyInstanceUID", "InstanceAvailability")
         assert [r.InstanceAvailability for r in study] == ["NEARLINE"]

@@ -2,18 +2,21 @@
 each caller still returns only once the commit holding its row is done, and
 one that fails takes nobody else down."""
 
-import sqlite3
 import threading
 import time
 
 import pytest
 
+from storage.database import IndexLocation
 from storage.index import Index
+from tests.conftest import both_indexes, index_url_for
+
+pytestmark = both_indexes
 
 
 @pytest.fixture
 def index(tmp_path):
-    index = Index(tmp_path / "index.sqlite")
+    index = Index.open(IndexLocation(tmp_path, index_url_for(tmp_path)))
     yield index
     index.close()
 
@@ -29,19 +32,27 @@ def _row_writer(index: Index, key: str, seen_committed: list):
     def run():
         result = index.commit_together(work)
         # Returned: the row must be visible to a connection of its own.
-        with sqlite3.connect(index.path) as reader:
-            seen_committed.append(
-                reader.execute(
-                    "SELECT count(*) FROM conflicts WHERE sop_instance_uid = ?", (result,)
-                ).fetchone()[0]
-            )
+        reader = index.location.open()
+        seen_committed.append(
+            reader.execute(
+                "SELECT count(*) FROM conflicts WHERE sop_instance_uid = ?", (result,)
+            ).fetchone()[0]
+        )
+        reader.close()
 
     return run
 
 
 def test_concurrent_writers_share_commits_and_each_returns_after_its_own(index):
     commits = []
-    index.conn.set_trace_callback(lambda sql: commits.append(sql) if sql == "COMMIT" else None)
+    execute = index.conn.execute
+
+    def counting_execute(sql, params=()):  # a spy on the one writer connection
+        if sql == "COMMIT":
+            commits.append(sql)
+        return execute(sql, params)
+
+    index.conn.execute = counting_execute
     seen: list[int] = []
     threads = [threading.Thread(target=_row_writer(index, f"1.2.{n}", seen)) for n in range(12)]
     for thread in threads:

@@ -33,7 +33,7 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
-from tests.conftest import IMAGING_SCP, Server, start_server
+from tests.conftest import IMAGING_SCP, Server, start_server, temp_files
 
 IMPLICIT_LE = "1.2.840.10008.1.2"
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
@@ -477,7 +477,7 @@ def assert_only_in_data_dir(server: Server) -> None:
         relative = path.relative_to(server.data_dir).as_posix()
         if path.is_file():
             assert layout.fullmatch(relative), f"unexpected file in the data dir: {relative}"
-    assert list((server.data_dir / ".incoming").iterdir()) == []
+    assert temp_files(server.data_dir) == []
 
 
 def store_one(

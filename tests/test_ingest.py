@@ -12,13 +12,17 @@ from pydicom.uid import generate_uid
 from tests.conftest import (
     ECHOSCU,
     STORESCU,
+    both_indexes,
     bundled_test_files,
     dataset_bytes,
     make_instance,
     requires_dcmtk,
     send_files,
     stored_files,
+    temp_files,
 )
+
+pytestmark = both_indexes
 
 # What each bundled transfer syntax is, so the test can say which one is missing.
 EXPECTED_SYNTAXES = {
@@ -278,7 +282,7 @@ def test_reject_policy_refuses_with_a_reason(server_factory):
 
 def _nothing_written(server) -> None:
     assert stored_files(server.data_dir) == []
-    assert list((server.data_dir / ".incoming").iterdir()) == []
+    assert temp_files(server.data_dir) == []
     assert _counts(server) == (0, 0, 0)
 
 
@@ -342,4 +346,4 @@ def test_unparseable_dataset_is_refused_and_the_association_goes_on(server, tmp_
     assert statuses[0].status == 0xC000
     assert statuses[1].status == 0
     assert _counts(server) == (1, 1, 1)
-    assert list((server.data_dir / ".incoming").iterdir()) == []
+    assert temp_files(server.data_dir) == []

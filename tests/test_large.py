@@ -7,7 +7,7 @@ from pathlib import Path
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 
-from tests.conftest import CT_IMAGE_STORAGE, dataset_bytes, make_instance, send_files
+from tests.conftest import CT_IMAGE_STORAGE, dataset_bytes, make_instance, send_files, temp_files
 
 
 def test_large_object_is_stored_byte_for_byte(server, tmp_path):
@@ -22,7 +22,7 @@ def test_large_object_is_stored_byte_for_byte(server, tmp_path):
     assert sorted(dataset_bytes(p) for p in stored) == sorted(
         [dataset_bytes(source), dataset_bytes(small)]
     )
-    assert list((server.data_dir / ".incoming").iterdir()) == []
+    assert temp_files(server.data_dir) == []
 
 
 def test_aborted_transfer_of_a_large_object_leaves_nothing(server_factory, tmp_path):
@@ -38,16 +38,16 @@ def test_aborted_transfer_of_a_large_object_leaves_nothing(server_factory, tmp_p
     sender.start()
     incoming = server.data_dir / ".incoming"
     deadline = time.monotonic() + 20
-    while not any(incoming.glob("*.part")) and time.monotonic() < deadline:
+    while not any(incoming.rglob("*.part")) and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert any(incoming.glob("*.part")), "the object was not received straight to a file"
+    assert any(incoming.rglob("*.part")), "the object was not received straight to a file"
     assoc.abort()
     sender.join(10)
     server.wait_for_event("association.end")
     deadline = time.monotonic() + 10
-    while any(incoming.iterdir()) and time.monotonic() < deadline:
+    while temp_files(server.data_dir) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert list(incoming.iterdir()) == []
+    assert temp_files(server.data_dir) == []
     assert server.index().execute("SELECT count(*) FROM instances").fetchone()[0] == 0
 
 

@@ -2,6 +2,7 @@
 row leaves behind is finished at the next start."""
 
 import io
+import socket
 
 import pydicom
 from pydicom.uid import generate_uid
@@ -9,7 +10,7 @@ from pydicom.uid import generate_uid
 from storage import files
 from storage.header import read_header
 from storage.index import Provenance, utc_now
-from tests.conftest import dataset_bytes, make_instance, send_files, stored_files
+from tests.conftest import dataset_bytes, make_instance, send_files, stored_files, temp_files
 
 
 def _place_without_indexing(data_dir, source) -> str:
@@ -20,7 +21,8 @@ def _place_without_indexing(data_dir, source) -> str:
     file_header = files.encode_file_header(
         header.sop_class_uid, header.sop_instance_uid, "1.2.840.10008.1.2.1", receipt
     )
-    temp = files.write_temp_file(data_dir, [file_header, dataset])
+    incoming = files.incoming_dir(data_dir, socket.gethostname())  # the server's own node
+    temp = files.write_temp_file(incoming, [file_header, dataset])
     relpath = files.instance_relpath(header.study_uid, header.series_uid, header.sop_instance_uid)
     files.link_into_place(data_dir, temp, relpath)
     return header.sop_instance_uid
@@ -42,7 +44,7 @@ def test_placed_but_unindexed_file_is_indexed_at_start(server_factory, tmp_path)
     recovered = restarted.wait_for_event("startup.recovered")[0]
     assert recovered["removed_temp_files"] == 1
     assert len(recovered["indexed_files"]) == 1
-    assert list((data / ".incoming").iterdir()) == []
+    assert temp_files(data) == []
     index = restarted.index()
     row = index.execute(
         "SELECT calling_ae FROM instances WHERE sop_instance_uid = ?", (crashed,)

@@ -30,6 +30,7 @@ from tests.conftest import (
     requires_dcmtk,
     start_server,
     stored_files,
+    temp_files,
 )
 from tests.test_hostile import AssociationRefused, RawAssociation
 
@@ -386,7 +387,7 @@ def test_sigkill_during_ingest_loses_nothing_that_was_answered_success(server_fa
         for uid in sender.succeeded
         if uid not in rows or not (data / rows[uid]["path"]).exists()
     ]
-    incoming = sorted(p.name for p in (data / ".incoming").iterdir())
+    incoming = [p.name for p in temp_files(data)]
     recovered = [e for s in servers for e in s.events("startup.recovered")]
     assert problems == [], (
         f"answered Success but not both on disk and indexed: {problems};"

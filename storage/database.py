@@ -1,0 +1,439 @@
+"""Where the index lives: SQLite in the data directory (embedded, the default) or
+PostgreSQL (one index for several listener nodes), behind one small interface.
+
+Code above this module writes SQL once, with `?` placeholders, and runs it through
+`Database.execute`; the few places where the two engines differ (wildcard
+matching, a JSON list as rows, schema definitions, which errors may be retried)
+are methods here. Rows read back are indexable by position and by column name on
+both (sqlite3.Row, `Row`).
+"""
+
+import hashlib
+import re
+import sqlite3
+import sys
+import threading
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+SQLITE_FILENAME = "index.sqlite"
+POSTGRESQL_SCHEMES = ("postgresql", "postgres")
+
+
+class IndexUnreachable(Exception):
+    """The index cannot be opened: no SQLite file yet, or PostgreSQL refuses."""
+
+
+class SchemaTooNew(Exception):
+    """The index was written by a newer imaging-scp."""
+
+
+@dataclass(frozen=True)
+class IndexLocation:
+    """The files of one archive and where its index is: `url` empty = the SQLite
+    file in `data_dir`; ``postgresql://…`` (a libpq URL) = that database."""
+
+    data_dir: Path
+    url: str = ""
+
+    @property
+    def is_postgresql(self) -> bool:
+        return bool(self.url)
+
+    @property
+    def sqlite_path(self) -> Path:
+        return Path(self.data_dir) / SQLITE_FILENAME
+
+    def describe(self) -> str:
+        """For messages: the SQLite path, or the URL without its password."""
+        return redact(self.url) if self.url else str(self.sqlite_path)
+
+    def open(self, *, create: bool = False) -> "Database":
+        """A connection of its own. Without `create`, a missing SQLite index is
+        IndexUnreachable (the admin commands never create one)."""
+        if self.url:
+            return PostgresDatabase.connect(self.url)
+        if not create and not self.sqlite_path.is_file():
+            raise IndexUnreachable(f"no index at {self.sqlite_path}")
+        return SQLiteDatabase(self.sqlite_path)
+
+    def open_reader(self) -> "Database":
+        """A read connection: for PostgreSQL, one lent by this process's pool
+        (closing it gives it back)."""
+        if self.url:
+            return PostgresDatabase.from_pool(self.url)
+        return self.open()
+
+
+def check_index_url(url: str) -> str | None:
+    """Why `url` cannot be an index_url, or None."""
+    if not url:
+        return None
+    scheme = urlsplit(url).scheme
+    if scheme not in POSTGRESQL_SCHEMES:
+        return (
+            f"{redact(url)!r} is not a PostgreSQL URL: write postgresql://user@host:5432/dbname,"
+            " or leave index_url empty for the SQLite index in the data directory"
+        )
+    return None
+
+
+def redact(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def database_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions an index operation may raise, for `except`: psycopg's only
+    when it is loaded (the SQLite-only commands never import it)."""
+    if "psycopg" in sys.modules:
+        return (sqlite3.Error, sys.modules["psycopg"].Error)
+    return (sqlite3.Error,)
+
+
+def is_out_of_space(exc: BaseException) -> bool:
+    if isinstance(exc, sqlite3.OperationalError):
+        return "full" in str(exc)
+    return getattr(exc, "sqlstate", None) == "53100"  # disk_full
+
+
+# serialization_failure, deadlock_detected, unique_violation (two nodes inserted
+# the same new row at once: the retry sees the other's row and takes its path)
+_RETRYABLE_SQLSTATES = {"40001", "40P01", "23505"}
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """Whether a failed transaction may simply be run again (PostgreSQL's
+    concurrency outcomes; SQLite's writers are serialised by its own lock)."""
+    return getattr(exc, "sqlstate", None) in _RETRYABLE_SQLSTATES
+
+
+class Database:
+    """One connection, in autocommit mode: transactions are explicit (BEGIN …
+    COMMIT) so that both engines behave alike."""
+
+    dialect: str
+    # LIKE that ignores the case of ASCII letters (SQLite's LIKE does; PostgreSQL's
+    # ILIKE ignores every letter's).
+    like_ignoring_case: str
+
+    def execute(self, sql: str, params=()):
+        raise NotImplementedError
+
+    def executemany(self, sql: str, rows) -> None:
+        raise NotImplementedError
+
+    @property
+    def in_transaction(self) -> bool:
+        raise NotImplementedError
+
+    def begin(self) -> None:
+        raise NotImplementedError
+
+    def lock_keys(self, keys: list[str]) -> None:
+        """Inside a transaction: hold a lock per key until it ends, taken in one
+        order by every writer so that no two wait for each other."""
+
+    def another(self) -> "Database":
+        """A new connection to the same database."""
+        raise NotImplementedError
+
+    def insert_rows(self, table: str, columns: list[str], rows) -> int:
+        """Insert many rows (tuples in `columns` order); returns how many."""
+        count = 0
+        sql = f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
+        batch = []
+        for row in rows:
+            batch.append(tuple(row))
+            if len(batch) == 1000:
+                self.executemany(sql, batch)
+                count, batch = count + len(batch), []
+        if batch:
+            self.executemany(sql, batch)
+        return count + len(batch)
+
+    def reset_identity(self, table: str, column: str) -> None:
+        """After rows were copied in with their own ids: new rows get higher ones."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def wildcard(self, column: str, pattern: str, *, ignore_case: bool) -> tuple[str, str]:
+        """(condition, parameter) matching `column` against a DICOM wildcard
+        pattern: `*` any run of characters, `?` one character."""
+        escaped = re.sub(r"([%_\\])", r"\\\1", pattern).replace("*", "%").replace("?", "_")
+        operator = self.like_ignoring_case if ignore_case else self._like_with_case
+        return f"{column} {operator} ? ESCAPE '\\'", escaped
+
+    _like_with_case = "LIKE"
+
+    def json_elements(self, column: str) -> str:
+        """A FROM item: the elements of a JSON array of strings in `column`, as
+        rows with one column `value`."""
+        raise NotImplementedError
+
+    # --- schema ---------------------------------------------------------------
+
+    def ensure_table(self, name: str, columns: dict[str, type], pk) -> None:
+        """Create the table if missing; add the columns an older schema lacks."""
+        raise NotImplementedError
+
+    def ensure_index(self, table: str, columns: list[str]) -> None:
+        name = f"idx_{table}_{'_'.join(columns)}"
+        self.execute(f"CREATE INDEX IF NOT EXISTS {name} ON {table} ({', '.join(columns)})")
+
+    def schema_version(self) -> int:
+        raise NotImplementedError
+
+    def set_schema_version(self, version: int) -> None:
+        raise NotImplementedError
+
+
+class SQLiteDatabase(Database):
+    dialect = "sqlite"
+    like_ignoring_case = "LIKE"
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.conn = sqlite3.connect(
+            self.path, check_same_thread=False, isolation_level=None, timeout=30
+        )
+        self.conn.row_factory = sqlite3.Row
+
+    def execute(self, sql: str, params=()):
+        return self.conn.execute(sql, params)
+
+    def executemany(self, sql: str, rows) -> None:
+        self.conn.executemany(sql, rows)
+
+    @property
+    def in_transaction(self) -> bool:
+        return self.conn.in_transaction
+
+    def begin(self) -> None:
+        # IMMEDIATE: take the write lock now, not at the first write, so that
+        # two processes never both read and then both try to write.
+        self.conn.execute("BEGIN IMMEDIATE")
+
+    def another(self) -> "SQLiteDatabase":
+        return SQLiteDatabase(self.path)
+
+    def close(self) -> None:
+        self.conn.close()
+
+    # SQLite's LIKE ignores case: its GLOB is the case-sensitive match.
+    def wildcard(self, column: str, pattern: str, *, ignore_case: bool) -> tuple[str, str]:
+        if ignore_case:
+            return super().wildcard(column, pattern, ignore_case=True)
+        return f"{column} GLOB ?", pattern.replace("[", "[[]")
+
+    def json_elements(self, column: str) -> str:
+        return f"json_each({column})"
+
+    def ensure_table(self, name: str, columns: dict[str, type], pk) -> None:
+        # Imported here: the read-only admin commands never create tables, and
+        # sqlite-utils costs them 0.1 s of start-up.
+        import sqlite_utils
+
+        table = sqlite_utils.Database(self.conn)[name]
+        table.create(columns, pk=pk, if_not_exists=True)
+        present = table.columns_dict
+        for column, kind in columns.items():
+            if column not in present:
+                table.add_column(column, kind)
+
+    def schema_version(self) -> int:
+        return self.execute("PRAGMA user_version").fetchone()[0]
+
+    def set_schema_version(self, version: int) -> None:
+        self.execute(f"PRAGMA user_version={int(version)}")
+
+
+class Row:
+    """A PostgreSQL row as sqlite3.Row gives one: by position or by name."""
+
+    __slots__ = ("_names", "_values")
+
+    def __init__(self, names: dict[str, int], values):
+        self._names = names
+        self._values = values
+
+    def __getitem__(self, key):
+        if isinstance(key, str):
+            return self._values[self._names[key]]
+        return self._values[key]
+
+    def __iter__(self):
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def keys(self) -> list[str]:
+        return list(self._names)
+
+    def __repr__(self) -> str:
+        return f"Row({dict(zip(self._names, self._values, strict=True))!r})"
+
+
+def _row_factory(cursor):
+    names = {column.name: i for i, column in enumerate(cursor.description or ())}
+    return lambda values: Row(names, values)
+
+
+@lru_cache(maxsize=1024)
+def _pyformat(sql: str) -> str:
+    """`?` placeholders as psycopg's `%s` (and a literal % doubled), outside
+    quoted literals."""
+    return re.sub(
+        r"'(?:[^']|'')*'|\?|%",
+        lambda m: {"?": "%s", "%": "%%"}.get(m.group(0), m.group(0)),
+        sql,
+    )
+
+
+_POSTGRES_TYPES = {str: 'TEXT COLLATE "C"', int: "BIGINT", float: "DOUBLE PRECISION"}
+_pools: dict[tuple[int, str], object] = {}
+_pools_lock = threading.Lock()
+
+
+class PostgresDatabase(Database):
+    dialect = "postgresql"
+    like_ignoring_case = "ILIKE"
+
+    def __init__(self, url: str, conn, pool=None):
+        self.url = url
+        self.conn = conn
+        self._pool = pool
+
+    @classmethod
+    def connect(cls, url: str) -> "PostgresDatabase":
+        import psycopg
+
+        try:
+            conn = psycopg.connect(url, autocommit=True, row_factory=_row_factory)
+        except psycopg.Error as exc:
+            raise IndexUnreachable(f"cannot connect to the index at {redact(url)}: {exc}") from exc
+        # A Success status promises durability: never let a server-wide setting
+        # answer before the commit is on disk.
+        conn.execute("SET synchronous_commit = on")
+        return cls(url, conn)
+
+    @classmethod
+    def from_pool(cls, url: str) -> "PostgresDatabase":
+        """A connection lent by this process's pool (created at first use, per
+        process: a forked worker never shares its parent's sockets)."""
+        import os
+
+        from psycopg_pool import ConnectionPool, PoolTimeout
+
+        key = (os.getpid(), url)
+        with _pools_lock:
+            pool = _pools.get(key)
+            if pool is None:
+                pool = ConnectionPool(
+                    url,
+                    min_size=1,
+                    max_size=8,
+                    kwargs={"autocommit": True, "row_factory": _row_factory},
+                    open=True,
+                    name="index-readers",
+                )
+                _pools[key] = pool
+        try:
+            return cls(url, pool.getconn(timeout=30), pool)
+        except PoolTimeout as exc:
+            raise IndexUnreachable(f"cannot connect to the index at {redact(url)}: {exc}") from exc
+
+    def execute(self, sql: str, params=()):
+        return self.conn.execute(_pyformat(sql), params)
+
+    def executemany(self, sql: str, rows) -> None:
+        with self.conn.cursor() as cursor:
+            cursor.executemany(_pyformat(sql), rows)
+
+    @property
+    def in_transaction(self) -> bool:
+        from psycopg.pq import TransactionStatus
+
+        return self.conn.info.transaction_status != TransactionStatus.IDLE
+
+    def begin(self) -> None:
+        self.conn.execute("BEGIN")
+
+    def lock_keys(self, keys: list[str]) -> None:
+        # Transaction-level advisory locks, one per key (a study UID), in one
+        # order: the instances of one study are indexed one transaction at a
+        # time across every node, and two nodes never wait for each other.
+        numbers = sorted({_lock_number(key) for key in keys})
+        if numbers:
+            self.execute(
+                "SELECT count(pg_advisory_xact_lock(n)) FROM unnest(?::bigint[]) AS n", (numbers,)
+            )
+
+    def another(self) -> "PostgresDatabase":
+        return PostgresDatabase.connect(self.url)
+
+    def insert_rows(self, table: str, columns: list[str], rows) -> int:
+        count = 0
+        sql = f"COPY {table} ({', '.join(columns)}) FROM STDIN"
+        with self.conn.cursor() as cursor, cursor.copy(sql) as copy:
+            for row in rows:
+                copy.write_row(tuple(row))
+                count += 1
+        return count
+
+    def reset_identity(self, table: str, column: str) -> None:
+        self.execute(
+            f"SELECT setval(pg_get_serial_sequence('{table}', '{column}'),"
+            f" coalesce(max({column}), 0) + 1, false) FROM {table}"
+        )
+
+    def close(self) -> None:
+        if self._pool is not None:
+            if self.in_transaction:
+                self.conn.rollback()
+            self._pool.putconn(self.conn)
+            self._pool = None
+        else:
+            self.conn.close()
+
+    def json_elements(self, column: str) -> str:
+        return f"json_array_elements_text({column}::json) AS elements(value)"
+
+    def ensure_table(self, name: str, columns: dict[str, type], pk) -> None:
+        keys = (pk,) if isinstance(pk, str) else tuple(pk)
+        definitions = []
+        for column, kind in columns.items():
+            if keys == (column,) and kind is int:  # SQLite's INTEGER PRIMARY KEY
+                definitions.append(f"{column} BIGINT GENERATED BY DEFAULT AS IDENTITY")
+            else:
+                definitions.append(f"{column} {_POSTGRES_TYPES[kind]}")
+        definitions.append(f"PRIMARY KEY ({', '.join(keys)})")
+        self.execute(f"CREATE TABLE IF NOT EXISTS {name} ({', '.join(definitions)})")
+        for column, kind in columns.items():
+            self.execute(
+                f"ALTER TABLE {name} ADD COLUMN IF NOT EXISTS {column} {_POSTGRES_TYPES[kind]}"
+            )
+
+    def schema_version(self) -> int:
+        self.execute("CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL)")
+        row = self.execute("SELECT max(version) FROM schema_version").fetchone()
+        return row[0] or 0
+
+    def set_schema_version(self, version: int) -> None:
+        self.execute("DELETE FROM schema_version")
+        self.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
+
+    def lock_schema(self) -> None:
+        """Inside a transaction: one node at a time creates or upgrades the schema."""
+        self.lock_keys(["imaging-scp schema"])
+
+
+def _lock_number(key: str) -> int:
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big", signed=True)

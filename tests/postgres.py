@@ -1,0 +1,92 @@
+"""A private PostgreSQL cluster for the tests: initdb in a temp dir, pg_ctl on a
+free loopback port, removed at the end. PostgreSQL refuses to run as root, so
+under root it runs as an unprivileged user (postgres, else nobody)."""
+
+import itertools
+import os
+import pwd
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.conftest import free_port
+
+USER = "imaging"
+
+
+def find_binaries() -> Path | None:
+    """The directory of initdb/pg_ctl: Debian keeps them out of PATH."""
+    candidates = sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)
+    if shutil.which("pg_ctl"):
+        candidates.insert(0, Path(shutil.which("pg_ctl")).resolve().parent)
+    for directory in candidates:
+        if (directory / "initdb").exists() and (directory / "pg_ctl").exists():
+            return directory
+    return None
+
+
+def _run_as() -> list[str]:
+    if os.geteuid() != 0:
+        return []
+    for name in ("postgres", "nobody"):
+        try:
+            pwd.getpwnam(name)
+        except KeyError:
+            continue
+        return ["runuser", "-u", name, "--"]
+    raise RuntimeError("running as root and no unprivileged user to run PostgreSQL as")
+
+
+@dataclass
+class Cluster:
+    binaries: Path
+    root: Path
+    port: int
+    run_as: list[str]
+    _numbers = itertools.count(1)
+
+    @classmethod
+    def start(cls, binaries: Path) -> "Cluster":
+        root = Path(tempfile.mkdtemp(prefix="imaging-scp-pg-"))
+        run_as = _run_as()
+        if run_as:
+            shutil.chown(root, user=run_as[2])
+        cluster = cls(binaries, root, free_port(), run_as)
+        data = root / "data"
+        subprocess.run(
+            [*run_as, str(binaries / "initdb"), "-D", str(data), "-U", USER,
+             "--auth=trust", "--no-locale", "--encoding=UTF8"],
+            check=True, capture_output=True,
+        )  # fmt: skip
+        subprocess.run(
+            [*run_as, str(binaries / "pg_ctl"), "-D", str(data), "-l", str(root / "log"), "-w",
+             "-o", f"-p {cluster.port} -k {root} -c listen_addresses=127.0.0.1"
+             " -c max_connections=400", "start"],
+            check=True, capture_output=True,
+        )  # fmt: skip
+        return cluster
+
+    def url(self, database: str = "postgres") -> str:
+        return f"postgresql://{USER}@127.0.0.1:{self.port}/{database}"
+
+    def admin(self, sql: str) -> None:
+        import psycopg
+
+        with psycopg.connect(self.url(), autocommit=True) as conn:
+            conn.execute(sql)
+
+    def new_database(self) -> str:
+        """The URL of a new, empty database."""
+        name = f"index_{os.getpid()}_{next(self._numbers)}"
+        self.admin(f"CREATE DATABASE {name}")
+        return self.url(name)
+
+    def stop(self) -> None:
+        subprocess.run(
+            [*self.run_as, str(self.binaries / "pg_ctl"), "-D", str(self.root / "data"),
+             "-m", "immediate", "stop"],
+            capture_output=True,
+        )  # fmt: skip
+        shutil.rmtree(self.root, ignore_errors=True)
