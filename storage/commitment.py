@@ -315,6 +315,22 @@ class DueReport:
     requester_ae: str | None
     attempts: int
     checked: bool
+    next_attempt_at: str | None = None
+
+
+def claim(index: Index, due: DueReport, lease: float) -> bool:
+    """Take a due report for this process to deliver: the reporters of several
+    nodes sharing an index all see it, and one of them wins. Held for `lease`
+    seconds; a node that dies holding it leaves it to the others after that."""
+    with index.writing():
+        return (
+            index.conn.execute(
+                "UPDATE commitments SET next_attempt_at = ? WHERE transaction_uid = ?"
+                " AND delivery_state IN (?, ?) AND coalesce(next_attempt_at, '') = ?",
+                (_moment(lease), due.transaction_uid, PENDING, CHECKING, due.next_attempt_at or ""),
+            ).rowcount
+            == 1
+        )
 
 
 def reopen(index: Index, transaction_uid: str, *, hold: float = 0.0) -> None:
@@ -365,12 +381,15 @@ def due_reports(location: IndexLocation, *, starting: bool = False) -> list[DueR
         return []
     try:
         rows = conn.execute(
-            "SELECT transaction_uid, requester_ae, attempts, checked_at IS NOT NULL"
-            " FROM commitments WHERE delivery_state IN (?, ?)"
+            "SELECT transaction_uid, requester_ae, attempts, checked_at IS NOT NULL,"
+            " next_attempt_at FROM commitments WHERE delivery_state IN (?, ?)"
             " AND (? OR coalesce(next_attempt_at, requested_at) <= ?) ORDER BY requested_at",
             (PENDING, CHECKING, starting, utc_now()),
         ).fetchall()
-        return [DueReport(uid, ae, attempts, bool(checked)) for uid, ae, attempts, checked in rows]
+        return [
+            DueReport(uid, ae, attempts, bool(checked), due)
+            for uid, ae, attempts, checked, due in rows
+        ]
     finally:
         conn.close()
 

@@ -163,6 +163,12 @@ class Database:
     def close(self) -> None:
         raise NotImplementedError
 
+    def __enter__(self) -> "Database":
+        return self
+
+    def __exit__(self, *_) -> None:
+        self.close()
+
     def wildcard(self, column: str, pattern: str, *, ignore_case: bool) -> tuple[str, str]:
         """(condition, parameter) matching `column` against a DICOM wildcard
         pattern: `*` any run of characters, `?` one character."""
