@@ -1,0 +1,170 @@
+"""Ingest on the SQLite index and on a PostgreSQL one (issue 14), in one run.
+
+    .venv/bin/python -m benchmarks.index_backends [--instances 1500] [--rounds 3]
+
+Prints, as ratios measured in the same run (interleaved rounds, median):
+- one node, small instances over one association: PostgreSQL / SQLite;
+- four senders: two nodes sharing one PostgreSQL index / one node (on a 2-core
+  machine this mostly measures the index, not the nodes);
+- one association into a PostgreSQL index already holding 1,000,000 instances
+  (rows made in SQL: 10,000 studies of 100) / into an empty one.
+
+Both backends fully durable: SQLite synchronous=FULL in WAL mode, PostgreSQL
+synchronous_commit=on with fsync on (the cluster's defaults), on the same disk.
+The PostgreSQL cluster is a private one started here (tests/postgres.py).
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from pydicom.uid import generate_uid
+from pynetdicom.dsutils import encode
+
+from benchmarks.soak import CT_IMAGE_STORAGE, instance
+from tests.conftest import start_server
+from tests.postgres import Cluster, find_binaries
+
+
+def send(port: int, count: int, study: str, pixels: bytes, calling: str = "BENCH") -> None:
+    from tests.test_hostile import EXPLICIT_LE, RawAssociation
+
+    series = generate_uid()
+    datasets = [instance(study, series, n, pixels) for n in range(count)]
+    encoded = [(ds.SOPInstanceUID, encode(ds, False, True)) for ds in datasets]
+    assoc = RawAssociation(port, [(1, CT_IMAGE_STORAGE, [EXPLICIT_LE])], calling=calling)
+    try:
+        for uid, data in encoded:
+            status = assoc.store(1, CT_IMAGE_STORAGE, uid, data).status
+            if status != 0:
+                raise RuntimeError(f"status 0x{status:04X}")
+    finally:
+        assoc.release()
+
+
+def rate(ports: list[int], senders: int, count: int, pixels: bytes) -> float:
+    """Instances per second, `senders` associations at once spread over `ports`."""
+    each = count // senders
+    errors = []
+
+    def one(n: int) -> None:
+        try:
+            send(ports[n % len(ports)], each, generate_uid(), pixels)
+        except Exception as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one, args=(n,)) for n in range(senders)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return each * senders / (time.perf_counter() - started)
+
+
+def fill(url: str, studies: int = 10_000, per_study: int = 100) -> None:
+    """An index of studies × per_study instances, made in SQL (schema by imaging-scp)."""
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO studies (study_uid, patient_id, study_date, modalities, number_of_series,"
+            " number_of_instances, bytes, availability, first_received, last_received)"
+            " SELECT '1.2.826.0.1.9.' || s, 'P' || s, '20260101', '[\"CT\"]', 1, %s, 0,"
+            " 'ONLINE', '2026-01-01T00:00:00.000Z', '2026-01-01T00:00:00.000Z'"
+            " FROM generate_series(1, %s) AS s",
+            (per_study, studies),
+        )
+        conn.execute(
+            "INSERT INTO series (series_uid, study_uid, modality, number_of_instances, bytes,"
+            " availability, first_received, last_received)"
+            " SELECT '1.2.826.0.2.9.' || s, '1.2.826.0.1.9.' || s, 'CT', %s, 0, 'ONLINE',"
+            " '2026-01-01T00:00:00.000Z', '2026-01-01T00:00:00.000Z'"
+            " FROM generate_series(1, %s) AS s",
+            (per_study, studies),
+        )
+        conn.execute(
+            "INSERT INTO instances (sop_instance_uid, series_uid, study_uid, sop_class_uid,"
+            " transfer_syntax, path, size, sha256, received_at)"
+            " SELECT '1.2.826.0.3.9.' || i, '1.2.826.0.2.9.' || (i / %s + 1),"
+            " '1.2.826.0.1.9.' || (i / %s + 1), %s, '1.2.840.10008.1.2.1', 'x/' || i, 0, '',"
+            " '2026-01-01T00:00:00.000Z' FROM generate_series(0, %s) AS i",
+            (per_study, per_study, CT_IMAGE_STORAGE, studies * per_study - 1),
+        )
+        conn.execute("VACUUM ANALYZE")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--instances", type=int, default=1500)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    binaries = find_binaries()
+    if binaries is None:
+        print("PostgreSQL not installed (apt-get install postgresql)", file=sys.stderr)
+        return 2
+    pixels = os.urandom(64 * 64 * 2)
+    cluster = Cluster.start(binaries)
+    work = Path(tempfile.mkdtemp(prefix="bench-index-"))
+    servers = []
+
+    def serve(name: str, url: str, node: str = "n1"):
+        server = start_server(work / name, "--node-name", node, index_url=url)
+        servers.append(server)
+        return server
+
+    try:
+        sqlite = serve("sqlite", "")
+        pg_url = cluster.new_database()
+        pg_one = serve("pg", pg_url)
+        pg_two = serve("pg", pg_url, "n2")
+        full_url = cluster.new_database()
+        full = serve("full", full_url)
+        empty = serve("empty", cluster.new_database())
+        fill(full_url)
+        figures: dict[str, list[float]] = {}
+        for _ in range(args.rounds):  # interleaved: each round measures every case once
+            for name, ports, senders in (
+                ("sqlite, 1 association", [sqlite.port], 1),
+                ("postgresql, 1 association", [pg_one.port], 1),
+                ("postgresql, 1 node, 4 senders", [pg_one.port], 4),
+                ("postgresql, 2 nodes, 4 senders", [pg_one.port, pg_two.port], 4),
+                ("postgresql empty, 1 association", [empty.port], 1),
+                ("postgresql 1,000,000 indexed, 1 association", [full.port], 1),
+            ):
+                figures.setdefault(name, []).append(rate(ports, senders, args.instances, pixels))
+        medians = {name: statistics.median(values) for name, values in figures.items()}
+        for name, value in medians.items():
+            print(
+                f"{name:48} {value:8.0f} instances/s   rounds {[round(v) for v in figures[name]]}"
+            )
+        ratios = {
+            "postgresql / sqlite (1 association)": medians["postgresql, 1 association"]
+            / medians["sqlite, 1 association"],
+            "2 nodes / 1 node (4 senders, postgresql)": medians["postgresql, 2 nodes, 4 senders"]
+            / medians["postgresql, 1 node, 4 senders"],
+            "1,000,000 indexed / empty (postgresql)": medians[
+                "postgresql 1,000,000 indexed, 1 association"
+            ]
+            / medians["postgresql empty, 1 association"],
+        }
+        for name, value in ratios.items():
+            print(f"{name:48} {value:8.2f}x")
+        print(json.dumps({"medians": medians, "ratios": ratios, "instances": args.instances}))
+    finally:
+        for server in servers:
+            server.stop()
+        cluster.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
