@@ -4,7 +4,7 @@
 
 1. Fills an index in benchmarks/work/index-1m/ (reused when it already holds the
    same synthetic data) through the code path live ingest uses for the index:
-   `Index.writing()`, then `stored_digest`, `check_series_study` and
+   `Index.writing()`, then `stored_digest` and
    `index_instance(IndexEntry(...))` per instance, with `InstanceHeader`s built
    directly (no DICOM parsing, no files on disk). Instances are batched (5,000 per
    transaction) to make the fill fast; the figure reported is the index's own
@@ -353,8 +353,7 @@ def _index_batch(index, entries) -> None:
         header = entry.header
         if index.stored_digest(header.sop_instance_uid) is not None:
             raise RuntimeError(f"duplicate synthetic UID {header.sop_instance_uid}")
-        index.check_series_study(header.series_uid, header.study_uid)
-        index.index_instance(entry)
+        index.index_instance(entry)  # checks the series' study first
 
 
 def probe_growth(data_dir: Path, probes: int = 3) -> dict:

@@ -118,6 +118,7 @@ class Database:
     COMMIT) so that both engines behave alike."""
 
     dialect: str
+    remote: bool  # a server process: each statement costs a round trip
     # LIKE that ignores the case of ASCII letters (SQLite's LIKE does; PostgreSQL's
     # ILIKE ignores every letter's).
     like_ignoring_case: str
@@ -138,6 +139,11 @@ class Database:
     def lock_keys(self, keys: list[str]) -> None:
         """Inside a transaction: hold a lock per key until it ends, taken in one
         order by every writer so that no two wait for each other."""
+
+    def first_rows(self, statements: list[tuple[str, tuple]]) -> list:
+        """Run statements in order; the first row of each (None: no row). On
+        PostgreSQL they go to the server together (pipeline mode: one round trip)."""
+        return [self.execute(sql, params).fetchone() for sql, params in statements]
 
     def another(self) -> "Database":
         """A new connection to the same database."""
@@ -202,6 +208,7 @@ class Database:
 
 class SQLiteDatabase(Database):
     dialect = "sqlite"
+    remote = False
     like_ignoring_case = "LIKE"
 
     def __init__(self, path: Path):
@@ -310,12 +317,14 @@ _pools_lock = threading.Lock()
 
 class PostgresDatabase(Database):
     dialect = "postgresql"
+    remote = True
     like_ignoring_case = "ILIKE"
 
     def __init__(self, url: str, conn, pool=None):
         self.url = url
         self.conn = conn
         self._pool = pool
+        self._deferred: list[tuple[str, tuple]] = []
 
     @classmethod
     def connect(cls, url: str) -> "PostgresDatabase":
@@ -356,10 +365,24 @@ class PostgresDatabase(Database):
         except PoolTimeout as exc:
             raise IndexUnreachable(f"cannot connect to the index at {redact(url)}: {exc}") from exc
 
+    # BEGIN and the study locks wait, and go to the server with the transaction's
+    # first statement: one round trip fewer per transaction.
+
     def execute(self, sql: str, params=()):
+        if self._deferred:
+            return self._send([(sql, params)])[-1]
         return self.conn.execute(_pyformat(sql), params)
 
+    def _send(self, statements: list[tuple[str, tuple]]) -> list:
+        """The deferred statements, then `statements`, in one round trip; the
+        cursors of `statements`."""
+        deferred, self._deferred = self._deferred, []
+        with self.conn.pipeline():
+            cursors = [self.conn.execute(_pyformat(sql), p) for sql, p in deferred + statements]
+        return cursors[len(deferred) :]
+
     def executemany(self, sql: str, rows) -> None:
+        self._send([])
         with self.conn.cursor() as cursor:
             cursor.executemany(_pyformat(sql), rows)
 
@@ -367,10 +390,14 @@ class PostgresDatabase(Database):
     def in_transaction(self) -> bool:
         from psycopg.pq import TransactionStatus
 
-        return self.conn.info.transaction_status != TransactionStatus.IDLE
+        return bool(self._deferred) or self.conn.info.transaction_status != TransactionStatus.IDLE
 
     def begin(self) -> None:
-        self.conn.execute("BEGIN")
+        self._deferred.append(("BEGIN", ()))
+
+    def first_rows(self, statements: list[tuple[str, tuple]]) -> list:
+        cursors = self._send(statements)
+        return [cursor.fetchone() if cursor.description else None for cursor in cursors]
 
     def lock_keys(self, keys: list[str]) -> None:
         # Transaction-level advisory locks, one per key (a study UID), in one
@@ -378,14 +405,15 @@ class PostgresDatabase(Database):
         # time across every node, and two nodes never wait for each other.
         numbers = sorted({_lock_number(key) for key in keys})
         if numbers:
-            self.execute(
-                "SELECT count(pg_advisory_xact_lock(n)) FROM unnest(?::bigint[]) AS n", (numbers,)
+            self._deferred.append(
+                ("SELECT count(pg_advisory_xact_lock(n)) FROM unnest(?::bigint[]) AS n", (numbers,))
             )
 
     def another(self) -> "PostgresDatabase":
         return PostgresDatabase.connect(self.url)
 
     def insert_rows(self, table: str, columns: list[str], rows) -> int:
+        self._send([])
         count = 0
         sql = f"COPY {table} ({', '.join(columns)}) FROM STDIN"
         with self.conn.cursor() as cursor, cursor.copy(sql) as copy:
@@ -401,6 +429,7 @@ class PostgresDatabase(Database):
         )
 
     def close(self) -> None:
+        self._deferred = []
         if self._pool is not None:
             if self.in_transaction:
                 self.conn.rollback()

@@ -445,11 +445,7 @@ class Index:
     def stored_digest(self, sop_instance_uid: str) -> StoredDigest | None:
         """The indexed copy of an instance, or None. Call inside `writing()` to
         act on the answer; outside, it is only a hint."""
-        row = self.conn.execute(
-            "SELECT study_uid, series_uid, path, size, sha256 FROM instances"
-            " WHERE sop_instance_uid = ?",
-            (sop_instance_uid,),
-        ).fetchone()
+        row = self.conn.execute(_STORED_DIGEST, (sop_instance_uid,)).fetchone()
         return StoredDigest(*row) if row else None
 
     def digest_hint(self, sop_instance_uid: str) -> StoredDigest | None:
@@ -467,37 +463,46 @@ class Index:
             raise SeriesStudyMismatch(f"series {series_uid} already belongs to study {row[0]}")
 
     def index_instance(self, entry: IndexEntry) -> IndexOutcome:
-        """Add a new instance and update its series and study. Call inside `writing()`."""
-        header = entry.header
-        source = entry.provenance
-        self.conn.execute(
-            "INSERT INTO instances (sop_instance_uid, series_uid, study_uid, sop_class_uid,"
-            " number, title, number_of_frames, transfer_syntax, path, size, sha256,"
-            " received_at, calling_ae, called_ae, peer, association_id)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                header.sop_instance_uid,
-                header.series_uid,
-                header.study_uid,
-                header.sop_class_uid,
-                header.instance.get("number"),
-                header.instance.get("title"),
-                header.instance.get("number_of_frames"),
-                entry.transfer_syntax,
-                entry.path,
-                entry.size,
-                entry.sha256,
-                entry.received_at,
-                source.calling_ae,
-                source.called_ae,
-                source.peer,
-                source.association_id,
-            ),
-        )
+        """Add a new instance and update its series and study. Call inside `writing()`.
+        SeriesStudyMismatch, with nothing written, when its series is indexed under
+        another study."""
         outcome = IndexOutcome()
         new_modality = self._count_in_series(entry, outcome)
+        self.conn.execute(_INSERT_INSTANCE, _instance_values(entry))
         self._count_in_study(entry, new_modality, outcome)
         return outcome
+
+    def index_if_new(self, entry: IndexEntry) -> "StoredDigest | IndexOutcome":
+        """`stored_digest`, then `index_instance` when there is none — in one round
+        trip to PostgreSQL when the series and the study are indexed already (all
+        instances but a series' first): the writes go with the lookup, inside a
+        savepoint, and are undone when the instance turns out to be known or its
+        series or study new, which then take the statement-by-statement path."""
+        uid = entry.header.sop_instance_uid
+        if not self.conn.remote:  # in-process: nothing to save, no savepoint to pay for
+            known = self.stored_digest(uid)
+            return known if known is not None else self.index_instance(entry)
+        _, known, inserted, series_row, study_row = self.conn.first_rows(
+            [
+                ("SAVEPOINT speculative", ()),
+                (_STORED_DIGEST, (uid,)),
+                (
+                    _INSERT_INSTANCE + " ON CONFLICT (sop_instance_uid) DO NOTHING RETURNING 1",
+                    _instance_values(entry),
+                ),
+                _series_count(entry),
+                _study_count(entry, new_series=False),
+            ]
+        )
+        if known is None and inserted is not None and series_row and study_row:
+            outcome = IndexOutcome()
+            new_modality = self._series_counted(entry, series_row, outcome)
+            self._study_counted(entry, new_modality, study_row, outcome)
+            return outcome
+        self.conn.execute("ROLLBACK TO speculative")
+        if known is not None:
+            return StoredDigest(*known)
+        return self.index_instance(entry)
 
     def replace_instance(self, entry: IndexEntry) -> None:
         """Record a new copy of an indexed instance in the same series (policy
@@ -562,91 +567,136 @@ class Index:
         )
 
     def _count_in_series(self, entry: IndexEntry, outcome: IndexOutcome) -> str | None:
-        """Create or update the instance's series.
+        """Create or update the instance's series; SeriesStudyMismatch (nothing
+        written) when the series is indexed under another study.
 
         Returns the series modality when the study has not seen it through this
         series before (a new series, or one that only now learnt its modality).
         """
         header = entry.header
-        columns = list(SERIES_FIELDS)
-        row = self.conn.execute(
-            f"SELECT study_uid, {', '.join(columns)} FROM series WHERE series_uid = ?",
-            (header.series_uid,),
-        ).fetchone()
-        if row is None:
-            outcome.new_series = True
-            values = {name: header.series.get(name) for name in columns}
-            self._insert(
-                "series",
-                {
-                    "series_uid": header.series_uid,
-                    "study_uid": header.study_uid,
-                    **values,
-                    "number_of_instances": 1,
-                    "bytes": entry.size,
-                    "availability": ONLINE,
-                    "first_received": entry.received_at,
-                    "last_received": entry.received_at,
-                },
-            )
-            return values["modality"]
-        stored = dict(zip(columns, row[1:], strict=True))
-        updates = _first_values_win("series", stored, header.series, outcome)
-        assignments = "".join(f", {name} = ?" for name in updates)
-        # A new instance supersedes an earlier aborted transfer's "incomplete" mark,
-        # and a commitment's "complete": the series has grown since.
-        self.conn.execute(
-            "UPDATE series SET number_of_instances = number_of_instances + 1,"
-            f" bytes = bytes + ?, last_received = ?, incomplete_reason = NULL,"
-            f" incomplete_since = NULL, committed_at = NULL{assignments} WHERE series_uid = ?",
-            (entry.size, entry.received_at, *updates.values(), header.series_uid),
+        row = self.conn.execute(*_series_count(entry)).fetchone()
+        if row is not None:
+            return self._series_counted(entry, row, outcome)
+        self.check_series_study(header.series_uid, header.study_uid)
+        outcome.new_series = True
+        values = {name: header.series.get(name) for name in SERIES_FIELDS}
+        self._insert(
+            "series",
+            {
+                "series_uid": header.series_uid,
+                "study_uid": header.study_uid,
+                **values,
+                "number_of_instances": 1,
+                "bytes": entry.size,
+                "availability": ONLINE,
+                "first_received": entry.received_at,
+                "last_received": entry.received_at,
+            },
         )
+        return values["modality"]
+
+    def _series_counted(self, entry: IndexEntry, row, outcome: IndexOutcome) -> str | None:
+        """After the series' count went up: fill in what it lacked (first value wins)."""
+        stored = dict(zip(SERIES_FIELDS, row, strict=True))
+        updates = _first_values_win("series", stored, entry.header.series, outcome)
+        if updates:
+            self._fill_in("series", "series_uid", entry.header.series_uid, updates)
         return updates.get("modality")
 
     def _count_in_study(
         self, entry: IndexEntry, new_modality: str | None, outcome: IndexOutcome
     ) -> None:
         header = entry.header
-        columns = list(STUDY_FIELDS)
-        row = self.conn.execute(
-            f"SELECT modalities, {', '.join(columns)} FROM studies WHERE study_uid = ?",
-            (header.study_uid,),
-        ).fetchone()
-        if row is None:
-            outcome.new_study = True
-            self._insert(
-                "studies",
-                {
-                    "study_uid": header.study_uid,
-                    **{name: header.study.get(name) for name in columns},
-                    "modalities": json.dumps([new_modality] if new_modality else []),
-                    "number_of_series": 1,
-                    "number_of_instances": 1,
-                    "bytes": entry.size,
-                    "availability": ONLINE,
-                    "first_received": entry.received_at,
-                    "last_received": entry.received_at,
-                },
-            )
+        row = self.conn.execute(*_study_count(entry, outcome.new_series)).fetchone()
+        if row is not None:
+            self._study_counted(entry, new_modality, row, outcome)
             return
-        stored = dict(zip(columns, row[1:], strict=True))
-        updates = _first_values_win("study", stored, header.study, outcome)
+        outcome.new_study = True
+        self._insert(
+            "studies",
+            {
+                "study_uid": header.study_uid,
+                **{name: header.study.get(name) for name in STUDY_FIELDS},
+                "modalities": json.dumps([new_modality] if new_modality else []),
+                "number_of_series": 1,
+                "number_of_instances": 1,
+                "bytes": entry.size,
+                "availability": ONLINE,
+                "first_received": entry.received_at,
+                "last_received": entry.received_at,
+            },
+        )
+
+    def _study_counted(
+        self, entry: IndexEntry, new_modality: str | None, row, outcome: IndexOutcome
+    ) -> None:
+        stored = dict(zip(STUDY_FIELDS, row[1:], strict=True))
+        updates = _first_values_win("study", stored, entry.header.study, outcome)
         modalities = json.loads(row[0] or "[]")
         if new_modality and new_modality not in modalities:
             updates["modalities"] = json.dumps([*modalities, new_modality])
-        assignments = "".join(f", {name} = ?" for name in updates)
+        if updates:
+            self._fill_in("studies", "study_uid", entry.header.study_uid, updates)
+
+    def _fill_in(self, table: str, key: str, uid: str, values: dict) -> None:
+        assignments = ", ".join(f"{name} = ?" for name in values)
         self.conn.execute(
-            "UPDATE studies SET number_of_instances = number_of_instances + 1,"
-            f" number_of_series = number_of_series + ?, bytes = bytes + ?,"
-            f" last_received = ?{assignments} WHERE study_uid = ?",
-            (
-                int(outcome.new_series),
-                entry.size,
-                entry.received_at,
-                *updates.values(),
-                header.study_uid,
-            ),
+            f"UPDATE {table} SET {assignments} WHERE {key} = ?", (*values.values(), uid)
         )
+
+
+_STORED_DIGEST = (
+    "SELECT study_uid, series_uid, path, size, sha256 FROM instances WHERE sop_instance_uid = ?"
+)
+_INSERT_INSTANCE = (
+    "INSERT INTO instances (sop_instance_uid, series_uid, study_uid, sop_class_uid, number, title,"
+    " number_of_frames, transfer_syntax, path, size, sha256, received_at, calling_ae, called_ae,"
+    " peer, association_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+def _instance_values(entry: IndexEntry) -> tuple:
+    header, source = entry.header, entry.provenance
+    return (
+        header.sop_instance_uid,
+        header.series_uid,
+        header.study_uid,
+        header.sop_class_uid,
+        header.instance.get("number"),
+        header.instance.get("title"),
+        header.instance.get("number_of_frames"),
+        entry.transfer_syntax,
+        entry.path,
+        entry.size,
+        entry.sha256,
+        entry.received_at,
+        source.calling_ae,
+        source.called_ae,
+        source.peer,
+        source.association_id,
+    )
+
+
+def _series_count(entry: IndexEntry) -> tuple[str, tuple]:
+    """The series' count goes up, its stored values come back (no row: a new
+    series, or one of another study). A new instance supersedes an earlier
+    aborted transfer's "incomplete" mark, and a commitment's "complete"."""
+    return (
+        "UPDATE series SET number_of_instances = number_of_instances + 1, bytes = bytes + ?,"
+        " last_received = ?, incomplete_reason = NULL, incomplete_since = NULL,"
+        f" committed_at = NULL WHERE series_uid = ? AND study_uid = ?"
+        f" RETURNING {', '.join(SERIES_FIELDS)}",
+        (entry.size, entry.received_at, entry.header.series_uid, entry.header.study_uid),
+    )
+
+
+def _study_count(entry: IndexEntry, new_series: bool) -> tuple[str, tuple]:
+    return (
+        "UPDATE studies SET number_of_instances = number_of_instances + 1,"
+        " number_of_series = number_of_series + ?, bytes = bytes + ?, last_received = ?"
+        f" WHERE study_uid = ? RETURNING modalities, {', '.join(STUDY_FIELDS)}",
+        (int(new_series), entry.size, entry.received_at, entry.header.study_uid),
+    )
 
 
 def _first_values_win(level: str, stored: dict, received: dict, outcome: IndexOutcome) -> dict:

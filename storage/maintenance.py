@@ -22,6 +22,7 @@ from storage.index import (
     Index,
     IndexEntry,
     Provenance,
+    SeriesStudyMismatch,
     replace_rows,
     utc_now,
 )
@@ -99,10 +100,14 @@ def _mtime(path: Path) -> str:
 
 def index_file(index: Index, entry: IndexEntry) -> bool:
     """Add a file found on disk to the index, unless its SOP Instance UID is
-    known already. Inside `writing()`. Returns whether it was added."""
+    known already. Inside `writing()`. Returns whether it was added;
+    UnindexableFile when its series is indexed under another study."""
     if index.stored_digest(entry.header.sop_instance_uid) is not None:
         return False
-    index.index_instance(entry)
+    try:
+        index.index_instance(entry)
+    except SeriesStudyMismatch as exc:
+        raise UnindexableFile(f"{entry.path}: {exc}") from exc
     return True
 
 
@@ -130,7 +135,7 @@ def recover_incoming(index: Index, location: IndexLocation, node: str) -> Recove
             continue
         entry = entry_for_file(data_dir, relpath)
         with index.writing():
-            if _finish_placing(index, entry, relpath):
+            if _finish_placing(index, data_dir, entry, relpath):
                 recovery.indexed.append(str(relpath))
         temp.unlink()
     return recovery
@@ -148,7 +153,9 @@ def _final_name(data_dir: Path, temp: Path) -> PurePosixPath | None:
     return files.placed_path(data_dir, temp, candidates)
 
 
-def _finish_placing(index: Index, entry: IndexEntry, relpath: PurePosixPath) -> bool:
+def _finish_placing(
+    index: Index, data_dir: Path, entry: IndexEntry, relpath: PurePosixPath
+) -> bool:
     """Record a placed file as ingest would have; False if it already was."""
     if relpath.parts[0] == files.CONFLICTS_DIR:
         known = index.conn.execute(
@@ -159,7 +166,11 @@ def _finish_placing(index: Index, entry: IndexEntry, relpath: PurePosixPath) -> 
         return not known
     known = index.stored_digest(entry.header.sop_instance_uid)
     if known is None:
-        index.index_instance(entry)
+        try:
+            index.index_instance(entry)
+        except SeriesStudyMismatch:  # ingest refused it: its sender got no Success
+            (Path(data_dir) / relpath).unlink(missing_ok=True)
+            return False
         return True
     if known.sha256 != entry.sha256:  # an overwrite that did not commit
         index.replace_instance(entry)
@@ -286,12 +297,11 @@ def _find_unknown_files(index: Index, data_dir: Path, report: VerifyReport, repa
             continue
         try:
             entry = entry_for_file(data_dir, relpath)
+            with index.writing():
+                if index_file(index, entry):
+                    report.repaired.append(str(relpath))
         except UnindexableFile as exc:
             report.unindexable.append(str(exc))
-            continue
-        with index.writing():
-            if index_file(index, entry):
-                report.repaired.append(str(relpath))
 
 
 @dataclass

@@ -25,6 +25,7 @@ from storage.header import DatasetWalk, HeaderError, InstanceHeader, read_header
 from storage.index import (
     Index,
     IndexEntry,
+    IndexOutcome,
     Provenance,
     SeriesStudyMismatch,
     StoredDigest,
@@ -218,17 +219,16 @@ class InstanceStore:
         """Give the durable temp file its place and index it, inside a transaction."""
         header = entry.header
         relpath = PurePosixPath(entry.path)
-        known = self.index.stored_digest(header.sop_instance_uid)
-        if known is None:
-            try:
-                self.index.check_series_study(header.series_uid, header.study_uid)
-            except SeriesStudyMismatch as exc:
-                raise StoreRefused(Refusal.SERIES_IN_OTHER_STUDY, str(exc)) from exc
+        try:
+            found = self.index.index_if_new(entry)
+        except SeriesStudyMismatch as exc:
+            raise StoreRefused(Refusal.SERIES_IN_OTHER_STUDY, str(exc)) from exc
+        if isinstance(found, IndexOutcome):  # a new instance, indexed
             if not result.placed:
                 self._link(temp, relpath, result, Outcome.STORED)
-            outcome = self.index.index_instance(entry)
-            result.disagreements = outcome.disagreements
+            result.disagreements = found.disagreements
             return
+        known = found
         if result.placed:  # placed before the transaction, but a row came first
             (self.data_dir / result.path).unlink(missing_ok=True)
             result.placed = False
