@@ -140,13 +140,21 @@ class InstanceStore:
         an identical resend). Called by `IncomingInstance.finish`."""
         temp_writer = incoming.temp
         sha256 = incoming.digest.hexdigest()
-        known = self.index.digest_hint(header.sop_instance_uid)
-        if known is not None and known.sha256 == sha256 and self._file_present(known):
+        uid = header.sop_instance_uid
+        # In-process (SQLite) the lookup is free, and an identical resend is
+        # answered before anything is made durable. To PostgreSQL it is a round
+        # trip every new instance would pay: the transaction's own lookup
+        # (Index.index_if_new) tells resends apart there.
+        known = None if self.index.conn.remote else self.index.digest_hint(uid)
+        if self._identical(known, sha256):
             temp_writer.discard()
             return StoreResult(Outcome.IDENTICAL_RESEND, header, known.path, known.size, sha256)
         size = temp_writer.size
         if not self.has_room():  # measured with the object's bytes already on the disk
+            known = known or self.index.digest_hint(uid)
             temp_writer.discard()
+            if self._identical(known, sha256):  # nothing new to keep
+                return StoreResult(Outcome.IDENTICAL_RESEND, header, known.path, known.size, sha256)
             raise StoreRefused(
                 Refusal.OUT_OF_SPACE, "receiver's disk is below its free-space floor"
             )
@@ -202,6 +210,9 @@ class InstanceStore:
         placing = 0.0 if placed_before else timings.get("place", 0.0)  # inside the transaction
         timings["index"] = round(_ms_since(started) - placing, 3)
         return result
+
+    def _identical(self, known: StoredDigest | None, sha256: str) -> bool:
+        return known is not None and known.sha256 == sha256 and self._file_present(known)
 
     def _file_present(self, known: StoredDigest) -> bool:
         return (self.data_dir / known.path).exists()
