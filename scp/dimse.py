@@ -156,6 +156,18 @@ def response(
     return encode_command(elements)
 
 
+def echo_request(message_id: int) -> bytes:
+    """A C-ECHO-RQ command set (the requestor side, for `imaging-scp echo`)."""
+    return encode_command(
+        [
+            (AFFECTED_SOP_CLASS_UID, _uid_value("1.2.840.10008.1.1")),
+            (COMMAND_FIELD, _US.pack(C_ECHO_RQ)),
+            (MESSAGE_ID, _US.pack(message_id)),
+            (COMMAND_DATA_SET_TYPE, _US.pack(NO_DATASET)),
+        ]
+    )
+
+
 def event_report_request(
     message_id: int, sop_class_uid: str, sop_instance_uid: str, event_type: int
 ) -> bytes:

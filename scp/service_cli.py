@@ -7,10 +7,6 @@ Both print one clear line on stderr when something is wrong, and exit with
 import dataclasses
 import enum
 import json
-import logging
-import os
-import sys
-import time
 import tomllib
 from pathlib import Path
 
@@ -18,27 +14,8 @@ import click
 
 from scp.cli_options import fail
 from scp.config import Config, ConfigError, FreeSpace, is_ae_title, load_config
-from scp.logs import error_line
 
 # --- echo -------------------------------------------------------------------
-
-
-class _Collected(logging.Handler):
-    """Keeps pynetdicom's log messages: they are the only place it says *why*
-    an association failed (refused, rejected and for which reason, timed out)."""
-
-    def __init__(self):
-        super().__init__(logging.INFO)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
-
-    def find(self, prefix: str) -> str | None:
-        for message in self.messages:
-            if message.startswith(prefix):
-                return message[len(prefix) :].strip()
-        return None
 
 
 def _ae_title(_ctx, param, value: str) -> str:
@@ -48,16 +25,6 @@ def _ae_title(_ctx, param, value: str) -> str:
             param=param,
         )
     return value
-
-
-def _no_echo(message: str):
-    """Give up on the peer: exit 1 now. pynetdicom's reader thread may be stuck
-    in recv() on a peer that is not DICOM (the length field of an HTTP answer
-    says a gigabyte follows), and it must not keep the command alive."""
-    click.echo(error_line(message), err=True)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(1)
 
 
 @click.command()
@@ -90,57 +57,16 @@ def echo(aet: str, called_aet: str, timeout: float, host: str, port: int):
     Exit 0 when the peer answers Success, 1 when it cannot be reached, rejects
     the association or answers anything else, 2 on a usage error.
     """
-    from pynetdicom import AE
-    from pynetdicom.sop_class import Verification
+    from scp.echo import EchoFailed
+    from scp.echo import echo as send_echo
 
-    collected = _Collected()
-    pynetdicom_log = logging.getLogger("pynetdicom")
-    pynetdicom_log.addHandler(collected)
-    pynetdicom_log.setLevel(logging.INFO)
-    pynetdicom_log.propagate = False
-
-    ae = AE(ae_title=aet)
-    ae.add_requested_context(Verification)
-    ae.connection_timeout = ae.acse_timeout = timeout
-    ae.dimse_timeout = ae.network_timeout = timeout
-    peer = f"{called_aet}@{host}:{port}"
-
-    started = time.perf_counter()
     try:
-        assoc = ae.associate(host, port, ae_title=called_aet)
-    except OSError as exc:  # socket.gaierror: the host name does not resolve
-        _no_echo(f"cannot resolve {host}: {exc.strerror or exc}")
-    associated = time.perf_counter()
-    if not assoc.is_established:
-        if assoc.is_rejected:
-            result = collected.find("Result:") or "rejected"
-            reason = collected.find("Reason:")
-            _no_echo(f"{peer} rejected the association: {result}; {reason}")
-        cause = collected.find("TCP Initialisation Error:")
-        if cause:  # (pynetdicom also marks this one "aborted")
-            _no_echo(f"cannot connect to {host}:{port}: {cause}")
-        if assoc.is_aborted:
-            unknown = collected.find("Unknown PDU type received")
-            if unknown:
-                _no_echo(f"{host}:{port} answered something that is not DICOM (PDU type {unknown})")
-            _no_echo(f"{peer} aborted the association")
-        _no_echo(f"no association with {peer} (no answer within {timeout:g} s)")
-    try:
-        response = assoc.send_c_echo()
-    except ValueError:  # no accepted presentation context for Verification
-        assoc.release()
-        _no_echo(f"{peer} does not accept the Verification SOP Class (C-ECHO)")
-    answered = time.perf_counter()
-    assoc.release()
-
-    code = response.get("Status")
-    if code is None:
-        _no_echo(f"{peer} did not answer the C-ECHO within {timeout:g} s")
-    if code != 0x0000:
-        _no_echo(f"{peer} answered the C-ECHO with status 0x{code:04X}")
+        times = send_echo(host, port, calling=aet, called=called_aet, timeout=timeout)
+    except EchoFailed as exc:
+        fail(str(exc), 1)
     click.echo(
-        f"C-ECHO {peer}: Success (0x0000) in {(answered - associated) * 1000:.1f} ms"
-        f" (association {(associated - started) * 1000:.1f} ms)"
+        f"C-ECHO {called_aet}@{host}:{port}: Success (0x0000) in {times.echo_ms:.1f} ms"
+        f" (association {times.association_ms:.1f} ms)"
     )
 
 

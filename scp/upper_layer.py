@@ -344,7 +344,7 @@ class UpperLayer:
 
     def indicate_p_data(self, previous, event, pdu) -> State | None:
         try:
-            for context_id, control, fragment in _pdvs(pdu):
+            for context_id, control, fragment in pdvs(pdu):
                 self.user.p_data(self, context_id, control, fragment)
                 if self.state is not State.ESTABLISHED:  # the user aborted
                     return None
@@ -482,7 +482,7 @@ class UpperLayer:
             self.sock.close()
 
 
-def _pdvs(body):
+def pdvs(body):
     """(context ID, message control header, fragment) of each PDV of a P-DATA-TF."""
     end = len(body)
     pos = 0

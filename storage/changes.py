@@ -39,6 +39,8 @@ def set_availability(
             if row is None:
                 return 0
             study_uid = row[0]
+        conn.lock_keys([study_uid])
+        if series_uid is not None:
             # The admin's word: nothing `verify` set is to be given back any more.
             changed = conn.execute(
                 "UPDATE series SET availability = ?, unavailable_by_verify = NULL"
@@ -100,6 +102,7 @@ def _update_each_series(index: Index, series_uids: list[str], sql: str, values: 
     the series it changed."""
     changed = []
     with index.writing():
+        index.lock_studies(series_uids)
         for uid in series_uids:
             if index.conn.execute(sql, (*values, uid)).rowcount:
                 changed.append(uid)
@@ -108,7 +111,7 @@ def _update_each_series(index: Index, series_uids: list[str], sql: str, values: 
 
 def mark_complete(index: Index, study_uid: str) -> int:
     """Clear the incomplete mark of a study's series; returns how many were marked."""
-    with index.writing():
+    with index.writing(lock_keys=[study_uid]):
         return index.conn.execute(
             "UPDATE series SET incomplete_reason = NULL, incomplete_since = NULL"
             " WHERE study_uid = ? AND incomplete_reason IS NOT NULL",
@@ -157,6 +160,7 @@ def _delete_rows(
             if row is None:
                 return Deletion(0, 0, [])
             study_uid, instances, size = row
+            conn.lock_keys([study_uid])
             paths = _paths(conn, "series_uid", series_uid)
             conn.execute("DELETE FROM instances WHERE series_uid = ?", (series_uid,))
             conn.execute("DELETE FROM series WHERE series_uid = ?", (series_uid,))
@@ -168,6 +172,7 @@ def _delete_rows(
                 return Deletion(instances, size, paths)
             _drop_series_from_study(index, study_uid, instances, size)
             return Deletion(instances, size, paths)
+        conn.lock_keys([study_uid])
         row = conn.execute(
             "SELECT number_of_instances, bytes FROM studies WHERE study_uid = ?",
             (study_uid,),

@@ -13,7 +13,9 @@ failures `incomplete`, with the reason.
 
 Delivery state (`commitments.delivery_state`): ``checking`` (recorded, not yet
 checked), ``pending`` (checked, report not yet acknowledged; retried at
-`next_attempt_at`), ``delivered``, ``failed`` (given up, or nowhere to send it).
+`next_attempt_at`), ``delivering`` (a reporter took it, until `next_attempt_at`:
+the nodes sharing an index deliver each report once), ``delivered``, ``failed``
+(given up, or nowhere to send it).
 """
 
 import enum
@@ -26,7 +28,8 @@ from storage import files
 from storage.database import Database, IndexLocation, IndexUnreachable
 from storage.index import Index, utc_now
 
-CHECKING, PENDING, DELIVERED, FAILED = "checking", "pending", "delivered", "failed"
+CHECKING, PENDING, DELIVERING = "checking", "pending", "delivering"
+DELIVERED, FAILED = "delivered", "failed"
 
 # Failure Reason (0008,1197) values, PS3.4 J.3.3.1.1
 PROCESSING_FAILURE = 0x0110  # the file is missing or its bytes changed
@@ -231,7 +234,8 @@ def _record_result(
     conn = index.conn
     now = utc_now()
     failed = sum(1 for _, reason, _, _ in outcomes if reason is not None)
-    with index.writing():
+    studies = {study for _, _, study, _ in outcomes if study}
+    with index.writing(lock_keys=studies):
         if _checked(conn, transaction_uid):  # another thread or process got there first
             return
         conn.executemany(
@@ -315,22 +319,24 @@ class DueReport:
     requester_ae: str | None
     attempts: int
     checked: bool
-    next_attempt_at: str | None = None
 
 
-def claim(index: Index, due: DueReport, lease: float) -> bool:
+def claim(index: Index, transaction_uid: str, lease: float) -> bool:
     """Take a due report for this process to deliver: the reporters of several
-    nodes sharing an index all see it, and one of them wins. Held for `lease`
-    seconds; a node that dies holding it leaves it to the others after that."""
+    nodes sharing an index all see it, and one of them wins (the row's update
+    is atomic). Held for `lease` seconds; a node that dies holding it leaves it
+    to the others after that."""
     with index.writing():
         return (
             index.conn.execute(
-                "UPDATE commitments SET next_attempt_at = ? WHERE transaction_uid = ?"
-                " AND delivery_state IN (?, ?) AND coalesce(next_attempt_at, '') = ?",
-                (_moment(lease), due.transaction_uid, PENDING, CHECKING, due.next_attempt_at or ""),
+                "UPDATE commitments SET delivery_state = ?, next_attempt_at = ?"
+                " WHERE transaction_uid = ? AND (delivery_state IN (?, ?)"
+                " OR (delivery_state = ? AND next_attempt_at <= ?))",
+                (DELIVERING, _moment(lease), transaction_uid, PENDING, CHECKING, DELIVERING,
+                 utc_now()),
             ).rowcount
             == 1
-        )
+        )  # fmt: skip
 
 
 def reopen(index: Index, transaction_uid: str, *, hold: float = 0.0) -> None:
@@ -373,23 +379,23 @@ def delivery_failed(
 def due_reports(location: IndexLocation, *, starting: bool = False) -> list[DueReport]:
     """Transactions whose report is owed now, oldest first: checked ones whose
     retry time has come, and those still unchecked whose association's hold
-    has passed (a check that failed). `starting`: the service has just started
-    and no association holds anything: every pending and unchecked one."""
+    has passed (a check that failed), and those a reporter took and did not
+    finish within its lease (its node died). `starting`: the service has just
+    started and no association of its own holds anything: every pending and
+    unchecked one."""
     try:
         conn = location.open_reader()
     except IndexUnreachable:
         return []
     try:
         rows = conn.execute(
-            "SELECT transaction_uid, requester_ae, attempts, checked_at IS NOT NULL,"
-            " next_attempt_at FROM commitments WHERE delivery_state IN (?, ?)"
-            " AND (? OR coalesce(next_attempt_at, requested_at) <= ?) ORDER BY requested_at",
-            (PENDING, CHECKING, starting, utc_now()),
+            "SELECT transaction_uid, requester_ae, attempts, checked_at IS NOT NULL"
+            " FROM commitments WHERE (delivery_state IN (?, ?)"
+            " AND (? OR coalesce(next_attempt_at, requested_at) <= ?))"
+            " OR (delivery_state = ? AND next_attempt_at <= ?) ORDER BY requested_at",
+            (PENDING, CHECKING, starting, now := utc_now(), DELIVERING, now),
         ).fetchall()
-        return [
-            DueReport(uid, ae, attempts, bool(checked), due)
-            for uid, ae, attempts, checked, due in rows
-        ]
+        return [DueReport(uid, ae, attempts, bool(checked)) for uid, ae, attempts, checked in rows]
     finally:
         conn.close()
 
@@ -402,7 +408,8 @@ def next_attempt_in(location: IndexLocation) -> float | None:
         return None
     try:
         row = conn.execute(
-            "SELECT min(next_attempt_at) FROM commitments WHERE delivery_state = ?", (PENDING,)
+            "SELECT min(next_attempt_at) FROM commitments WHERE delivery_state IN (?, ?)",
+            (PENDING, DELIVERING),
         ).fetchone()
     finally:
         conn.close()

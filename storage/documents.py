@@ -155,7 +155,7 @@ def commitment_json(found: dict) -> dict:
             "deliveredAt": found["delivered_at"],
             "attempts": found["attempts"],
             "nextAttempt": found["next_attempt_at"]
-            if found["delivery_state"] == "pending"
+            if found["delivery_state"] in ("pending", "delivering")
             else None,
             "lastError": found["last_error"],
             "studies": found["studies"],

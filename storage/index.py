@@ -21,7 +21,7 @@ import json
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -354,14 +354,18 @@ class Index:
                 raise
 
     @contextmanager
-    def writing(self) -> Iterator["Index"]:
+    def writing(self, lock_keys: Iterable[str] = ()) -> Iterator["Index"]:
         """One write transaction, exclusive within this process.
 
         Commits on normal exit (durably: synchronous=FULL on SQLite,
-        synchronous_commit=on on PostgreSQL), rolls back on error.
+        synchronous_commit=on on PostgreSQL), rolls back on error. `lock_keys`:
+        the studies it changes, locked first as ingest locks them
+        (`Database.lock_keys`); a change that learns them by reading calls
+        `lock_studies` once, before its first write.
         """
         with self._lock:
             self.conn.begin()
+            self.conn.lock_keys(list(lock_keys))
             try:
                 yield self
                 self.conn.execute("COMMIT")
@@ -441,6 +445,20 @@ class Index:
                     conn.execute("ROLLBACK TO instance")
                 conn.execute("RELEASE instance")
         conn.execute("COMMIT")
+
+    def lock_studies(self, series_uids: Iterable[str]) -> None:
+        """Inside `writing()`, before its first write: lock the studies of these series."""
+        uids = list(series_uids)
+        studies = [
+            row[0]
+            for start in range(0, len(uids), 500)
+            for row in self.conn.execute(
+                "SELECT DISTINCT study_uid FROM series WHERE series_uid IN"
+                f" ({', '.join('?' * len(uids[start : start + 500]))})",
+                uids[start : start + 500],
+            )
+        ]
+        self.conn.lock_keys(studies)
 
     def stored_digest(self, sop_instance_uid: str) -> StoredDigest | None:
         """The indexed copy of an instance, or None. Call inside `writing()` to

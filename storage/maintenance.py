@@ -134,7 +134,7 @@ def recover_incoming(index: Index, location: IndexLocation, node: str) -> Recove
             recovery.removed += 1
             continue
         entry = entry_for_file(data_dir, relpath)
-        with index.writing():
+        with index.writing(lock_keys=[entry.header.study_uid]):
             if _finish_placing(index, data_dir, entry, relpath):
                 recovery.indexed.append(str(relpath))
         temp.unlink()
@@ -246,7 +246,7 @@ def verify(
     reader.close()
     recovered = {uid: study for uid, study in marked_by_verify.items() if uid not in damaged_series}
     if damaged_series or recovered:
-        with index.writing():
+        with index.writing(lock_keys={*damaged_series.values(), *recovered.values()}):
             for series_uid, study_uid in damaged_series.items():
                 # An admin's UNAVAILABLE stays the admin's: only another value is
                 # remembered, to be given back once the files are.
@@ -297,7 +297,7 @@ def _find_unknown_files(index: Index, data_dir: Path, report: VerifyReport, repa
             continue
         try:
             entry = entry_for_file(data_dir, relpath)
-            with index.writing():
+            with index.writing(lock_keys=[entry.header.study_uid]):
                 if index_file(index, entry):
                     report.repaired.append(str(relpath))
         except UnindexableFile as exc:

@@ -281,7 +281,7 @@ def iter_commitments(
     instances were found in (`studies`). `pending`: report not yet delivered."""
     clauses, params = [], []
     if pending:
-        clauses.append("c.delivery_state IN ('checking', 'pending')")
+        clauses.append("c.delivery_state IN ('checking', 'pending', 'delivering')")
     if study_uid is not None:
         clauses.append(
             "EXISTS (SELECT 1 FROM commitment_items i WHERE i.transaction_uid = c.transaction_uid"

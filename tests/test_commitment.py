@@ -66,14 +66,16 @@ def action_information(transaction_uid: str, refs: list[tuple[str, str]]) -> Dat
 class Reports:
     """N-EVENT-REPORTs a modality receives, on whichever association."""
 
-    def __init__(self):
+    def __init__(self, answer_after: float = 0.0):
         self.received: list[tuple[int, Dataset]] = []
         self._arrived = threading.Condition()
+        self.answer_after = answer_after  # a slow modality: seconds before its RSP
 
     def handle(self, event):
         with self._arrived:
             self.received.append((event.event_type, event.event_information))
             self._arrived.notify_all()
+        time.sleep(self.answer_after)
         return 0x0000, None
 
     def wait(self, count: int = 1, timeout: float = 15) -> list[tuple[int, Dataset]]:
@@ -130,9 +132,9 @@ def reported(server, transaction_uid: str) -> list[dict]:
 class Peer:
     """The modality's own listener, where reports on a new association arrive."""
 
-    def __init__(self, port: int | None = None):
+    def __init__(self, port: int | None = None, answer_after: float = 0.0):
         self.port = port or free_port()
-        self.reports = Reports()
+        self.reports = Reports(answer_after)
         self.ae = AE(ae_title=MODALITY)
         self.ae.add_supported_context(
             StorageCommitmentPushModel, ExplicitVRLittleEndian, scu_role=True, scp_role=True

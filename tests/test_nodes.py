@@ -15,6 +15,7 @@ from scp.cli import main
 from storage.database import IndexLocation
 from tests.conftest import (
     STORESCU,
+    free_port,
     make_instance,
     requires_dcmtk,
     send_files,
@@ -224,3 +225,38 @@ def _studies_of(data, index_url: str) -> list:
 
 def _studies(server) -> list:
     return _studies_of(server.data_dir, server.index_url)
+
+
+def test_a_pending_report_is_delivered_once_by_two_nodes_starting_together(tmp_path, index_url):
+    """Both nodes' reporters owe every pending report at start: one of them
+    takes it (commitment.claim), the modality hears it once."""
+    from tests.test_commitment import MODALITY, Peer, a_series, references, request_commitment
+
+    port = free_port()
+    data = tmp_path / "data"
+    flags = ("--peer", f"{MODALITY}=127.0.0.1:{port}", "--report-retry-interval", "600")
+    first = start_server(data, "--node-name", "node-a", *flags, index_url=index_url)
+    try:
+        paths = a_series(tmp_path / "series", 2)
+        send_files(first.port, paths, calling=MODALITY)
+        transaction = generate_uid()
+        request_commitment(first, transaction, references(paths), wait_for_report=False)
+        first.wait_for_event("commitment.delivery_failed")  # the modality is down
+    finally:
+        first.stop()
+    peer = Peer(port, answer_after=4).start()  # node A's delivery still in flight as B starts
+    both = [
+        start_server(data, "--node-name", name, *flags, index_url=index_url)
+        for name in ("node-a", "node-b")
+    ]
+    try:
+        [(_, info)] = peer.reports.wait()
+        assert info.TransactionUID == transaction
+        time.sleep(8)  # both reporters' next rounds: nothing more
+        assert len(peer.reports.received) == 1
+        reported = [e for server in both for e in server.events("commitment.reported")]
+        assert len(reported) == 1
+    finally:
+        for server in both:
+            server.stop()
+        peer.stop()
