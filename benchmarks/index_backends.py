@@ -3,7 +3,8 @@
     .venv/bin/python -m benchmarks.index_backends [--instances 1500] [--rounds 3]
 
 Prints, as ratios measured in the same run (interleaved rounds, median):
-- one node, small instances over one association: PostgreSQL / SQLite;
+- one node, small instances over one association: PostgreSQL / SQLite (over TCP
+  loopback, as from another host; over the Unix socket too, for a local server);
 - four senders: two nodes sharing one PostgreSQL index / one node (on a 2-core
   machine this mostly measures the index, not the nodes);
 - one association into a PostgreSQL index already holding 1,000,000 instances
@@ -125,6 +126,7 @@ def main() -> int:
         sqlite = serve("sqlite", "")
         pg_url = cluster.new_database()
         pg_one = serve("pg", pg_url)
+        pg_socket = serve("pg-socket", cluster.socket_url(cluster.new_database().rsplit("/", 1)[1]))
         pg_two = serve("pg", pg_url, "n2")
         full_url = cluster.new_database()
         full = serve("full", full_url)
@@ -135,6 +137,7 @@ def main() -> int:
             for name, ports, senders in (
                 ("sqlite, 1 association", [sqlite.port], 1),
                 ("postgresql, 1 association", [pg_one.port], 1),
+                ("postgresql over a Unix socket, 1 association", [pg_socket.port], 1),
                 ("postgresql, 1 node, 4 senders", [pg_one.port], 4),
                 ("postgresql, 2 nodes, 4 senders", [pg_one.port, pg_two.port], 4),
                 ("postgresql empty, 1 association", [empty.port], 1),

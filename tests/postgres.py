@@ -71,6 +71,10 @@ class Cluster:
     def url(self, database: str = "postgres") -> str:
         return f"postgresql://{USER}@127.0.0.1:{self.port}/{database}"
 
+    def socket_url(self, database: str) -> str:
+        """The same database over the cluster's Unix socket."""
+        return f"postgresql://{USER}@/{database}?host={self.root}&port={self.port}"
+
     def admin(self, sql: str) -> None:
         import psycopg
 

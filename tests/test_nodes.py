@@ -14,6 +14,7 @@ from pydicom.uid import generate_uid
 from scp.cli import main
 from storage.database import IndexLocation
 from tests.conftest import (
+    IMAGING_SCP,
     STORESCU,
     free_port,
     make_instance,
@@ -260,3 +261,21 @@ def test_a_pending_report_is_delivered_once_by_two_nodes_starting_together(tmp_p
         for server in both:
             server.stop()
         peer.stop()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_an_index_of_a_newer_schema_is_refused_at_start(tmp_path, postgres_cluster, backend):
+    from storage.index import Index
+
+    data = tmp_path / "data"
+    url = postgres_cluster.new_database() if backend == "postgresql" else ""
+    index = Index.open(IndexLocation(data, url))
+    index.conn.set_schema_version(99)  # as a later imaging-scp would leave it
+    index.close()
+    result = subprocess.run(
+        [IMAGING_SCP, "serve", "--host", "127.0.0.1", "--port", str(free_port()),
+         "--data-dir", str(data), *(["--index-url", url] if url else [])],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "schema version 99, written by a newer imaging-scp" in result.stderr
