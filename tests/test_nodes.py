@@ -268,6 +268,7 @@ def test_an_index_of_a_newer_schema_is_refused_at_start(tmp_path, postgres_clust
     from storage.index import Index
 
     data = tmp_path / "data"
+    data.mkdir()
     url = postgres_cluster.new_database() if backend == "postgresql" else ""
     index = Index.open(IndexLocation(data, url))
     index.conn.set_schema_version(99)  # as a later imaging-scp would leave it
