@@ -295,8 +295,18 @@ class Row:
 
 
 def _row_factory(cursor):
-    names = {column.name: i for i, column in enumerate(cursor.description or ())}
+    # From the result's own field names: cursor.description builds an object per
+    # column, per statement, which cost ingest 0.2 ms an instance.
+    result = cursor.pgresult
+    fields = [result.fname(i) for i in range(result.nfields)] if result is not None else []
+    names = {(name or b"").decode(): i for i, name in enumerate(fields)}
     return lambda values: Row(names, values)
+
+
+def _has_rows(cursor) -> bool:
+    """Whether a statement returned rows (a SELECT, a RETURNING), not a status."""
+    result = cursor.pgresult
+    return result is not None and result.nfields > 0
 
 
 @lru_cache(maxsize=1024)
@@ -397,7 +407,7 @@ class PostgresDatabase(Database):
 
     def first_rows(self, statements: list[tuple[str, tuple]]) -> list:
         cursors = self._send(statements)
-        return [cursor.fetchone() if cursor.description else None for cursor in cursors]
+        return [cursor.fetchone() if _has_rows(cursor) else None for cursor in cursors]
 
     def lock_keys(self, keys: list[str]) -> None:
         # Transaction-level advisory locks, one per key (a study UID), in one
