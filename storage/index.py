@@ -529,25 +529,11 @@ class Index:
         old_size = self.conn.execute(
             "SELECT size FROM instances WHERE sop_instance_uid = ?", (header.sop_instance_uid,)
         ).fetchone()[0]
+        # Every column but the key; series, study and path are the indexed copy's.
         self.conn.execute(
-            "UPDATE instances SET sop_class_uid = ?, number = ?, title = ?, number_of_frames = ?,"
-            " transfer_syntax = ?, size = ?, sha256 = ?, received_at = ?, calling_ae = ?,"
-            " called_ae = ?, peer = ?, association_id = ? WHERE sop_instance_uid = ?",
-            (
-                header.sop_class_uid,
-                header.instance.get("number"),
-                header.instance.get("title"),
-                header.instance.get("number_of_frames"),
-                entry.transfer_syntax,
-                entry.size,
-                entry.sha256,
-                entry.received_at,
-                entry.provenance.calling_ae,
-                entry.provenance.called_ae,
-                entry.provenance.peer,
-                entry.provenance.association_id,
-                header.sop_instance_uid,
-            ),
+            f"UPDATE instances SET {', '.join(f'{c} = ?' for c in _INSTANCE_COLUMNS[1:])}"
+            " WHERE sop_instance_uid = ?",
+            (*_instance_values(entry)[1:], header.sop_instance_uid),
         )
         delta = entry.size - old_size
         self.conn.execute(
@@ -666,10 +652,15 @@ class Index:
 _STORED_DIGEST = (
     "SELECT study_uid, series_uid, path, size, sha256 FROM instances WHERE sop_instance_uid = ?"
 )
+# The columns of `_instance_values`, in its order.
+_INSTANCE_COLUMNS = (
+    "sop_instance_uid", "series_uid", "study_uid", "sop_class_uid", "number", "title",
+    "number_of_frames", "transfer_syntax", "path", "size", "sha256", "received_at", "calling_ae",
+    "called_ae", "peer", "association_id",
+)  # fmt: skip
 _INSERT_INSTANCE = (
-    "INSERT INTO instances (sop_instance_uid, series_uid, study_uid, sop_class_uid, number, title,"
-    " number_of_frames, transfer_syntax, path, size, sha256, received_at, calling_ae, called_ae,"
-    " peer, association_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    f"INSERT INTO instances ({', '.join(_INSTANCE_COLUMNS)})"
+    f" VALUES ({', '.join('?' * len(_INSTANCE_COLUMNS))})"
 )
 
 
