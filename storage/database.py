@@ -9,10 +9,12 @@ both (sqlite3.Row, `Row`).
 """
 
 import hashlib
+import itertools
 import re
 import sqlite3
 import sys
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -128,6 +130,12 @@ class Database:
 
     def executemany(self, sql: str, rows) -> None:
         raise NotImplementedError
+
+    def stream(self, sql: str, params=()) -> Iterator:
+        """The rows of a query as they come, for results of any size (an export,
+        a universal C-FIND): memory bounded, the first row without waiting for
+        the last. Other statements may run on the connection meanwhile."""
+        yield from self.execute(sql, params)  # SQLite steps its cursor row by row
 
     @property
     def in_transaction(self) -> bool:
@@ -322,6 +330,7 @@ def _pyformat(sql: str) -> str:
 
 _POSTGRES_TYPES = {str: 'TEXT COLLATE "C"', int: "BIGINT", float: "DOUBLE PRECISION"}
 _pools: dict[tuple[int, str], object] = {}
+_cursor_numbers = itertools.count(1)
 _pools_lock = threading.Lock()
 
 
@@ -395,6 +404,23 @@ class PostgresDatabase(Database):
         self._send([])
         with self.conn.cursor() as cursor:
             cursor.executemany(_pyformat(sql), rows)
+
+    def stream(self, sql: str, params=()) -> Iterator:
+        # psycopg's ordinary cursor holds the whole result before the first row:
+        # a server-side cursor fetches a batch at a time, inside a transaction
+        # (of its own, read-only, unless one is open).
+        self._send([])
+        own = not self.in_transaction
+        if own:
+            self.conn.execute("BEGIN")
+        try:
+            with self.conn.cursor(name=f"stream_{next(_cursor_numbers)}") as cursor:
+                cursor.itersize = 500
+                cursor.execute(_pyformat(sql), params)
+                yield from cursor
+        finally:
+            if own and self.in_transaction:
+                self.conn.execute("COMMIT")
 
     @property
     def in_transaction(self) -> bool:

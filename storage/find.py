@@ -182,7 +182,7 @@ def find(conn: Database, query: Query) -> Iterator[dict]:
     if level == PATIENT:
         sql += f" GROUP BY {_A}.patient_id, {_A}.issuer_of_patient_id"
     sql += f" ORDER BY {_ORDER[level]}"
-    for row in conn.execute(sql, params):
+    for row in conn.stream(sql, params):
         match = {}
         for (keyword, _), value in zip(columns, row, strict=True):
             if keyword == "ModalitiesInStudy":

@@ -148,7 +148,7 @@ def iter_studies(conn: Database, filters: StudyFilter, stable_after: float) -> I
     if filters.limit is not None:
         sql += " LIMIT ?"
         params.append(filters.limit)
-    for row in conn.execute(sql, params):
+    for row in conn.stream(sql, params):
         yield _study_dict(row, stable_after)
 
 
