@@ -10,7 +10,16 @@ from pydicom.uid import generate_uid
 from storage import files
 from storage.header import read_header
 from storage.index import Provenance, utc_now
-from tests.conftest import dataset_bytes, make_instance, send_files, stored_files, temp_files
+from tests.conftest import (
+    both_indexes,
+    dataset_bytes,
+    make_instance,
+    send_files,
+    stored_files,
+    temp_files,
+)
+
+pytestmark = both_indexes
 
 
 def _place_without_indexing(data_dir, source) -> str:

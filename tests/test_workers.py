@@ -7,7 +7,9 @@ import threading
 
 from pydicom.uid import generate_uid
 
-from tests.conftest import make_instance, send_files
+from tests.conftest import both_indexes, make_instance, send_files
+
+pytestmark = both_indexes
 
 
 def _children(pid: int) -> set[int]:
