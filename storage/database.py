@@ -352,7 +352,10 @@ class PostgresDatabase(Database):
         try:
             conn = psycopg.connect(url, autocommit=True, row_factory=_row_factory)
         except psycopg.Error as exc:
-            raise IndexUnreachable(f"cannot connect to the index at {redact(url)}: {exc}") from exc
+            detail = " ".join(str(exc).split())  # libpq's message spans lines
+            raise IndexUnreachable(
+                f"cannot connect to the index at {redact(url)}: {detail}"
+            ) from exc
         # A Success status promises durability: never let a server-wide setting
         # answer before the commit is on disk.
         conn.execute("SET synchronous_commit = on")

@@ -280,3 +280,28 @@ def test_an_index_of_a_newer_schema_is_refused_at_start(tmp_path, postgres_clust
     )  # fmt: skip
     assert result.returncode == 2
     assert "schema version 99, written by a newer imaging-scp" in result.stderr
+
+
+def test_an_index_url_that_cannot_be_used_is_one_clear_line(tmp_path):
+    closed = free_port()
+    url = f"postgresql://imaging:secret@127.0.0.1:{closed}/archive"
+    serve = subprocess.run(
+        [IMAGING_SCP, "serve", "--host", "127.0.0.1", "--port", str(free_port()),
+         "--data-dir", str(tmp_path / "data"), "--index-url", url],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert serve.returncode == 2
+    [line] = serve.stderr.splitlines()
+    assert line.startswith("imaging-scp: error: cannot connect to the index at")
+    assert f"127.0.0.1:{closed}" in line and "check index_url" in line
+    assert "secret" not in line  # the password is never shown
+
+    admin = CliRunner().invoke(main, ["studies", "--data-dir", str(tmp_path), "--index-url", url])
+    assert admin.exit_code == 1
+    assert "cannot connect to the index" in admin.output and "secret" not in admin.output
+
+    config = tmp_path / "imaging-scp.toml"
+    config.write_text('index_url = "mysql://db/archive"\n')
+    wrong = CliRunner().invoke(main, ["check-config", str(config)])
+    assert wrong.exit_code == 2
+    assert "key 'index_url'" in wrong.output and "postgresql://" in wrong.output
