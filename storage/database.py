@@ -83,11 +83,13 @@ def check_index_url(url: str) -> str | None:
 
 
 def redact(url: str) -> str:
+    """`url` without its password (in the user part or as ?password=)."""
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
+    netloc = parts.netloc
+    if parts.password is not None:
+        netloc = netloc.replace(f":{parts.password}@", ":***@", 1)
+    query = re.sub(r"(^|&)password=[^&]*", r"\1password=***", parts.query)
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 def database_errors() -> tuple[type[BaseException], ...]:

@@ -296,9 +296,12 @@ def test_an_index_url_that_cannot_be_used_is_one_clear_line(tmp_path):
     assert f"127.0.0.1:{closed}" in line and "check index_url" in line
     assert "secret" not in line  # the password is never shown
 
-    admin = CliRunner().invoke(main, ["studies", "--data-dir", str(tmp_path), "--index-url", url])
-    assert admin.exit_code == 1
-    assert "cannot connect to the index" in admin.output and "secret" not in admin.output
+    for given in (url, f"postgresql://imaging@127.0.0.1:{closed}/archive?password=secret"):
+        admin = CliRunner().invoke(
+            main, ["studies", "--data-dir", str(tmp_path), "--index-url", given]
+        )
+        assert admin.exit_code == 1
+        assert "cannot connect to the index" in admin.output and "secret" not in admin.output
 
     config = tmp_path / "imaging-scp.toml"
     config.write_text('index_url = "mysql://db/archive"\n')
