@@ -170,7 +170,7 @@ TABLES = {
             "checked_at": str,
             "committed": int,
             "failed": int,
-            # checking -> pending -> delivered, or failed (given up)
+            # checking -> pending (-> delivering, a reporter has it) -> delivered, or failed
             "delivery_state": str,
             "attempts": int,
             "next_attempt_at": str,
