@@ -14,6 +14,7 @@ import click
 
 from scp.cli_options import fail
 from scp.config import Config, ConfigError, FreeSpace, is_ae_title, load_config
+from storage.database import redact
 
 # --- echo -------------------------------------------------------------------
 
@@ -123,6 +124,8 @@ def check_config(file: Path, as_json: bool):
         fail(f"{file}: {exc.strerror or exc}", 2)
 
     items = [(item.name, getattr(config, item.name)) for item in dataclasses.fields(Config)]
+    # What is printed may land in a ticket or a terminal log: no password.
+    items = [(key, redact(value) if key == "index_url" else value) for key, value in items]
     if as_json:
         click.echo(json.dumps({key: _json_value(value) for key, value in items}, indent=2))
         return

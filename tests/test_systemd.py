@@ -450,7 +450,10 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 def test_check_config_prints_every_effective_value(tmp_path):
     config = tmp_path / "config.toml"
-    config.write_text('port = 104\ndata_dir = "/srv/dicom"\nduplicates = "reject"\n')
+    config.write_text(
+        'port = 104\ndata_dir = "/srv/dicom"\nduplicates = "reject"\n'
+        'index_url = "postgresql://scp:s3cret@db.example/archive"\n'
+    )
     result = run_cli("check-config", str(config))
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
@@ -458,6 +461,10 @@ def test_check_config_prints_every_effective_value(tmp_path):
     assert re.search(r"^port\s+104\s+\(file\)$", result.stdout, re.M)
     assert re.search(r'^data_dir\s+"/srv/dicom"\s+\(file\)$', result.stdout, re.M)
     assert re.search(r'^aet\s+"IMAGING_SCP"\s+\(default\)$', result.stdout, re.M)
+    # The index's password is never printed.
+    assert re.search(
+        r'^index_url\s+"postgresql://scp:\*\*\*@db.example/archive"', result.stdout, re.M
+    )
 
     as_json = run_cli("check-config", "--json", str(config))
     assert as_json.returncode == 0
@@ -466,6 +473,7 @@ def test_check_config_prints_every_effective_value(tmp_path):
     assert values["data_dir"] == "/srv/dicom"
     assert values["duplicates"] == "reject"
     assert values["require_called_aet"] is True
+    assert values["index_url"] == "postgresql://scp:***@db.example/archive"
     assert set(values) == {item.name for item in dataclasses.fields(Config)}
 
 
