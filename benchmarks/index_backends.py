@@ -8,7 +8,9 @@ Prints, as ratios measured in the same run (interleaved rounds, median):
 - four senders: two nodes sharing one PostgreSQL index / one node (on a 2-core
   machine this mostly measures the index, not the nodes);
 - one association into a PostgreSQL index already holding 1,000,000 instances
-  (rows made in SQL: 10,000 studies of 100) / into an empty one.
+  (rows made in SQL: 10,000 studies of 100) / into an empty one; the same SQLite rate;
+- dcmtk's findscu (PatientID at STUDY level, whole process, median of 7) on both
+  1,000,000-instance indexes.
 
 Both backends fully durable: SQLite synchronous=FULL in WAL mode, PostgreSQL
 synchronous_commit=on with fsync on (the cluster's defaults), on the same disk.
@@ -29,6 +31,7 @@ from pydicom.uid import generate_uid
 from pynetdicom.dsutils import encode
 
 from benchmarks.soak import CT_IMAGE_STORAGE, instance
+from storage.database import IndexLocation
 from tests.conftest import start_server
 from tests.postgres import Cluster, find_binaries
 
@@ -71,36 +74,45 @@ def rate(ports: list[int], senders: int, count: int, pixels: bytes) -> float:
     return each * senders / (time.perf_counter() - started)
 
 
-def fill(url: str, studies: int = 10_000, per_study: int = 100) -> None:
-    """An index of studies × per_study instances, made in SQL (schema by imaging-scp)."""
-    import psycopg
+def fill(location: IndexLocation, studies: int = 10_000, per_study: int = 100) -> None:
+    """An index of studies × per_study instances, made in SQL (the same on both
+    engines; the schema is imaging-scp's)."""
+    db = location.open()
+    numbers = "WITH RECURSIVE n(x) AS (SELECT 0 UNION ALL SELECT x + 1 FROM n WHERE x < ?)"
+    received = "'2026-01-01T00:00:00.000Z'"
+    db.execute("BEGIN")
+    db.execute(
+        "INSERT INTO studies (study_uid, patient_id, study_date, modalities, number_of_series,"
+        f" number_of_instances, bytes, availability, first_received, last_received) {numbers}"
+        " SELECT '1.2.826.0.1.9.' || x, 'P' || x, '20260101', '[\"CT\"]', 1, ?, 0, 'ONLINE',"
+        f" {received}, {received} FROM n WHERE x > 0",
+        (studies, per_study),
+    )
+    db.execute(
+        "INSERT INTO series (series_uid, study_uid, modality, number_of_instances, bytes,"
+        f" availability, first_received, last_received) {numbers}"
+        " SELECT '1.2.826.0.2.9.' || x, '1.2.826.0.1.9.' || x, 'CT', ?, 0, 'ONLINE',"
+        f" {received}, {received} FROM n WHERE x > 0",
+        (studies, per_study),
+    )
+    db.execute(
+        "INSERT INTO instances (sop_instance_uid, series_uid, study_uid, sop_class_uid,"
+        f" transfer_syntax, path, size, sha256, received_at) {numbers}"
+        " SELECT '1.2.826.0.3.9.' || x, '1.2.826.0.2.9.' || (x / ? + 1),"
+        " '1.2.826.0.1.9.' || (x / ? + 1), ?, '1.2.840.10008.1.2.1', 'x/' || x, 0, '',"
+        f" {received} FROM n",
+        (studies * per_study - 1, per_study, per_study, CT_IMAGE_STORAGE),
+    )
+    db.execute("COMMIT")
+    db.execute("VACUUM ANALYZE" if location.is_postgresql else "ANALYZE")
+    db.close()
 
-    with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute(
-            "INSERT INTO studies (study_uid, patient_id, study_date, modalities, number_of_series,"
-            " number_of_instances, bytes, availability, first_received, last_received)"
-            " SELECT '1.2.826.0.1.9.' || s, 'P' || s, '20260101', '[\"CT\"]', 1, %s, 0,"
-            " 'ONLINE', '2026-01-01T00:00:00.000Z', '2026-01-01T00:00:00.000Z'"
-            " FROM generate_series(1, %s) AS s",
-            (per_study, studies),
-        )
-        conn.execute(
-            "INSERT INTO series (series_uid, study_uid, modality, number_of_instances, bytes,"
-            " availability, first_received, last_received)"
-            " SELECT '1.2.826.0.2.9.' || s, '1.2.826.0.1.9.' || s, 'CT', %s, 0, 'ONLINE',"
-            " '2026-01-01T00:00:00.000Z', '2026-01-01T00:00:00.000Z'"
-            " FROM generate_series(1, %s) AS s",
-            (per_study, studies),
-        )
-        conn.execute(
-            "INSERT INTO instances (sop_instance_uid, series_uid, study_uid, sop_class_uid,"
-            " transfer_syntax, path, size, sha256, received_at)"
-            " SELECT '1.2.826.0.3.9.' || i, '1.2.826.0.2.9.' || (i / %s + 1),"
-            " '1.2.826.0.1.9.' || (i / %s + 1), %s, '1.2.840.10008.1.2.1', 'x/' || i, 0, '',"
-            " '2026-01-01T00:00:00.000Z' FROM generate_series(0, %s) AS i",
-            (per_study, per_study, CT_IMAGE_STORAGE, studies * per_study - 1),
-        )
-        conn.execute("VACUUM ANALYZE")
+
+def findscu_ms(port: int, runs: int = 7) -> float:
+    """dcmtk's findscu, PatientID at STUDY level, as a whole process: median ms."""
+    from benchmarks.find_queries import time_findscu
+
+    return statistics.median(time_findscu(port, "P1234", runs)) * 1000
 
 
 def main() -> int:
@@ -128,10 +140,11 @@ def main() -> int:
         pg_one = serve("pg", pg_url)
         pg_socket = serve("pg-socket", cluster.socket_url(cluster.new_database().rsplit("/", 1)[1]))
         pg_two = serve("pg", pg_url, "n2")
-        full_url = cluster.new_database()
-        full = serve("full", full_url)
+        full = serve("full", cluster.new_database())
         empty = serve("empty", cluster.new_database())
-        fill(full_url)
+        sqlite_full = serve("sqlite-full", "")
+        for server in (full, sqlite_full):
+            fill(IndexLocation(server.data_dir, server.index_url))
         figures: dict[str, list[float]] = {}
         for _ in range(args.rounds):  # interleaved: each round measures every case once
             for name, ports, senders in (
@@ -142,9 +155,14 @@ def main() -> int:
                 ("postgresql, 2 nodes, 4 senders", [pg_one.port, pg_two.port], 4),
                 ("postgresql empty, 1 association", [empty.port], 1),
                 ("postgresql 1,000,000 indexed, 1 association", [full.port], 1),
+                ("sqlite 1,000,000 indexed, 1 association", [sqlite_full.port], 1),
             ):
                 figures.setdefault(name, []).append(rate(ports, senders, args.instances, pixels))
         medians = {name: statistics.median(values) for name, values in figures.items()}
+        queries = {
+            "findscu PatientID, 1,000,000 indexed, sqlite (ms)": findscu_ms(sqlite_full.port),
+            "findscu PatientID, 1,000,000 indexed, postgresql (ms)": findscu_ms(full.port),
+        }
         for name, value in medians.items():
             print(
                 f"{name:48} {value:8.0f} instances/s   rounds {[round(v) for v in figures[name]]}"
@@ -161,7 +179,10 @@ def main() -> int:
         }
         for name, value in ratios.items():
             print(f"{name:48} {value:8.2f}x")
-        print(json.dumps({"medians": medians, "ratios": ratios, "instances": args.instances}))
+        for name, value in queries.items():
+            print(f"{name:54} {value:8.1f}")
+        print(json.dumps({"medians": medians, "ratios": ratios, "queries": queries,
+                          "instances": args.instances}))  # fmt: skip
     finally:
         for server in servers:
             server.stop()
