@@ -13,7 +13,6 @@ import enum
 import errno
 import hashlib
 import os
-import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -85,12 +84,13 @@ class InstanceStore:
         index: Index,
         duplicates: DuplicatePolicy,
         min_free: tuple[int, float] = (0, 0.0),
-        node: str | None = None,
+        *,
+        node: str,
     ):
         """`min_free` is the free-space floor: (bytes, percent of the filesystem);
-        `node` names this node's temp directory (default: the host name)."""
+        `node` names this node's temp directory (scp.config.Config.node)."""
         self.data_dir = Path(data_dir)
-        self.incoming = files.incoming_dir(self.data_dir, node or socket.gethostname())
+        self.incoming = files.incoming_dir(self.data_dir, node)
         self.index = index
         self.duplicates = DuplicatePolicy(duplicates)
         self.min_free_bytes, self.min_free_percent = min_free
