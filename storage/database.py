@@ -150,6 +150,10 @@ class Database:
         """Inside a transaction: hold a lock per key until it ends, taken in one
         order by every writer so that no two wait for each other."""
 
+    def lock_schema(self) -> None:
+        """Inside a transaction: one node at a time creates or upgrades the schema."""
+        self.lock_keys(["imaging-scp schema"])
+
     def first_rows(self, statements: list[tuple[str, tuple]]) -> list:
         """Run statements in order; the first row of each (None: no row). On
         PostgreSQL they go to the server together (pipeline mode: one round trip)."""
@@ -505,10 +509,6 @@ class PostgresDatabase(Database):
     def set_schema_version(self, version: int) -> None:
         self.execute("DELETE FROM schema_version")
         self.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
-
-    def lock_schema(self) -> None:
-        """Inside a transaction: one node at a time creates or upgrades the schema."""
-        self.lock_keys(["imaging-scp schema"])
 
 
 def _lock_number(key: str) -> int:

@@ -31,7 +31,6 @@ from storage.database import (
     SQLITE_FILENAME,
     Database,
     IndexLocation,
-    PostgresDatabase,
     SchemaTooNew,
     is_retryable,
 )
@@ -333,8 +332,7 @@ class Index:
         with self._lock:
             db.begin()
             try:
-                if isinstance(db, PostgresDatabase):
-                    db.lock_schema()
+                db.lock_schema()
                 found = db.schema_version()
                 if found > SCHEMA_VERSION:
                     raise SchemaTooNew(
