@@ -5,30 +5,21 @@ PDU items are encoded and decoded by pynetdicom's PDU classes, the command set
 and the P-DATA framing by our own (scp.dimse, scp.upper_layer)."""
 
 import socket
-import struct
 import time
 from dataclasses import dataclass
 
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
-from pynetdicom.pdu_primitives import (
-    A_ASSOCIATE,
-    ImplementationClassUIDNotification,
-    ImplementationVersionNameNotification,
-    MaximumLengthNotification,
-)
+from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
 from pynetdicom.presentation import build_context
 
 from scp import dimse
-from scp.negotiation import APPLICATION_CONTEXT_NAME
-from scp.upper_layer import p_data_pdus, pdvs
-from storage.files import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+from scp.negotiation import APPLICATION_CONTEXT_NAME, our_user_information
+from scp.upper_layer import PDU_EVENTS, PDU_HEADER, RELEASE_RQ_PDU, p_data_pdus, pdvs
 
 VERIFICATION = "1.2.840.10008.1.1"
 IMPLICIT_LE = "1.2.840.10008.1.2"
 MAX_PDU = 65536
-_HEADER = struct.Struct(">BBI")
-A_ASSOCIATE_AC_PDU, A_ASSOCIATE_RJ_PDU, P_DATA_PDU = 0x02, 0x03, 0x04
-A_RELEASE_RQ_PDU, A_ABORT_PDU = 0x05, 0x07
+A_ASSOCIATE_AC_PDU, A_ASSOCIATE_RJ_PDU, P_DATA_PDU, A_ABORT_PDU = 0x02, 0x03, 0x04, 0x07
 
 # A-ASSOCIATE-RJ Result and (Source, Reason/Diag.), PS3.8 9.3.4
 _RESULTS = {1: "Rejected Permanent", 2: "Rejected Transient"}
@@ -92,13 +83,7 @@ def _associate_request(calling: str, called: str) -> bytes:
     context = build_context(VERIFICATION, [IMPLICIT_LE])
     context.context_id = 1
     primitive.presentation_context_definition_list = [context]
-    length = MaximumLengthNotification()
-    length.maximum_length_received = MAX_PDU
-    implementation = ImplementationClassUIDNotification()
-    implementation.implementation_class_uid = IMPLEMENTATION_CLASS_UID
-    version = ImplementationVersionNameNotification()
-    version.implementation_version_name = IMPLEMENTATION_VERSION_NAME
-    primitive.user_information = [length, implementation, version]
+    primitive.user_information = our_user_information(MAX_PDU)
     request = A_ASSOCIATE_RQ()
     request.from_primitive(primitive)
     return request.encode()
@@ -115,12 +100,12 @@ class _Link:
         first byte that is no DICOM PDU ends it there: the rest may be a web
         server's page."""
         header = self._read(6, on_timeout)
-        if header[0] not in range(0x01, 0x08):  # A-ASSOCIATE-RQ .. A-ABORT
+        if header[0] not in PDU_EVENTS:
             raise EchoFailed(
                 f"{self.host}:{self.port} answered something that is not DICOM"
                 f" (PDU type '0x{header[0]:02X}')"
             )
-        _, _, length = _HEADER.unpack(header)
+        _, length = PDU_HEADER.unpack(header)
         if length > 2 * MAX_PDU:
             raise EchoFailed(f"{self.peer} sent a PDU of {length} bytes, over {MAX_PDU} announced")
         return header[0], header, self._read(length, on_timeout)
@@ -175,7 +160,7 @@ class _Link:
     def release(self) -> None:
         """A-RELEASE-RQ, and its RP awaited (a peer that closes instead is fine)."""
         try:
-            self.sock.sendall(_HEADER.pack(A_RELEASE_RQ_PDU, 0, 4) + b"\0" * 4)
+            self.sock.sendall(RELEASE_RQ_PDU)
             self.read_pdu("no A-RELEASE-RP")
         except (EchoFailed, OSError):
             pass

@@ -139,6 +139,18 @@ _FIND = (PatientRootQueryRetrieveInformationModelFind, StudyRootQueryRetrieveInf
 _SERVICES = (Verification, StorageCommitmentPushModel, *_FIND)
 
 
+def our_user_information(max_pdu: int) -> list:
+    """The User Information items we send either way: the largest PDU we take,
+    and who we are."""
+    length = MaximumLengthNotification()
+    length.maximum_length_received = max_pdu
+    implementation = ImplementationClassUIDNotification()
+    implementation.implementation_class_uid = IMPLEMENTATION_CLASS_UID
+    version = ImplementationVersionNameNotification()
+    version.implementation_version_name = IMPLEMENTATION_VERSION_NAME
+    return [length, implementation, version]
+
+
 def agree(request: Request, max_pdu: int) -> Agreement:
     """Negotiate the proposed contexts and encode the A-ASSOCIATE-AC."""
     proposed = [cx for cx in request.contexts if cx.transfer_syntax]
@@ -167,12 +179,7 @@ def agree(request: Request, max_pdu: int) -> Agreement:
     primitive.result = 0x00
     primitive.result_source = 0x01
     primitive.presentation_context_definition_results_list = results
-    information = [MaximumLengthNotification(), ImplementationClassUIDNotification()]
-    information[0].maximum_length_received = max_pdu
-    information[1].implementation_class_uid = IMPLEMENTATION_CLASS_UID
-    version = ImplementationVersionNameNotification()
-    version.implementation_version_name = IMPLEMENTATION_VERSION_NAME
-    information.append(version)
+    information = our_user_information(max_pdu)
     if request.async_ops is not None:
         # One operation at a time, each way: what we serve (PS3.7 D.3.3.3).
         window = AsynchronousOperationsWindowNegotiation()

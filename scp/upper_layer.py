@@ -42,7 +42,7 @@ MAX_CONTROL_PDU = 1024 * 1024
 CLOSE_TIMEOUT = 5.0
 CLOSE_TIMEOUT_AFTER_ABORT = 0.5
 
-_PDU_HEADER = struct.Struct(">BxI")
+PDU_HEADER = struct.Struct(">BxI")
 _PDV_HEADER = struct.Struct(">IBB")
 
 
@@ -156,6 +156,7 @@ def reject_pdu(result: int, source: int, diagnostic: int) -> bytes:
     return bytes((0x03, 0, 0, 0, 0, 4, 0, result, source, diagnostic))
 
 
+RELEASE_RQ_PDU = bytes((0x05, 0, 0, 0, 0, 4, 0, 0, 0, 0))  # the requestor's (imaging-scp echo)
 RELEASE_RP_PDU = bytes((0x06, 0, 0, 0, 0, 4, 0, 0, 0, 0))
 
 
@@ -274,7 +275,7 @@ class UpperLayer:
             header = self._read_exactly(6)
             if header is None:
                 return self._closed()
-            kind, length = _PDU_HEADER.unpack_from(header)
+            kind, length = PDU_HEADER.unpack_from(header)
             event = PDU_EVENTS.get(kind)
             if event is None or length > len(self._buffer):
                 self._abort_reason = (
@@ -338,7 +339,7 @@ class UpperLayer:
 
     def indicate_associate(self, previous, event, pdu) -> None:
         self._set_timeout(self.network_timeout)  # ARTIM stopped
-        self.user.associate_requested(self, _PDU_HEADER.pack(0x01, len(pdu)) + pdu)
+        self.user.associate_requested(self, PDU_HEADER.pack(0x01, len(pdu)) + pdu)
         if self.state is State.AWAITING_LOCAL_ASSOCIATE_RESPONSE:
             raise RuntimeError("the service user neither accepted nor rejected")
 
@@ -510,7 +511,7 @@ def p_data_pdus(context_id: int, command: bytes, dataset: bytes, peer_max_pdu: i
         for start in range(0, len(data), chunk):
             piece = data[start : start + chunk]
             last = 2 if start + chunk >= len(data) else 0
-            out += _PDU_HEADER.pack(0x04, len(piece) + 6)
+            out += PDU_HEADER.pack(0x04, len(piece) + 6)
             out += _PDV_HEADER.pack(len(piece) + 2, context_id, command_bit | last)
             out += piece
     return bytes(out)
