@@ -21,6 +21,7 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 SQLITE_FILENAME = "index.sqlite"
+MAX_PARAMETERS = 900  # in one statement: below SQLite's limit
 POSTGRESQL_SCHEMES = ("postgresql", "postgres")
 
 
@@ -132,6 +133,15 @@ class Database:
 
     def executemany(self, sql: str, rows) -> None:
         raise NotImplementedError
+
+    def rows_in(self, sql: str, values: list) -> Iterator:
+        """The rows of `sql`, whose one `IN (?)` takes all of `values`: a batch of
+        them per statement, below SQLite's limit on the parameters of one."""
+        for start in range(0, len(values), MAX_PARAMETERS):
+            chunk = values[start : start + MAX_PARAMETERS]
+            yield from self.execute(
+                sql.replace("IN (?)", f"IN ({','.join('?' * len(chunk))})"), chunk
+            )
 
     def stream(self, sql: str, params=()) -> Iterator:
         """The rows of a query as they come, for results of any size (an export,

@@ -446,17 +446,10 @@ class Index:
 
     def lock_studies(self, series_uids: Iterable[str]) -> None:
         """Inside `writing()`, before its first write: lock the studies of these series."""
-        uids = list(series_uids)
-        studies = [
-            row[0]
-            for start in range(0, len(uids), 500)
-            for row in self.conn.execute(
-                "SELECT DISTINCT study_uid FROM series WHERE series_uid IN"
-                f" ({', '.join('?' * len(uids[start : start + 500]))})",
-                uids[start : start + 500],
-            )
-        ]
-        self.conn.lock_keys(studies)
+        rows = self.conn.rows_in(
+            "SELECT DISTINCT study_uid FROM series WHERE series_uid IN (?)", list(series_uids)
+        )
+        self.conn.lock_keys([row[0] for row in rows])
 
     def stored_digest(self, sop_instance_uid: str) -> StoredDigest | None:
         """The indexed copy of an instance, or None. Call inside `writing()` to

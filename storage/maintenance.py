@@ -459,22 +459,17 @@ def migrate_index(
 def _refuse_foreign_rows(
     source, target: Index, source_location: IndexLocation, target_location: IndexLocation
 ) -> None:
-    rows = target.conn.execute("SELECT sop_instance_uid FROM instances").fetchall()
-    uids = [row[0] for row in rows]
-    for start in range(0, len(uids), 500):
-        chunk = uids[start : start + 500]
-        known = {
-            row[0]
-            for row in source.execute(
-                "SELECT sop_instance_uid FROM instances WHERE sop_instance_uid IN"
-                f" ({', '.join('?' * len(chunk))})",
-                chunk,
-            )
-        }
-        foreign = [uid for uid in chunk if uid not in known]
-        if foreign:
-            raise MigrationRefused(
-                f"{target_location.describe()} already holds instances that"
-                f" {source_location.describe()} does not (SOP Instance UID {foreign[0]}):"
-                " migrate-index fills an empty index, or one it filled from this one before"
-            )
+    uids = [row[0] for row in target.conn.execute("SELECT sop_instance_uid FROM instances")]
+    known = {
+        row[0]
+        for row in source.rows_in(
+            "SELECT sop_instance_uid FROM instances WHERE sop_instance_uid IN (?)", uids
+        )
+    }
+    foreign = [uid for uid in uids if uid not in known]
+    if foreign:
+        raise MigrationRefused(
+            f"{target_location.describe()} already holds instances that"
+            f" {source_location.describe()} does not (SOP Instance UID {foreign[0]}):"
+            " migrate-index fills an empty index, or one it filled from this one before"
+        )

@@ -201,21 +201,13 @@ def series_of(
             series["instances"] = []
     if with_instances and by_uid:
         # By series UID: instances are indexed by series, not by study.
-        series_uids = list(by_uid)
-        for start in range(0, len(series_uids), _MAX_PARAMETERS):
-            chunk = series_uids[start : start + _MAX_PARAMETERS]
-            instance_rows = conn.execute(
-                f"SELECT * FROM instances WHERE series_uid IN ({','.join('?' * len(chunk))})"
-                " ORDER BY number IS NULL, number, received_at",
-                chunk,
-            )
-            for row in instance_rows:
-                by_uid[row["series_uid"]]["instances"].append(dict(row))
+        for row in conn.rows_in(
+            "SELECT * FROM instances WHERE series_uid IN (?)"
+            " ORDER BY number IS NULL, number, received_at",
+            list(by_uid),
+        ):
+            by_uid[row["series_uid"]]["instances"].append(dict(row))
     return result
-
-
-# Below SQLite's limit on the number of parameters of one statement.
-_MAX_PARAMETERS = 900
 
 
 def stats(conn: Database) -> dict:
