@@ -267,7 +267,6 @@ class CommitmentService:
         try:
             result = commitment.check_request(
                 self.store.index,
-                self.store.index.location,
                 transaction_uid,
                 is_storage_class,
                 hold=hold,

@@ -202,7 +202,7 @@ def recover(config: Config) -> None:
     config.data_dir.mkdir(parents=True, exist_ok=True)
     index = Index.open(config.index_location)
     try:
-        recovery = recover_incoming(index, config.index_location, config.node)
+        recovery = recover_incoming(index, config.node)
     finally:
         index.close()
     if recovery.removed or recovery.indexed:

@@ -146,7 +146,6 @@ def _is_recorded(conn: Database, transaction_uid: str) -> bool:
 
 def check_request(
     index: Index,
-    location: IndexLocation,
     transaction_uid: str,
     is_storage_class: Callable[[str], bool],
     *,
@@ -160,6 +159,7 @@ def check_request(
     `hold`: seconds during which retries leave the report to the caller (who
     delivers it on the requester's association).
     """
+    location = index.location
     reader = location.open_reader()
     try:
         if _checked(reader, transaction_uid):

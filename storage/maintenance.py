@@ -119,11 +119,12 @@ class Recovery:
     indexed: list[str] = field(default_factory=list)  # placed, and the index lacked them
 
 
-def recover_incoming(index: Index, location: IndexLocation, node: str) -> Recovery:
+def recover_incoming(index: Index, node: str) -> Recovery:
     """Finish what a crash of this node interrupted: a temp file still linked
     to its final name was placed but perhaps not indexed (see
     `files.link_into_place`), so index it; any other temp file is removed.
     With a SQLite index (one machine), every node directory is this machine's."""
+    location = index.location
     data_dir = Path(location.data_dir)
     recovery = Recovery()
     temps = files.prepare_data_dir(data_dir, node, every_node=not location.is_postgresql)
