@@ -643,12 +643,8 @@ class Index:
 _STORED_DIGEST = (
     "SELECT study_uid, series_uid, path, size, sha256 FROM instances WHERE sop_instance_uid = ?"
 )
-# The columns of `_instance_values`, in its order.
-_INSTANCE_COLUMNS = (
-    "sop_instance_uid", "series_uid", "study_uid", "sop_class_uid", "number", "title",
-    "number_of_frames", "transfer_syntax", "path", "size", "sha256", "received_at", "calling_ae",
-    "called_ae", "peer", "association_id",
-)  # fmt: skip
+# The columns of `_instance_values`, in its order: the table's.
+_INSTANCE_COLUMNS = tuple(TABLES["instances"][0])
 _INSERT_INSTANCE = (
     f"INSERT INTO instances ({', '.join(_INSTANCE_COLUMNS)})"
     f" VALUES ({', '.join('?' * len(_INSTANCE_COLUMNS))})"
@@ -741,7 +737,9 @@ def replace_rows(
 
 
 def _counted(rows, progress: Callable[[int], None], every: int = 1000):
+    number = 0
     for number, row in enumerate(rows, 1):
         yield row
         if number % every == 0:
             progress(every)
+    progress(number % every)  # the last, partial batch
