@@ -547,7 +547,7 @@ def delete(config_file, data_dir, index_url, study_uid, series_uid, yes):
 def migrate_index(config_file, data_dir, index_url, target_url):
     """Copy the data dir's SQLite index into PostgreSQL (idempotent; counts checked)."""
     from storage.database import check_index_url
-    from storage.maintenance import MigrationRefused
+    from storage.maintenance import MigrationRefused, count_instances
     from storage.maintenance import migrate_index as run_migration
 
     config = _config(config_file, data_dir, index_url)
@@ -555,11 +555,9 @@ def migrate_index(config_file, data_dir, index_url, target_url):
     if problem:
         fail(f"--to: {problem}", EXIT_USAGE)
     source = IndexLocation(config.data_dir)
-    reader = _reader(dataclasses.replace(config, index_url=""))
-    total = reader.execute("SELECT count(*) FROM instances").fetchone()[0]
-    reader.close()
+    _reader(dataclasses.replace(config, index_url="")).close()  # the same "no index" error
     try:
-        with _progress("copying instances", total) as bar:
+        with _progress("copying instances", count_instances(source)) as bar:
             copied = run_migration(config.data_dir, target_url, progress=bar.update)
     except (MigrationRefused, IndexUnreachable) as exc:
         fail(str(exc), EXIT_USAGE)
