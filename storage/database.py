@@ -122,7 +122,6 @@ class Database:
     """One connection, in autocommit mode: transactions are explicit (BEGIN …
     COMMIT) so that both engines behave alike."""
 
-    dialect: str
     remote: bool  # a server process: each statement costs a round trip
     # LIKE that ignores the case of ASCII letters (SQLite's LIKE does; PostgreSQL's
     # ILIKE ignores every letter's).
@@ -151,6 +150,11 @@ class Database:
 
     @property
     def in_transaction(self) -> bool:
+        raise NotImplementedError
+
+    def prepare_writer(self) -> None:
+        """Settings of the connection that writes the index: a committed
+        transaction survives a power cut, which is what a Success status promises."""
         raise NotImplementedError
 
     def begin(self) -> None:
@@ -231,7 +235,6 @@ class Database:
 
 
 class SQLiteDatabase(Database):
-    dialect = "sqlite"
     remote = False
     like_ignoring_case = "LIKE"
 
@@ -251,6 +254,10 @@ class SQLiteDatabase(Database):
     @property
     def in_transaction(self) -> bool:
         return self.conn.in_transaction
+
+    def prepare_writer(self) -> None:
+        self.execute("PRAGMA journal_mode=WAL")
+        self.execute("PRAGMA synchronous=FULL")
 
     def begin(self) -> None:
         # IMMEDIATE: take the write lock now, not at the first write, so that
@@ -351,7 +358,6 @@ _pools_lock = threading.Lock()
 
 
 class PostgresDatabase(Database):
-    dialect = "postgresql"
     remote = True
     like_ignoring_case = "ILIKE"
 
@@ -372,9 +378,6 @@ class PostgresDatabase(Database):
             raise IndexUnreachable(
                 f"cannot connect to the index at {redact(url)}: {detail}"
             ) from exc
-        # A Success status promises durability: never let a server-wide setting
-        # answer before the commit is on disk.
-        conn.execute("SET synchronous_commit = on")
         return cls(url, conn)
 
     @classmethod
@@ -446,6 +449,10 @@ class PostgresDatabase(Database):
         from psycopg.pq import TransactionStatus
 
         return bool(self._deferred) or self.conn.info.transaction_status != TransactionStatus.IDLE
+
+    def prepare_writer(self) -> None:
+        # Whatever the server's default: COMMIT returns once the WAL is flushed.
+        self.execute("SET synchronous_commit = on")
 
     def begin(self) -> None:
         self._deferred.append(("BEGIN", ()))

@@ -305,11 +305,7 @@ class Index:
     def __init__(self, db: Database, location: IndexLocation | None = None):
         self.conn = db
         self.location = location  # None: a scratch index (rebuild)
-        if db.dialect == "sqlite":
-            db.execute("PRAGMA journal_mode=WAL")
-            # FULL: a committed transaction survives a power cut, which is what a
-            # Success status promises.
-            db.execute("PRAGMA synchronous=FULL")
+        db.prepare_writer()
         self._lock = threading.Lock()
         self._group = threading.Condition()  # group commit: who leads, who waits
         self._queue: list[_Ticket] = []
