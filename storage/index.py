@@ -285,6 +285,10 @@ class _Ticket:
 
     work: Callable[[], object]
     lock_key: str | None = None
+    # PostgreSQL: an all-or-nothing statement tried before `work`, in the round
+    # trip that commits it, and what its row means; None: `work` alone.
+    attempt: "_Attempt | None" = None
+    written: bool = False  # by its attempt
     done: bool = False
     result: object = None
     error: BaseException | None = None
@@ -293,6 +297,12 @@ class _Ticket:
         if self.error is not None:
             raise self.error
         return self.result
+
+
+@dataclass
+class _Attempt:
+    statement: tuple[str, tuple]
+    outcome: Callable[[object], object]  # its row (one came back: it wrote) -> the result
 
 
 class SeriesStudyMismatch(ValueError):
@@ -382,7 +392,28 @@ class Index:
         meets a deadlock or another node's concurrent insert is run again, whole,
         so a work must be safe to run again after a rollback.
         """
-        ticket = _Ticket(work, lock_key)
+        return self._commit_ticket(_Ticket(work, lock_key))
+
+    def index_new_instance(
+        self, entry: IndexEntry, otherwise: Callable[[], T]
+    ) -> "IndexOutcome | T":
+        """Index `entry`, most likely a new instance of an indexed series, in a
+        group commit (as `commit_together`); when it is not — a resend, its
+        series' first instance, a series of another study, a series learning its
+        modality — run the work `otherwise` instead, and return what it returns.
+
+        On PostgreSQL the likely case is one statement that writes everything or
+        nothing (`_NEW_IN_KNOWN_SERIES`), sent with BEGIN, the study's lock and
+        COMMIT: one round trip. In-process (SQLite) a round trip costs nothing,
+        and `otherwise` does it all.
+        """
+        lock_key = entry.header.study_uid
+        if not self.conn.remote:
+            return self.commit_together(otherwise, lock_key=lock_key)
+        attempt = _Attempt(_new_in_known_series(entry), lambda row: _outcome_of(entry, row))
+        return self._commit_ticket(_Ticket(otherwise, lock_key, attempt))
+
+    def _commit_ticket(self, ticket: "_Ticket"):
         with self._group:
             self._queue.append(ticket)
             while self._leading and not ticket.done:
@@ -400,26 +431,54 @@ class Index:
         return ticket.outcome()
 
     def _commit_batch(self, batch: list["_Ticket"]) -> None:
-        conn = self.conn
         with self._lock:
             try:
-                for attempt in range(1, COMMIT_ATTEMPTS + 1):
-                    try:
-                        self._run_batch(batch)
-                        return
-                    except BaseException as exc:
-                        if conn.in_transaction:
-                            conn.execute("ROLLBACK")
-                        if not is_retryable(exc) or attempt == COMMIT_ATTEMPTS:
-                            for ticket in batch:
-                                ticket.error = ticket.error or exc
-                            return
-                    for ticket in batch:
-                        ticket.result = ticket.error = None
-                    time.sleep(min(0.5, 0.005 * 2**attempt) * random.uniform(0.5, 1.5))
+                rest = batch
+                attempts = [ticket for ticket in batch if ticket.attempt is not None]
+                if attempts and self._retried(attempts, self._run_attempts):
+                    rest = [ticket for ticket in batch if not ticket.written]
+                # After failed attempts, every work: alone in its savepoint, a
+                # ticket that cannot be indexed fails alone.
+                for ticket in rest:
+                    ticket.result = ticket.error = None
+                if rest:
+                    self._retried(rest, self._run_batch)
             finally:
                 for ticket in batch:
                     ticket.done = True
+
+    def _retried(self, batch: list["_Ticket"], run: Callable[[list["_Ticket"]], None]) -> bool:
+        """`run(batch)` until it commits, again after a rollback for a deadlock
+        or another node's concurrent insert; False when it could not (each
+        ticket then holds an error)."""
+        conn = self.conn
+        for attempt in range(1, COMMIT_ATTEMPTS + 1):
+            try:
+                run(batch)
+                return True
+            except BaseException as exc:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                if not is_retryable(exc) or attempt == COMMIT_ATTEMPTS:
+                    for ticket in batch:
+                        ticket.error = ticket.error or exc
+                    return False
+            for ticket in batch:
+                ticket.result = ticket.error = None
+            time.sleep(min(0.5, 0.005 * 2**attempt) * random.uniform(0.5, 1.5))
+        return False
+
+    def _run_attempts(self, batch: list["_Ticket"]) -> None:
+        """Every ticket's all-or-nothing statement, with BEGIN, the locks and
+        COMMIT, in one round trip; a ticket whose statement wrote is done, the
+        others are left to their work."""
+        conn = self.conn
+        conn.begin()
+        conn.lock_keys([ticket.lock_key for ticket in batch if ticket.lock_key])
+        rows = conn.first_rows([ticket.attempt.statement for ticket in batch] + [("COMMIT", ())])
+        for ticket, row in zip(batch, rows, strict=False):
+            if row is not None:
+                ticket.result, ticket.written = ticket.attempt.outcome(row), True
 
     def _run_batch(self, batch: list["_Ticket"]) -> None:
         conn = self.conn
@@ -478,36 +537,9 @@ class Index:
         return outcome
 
     def index_if_new(self, entry: IndexEntry) -> "StoredDigest | IndexOutcome":
-        """`stored_digest`, then `index_instance` when there is none — in one round
-        trip to PostgreSQL when the series and the study are indexed already (all
-        instances but a series' first): the writes go with the lookup, inside a
-        savepoint, and are undone when the instance turns out to be known or its
-        series or study new, which then take the statement-by-statement path."""
-        uid = entry.header.sop_instance_uid
-        if not self.conn.remote:  # in-process: nothing to save, no savepoint to pay for
-            known = self.stored_digest(uid)
-            return known if known is not None else self.index_instance(entry)
-        _, known, inserted, series_row, study_row = self.conn.first_rows(
-            [
-                ("SAVEPOINT speculative", ()),
-                (_STORED_DIGEST, (uid,)),
-                (
-                    _INSERT_INSTANCE + " ON CONFLICT (sop_instance_uid) DO NOTHING RETURNING 1",
-                    _instance_values(entry),
-                ),
-                _series_count(entry),
-                _study_count(entry, new_series=False),
-            ]
-        )
-        if known is None and inserted is not None and series_row and study_row:
-            outcome = IndexOutcome()
-            new_modality = self._series_counted(entry, series_row, outcome)
-            self._study_counted(entry, new_modality, study_row, outcome)
-            return outcome
-        self.conn.execute("ROLLBACK TO speculative")
-        if known is not None:
-            return StoredDigest(*known)
-        return self.index_instance(entry)
+        """`stored_digest`, then `index_instance` when there is none."""
+        known = self.stored_digest(entry.header.sop_instance_uid)
+        return known if known is not None else self.index_instance(entry)
 
     def replace_instance(self, entry: IndexEntry) -> None:
         """Record a new copy of an indexed instance in the same series (policy
@@ -689,6 +721,89 @@ def _study_count(entry: IndexEntry, new_series: bool) -> tuple[str, tuple]:
         f" WHERE study_uid = ? RETURNING modalities, {', '.join(STUDY_FIELDS)}",
         (int(new_series), entry.size, entry.received_at, entry.header.study_uid),
     )
+
+
+def _fill_in_from_arrays(fields: dict[str, type], level: str) -> tuple[list[str], list[str]]:
+    """For `_NEW_IN_KNOWN_SERIES`: the columns of `v`, one array of received
+    values per type (psycopg parses a statement of more than 50 parameters
+    again on every call: 0.2 ms), and the SET list that fills in the fields
+    still NULL from them (first value wins)."""
+    arrays, assignments = [], []
+    for kind, array_type in ((str, "text[]"), (int, "bigint[]")):
+        names = [name for name, field_kind in fields.items() if field_kind is kind]
+        if not names:
+            continue
+        array = f"{level}_{kind.__name__}"
+        arrays.append(f"?::{array_type} AS {array}")
+        assignments += [
+            f"{name} = coalesce({name}, v.{array}[{n}])" for n, name in enumerate(names, 1)
+        ]
+    return arrays, assignments
+
+
+def _received_arrays(fields: dict[str, type], received: dict) -> list[list]:
+    """The parameters of `_fill_in_from_arrays`'s arrays."""
+    by_kind = [[name for name, k in fields.items() if k is kind] for kind in (str, int)]
+    return [[received.get(name) for name in names] for names in by_kind if names]
+
+
+_SERIES_ARRAYS, _SERIES_FILL = _fill_in_from_arrays(SERIES_FIELDS, "series")
+_STUDY_ARRAYS, _STUDY_FILL = _fill_in_from_arrays(STUDY_FIELDS, "study")
+# PostgreSQL: one statement that indexes an instance as a new one of an indexed
+# series of its study (counts up, first values filled in), or writes nothing —
+# the instance known, the series new or of another study, or the series learning
+# its modality (the study's list then changes: `index_instance` does that). A
+# row back (the series' values, then the study's) when it wrote. Another node's
+# insert of the same instance meanwhile is a unique violation: the transaction
+# runs again.
+_NEW_IN_KNOWN_SERIES = (
+    f"WITH v AS (SELECT {', '.join(_SERIES_ARRAYS + _STUDY_ARRAYS)}),"
+    " s AS (UPDATE series SET number_of_instances = number_of_instances + 1,"
+    " bytes = bytes + ?, last_received = ?, incomplete_reason = NULL,"
+    f" incomplete_since = NULL, committed_at = NULL, {', '.join(_SERIES_FILL)} FROM v"
+    " WHERE series_uid = ? AND study_uid = ? AND (modality IS NOT NULL OR ?::text IS NULL)"
+    " AND NOT EXISTS (SELECT 1 FROM instances WHERE sop_instance_uid = ?)"
+    " AND EXISTS (SELECT 1 FROM studies WHERE study_uid = ?)"
+    f" RETURNING {', '.join(f'series.{name}' for name in SERIES_FIELDS)}),"
+    f" i AS (INSERT INTO instances ({', '.join(_INSTANCE_COLUMNS)})"
+    f" SELECT {', '.join('?' * len(_INSTANCE_COLUMNS))} WHERE EXISTS (SELECT 1 FROM s)),"
+    " t AS (UPDATE studies SET number_of_instances = number_of_instances + 1,"
+    f" bytes = bytes + ?, last_received = ?, {', '.join(_STUDY_FILL)} FROM v"
+    " WHERE study_uid = ? AND EXISTS (SELECT 1 FROM s)"
+    f" RETURNING {', '.join(f'studies.{name}' for name in STUDY_FIELDS)})"
+    " SELECT * FROM s, t"
+)
+
+
+def _new_in_known_series(entry: IndexEntry) -> tuple[str, tuple]:
+    header = entry.header
+    return _NEW_IN_KNOWN_SERIES, (
+        *_received_arrays(SERIES_FIELDS, header.series),
+        *_received_arrays(STUDY_FIELDS, header.study),
+        entry.size,
+        entry.received_at,
+        header.series_uid,
+        header.study_uid,
+        header.series.get("modality"),
+        header.sop_instance_uid,
+        header.study_uid,
+        *_instance_values(entry),
+        entry.size,
+        entry.received_at,
+        header.study_uid,
+    )
+
+
+def _outcome_of(entry: IndexEntry, row) -> IndexOutcome:
+    """What `_NEW_IN_KNOWN_SERIES` changed, from the values it left (the stored
+    first ones, or the received where none was stored)."""
+    outcome = IndexOutcome()
+    values = list(row)  # the series' fields, then the study's: some names are the same
+    series = dict(zip(SERIES_FIELDS, values[: len(SERIES_FIELDS)], strict=True))
+    study = dict(zip(STUDY_FIELDS, values[len(SERIES_FIELDS) :], strict=True))
+    _first_values_win("series", series, entry.header.series, outcome)
+    _first_values_win("study", study, entry.header.study, outcome)
+    return outcome
 
 
 def _first_values_win(level: str, stored: dict, received: dict, outcome: IndexOutcome) -> dict:

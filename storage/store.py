@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import enum
 import errno
+import functools
 import hashlib
 import os
 import time
@@ -143,8 +144,8 @@ class InstanceStore:
         uid = header.sop_instance_uid
         # In-process (SQLite) the lookup is free, and an identical resend is
         # answered before anything is made durable. To PostgreSQL it is a round
-        # trip every new instance would pay: the transaction's own lookup
-        # (Index.index_if_new) tells resends apart there.
+        # trip every new instance would pay: the transaction's own statement
+        # (Index.index_new_instance) tells resends apart there.
         known = None if self.index.conn.remote else self.index.digest_hint(uid)
         if self._identical(known, sha256):
             temp_writer.discard()
@@ -189,9 +190,13 @@ class InstanceStore:
                     self._link(temp, PurePosixPath(entry.path), result, Outcome.STORED, new=True)
             placed_before = result.placed
             started = time.perf_counter()
-            self.index.commit_together(
-                lambda: self._place(temp, entry, result), lock_key=header.study_uid
-            )
+            work = functools.partial(self._place, temp, entry, result)
+            if placed_before:  # a new instance, most likely
+                found = self.index.index_new_instance(entry, otherwise=work)
+                if isinstance(found, IndexOutcome):
+                    result.disagreements = found.disagreements
+            else:
+                self.index.commit_together(work, lock_key=header.study_uid)
         except database_errors() as exc:
             self._undo_placing(temp, result)
             if is_out_of_space(exc):

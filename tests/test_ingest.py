@@ -162,6 +162,45 @@ def test_first_value_wins_and_disagreement_is_logged(server, tmp_path):
     assert (disagreements[0]["kept"], disagreements[0]["received"]) == ("AXIAL", "CORONAL")
 
 
+def test_later_instances_fill_in_what_the_first_lacked(server, tmp_path):
+    # The second instance teaches the series its modality (the study's list
+    # changes); the third is one more of a known series.
+    study, series = generate_uid(), generate_uid()
+    files = [
+        make_instance(tmp_path, study_uid=study, series_uid=series, Modality=None),
+        make_instance(
+            tmp_path,
+            study_uid=study,
+            series_uid=series,
+            modality="MR",
+            SeriesDescription="LATE",
+            AccessionNumber="ACC-9",
+        ),
+        make_instance(
+            tmp_path, study_uid=study, series_uid=series, modality="MR", BodyPartExamined="HEAD"
+        ),
+    ]
+    assert [s.status for s in send_files(server.port, files)] == [0, 0, 0]
+    index = server.index()
+    row = index.execute(
+        "SELECT modality, description, body_part, number_of_instances FROM series"
+        " WHERE series_uid = ?",
+        (series,),
+    ).fetchone()
+    assert tuple(row) == ("MR", "LATE", "HEAD", 3)
+    row = index.execute(
+        "SELECT modalities, accession, number_of_instances, number_of_series FROM studies"
+        " WHERE study_uid = ?",
+        (study,),
+    ).fetchone()
+    assert json.loads(row["modalities"]) == ["MR"]
+    assert (row["accession"], row["number_of_instances"], row["number_of_series"]) == (
+        "ACC-9",
+        3,
+        1,
+    )
+
+
 @requires_dcmtk(ECHOSCU)
 def test_dcmtk_echoscu(server):
     result = subprocess.run(
