@@ -251,7 +251,7 @@ def write_temp_file(incoming: Path, parts: list[bytes]) -> TempFile:
 
 
 def link_into_place(
-    data_dir: Path, temp: TempFile, relpath: PurePosixPath, *, replace: bool = True
+    data_dir: Path, temp: TempFile, relpath: "PurePosixPath | str", *, replace: bool = True
 ) -> None:
     """Give a durable temp file its final name, durably, keeping the temp name.
 
@@ -261,10 +261,15 @@ def link_into_place(
     (policy overwrite) is replaced atomically, or, without `replace`, raises
     FileExistsError.
     """
-    final = data_dir / relpath
-    ensure_directory(data_dir, final.parent)
+    # Strings, not Paths, and the directory made only when the link finds it
+    # missing: this runs for every instance.
+    final = os.path.join(data_dir, relpath)
     try:
-        os.link(temp.path, final)
+        try:
+            os.link(temp.path, final)
+        except FileNotFoundError:  # the series' first instance
+            ensure_directory(data_dir, Path(final).parent)
+            os.link(temp.path, final)
     except FileExistsError:
         if not replace:
             raise
@@ -273,7 +278,7 @@ def link_into_place(
         staging = temp.path.with_name(_temp_name())
         os.link(temp.path, staging)
         os.replace(staging, final)
-    fsync_directory(final.parent)
+    fsync_directory(os.path.dirname(final))
 
 
 def placed_path(
@@ -306,7 +311,7 @@ def ensure_directory(data_dir: Path, directory: Path) -> None:
         fsync_directory(level.parent)
 
 
-def fsync_directory(directory: Path) -> None:
+def fsync_directory(directory: "Path | str") -> None:
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)

@@ -212,9 +212,21 @@ COMMIT_ATTEMPTS = 8
 
 def utc_now() -> str:
     """A sortable UTC timestamp with milliseconds, as stored in the index
-    (2026-12-01T20:41:24.123Z). Formatted by hand: it is taken for every instance."""
-    now = time.time()
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now * 1000) % 1000:03d}Z"
+    (2026-12-01T20:41:24.123Z). Formatted by hand, the seconds once a second:
+    it is taken for every instance."""
+    milliseconds = time.time_ns() // 1_000_000
+    seconds, fraction = divmod(milliseconds, 1000)
+    global _formatted_second
+    cached = _formatted_second  # one tuple, read and replaced whole: safe across threads
+    if cached[0] != seconds:
+        cached = _formatted_second = (
+            seconds,
+            time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)),
+        )
+    return f"{cached[1]}.{fraction:03d}Z"
+
+
+_formatted_second: tuple[int | None, str] = (None, "")
 
 
 @dataclass(frozen=True)

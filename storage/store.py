@@ -16,7 +16,7 @@ import hashlib
 import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import BinaryIO
 
 from storage import files
@@ -187,7 +187,7 @@ class InstanceStore:
                 # several associations' directory fsyncs overlap. `_place` checks
                 # again inside the transaction, and undoes it if a row appeared.
                 with contextlib.suppress(FileExistsError):
-                    self._link(temp, PurePosixPath(entry.path), result, Outcome.STORED, new=True)
+                    self._link(temp, entry.path, result, Outcome.STORED, new=True)
             placed_before = result.placed
             started = time.perf_counter()
             work = functools.partial(self._place, temp, entry, result)
@@ -234,14 +234,13 @@ class InstanceStore:
     def _place(self, temp: files.TempFile, entry: IndexEntry, result: StoreResult) -> None:
         """Give the durable temp file its place and index it, inside a transaction."""
         header = entry.header
-        relpath = PurePosixPath(entry.path)
         try:
             found = self.index.index_if_new(entry)
         except SeriesStudyMismatch as exc:
             raise StoreRefused(Refusal.SERIES_IN_OTHER_STUDY, str(exc)) from exc
         if isinstance(found, IndexOutcome):  # a new instance, indexed
             if not result.placed:
-                self._link(temp, relpath, result, Outcome.STORED)
+                self._link(temp, entry.path, result, Outcome.STORED)
             result.disagreements = found.disagreements
             return
         known = found
@@ -255,7 +254,7 @@ class InstanceStore:
                 return
             # The indexed file is gone (deleted, lost): the sender resends what a
             # commitment or `verify` found missing, and gets it back in place.
-            self._link(temp, PurePosixPath(known.path), result, Outcome.RESTORED)
+            self._link(temp, known.path, result, Outcome.RESTORED)
             self.index.replace_instance(dataclasses.replace(entry, path=known.path))
             return
         if self.duplicates is DuplicatePolicy.REJECT:
@@ -265,7 +264,7 @@ class InstanceStore:
             )
         same_place = (known.study_uid, known.series_uid) == (header.study_uid, header.series_uid)
         if self.duplicates is DuplicatePolicy.OVERWRITE and same_place:
-            self._link(temp, relpath, result, Outcome.OVERWRITTEN)
+            self._link(temp, entry.path, result, Outcome.OVERWRITTEN)
             self.index.replace_instance(entry)
             self.index.record_conflict(entry, "overwrote")
             return
