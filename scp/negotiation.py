@@ -14,6 +14,7 @@ cannot convert, does not fail).
 from dataclasses import dataclass, field
 
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import sop_class
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import (
     A_ASSOCIATE,
@@ -23,7 +24,8 @@ from pynetdicom.pdu_primitives import (
     MaximumLengthNotification,
     SCP_SCU_RoleSelectionNegotiation,
 )
-from pynetdicom.presentation import PresentationContext, negotiate_unrestricted
+from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
+from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind,
     StorageCommitmentPushModel,
@@ -133,6 +135,33 @@ def _service_context(abstract_syntax: str) -> PresentationContext:
     return context
 
 
+def _storage_contexts(proposed: list[PresentationContext]) -> list[PresentationContext]:
+    """Acceptor contexts for the proposed storage-like abstract syntaxes (a
+    storage SOP class, a private one, or one pynetdicom does not know): each in
+    every transfer syntax proposed for it, as SCU and SCP, in the order of
+    `transfer_syntax_preference` — the acceptor's order is the one
+    `negotiate_as_acceptor` chooses by."""
+    syntaxes: dict[str, list[str]] = {}
+    for cx in proposed:
+        uid = UID(cx.abstract_syntax)
+        storage_like = (
+            uid.is_private
+            or not hasattr(sop_class, uid.keyword)
+            or sop_class.uid_to_service_class(uid) is StorageServiceClass
+        )
+        if storage_like and uid not in _SERVICES:
+            offered = syntaxes.setdefault(uid, [])
+            offered += [ts for ts in cx.transfer_syntax if ts not in offered]
+    contexts = []
+    for uid, offered in syntaxes.items():
+        context = PresentationContext()
+        context.abstract_syntax = uid
+        context.transfer_syntax = sorted(offered, key=transfer_syntax_preference)
+        context.scu_role = context.scp_role = True
+        contexts.append(context)
+    return contexts
+
+
 _FIND = (PatientRootQueryRetrieveInformationModelFind, StudyRootQueryRetrieveInformationModelFind)
 # Verification, Storage Commitment Push Model (scp.commitment_service) and the
 # FIND models (scp.find_service), as SCP.
@@ -154,14 +183,8 @@ def our_user_information(max_pdu: int) -> list:
 def agree(request: Request, max_pdu: int) -> Agreement:
     """Negotiate the proposed contexts and encode the A-ASSOCIATE-AC."""
     proposed = [cx for cx in request.contexts if cx.transfer_syntax]
-    # Storage-like contexts (any SOP class pynetdicom does not know as something
-    # else) are all accepted; the others are negotiated against our services.
-    services = [_service_context(uid) for uid in _SERVICES]
-    results, roles = negotiate_unrestricted(proposed, services, request.roles)
-    offered = {cx.context_id: cx.transfer_syntax for cx in proposed}
-    for cx in results:
-        if cx.result == 0x00 and cx.abstract_syntax not in _SERVICES:
-            cx.transfer_syntax = [min(offered[cx.context_id], key=transfer_syntax_preference)]
+    supported = [_service_context(uid) for uid in _SERVICES] + _storage_contexts(proposed)
+    results, roles = negotiate_as_acceptor(proposed, supported, request.roles)
     for rq in request.contexts:
         if not rq.transfer_syntax:  # nothing to choose from
             empty = PresentationContext()

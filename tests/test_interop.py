@@ -13,7 +13,13 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
+from pydicom.uid import (
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+    generate_uid,
+)
 from pynetdicom import AE
 from pynetdicom.pdu_primitives import (
     AsynchronousOperationsWindowNegotiation,
@@ -337,6 +343,34 @@ def _associate(port: int, contexts: list[tuple[str, str]], *, max_pdu=None, ext_
 
 def _store_all(assoc, paths: list[Path]) -> list[int]:
     return [assoc.send_c_store(path).Status for path in paths]
+
+
+def test_storage_contexts_get_the_syntax_we_prefer_and_others_are_rejected(server):
+    # Any storage-like SOP class (private ones too) in whichever syntax is
+    # proposed: a compressed one as sent, else Explicit VR Little Endian; a
+    # service we do not offer (C-MOVE) is rejected, "abstract syntax not supported".
+    move = "1.2.840.10008.5.1.4.1.2.1.2"
+    assoc = _associate(
+        server.port,
+        [
+            (PRIVATE_SOP_CLASS, [ImplicitVRLittleEndian, JPEGBaseline8Bit, ExplicitVRLittleEndian]),
+            (
+                CT_IMAGE_STORAGE,
+                [ImplicitVRLittleEndian, ExplicitVRBigEndian, ExplicitVRLittleEndian],
+            ),
+            (move, [ImplicitVRLittleEndian]),
+        ],
+    )
+    try:
+        accepted = {cx.abstract_syntax: cx.transfer_syntax[0] for cx in assoc.accepted_contexts}
+        rejected = {cx.abstract_syntax: cx.result for cx in assoc.rejected_contexts}
+    finally:
+        assoc.release()
+    assert accepted == {
+        PRIVATE_SOP_CLASS: JPEGBaseline8Bit,
+        CT_IMAGE_STORAGE: ExplicitVRLittleEndian,
+    }
+    assert rejected == {move: 0x03}
 
 
 def test_one_association_with_many_sop_classes_and_an_echo(server, tmp_path):
