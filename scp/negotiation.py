@@ -25,7 +25,7 @@ from pynetdicom.pdu_primitives import (
     SCP_SCU_RoleSelectionNegotiation,
 )
 from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
-from pynetdicom.service_class import StorageServiceClass
+from pynetdicom.service_class import ServiceClass, StorageServiceClass
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind,
     StorageCommitmentPushModel,
@@ -144,10 +144,13 @@ def _storage_contexts(proposed: list[PresentationContext]) -> list[PresentationC
     syntaxes: dict[str, list[str]] = {}
     for cx in proposed:
         uid = UID(cx.abstract_syntax)
+        service = sop_class.uid_to_service_class(uid)
+        # Not by keyword alone: pynetdicom names some classes unlike pydicom
+        # (Modality Worklist FIND), and those are not storage.
         storage_like = (
             uid.is_private
-            or not hasattr(sop_class, uid.keyword)
-            or sop_class.uid_to_service_class(uid) is StorageServiceClass
+            or service is StorageServiceClass
+            or (service is ServiceClass and not hasattr(sop_class, uid.keyword))
         )
         if storage_like and uid not in _SERVICES:
             offered = syntaxes.setdefault(uid, [])

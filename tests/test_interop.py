@@ -373,6 +373,21 @@ def test_storage_contexts_get_the_syntax_we_prefer_and_others_are_rejected(serve
     assert rejected == {move: 0x03}
 
 
+def test_a_worklist_query_context_is_rejected_not_taken_for_storage(server):
+    # pynetdicom's keyword for it differs from pydicom's: it was once accepted
+    # as an unknown (so storage-like) SOP class, though we serve no worklist.
+    worklist = "1.2.840.10008.5.1.4.31"
+    assoc = _associate(
+        server.port,
+        [(CT_IMAGE_STORAGE, ExplicitVRLittleEndian), (worklist, ImplicitVRLittleEndian)],
+    )
+    try:
+        rejected = {cx.abstract_syntax: cx.result for cx in assoc.rejected_contexts}
+    finally:
+        assoc.release()
+    assert rejected == {worklist: 0x03}
+
+
 def test_one_association_with_many_sop_classes_and_an_echo(server, tmp_path):
     study, series = generate_uid(), generate_uid()
     classes = [CT_IMAGE_STORAGE, MR_IMAGE_STORAGE, SECONDARY_CAPTURE, PRIVATE_SOP_CLASS]
