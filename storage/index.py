@@ -735,32 +735,37 @@ def _study_count(entry: IndexEntry, new_series: bool) -> tuple[str, tuple]:
     )
 
 
-def _fill_in_from_arrays(fields: dict[str, type], level: str) -> tuple[list[str], list[str]]:
-    """For `_NEW_IN_KNOWN_SERIES`: the columns of `v`, one array of received
-    values per type (psycopg parses a statement of more than 50 parameters
-    again on every call: 0.2 ms), and the SET list that fills in the fields
-    still NULL from them (first value wins)."""
+def _fields_by_type(fields: dict[str, type]) -> list[tuple[type, list[str]]]:
+    """A level's fields grouped by type, in their order: one array parameter
+    each in `_NEW_IN_KNOWN_SERIES` (psycopg parses a statement of more than 50
+    parameters again on every call: 0.2 ms)."""
+    groups = [(kind, [name for name, k in fields.items() if k is kind]) for kind in (str, int)]
+    return [(kind, names) for kind, names in groups if names]
+
+
+def _fill_in_from_arrays(groups: list[tuple[type, list[str]]], level: str):
+    """The columns of `v` (one array of received values per group) and the SET
+    list that fills in the fields still NULL from them (first value wins)."""
     arrays, assignments = [], []
-    for kind, array_type in ((str, "text[]"), (int, "bigint[]")):
-        names = [name for name, field_kind in fields.items() if field_kind is kind]
-        if not names:
-            continue
+    for kind, names in groups:
         array = f"{level}_{kind.__name__}"
-        arrays.append(f"?::{array_type} AS {array}")
+        arrays.append(f"?::{_ARRAY_TYPES[kind]} AS {array}")
         assignments += [
             f"{name} = coalesce({name}, v.{array}[{n}])" for n, name in enumerate(names, 1)
         ]
     return arrays, assignments
 
 
-def _received_arrays(fields: dict[str, type], received: dict) -> list[list]:
+def _received_arrays(groups: list[tuple[type, list[str]]], received: dict) -> list[list]:
     """The parameters of `_fill_in_from_arrays`'s arrays."""
-    by_kind = [[name for name, k in fields.items() if k is kind] for kind in (str, int)]
-    return [[received.get(name) for name in names] for names in by_kind if names]
+    return [[received.get(name) for name in names] for _, names in groups]
 
 
-_SERIES_ARRAYS, _SERIES_FILL = _fill_in_from_arrays(SERIES_FIELDS, "series")
-_STUDY_ARRAYS, _STUDY_FILL = _fill_in_from_arrays(STUDY_FIELDS, "study")
+_ARRAY_TYPES = {str: "text[]", int: "bigint[]"}
+_SERIES_GROUPS = _fields_by_type(SERIES_FIELDS)
+_STUDY_GROUPS = _fields_by_type(STUDY_FIELDS)
+_SERIES_ARRAYS, _SERIES_FILL = _fill_in_from_arrays(_SERIES_GROUPS, "series")
+_STUDY_ARRAYS, _STUDY_FILL = _fill_in_from_arrays(_STUDY_GROUPS, "study")
 # PostgreSQL: one statement that indexes an instance as a new one of an indexed
 # series of its study (counts up, first values filled in), or writes nothing —
 # the instance known, the series new or of another study, or the series learning
@@ -790,8 +795,8 @@ _NEW_IN_KNOWN_SERIES = (
 def _new_in_known_series(entry: IndexEntry) -> tuple[str, tuple]:
     header = entry.header
     return _NEW_IN_KNOWN_SERIES, (
-        *_received_arrays(SERIES_FIELDS, header.series),
-        *_received_arrays(STUDY_FIELDS, header.study),
+        *_received_arrays(_SERIES_GROUPS, header.series),
+        *_received_arrays(_STUDY_GROUPS, header.study),
         entry.size,
         entry.received_at,
         header.series_uid,
