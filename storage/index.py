@@ -329,6 +329,11 @@ class Index:
         self.location = location  # None: a scratch index (rebuild)
         db.prepare_writer()
         self._lock = threading.Lock()
+        # In-process, hints are read on a connection of their own: WAL readers
+        # do not wait for the writer, and the writer's lock is held through a
+        # group's COMMIT and its WAL sync.
+        self._hints: Database | None = None
+        self._hints_lock = threading.Lock()
         self._group = threading.Condition()  # group commit: who leads, who waits
         self._queue: list[_Ticket] = []
         self._leading = False
@@ -343,6 +348,8 @@ class Index:
         return cls.open(IndexLocation(Path(data_dir)))
 
     def close(self) -> None:
+        if self._hints is not None:
+            self._hints.close()
         self.conn.close()
 
     def _create_schema(self) -> None:
@@ -525,10 +532,17 @@ class Index:
         return StoredDigest(*row) if row else None
 
     def digest_hint(self, sop_instance_uid: str) -> StoredDigest | None:
-        """`stored_digest` outside a transaction: lets an identical resend be
-        answered without writing anything. Decisions are re-checked in `writing()`."""
-        with self._lock:
-            return self.stored_digest(sop_instance_uid)
+        """`stored_digest` outside a transaction, of what is committed: lets an
+        identical resend be answered without writing anything. Decisions are
+        re-checked in `writing()`. It does not wait for a commit in progress."""
+        if self.conn.remote:
+            with self._lock:
+                return self.stored_digest(sop_instance_uid)
+        with self._hints_lock:
+            if self._hints is None:
+                self._hints = self.conn.another()
+            row = self._hints.execute(_STORED_DIGEST, (sop_instance_uid,)).fetchone()
+        return StoredDigest(*row) if row else None
 
     def check_series_study(self, series_uid: str, study_uid: str) -> None:
         """Raise SeriesStudyMismatch if the series is indexed under another study."""

@@ -2,14 +2,19 @@
 each caller still returns only once the commit holding its row is done, and
 one that fails takes nobody else down."""
 
+import io
 import threading
 import time
 
+import pydicom
 import pytest
 
 from storage.database import IndexLocation
-from storage.index import Index
-from tests.conftest import both_indexes, index_url_for
+from storage.files import prepare_data_dir
+from storage.index import Index, Provenance
+from storage.policy import DuplicatePolicy
+from storage.store import InstanceStore, Outcome
+from tests.conftest import both_indexes, dataset_bytes, index_url_for, make_instance
 
 pytestmark = both_indexes
 
@@ -91,3 +96,44 @@ def test_a_failing_writer_is_rolled_back_alone(index):
     assert outcomes == {0: 0, 1: 1, 2: 2, 3: "refused", 4: 4, 5: 5}
     rows = {r[0] for r in index.conn.execute("SELECT sop_instance_uid FROM conflicts")}
     assert rows == {"2.0", "2.1", "2.2", "2.4", "2.5"}
+
+
+def test_an_identical_resend_is_answered_while_another_commit_is_in_progress(tmp_path):
+    """A sender resending what is stored is not held up by other associations'
+    commits (a slow disk's WAL sync): on SQLite its check reads what is
+    committed without waiting for the writer."""
+    if index_url_for(tmp_path):
+        pytest.skip("on PostgreSQL a resend is told apart inside the transaction")
+    data_dir = tmp_path / "data"
+    prepare_data_dir(data_dir, "test")
+    index = Index.in_data_dir(data_dir)
+    store = InstanceStore(data_dir, index, DuplicatePolicy.REJECT, node="test")
+    path = make_instance(tmp_path / "src", study_uid="1.2.3", series_uid="1.2.3.4")
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    request = (str(ds.file_meta.TransferSyntaxUID), ds.SOPClassUID, ds.SOPInstanceUID)
+
+    def receive():
+        return store.store(io.BytesIO(dataset_bytes(path)), *request, Provenance())
+
+    assert receive().outcome is Outcome.STORED
+    committing, release = threading.Event(), threading.Event()
+
+    def slow_commit():
+        committing.set()
+        release.wait(30)
+
+    other = threading.Thread(target=index.commit_together, args=(slow_commit,))
+    resend: list = []
+    sender = threading.Thread(target=lambda: resend.append(receive()))
+    other.start()
+    try:
+        assert committing.wait(10)
+        sender.start()
+        sender.join(10)
+        assert [result.outcome for result in resend] == [Outcome.IDENTICAL_RESEND]
+    finally:
+        release.set()
+        other.join(10)
+        if sender.ident is not None:  # started
+            sender.join(10)
+        index.close()
