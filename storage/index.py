@@ -528,8 +528,7 @@ class Index:
     def stored_digest(self, sop_instance_uid: str) -> StoredDigest | None:
         """The indexed copy of an instance, or None. Call inside `writing()` to
         act on the answer; outside, it is only a hint."""
-        row = self.conn.execute(_STORED_DIGEST, (sop_instance_uid,)).fetchone()
-        return StoredDigest(*row) if row else None
+        return _stored_digest_on(self.conn, sop_instance_uid)
 
     def digest_hint(self, sop_instance_uid: str) -> StoredDigest | None:
         """`stored_digest` outside a transaction, of what is committed: lets an
@@ -541,8 +540,7 @@ class Index:
         with self._hints_lock:
             if self._hints is None:
                 self._hints = self.conn.another()
-            row = self._hints.execute(_STORED_DIGEST, (sop_instance_uid,)).fetchone()
-        return StoredDigest(*row) if row else None
+            return _stored_digest_on(self._hints, sop_instance_uid)
 
     def check_series_study(self, series_uid: str, study_uid: str) -> None:
         """Raise SeriesStudyMismatch if the series is indexed under another study."""
@@ -697,6 +695,13 @@ class Index:
 _STORED_DIGEST = (
     "SELECT study_uid, series_uid, path, size, sha256 FROM instances WHERE sop_instance_uid = ?"
 )
+
+
+def _stored_digest_on(db: Database, sop_instance_uid: str) -> StoredDigest | None:
+    row = db.execute(_STORED_DIGEST, (sop_instance_uid,)).fetchone()
+    return StoredDigest(*row) if row else None
+
+
 # The columns of `_instance_values`, in its order: the table's.
 _INSTANCE_COLUMNS = tuple(TABLES["instances"][0])
 _INSERT_INSTANCE = (
