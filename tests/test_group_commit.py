@@ -13,7 +13,7 @@ from storage.database import IndexLocation
 from storage.files import prepare_data_dir
 from storage.index import Index, Provenance
 from storage.policy import DuplicatePolicy
-from storage.store import InstanceStore, Outcome
+from storage.store import InstanceStore, Outcome, Refusal, StoreRefused
 from tests.conftest import both_indexes, dataset_bytes, index_url_for, make_instance
 
 pytestmark = both_indexes
@@ -137,3 +137,61 @@ def test_an_identical_resend_is_answered_while_another_commit_is_in_progress(tmp
         if sender.ident is not None:  # started
             sender.join(10)
         index.close()
+
+
+def test_a_series_of_another_study_is_refused_alone_inside_a_shared_commit(tmp_path):
+    """Two instances reach the index together, one of them naming a series that
+    belongs to another study: it is refused with nothing of it indexed, the
+    other is stored, and the counts are those of the two stored instances."""
+    data_dir = tmp_path / "data"
+    prepare_data_dir(data_dir, "test")
+    index = Index.open(IndexLocation(data_dir, index_url_for(tmp_path)))
+    store = InstanceStore(data_dir, index, DuplicatePolicy.KEEP_FIRST, node="test")
+
+    def receive(path):
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        request = (str(ds.file_meta.TransferSyntaxUID), ds.SOPClassUID, ds.SOPInstanceUID)
+        return store.store(io.BytesIO(dataset_bytes(path)), *request, Provenance())
+
+    def instance(name, study_uid):
+        return make_instance(tmp_path / name, study_uid=study_uid, series_uid="1.2.3.4")
+
+    assert receive(instance("first", "1.2.3")).outcome is Outcome.STORED
+    committing, release = threading.Event(), threading.Event()
+
+    def slow_commit():
+        committing.set()
+        release.wait(30)
+
+    other = threading.Thread(target=index.commit_together, args=(slow_commit,))
+    other.start()
+    results: dict = {}
+
+    def send(name, study_uid):
+        try:
+            results[name] = receive(instance(name, study_uid)).outcome
+        except StoreRefused as refused:
+            results[name] = refused.refusal
+
+    senders = [
+        threading.Thread(target=send, args=("moved", "1.2.9")),
+        threading.Thread(target=send, args=("second", "1.2.3")),
+    ]
+    try:
+        assert committing.wait(10)
+        for sender in senders:
+            sender.start()
+        time.sleep(0.5)  # both queue behind the slow commit, to share the next one
+        assert results == {}
+    finally:
+        release.set()
+        other.join(10)
+        for sender in senders:
+            sender.join(10)
+    assert results == {"moved": Refusal.SERIES_IN_OTHER_STUDY, "second": Outcome.STORED}
+    conn = index.conn
+    assert conn.execute("SELECT count(*) FROM instances").fetchone()[0] == 2
+    for table in ("series", "studies"):
+        rows = conn.execute(f"SELECT study_uid, number_of_instances FROM {table}").fetchall()
+        assert [tuple(row) for row in rows] == [("1.2.3", 2)], table
+    index.close()

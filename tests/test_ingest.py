@@ -363,6 +363,26 @@ def test_invalid_uid_never_becomes_a_path(server, tmp_path, field, value):
     assert created == set(), f"files created outside the data directory: {created}"
 
 
+def test_a_series_sent_under_a_second_study_is_refused_and_leaves_nothing(server, tmp_path):
+    study, series = generate_uid(), generate_uid()
+    first = make_instance(tmp_path / "a", study_uid=study, series_uid=series)
+    moved = make_instance(tmp_path / "b", study_uid=generate_uid(), series_uid=series)
+    after = make_instance(tmp_path / "c", study_uid=study, series_uid=series)
+    statuses = send_files(server.port, [first, moved, after])
+    assert [s.status for s in statuses] == [0, 0xC003, 0]
+    reason = f"series {series} already belongs to study {study}"
+    assert reason.startswith(statuses[1].comment)  # an ErrorComment holds 64 characters
+    assert server.wait_for_event("instance.refused")[0]["reason"] == reason
+    assert _counts(server) == (2, 2, 2)
+    moved_uid = pydicom.dcmread(moved, stop_before_pixels=True).SOPInstanceUID
+    rows = server.index().execute(
+        "SELECT count(*) FROM instances WHERE sop_instance_uid = ?", (moved_uid,)
+    )
+    assert rows.fetchone()[0] == 0
+    assert len(stored_files(server.data_dir)) == 2
+    assert temp_files(server.data_dir) == []
+
+
 def test_dataset_that_differs_from_the_request_is_refused(server, tmp_path):
     path = make_instance(tmp_path, study_uid=generate_uid(), series_uid=generate_uid())
     ds = pydicom.dcmread(path)
