@@ -561,9 +561,20 @@ class Index:
         return outcome
 
     def index_if_new(self, entry: IndexEntry) -> "StoredDigest | IndexOutcome":
-        """`stored_digest`, then `index_instance` when there is none."""
-        known = self.stored_digest(entry.header.sop_instance_uid)
-        return known if known is not None else self.index_instance(entry)
+        """`index_instance` when the SOP Instance UID has no row, else its
+        `stored_digest`. Call inside `writing()`, or a group commit's work.
+
+        The instance row goes in first, so that one statement is both the lookup
+        and the insert of a new instance: the writer's section is what parallel
+        senders queue for. SeriesStudyMismatch is raised after that row went in,
+        for the rollback of the caller's transaction or savepoint to take back.
+        """
+        if self.conn.execute(_INSERT_IF_NEW, _instance_values(entry)).rowcount == 0:
+            return self.stored_digest(entry.header.sop_instance_uid)
+        outcome = IndexOutcome()
+        new_modality = self._count_in_series(entry, outcome)
+        self._count_in_study(entry, new_modality, outcome)
+        return outcome
 
     def replace_instance(self, entry: IndexEntry) -> None:
         """Record a new copy of an indexed instance in the same series (policy
@@ -708,6 +719,9 @@ _INSERT_INSTANCE = (
     f"INSERT INTO instances ({', '.join(_INSTANCE_COLUMNS)})"
     f" VALUES ({', '.join('?' * len(_INSTANCE_COLUMNS))})"
 )
+
+
+_INSERT_IF_NEW = f"{_INSERT_INSTANCE} ON CONFLICT (sop_instance_uid) DO NOTHING"
 
 
 def _instance_values(entry: IndexEntry) -> tuple:
