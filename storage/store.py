@@ -61,7 +61,7 @@ class Outcome(enum.StrEnum):
     IDENTICAL_RESEND = "identical-resend"
     KEPT_ASIDE = "kept-aside"
     OVERWRITTEN = "overwritten"
-    RESTORED = "restored"  # an identical resend of an instance whose file was gone
+    RESTORED = "restored"  # an identical resend of an instance whose file was gone or damaged
 
 
 @dataclass
@@ -217,10 +217,20 @@ class InstanceStore:
         return result
 
     def _identical(self, known: StoredDigest | None, sha256: str) -> bool:
-        return known is not None and known.sha256 == sha256 and self._file_present(known)
+        return known is not None and known.sha256 == sha256 and self._intact(known)
 
-    def _file_present(self, known: StoredDigest) -> bool:
-        return (self.data_dir / known.path).exists()
+    def _intact(self, known: StoredDigest) -> bool:
+        """Whether the indexed file is there with the bytes it was indexed with.
+        Read only for a resend: what `verify` or a storage commitment found
+        damaged or gone, the sender's resend puts back."""
+        path = self.data_dir / known.path
+        try:
+            return (
+                path.stat().st_size == known.size
+                and files.file_dataset_digest(path) == known.sha256
+            )
+        except (OSError, ValueError):  # gone, unreadable, or no longer a DICOM file
+            return False
 
     def _undo_placing(self, temp: files.TempFile, result: StoreResult) -> None:
         """After a failed index transaction: the sender gets a failure, so leave
@@ -249,11 +259,11 @@ class InstanceStore:
             result.placed = False
         result.path = known.path
         if known.sha256 == entry.sha256:
-            if self._file_present(known):  # an identical copy won the race
+            if self._intact(known):  # an identical copy won the race
                 result.outcome = Outcome.IDENTICAL_RESEND
                 return
-            # The indexed file is gone (deleted, lost): the sender resends what a
-            # commitment or `verify` found missing, and gets it back in place.
+            # The indexed file is gone or damaged: the sender resends what a
+            # commitment or `verify` found wrong, and it is put back in place.
             self._link(temp, known.path, result, Outcome.RESTORED)
             self.index.replace_instance(dataclasses.replace(entry, path=known.path))
             return

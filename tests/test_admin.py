@@ -413,6 +413,37 @@ def test_verify_finds_missing_damaged_and_unknown_files(server, tmp_path):
     assert _study(data, study)["numberOfInstances"] == 4
 
 
+@pytest.mark.parametrize("damage", ["bytes changed", "truncated"])
+def test_a_resend_mends_a_stored_file_that_verify_finds_damaged(server, tmp_path, damage):
+    """What `verify --checksum` (or a storage commitment) found wrong, the sender's
+    identical resend puts right: the damaged copy is not taken for the resend."""
+    study, series = generate_uid(), generate_uid()
+    sent = [make_instance(tmp_path / str(n), study_uid=study, series_uid=series) for n in range(2)]
+    assert [s.status for s in send_files(server.port, sent)] == [0, 0]
+    data = server.data_dir
+    uid = pydicom.dcmread(sent[0], stop_before_pixels=True).SOPInstanceUID
+    stored = (
+        data
+        / server.index()
+        .execute("SELECT path FROM instances WHERE sop_instance_uid = ?", (uid,))
+        .fetchone()[0]
+    )
+    damaged = bytearray(stored.read_bytes())
+    if damage == "truncated":
+        del damaged[-100:]
+    else:
+        damaged[-1] ^= 0xFF
+    stored.write_bytes(damaged)
+    assert cli("verify", "--checksum", data_dir=data, check=False).returncode == 1
+
+    assert [s.status for s in send_files(server.port, sent)] == [0, 0]
+    assert cli("verify", "--checksum", data_dir=data).returncode == 0
+    assert dataset_bytes(stored) == dataset_bytes(sent[0])
+    outcomes = [e["outcome"] for e in server.events("instance.stored")]
+    assert outcomes == ["stored", "stored", "restored", "identical-resend"]
+    assert _study(data, study)["numberOfInstances"] == 2
+
+
 def test_verify_gives_back_the_availability_it_took_never_an_admins(server, tmp_path):
     """Issue 13 #4: with the file back, verify said OK and the series stayed UNAVAILABLE."""
     study, series = generate_uid(), generate_uid()
