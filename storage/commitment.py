@@ -218,10 +218,7 @@ def _check_instance(
     sop_class_uid, path, sha256, study_uid, series_uid = row
     if sop_class_uid != reference.sop_class_uid:
         return CLASS_INSTANCE_CONFLICT, study_uid, series_uid
-    try:
-        intact = files.file_dataset_digest(data_dir / path) == sha256
-    except (OSError, ValueError):  # gone, unreadable, or no longer a DICOM file
-        intact = False
+    intact = files.holds_dataset(data_dir / path, sha256)
     return (None if intact else PROCESSING_FAILURE), study_uid, series_uid
 
 

@@ -155,6 +155,17 @@ class TempFile:
     path: Path
 
 
+def holds_dataset(path: Path, sha256: str, size: int | None = None) -> bool:
+    """Whether the stored file at `path` still holds the dataset whose SHA-256 was
+    recorded at receipt (and, when given, has the file size recorded)."""
+    try:
+        if size is not None and os.stat(path).st_size != size:
+            return False
+        return file_dataset_digest(path) == sha256
+    except (OSError, ValueError):  # gone, unreadable, or no longer a DICOM file
+        return False
+
+
 def file_dataset_digest(path: Path) -> str:
     """SHA-256 of a stored file's dataset (the bytes after its meta group)."""
     offset = read_file_meta(path).dataset_offset

@@ -7,7 +7,6 @@ bytes as they arrive (`IncomingInstance.write`), and maps a `StoreRefused` from
 and the index transaction is committed.
 """
 
-import contextlib
 import dataclasses
 import enum
 import errno
@@ -144,18 +143,19 @@ class InstanceStore:
         uid = header.sop_instance_uid
         # In-process (SQLite) the lookup is free, and an identical resend is
         # answered before anything is made durable. To PostgreSQL it is a round
-        # trip every new instance would pay: the transaction's own statement
-        # (Index.index_new_instance) tells resends apart there.
+        # trip every new instance would pay: asked only once the link below finds
+        # a file in place, else the transaction's own statement
+        # (Index.index_new_instance) tells resends apart.
         known = None if self.index.conn.remote else self.index.digest_hint(uid)
         if self._identical(known, sha256):
             temp_writer.discard()
-            return StoreResult(Outcome.IDENTICAL_RESEND, header, known.path, known.size, sha256)
+            return _identical_resend(header, known)
         size = temp_writer.size
         if not self.has_room():  # measured with the object's bytes already on the disk
             known = known or self.index.digest_hint(uid)
             temp_writer.discard()
             if self._identical(known, sha256):  # nothing new to keep
-                return StoreResult(Outcome.IDENTICAL_RESEND, header, known.path, known.size, sha256)
+                return _identical_resend(header, known)
             raise StoreRefused(
                 Refusal.OUT_OF_SPACE, "receiver's disk is below its free-space floor"
             )
@@ -186,11 +186,19 @@ class InstanceStore:
                 # the transaction, so that the group commits only index rows while
                 # several associations' directory fsyncs overlap. `_place` checks
                 # again inside the transaction, and undoes it if a row appeared.
-                with contextlib.suppress(FileExistsError):
+                try:
                     self._link(temp, entry.path, result, Outcome.STORED, new=True)
+                except FileExistsError:
+                    # Something is at its place: most likely a resend, which
+                    # PostgreSQL has not been asked about yet. The stored copy is
+                    # read here, not in the writer's section.
+                    known = self.index.digest_hint(uid)
+                    if self._identical(known, sha256):
+                        temp.path.unlink(missing_ok=True)
+                        return _identical_resend(header, known)
             placed_before = result.placed
             started = time.perf_counter()
-            work = functools.partial(self._place, temp, entry, result)
+            work = functools.partial(self._place, temp, entry, result, known)
             if placed_before:  # a new instance, most likely
                 found = self.index.index_new_instance(entry, otherwise=work)
                 if isinstance(found, IndexOutcome):
@@ -223,14 +231,7 @@ class InstanceStore:
         """Whether the indexed file is there with the bytes it was indexed with.
         Read only for a resend: what `verify` or a storage commitment found
         damaged or gone, the sender's resend puts back."""
-        path = self.data_dir / known.path
-        try:
-            return (
-                path.stat().st_size == known.size
-                and files.file_dataset_digest(path) == known.sha256
-            )
-        except (OSError, ValueError):  # gone, unreadable, or no longer a DICOM file
-            return False
+        return files.holds_dataset(self.data_dir / known.path, known.sha256, known.size)
 
     def _undo_placing(self, temp: files.TempFile, result: StoreResult) -> None:
         """After a failed index transaction: the sender gets a failure, so leave
@@ -241,8 +242,16 @@ class InstanceStore:
             (self.data_dir / result.path).unlink(missing_ok=True)
         temp.path.unlink(missing_ok=True)
 
-    def _place(self, temp: files.TempFile, entry: IndexEntry, result: StoreResult) -> None:
-        """Give the durable temp file its place and index it, inside a transaction."""
+    def _place(
+        self,
+        temp: files.TempFile,
+        entry: IndexEntry,
+        result: StoreResult,
+        seen_before: StoredDigest | None,
+    ) -> None:
+        """Give the durable temp file its place and index it, inside a transaction.
+        `seen_before`: the indexed copy as read before the transaction, already
+        found not to be an identical, intact one."""
         header = entry.header
         try:
             found = self.index.index_if_new(entry)
@@ -259,7 +268,7 @@ class InstanceStore:
             result.placed = False
         result.path = known.path
         if known.sha256 == entry.sha256:
-            if self._intact(known):  # an identical copy won the race
+            if known != seen_before and self._intact(known):  # an identical copy won the race
                 result.outcome = Outcome.IDENTICAL_RESEND
                 return
             # The indexed file is gone or damaged: the sender resends what a
@@ -418,6 +427,10 @@ class IncomingInstance:
                 Refusal.MISMATCH, "dataset SOP Instance UID differs from the request", header
             )
         return header
+
+
+def _identical_resend(header: InstanceHeader, known: StoredDigest) -> StoreResult:
+    return StoreResult(Outcome.IDENTICAL_RESEND, header, known.path, known.size, known.sha256)
 
 
 def _check_request_uids(sop_class_uid: str | None, sop_instance_uid: str | None) -> None:
