@@ -274,6 +274,7 @@ class Association(ServiceUser):
     def _dataset_received(self, layer: UpperLayer, context_id: int, dataset) -> None:
         if isinstance(dataset, IncomingStore):
             layer.send_message(context_id, dataset.finish())
+            dataset.report()
         elif isinstance(dataset, IncomingAction):
             response, transaction_uid = dataset.finish()
             layer.send_message(context_id, response)

@@ -10,7 +10,7 @@ import time
 
 from scp import dimse
 from scp.session import Session
-from storage.store import InstanceStore, Outcome, Refusal, StoreRefused
+from storage.store import InstanceStore, Outcome, Refusal, StoreRefused, StoreResult
 
 SUCCESS = 0x0000
 
@@ -98,16 +98,18 @@ class IncomingStore:
             session.provenance,
         )
         self.write = self.incoming.write
+        self.result: StoreResult | None = None
+        self.elapsed = 0.0  # ms, from the request's dataset to its response
 
     def discard(self) -> None:
         self.incoming.discard()
 
     def finish(self) -> bytes:
-        """Store what arrived; the C-STORE-RSP to send."""
+        """Store what arrived; the C-STORE-RSP to send. Then `report`."""
         session = self.session
         started = time.perf_counter()
         try:
-            result = self.incoming.finish()
+            self.result = result = self.incoming.finish()
         except StoreRefused as refused:
             session.refused += 1
             code = REFUSAL_STATUS[refused.refusal]
@@ -137,6 +139,17 @@ class IncomingStore:
             return store_response(
                 self.command, INTERNAL_ERROR_STATUS, f"internal error: {type(exc).__name__}"
             )
+        self.elapsed = result.timings.get("receive", 0.0) + _ms_since(started)
+        return store_response(self.command, SUCCESS)
+
+    def report(self) -> None:
+        """After the C-STORE-RSP went out: count a stored instance and log it.
+        The sender prepares its next request meanwhile, so this work is not
+        part of its wait."""
+        result = self.result
+        if result is None:  # refused or failed: logged before the response
+            return
+        session = self.session
         session.instances += 1
         session.delivered_into.add(result.header.series_uid)
         if result.outcome is not Outcome.IDENTICAL_RESEND:  # something new was written
@@ -151,9 +164,7 @@ class IncomingStore:
             sop_instance_uid=header.sop_instance_uid,
             outcome=str(result.outcome),
             bytes=result.size,
-            ms=round(
-                result.timings.get("receive", 0.0) + (time.perf_counter() - started) * 1000, 2
-            ),
+            ms=self.elapsed,
             timings=result.timings,
         )
         for level, name, kept, incoming in result.disagreements:
@@ -165,4 +176,7 @@ class IncomingStore:
                 received=incoming,
                 sop_instance_uid=header.sop_instance_uid,
             )
-        return store_response(self.command, SUCCESS)
+
+
+def _ms_since(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000, 2)

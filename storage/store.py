@@ -141,15 +141,21 @@ class InstanceStore:
         temp_writer = incoming.temp
         sha256 = incoming.digest.hexdigest()
         uid = header.sop_instance_uid
-        # In-process (SQLite) the lookup is free, and an identical resend is
-        # answered before anything is made durable. To PostgreSQL it is a round
-        # trip every new instance would pay: asked only once the link below finds
-        # a file in place, else the transaction's own statement
-        # (Index.index_new_instance) tells resends apart.
-        known = None if self.index.conn.remote else self.index.digest_hint(uid)
-        if self._identical(known, sha256):
-            temp_writer.discard()
-            return _identical_resend(header, known)
+        relpath = files.instance_relpath(
+            header.study_uid, header.series_uid, header.sop_instance_uid
+        )
+        # An identical resend has the same study and series, so its file is at
+        # this place: the index is asked only when something is there, and then
+        # the resend is answered before anything is made durable. A new instance
+        # pays one stat, not a query (a round trip, on PostgreSQL). A resend
+        # this misses (its file gone, or of other content elsewhere) is told
+        # apart in the transaction.
+        known = None
+        if (self.data_dir / relpath).exists():
+            known = self.index.digest_hint(uid)
+            if self._identical(known, sha256):
+                temp_writer.discard()
+                return _identical_resend(header, known)
         size = temp_writer.size
         if not self.has_room():  # measured with the object's bytes already on the disk
             known = known or self.index.digest_hint(uid)
@@ -159,9 +165,6 @@ class InstanceStore:
             raise StoreRefused(
                 Refusal.OUT_OF_SPACE, "receiver's disk is below its free-space floor"
             )
-        relpath = files.instance_relpath(
-            header.study_uid, header.series_uid, header.sop_instance_uid
-        )
         entry = IndexEntry(
             header=header,
             path=str(relpath),
@@ -189,9 +192,10 @@ class InstanceStore:
                 try:
                     self._link(temp, entry.path, result, Outcome.STORED, new=True)
                 except FileExistsError:
-                    # Something is at its place: most likely a resend, which
-                    # PostgreSQL has not been asked about yet. The stored copy is
-                    # read here, not in the writer's section.
+                    # Something came to its place since the look above (most
+                    # likely a resend on another association), or is there
+                    # without a row. The stored copy is read here, not in the
+                    # writer's section.
                     known = self.index.digest_hint(uid)
                     if self._identical(known, sha256):
                         temp.path.unlink(missing_ok=True)
