@@ -486,4 +486,22 @@ class Orthanc(Receiver):
         return None
 
 
-RECEIVERS = {cls.key: cls for cls in (ImagingScp, DcmtkStorescp, Orthanc, PynetdicomStorescp)}
+class Floor(Receiver):
+    """benchmarks/floor.py: the least a Python receiver with our durability does."""
+
+    key = "floor"
+    aet = "FLOOR"
+
+    def version(self):
+        return "benchmarks/floor.py (python " + ".".join(map(str, sys.version_info[:3])) + ")"
+
+    def command(self):
+        return [sys.executable, str(REPO / "benchmarks" / "floor.py"), str(self.port), "out"]
+
+    def received(self):
+        return _count_files(self.out_dir / "out", ".dcm", skip=(".incoming",))
+
+
+RECEIVERS = {
+    cls.key: cls for cls in (ImagingScp, DcmtkStorescp, Orthanc, PynetdicomStorescp, Floor)
+}

@@ -1,7 +1,7 @@
-"""Benchmark imaging-scp against dcmtk storescp, Orthanc and pynetdicom's storescp.
+"""Benchmark imaging-scp against dcmtk storescp, Orthanc, pynetdicom's storescp and the floor.
 
     .venv/bin/python -m benchmarks.run [--quick] [--corpus small,ct,big]
-        [--receivers imaging-scp,storescp,orthanc,pynetdicom]
+        [--receivers imaging-scp,storescp,orthanc,pynetdicom,floor]
         [--modes default,nodelay,parallel4] [--repeats N]
         [--imaging-scp-flags "--workers 2"]
 
@@ -65,7 +65,7 @@ MODES = {
     )
 }
 DEFAULT_MODES = ["default", "nodelay", "parallel4"]
-DEFAULT_RECEIVERS = ["imaging-scp", "storescp", "orthanc", "pynetdicom"]
+DEFAULT_RECEIVERS = ["imaging-scp", "storescp", "orthanc", "pynetdicom", "floor"]
 RECEIVER_ALIASES = {
     "dcmtk": "storescp",
     "imaging_scp": "imaging-scp",
@@ -107,7 +107,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--receivers",
         type=lambda v: _list(v, list(RECEIVERS), RECEIVER_ALIASES),
         default=DEFAULT_RECEIVERS,
-        help=f"comma list of {', '.join(RECEIVERS)} [default: all]",
+        help=f"comma list of {', '.join(RECEIVERS)} [default: all of them]",
     )
     parser.add_argument(
         "--modes",
