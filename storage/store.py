@@ -145,13 +145,15 @@ class InstanceStore:
             header.study_uid, header.series_uid, header.sop_instance_uid
         )
         # An identical resend has the same study and series, so its file is at
-        # this place: the index is asked only when something is there, and then
-        # the resend is answered before anything is made durable. A new instance
-        # pays one stat, not a query (a round trip, on PostgreSQL). A resend
-        # this misses (its file gone, or of other content elsewhere) is told
-        # apart in the transaction.
+        # this place. In-process (SQLite, a local disk) the index is asked only
+        # when something is there, and the resend is answered before anything is
+        # made durable: a new instance pays one stat, not a query. With
+        # PostgreSQL the data directory is shared storage, where a stat is a round
+        # trip of its own: the link below finds what is in place. A resend this
+        # misses (its file gone, or of other content elsewhere) is told apart in
+        # the transaction.
         known = None
-        if (self.data_dir / relpath).exists():
+        if not self.index.conn.remote and (self.data_dir / relpath).exists():
             known = self.index.digest_hint(uid)
             if self._identical(known, sha256):
                 temp_writer.discard()
@@ -192,10 +194,9 @@ class InstanceStore:
                 try:
                     self._link(temp, entry.path, result, Outcome.STORED, new=True)
                 except FileExistsError:
-                    # Something came to its place since the look above (most
-                    # likely a resend on another association), or is there
-                    # without a row. The stored copy is read here, not in the
-                    # writer's section.
+                    # Something is at its place: most likely a resend (come since
+                    # the look above, on SQLite). The stored copy is read here,
+                    # not in the writer's section.
                     known = self.index.digest_hint(uid)
                     if self._identical(known, sha256):
                         temp.path.unlink(missing_ok=True)

@@ -103,7 +103,7 @@ def test_an_identical_resend_is_answered_while_another_commit_is_in_progress(tmp
     commits (a slow disk's WAL sync): on SQLite its check reads what is
     committed without waiting for the writer."""
     if index_url_for(tmp_path):
-        pytest.skip("on PostgreSQL the check asks on the writer's connection, after its commit")
+        pytest.skip("on PostgreSQL a resend is told apart inside the transaction")
     data_dir = tmp_path / "data"
     prepare_data_dir(data_dir, "test")
     index = Index.in_data_dir(data_dir)
