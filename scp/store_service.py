@@ -131,7 +131,7 @@ class IncomingStore:
                 status=f"0x{code:04X}",
                 reason=refused.reason,
             )
-            return store_response(self.command, code, refused.reason)
+            return store_response(self.command, code, refused.comment)
         except Exception as exc:
             session.refused += 1
             session.log.exception("instance.failed", request_sop_instance_uid=self.sop_instance_uid)

@@ -48,11 +48,22 @@ class Refusal(enum.Enum):
 
 
 class StoreRefused(Exception):
-    def __init__(self, refusal: Refusal, reason: str, header: InstanceHeader | None = None):
+    def __init__(
+        self,
+        refusal: Refusal,
+        reason: str,
+        header: InstanceHeader | None = None,
+        *,
+        comment: str | None = None,
+    ):
         super().__init__(reason)
         self.refusal = refusal
-        self.reason = reason
+        self.reason = reason  # whole, for the log
         self.header = header  # the dataset's, when it was read before the refusal
+        # For the sender, where 64 characters fit (a C-STORE's ErrorComment is
+        # an LO): a reason that cannot be cut without losing its point says it
+        # shorter here.
+        self.comment = comment or reason
 
 
 class Outcome(enum.StrEnum):
@@ -261,7 +272,11 @@ class InstanceStore:
         try:
             found = self.index.index_if_new(entry)
         except SeriesStudyMismatch as exc:
-            raise StoreRefused(Refusal.SERIES_IN_OTHER_STUDY, str(exc)) from exc
+            raise StoreRefused(
+                Refusal.SERIES_IN_OTHER_STUDY,
+                str(exc),
+                comment="series already indexed under another study; the log names it",
+            ) from exc
         if isinstance(found, IndexOutcome):  # a new instance, indexed
             if not result.placed:
                 self._link(temp, entry.path, result, Outcome.STORED)
