@@ -84,6 +84,17 @@ def descendants(pid: int) -> set[int]:
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
+def steal_seconds() -> float:
+    """CPU time the hypervisor gave to others, all CPUs, since boot (0 off Linux):
+    a virtual machine's rates move with it, so each run records how much it saw."""
+    try:
+        with open("/proc/stat") as stat:
+            fields = stat.readline().split()
+    except OSError:
+        return 0.0
+    return int(fields[8]) / CLK_TCK if len(fields) > 8 else 0.0
+
+
 def cpu_ticks(pid: int) -> tuple[int, int, int, int] | None:
     """(start time, ppid, utime + stime, cutime + cstime) of `pid` in clock ticks, from
     /proc/PID/stat; None if it is gone. A process's utime/stime include all its threads,

@@ -210,6 +210,7 @@ def run_once(
         record["idle_rss_mb"] = round(sampler.current_kib() * 1024 / MB, 1)
         dirs = send_dirs(corpus, mode)
         cpu_before = sampler.cpu.sample()
+        steal_before = procs.steal_seconds()
         started = time.perf_counter()
         for i, directory in enumerate(dirs):
             log = (log_dir / f"{tag}.sender{i}.log").open("wb")
@@ -259,6 +260,7 @@ def run_once(
             time.sleep(0.01)
         seconds = time.perf_counter() - started
         cpu_seconds = sampler.cpu.sample() - cpu_before
+        record["steal_ms"] = round((procs.steal_seconds() - steal_before) * 1000)
         for i, sender in enumerate(senders):
             if sender.poll() is None:
                 procs.stop_group(sender, timeout=5)
@@ -853,7 +855,8 @@ def report_run(receiver: Receiver, record: dict) -> None:
             f"{record['mb_per_s']:.1f} MB/s, CPU {record['cpu_ms_per_instance']:.2f} ms/inst "
             f"({record['cpu_processes']} process(es)), "
             f"peak RSS {record.get('peak_rss_mb', '?')} MB "
-            f"(idle {record.get('idle_rss_mb', '?')} MB), load {record['loadavg_before']}"
+            f"(idle {record.get('idle_rss_mb', '?')} MB), load {record['loadavg_before']}, "
+            f"steal {record.get('steal_ms', '?')} ms"
         )
         say(line)
     log = record.get("receiver_log") or {}
