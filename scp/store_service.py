@@ -139,7 +139,9 @@ class IncomingStore:
             return store_response(
                 self.command, INTERNAL_ERROR_STATUS, f"internal error: {type(exc).__name__}"
             )
-        self.elapsed = result.timings.get("receive", 0.0) + _ms_since(started)
+        self.elapsed = round(
+            result.timings.get("receive", 0.0) + (time.perf_counter() - started) * 1000, 2
+        )
         return store_response(self.command, SUCCESS)
 
     def report(self) -> None:
@@ -176,7 +178,3 @@ class IncomingStore:
                 received=incoming,
                 sop_instance_uid=header.sop_instance_uid,
             )
-
-
-def _ms_since(started: float) -> float:
-    return round((time.perf_counter() - started) * 1000, 2)
