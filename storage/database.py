@@ -465,7 +465,7 @@ class PostgresDatabase(Database):
         # Transaction-level advisory locks, one per key (a study UID), in one
         # order: the instances of one study are indexed one transaction at a
         # time across every node, and two nodes never wait for each other.
-        numbers = sorted({_lock_number(key) for key in keys})
+        numbers = sorted({lock_number(key) for key in keys})
         if numbers:
             self._deferred.append(
                 ("SELECT count(pg_advisory_xact_lock(n)) FROM unnest(?::bigint[]) AS n", (numbers,))
@@ -528,5 +528,11 @@ class PostgresDatabase(Database):
         self.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
 
 
-def _lock_number(key: str) -> int:
+# The lock of one key, as `lock_keys` takes it, inside a statement: a condition
+# that PostgreSQL evaluates once, before the statement updates or locks any row.
+# The parameter is `lock_number(key)`.
+POSTGRES_KEY_LOCK = "(SELECT count(pg_advisory_xact_lock(?::bigint))) = 1"
+
+
+def lock_number(key: str) -> int:
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big", signed=True)

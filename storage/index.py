@@ -28,11 +28,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 from storage.database import (
+    POSTGRES_KEY_LOCK,
     SQLITE_FILENAME,
     Database,
     IndexLocation,
     SchemaTooNew,
     is_retryable,
+    lock_number,
 )
 
 if TYPE_CHECKING:
@@ -421,10 +423,12 @@ class Index:
         series' first instance, a series of another study, a series learning its
         modality — run the work `otherwise` instead, and return what it returns.
 
-        On PostgreSQL the likely case is one statement that writes everything or
-        nothing (`_NEW_IN_KNOWN_SERIES`), sent with BEGIN, the study's lock and
-        COMMIT: one round trip. In-process (SQLite) a round trip costs nothing,
-        and `otherwise` does it all.
+        On PostgreSQL the likely case is one statement that takes the study's
+        lock and writes everything or nothing (`_NEW_IN_KNOWN_SERIES`): alone, a
+        transaction of its own, committed before its row comes back; with other
+        threads' in one group, inside their BEGIN … COMMIT. One round trip either
+        way. In-process (SQLite) a round trip costs nothing, and `otherwise` does
+        it all.
         """
         lock_key = entry.header.study_uid
         if not self.conn.remote:
@@ -488,13 +492,21 @@ class Index:
         return False
 
     def _run_attempts(self, batch: list["_Ticket"]) -> None:
-        """Every ticket's all-or-nothing statement, with BEGIN, the locks and
-        COMMIT, in one round trip; a ticket whose statement wrote is done, the
-        others are left to their work."""
+        """Every ticket's all-or-nothing statement in one round trip; a ticket
+        whose statement wrote is done, the others are left to their work.
+
+        A lone statement goes without BEGIN and COMMIT: in autocommit mode it is
+        its own transaction, durable when its result arrives (synchronous_commit
+        on), and it takes its study's lock itself. Several go inside one
+        transaction, all their locks taken first, in order."""
         conn = self.conn
-        conn.begin()
-        conn.lock_keys([ticket.lock_key for ticket in batch if ticket.lock_key])
-        rows = conn.first_rows([ticket.attempt.statement for ticket in batch] + [("COMMIT", ())])
+        statements = [ticket.attempt.statement for ticket in batch]
+        if len(batch) == 1:
+            rows = conn.first_rows(statements)
+        else:
+            conn.begin()
+            conn.lock_keys([ticket.lock_key for ticket in batch if ticket.lock_key])
+            rows = conn.first_rows([*statements, ("COMMIT", ())])
         for ticket, row in zip(batch, rows, strict=False):
             if row is not None:
                 ticket.result, ticket.written = ticket.attempt.outcome(row), True
@@ -803,15 +815,19 @@ _STUDY_ARRAYS, _STUDY_FILL = _fill_in_from_arrays(_STUDY_GROUPS, "study")
 # series of its study (counts up, first values filled in), or writes nothing —
 # the instance known, the series new or of another study, or the series learning
 # its modality (the study's list then changes: `index_instance` does that). A
-# row back (the series' values, then the study's) when it wrote. Another node's
-# insert of the same instance meanwhile is a unique violation: the transaction
-# runs again.
+# row back (the series' values, then the study's) when it wrote. It takes the
+# study's lock before it locks a row, so that it is a whole transaction alone.
+# Its snapshot is older than that lock: what another node committed meanwhile
+# reaches it through the rows it updates (which PostgreSQL reads again at their
+# newest), and that node's insert of the same instance is a unique violation:
+# the transaction runs again.
 _NEW_IN_KNOWN_SERIES = (
     f"WITH v AS (SELECT {', '.join(_SERIES_ARRAYS + _STUDY_ARRAYS)}),"
     " s AS (UPDATE series SET number_of_instances = number_of_instances + 1,"
     " bytes = bytes + ?, last_received = ?, incomplete_reason = NULL,"
     f" incomplete_since = NULL, committed_at = NULL, {', '.join(_SERIES_FILL)} FROM v"
-    " WHERE series_uid = ? AND study_uid = ? AND (modality IS NOT NULL OR ?::text IS NULL)"
+    f" WHERE {POSTGRES_KEY_LOCK}"
+    " AND series_uid = ? AND study_uid = ? AND (modality IS NOT NULL OR ?::text IS NULL)"
     " AND NOT EXISTS (SELECT 1 FROM instances WHERE sop_instance_uid = ?)"
     " AND EXISTS (SELECT 1 FROM studies WHERE study_uid = ?)"
     f" RETURNING {', '.join(f'series.{name}' for name in SERIES_FIELDS)}),"
@@ -832,6 +848,7 @@ def _new_in_known_series(entry: IndexEntry) -> tuple[str, tuple]:
         *_received_arrays(_STUDY_GROUPS, header.study),
         entry.size,
         entry.received_at,
+        lock_number(header.study_uid),
         header.series_uid,
         header.study_uid,
         header.series.get("modality"),

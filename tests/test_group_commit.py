@@ -195,3 +195,83 @@ def test_a_series_of_another_study_is_refused_alone_inside_a_shared_commit(tmp_p
         rows = conn.execute(f"SELECT study_uid, number_of_instances FROM {table}").fetchall()
         assert [tuple(row) for row in rows] == [("1.2.3", 2)], table
     index.close()
+
+
+def _receiver(tmp_path):
+    """A store on a fresh data dir, and a function that receives a new instance
+    of a given study and series through it."""
+    data_dir = tmp_path / "data"
+    prepare_data_dir(data_dir, "test")
+    location = IndexLocation(data_dir, index_url_for(tmp_path))
+    store = InstanceStore(data_dir, Index.open(location), DuplicatePolicy.REJECT, node="test")
+    names = iter(range(1_000_000))
+
+    def receive(study_uid: str, series_uid: str):
+        path = make_instance(
+            tmp_path / f"src{next(names)}", study_uid=study_uid, series_uid=series_uid
+        )
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        request = (str(ds.file_meta.TransferSyntaxUID), ds.SOPClassUID, ds.SOPInstanceUID)
+        return store.store(io.BytesIO(dataset_bytes(path)), *request, Provenance()).outcome
+
+    return location, store, receive
+
+
+def _held_by_another_node(location: IndexLocation, study_uid: str):
+    """Another node's write transaction on the study, open until the returned
+    event is set; its thread."""
+    holding, release = threading.Event(), threading.Event()
+    other = Index.open(location)
+
+    def hold():
+        with other.writing(lock_keys=[study_uid]):
+            other.conn.execute("SELECT count(*) FROM studies")  # the locks go with it
+            holding.set()
+            release.wait(30)
+        other.close()
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    assert holding.wait(10)
+    return release, thread
+
+
+def test_an_instance_waits_for_another_nodes_transaction_on_its_study(tmp_path):
+    """Across nodes the instances of one study are indexed one transaction at a
+    time: a new instance of a known series is not counted while another node
+    changes its study, and is counted once that node commits."""
+    location, store, receive = _receiver(tmp_path)
+    assert receive("1.2.3", "1.2.3.4") is Outcome.STORED
+    release, holder = _held_by_another_node(location, "1.2.3")
+    outcome: list = []
+    sender = threading.Thread(target=lambda: outcome.append(receive("1.2.3", "1.2.3.4")))
+    try:
+        sender.start()
+        sender.join(0.5)
+        assert outcome == [], "indexed while another node held its study"
+    finally:
+        release.set()
+        holder.join(10)
+        sender.join(30)
+    assert outcome == [Outcome.STORED]
+    counts = store.index.conn.execute(
+        "SELECT number_of_instances FROM studies WHERE study_uid = '1.2.3'"
+    ).fetchone()
+    assert counts[0] == 2
+    store.index.close()
+
+
+def test_another_nodes_transaction_on_one_study_does_not_hold_up_another(tmp_path):
+    """On PostgreSQL the nodes wait for each other per study, not for the whole
+    index (SQLite has one writer at a time: nothing to test there)."""
+    if not index_url_for(tmp_path):
+        pytest.skip("SQLite serialises every writer")
+    location, store, receive = _receiver(tmp_path)
+    assert receive("1.2.7", "1.2.7.1") is Outcome.STORED
+    release, holder = _held_by_another_node(location, "1.2.3")
+    try:
+        assert receive("1.2.7", "1.2.7.1") is Outcome.STORED
+    finally:
+        release.set()
+        holder.join(10)
+    store.index.close()
