@@ -8,8 +8,11 @@ are methods here. Rows read back are indexable by position and by column name on
 both (sqlite3.Row, `Row`).
 """
 
+import contextlib
+import fcntl
 import hashlib
 import itertools
+import os
 import re
 import sqlite3
 import sys
@@ -21,6 +24,8 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 SQLITE_FILENAME = "index.sqlite"
+# Beside it: what the processes writing it take turns on (SQLiteDatabase.writers_turn).
+WRITER_LOCK_FILENAME = "index.sqlite-writer"
 MAX_PARAMETERS = 900  # in one statement: below SQLite's limit
 POSTGRESQL_SCHEMES = ("postgresql", "postgres")
 
@@ -160,6 +165,12 @@ class Database:
     def begin(self) -> None:
         raise NotImplementedError
 
+    def writers_turn(self) -> contextlib.AbstractContextManager:
+        """Around one write transaction (`prepare_writer` first): wait while
+        another process writes to this database. PostgreSQL needs nothing here:
+        its transactions wait for each other's locks on the server."""
+        return contextlib.nullcontext()
+
     def lock_keys(self, keys: list[str]) -> None:
         """Inside a transaction: hold a lock per key until it ends, taken in one
         order by every writer so that no two wait for each other."""
@@ -244,6 +255,7 @@ class SQLiteDatabase(Database):
             self.path, check_same_thread=False, isolation_level=None, timeout=30
         )
         self.conn.row_factory = sqlite3.Row
+        self._writer_lock: int | None = None  # a descriptor of WRITER_LOCK_FILENAME
 
     def execute(self, sql: str, params=()):
         return self.conn.execute(sql, params)
@@ -258,6 +270,26 @@ class SQLiteDatabase(Database):
     def prepare_writer(self) -> None:
         self.execute("PRAGMA journal_mode=WAL")
         self.execute("PRAGMA synchronous=FULL")
+        # Read-only is enough for flock(): an admin who may write the index may
+        # take its turn even where the service created this file. Opened per
+        # connection, after the workers' fork (a descriptor inherited across
+        # fork() would share its lock with the parent's).
+        self._writer_lock = os.open(
+            self.path.with_name(WRITER_LOCK_FILENAME), os.O_RDONLY | os.O_CREAT, 0o644
+        )
+
+    @contextlib.contextmanager
+    def writers_turn(self) -> Iterator[None]:
+        # SQLite alone makes a second process's BEGIN IMMEDIATE fail with
+        # SQLITE_BUSY and its busy handler sleep 1, 2, 5, 10 … ms before trying
+        # again: with `workers` > 1, most of an instance's wait for the index.
+        # The kernel wakes a writer waiting in flock() the moment the lock is
+        # free, so a process meets SQLite's write lock only when it is free.
+        fcntl.flock(self._writer_lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._writer_lock, fcntl.LOCK_UN)
 
     def begin(self) -> None:
         # IMMEDIATE: take the write lock now, not at the first write, so that
@@ -269,6 +301,9 @@ class SQLiteDatabase(Database):
 
     def close(self) -> None:
         self.conn.close()
+        if self._writer_lock is not None:
+            os.close(self._writer_lock)
+            self._writer_lock = None
 
     # SQLite's LIKE ignores case: its GLOB is the case-sensitive match.
     def wildcard(self, column: str, pattern: str, *, ignore_case: bool) -> tuple[str, str]:

@@ -8,8 +8,9 @@ or the index already is. Counts and the modality list are maintained here, never
 read from DICOM tags.
 
 Writes go through one connection guarded by one lock per process
-(`Index.writing`); across processes SQLite's own write lock serialises them, and
-on PostgreSQL a lock per study (`Database.lock_keys`) serialises the nodes'
+(`Index.writing`); across processes SQLite's writers take turns in the kernel
+(`Database.writers_turn`) before they take its write lock, and on PostgreSQL a
+lock per study (`Database.lock_keys`) serialises the nodes'
 transactions on the same study while other studies' go on at once.
 Live ingest commits in groups (`Index.commit_together`): the instances that
 reach the index at the same moment share one transaction and one WAL sync.
@@ -356,7 +357,7 @@ class Index:
 
     def _create_schema(self) -> None:
         db = self.conn
-        with self._lock:
+        with self._lock, db.writers_turn():
             db.begin()
             try:
                 db.lock_schema()
@@ -388,7 +389,7 @@ class Index:
         (`Database.lock_keys`); a change that learns them by reading calls
         `lock_studies` once, before its first write.
         """
-        with self._lock:
+        with self._lock, self.conn.writers_turn():
             self.conn.begin()
             self.conn.lock_keys(list(lock_keys))
             try:
@@ -454,7 +455,7 @@ class Index:
         return ticket.outcome()
 
     def _commit_batch(self, batch: list["_Ticket"]) -> None:
-        with self._lock:
+        with self._lock, self.conn.writers_turn():
             try:
                 rest = batch
                 attempts = [ticket for ticket in batch if ticket.attempt is not None]

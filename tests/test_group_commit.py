@@ -275,3 +275,28 @@ def test_another_nodes_transaction_on_one_study_does_not_hold_up_another(tmp_pat
         release.set()
         holder.join(10)
     store.index.close()
+
+
+def test_a_writer_waits_its_turn_without_meeting_sqlites_busy_state(tmp_path):
+    """SQLite: a process that writes while another one does waits in the kernel
+    and goes the moment the other commits. It never meets SQLite's busy state,
+    whose handler sleeps 1, 2, 5, 10 … ms per try: with `workers` > 1 that was
+    most of an instance's wait for the index. So even with no busy timeout at
+    all, the instance is stored, once the other writer is done."""
+    if index_url_for(tmp_path):
+        pytest.skip("PostgreSQL's transactions wait for each other on the server")
+    location, store, receive = _receiver(tmp_path)
+    store.index.conn.execute("PRAGMA busy_timeout = 0")
+    release, holder = _held_by_another_node(location, "1.2.3")
+    outcome: list = []
+    sender = threading.Thread(target=lambda: outcome.append(receive("1.2.3", "1.2.3.4")))
+    try:
+        sender.start()
+        sender.join(0.5)
+        assert outcome == [], "indexed while another process was writing"
+    finally:
+        release.set()
+        holder.join(10)
+        sender.join(30)
+    assert outcome == [Outcome.STORED]
+    store.index.close()
