@@ -471,7 +471,7 @@ def assert_only_in_data_dir(server: Server) -> None:
     assert beside <= {server.data_dir.name, server.log_path.name}, beside
     uid = r"[0-9]+(\.[0-9]+)*"
     layout = re.compile(
-        rf"index\.sqlite(-wal|-shm)?|{uid}/{uid}/{uid}\.dcm|conflicts/{uid}/[0-9a-f]{{16}}\.dcm"
+        rf"index\.sqlite(-wal|-shm|-writer)?|{uid}/{uid}/{uid}\.dcm|conflicts/{uid}/[0-9a-f]{{16}}\.dcm"
     )
     for path in server.data_dir.rglob("*"):
         relative = path.relative_to(server.data_dir).as_posix()
