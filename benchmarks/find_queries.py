@@ -36,7 +36,7 @@ import threading
 import time
 from pathlib import Path
 
-from benchmarks import index_queries
+from benchmarks import index_queries, procs
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -165,7 +165,7 @@ def ingest_files() -> tuple[list[Path], str]:
     from tests.conftest import make_instance
 
     directory = index_queries.WORK / "find-ingest"
-    shutil.rmtree(directory, ignore_errors=True)
+    procs.delete_directories([directory])
     study_uid = generate_uid()
     series_uid = generate_uid()
     files = [

@@ -16,7 +16,6 @@ import json
 import os
 import platform
 import shlex
-import shutil
 import statistics
 import subprocess
 import sys
@@ -306,18 +305,9 @@ def run_once(
 
 
 KEEP_DATA = False
-# Every run's output is deleted at the end, not between runs: on ext4 without a
-# journal a new file's inode skips the inodes of its group deleted within the last
-# 60 s, 360 s while their inode table block is not yet written back
-# (RECENTCY_MIN/RECENTCY_DIRTY in fs/ext4/ialloc.c, kernel 6.x), each skip a
-# buffer-cache lookup. A run started right after thousands of files were deleted
-# paid 0.2-0.3 ms more per file it created (imaging-scp 484/s just after a
-# deletion, 605/s without one; perf: 28 % of the server's samples in
-# recently_deleted()/find_inode_bit()). So a deletion is followed by a sync, and
-# the next run waits until the window has passed, whichever run deleted.
+# Every run's output is deleted at the end, not between runs, and the next run
+# waits for ext4's window on recently deleted inodes (procs.quiet_seconds).
 OUTPUT_TO_DELETE: list[Path] = []
-RECENTLY_DELETED_WINDOW = 61  # seconds, once the deleted inodes are written back
-DELETED_AT = WORK / "output-deleted-at"  # when a run last deleted output
 
 
 def clear_old_output() -> None:
@@ -325,29 +315,16 @@ def clear_old_output() -> None:
     runs = WORK / "runs"
     if runs.exists() and any(runs.iterdir()):
         say("removing the output of an earlier run")
-        _delete([runs])
-    try:
-        deleted_at = float(DELETED_AT.read_text())
-    except (OSError, ValueError):
-        return
-    quiet = deleted_at + RECENTLY_DELETED_WINDOW - time.time()
+        procs.delete_directories([runs])
+    quiet = procs.quiet_seconds()
     if quiet > 0:
         say(f"{quiet:.0f} s of quiet: ext4 avoids the inodes deleted in the last minute")
         time.sleep(quiet)
 
 
 def delete_output() -> None:
-    _delete(OUTPUT_TO_DELETE)
+    procs.delete_directories(OUTPUT_TO_DELETE)
     OUTPUT_TO_DELETE.clear()
-
-
-def _delete(directories: list[Path]) -> None:
-    if not directories:
-        return
-    for directory in directories:
-        shutil.rmtree(directory, ignore_errors=True)
-    os.sync()  # the inode tables written back: the shorter window applies
-    DELETED_AT.write_text(f"{time.time():.0f}\n")
 
 
 def _sender_warnings(log_dir: Path, tag: str, count: int) -> list[str]:

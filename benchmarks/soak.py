@@ -133,6 +133,10 @@ def main() -> int:
     if PY_SPY is None:
         print("py-spy is not installed: stalls will be recorded without stack dumps")
 
+    quiet = procs.quiet_seconds()
+    if quiet > 0:
+        print(f"{quiet:.0f} s of quiet: ext4 avoids the inodes deleted in the last minute")
+        time.sleep(quiet)
     work = Path(tempfile.mkdtemp(prefix="soak-"))
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -252,7 +256,7 @@ def main() -> int:
         server.terminate()
         server.wait(60)
         if not keep:
-            shutil.rmtree(work, ignore_errors=True)
+            procs.delete_directories([work])
 
 
 def index_rows(path: Path) -> int | None:
