@@ -24,8 +24,9 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 SQLITE_FILENAME = "index.sqlite"
-# Beside it: what the processes writing it take turns on (SQLiteDatabase.writers_turn).
-WRITER_LOCK_FILENAME = "index.sqlite-writer"
+# Beside a SQLite file, named after it (as SQLite's -wal and -shm): what the
+# processes writing it take turns on (SQLiteDatabase.writers_turn).
+WRITER_LOCK_SUFFIX = "-writer"
 MAX_PARAMETERS = 900  # in one statement: below SQLite's limit
 POSTGRESQL_SCHEMES = ("postgresql", "postgres")
 
@@ -255,7 +256,7 @@ class SQLiteDatabase(Database):
             self.path, check_same_thread=False, isolation_level=None, timeout=30
         )
         self.conn.row_factory = sqlite3.Row
-        self._writer_lock: int | None = None  # a descriptor of WRITER_LOCK_FILENAME
+        self._writer_lock: int | None = None  # a descriptor of its WRITER_LOCK_SUFFIX file
 
     def execute(self, sql: str, params=()):
         return self.conn.execute(sql, params)
@@ -275,7 +276,7 @@ class SQLiteDatabase(Database):
         # connection, after the workers' fork (a descriptor inherited across
         # fork() would share its lock with the parent's).
         self._writer_lock = os.open(
-            self.path.with_name(WRITER_LOCK_FILENAME), os.O_RDONLY | os.O_CREAT, 0o644
+            f"{self.path}{WRITER_LOCK_SUFFIX}", os.O_RDONLY | os.O_CREAT, 0o644
         )
 
     @contextlib.contextmanager

@@ -13,7 +13,7 @@ from pathlib import Path, PurePosixPath
 
 from storage import files
 from storage.changes import refresh_study_availability
-from storage.database import IndexLocation, SQLiteDatabase
+from storage.database import WRITER_LOCK_SUFFIX, IndexLocation, SQLiteDatabase
 from storage.header import HeaderError, read_header
 from storage.index import (
     INDEX_FILENAME,
@@ -358,7 +358,7 @@ def rebuild_size(data_dir: Path) -> int:
 
 
 def _remove_database(path: Path) -> None:
-    for suffix in ("", "-wal", "-shm"):
+    for suffix in ("", "-wal", "-shm", WRITER_LOCK_SUFFIX):
         Path(str(path) + suffix).unlink(missing_ok=True)
 
 

@@ -9,7 +9,7 @@ import time
 import pydicom
 import pytest
 
-from storage.database import IndexLocation
+from storage.database import IndexLocation, SQLiteDatabase
 from storage.files import prepare_data_dir
 from storage.index import Index, Provenance
 from storage.policy import DuplicatePolicy
@@ -299,4 +299,35 @@ def test_a_writer_waits_its_turn_without_meeting_sqlites_busy_state(tmp_path):
         holder.join(10)
         sender.join(30)
     assert outcome == [Outcome.STORED]
+    store.index.close()
+
+
+def test_a_rebuilds_scratch_index_does_not_hold_up_the_live_one(tmp_path):
+    """`rebuild` writes its scratch index beside the live one while `serve`
+    ingests: each SQLite file has writers' turns of its own."""
+    if index_url_for(tmp_path):
+        pytest.skip("the scratch index of a rebuild is SQLite; the live one is here PostgreSQL")
+    location, store, receive = _receiver(tmp_path)
+    scratch = Index(SQLiteDatabase(location.data_dir / "index.sqlite.rebuild"))
+    holding, release = threading.Event(), threading.Event()
+
+    def hold():
+        with scratch.writing():
+            holding.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert holding.wait(10)
+    outcome: list = []
+    sender = threading.Thread(target=lambda: outcome.append(receive("1.2.3", "1.2.3.4")))
+    try:
+        sender.start()
+        sender.join(10)
+        assert outcome == [Outcome.STORED], "waited for the scratch index's writer"
+    finally:
+        release.set()
+        holder.join(10)
+        sender.join(30)
+    scratch.close()
     store.index.close()
