@@ -9,6 +9,7 @@ both (sqlite3.Row, `Row`).
 """
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import itertools
@@ -27,6 +28,9 @@ SQLITE_FILENAME = "index.sqlite"
 # Beside a SQLite file, named after it (as SQLite's -wal and -shm): what the
 # processes writing it take turns on (SQLiteDatabase.writers_turn).
 WRITER_LOCK_SUFFIX = "-writer"
+# flock() refused by the filesystem; EBADF where it is emulated with byte-range
+# locks (NFS), which want a descriptor open for writing.
+_NO_FLOCK = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EBADF}
 MAX_PARAMETERS = 900  # in one statement: below SQLite's limit
 POSTGRESQL_SCHEMES = ("postgresql", "postgres")
 
@@ -275,9 +279,18 @@ class SQLiteDatabase(Database):
         # take its turn even where the service created this file. Opened per
         # connection, after the workers' fork (a descriptor inherited across
         # fork() would share its lock with the parent's).
-        self._writer_lock = os.open(
-            f"{self.path}{WRITER_LOCK_SUFFIX}", os.O_RDONLY | os.O_CREAT, 0o644
-        )
+        lock = os.open(f"{self.path}{WRITER_LOCK_SUFFIX}", os.O_RDONLY | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(lock, fcntl.LOCK_UN)
+        except BlockingIOError:  # another process's turn: flock() works here
+            pass
+        except OSError as exc:
+            os.close(lock)
+            if exc.errno not in _NO_FLOCK:
+                raise
+            return  # a filesystem without flock(): SQLite's busy handler alone
+        self._writer_lock = lock
 
     @contextlib.contextmanager
     def writers_turn(self) -> Iterator[None]:
@@ -286,6 +299,11 @@ class SQLiteDatabase(Database):
         # again: with `workers` > 1, most of an instance's wait for the index.
         # The kernel wakes a writer waiting in flock() the moment the lock is
         # free, so a process meets SQLite's write lock only when it is free.
+        # The wait has no timeout (as a PostgreSQL lock's): the turn ends with
+        # the other process's transaction, or with that process.
+        if self._writer_lock is None:
+            yield
+            return
         fcntl.flock(self._writer_lock, fcntl.LOCK_EX)
         try:
             yield

@@ -2,6 +2,8 @@
 each caller still returns only once the commit holding its row is done, and
 one that fails takes nobody else down."""
 
+import errno
+import fcntl
 import io
 import threading
 import time
@@ -330,4 +332,22 @@ def test_a_rebuilds_scratch_index_does_not_hold_up_the_live_one(tmp_path):
         holder.join(10)
         sender.join(30)
     scratch.close()
+    store.index.close()
+
+
+def test_a_filesystem_without_flock_still_takes_instances(tmp_path, monkeypatch):
+    """Where the data directory's filesystem refuses flock(), the writers fall
+    back to SQLite's own locking: instances are still stored."""
+    if index_url_for(tmp_path):
+        pytest.skip("PostgreSQL's index takes no file lock")
+
+    def refused(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", refused)
+    _, store, receive = _receiver(tmp_path)
+    assert receive("1.2.3", "1.2.3.4") is Outcome.STORED
+    assert receive("1.2.3", "1.2.3.4") is Outcome.STORED
+    count = store.index.conn.execute("SELECT number_of_instances FROM studies").fetchone()[0]
+    assert count == 2
     store.index.close()
