@@ -238,23 +238,32 @@ def _held_by_another_node(location: IndexLocation, study_uid: str):
     return release, thread
 
 
-def test_an_instance_waits_for_another_nodes_transaction_on_its_study(tmp_path):
-    """Across nodes the instances of one study are indexed one transaction at a
-    time: a new instance of a known series is not counted while another node
-    changes its study, and is counted once that node commits."""
-    location, store, receive = _receiver(tmp_path)
-    assert receive("1.2.3", "1.2.3.4") is Outcome.STORED
+def _received_while_held(location: IndexLocation, receive) -> tuple[list, list]:
+    """A new instance of study 1.2.3 received while another node holds a write
+    transaction on that study: the outcome half a second in (empty: still
+    waiting), and once the other node has committed."""
     release, holder = _held_by_another_node(location, "1.2.3")
     outcome: list = []
     sender = threading.Thread(target=lambda: outcome.append(receive("1.2.3", "1.2.3.4")))
     try:
         sender.start()
         sender.join(0.5)
-        assert outcome == [], "indexed while another node held its study"
+        early = list(outcome)
     finally:
         release.set()
         holder.join(10)
         sender.join(30)
+    return early, outcome
+
+
+def test_an_instance_waits_for_another_nodes_transaction_on_its_study(tmp_path):
+    """Across nodes the instances of one study are indexed one transaction at a
+    time: a new instance of a known series is not counted while another node
+    changes its study, and is counted once that node commits."""
+    location, store, receive = _receiver(tmp_path)
+    assert receive("1.2.3", "1.2.3.4") is Outcome.STORED
+    early, outcome = _received_while_held(location, receive)
+    assert early == [], "indexed while another node held its study"
     assert outcome == [Outcome.STORED]
     counts = store.index.conn.execute(
         "SELECT number_of_instances FROM studies WHERE study_uid = '1.2.3'"
@@ -289,17 +298,8 @@ def test_a_writer_waits_its_turn_without_meeting_sqlites_busy_state(tmp_path):
         pytest.skip("PostgreSQL's transactions wait for each other on the server")
     location, store, receive = _receiver(tmp_path)
     store.index.conn.execute("PRAGMA busy_timeout = 0")
-    release, holder = _held_by_another_node(location, "1.2.3")
-    outcome: list = []
-    sender = threading.Thread(target=lambda: outcome.append(receive("1.2.3", "1.2.3.4")))
-    try:
-        sender.start()
-        sender.join(0.5)
-        assert outcome == [], "indexed while another process was writing"
-    finally:
-        release.set()
-        holder.join(10)
-        sender.join(30)
+    early, outcome = _received_while_held(location, receive)
+    assert early == [], "indexed while another process was writing"
     assert outcome == [Outcome.STORED]
     store.index.close()
 
