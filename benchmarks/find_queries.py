@@ -181,6 +181,7 @@ def delete_study(data_dir: Path, study_uid: str) -> None:
         check=True,
         capture_output=True,
     )
+    procs.files_deleted()
 
 
 def main() -> None:

@@ -28,6 +28,11 @@ def delete_directories(directories: list[Path]) -> None:
         return
     for directory in directories:
         shutil.rmtree(directory, ignore_errors=True)
+    files_deleted()
+
+
+def files_deleted() -> None:
+    """Note files a benchmark had deleted some other way (an `imaging-scp delete`)."""
     os.sync()  # the inode tables written back: the shorter window applies
     DELETED_AT.parent.mkdir(parents=True, exist_ok=True)
     DELETED_AT.write_text(f"{time.time():.0f}\n")
