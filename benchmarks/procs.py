@@ -23,7 +23,7 @@ DELETED_AT = Path(__file__).resolve().parent / "work" / "output-deleted-at"
 
 
 def delete_directories(directories: list[Path]) -> None:
-    """Remove benchmark output, and note when (`quiet_seconds`)."""
+    """Remove benchmark output, and note when (`wait_out_deletions`)."""
     if not directories:
         return
     for directory in directories:
@@ -38,13 +38,19 @@ def files_deleted() -> None:
     DELETED_AT.write_text(f"{time.time():.0f}\n")
 
 
-def quiet_seconds() -> float:
-    """How long until the files a benchmark last deleted are out of ext4's window."""
+def wait_out_deletions() -> None:
+    """Before a measurement: wait until the files a benchmark last deleted are
+    out of ext4's window."""
     try:
         deleted_at = float(DELETED_AT.read_text())
     except (OSError, ValueError):
-        return 0.0
-    return max(0.0, deleted_at + RECENTLY_DELETED_WINDOW - time.time())
+        return
+    quiet = deleted_at + RECENTLY_DELETED_WINDOW - time.time()
+    if quiet > 0:
+        print(
+            f"{quiet:.0f} s of quiet: ext4 avoids the inodes deleted in the last minute", flush=True
+        )
+        time.sleep(quiet)
 
 
 def free_port() -> int:

@@ -306,7 +306,7 @@ def run_once(
 
 KEEP_DATA = False
 # Every run's output is deleted at the end, not between runs, and the next run
-# waits for ext4's window on recently deleted inodes (procs.quiet_seconds).
+# waits for ext4's window on recently deleted inodes (procs.wait_out_deletions).
 OUTPUT_TO_DELETE: list[Path] = []
 
 
@@ -316,10 +316,7 @@ def clear_old_output() -> None:
     if runs.exists() and any(runs.iterdir()):
         say("removing the output of an earlier run")
         procs.delete_directories([runs])
-    quiet = procs.quiet_seconds()
-    if quiet > 0:
-        say(f"{quiet:.0f} s of quiet: ext4 avoids the inodes deleted in the last minute")
-        time.sleep(quiet)
+    procs.wait_out_deletions()
 
 
 def delete_output() -> None:

@@ -133,10 +133,7 @@ def main() -> int:
     if PY_SPY is None:
         print("py-spy is not installed: stalls will be recorded without stack dumps")
 
-    quiet = procs.quiet_seconds()
-    if quiet > 0:
-        print(f"{quiet:.0f} s of quiet: ext4 avoids the inodes deleted in the last minute")
-        time.sleep(quiet)
+    procs.wait_out_deletions()
     work = Path(tempfile.mkdtemp(prefix="soak-"))
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
