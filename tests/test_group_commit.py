@@ -219,11 +219,12 @@ def _receiver(tmp_path):
     return location, store, receive
 
 
-def _held_by_another_node(location: IndexLocation, study_uid: str):
-    """Another node's write transaction on the study, open until the returned
-    event is set; its thread."""
+def _held_by_another_node(location: IndexLocation, study_uid: str, other: Index | None = None):
+    """Another node's write transaction on the study (through `other`, by
+    default an index of its own on `location`), open until the returned event
+    is set; its thread. `other` is closed once the transaction ends."""
     holding, release = threading.Event(), threading.Event()
-    other = Index.open(location)
+    other = other or Index.open(location)
 
     def hold():
         with other.writing(lock_keys=[study_uid]):
@@ -238,16 +239,18 @@ def _held_by_another_node(location: IndexLocation, study_uid: str):
     return release, thread
 
 
-def _received_while_held(location: IndexLocation, receive) -> tuple[list, list]:
+def _received_while_held(
+    location: IndexLocation, receive, other: Index | None = None, wait: float = 0.5
+) -> tuple[list, list]:
     """A new instance of study 1.2.3 received while another node holds a write
-    transaction on that study: the outcome half a second in (empty: still
-    waiting), and once the other node has committed."""
-    release, holder = _held_by_another_node(location, "1.2.3")
+    transaction on that study (`_held_by_another_node`): the outcome `wait`
+    seconds in (empty: still waiting), and once the other node has committed."""
+    release, holder = _held_by_another_node(location, "1.2.3", other)
     outcome: list = []
     sender = threading.Thread(target=lambda: outcome.append(receive("1.2.3", "1.2.3.4")))
     try:
         sender.start()
-        sender.join(0.5)
+        sender.join(wait)
         early = list(outcome)
     finally:
         release.set()
@@ -311,27 +314,8 @@ def test_a_rebuilds_scratch_index_does_not_hold_up_the_live_one(tmp_path):
         pytest.skip("the scratch index of a rebuild is SQLite; the live one is here PostgreSQL")
     location, store, receive = _receiver(tmp_path)
     scratch = Index(SQLiteDatabase(location.data_dir / "index.sqlite.rebuild"))
-    holding, release = threading.Event(), threading.Event()
-
-    def hold():
-        with scratch.writing():
-            holding.set()
-            release.wait(30)
-
-    holder = threading.Thread(target=hold)
-    holder.start()
-    assert holding.wait(10)
-    outcome: list = []
-    sender = threading.Thread(target=lambda: outcome.append(receive("1.2.3", "1.2.3.4")))
-    try:
-        sender.start()
-        sender.join(10)
-        assert outcome == [Outcome.STORED], "waited for the scratch index's writer"
-    finally:
-        release.set()
-        holder.join(10)
-        sender.join(30)
-    scratch.close()
+    early, _ = _received_while_held(location, receive, scratch, wait=10)
+    assert early == [Outcome.STORED], "waited for the scratch index's writer"
     store.index.close()
 
 
