@@ -138,6 +138,24 @@ def steal_seconds() -> float:
     return int(fields[8]) / CLK_TCK if len(fields) > 8 else 0.0
 
 
+VIRTIO_BALLOON_F_REPORTING = 5
+
+
+def free_page_reporting() -> bool:
+    """Whether this VM gives the memory its kernel frees back to the host (virtio-balloon
+    free page reporting). Every page the page cache takes after that is faulted in by the
+    host again: `dd` of 1 GiB with fsync cost 0.3-0.8 s of system time into memory the
+    guest had just used, 3.4 s into memory it had given back (benchmarks/README.md,
+    run 15). Cells that write much (big, ct) pay it as their output grows, whatever the
+    receiver."""
+    for features in Path("/sys/bus/virtio/drivers/virtio_balloon").glob("virtio*/features"):
+        with contextlib.suppress(OSError):
+            bits = features.read_text().strip()  # feature bit N is character N
+            if len(bits) > VIRTIO_BALLOON_F_REPORTING and bits[VIRTIO_BALLOON_F_REPORTING] == "1":
+                return True
+    return False
+
+
 def cpu_ticks(pid: int) -> tuple[int, int, int, int] | None:
     """(start time, ppid, utime + stime, cutime + cstime) of `pid` in clock ticks, from
     /proc/PID/stat; None if it is gone. A process's utime/stime include all its threads,

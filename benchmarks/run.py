@@ -638,6 +638,7 @@ def machine_info() -> dict:
         "kernel": platform.release(),
         "python": platform.python_version(),
         "network": "loopback (127.0.0.1)",
+        "free_page_reporting": procs.free_page_reporting(),
     }
 
 
@@ -682,6 +683,12 @@ def main(argv=None) -> int:
             say(f"imaging-scp code pinned for this run: {receiver.snapshot} ({pinned['code']})")
     if REFERENCE not in [r.key for r in receivers]:
         say("note: Orthanc is not measured, so there are no ratios to it")
+    if procs.free_page_reporting():
+        say(
+            "note: this VM gives freed memory back to its host (free page reporting); "
+            "a cell that writes much (big, ct) pays the host's page faults as the output "
+            "grows, whatever the receiver"
+        )
 
     specs = QUICK_SPECS if args.quick else FULL_SPECS
     corpora = {key: ensure_corpus(key, specs[key], WORK, say) for key in args.corpus}
