@@ -683,7 +683,8 @@ def main(argv=None) -> int:
             say(f"imaging-scp code pinned for this run: {receiver.snapshot} ({pinned['code']})")
     if REFERENCE not in [r.key for r in receivers]:
         say("note: Orthanc is not measured, so there are no ratios to it")
-    if procs.free_page_reporting():
+    machine = machine_info()
+    if machine["free_page_reporting"]:
         say(
             "note: this VM gives freed memory back to its host (free page reporting); "
             "a cell that writes much (big, ct) pays the host's page faults as the output "
@@ -814,7 +815,7 @@ def main(argv=None) -> int:
         "slow_run_limit": args.slow_run_limit,
         "statistic": "median of successful runs",
         "units": {"mb": "10^6 bytes", "rate": "instances per second of wall time of the send"},
-        "machine": machine_info(),
+        "machine": machine,
         "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
         "sender": {"binary": STORESCU, "version": _sender_version()},
         "modes": {k: MODES[k].description for k in args.modes},
