@@ -21,6 +21,7 @@ from storage.index import (
     UNAVAILABLE,
     Index,
     IndexEntry,
+    PatientConflict,
     Provenance,
     SeriesStudyMismatch,
     replace_rows,
@@ -101,12 +102,13 @@ def _mtime(path: Path) -> str:
 def index_file(index: Index, entry: IndexEntry) -> bool:
     """Add a file found on disk to the index, unless its SOP Instance UID is
     known already. Inside `writing()`. Returns whether it was added;
-    UnindexableFile when its series is indexed under another study."""
+    UnindexableFile when its series is indexed under another study, or its
+    study under another patient (ingest refuses such an instance now)."""
     if index.stored_digest(entry.header.sop_instance_uid) is not None:
         return False
     try:
         index.index_instance(entry)
-    except SeriesStudyMismatch as exc:
+    except (SeriesStudyMismatch, PatientConflict) as exc:
         raise UnindexableFile(f"{entry.path}: {exc}") from exc
     return True
 
@@ -169,7 +171,7 @@ def _finish_placing(
     if known is None:
         try:
             index.index_instance(entry)
-        except SeriesStudyMismatch:  # ingest refused it: its sender got no Success
+        except (SeriesStudyMismatch, PatientConflict):  # ingest refused it: no Success
             (Path(data_dir) / relpath).unlink(missing_ok=True)
             return False
         return True
