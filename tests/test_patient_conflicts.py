@@ -5,13 +5,16 @@ import json
 import subprocess
 
 import pydicom
-from pydicom.uid import generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
+from storage import files
 from tests.conftest import (
+    CT_IMAGE_STORAGE,
     IMAGING_SCP,
     STORESCU,
     assert_nothing_half_written,
     both_indexes,
+    dataset_bytes,
     make_instance,
     requires_dcmtk,
     send_files,
@@ -147,3 +150,32 @@ def test_a_study_indexed_without_patient_id_takes_no_instance_with_one(server, t
     assert tuple(_study_row(server, study))[:1] == (None,)
     assert [c["action"] for c in admin(server, "conflicts", "--study", study)] == ["refused"]
     assert_nothing_half_written(server)
+
+
+def test_rebuild_reports_a_file_of_another_patient_and_keeps_the_study_whole(server, tmp_path):
+    """A file of patient B under patient A's study, as an imaging-scp that merged
+    them left it: `rebuild` indexes the study as ingest now would (the first
+    patient's), says which file it could not index and why, and leaves no
+    count of it behind."""
+    study, series = generate_uid(), generate_uid()
+    first = [
+        make_instance(tmp_path / "a", study_uid=study, series_uid=series, **PATIENT_A)
+        for _ in range(2)
+    ]
+    assert [s.status for s in send_files(server.port, first)] == [0, 0]
+    other = make_instance(tmp_path / "b", study_uid=study, series_uid=series, **PATIENT_B)
+    relpath = files.instance_relpath(study, series, _uid(other))
+    receipt = {"received_at": "2099-01-01T00:00:00.000Z", "calling_ae": "OLDSCU"}  # after A's
+    (server.data_dir / relpath).write_bytes(
+        files.encode_file_header(CT_IMAGE_STORAGE, _uid(other), ExplicitVRLittleEndian, receipt)
+        + dataset_bytes(other)
+    )
+
+    result = subprocess.run(
+        [IMAGING_SCP, "rebuild", *server.index_flags], capture_output=True, text=True, timeout=120
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert f"could not index: {relpath}: Patient ID PAT-B" in result.stderr, result.stderr
+    assert tuple(_study_row(server, study)) == ("PAT-A", None, "Alpha^Ann", 1, 2)
+    assert server.index().execute("SELECT count(*) FROM instances").fetchone()[0] == 2
