@@ -412,7 +412,14 @@ def _replace_live_rows(
                 ).fetchall()
                 if scratch.stored_digest(uid) is None
             ]
+            # No file tells of a refused instance (nothing of it was kept): its
+            # record is carried over from the live index.
+            columns = [name for name in TABLES["conflicts"][0] if name != "id"]
+            refused = live.conn.execute(
+                f"SELECT {', '.join(columns)} FROM conflicts WHERE action = 'refused'"
+            ).fetchall()
             replace_rows(scratch.conn, live.conn, _TABLES)
+            live.conn.insert_rows("conflicts", columns, refused)
             for relpath in arrived_during_build:
                 try:
                     index_file(live, entry_for_file(location.data_dir, PurePosixPath(relpath)))

@@ -156,13 +156,15 @@ def test_rebuild_reports_a_file_of_another_patient_and_keeps_the_study_whole(ser
     """A file of patient B under patient A's study, as an imaging-scp that merged
     them left it: `rebuild` indexes the study as ingest now would (the first
     patient's), says which file it could not index and why, and leaves no
-    count of it behind."""
+    count of it behind; the record of an instance refused earlier survives it."""
     study, series = generate_uid(), generate_uid()
     first = [
         make_instance(tmp_path / "a", study_uid=study, series_uid=series, **PATIENT_A)
         for _ in range(2)
     ]
-    assert [s.status for s in send_files(server.port, first)] == [0, 0]
+    refused = make_instance(tmp_path / "b", study_uid=study, series_uid=series, **PATIENT_B)
+    statuses = send_files(server.port, [*first, refused])
+    assert [s.status for s in statuses] == [0, 0, OTHER_PATIENT]
     other = make_instance(tmp_path / "b", study_uid=study, series_uid=series, **PATIENT_B)
     relpath = files.instance_relpath(study, series, _uid(other))
     receipt = {"received_at": "2099-01-01T00:00:00.000Z", "calling_ae": "OLDSCU"}  # after A's
@@ -179,3 +181,6 @@ def test_rebuild_reports_a_file_of_another_patient_and_keeps_the_study_whole(ser
     assert f"could not index: {relpath}: Patient ID PAT-B" in result.stderr, result.stderr
     assert tuple(_study_row(server, study)) == ("PAT-A", None, "Alpha^Ann", 1, 2)
     assert server.index().execute("SELECT count(*) FROM instances").fetchone()[0] == 2
+    # What no file tells, the refusal's record, is still listed.
+    listed = admin(server, "conflicts", "--study", study)
+    assert [(c["sopInstanceUid"], c["action"]) for c in listed] == [(_uid(refused), "refused")]
