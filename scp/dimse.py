@@ -41,7 +41,7 @@ EVENT_TYPE_ID = 0x1002
 ACTION_TYPE_ID = 0x1008
 
 UNRECOGNIZED_OPERATION = 0x0211
-ERROR_COMMENT_LENGTH = 64  # LO
+_ERROR_COMMENT_LENGTH = 64  # LO
 # Where words were left out of an ErrorComment: ASCII (LO's default repertoire),
 # and apart from the last word, so that no number looks continued.
 _LEFT_OUT = " ..."
@@ -124,9 +124,9 @@ def fitted_comment(text: str) -> str:
     A number, UID or tag is never cut; only a first word longer than the limit
     is, as nothing else could be sent. Reasons put what matters first."""
     text = " ".join(text.split())  # LO holds no control characters
-    if len(text) <= ERROR_COMMENT_LENGTH:
+    if len(text) <= _ERROR_COMMENT_LENGTH:
         return text
-    room = ERROR_COMMENT_LENGTH - len(_LEFT_OUT)
+    room = _ERROR_COMMENT_LENGTH - len(_LEFT_OUT)
     kept = ""
     for word in text.split(" "):
         longer = f"{kept} {word}" if kept else word
