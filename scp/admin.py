@@ -346,6 +346,8 @@ def stats_command(config_file, data_dir, index_url, as_json):
         return
     for name in ("patients", "studies", "series", "instances", "bytes", "conflicts"):
         click.echo(f"{name + ':':<16}{totals[name]:,}")
+    if totals["refused"]:
+        click.echo(f"{'':<16}{totals['refused']:,} of them refused (imaging-scp conflicts)")
     click.echo(
         f"{'series state:':<16}{totals['complete_series']:,} complete (committed),"
         f" {totals['incomplete_series']:,} incomplete"
@@ -367,17 +369,20 @@ def stats_command(config_file, data_dir, index_url, as_json):
 @json_option("a JSON array")
 @data_options
 def conflicts(config_file, data_dir, index_url, study_uid, as_json):
-    """Resends whose bytes differed from what was stored, newest first: the copy
-    kept aside under conflicts/, or the one that replaced the indexed copy."""
+    """Instances that conflicted with what was stored, newest first: a resend
+    with other bytes (the copy kept aside under conflicts/, or the one that
+    replaced the indexed copy), or an instance refused because it named another
+    patient than its study's (nothing of it kept; the reason names both)."""
     config = _config(config_file, data_dir, index_url)
     found = list(iter_conflicts(_reader(config), study_uid=study_uid))
     if as_json:
         _dump([conflict_json(c) for c in found])
         return
     print_table(
-        ["received", "action", "calling ae", "sop instance uid", "bytes", "path"],
+        ["received", "action", "calling ae", "sop instance uid", "bytes", "path or reason"],
         [[_received(c["received_at"]), c["action"], c["calling_ae"], c["sop_instance_uid"],
-          c["size"], str(config.data_dir / c["path"])] for c in found],
+          c["size"], str(config.data_dir / c["path"]) if c["path"] else c["reason"]]
+         for c in found],
         empty="no conflicts" + (f" in study {study_uid}" if study_uid else ""),
     )  # fmt: skip
 

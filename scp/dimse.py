@@ -42,6 +42,9 @@ ACTION_TYPE_ID = 0x1008
 
 UNRECOGNIZED_OPERATION = 0x0211
 _ERROR_COMMENT_LENGTH = 64  # LO
+# Where words were left out of an ErrorComment: ASCII (LO's default repertoire),
+# and apart from the last word, so that no number looks continued.
+_LEFT_OUT = " ..."
 
 
 class CommandError(ValueError):
@@ -115,8 +118,27 @@ def _uid_value(uid: str) -> bytes:
     return data + b"\0" if len(data) % 2 else data
 
 
+def fitted_comment(text: str) -> str:
+    """`text` as an ErrorComment holds it (LO: 64 characters): whole words from
+    its start, then " ..." where the rest was left out (the log has it whole).
+    A number, UID or tag is never cut; only a first word longer than the limit
+    is, as nothing else could be sent. Reasons put what matters first."""
+    text = " ".join(text.split())  # LO holds no control characters
+    if len(text) <= _ERROR_COMMENT_LENGTH:
+        return text
+    room = _ERROR_COMMENT_LENGTH - len(_LEFT_OUT)
+    kept = ""
+    for word in text.split(" "):
+        longer = f"{kept} {word}" if kept else word
+        if len(longer) > room:
+            break
+        kept = longer
+    # A clause's punctuation is no use before the marker; a UID never ends in one.
+    return (kept.rstrip(",;:.") or text[:room]) + _LEFT_OUT
+
+
 def _text_value(text: str) -> bytes:
-    data = text[:_ERROR_COMMENT_LENGTH].encode("ascii", "replace")
+    data = fitted_comment(text).encode("ascii", "replace")
     return data + b" " if len(data) % 2 else data
 
 

@@ -28,6 +28,9 @@ REFUSAL_STATUS = {
     Refusal.INVALID_UID: 0xC002,
     Refusal.SERIES_IN_OTHER_STUDY: 0xC003,
     Refusal.DUPLICATE: 0xC004,
+    # Not a retry's matter (A7xx) nor the SOP class's (A900): the dataset is read
+    # and understood, and names another patient than its study's.
+    Refusal.OTHER_PATIENT: 0xC005,
 }
 INTERNAL_ERROR_STATUS = 0xC0FF
 NO_DATASET_STATUS = 0xC000
@@ -128,6 +131,7 @@ class IncomingStore:
                     if dataset is not None
                     else {}
                 ),
+                **refused.details,
                 status=f"0x{code:04X}",
                 reason=refused.reason,
             )

@@ -135,6 +135,7 @@ def conflict_json(found: dict) -> dict:
             "association": found["association_id"],
             "study": found["study_uid"],
             "series": found["series_uid"],
+            "reason": found["reason"],
         }
     )
 

@@ -502,10 +502,7 @@ def check_structure(buffer, start: int = 0, *, implicit: bool, little_endian: bo
                 in_items = True
                 continue
         if length > remaining - header:
-            raise _truncated(
-                f"({tag >> 16:04X},{tag & 0xFFFF:04X}) length {length},"
-                f" {max(remaining - header, 0)} bytes left, at byte {pos}"
-            )
+            raise _value_cut(tag, pos, length, remaining - header)
         pos += header + length
 
 
@@ -544,10 +541,19 @@ def _skip_explicit(buffer, pos: int, end: int, explicit_element, long_length) ->
     return pos
 
 
+def _value_cut(tag: int, offset: int, length: int, left: int) -> HeaderError:
+    """The element at `offset` announces `length` bytes and `left` remain. Its
+    tag and offset first: they are what an ErrorComment keeps (scp.dimse)."""
+    return _truncated(
+        f"({tag >> 16:04X},{tag & 0xFFFF:04X}) at byte {offset}: length {length},"
+        f" {max(left, 0)} bytes left"
+    )
+
+
 def _no_delimiter(open_value: tuple[int, int, bool, bool]) -> HeaderError:
     tag, offset, _, _ = open_value
     what = "item" if tag == 0xFFFEE000 else f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
-    return _truncated(f"{what} of undefined length at byte {offset} has no delimiter")
+    return _truncated(f"{what} at byte {offset}: undefined length without delimiter")
 
 
 @contextlib.contextmanager
@@ -706,11 +712,7 @@ class _StructureWalk(_Walk):
     def finish(self) -> None:
         if not self.done and self.pos > self.received:
             tag, length, offset, header = self.last_skip
-            left = max(self.received - offset - header, 0)
-            raise _truncated(
-                f"({tag >> 16:04X},{tag & 0xFFFF:04X}) length {length}, {left} bytes left,"
-                f" at byte {offset}"
-            )
+            raise _value_cut(tag, offset, length, self.received - offset - header)
         super().finish()
 
     def _run(self, buffer, base: int, final: bool) -> None:
@@ -800,10 +802,7 @@ class _StructureWalk(_Walk):
                         continue
                 if length > remaining - header:
                     if final:
-                        raise _truncated(
-                            f"({tag >> 16:04X},{tag & 0xFFFF:04X}) length {length},"
-                            f" {max(remaining - header, 0)} bytes left, at byte {base + pos}"
-                        )
+                        raise _value_cut(tag, base + pos, length, remaining - header)
                     self.last_skip = (tag, length, base + pos, header)
                     pos += header + length
                     return

@@ -149,6 +149,8 @@ TABLES = {
         {
             "id": int,
             "sop_instance_uid": str,
+            # kept-aside, overwrote (a resend with other bytes); refused (nothing
+            # of it kept: path NULL, `reason` says why).
             "action": str,
             "path": str,
             "size": int,
@@ -157,6 +159,11 @@ TABLES = {
             "calling_ae": str,
             "peer": str,
             "association_id": str,
+            # A refused instance has no row in instances: its study and series
+            # as it named them. NULL for a resend (its instance row has them).
+            "study_uid": str,
+            "series_uid": str,
+            "reason": str,
         },
         "id",
     ),
@@ -322,6 +329,59 @@ class _Attempt:
 
 class SeriesStudyMismatch(ValueError):
     """A Series Instance UID already indexed under another study."""
+
+
+@dataclass(frozen=True)
+class Patient:
+    """Whom a study or an instance names as its patient: Patient ID and Issuer
+    of Patient ID are who it is (None: empty or absent), the name is shown."""
+
+    id: str | None
+    issuer: str | None
+    name: str | None
+
+    @classmethod
+    def of(cls, study: dict) -> "Patient":
+        """From a study's fields (as indexed, or as an instance's header has them)."""
+        return cls(
+            study.get("patient_id"), study.get("issuer_of_patient_id"), study.get("patient_name")
+        )
+
+    def is_not(self, other: "Patient") -> bool:
+        return (self.id, self.issuer) != (other.id, other.issuer)
+
+    def __str__(self) -> str:
+        return f"{_shown(self.id)} (issuer {_shown(self.issuer)}, name {_shown(self.name)})"
+
+
+def _shown(value: str | None) -> str:
+    return "(empty)" if value is None else value
+
+
+class PatientConflict(ValueError):
+    """An instance whose Patient ID or Issuer of Patient ID is not its study's
+    indexed one: indexing it would put two patients under one study."""
+
+    def __init__(self, study_uid: str, indexed: Patient, received: Patient):
+        self.study_uid, self.indexed, self.received = study_uid, indexed, received
+        super().__init__(
+            f"Patient ID {received} differs from study {study_uid}'s {indexed}:"
+            " two patients cannot share a study; correct the patient at the sender"
+            " (or the study's, if it is the one that is wrong) and send again"
+        )
+
+    @property
+    def comment(self) -> str:
+        """Both IDs, first: what the sender is told (scp.dimse.fitted_comment)."""
+        if self.indexed.id != self.received.id:
+            name, indexed, received = "Patient ID", self.indexed.id, self.received.id
+        else:
+            name, indexed, received = (
+                "Issuer of Patient ID",
+                self.indexed.issuer,
+                self.received.issuer,
+            )
+        return f"{name} {_shown(received)} differs from study's {_shown(indexed)}"
 
 
 class Index:
@@ -563,10 +623,23 @@ class Index:
         if row and row[0] != study_uid:
             raise SeriesStudyMismatch(f"series {series_uid} already belongs to study {row[0]}")
 
+    def check_patient(self, entry: IndexEntry) -> None:
+        """Raise PatientConflict if the instance's study is indexed with another
+        Patient ID or Issuer of Patient ID."""
+        study = entry.header.study
+        row = self.conn.execute(
+            "SELECT patient_id, issuer_of_patient_id, patient_name FROM studies"
+            " WHERE study_uid = ?",
+            (entry.header.study_uid,),
+        ).fetchone()
+        if row is not None and Patient.of(study).is_not(indexed := Patient(*row)):
+            raise PatientConflict(entry.header.study_uid, indexed, Patient.of(study))
+
     def index_instance(self, entry: IndexEntry) -> IndexOutcome:
         """Add a new instance and update its series and study. Call inside `writing()`.
-        SeriesStudyMismatch, with nothing written, when its series is indexed under
-        another study."""
+        SeriesStudyMismatch or PatientConflict, with nothing written, when its
+        series is indexed under another study or its study names another patient."""
+        self.check_patient(entry)
         outcome = IndexOutcome()
         new_modality = self._count_in_series(entry, outcome)
         self.conn.execute(_INSERT_INSTANCE, _instance_values(entry))
@@ -579,8 +652,9 @@ class Index:
 
         The instance row goes in first, so that one statement is both the lookup
         and the insert of a new instance: the writer's section is what parallel
-        senders queue for. SeriesStudyMismatch is raised after that row went in,
-        for the rollback of the caller's transaction or savepoint to take back.
+        senders queue for. SeriesStudyMismatch and PatientConflict are raised
+        after that row went in, for the rollback of the caller's transaction or
+        savepoint to take back.
         """
         if self.conn.execute(_INSERT_IF_NEW, _instance_values(entry)).rowcount == 0:
             return self.stored_digest(entry.header.sop_instance_uid)
@@ -610,6 +684,28 @@ class Index:
         self.conn.execute(
             "UPDATE studies SET bytes = bytes + ?, last_received = ? WHERE study_uid = ?",
             (delta, entry.received_at, header.study_uid),
+        )
+
+    def record_refusal(self, entry: IndexEntry, reason: str) -> None:
+        """Remember an instance refused for what it conflicts with (nothing of
+        it is kept): listed with the resends' conflicts."""
+        header, source = entry.header, entry.provenance
+        self.conn.execute(
+            "INSERT INTO conflicts (sop_instance_uid, action, size, sha256, received_at,"
+            " calling_ae, peer, association_id, study_uid, series_uid, reason)"
+            " VALUES (?, 'refused', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                header.sop_instance_uid,
+                entry.size,
+                entry.sha256,
+                entry.received_at,
+                source.calling_ae,
+                source.peer,
+                source.association_id,
+                header.study_uid,
+                header.series_uid,
+                reason,
+            ),
         )
 
     def record_conflict(self, entry: IndexEntry, action: str) -> None:
@@ -701,7 +797,13 @@ class Index:
     def _study_counted(
         self, entry: IndexEntry, new_modality: str | None, row, outcome: IndexOutcome
     ) -> None:
+        """After the study's count went up: PatientConflict when the instance
+        names another patient (the caller's rollback takes the count back);
+        else fill in what the study lacked (first value wins)."""
         stored = dict(zip(STUDY_FIELDS, row[1:], strict=True))
+        indexed, received = Patient.of(stored), Patient.of(entry.header.study)
+        if received.is_not(indexed):
+            raise PatientConflict(entry.header.study_uid, indexed, received)
         updates = _first_values_win("study", stored, entry.header.study, outcome)
         modalities = json.loads(row[0] or "[]")
         if new_modality and new_modality not in modalities:
@@ -814,14 +916,17 @@ _SERIES_ARRAYS, _SERIES_FILL = _fill_in_from_arrays(_SERIES_GROUPS, "series")
 _STUDY_ARRAYS, _STUDY_FILL = _fill_in_from_arrays(_STUDY_GROUPS, "study")
 # PostgreSQL: one statement that indexes an instance as a new one of an indexed
 # series of its study (counts up, first values filled in), or writes nothing —
-# the instance known, the series new or of another study, or the series learning
-# its modality (the study's list then changes: `index_instance` does that). A
+# the instance known, the series new or of another study, the series learning
+# its modality (the study's list then changes: `index_instance` does that), or
+# the instance naming another patient than its study's (the work refuses it). A
 # row back (the series' values, then the study's) when it wrote. It takes the
 # study's lock before it locks a row, so that it is a whole transaction alone.
 # Its snapshot is older than that lock: what another node committed meanwhile
 # reaches it through the rows it updates (which PostgreSQL reads again at their
 # newest), and that node's insert of the same instance is a unique violation:
-# the transaction runs again.
+# the transaction runs again. A study's Patient ID and Issuer never change once
+# its row is in (an instance naming others is refused, not filled in), so the
+# snapshot's are as good as the newest.
 _NEW_IN_KNOWN_SERIES = (
     f"WITH v AS (SELECT {', '.join(_SERIES_ARRAYS + _STUDY_ARRAYS)}),"
     " s AS (UPDATE series SET number_of_instances = number_of_instances + 1,"
@@ -830,7 +935,9 @@ _NEW_IN_KNOWN_SERIES = (
     f" WHERE {POSTGRES_KEY_LOCK}"
     " AND series_uid = ? AND study_uid = ? AND (modality IS NOT NULL OR ?::text IS NULL)"
     " AND NOT EXISTS (SELECT 1 FROM instances WHERE sop_instance_uid = ?)"
-    " AND EXISTS (SELECT 1 FROM studies WHERE study_uid = ?)"
+    " AND EXISTS (SELECT 1 FROM studies WHERE study_uid = ?"
+    " AND patient_id IS NOT DISTINCT FROM ?::text"
+    " AND issuer_of_patient_id IS NOT DISTINCT FROM ?::text)"
     f" RETURNING {', '.join(f'series.{name}' for name in SERIES_FIELDS)}),"
     f" i AS (INSERT INTO instances ({', '.join(_INSTANCE_COLUMNS)})"
     f" SELECT {', '.join('?' * len(_INSTANCE_COLUMNS))} WHERE EXISTS (SELECT 1 FROM s)),"
@@ -855,6 +962,8 @@ def _new_in_known_series(entry: IndexEntry) -> tuple[str, tuple]:
         header.series.get("modality"),
         header.sop_instance_uid,
         header.study_uid,
+        header.study.get("patient_id"),
+        header.study.get("issuer_of_patient_id"),
         *_instance_values(entry),
         entry.size,
         entry.received_at,

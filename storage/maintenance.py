@@ -21,6 +21,7 @@ from storage.index import (
     UNAVAILABLE,
     Index,
     IndexEntry,
+    PatientConflict,
     Provenance,
     SeriesStudyMismatch,
     replace_rows,
@@ -101,12 +102,13 @@ def _mtime(path: Path) -> str:
 def index_file(index: Index, entry: IndexEntry) -> bool:
     """Add a file found on disk to the index, unless its SOP Instance UID is
     known already. Inside `writing()`. Returns whether it was added;
-    UnindexableFile when its series is indexed under another study."""
+    UnindexableFile when its series is indexed under another study, or its
+    study under another patient (ingest refuses such an instance now)."""
     if index.stored_digest(entry.header.sop_instance_uid) is not None:
         return False
     try:
         index.index_instance(entry)
-    except SeriesStudyMismatch as exc:
+    except (SeriesStudyMismatch, PatientConflict) as exc:
         raise UnindexableFile(f"{entry.path}: {exc}") from exc
     return True
 
@@ -169,7 +171,7 @@ def _finish_placing(
     if known is None:
         try:
             index.index_instance(entry)
-        except SeriesStudyMismatch:  # ingest refused it: its sender got no Success
+        except (SeriesStudyMismatch, PatientConflict):  # ingest refused it: no Success
             (Path(data_dir) / relpath).unlink(missing_ok=True)
             return False
         return True
@@ -410,7 +412,14 @@ def _replace_live_rows(
                 ).fetchall()
                 if scratch.stored_digest(uid) is None
             ]
+            # No file tells of a refused instance (nothing of it was kept): its
+            # record is carried over from the live index.
+            columns = [name for name in TABLES["conflicts"][0] if name != "id"]
+            refused = live.conn.execute(
+                f"SELECT {', '.join(columns)} FROM conflicts WHERE action = 'refused'"
+            ).fetchall()
             replace_rows(scratch.conn, live.conn, _TABLES)
+            live.conn.insert_rows("conflicts", columns, refused)
             for relpath in arrived_during_build:
                 try:
                     index_file(live, entry_for_file(location.data_dir, PurePosixPath(relpath)))

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from storage.database import Database
-from storage.index import AVAILABILITIES
+from storage.index import AVAILABILITIES, TABLES
 
 RECEIVING, STABLE, COMPLETE, INCOMPLETE = "receiving", "stable", "complete", "incomplete"
 
@@ -234,7 +234,12 @@ def stats(conn: Database) -> dict:
     ).fetchall()
     return {
         **dict(totals),
-        "conflicts": conn.execute("SELECT count(*) FROM conflicts").fetchone()[0],
+        **dict(
+            conn.execute(
+                "SELECT count(*) AS conflicts, count(CASE WHEN action = 'refused' THEN 1 END)"
+                " AS refused FROM conflicts"
+            ).fetchone()
+        ),
         "complete_series": states[0] or 0,
         "incomplete_series": states[1] or 0,
         "commitments": {state: count for state, count in commitments},
@@ -242,28 +247,34 @@ def stats(conn: Database) -> dict:
     }
 
 
+# A conflict's study and series: a refused instance's own (it has no instance
+# row), else those of the indexed instance it resent.
+_CONFLICTS = (
+    "FROM conflicts c LEFT JOIN instances i ON i.sop_instance_uid = c.sop_instance_uid"
+    " WHERE coalesce(c.study_uid, i.study_uid) = ? OR CAST(? AS TEXT) IS NULL"
+)
+_CONFLICT_COLUMNS = ", ".join(
+    f"coalesce(c.{name}, i.{name}) AS {name}"
+    if name in ("study_uid", "series_uid")
+    else f"c.{name}"
+    for name in TABLES["conflicts"][0]
+)
+
+
 def iter_conflicts(conn: Database, *, study_uid: str | None = None) -> Iterator[dict]:
-    """Resends whose bytes differed from the indexed copy, newest first: what was
-    done (kept-aside: the copy is under conflicts/; overwrote: it replaced the
-    indexed one), with the study and series of the instance they resent."""
-    where, params = "", []
-    if study_uid is not None:
-        where, params = " WHERE i.study_uid = ?", [study_uid]
+    """Instances that conflicted with the index, newest first, and what was done:
+    a resend with other bytes kept aside under conflicts/ or that overwrote the
+    indexed copy; an instance refused, nothing of it kept (`reason`: whom it
+    named as its patient, and whom its study names)."""
     for row in conn.execute(
-        "SELECT c.*, i.study_uid, i.series_uid FROM conflicts c"
-        f" LEFT JOIN instances i ON i.sop_instance_uid = c.sop_instance_uid{where}"
-        " ORDER BY c.received_at DESC",
-        params,
+        f"SELECT {_CONFLICT_COLUMNS} {_CONFLICTS} ORDER BY c.received_at DESC",
+        (study_uid, study_uid),
     ):
         yield dict(row)
 
 
 def count_conflicts(conn: Database, study_uid: str) -> int:
-    return conn.execute(
-        "SELECT count(*) FROM conflicts c JOIN instances i"
-        " ON i.sop_instance_uid = c.sop_instance_uid WHERE i.study_uid = ?",
-        (study_uid,),
-    ).fetchone()[0]
+    return conn.execute(f"SELECT count(*) {_CONFLICTS}", (study_uid, study_uid)).fetchone()[0]
 
 
 def iter_commitments(

@@ -25,6 +25,7 @@ from storage.index import (
     Index,
     IndexEntry,
     IndexOutcome,
+    PatientConflict,
     Provenance,
     SeriesStudyMismatch,
     StoredDigest,
@@ -43,6 +44,7 @@ class Refusal(enum.Enum):
     MISMATCH = "mismatch"
     DUPLICATE = "duplicate"
     SERIES_IN_OTHER_STUDY = "series-in-other-study"
+    OTHER_PATIENT = "other-patient"  # than its study's: listed in conflicts
     OUT_OF_SPACE = "out-of-space"
     WRITE_FAILED = "write-failed"
 
@@ -55,15 +57,17 @@ class StoreRefused(Exception):
         header: InstanceHeader | None = None,
         *,
         comment: str | None = None,
+        details: dict | None = None,
     ):
         super().__init__(reason)
         self.refusal = refusal
         self.reason = reason  # whole, for the log
         self.header = header  # the dataset's, when it was read before the refusal
         # For the sender, where 64 characters fit (a C-STORE's ErrorComment is
-        # an LO): a reason that cannot be cut without losing its point says it
-        # shorter here.
+        # an LO; scp.dimse.fitted_comment keeps its first whole words): a
+        # reason whose point is not in its first words says it shorter here.
         self.comment = comment or reason
+        self.details = details or {}  # more fields for the log event
 
 
 class Outcome(enum.StrEnum):
@@ -229,6 +233,11 @@ class InstanceStore:
         except OSError as exc:
             self._undo_placing(temp, result)
             raise StoreRefused(_refusal_for(exc), f"placing failed: {exc.strerror}") from exc
+        except StoreRefused as refused:
+            self._undo_placing(temp, result)
+            if refused.refusal is Refusal.OTHER_PATIENT:
+                self._record_refusal(entry, refused)
+            raise
         except BaseException:
             self._undo_placing(temp, result)
             raise
@@ -239,6 +248,17 @@ class InstanceStore:
         placing = 0.0 if placed_before else timings.get("place", 0.0)  # inside the transaction
         timings["index"] = round(_ms_since(started) - placing, 3)
         return result
+
+    def _record_refusal(self, entry: IndexEntry, refused: StoreRefused) -> None:
+        """List a refused instance in conflicts, in a transaction of its own (its
+        instance's was rolled back). The refusal stands if this fails."""
+        try:
+            self.index.commit_together(
+                functools.partial(self.index.record_refusal, entry, refused.reason),
+                lock_key=entry.header.study_uid,
+            )
+        except database_errors() as exc:
+            refused.reason += f"; not listed in conflicts: {exc}"
 
     def _identical(self, known: StoredDigest | None, sha256: str) -> bool:
         return known is not None and known.sha256 == sha256 and self._intact(known)
@@ -276,6 +296,22 @@ class InstanceStore:
                 Refusal.SERIES_IN_OTHER_STUDY,
                 str(exc),
                 comment="series already indexed under another study; the log names it",
+            ) from exc
+        except PatientConflict as exc:
+            indexed, received = exc.indexed, exc.received
+            raise StoreRefused(
+                Refusal.OTHER_PATIENT,
+                str(exc),
+                comment=exc.comment,
+                details={
+                    "study_uid": exc.study_uid,
+                    "study_patient_id": indexed.id,
+                    "study_issuer_of_patient_id": indexed.issuer,
+                    "study_patient_name": indexed.name,
+                    "patient_id": received.id,
+                    "issuer_of_patient_id": received.issuer,
+                    "patient_name": received.name,
+                },
             ) from exc
         if isinstance(found, IndexOutcome):  # a new instance, indexed
             if not result.placed:

@@ -46,7 +46,7 @@ APPLICATION_CONTEXT = b"1.2.840.10008.3.1.1.1"
 
 SUCCESS = 0x0000
 # The failure statuses the receiver documents (scp/handlers.py REFUSAL_STATUS).
-DOCUMENTED_FAILURES = {0xA700, 0xA900, 0xC000, 0xC001, 0xC002, 0xC003, 0xC004}
+DOCUMENTED_FAILURES = {0xA700, 0xA900, 0xC000, 0xC001, 0xC002, 0xC003, 0xC004, 0xC005}
 NETWORK_TIMEOUT = 2  # seconds: --network-timeout of the servers here
 
 # Every socket operation of a test is bounded by this many seconds.
@@ -618,6 +618,39 @@ def test_truncated_dataset_is_refused(hostile_server, case):
     assert refused_event(hostile_server, sop_instance)["reason"].startswith("dataset is truncated")
 
 
+# Truncations whose whole reason is longer than an ErrorComment (LO, 64 characters).
+LONG_REASONS = [
+    "sequence-without-delimiter",
+    "pixel-data-explicit-le",
+    "length-0xFFFFFFF0-implicit",
+]
+
+
+@pytest.mark.parametrize("case", LONG_REASONS)
+def test_error_comment_fits_without_cutting_a_number(hostile_server, case):
+    """The sender's ErrorComment is whole words of the logged reason, within 64
+    characters, and keeps where the dataset broke: a cut at the 64th character
+    turned "at byte 1954" into "at byte 19"."""
+    syntax, make = TRUNCATED[case]
+    sop_instance = generate_uid()
+    response, _ = store_one(
+        hostile_server, make(sop_instance), sop_instance=sop_instance, syntax=syntax
+    )
+    assert response.status == 0xC000, response
+    reason = refused_event(hostile_server, sop_instance)["reason"]
+    assert len(reason) > 64, reason  # else there is nothing to fit
+    comment = response.comment
+    assert len(comment) <= 64, comment
+    sent = comment.removesuffix(" ...").split()
+    words = reason.split()[: len(sent)]
+    # Whole words (the last one may lose a clause's comma): no number is cut.
+    assert sent[:-1] == words[:-1] and sent[-1] == words[-1].rstrip(",;:."), (
+        f"{comment!r} is not whole words of {reason!r}"
+    )
+    offset = re.search(r"at byte (\d+)", reason).group(1)
+    assert f"at byte {offset}" in comment, f"{comment!r} lost the offset of {reason!r}"
+
+
 def _nested_sequences(depth: int) -> bytes:
     """A dataset whose Content Sequence nests `depth` levels deep: complete, but
     too deep for pydicom's recursive reader."""
@@ -693,8 +726,10 @@ def test_wrong_or_missing_uids_are_refused(hostile_server, case):
     assert response.status == status, response
     assert response.comment.startswith(comment), response.comment
     assert_nothing_written(hostile_server, before, request_uid)
-    # The ErrorComment is the reason, cut to what an LO holds (64 characters).
-    assert refused_event(hostile_server, request_uid)["reason"].startswith(response.comment)
+    # The ErrorComment is the reason, or its first whole words and " ..." where
+    # it is longer than an LO holds (64 characters).
+    reason = refused_event(hostile_server, request_uid)["reason"]
+    assert reason.startswith(response.comment.removesuffix(" ...")), (reason, response.comment)
 
 
 @pytest.mark.parametrize(
