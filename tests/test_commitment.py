@@ -299,8 +299,9 @@ def test_a_file_with_meta_elements_outside_its_group_length_is_intact_for_every_
 ):
     """Issue 29 #5: ingest hashed the dataset as sent, with the stray group-0002
     elements first; every later read took them for our meta group, so `verify
-    --checksum` exited 1, a commitment failed 0x0110 (study incomplete) and an
-    identical resend was taken for a repair."""
+    --checksum` exited 1, a commitment failed 0x0110 (study incomplete), an
+    identical resend was taken for a repair, and a rebuild recorded another
+    checksum and lost the receipt (the stray elements' (0002,0102) read as ours)."""
     [source] = a_series(tmp_path / "series", 1)
     shaped, sent = _with_elements_outside_the_meta_group_length(source)
     storescu = [STORESCU, "-R", "-aet", MODALITY, "-aec", "IMAGING_SCP"]
@@ -324,6 +325,12 @@ def test_a_file_with_meta_elements_outside_its_group_length_is_intact_for_every_
     subprocess.run(storescu, check=True, capture_output=True, timeout=30)
     outcomes = [e["outcome"] for e in server.wait_for_event("instance.stored", count=2)]
     assert outcomes == ["stored", "identical-resend"]
+
+    # Rebuilt from the file, the row is the one ingest made (checksum, receipt).
+    indexed = [tuple(row) for row in server.index().execute("SELECT * FROM instances")]
+    rebuild = [IMAGING_SCP, "rebuild", *server.index_flags]
+    subprocess.run(rebuild, check=True, capture_output=True, timeout=60)
+    assert [tuple(row) for row in server.index().execute("SELECT * FROM instances")] == indexed
 
 
 def test_a_later_successful_commitment_makes_the_series_complete(server, tmp_path):
