@@ -8,7 +8,12 @@ Root FIND beside them.
 When a sender proposes several syntaxes for a storage context, we take the one
 that lets it send its object as it is: compressed before uncompressed, so a
 JPEG 2000 image is never decompressed on the way (and dcmtk's storescu, which
-cannot convert, does not fail).
+cannot convert, does not fail). Among the uncompressed ones the proposal says
+nothing about the object: dcmtk's storescu proposes [explicit LE] and [big
+endian, implicit LE] for every object (with -R too), dcmsend all three in one
+context. Implicit VR before big endian, then, so that what is common (implicit
+VR) goes as it is and what is retired (big endian) is converted; a sender keeps
+a big-endian object as it is by proposing big endian alone (storescu -xb).
 """
 
 from dataclasses import dataclass, field

@@ -1,13 +1,15 @@
 """Instance files on disk: encoding the file header, durable writes, the layout.
 
 A stored file is the 128-byte preamble, ``DICM``, our file meta group, and then the
-dataset bytes exactly as received. Files are written to a temporary name under
-``<data>/.incoming/<node>`` (same filesystem), fsynced, and renamed into
-``<data>/<study>/<series>/<sop>.dcm``; the directory is fsynced after the rename so
-the new name survives a power cut too.
+dataset bytes exactly as received, from where the meta group's length says it ends
+(`dataset_offset`: the one definition ingest and every reader use). Files are
+written to a temporary name under ``<data>/.incoming/<node>`` (same filesystem),
+fsynced, and renamed into ``<data>/<study>/<series>/<sop>.dcm``; the directory is
+fsynced after the rename so the new name survives a power cut too.
 """
 
 import hashlib
+import io
 import itertools
 import json
 import os
@@ -72,18 +74,25 @@ class FileMeta:
 
 
 def read_file_meta(path: Path) -> FileMeta:
-    """Read a DICOM file's meta group (ours or another writer's).
+    """Read a DICOM file's meta group (ours or another writer's): the elements
+    its group length covers (see `dataset_offset`).
 
     Raises ValueError when the file is not a DICOM file with a meta group.
     """
     try:
-        meta = pydicom.filereader.read_file_meta_info(path)
         with open(path, "rb") as handle:
-            offset = _meta_end(handle.read(_MAX_META))
+            head = handle.read(_GROUP_LENGTH_END)
+            offset = dataset_offset(head)
+            group = handle.read(offset - len(head))
+        if len(group) != offset - len(head):
+            raise ValueError(f"the file ends inside its meta group ({offset} bytes)")
+        meta = pydicom.filereader.read_dataset(
+            io.BytesIO(head[len(_PREAMBLE) :] + group), is_implicit_VR=False, is_little_endian=True
+        )
     except Exception as exc:
         raise ValueError(f"{path}: not a DICOM file with file meta: {exc}") from exc
     receipt = {}
-    if meta.get("PrivateInformationCreatorUID") == IMPLEMENTATION_CLASS_UID:
+    if _meta_text(meta, "PrivateInformationCreatorUID") == IMPLEMENTATION_CLASS_UID:
         try:
             receipt = json.loads(bytes(meta.PrivateInformation).rstrip(b" \x00"))
         except ValueError:
@@ -97,24 +106,36 @@ def read_file_meta(path: Path) -> FileMeta:
     )
 
 
+# Preamble, DICM and the File Meta Information Group Length element (UL, 4 bytes).
+_GROUP_LENGTH_END = len(_PREAMBLE) + 12
 # A meta group larger than this is no file of ours or anybody's.
 _MAX_META = 1024 * 1024
-_META_LONG_VRS = (b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT")
 
 
-def _meta_end(head: bytes) -> int:
-    """Where the dataset starts: after the preamble, DICM and every group 0002
-    element (explicit VR little endian), counted without trusting the group length."""
-    pos = len(_PREAMBLE)
-    while pos + 8 <= len(head) and struct.unpack_from("<H", head, pos)[0] == 0x0002:
-        vr = head[pos + 4 : pos + 6]
-        if vr in _META_LONG_VRS:
-            pos += 12 + struct.unpack_from("<I", head, pos + 8)[0]
-        else:
-            pos += 8 + struct.unpack_from("<H", head, pos + 6)[0]
-    if pos > len(head):
-        raise ValueError("the file meta group runs past its end")
-    return pos
+def dataset_offset(head: bytes) -> int:
+    """Where the dataset of a stored file starts, given the file's first bytes
+    (at least its preamble, DICM and group length element): right after the
+    meta group, as long as its File Meta Information Group Length (0002,0000)
+    says. Ingest hashes the dataset from there, and every reader of a stored
+    file finds it there.
+
+    Never by reading on while elements are of group 0002: a sender may send
+    such an element as the first of its dataset (dcmtk does, with a file whose
+    group length leaves an element out), and it is then part of the dataset
+    as received. Raises ValueError for a file without a group length (which
+    PS3.10 7.1 requires, and every file written here has).
+    """
+    if len(head) < _GROUP_LENGTH_END or not head.startswith(_PREAMBLE):
+        raise ValueError("no DICM preamble")
+    tag, vr, length = struct.unpack_from("<I2sH", head, len(_PREAMBLE))
+    if (tag, vr, length) != (0x0000_0002, b"UL", 4):
+        raise ValueError(
+            "its file meta does not begin with the File Meta Information Group Length (0002,0000)"
+        )
+    (group_length,) = struct.unpack_from("<I", head, len(_PREAMBLE) + 8)
+    if group_length > _MAX_META:
+        raise ValueError(f"File Meta Information Group Length {group_length} is implausible")
+    return _GROUP_LENGTH_END + group_length
 
 
 def _meta_text(meta, keyword: str) -> str | None:

@@ -284,7 +284,7 @@ def _check_file(
         return False
     if actual_size != size:
         report.wrong_size.append(relpath)
-    elif checksum and files.file_dataset_digest(path) != sha256:
+    elif checksum and not files.holds_dataset(path, sha256):
         report.wrong_checksum.append(relpath)
     return True
 

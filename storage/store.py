@@ -401,20 +401,19 @@ class IncomingInstance:
         self._refused: StoreRefused | None = None
         try:
             _check_request_uids(sop_class_uid, sop_instance_uid)
-            self.temp = files.TempWriter(
-                store.incoming,
-                files.encode_file_header(
-                    sop_class_uid,
-                    sop_instance_uid,
-                    transfer_syntax,
-                    provenance.receipt(self.received_at),
-                ),
+            head = files.encode_file_header(
+                sop_class_uid,
+                sop_instance_uid,
+                transfer_syntax,
+                provenance.receipt(self.received_at),
             )
+            # The digest covers what follows `head`: where every reader finds the dataset.
+            self._dataset_offset = files.dataset_offset(head)
+            self.temp = files.TempWriter(store.incoming, head)
         except StoreRefused as refused:
             self._refuse(refused)
         except OSError as exc:
             self._refuse(StoreRefused(_refusal_for(exc), f"write failed: {exc.strerror or exc}"))
-        self._dataset_offset = self.temp.size if self.temp else 0
 
     def write(self, data) -> None:
         """The next bytes of the dataset (a view the caller reuses afterwards)."""

@@ -413,7 +413,7 @@ def test_verify_finds_missing_damaged_and_unknown_files(server, tmp_path):
     assert _study(data, study)["numberOfInstances"] == 4
 
 
-@pytest.mark.parametrize("damage", ["bytes changed", "truncated"])
+@pytest.mark.parametrize("damage", ["bytes changed", "truncated", "no longer DICOM"])
 def test_a_resend_mends_a_stored_file_that_verify_finds_damaged(server, tmp_path, damage):
     """What `verify --checksum` (or a storage commitment) found wrong, the sender's
     identical resend puts right: the damaged copy is not taken for the resend."""
@@ -431,6 +431,8 @@ def test_a_resend_mends_a_stored_file_that_verify_finds_damaged(server, tmp_path
     damaged = bytearray(stored.read_bytes())
     if damage == "truncated":
         del damaged[-100:]
+    elif damage == "no longer DICOM":  # verify --checksum once stopped on it with a traceback
+        damaged[128:132] = b"XXXX"
     else:
         damaged[-1] ^= 0xFF
     stored.write_bytes(damaged)

@@ -5,6 +5,8 @@ address `peers` gives for it."""
 
 import json
 import signal
+import struct
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -22,9 +24,13 @@ from scp.config import ConfigError, load_config, peer_address
 from storage.fhir import STATE_EXTENSION_URL
 from tests.conftest import (
     CT_IMAGE_STORAGE,
+    IMAGING_SCP,
+    STORESCU,
     both_indexes,
+    dataset_bytes,
     free_port,
     make_instance,
+    requires_dcmtk,
     send_files,
     start_server,
 )
@@ -256,6 +262,75 @@ def test_a_copy_kept_aside_does_not_commit_a_damaged_indexed_one(server, tmp_pat
     [(event_type, info)] = reports.received
     assert event_type == 2
     assert failures(info) == {ds.SOPInstanceUID: 0x0110}
+
+
+def _meta_element(element: int, vr: bytes, value: bytes) -> bytes:
+    """A group-0002 element, explicit VR little endian (OB in the long form)."""
+    if vr == b"OB":
+        return struct.pack("<HH2s2xI", 0x0002, element, vr, len(value)) + value
+    return struct.pack("<HH2sH", 0x0002, element, vr, len(value)) + value
+
+
+def _with_elements_outside_the_meta_group_length(source: Path) -> tuple[Path, bytes]:
+    """A copy of `source` shaped like the OsiriX-exported GE ultrasound file of
+    issue 29: group-0002 elements after its meta group that the group length
+    (0002,0000) leaves out. dcmtk reads them as the dataset's first elements,
+    and sends them so. Returns the file and the dataset bytes storescu sends."""
+    creator = generate_uid().encode()
+    stray = _meta_element(0x0100, b"UI", creator + b"\x00" * (len(creator) % 2))
+    stray += _meta_element(0x0102, b"OB", b"OSIRIX")
+    data = source.read_bytes()
+    dataset = dataset_bytes(source)
+    shaped = source.with_name("outside-group-length.dcm")
+    shaped.write_bytes(data[: len(data) - len(dataset)] + stray + dataset)
+    return shaped, stray + dataset
+
+
+def _stored_dataset(path: Path) -> bytes:
+    """A stored file's bytes after the meta group its group length delimits."""
+    data = path.read_bytes()
+    (group_length,) = struct.unpack_from("<I", data, 128 + 4 + 8)
+    return data[128 + 4 + 12 + group_length :]
+
+
+@requires_dcmtk()
+def test_a_file_with_meta_elements_outside_its_group_length_is_intact_for_every_reader(
+    server, tmp_path
+):
+    """Issue 29 #5: ingest hashed the dataset as sent, with the stray group-0002
+    elements first; every later read took them for our meta group, so `verify
+    --checksum` exited 1, a commitment failed 0x0110 (study incomplete), an
+    identical resend was taken for a repair, and a rebuild recorded another
+    checksum and lost the receipt (the stray elements' (0002,0102) read as ours)."""
+    [source] = a_series(tmp_path / "series", 1)
+    shaped, sent = _with_elements_outside_the_meta_group_length(source)
+    storescu = [STORESCU, "-R", "-aet", MODALITY, "-aec", "IMAGING_SCP"]
+    storescu += ["127.0.0.1", str(server.port), str(shaped)]
+    subprocess.run(storescu, check=True, capture_output=True, timeout=30)
+    (stored,) = server.index().execute("SELECT path FROM instances").fetchone()
+    assert _stored_dataset(server.data_dir / stored) == sent  # what dcmtk sent, kept whole
+
+    verify = [IMAGING_SCP, "verify", "--checksum", *server.index_flags]
+    checked = subprocess.run(verify, capture_output=True, text=True, timeout=60)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+    reports = Reports()
+    request_commitment(server, generate_uid(), references([source]), reports=reports)
+    [(event_type, info)] = reports.received
+    assert (event_type, failures(info)) == (1, {})
+    assert committed_uids(info) == [uid for _, uid in references([source])]
+    study_uid = server.index().execute("SELECT study_uid FROM studies").fetchone()[0]
+    assert cli("study", *server.index_flags, study_uid)["state"] == "complete"
+
+    subprocess.run(storescu, check=True, capture_output=True, timeout=30)
+    outcomes = [e["outcome"] for e in server.wait_for_event("instance.stored", count=2)]
+    assert outcomes == ["stored", "identical-resend"]
+
+    # Rebuilt from the file, the row is the one ingest made (checksum, receipt).
+    indexed = [tuple(row) for row in server.index().execute("SELECT * FROM instances")]
+    rebuild = [IMAGING_SCP, "rebuild", *server.index_flags]
+    subprocess.run(rebuild, check=True, capture_output=True, timeout=60)
+    assert [tuple(row) for row in server.index().execute("SELECT * FROM instances")] == indexed
 
 
 def test_a_later_successful_commitment_makes_the_series_complete(server, tmp_path):

@@ -253,6 +253,35 @@ def test_dcmtk_storescu_compressed_file_is_taken_as_sent(server):
     assert row["transfer_syntax"] == "1.2.840.10008.1.2.4.91"
 
 
+@requires_dcmtk()
+@pytest.mark.parametrize(
+    ("options", "name", "syntax"),
+    [
+        # storescu proposes [explicit LE] and [big endian, implicit LE] whatever
+        # the file holds: implicit is kept, so a big-endian file needs -xb.
+        ("-R", "MR_small_implicit.dcm", "1.2.840.10008.1.2"),
+        ("-R", "MR_small.dcm", "1.2.840.10008.1.2.1"),
+        ("-R -xb", "MR_small_bigendian.dcm", "1.2.840.10008.1.2.2"),
+        ("-R -xd", "image_dfl.dcm", "1.2.840.10008.1.2.1.99"),
+    ],
+)
+def test_dcmtk_storescu_uncompressed_file_is_taken_as_sent(server, options, name, syntax):
+    """Issue 29 #6: which syntax is accepted decides whether storescu converts
+    the object to another before sending it; each file here arrives in its own.
+    (Its bytes are not compared: storescu re-encodes a dataset even within its
+    syntax, and recompresses a deflated one.)"""
+    source = Path(pydicom.data.get_testdata_file(name))
+    result = subprocess.run(
+        [STORESCU, *options.split(), "-aec", "IMAGING_SCP", "127.0.0.1", str(server.port)]
+        + [str(source)],
+        capture_output=True,
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stderr.decode()
+    row = server.index().execute("SELECT transfer_syntax FROM instances").fetchone()
+    assert row["transfer_syntax"] == syntax
+
+
 def _counts(server) -> tuple:
     index = server.index()
     return (
