@@ -566,3 +566,28 @@ def test_an_index_of_schema_version_2_gets_its_names_folded(server_factory, tmp_
     assert len(responses) == 1
     with server.index() as db:
         assert db.schema_version() == 3
+
+
+def test_a_name_a_later_instance_fills_in_is_folded_and_disagreements_name_it_once(
+    server_factory, tmp_path
+):
+    server = server_factory()
+    study, series = generate_uid(), generate_uid()
+    names = [None, "Σίσυφος^Κώστας", "Roe^Jane"]  # the first instance has no name
+    paths = [
+        make_instance(tmp_path / "files", study_uid=study, series_uid=series,
+                      SpecificCharacterSet="ISO_IR 192", PatientName=name)
+        for name in names
+    ]  # fmt: skip
+    for path in paths:  # one at a time: the second fills in, the third disagrees
+        assert [s.status for s in send_files(server.port, [path])] == [0]
+    responses, _ = findscu(
+        server.port, "STUDY", "SpecificCharacterSet=ISO_IR 192", "PatientName=ΣΊΣΥΦΟΣ*",
+        "StudyInstanceUID",
+    )  # fmt: skip
+    assert uids(responses) == {study}
+    server.wait_for_event("association.end", count=3)  # the stores' events are all out
+    disagreements = server.events("index.disagreement")
+    assert [(e["field"], e["kept"], e["received"]) for e in disagreements] == [
+        ("patient_name", "Σίσυφος^Κώστας", "Roe^Jane")
+    ]
