@@ -67,7 +67,7 @@ def json_option(shape: str):
 def filter_options(command):
     options = [
         click.option("--patient-id", help="exact Patient ID"),
-        click.option("--patient-name", help="Patient's Name, DICOM wildcards * and ?"),
+        click.option("--patient-name", help="Patient's Name, DICOM wildcards * and ?, any case"),
         click.option("--from", "date_from", help="study date on or after (2026-11-22)"),
         click.option("--to", "date_to", help="study date on or before"),
         click.option("--modality", help="a modality in the study (CT, MR, …)"),

@@ -241,7 +241,7 @@ class RunningQuery:
         elements: list[tuple[int, str, bytes]] = []
         non_ascii = False
         for tag, keyword in self.returned:
-            key = find.KEYS.get(keyword) or find.INSTANCE_AVAILABILITY
+            key = find.key_for(keyword, self.query.level)
             value = _value_bytes(match.get(keyword), key.vr)
             if value is None:
                 value = _value_bytes(match[keyword], key.vr, "utf-8")

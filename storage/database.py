@@ -219,14 +219,17 @@ class Database:
     def __exit__(self, *_) -> None:
         self.close()
 
-    def wildcard(self, column: str, pattern: str, *, ignore_case: bool) -> tuple[str, str]:
+    def wildcard(self, column: str, pattern: str) -> tuple[str, str]:
         """(condition, parameter) matching `column` against a DICOM wildcard
-        pattern: `*` any run of characters, `?` one character."""
+        pattern, case-sensitive: `*` any run of characters, `?` one character.
+        (Case-insensitive names are matched folded: storage.names.)"""
         escaped = re.sub(r"([%_\\])", r"\\\1", pattern).replace("*", "%").replace("?", "_")
-        operator = self.like_ignoring_case if ignore_case else self._like_with_case
-        return f"{column} {operator} ? ESCAPE '\\'", escaped
+        return f"{column} LIKE ? ESCAPE '\\'", escaped
 
-    _like_with_case = "LIKE"
+    def json_array_of_distinct(self, column: str) -> str:
+        """An aggregate: the distinct non-NULL values of `column` as a JSON array
+        of strings (in no particular order), '[]' when there is none."""
+        raise NotImplementedError
 
     def json_elements(self, column: str) -> str:
         """A FROM item: the elements of a JSON array of strings in `column`, as
@@ -324,11 +327,13 @@ class SQLiteDatabase(Database):
             os.close(self._writer_lock)
             self._writer_lock = None
 
-    # SQLite's LIKE ignores case: its GLOB is the case-sensitive match.
-    def wildcard(self, column: str, pattern: str, *, ignore_case: bool) -> tuple[str, str]:
-        if ignore_case:
-            return super().wildcard(column, pattern, ignore_case=True)
+    # SQLite's LIKE ignores case: its GLOB is the case-sensitive match (and,
+    # on a column of the default collation, a prefix is looked up in an index).
+    def wildcard(self, column: str, pattern: str) -> tuple[str, str]:
         return f"{column} GLOB ?", pattern.replace("[", "[[]")
+
+    def json_array_of_distinct(self, column: str) -> str:
+        return f"json_group_array(DISTINCT {column}) FILTER (WHERE {column} IS NOT NULL)"
 
     def json_elements(self, column: str) -> str:
         return f"json_each({column})"
@@ -556,6 +561,10 @@ class PostgresDatabase(Database):
 
     def json_elements(self, column: str) -> str:
         return f"json_array_elements_text({column}::json) AS elements(value)"
+
+    def json_array_of_distinct(self, column: str) -> str:
+        values = f"json_agg(DISTINCT {column}) FILTER (WHERE {column} IS NOT NULL)"
+        return f"coalesce(({values})::text, '[]')"
 
     def ensure_table(self, name: str, columns: dict[str, type], pk) -> None:
         keys = (pk,) if isinstance(pk, str) else tuple(pk)

@@ -14,12 +14,20 @@ Matching, per VR of the key:
   StudyTime (or SeriesDate with SeriesTime) match as one date-time when both
   are given (``20261101-20261130`` with ``0800-1200``: from 1 Nov 08:00 to
   30 Nov 12:00);
-- PN: ``*`` and ``?`` wildcards, and case-insensitive for ASCII letters
-  (``doe^j*`` finds ``DOE^JOHN``), as most archives do: names are typed by
-  people at modalities;
+- PN: ``*`` and ``?`` wildcards, and case-insensitive in every script
+  (``doe^j*`` finds ``DOE^JOHN``, ``test-ÉÜ*`` finds ``Test-éü``, ``σίσυφος*``
+  finds ``ΣΊΣΥΦΟΣ``), as most archives do: names are typed by people at
+  modalities. Both sides are case folded (storage.names.fold_name), the index's
+  side at ingest (studies.*_folded): the same on both engines, and a prefix
+  (``DOE*``) is looked up in an index. A ``?`` stands for one character of the
+  folded name (``ß`` is folded to ``ss``, two);
 - every other text VR (CS, SH, LO, AE, IS): exact, case-sensitive, with ``*``
   and ``?``; a backslash gives several values, any of which may match;
-- ModalitiesInStudy: matches when one of the study's modalities matches.
+- ModalitiesInStudy: matches when one of the study's modalities matches;
+- SOPClassesInStudy (STUDY level only): the distinct SOP classes of the study's
+  instances, read when the key is asked for (through the series' and the
+  instances' indexes: a study's instances, no more); a UID or a list of UIDs
+  matches a study that holds an instance of one of them.
 """
 
 import json
@@ -28,6 +36,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from storage.database import Database
+from storage.names import fold_name
 
 PATIENT, STUDY, SERIES, IMAGE = "PATIENT", "STUDY", "SERIES", "IMAGE"
 LEVELS = (PATIENT, STUDY, SERIES, IMAGE)
@@ -46,6 +55,8 @@ class Key:
     vr: str
     level: str  # the level whose rows hold it
     column: str  # SQL expression over the FROM clause of `find`
+    # PN: the column holding the name case folded, which matching reads.
+    folded: str | None = None
 
     @property
     def counts_patients(self) -> bool:
@@ -61,7 +72,8 @@ _I = "i"  # instances
 KEYS = {
     key.keyword: key
     for key in [
-        Key("PatientName", 0x00100010, "PN", PATIENT, f"{_A}.patient_name"),
+        Key("PatientName", 0x00100010, "PN", PATIENT, f"{_A}.patient_name",
+            f"{_A}.patient_name_folded"),
         Key("PatientID", 0x00100020, "LO", PATIENT, f"{_A}.patient_id"),
         Key("IssuerOfPatientID", 0x00100021, "LO", PATIENT, f"{_A}.issuer_of_patient_id"),
         Key("PatientBirthDate", 0x00100030, "DA", PATIENT, f"{_A}.patient_birth_date"),
@@ -77,7 +89,8 @@ KEYS = {
         Key("AccessionNumber", 0x00080050, "SH", STUDY, f"{_A}.accession"),
         Key("StudyID", 0x00200010, "SH", STUDY, f"{_A}.study_id"),
         Key("StudyDescription", 0x00081030, "LO", STUDY, f"{_A}.description"),
-        Key("ReferringPhysicianName", 0x00080090, "PN", STUDY, f"{_A}.referrer"),
+        Key("ReferringPhysicianName", 0x00080090, "PN", STUDY, f"{_A}.referrer",
+            f"{_A}.referrer_folded"),
         Key("ModalitiesInStudy", 0x00080061, "CS", STUDY, f"{_A}.modalities"),
         Key("NumberOfStudyRelatedSeries", 0x00201206, "IS", STUDY, f"{_A}.number_of_series"),
         Key("NumberOfStudyRelatedInstances", 0x00201208, "IS", STUDY,
@@ -103,6 +116,13 @@ KEYS = {
 INSTANCE_AVAILABILITY = Key("InstanceAvailability", 0x00080056, "CS", STUDY, "")
 _AVAILABILITY = {STUDY: f"{_A}.availability", SERIES: f"{_X}.availability",
                  IMAGE: f"{_X}.availability"}  # fmt: skip
+# SOP Classes in Study (0008,0062): not a column, the classes of the study's
+# instances, at STUDY level only (below it, it would be read again for each row).
+SOP_CLASSES_IN_STUDY = Key("SOPClassesInStudy", 0x00080062, "UI", STUDY, "")
+_STUDY_INSTANCES = (
+    f"series x2 JOIN instances i2 ON i2.series_uid = x2.series_uid"
+    f" WHERE x2.study_uid = {_A}.study_uid"
+)
 
 # What each level's rows come from, and the order they come in.
 _FROM = {
@@ -133,6 +153,8 @@ def key_for(keyword: str, level: str) -> Key | None:
     """The key `keyword` can be answered with at `level`, or None (unsupported)."""
     if keyword == "InstanceAvailability":
         return INSTANCE_AVAILABILITY if level != PATIENT else None
+    if keyword == "SOPClassesInStudy":
+        return SOP_CLASSES_IN_STUDY if level == STUDY else None
     key = KEYS.get(keyword)
     if key is None or LEVELS.index(key.level) > LEVELS.index(level):
         return None
@@ -174,7 +196,7 @@ def find(conn: Database, query: Query) -> Iterator[dict]:
     level = query.level
     keys = {keyword: key_for(keyword, level) for keyword in query.keys}
     keys = {keyword: key for keyword, key in keys.items() if key is not None}
-    columns = [(keyword, _column(key, level)) for keyword, key in keys.items()]
+    columns = [(keyword, _column(conn, key, level)) for keyword, key in keys.items()]
     where, params = _conditions(conn, query, keys, level)
     sql = f"SELECT {', '.join(c for _, c in columns) or '1'} FROM {_FROM[level]}"
     if where:
@@ -187,13 +209,18 @@ def find(conn: Database, query: Query) -> Iterator[dict]:
         for (keyword, _), value in zip(columns, row, strict=True):
             if keyword == "ModalitiesInStudy":
                 value = _json_list(value)
+            elif keyword == "SOPClassesInStudy":
+                value = sorted(_json_list(value))
             match[keyword] = value
         yield match
 
 
-def _column(key: Key, level: str) -> str:
+def _column(db: Database, key: Key, level: str) -> str:
     if key is INSTANCE_AVAILABILITY:
         return _AVAILABILITY[level]
+    if key is SOP_CLASSES_IN_STUDY:
+        classes = db.json_array_of_distinct("i2.sop_class_uid")
+        return f"(SELECT {classes} FROM {_STUDY_INSTANCES})"
     if level == PATIENT and not key.counts_patients:
         return f"max({key.column})"  # one value per patient: the first study's, mostly
     return key.column
@@ -217,7 +244,10 @@ def _conditions(
         value = values[keyword]
         if not value or keyword in combined or key.counts_patients:
             continue
-        column = _column(key, level) if key is INSTANCE_AVAILABILITY else key.column
+        if key is INSTANCE_AVAILABILITY:
+            column = _column(db, key, level)
+        else:
+            column = key.folded or key.column
         condition, args = _match(db, keyword, key.vr, column, value)
         where.append(condition)
         params += args
@@ -229,7 +259,10 @@ def _match(db: Database, keyword: str, vr: str, column: str, value: str) -> tupl
         uids = [uid.strip() for uid in value.split("\\") if uid.strip()]
         if uids == ["*"]:
             return "1 = 1", []
-        return f"{column} IN ({','.join('?' * len(uids))})", uids
+        listed = f"IN ({','.join('?' * len(uids))})"
+        if keyword == "SOPClassesInStudy":
+            return f"EXISTS (SELECT 1 FROM {_STUDY_INSTANCES} AND i2.sop_class_uid {listed})", uids
+        return f"{column} {listed}", uids
     if vr in ("DA", "TM", "DT"):
         return _range(column, value, keyword)
     values = value.split("\\") if vr != "PN" else [value]
@@ -246,9 +279,10 @@ def _match(db: Database, keyword: str, vr: str, column: str, value: str) -> tupl
 
 
 def _text_match(db: Database, column: str, vr: str, value: str) -> tuple[str, str | int]:
-    wild = "*" in value or "?" in value
-    if vr == "PN" or wild:
-        return db.wildcard(column, value, ignore_case=vr == "PN")
+    if vr == "PN":  # `column` is the folded name
+        return db.wildcard(column, fold_name(value))
+    if "*" in value or "?" in value:
+        return db.wildcard(column, value)
     if vr == "IS":
         try:
             return f"{column} = ?", int(value)

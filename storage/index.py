@@ -37,6 +37,7 @@ from storage.database import (
     is_retryable,
     lock_number,
 )
+from storage.names import fold_name
 
 if TYPE_CHECKING:
     from storage.header import InstanceHeader
@@ -44,7 +45,8 @@ if TYPE_CHECKING:
 INDEX_FILENAME = SQLITE_FILENAME
 # 2: storage commitment (commitments, commitment_items, series.committed_at),
 # series.unavailable_by_verify, dates and times normalised with *_raw beside them
-SCHEMA_VERSION = 2
+# 3: studies.patient_name_folded and referrer_folded (storage.names.fold_name)
+SCHEMA_VERSION = 3
 
 ONLINE, NEARLINE, OFFLINE, UNAVAILABLE = "ONLINE", "NEARLINE", "OFFLINE", "UNAVAILABLE"
 # Best first: a study's availability is the worst one among its series.
@@ -74,7 +76,13 @@ STUDY_FIELDS = {
     "reason": str,
     "institution": str,
     "department": str,
+    # The person names as C-FIND and the admin filters match them (case folded):
+    # derived from the names above, so never reported as disagreeing.
+    "patient_name_folded": str,
+    "referrer_folded": str,
 }
+# Each folded name and the name it is derived from.
+FOLDED_NAMES = {"patient_name_folded": "patient_name", "referrer_folded": "referrer"}
 SERIES_FIELDS = {
     "modality": str,
     "number": int,
@@ -209,7 +217,13 @@ INDEXES = [
     # The admin filters (storage.query.StudyFilter) and its newest-first order.
     *(
         ("studies", [column])
-        for column in ("patient_id", "accession", "study_date", "last_received")
+        for column in (
+            "patient_id",
+            "accession",
+            "study_date",
+            "last_received",
+            "patient_name_folded",  # C-FIND's commonest key, often a prefix: DOE*
+        )
     ),
     ("series", ["study_uid"]),
     ("instances", ["series_uid"]),
@@ -431,6 +445,8 @@ class Index:
                     db.ensure_table(name, columns, pk)
                 for table, columns in INDEXES:
                     db.ensure_index(table, columns)
+                if found < 3:
+                    _fold_indexed_names(db)
                 if found != SCHEMA_VERSION:
                     db.set_schema_version(SCHEMA_VERSION)
                 db.execute("COMMIT")
@@ -779,11 +795,12 @@ class Index:
             self._study_counted(entry, new_modality, row, outcome)
             return
         outcome.new_study = True
+        study = _study_values(header)
         self._insert(
             "studies",
             {
                 "study_uid": header.study_uid,
-                **{name: header.study.get(name) for name in STUDY_FIELDS},
+                **{name: study.get(name) for name in STUDY_FIELDS},
                 "modalities": json.dumps([new_modality] if new_modality else []),
                 "number_of_series": 1,
                 "number_of_instances": 1,
@@ -804,7 +821,7 @@ class Index:
         indexed, received = Patient.of(stored), Patient.of(entry.header.study)
         if received.is_not(indexed):
             raise PatientConflict(entry.header.study_uid, indexed, received)
-        updates = _first_values_win("study", stored, entry.header.study, outcome)
+        updates = _first_values_win("study", stored, _study_values(entry.header), outcome)
         modalities = json.loads(row[0] or "[]")
         if new_modality and new_modality not in modalities:
             updates["modalities"] = json.dumps([*modalities, new_modality])
@@ -953,7 +970,7 @@ def _new_in_known_series(entry: IndexEntry) -> tuple[str, tuple]:
     header = entry.header
     return _NEW_IN_KNOWN_SERIES, (
         *_received_arrays(_SERIES_GROUPS, header.series),
-        *_received_arrays(_STUDY_GROUPS, header.study),
+        *_received_arrays(_STUDY_GROUPS, _study_values(header)),
         entry.size,
         entry.received_at,
         lock_number(header.study_uid),
@@ -979,8 +996,31 @@ def _outcome_of(entry: IndexEntry, row) -> IndexOutcome:
     series = dict(zip(SERIES_FIELDS, values[: len(SERIES_FIELDS)], strict=True))
     study = dict(zip(STUDY_FIELDS, values[len(SERIES_FIELDS) :], strict=True))
     _first_values_win("series", series, entry.header.series, outcome)
+    # The folded names need no comparing: they are never reported.
     _first_values_win("study", study, entry.header.study, outcome)
     return outcome
+
+
+def _study_values(header: "InstanceHeader") -> dict:
+    """The study's fields as an instance gives them: as read, and its names folded."""
+    values = dict(header.study)
+    for folded, name in FOLDED_NAMES.items():
+        values[folded] = fold_name(values.get(name))
+    return values
+
+
+def _fold_indexed_names(db: Database) -> None:
+    """Schema version 3: fold the names of the studies indexed before it."""
+    names = ", ".join(FOLDED_NAMES.values())
+    rows = db.execute(
+        f"SELECT study_uid, {names} FROM studies WHERE"
+        f" {' OR '.join(f'{name} IS NOT NULL' for name in FOLDED_NAMES.values())}"
+    ).fetchall()
+    assignments = ", ".join(f"{folded} = ?" for folded in FOLDED_NAMES)
+    db.executemany(
+        f"UPDATE studies SET {assignments} WHERE study_uid = ?",
+        [(*(fold_name(value) for value in row[1:]), row[0]) for row in rows],
+    )
 
 
 def _first_values_win(level: str, stored: dict, received: dict, outcome: IndexOutcome) -> dict:
@@ -996,7 +1036,7 @@ def _first_values_win(level: str, stored: dict, received: dict, outcome: IndexOu
         current = stored[name]
         if current is None:
             updates[name] = value
-        elif current != value:
+        elif current != value and name not in FOLDED_NAMES:
             outcome.disagreements.append((level, name, current, value))
     return updates
 

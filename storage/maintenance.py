@@ -444,6 +444,9 @@ def migrate_index(
     per table, checked against the source's counts."""
     source_location = IndexLocation(Path(data_dir))
     target_location = IndexLocation(Path(data_dir), target_url)
+    # An index of an older schema version is brought to this one first (as
+    # `serve` does at start): the copy reads every column of this version.
+    Index(source_location.open()).close()
     source = source_location.open()
     target = Index.open(target_location)
     try:

@@ -23,6 +23,7 @@ from datetime import UTC, datetime, timedelta
 
 from storage.database import Database
 from storage.index import AVAILABILITIES, TABLES
+from storage.names import fold_name
 
 RECEIVING, STABLE, COMPLETE, INCOMPLETE = "receiving", "stable", "complete", "incomplete"
 
@@ -36,7 +37,7 @@ class StudyFilter:
     """The filters of `studies` and `export`; None means "any"."""
 
     patient_id: str | None = None
-    patient_name: str | None = None  # DICOM wildcards * and ?, case-insensitive
+    patient_name: str | None = None  # DICOM wildcards * and ?, case-insensitive (folded)
     date_from: str | None = None  # study date, YYYYMMDD or YYYY-MM-DD
     date_to: str | None = None
     modality: str | None = None
@@ -51,7 +52,7 @@ class StudyFilter:
             clauses.append("patient_id = ?")
             params.append(self.patient_id)
         if self.patient_name is not None:
-            condition, pattern = db.wildcard("patient_name", self.patient_name, ignore_case=True)
+            condition, pattern = db.wildcard("patient_name_folded", fold_name(self.patient_name))
             clauses.append(condition)
             params.append(pattern)
         if self.date_from is not None:

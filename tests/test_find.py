@@ -389,3 +389,205 @@ def test_an_unknown_caller_is_refused_and_find_limit_ends_a_long_answer(tmp_path
         assert "Final Find Response (Refused: OutOfResources)" in result.stderr
     finally:
         server.stop()
+
+
+# --- names in every script, SOP classes in a study -----------------------------
+
+CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+MR_IMAGE = "1.2.840.10008.5.1.4.1.1.4"
+
+NAMED_STUDIES = [
+    # patient id, Specific Character Set, patient name, referrer, [(modality, SOP class, n)]
+    ("NAME-1", "ISO_IR 100", "Test-Éü^Anna", "Ødegård^Åse", [("CT", CT_IMAGE, 2)]),
+    ("NAME-2", "ISO_IR 192", "Σίσυφος^Κώστας", None,
+     [("CT", CT_IMAGE, 2), ("OT", SECONDARY_CAPTURE, 1)]),
+    ("NAME-3", "ISO_IR 144", "Иванов^Пётр", None, [("CT", CT_IMAGE, 1)]),
+    # Decomposed: Zoe followed by U+0308 COMBINING DIAERESIS.
+    ("NAME-4", "ISO_IR 192", "Straße^Zoe\u0308", None, [("CT", CT_IMAGE, 1)]),
+    ("NAME-5", None, "Doe^John", None, [("CT", CT_IMAGE, 1)]),
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def named_archive(tmp_path_factory, index_backend):
+    """A server sent NAMED_STUDIES, each name in its own character set: patient
+    id -> study UID."""
+    root = tmp_path_factory.mktemp("names")
+    server = start_server(root / "data")
+    studies, paths = {}, []
+    for patient_id, charset, name, referrer, series in NAMED_STUDIES:
+        studies[patient_id] = study_uid = generate_uid()
+        for modality, sop_class, count in series:
+            series_uid = generate_uid()
+            for n in range(1, count + 1):
+                paths.append(
+                    make_instance(
+                        root / "files",
+                        study_uid=study_uid,
+                        series_uid=series_uid,
+                        modality=modality,
+                        sop_class_uid=sop_class,
+                        SpecificCharacterSet=charset,
+                        PatientID=patient_id,
+                        PatientName=name,
+                        ReferringPhysicianName=referrer,
+                        InstanceNumber=n,
+                    )
+                )
+    # The names went out in their own character sets (Latin-1: É is C9, ü FC).
+    assert b"Test-\xc9\xfc^Anna" in paths[0].read_bytes()
+    assert {s.status for s in send_files(server.port, paths)} == {0}
+    yield server, studies
+    server.stop()
+
+
+@pytest.mark.parametrize(
+    "name, patient_ids",
+    [
+        ("test-ÉÜ*", {"NAME-1"}),  # stored in Latin-1 as Test-Éü
+        ("TEST-ÉÜ^ANNA", {"NAME-1"}),
+        ("σίσυφος*", {"NAME-2"}),  # stored as Σίσυφος: final sigma
+        ("ΣΊΣΥΦΟΣ^κώστας", {"NAME-2"}),
+        ("иванов^пётр", {"NAME-3"}),  # stored in ISO 8859-5
+        ("STRASSE^ZOË", {"NAME-4"}),  # ß folds to ss; Ë composed, stored decomposed
+        ("straße*", {"NAME-4"}),
+        ("doe^*", {"NAME-5"}),
+        ("?oe^JOHN", {"NAME-5"}),
+        ("σίσυφο", set()),  # no wildcard: the whole name
+    ],
+)
+def test_person_names_match_in_any_case_in_every_script(named_archive, name, patient_ids):
+    server, studies = named_archive
+    responses, _ = findscu(
+        server.port, "STUDY", "SpecificCharacterSet=ISO_IR 192", f"PatientName={name}",
+        "PatientID", "StudyInstanceUID",
+    )  # fmt: skip
+    assert {str(r.PatientID) for r in responses} == patient_ids
+    assert uids(responses) == {studies[p] for p in patient_ids}
+    # The admin command's filter matches names the same way.
+    assert studies_json(server, "--patient-name", name) == {studies[p] for p in patient_ids}
+
+
+def test_names_come_back_as_stored_and_a_latin1_request_folds_too(named_archive):
+    server, studies = named_archive
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", server.port, ae_title="IMAGING_SCP")
+    try:
+        query = pydicom.Dataset()
+        query.SpecificCharacterSet = "ISO_IR 100"
+        query.QueryRetrieveLevel = "STUDY"
+        query.PatientName = "TEST-éÜ*"
+        query.ReferringPhysicianName = "øDEGÅRD*"
+        query.StudyInstanceUID = ""
+        answers = list(assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind))
+    finally:
+        assoc.release()
+    pending = [identifier for status, identifier in answers if status.Status == 0xFF00]
+    assert answers[-1][0].Status == 0x0000
+    assert [(i.StudyInstanceUID, str(i.PatientName)) for i in pending] == [
+        (studies["NAME-1"], "Test-Éü^Anna")
+    ]
+    assert str(pending[0].ReferringPhysicianName) == "Ødegård^Åse"
+    # Greek, as sent (UTF-8): the folded form is only what matching reads.
+    responses, _ = findscu(server.port, "STUDY", "PatientID=NAME-2", "PatientName")
+    assert str(responses[0].PatientName) == "Σίσυφος^Κώστας"
+
+
+def sop_classes(response) -> list[str]:
+    element = response["SOPClassesInStudy"]
+    return list(element.value) if element.VM > 1 else [element.value] if element.VM else []
+
+
+def test_sop_classes_in_study_are_the_distinct_classes_of_its_instances(named_archive):
+    server, studies = named_archive
+    responses, result = findscu(
+        server.port, "STUDY", "StudyInstanceUID", "PatientID", "SOPClassesInStudy", extra=["-v"]
+    )
+    by_patient = {str(r.PatientID): r for r in responses}
+    assert set(by_patient) == {p for p, *_ in NAMED_STUDIES}
+    # Two CT images and a secondary capture: two classes, each once, a UI of VM 2.
+    assert by_patient["NAME-2"]["SOPClassesInStudy"].VR == "UI"
+    assert sorted(sop_classes(by_patient["NAME-2"])) == [CT_IMAGE, SECONDARY_CAPTURE]
+    assert sop_classes(by_patient["NAME-1"]) == [CT_IMAGE]
+    assert "WarningUnsupportedOptionalKeys" not in result.stderr
+    # In the Patient Root model too.
+    responses, _ = findscu(
+        server.port, "STUDY", "PatientID=NAME-2", "StudyInstanceUID", "SOPClassesInStudy",
+        root="-P",
+    )  # fmt: skip
+    assert [sorted(sop_classes(r)) for r in responses] == [[CT_IMAGE, SECONDARY_CAPTURE]]
+    # Matching: a UID, or a list of them, finds the studies holding one of them.
+    for wanted in (SECONDARY_CAPTURE, f"{MR_IMAGE}\\{SECONDARY_CAPTURE}"):
+        responses, _ = findscu(
+            server.port, "STUDY", "StudyInstanceUID", f"SOPClassesInStudy={wanted}"
+        )
+        assert uids(responses) == {studies["NAME-2"]}
+    responses, _ = findscu(
+        server.port, "STUDY", "StudyInstanceUID", f"SOPClassesInStudy={MR_IMAGE}"
+    )
+    assert responses == []
+
+
+def test_sop_classes_in_study_below_study_level_is_an_unsupported_key(named_archive):
+    server, studies = named_archive
+    responses, result = findscu(
+        server.port, "SERIES", f"StudyInstanceUID={studies['NAME-2']}", "SeriesInstanceUID",
+        "SOPClassesInStudy", extra=["-v"],
+    )  # fmt: skip
+    assert len(responses) == 2
+    assert all(r.SOPClassesInStudy == "" for r in responses)
+    assert "(Pending: WarningUnsupportedOptionalKeys)" in result.stderr
+
+
+def test_an_index_of_schema_version_2_gets_its_names_folded(server_factory, tmp_path):
+    server = server_factory()
+    path = make_instance(
+        tmp_path / "files", study_uid=generate_uid(), series_uid=generate_uid(),
+        SpecificCharacterSet="ISO_IR 100", PatientName="Test-Éü^Anna",
+        ReferringPhysicianName="Ødegård^Åse",
+    )  # fmt: skip
+    assert [s.status for s in send_files(server.port, [path])] == [0]
+    server.stop()
+    # Take the index back to what version 2 held: no folded names.
+    with server.index() as db:
+        db.execute("DROP INDEX IF EXISTS idx_studies_patient_name_folded")
+        for column in ("patient_name_folded", "referrer_folded"):
+            db.execute(f"ALTER TABLE studies DROP COLUMN {column}")
+        db.set_schema_version(2)
+    server = server_factory(data_dir=server.data_dir)
+    utf8 = "SpecificCharacterSet=ISO_IR 192"
+    responses, _ = findscu(
+        server.port, "STUDY", utf8, "PatientName=TEST-ÉÜ*", "ReferringPhysicianName"
+    )
+    assert [str(r.ReferringPhysicianName) for r in responses] == ["Ødegård^Åse"]
+    responses, _ = findscu(server.port, "STUDY", utf8, "ReferringPhysicianName=ødegård^åse")
+    assert len(responses) == 1
+    with server.index() as db:
+        assert db.schema_version() == 3
+
+
+def test_a_name_a_later_instance_fills_in_is_folded_and_disagreements_name_it_once(
+    server_factory, tmp_path
+):
+    server = server_factory()
+    study, series = generate_uid(), generate_uid()
+    names = [None, "Σίσυφος^Κώστας", "Roe^Jane"]  # the first instance has no name
+    paths = [
+        make_instance(tmp_path / "files", study_uid=study, series_uid=series,
+                      SpecificCharacterSet="ISO_IR 192", PatientName=name)
+        for name in names
+    ]  # fmt: skip
+    for path in paths:  # one at a time: the second fills in, the third disagrees
+        assert [s.status for s in send_files(server.port, [path])] == [0]
+    responses, _ = findscu(
+        server.port, "STUDY", "SpecificCharacterSet=ISO_IR 192", "PatientName=ΣΊΣΥΦΟΣ*",
+        "StudyInstanceUID",
+    )  # fmt: skip
+    assert uids(responses) == {study}
+    server.wait_for_event("association.end", count=3)  # the stores' events are all out
+    disagreements = server.events("index.disagreement")
+    assert [(e["field"], e["kept"], e["received"]) for e in disagreements] == [
+        ("patient_name", "Σίσυφος^Κώστας", "Roe^Jane")
+    ]

@@ -211,6 +211,35 @@ def test_migrate_index_copies_every_row_and_is_idempotent(server_factory, tmp_pa
     assert result.exit_code == 2 and "already holds instances" in result.output
 
 
+def test_migrate_index_brings_a_schema_version_2_index_up_first(
+    server_factory, tmp_path, index_url
+):
+    server = server_factory()
+    source = make_instance(
+        tmp_path / "s",
+        study_uid=generate_uid(),
+        series_uid=generate_uid(),
+        SpecificCharacterSet="ISO_IR 192",
+        PatientName="Σίσυφος^Κώστας",
+    )
+    assert [s.status for s in send_files(server.port, [source])] == [0]
+    assert server.stop() == 0
+    with server.index() as db:  # what schema version 2 held: no folded names
+        db.execute("DROP INDEX idx_studies_patient_name_folded")
+        for column in ("patient_name_folded", "referrer_folded"):
+            db.execute(f"ALTER TABLE studies DROP COLUMN {column}")
+        db.set_schema_version(2)
+    data = server.data_dir
+    result = CliRunner().invoke(main, ["migrate-index", "--to", index_url, "--data-dir", str(data)])
+    assert result.exit_code == 0, result.output
+    found = CliRunner().invoke(
+        main, ["studies", "--json", "--data-dir", str(data), "--index-url", index_url,
+               "--patient-name", "ΣΊΣΥΦΟΣ*"],
+    )  # fmt: skip
+    assert found.exit_code == 0, found.output
+    assert [s["patient"]["name"] for s in json.loads(found.output)] == ["Σίσυφος^Κώστας"]
+
+
 def _uid_of(path) -> str:
     import pydicom
 
