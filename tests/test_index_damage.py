@@ -8,6 +8,7 @@ import sqlite3
 import subprocess
 from pathlib import Path
 
+import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
@@ -192,5 +193,34 @@ def test_a_c_store_that_meets_a_damaged_index_is_refused_0xA700(tmp_path):
         # nothing of it stays: no file without its row
         assert temp_files(data) == []
         assert len(stored_files(data)) == 1
+    finally:
+        server.stop()
+
+
+def test_a_c_find_that_meets_a_damaged_index_fails_with_the_reason(tmp_path):
+    from pynetdicom import AE
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
+
+    data = tmp_path / "data"
+    server: Server = start_server(data)
+    try:
+        sent = make_instance(tmp_path, study_uid=generate_uid(), series_uid=generate_uid())
+        assert [s.status for s in send_files(server.port, [sent])] == [0]
+        overwrite_root_page(data / "index.sqlite", "studies")
+        ae = AE("TESTSCU")
+        ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+        assoc = ae.associate("127.0.0.1", server.port, ae_title="IMAGING_SCP")
+        try:
+            query = pydicom.Dataset()
+            query.QueryRetrieveLevel = "STUDY"
+            query.StudyInstanceUID = ""
+            answers = list(assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind))
+        finally:
+            assoc.release()
+        final = answers[-1][0]
+        assert final.Status == 0xC000
+        assert "index is damaged" in final.ErrorComment
+        event = server.wait_for_event("index.corrupt")[0]
+        assert str(data / "index.sqlite") in event["reason"] and ADVICE in event["reason"]
     finally:
         server.stop()
