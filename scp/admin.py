@@ -20,7 +20,13 @@ from scp.cli_options import (
     effective_config,
     fail,
 )
-from storage.database import IndexCorrupt, IndexLocation, IndexUnreachable, database_errors
+from storage.database import (
+    IndexBusy,
+    IndexCorrupt,
+    IndexLocation,
+    IndexUnreachable,
+    database_errors,
+)
 from storage.documents import (
     camel_keys,
     commitment_json,
@@ -533,7 +539,7 @@ def rebuild(config_file, data_dir, index_url):
     try:
         with _progress("rebuilding", size) as bar:
             report = run_rebuild(location, progress=bar.update)
-    except RebuildRefused as exc:
+    except (RebuildRefused, IndexBusy) as exc:
         fail(str(exc), EXIT_NOT_FOUND)
     if report.kept_aside:
         click.echo(f"the damaged index is kept aside as {report.kept_aside}")

@@ -14,11 +14,13 @@ import fcntl
 import hashlib
 import itertools
 import os
+import random
 import re
 import sqlite3
 import struct
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
@@ -33,7 +35,10 @@ WRITER_LOCK_SUFFIX = "-writer"
 # locks (NFS), which want a descriptor open for writing.
 _NO_FLOCK = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EBADF}
 _CHECK_MESSAGES = 5  # the first problems SQLite's check reports: enough to name it
-MAX_PARAMETERS = 900  # in one statement: below SQLite's limit
+MAX_PARAMETERS = 900
+_EXCLUDE_WRITERS_FOR = (
+    60  # seconds of trying for a moment without writers  # in one statement: below SQLite's limit
+)
 POSTGRESQL_SCHEMES = ("postgresql", "postgres")
 
 
@@ -43,6 +48,10 @@ class IndexUnreachable(Exception):
 
 class SchemaTooNew(Exception):
     """The index was written by a newer imaging-scp."""
+
+
+class IndexBusy(Exception):
+    """Other writers left no moment to take the index's tables."""
 
 
 class IndexCorrupt(Exception):
@@ -623,8 +632,27 @@ class PostgresDatabase(Database):
 
     def exclude_writers(self, tables: list[str]) -> None:
         # EXCLUSIVE conflicts with the ROW EXCLUSIVE lock every INSERT, UPDATE
-        # and DELETE takes on its table, and with nothing a SELECT takes.
-        self.execute(f"LOCK TABLE {', '.join(tables)} IN EXCLUSIVE MODE")
+        # and DELETE takes on its table, and with nothing a SELECT takes. Never
+        # waiting for one table while holding another: ingest takes them in
+        # more than one order, and a writer holding one and waiting for another
+        # would deadlock with us. So all at once, between writers' transactions.
+        deadline = time.monotonic() + _EXCLUDE_WRITERS_FOR
+        while True:
+            self.execute("SAVEPOINT exclude_writers")
+            try:
+                self.execute(f"LOCK TABLE {', '.join(tables)} IN EXCLUSIVE MODE NOWAIT")
+                return
+            except Exception as exc:
+                if getattr(exc, "sqlstate", None) != "55P03":  # lock_not_available
+                    raise
+                self.execute("ROLLBACK TO SAVEPOINT exclude_writers")
+                if time.monotonic() > deadline:
+                    raise IndexBusy(
+                        f"{', '.join(tables)} of {redact(self.url)} were written without a"
+                        f" pause for {_EXCLUDE_WRITERS_FOR} s: run it again when ingest is"
+                        " quieter"
+                    ) from exc
+            time.sleep(random.uniform(0.001, 0.01))
 
     def another(self) -> "PostgresDatabase":
         return PostgresDatabase.connect(self.url)
