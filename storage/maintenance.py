@@ -366,11 +366,8 @@ def rebuild(location: IndexLocation, *, progress: Progress = _no_progress) -> Re
     replace_file = not location.is_postgresql and (
         damage is not None or not location.sqlite_path.exists()
     )
-    if replace_file and open_in_another_process(location.sqlite_path):
-        raise RebuildRefused(
-            f"{location.sqlite_path} is open in another process (imaging-scp serve?): a"
-            " damaged index is replaced, not written to; stop that process and run rebuild again"
-        )
+    if replace_file:
+        _refuse_if_open(location.sqlite_path)
     scratch_path = data_dir / (INDEX_FILENAME + REBUILD_SUFFIX)
     _remove_database(scratch_path)
     report = RebuildReport()
@@ -401,12 +398,23 @@ def rebuild(location: IndexLocation, *, progress: Progress = _no_progress) -> Re
         built = True
     finally:
         scratch.close()  # the last connection: its WAL goes into the file
-        if built and replace_file:
-            if damage is not None:
-                report.kept_aside = str(_set_aside(location.sqlite_path))
-            _put_in_place(scratch_path, location.sqlite_path)
-        _remove_database(scratch_path)
+        if not built:
+            _remove_database(scratch_path)
+    if replace_file:
+        if damage is not None:
+            _refuse_if_open(location.sqlite_path)  # opened since the start? Then it stays.
+            report.kept_aside = str(_set_aside(location.sqlite_path))
+        _put_in_place(scratch_path, location.sqlite_path)
+    _remove_database(scratch_path)
     return report
+
+
+def _refuse_if_open(path: Path) -> None:
+    if open_in_another_process(path):
+        raise RebuildRefused(
+            f"{path} is open in another process (imaging-scp serve?): a damaged index is"
+            " replaced, not written to; stop that process and run rebuild again"
+        )
 
 
 def _damage(location: IndexLocation) -> IndexCorrupt | None:

@@ -643,3 +643,17 @@ def _has_schema(path: Path) -> bool:
         return found is not None
     except sqlite3.Error:
         return False
+
+
+def test_rebuild_keeps_the_availability_an_admin_set(server, tmp_path):
+    """The files cannot tell it: rebuild takes it from the index it replaces."""
+    study = generate_uid()
+    sent = [make_instance(tmp_path, study_uid=study, series_uid=generate_uid()) for _ in range(2)]
+    assert {s.status for s in send_files(server.port, sent)} == {0}
+    data = server.data_dir
+    cli("availability", "set", "--study", study, "offline", data_dir=data)
+    rebuild = cli("rebuild", data_dir=data)
+    shown = _study(data, study)
+    assert shown["availability"] == "OFFLINE"
+    assert {s["availability"] for s in shown["series"]} == {"OFFLINE"}
+    assert "carried over from the old index" in rebuild.stdout
