@@ -33,7 +33,7 @@ from scp.store_service import StoreService
 from scp.tls import server_context
 from storage.database import IndexCorrupt, IndexUnreachable, SchemaTooNew, database_errors
 from storage.index import Index
-from storage.maintenance import recover_incoming
+from storage.maintenance import IndexBehindFiles, check_not_behind_files, recover_incoming
 from storage.store import InstanceStore
 
 log = structlog.get_logger("imaging_scp")
@@ -205,6 +205,7 @@ def recover(config: Config) -> None:
     index = Index.open(config.index_location)
     try:
         recovery = recover_incoming(index, config.node)
+        check_not_behind_files(index)
     finally:
         index.close()
     if recovery.removed or recovery.indexed:
@@ -319,6 +320,8 @@ def serve(config: Config, reload_config: Callable[[], Config] | None = None) -> 
         recover(config)
     except IndexCorrupt as exc:
         return _index_damaged(exc)
+    except IndexBehindFiles as exc:
+        return _cannot_start(str(exc))
     except SchemaTooNew as exc:
         return _cannot_start(str(exc))
     except IndexUnreachable as exc:

@@ -153,6 +153,27 @@ def recover_incoming(index: Index, node: str) -> Recovery:
     return recovery
 
 
+class IndexBehindFiles(Exception):
+    """The index holds no instance, the data directory does: an index lost or
+    cut to nothing (SQLite takes an empty file for an empty database)."""
+
+
+def check_not_behind_files(index: Index) -> None:
+    """IndexBehindFiles when the index holds no instance while the data
+    directory holds instance files. Reads one row; walks the directory only
+    for an empty index, down to the first file."""
+    if index.conn.execute("SELECT 1 FROM instances LIMIT 1").fetchone():
+        return
+    location = index.location
+    found = next(instance_files(Path(location.data_dir)), None)
+    if found is not None:
+        raise IndexBehindFiles(
+            f"the index {location.describe()} holds no instances, but {location.data_dir}"
+            f" holds instance files ({found}, …): run `imaging-scp rebuild` with imaging-scp"
+            " serve stopped to index them, or give the right --data-dir and index_url"
+        )
+
+
 def _final_name(data_dir: Path, temp: Path) -> PurePosixPath | None:
     meta = files.read_file_meta(temp)
     with open(temp, "rb") as handle:

@@ -100,7 +100,9 @@ def test_a_damaged_index_is_refused_named_and_rebuilt_from_the_files(stopped_arc
 
     # serve refuses to start rather than store into it: a one-line error and an
     # event, both naming the file and what to do
-    serve = imaging_scp("serve", "--host", "127.0.0.1", "--port", str(free_port()), data_dir=data)
+    serve = imaging_scp(
+        "serve", "--host", "127.0.0.1", "--port", str(free_port()), data_dir=data, timeout=20
+    )
     assert serve.returncode != 0
     assert f"the index {index} is damaged" in serve.stderr and ADVICE in serve.stderr
     assert "write access" not in serve.stderr
@@ -224,3 +226,24 @@ def test_a_c_find_that_meets_a_damaged_index_fails_with_the_reason(tmp_path):
         assert str(data / "index.sqlite") in event["reason"] and ADVICE in event["reason"]
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("loss", ["cut to nothing", "removed"])
+def test_serve_refuses_an_empty_index_beside_an_archive(stopped_archive, loss):
+    """SQLite takes an empty file (or none) for an empty database: serve would
+    store into it and every earlier instance would be gone from every query."""
+    data, sent, _ = stopped_archive
+    index = data / "index.sqlite"
+    if loss == "removed":
+        index.unlink()
+    else:
+        cut_short(index, 0)
+    serve = imaging_scp(
+        "serve", "--host", "127.0.0.1", "--port", str(free_port()), data_dir=data, timeout=20
+    )
+    assert serve.returncode != 0
+    assert f"the index {index} holds no instances" in serve.stderr
+    assert "run `imaging-scp rebuild`" in serve.stderr
+    rebuild = imaging_scp("rebuild", data_dir=data)
+    assert rebuild.returncode == 0, rebuild.stderr
+    assert len(indexed(data)) == len(sent)
