@@ -5,6 +5,7 @@ on success, 1 when something is not found, 2 on a usage error.
 """
 
 import dataclasses
+import functools
 import json
 import shutil
 import sys
@@ -19,7 +20,13 @@ from scp.cli_options import (
     effective_config,
     fail,
 )
-from storage.database import IndexLocation, IndexUnreachable
+from storage.database import (
+    IndexBusy,
+    IndexCorrupt,
+    IndexLocation,
+    IndexUnreachable,
+    database_errors,
+)
 from storage.documents import (
     camel_keys,
     commitment_json,
@@ -45,7 +52,23 @@ from storage.query import (
 
 
 def data_options(command):
-    """`--config FILE`, `--data-dir DIR` and `--index-url URL`, as `serve` takes them."""
+    """`--config FILE`, `--data-dir DIR` and `--index-url URL`, as `serve` takes
+    them. A damaged SQLite index met on the way ends the command with what to do."""
+
+    run = command
+
+    @functools.wraps(run)
+    def naming_damage(**kwargs):
+        try:
+            return run(**kwargs)
+        except database_errors() as exc:
+            config = _config(kwargs["config_file"], kwargs["data_dir"], kwargs["index_url"])
+            damage = config.index_location.corruption(exc)
+            if damage is None:
+                raise
+            fail(str(damage), EXIT_NOT_FOUND)
+
+    command = naming_damage
     command = click.option(
         "--index-url",
         help="the index, when not index.sqlite in the data dir: postgresql://user@host/db"
@@ -468,6 +491,10 @@ def verify(config_file, data_dir, index_url, checksum, repair, as_json):
     from storage.maintenance import verify as run_verify
 
     config = _config(config_file, data_dir, index_url)
+    try:  # before anything writes to it; and a damaged page no row leads to is damage too
+        config.index_location.check_intact(quick=False)
+    except IndexCorrupt as exc:
+        fail(str(exc), EXIT_NOT_FOUND)
     index = _open_index(config)
     with _progress("verifying", count_instances(config.index_location)) as bar:
         report = run_verify(
@@ -504,15 +531,29 @@ def verify(config_file, data_dir, index_url, checksum, repair, as_json):
 @click.command()
 @data_options
 def rebuild(config_file, data_dir, index_url):
-    """Recreate the index from the files on disk (safe to interrupt and rerun)."""
+    """Recreate the index from the files on disk (safe to interrupt and rerun);
+    a damaged or missing SQLite index too (the damaged file is kept aside)."""
+    from storage.maintenance import RebuildRefused, rebuild_size
     from storage.maintenance import rebuild as run_rebuild
-    from storage.maintenance import rebuild_size
 
     config = _config(config_file, data_dir, index_url)
-    _reader(config).close()
-    with _progress("rebuilding", rebuild_size(config.data_dir)) as bar:
-        report = run_rebuild(config.index_location, progress=bar.update)
+    location = config.index_location
+    size = rebuild_size(config.data_dir)
+    if location.is_postgresql or not size:  # nothing to rebuild from: a wrong --data-dir?
+        _reader(config).close()
+    try:
+        with _progress("rebuilding", size) as bar:
+            report = run_rebuild(location, progress=bar.update)
+    except (RebuildRefused, IndexBusy) as exc:
+        fail(str(exc), EXIT_NOT_FOUND)
+    if report.kept_aside:
+        click.echo(f"the damaged index is kept aside as {report.kept_aside}")
     click.echo(f"indexed {report.instances:,} instances, {report.conflicts:,} kept-aside copies")
+    carried = ", ".join(f"{table} {count:,}" for table, count in report.carried_over.items())
+    if carried:
+        click.echo(f"carried over from the old index (rows): {carried}")
+    for problem in report.not_carried_over:
+        click.echo(f"not carried over: {problem}", err=True)
     for problem in report.unindexable:
         click.echo(f"could not index: {problem}", err=True)
 

@@ -187,6 +187,10 @@ class RunningQuery:
         except find.QueryError as exc:
             return self._final(IDENTIFIER_DOES_NOT_MATCH, str(exc))
         except Exception as exc:
+            damage = self.service.location.corruption(exc)
+            if damage is not None:  # the admin's to repair: the reason says how
+                self.session.log.error("index.corrupt", reason=str(damage))
+                return self._final(UNABLE_TO_PROCESS, "receiver's index is damaged")
             self.session.log.exception("find.failed")
             return self._final(UNABLE_TO_PROCESS, f"query failed: {type(exc).__name__}")
         if match is None:

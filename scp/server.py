@@ -31,9 +31,9 @@ from scp.logs import error_line
 from scp.reports import Reporter
 from scp.store_service import StoreService
 from scp.tls import server_context
-from storage.database import IndexUnreachable, SchemaTooNew, database_errors
+from storage.database import IndexCorrupt, IndexUnreachable, SchemaTooNew, database_errors
 from storage.index import Index
-from storage.maintenance import recover_incoming
+from storage.maintenance import IndexBehindFiles, check_not_behind_files, recover_incoming
 from storage.store import InstanceStore
 
 log = structlog.get_logger("imaging_scp")
@@ -200,9 +200,12 @@ class Receiver:
 def recover(config: Config) -> None:
     """Prepare the data directory and finish what a crash left (before any worker starts)."""
     config.data_dir.mkdir(parents=True, exist_ok=True)
+    # Never store into a damaged index: each Success would be a row in it.
+    config.index_location.check_intact(quick=True)
     index = Index.open(config.index_location)
     try:
         recovery = recover_incoming(index, config.node)
+        check_not_behind_files(index)
     finally:
         index.close()
     if recovery.removed or recovery.indexed:
@@ -315,6 +318,10 @@ def serve(config: Config, reload_config: Callable[[], Config] | None = None) -> 
 
     try:
         recover(config)
+    except IndexCorrupt as exc:
+        return _index_damaged(exc)
+    except IndexBehindFiles as exc:
+        return _cannot_start(str(exc))
     except SchemaTooNew as exc:
         return _cannot_start(str(exc))
     except IndexUnreachable as exc:
@@ -324,6 +331,11 @@ def serve(config: Config, reload_config: Callable[[], Config] | None = None) -> 
     except OSError as exc:
         return _cannot_start(_data_dir_problem(config.data_dir, exc))
     except database_errors() as exc:
+        damage = config.index_location.corruption(exc)
+        if (
+            damage is not None
+        ):  # e.g. an index out of step with its table: quick_check does not compare them
+            return _index_damaged(damage)
         if not config.index_location.is_postgresql:
             return _cannot_start(_data_dir_problem(config.data_dir, exc))
         return _cannot_start(
@@ -403,6 +415,11 @@ def _cannot_start(message: str) -> int:
     log.error("startup.failed", reason=message)
     print(error_line(message), file=sys.stderr)
     return 2
+
+
+def _index_damaged(damage: IndexCorrupt) -> int:
+    log.error("index.corrupt", path=str(damage.path), reason=damage.detail)
+    return _cannot_start(str(damage))
 
 
 def _data_dir_problem(data_dir, exc: Exception) -> str:

@@ -22,6 +22,7 @@ SUCCESS = 0x0000
 REFUSAL_STATUS = {
     Refusal.OUT_OF_SPACE: 0xA700,
     Refusal.WRITE_FAILED: 0xA700,
+    Refusal.INDEX_CORRUPT: 0xA700,
     Refusal.MISMATCH: 0xA900,
     Refusal.UNREADABLE: 0xC000,
     Refusal.MISSING_UID: 0xC001,
@@ -135,6 +136,10 @@ class IncomingStore:
                 status=f"0x{code:04X}",
                 reason=refused.reason,
             )
+            if (
+                refused.refusal is Refusal.INDEX_CORRUPT
+            ):  # the admin's to repair: the reason says how
+                session.log.error("index.corrupt", reason=refused.reason)
             return store_response(self.command, code, refused.comment)
         except Exception as exc:
             session.refused += 1

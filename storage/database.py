@@ -14,10 +14,13 @@ import fcntl
 import hashlib
 import itertools
 import os
+import random
 import re
 import sqlite3
+import struct
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
@@ -31,7 +34,11 @@ WRITER_LOCK_SUFFIX = "-writer"
 # flock() refused by the filesystem; EBADF where it is emulated with byte-range
 # locks (NFS), which want a descriptor open for writing.
 _NO_FLOCK = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EBADF}
-MAX_PARAMETERS = 900  # in one statement: below SQLite's limit
+_CHECK_MESSAGES = 5  # the first problems SQLite's check reports: enough to name it
+MAX_PARAMETERS = 900
+_EXCLUDE_WRITERS_FOR = (
+    60  # seconds of trying for a moment without writers  # in one statement: below SQLite's limit
+)
 POSTGRESQL_SCHEMES = ("postgresql", "postgres")
 
 
@@ -41,6 +48,44 @@ class IndexUnreachable(Exception):
 
 class SchemaTooNew(Exception):
     """The index was written by a newer imaging-scp."""
+
+
+class IndexBusy(Exception):
+    """Other writers left no moment to take the index's tables."""
+
+
+class IndexCorrupt(Exception):
+    """SQLite found the index file damaged (pages overwritten, truncated): what
+    `imaging-scp rebuild` repairs from the files."""
+
+    def __init__(self, path: Path, detail: str):
+        super().__init__(
+            f"the index {path} is damaged ({detail}): run `imaging-scp rebuild` with"
+            " imaging-scp serve stopped; it recreates the index from the stored files and"
+            " keeps the damaged file aside"
+        )
+        self.path = path
+        self.detail = detail
+
+
+# SQLite's primary result codes for a damaged file; an extended code keeps its
+# primary one in the low byte.
+_SQLITE_CORRUPT, _SQLITE_NOTADB = 11, 26
+
+
+def is_corrupt(exc: BaseException) -> bool:
+    """Whether SQLite failed because the database file is damaged ("database
+    disk image is malformed", "file is not a database")."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return (
+        isinstance(exc, sqlite3.DatabaseError)
+        and code is not None
+        and code & 0xFF
+        in (
+            _SQLITE_CORRUPT,
+            _SQLITE_NOTADB,
+        )
+    )
 
 
 @dataclass(frozen=True)
@@ -71,6 +116,31 @@ class IndexLocation:
         if not create and not self.sqlite_path.is_file():
             raise IndexUnreachable(f"no index at {self.sqlite_path}")
         return SQLiteDatabase(self.sqlite_path)
+
+    def corruption(self, exc: BaseException) -> IndexCorrupt | None:
+        """`exc` as IndexCorrupt when it says that the SQLite index is damaged."""
+        if self.is_postgresql or not is_corrupt(exc):
+            return None
+        return IndexCorrupt(self.sqlite_path, str(exc))
+
+    def check_intact(self, *, quick: bool) -> None:
+        """IndexCorrupt when SQLite's own check finds the index file damaged
+        (PostgreSQL, and a SQLite index not created yet, pass). `quick`: PRAGMA
+        quick_check (every page's structure and every row's format, read once)
+        rather than integrity_check (also each table's indexes against its rows:
+        a sort of every index, several times as long)."""
+        if self.is_postgresql or not self.sqlite_path.is_file():
+            return
+        pragma = "quick_check" if quick else "integrity_check"
+        try:
+            with SQLiteDatabase(self.sqlite_path) as db:
+                found = [row[0] for row in db.execute(f"PRAGMA {pragma}({_CHECK_MESSAGES})")]
+        except sqlite3.DatabaseError as exc:
+            if is_corrupt(exc):
+                raise IndexCorrupt(self.sqlite_path, str(exc)) from exc
+            raise
+        if found != ["ok"]:
+            raise IndexCorrupt(self.sqlite_path, "; ".join(found))
 
     def open_reader(self) -> "Database":
         """A read connection: for PostgreSQL, one lent by this process's pool
@@ -180,6 +250,16 @@ class Database:
         """Inside a transaction: hold a lock per key until it ends, taken in one
         order by every writer so that no two wait for each other."""
 
+    def corruption(self, exc: BaseException) -> IndexCorrupt | None:
+        """`exc` as IndexCorrupt when it says that this (SQLite) database's file
+        is damaged."""
+        return None
+
+    def exclude_writers(self, tables: list[str]) -> None:
+        """Inside a transaction: no other connection writes `tables` until it
+        ends (readers go on). SQLite's write transaction excludes every other
+        writer already."""
+
     def lock_schema(self) -> None:
         """Inside a transaction: one node at a time creates or upgrades the schema."""
         self.lock_keys(["imaging-scp schema"])
@@ -257,10 +337,11 @@ class SQLiteDatabase(Database):
     remote = False
     like_ignoring_case = "LIKE"
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, *, read_only: bool = False):
         self.path = Path(path)
+        target = f"{self.path.absolute().as_uri()}?mode=ro" if read_only else self.path
         self.conn = sqlite3.connect(
-            self.path, check_same_thread=False, isolation_level=None, timeout=30
+            target, check_same_thread=False, isolation_level=None, timeout=30, uri=read_only
         )
         self.conn.row_factory = sqlite3.Row
         self._writer_lock: int | None = None  # a descriptor of its WRITER_LOCK_SUFFIX file
@@ -318,6 +399,9 @@ class SQLiteDatabase(Database):
         # two processes never both read and then both try to write.
         self.conn.execute("BEGIN IMMEDIATE")
 
+    def corruption(self, exc: BaseException) -> IndexCorrupt | None:
+        return IndexCorrupt(self.path, str(exc)) if is_corrupt(exc) else None
+
     def another(self) -> "SQLiteDatabase":
         return SQLiteDatabase(self.path)
 
@@ -355,6 +439,27 @@ class SQLiteDatabase(Database):
 
     def set_schema_version(self, version: int) -> None:
         self.execute(f"PRAGMA user_version={int(version)}")
+
+
+# In the -shm file of a database in WAL mode, the byte every connection holds a
+# shared lock on while it is open (SQLite's "DMS" lock: sqlite.org/walformat.html).
+_WAL_INDEX_DMS_LOCK = 128
+
+
+def open_in_another_process(path: Path) -> bool:
+    """Whether another process has the SQLite database at `path` open (in WAL
+    mode, as every imaging-scp connection): a write lock on the -shm file's DMS
+    byte would conflict with its shared one."""
+    try:
+        shm = os.open(f"{path}-shm", os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        probe = struct.pack("hhqqi", fcntl.F_WRLCK, os.SEEK_SET, _WAL_INDEX_DMS_LOCK, 1, 0)
+        holder = fcntl.fcntl(shm, fcntl.F_GETLK, probe)
+        return struct.unpack("hhqqi", holder)[0] != fcntl.F_UNLCK
+    finally:
+        os.close(shm)
 
 
 class Row:
@@ -529,6 +634,30 @@ class PostgresDatabase(Database):
             self._deferred.append(
                 ("SELECT count(pg_advisory_xact_lock(n)) FROM unnest(?::bigint[]) AS n", (numbers,))
             )
+
+    def exclude_writers(self, tables: list[str]) -> None:
+        # EXCLUSIVE conflicts with the ROW EXCLUSIVE lock every INSERT, UPDATE
+        # and DELETE takes on its table, and with nothing a SELECT takes. Never
+        # waiting for one table while holding another: ingest takes them in
+        # more than one order, and a writer holding one and waiting for another
+        # would deadlock with us. So all at once, between writers' transactions.
+        deadline = time.monotonic() + _EXCLUDE_WRITERS_FOR
+        while True:
+            self.execute("SAVEPOINT exclude_writers")
+            try:
+                self.execute(f"LOCK TABLE {', '.join(tables)} IN EXCLUSIVE MODE NOWAIT")
+                return
+            except Exception as exc:
+                if getattr(exc, "sqlstate", None) != "55P03":  # lock_not_available
+                    raise
+                self.execute("ROLLBACK TO SAVEPOINT exclude_writers")
+                if time.monotonic() > deadline:
+                    raise IndexBusy(
+                        f"{', '.join(tables)} of {redact(self.url)} were written without a"
+                        f" pause for {_EXCLUDE_WRITERS_FOR} s: run it again when ingest is"
+                        " quieter"
+                    ) from exc
+            time.sleep(random.uniform(0.001, 0.01))
 
     def another(self) -> "PostgresDatabase":
         return PostgresDatabase.connect(self.url)

@@ -5,18 +5,30 @@ Every instance file records when and from whom it arrived (see
 rows that live ingest produced when it arrived.
 """
 
+import contextlib
 import os
-from collections.abc import Callable, Iterator
+import sqlite3
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 
 from storage import files
 from storage.changes import refresh_study_availability
-from storage.database import WRITER_LOCK_SUFFIX, IndexLocation, SQLiteDatabase
+from storage.database import (
+    MAX_PARAMETERS,
+    WRITER_LOCK_SUFFIX,
+    Database,
+    IndexCorrupt,
+    IndexLocation,
+    SQLiteDatabase,
+    is_corrupt,
+    open_in_another_process,
+)
 from storage.header import HeaderError, read_header
 from storage.index import (
     INDEX_FILENAME,
+    ONLINE,
     TABLES,
     UNAVAILABLE,
     Index,
@@ -25,7 +37,6 @@ from storage.index import (
     Provenance,
     SeriesStudyMismatch,
     replace_rows,
-    utc_now,
 )
 from storage.uids import is_valid_uid
 
@@ -142,6 +153,27 @@ def recover_incoming(index: Index, node: str) -> Recovery:
                 recovery.indexed.append(str(relpath))
         temp.unlink()
     return recovery
+
+
+class IndexBehindFiles(Exception):
+    """The index holds no instance, the data directory does: an index lost or
+    cut to nothing (SQLite takes an empty file for an empty database)."""
+
+
+def check_not_behind_files(index: Index) -> None:
+    """IndexBehindFiles when the index holds no instance while the data
+    directory holds instance files. Reads one row; walks the directory only
+    for an empty index, down to the first file."""
+    if index.conn.execute("SELECT 1 FROM instances LIMIT 1").fetchone():
+        return
+    location = index.location
+    found = next(instance_files(Path(location.data_dir)), None)
+    if found is not None:
+        raise IndexBehindFiles(
+            f"the index {location.describe()} holds no instances, but {location.data_dir}"
+            f" holds instance files ({found}, …): run `imaging-scp rebuild` with imaging-scp"
+            " serve stopped to index them, or give the right --data-dir and index_url"
+        )
 
 
 def _final_name(data_dir: Path, temp: Path) -> PurePosixPath | None:
@@ -312,10 +344,28 @@ class RebuildReport:
     instances: int = 0
     conflicts: int = 0
     unindexable: list[str] = field(default_factory=list)
+    kept_aside: str | None = None  # where the damaged index was moved
+    # What the files cannot tell, taken from the old index: rows per table.
+    carried_over: dict[str, int] = field(default_factory=dict)
+    not_carried_over: list[str] = field(default_factory=list)  # and why
+
+
+class RebuildRefused(Exception):
+    """`rebuild` cannot run now; the message says why and what to do."""
 
 
 REBUILD_SUFFIX = ".rebuild"
+CORRUPT_SUFFIX = ".corrupt-"  # + the UTC time the damaged index was set aside
 _REBUILD_BATCH = 2000
+# What the files cannot tell about a series: an admin's availability, what
+# `verify` marked, the incomplete and committed marks.
+_SERIES_STATE = [
+    "availability",
+    "unavailable_by_verify",
+    "incomplete_reason",
+    "incomplete_since",
+    "committed_at",
+]
 
 
 def rebuild(location: IndexLocation, *, progress: Progress = _no_progress) -> RebuildReport:
@@ -323,18 +373,29 @@ def rebuild(location: IndexLocation, *, progress: Progress = _no_progress) -> Re
 
     The new index is built beside the files (``index.sqlite.rebuild``, a SQLite
     file whatever the live index is; started afresh on every run, so an
-    interrupted rebuild is simply run again), then copied into the live index
-    in one transaction — safe while `serve` runs: instances that arrived during
-    the build are read from their files then. Files are indexed in the order
+    interrupted rebuild is simply run again). Files are indexed in the order
     they were received, so first-value-wins and the modality order come out as
-    live ingest made them.
+    live ingest made them. What the files cannot tell (availability, marks,
+    overwrite history, storage commitments) is taken from the old index.
+
+    A live index is then replaced in one transaction that ingest waits for —
+    safe while `serve` runs: what was indexed after the scan passed its file is
+    indexed again from its file. A damaged SQLite index (or none) is replaced
+    whole: moved aside under a dated name, with what can still be read of it
+    carried over (RebuildRefused while another process has it open).
     """
     data_dir = Path(location.data_dir)
-    started_at = utc_now()
+    damage = _damage(location)
+    replace_file = not location.is_postgresql and (
+        damage is not None or not location.sqlite_path.exists()
+    )
+    if replace_file:
+        _refuse_if_open(location.sqlite_path)
     scratch_path = data_dir / (INDEX_FILENAME + REBUILD_SUFFIX)
     _remove_database(scratch_path)
     report = RebuildReport()
     scratch = Index(SQLiteDatabase(scratch_path))
+    built = False
     try:
         order = _arrival_order(data_dir, report)
         for start in range(0, len(order), _REBUILD_BATCH):
@@ -347,11 +408,44 @@ def rebuild(location: IndexLocation, *, progress: Progress = _no_progress) -> Re
                         report.unindexable.append(str(exc))
                     progress(1)
         report.conflicts = _rebuild_conflicts(scratch, data_dir, report)
-        _replace_live_rows(location, scratch, started_at, report)
+        if not replace_file:
+            _replace_live_rows(location, scratch, report)
+        elif damage is not None:
+            _carry_over_damaged(location.sqlite_path, scratch, data_dir, report)
+        else:
+            report.not_carried_over.append(
+                f"no index was at {location.sqlite_path}: availability set by an admin,"
+                " incomplete and complete marks, the overwrite history and storage"
+                " commitments start afresh"
+            )
+        built = True
     finally:
-        scratch.close()
-        _remove_database(scratch_path)
+        scratch.close()  # the last connection: its WAL goes into the file
+        if not built:
+            _remove_database(scratch_path)
+    if replace_file:
+        if damage is not None:
+            _refuse_if_open(location.sqlite_path)  # opened since the start? Then it stays.
+            report.kept_aside = str(_set_aside(location.sqlite_path))
+        _put_in_place(scratch_path, location.sqlite_path)
+    _remove_database(scratch_path)
     return report
+
+
+def _refuse_if_open(path: Path) -> None:
+    if open_in_another_process(path):
+        raise RebuildRefused(
+            f"{path} is open in another process (imaging-scp serve?): a damaged index is"
+            " replaced, not written to; stop that process and run rebuild again"
+        )
+
+
+def _damage(location: IndexLocation) -> IndexCorrupt | None:
+    try:
+        location.check_intact(quick=False)
+    except IndexCorrupt as exc:
+        return exc
+    return None
 
 
 def rebuild_size(data_dir: Path) -> int:
@@ -397,37 +491,172 @@ def _rebuild_conflicts(scratch: Index, data_dir: Path, report: RebuildReport) ->
 _TABLES = ["studies", "series", "instances", "conflicts"]
 
 
-def _replace_live_rows(
-    location: IndexLocation, scratch: Index, started_at: str, report: RebuildReport
-) -> None:
+def _replace_live_rows(location: IndexLocation, scratch: Index, report: RebuildReport) -> None:
     live = Index.open(location)
     try:
         with live.writing():
-            arrived_during_build = [
-                relpath
-                for relpath, uid in live.conn.execute(
-                    "SELECT path, sop_instance_uid FROM instances WHERE received_at >= ?"
-                    " ORDER BY received_at",
-                    (started_at,),
-                ).fetchall()
-                if scratch.stored_digest(uid) is None
-            ]
-            # No file tells of a refused instance (nothing of it was kept): its
-            # record is carried over from the live index.
-            columns = [name for name in TABLES["conflicts"][0] if name != "id"]
-            refused = live.conn.execute(
-                f"SELECT {', '.join(columns)} FROM conflicts WHERE action = 'refused'"
-            ).fetchall()
+            # Ingest waits from here to the COMMIT, so every instance answered
+            # Success before it is in the live rows read now.
+            live.conn.exclude_writers(_TABLES)
+            indexed_meanwhile = _indexed_since_scan(live.conn, scratch.conn)
+
+            def rows(table: str, columns: list[str]):
+                return live.conn.execute(f"SELECT {', '.join(columns)} FROM {table}")
+
+            with scratch.writing():
+                _carry_over(rows, scratch, Path(location.data_dir), report, commitments=False)
             replace_rows(scratch.conn, live.conn, _TABLES)
-            live.conn.insert_rows("conflicts", columns, refused)
-            for relpath in arrived_during_build:
+            for relpath in indexed_meanwhile:
                 try:
                     index_file(live, entry_for_file(location.data_dir, PurePosixPath(relpath)))
                     report.instances += 1
+                except FileNotFoundError:  # deleted since: neither file nor row
+                    pass
                 except UnindexableFile as exc:
                     report.unindexable.append(str(exc))
     finally:
         live.close()
+
+
+def _indexed_since_scan(live: Database, scratch: Database) -> list[str]:
+    """The paths of the instances the live index holds and the scratch one
+    lacks, in the order they arrived: stored after the scan of the files passed
+    their place (or in flight when it began)."""
+    missing: list[tuple[str, str]] = []
+
+    def look_up(batch: list) -> None:
+        known = {
+            row[0]
+            for row in scratch.rows_in(
+                "SELECT sop_instance_uid FROM instances WHERE sop_instance_uid IN (?)",
+                [uid for uid, _, _ in batch],
+            )
+        }
+        missing.extend((received, path) for uid, path, received in batch if uid not in known)
+
+    batch = []
+    for row in live.stream("SELECT sop_instance_uid, path, received_at FROM instances"):
+        batch.append(tuple(row))
+        if len(batch) == MAX_PARAMETERS:
+            look_up(batch)
+            batch = []
+    look_up(batch)
+    return [path for _, path in sorted(missing)]
+
+
+def _carry_over(
+    rows: Callable[[str, list[str]], Iterable],
+    scratch: Index,
+    data_dir: Path,
+    report: RebuildReport,
+    *,
+    commitments: bool,
+) -> None:
+    """Into the scratch index (inside its `writing()`), from the old index's
+    rows (`rows(table, columns)`): what the files cannot tell."""
+    db = scratch.conn
+    carried = report.carried_over
+    states = [(*row[1:], row[0]) for row in rows("series", ["series_uid", *_SERIES_STATE])]
+    db.executemany(
+        f"UPDATE series SET {', '.join(f'{c} = ?' for c in _SERIES_STATE)} WHERE series_uid = ?",
+        states,
+    )
+    carried["series"] = len(states)
+    for (study_uid,) in db.execute(
+        "SELECT DISTINCT study_uid FROM series WHERE availability != ?", (ONLINE,)
+    ).fetchall():
+        refresh_study_availability(scratch, study_uid)
+    # The overwrite history is in the index only; a copy kept aside while the
+    # files were scanned has its file, but not yet its row.
+    columns = [c for c in TABLES["conflicts"][0] if c != "id"]
+    kept = {row[0] for row in db.execute("SELECT path FROM conflicts")}
+    history = [
+        row
+        for row in rows("conflicts", columns)
+        if row[1] != "kept-aside" or (row[2] not in kept and (data_dir / row[2]).exists())
+    ]
+    carried["conflicts"] = db.insert_rows("conflicts", columns, history)
+    if commitments:
+        for table in ("commitments", "commitment_items"):
+            carried[table] = db.insert_rows(
+                table, list(TABLES[table][0]), rows(table, list(TABLES[table][0]))
+            )
+
+
+def _carry_over_damaged(path: Path, scratch: Index, data_dir: Path, report: RebuildReport) -> None:
+    """`_carry_over` from a damaged SQLite file: every row that can still be
+    read; what cannot is reported."""
+    unreadable: dict[str, str] = {}
+    old = SQLiteDatabase(path, read_only=True)
+    try:
+
+        def rows(table: str, columns: list[str]):
+            return _readable_rows(old, table, columns, unreadable)
+
+        with scratch.writing():
+            _carry_over(rows, scratch, data_dir, report, commitments=True)
+            carried_series = {row[0] for row in _readable_rows(old, "series", ["series_uid"], {})}
+            unknown = [
+                uid
+                for (uid,) in scratch.conn.execute("SELECT series_uid FROM series")
+                if uid not in carried_series
+            ]
+    finally:
+        old.close()
+    what = {
+        "series": "availability set by an admin or by verify, incomplete and complete marks",
+        "conflicts": "the history of overwrite resends",
+        "commitments": "storage commitment requests and their results",
+        "commitment_items": "the instances of storage commitment requests",
+    }
+    for table, problem in unreadable.items():
+        lost = what.get(table, table)
+        if table == "series" and unknown:
+            lost += f" of {len(unknown)} series (now ONLINE, unmarked), e.g. {unknown[0]}"
+        report.not_carried_over.append(f"{table}: {lost}: partly unreadable ({problem})")
+
+
+def _readable_rows(db: Database, table: str, columns: list[str], unreadable: dict[str, str]):
+    """The rows of `table` that a damaged SQLite file still gives, in rowid
+    order: past a damaged page, reading goes on at a rowid further on (twice as
+    far at each failure), so the rows of the pages after it come back too.
+    `unreadable[table]` says why rows were skipped."""
+    sql = f"SELECT rowid, {', '.join(columns)} FROM {table} WHERE rowid > ? ORDER BY rowid"
+    after, skip = 0, 1
+    while skip < 1 << 40:
+        try:
+            for row in db.execute(sql, (after,)):
+                after, skip = row[0], 1
+                yield tuple(row[1:])
+            return
+        except sqlite3.DatabaseError as exc:
+            unreadable.setdefault(table, str(exc))
+            if not is_corrupt(exc):  # not there at all (an index of an older version)
+                return
+            after, skip = after + skip, skip * 2
+
+
+def _set_aside(path: Path) -> Path:
+    """Move a damaged SQLite file and its -wal and -shm to a dated name."""
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    aside = path.with_name(f"{path.name}{CORRUPT_SUFFIX}{stamp}")
+    # Its WAL first: left beside the new file, SQLite would read it as the new one's.
+    for suffix in ("-wal", "-shm", ""):
+        with contextlib.suppress(FileNotFoundError):
+            os.rename(f"{path}{suffix}", f"{aside}{suffix}")
+    files.fsync_directory(path.parent)
+    return aside
+
+
+def _put_in_place(scratch_path: Path, path: Path) -> None:
+    try:
+        os.link(scratch_path, path)  # never over an index another process created meanwhile
+    except FileExistsError as exc:
+        raise RebuildRefused(
+            f"an index appeared at {path} while rebuild ran (imaging-scp serve started?):"
+            " stop it and run rebuild again"
+        ) from exc
+    files.fsync_directory(path.parent)
 
 
 class MigrationRefused(Exception):

@@ -47,6 +47,7 @@ class Refusal(enum.Enum):
     OTHER_PATIENT = "other-patient"  # than its study's: listed in conflicts
     OUT_OF_SPACE = "out-of-space"
     WRITE_FAILED = "write-failed"
+    INDEX_CORRUPT = "index-corrupt"  # the reason names the file and what to do
 
 
 class StoreRefused(Exception):
@@ -227,9 +228,7 @@ class InstanceStore:
                 self.index.commit_together(work, lock_key=header.study_uid)
         except database_errors() as exc:
             self._undo_placing(temp, result)
-            if is_out_of_space(exc):
-                raise StoreRefused(Refusal.OUT_OF_SPACE, "index: no space left on disk") from exc
-            raise StoreRefused(Refusal.WRITE_FAILED, f"index write failed: {exc}") from exc
+            raise self.index_refusal(exc, "index write failed") from exc
         except OSError as exc:
             self._undo_placing(temp, result)
             raise StoreRefused(_refusal_for(exc), f"placing failed: {exc.strerror}") from exc
@@ -259,6 +258,20 @@ class InstanceStore:
             )
         except database_errors() as exc:
             refused.reason += f"; not listed in conflicts: {exc}"
+
+    def index_refusal(self, exc: BaseException, failed: str) -> StoreRefused:
+        """Why the index failed an instance: a full disk, a damaged SQLite file
+        (the admin must rebuild it), or the error itself after `failed`."""
+        if is_out_of_space(exc):
+            return StoreRefused(Refusal.OUT_OF_SPACE, "index: no space left on disk")
+        damage = self.index.conn.corruption(exc)
+        if damage is not None:
+            return StoreRefused(
+                Refusal.INDEX_CORRUPT,
+                str(damage),
+                comment="receiver's index is damaged: its admin must run rebuild",
+            )
+        return StoreRefused(Refusal.WRITE_FAILED, f"{failed}: {exc}")
 
     def _identical(self, known: StoredDigest | None, sha256: str) -> bool:
         return known is not None and known.sha256 == sha256 and self._intact(known)
@@ -441,7 +454,11 @@ class IncomingInstance:
             self.temp.discard()
             raise
         self.timings["check"] = _ms_since(started)
-        return self.store.keep_received(self, header)
+        try:
+            return self.store.keep_received(self, header)
+        except database_errors() as exc:  # a look at the index before its transaction
+            self.temp.discard()
+            raise self.store.index_refusal(exc, "index read failed") from exc
 
     def discard(self) -> None:
         """The transfer broke off: leave nothing behind."""

@@ -567,3 +567,95 @@ def test_delete_series_and_study(server, tmp_path):
 
 def test_commands_say_clearly_when_there_is_no_index(tmp_path):
     one_error_line(cli("studies", data_dir=tmp_path / "empty", check=False), 1, "no index")
+
+
+def test_rebuild_beside_a_live_ingest_keeps_every_acknowledged_instance(server, tmp_path):
+    """An instance answered Success while rebuild scans the files and builds its
+    scratch index keeps its row once rebuild replaces the live rows — also one
+    whose transfer began before rebuild did and ended after the scan passed."""
+    import subprocess
+    import threading
+
+    from tests.conftest import IMAGING_SCP, assert_nothing_half_written
+    from tests.test_hostile import EXPLICIT_LE, RawAssociation, c_store_rq, p_data
+
+    data = server.data_dir
+    before = [make_instance(tmp_path / "before", study_uid=generate_uid(),
+                            series_uid=generate_uid()) for _ in range(300)]  # fmt: skip
+    assert {s.status for s in send_files(server.port, before)} == {0}
+    # Its first fragment now (the instance's received time), its last one once
+    # rebuild has begun to scan.
+    slow = make_instance(tmp_path / "slow", study_uid=generate_uid(), series_uid=generate_uid())
+    slow_uid = pydicom.dcmread(slow).SOPInstanceUID
+    slow_bytes = dataset_bytes(slow)
+    assoc = RawAssociation(server.port, [(1, CT_IMAGE_STORAGE, [EXPLICIT_LE])])
+    assoc.sock.sendall(
+        p_data(1, c_store_rq(CT_IMAGE_STORAGE, slow_uid), command=True)
+        + p_data(1, slow_bytes[:1000], command=False, last=False)
+    )
+    acknowledged: list[str] = []
+    rebuilt = threading.Event()
+
+    def send_while_rebuilding():
+        while not rebuilt.is_set():
+            path = make_instance(tmp_path / "during", study_uid=generate_uid(),
+                                 series_uid=generate_uid())  # fmt: skip
+            if send_files(server.port, [path])[0].status == 0:
+                acknowledged.append(str(pydicom.dcmread(path).SOPInstanceUID))
+
+    sender = threading.Thread(target=send_while_rebuilding)
+    sender.start()
+    try:
+        rebuild = subprocess.Popen(
+            [IMAGING_SCP, "rebuild", *server.index_flags],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        scratch = data / "index.sqlite.rebuild"
+        deadline = time.monotonic() + 30
+        while not _has_schema(scratch):  # the scan of the files begins right after
+            assert rebuild.poll() is None and time.monotonic() < deadline, rebuild.stderr
+            time.sleep(0.01)
+        assoc.sock.sendall(p_data(1, slow_bytes[1000:], command=False, last=True))
+        assert assoc.next_response().status == 0
+        assoc.release()
+        out, err = rebuild.communicate(timeout=120)
+        assert rebuild.returncode == 0, err
+    finally:
+        rebuilt.set()
+        sender.join(60)
+    assert acknowledged  # the sender did send during the rebuild
+    # Every row has its file and every file its row; every Success is indexed.
+    assert_nothing_half_written(server)
+    indexed = {row[0] for row in index_of(data).execute("SELECT sop_instance_uid FROM instances")}
+    assert {slow_uid, *acknowledged} <= indexed
+    assert cli("verify", data_dir=data).returncode == 0
+
+
+def _has_schema(path: Path) -> bool:
+    import sqlite3
+
+    if not path.exists():
+        return False
+    try:
+        with sqlite3.connect(path) as db:
+            found = db.execute("SELECT 1 FROM sqlite_schema WHERE name = 'instances'").fetchone()
+        db.close()
+        return found is not None
+    except sqlite3.Error:
+        return False
+
+
+def test_rebuild_keeps_the_availability_an_admin_set(server, tmp_path):
+    """The files cannot tell it: rebuild takes it from the index it replaces."""
+    study = generate_uid()
+    sent = [make_instance(tmp_path, study_uid=study, series_uid=generate_uid()) for _ in range(2)]
+    assert {s.status for s in send_files(server.port, sent)} == {0}
+    data = server.data_dir
+    cli("availability", "set", "--study", study, "offline", data_dir=data)
+    rebuild = cli("rebuild", data_dir=data)
+    shown = _study(data, study)
+    assert shown["availability"] == "OFFLINE"
+    assert {s["availability"] for s in shown["series"]} == {"OFFLINE"}
+    assert "carried over from the old index" in rebuild.stdout
