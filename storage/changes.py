@@ -177,7 +177,11 @@ def delete(
 
 DELETIONS_DIR = PurePosixPath(files.INCOMING_DIR, ".deletions")
 _JOURNAL_SUFFIX = ".json"
-_TURN_SECONDS = 0.1
+_TURN_SECONDS = 0.02
+# Between two turns: flock() (SQLite's turns) hands the lock to no waiter in
+# particular, and without a pause the deletion would take it again before a
+# waiting ingest has woken up.
+_BETWEEN_TURNS = 0.002
 _CHECKED_AT_ONCE = 500  # paths whose rows one turn looks up
 
 
@@ -275,6 +279,8 @@ def _remove_files(
                 # In the turn: an instance linked again under it (`_place`)
                 # finds its directory.
                 _remove_empty(data_dir, parents)
+        if pending:
+            time.sleep(_BETWEEN_TURNS)
 
 
 def _remove_empty(data_dir: Path, directories: set[Path]) -> None:
