@@ -288,17 +288,21 @@ def test_verify_does_not_call_files_missing_that_a_deletion_removed_meanwhile(
     assert_index_and_files_agree(server)
 
 
-def test_a_deletion_cut_short_after_its_commit_is_finished_by_serve(
-    server_factory, tmp_path, slowed
+@pytest.mark.parametrize("finisher", ["serve", "delete"])
+def test_a_deletion_cut_short_after_its_commit_is_finished_later(
+    server_factory, tmp_path, slowed, finisher
 ):
     """Killed between the COMMIT that deleted its rows and its first unlink:
     the files left are no unknown files for verify (nor indexed again by
-    --repair), and the next start of serve removes them — but one received
-    again since, which it keeps."""
+    --repair); the next start of serve, or the next delete, removes them — but
+    one received again since, which it keeps."""
     server = server_factory()
     study, series = generate_uid(), generate_uid()
     sent = [make_instance(tmp_path / "in", study_uid=study, series_uid=series) for _ in range(3)]
-    assert all_success(send_files(server.port, sent))
+    other_study = make_instance(
+        tmp_path / "in", study_uid=generate_uid(), series_uid=generate_uid()
+    )
+    assert all_success(send_files(server.port, [*sent, other_study]))
     code, output = finished(
         admin(
             server,
@@ -310,16 +314,41 @@ def test_a_deletion_cut_short_after_its_commit_is_finished_by_serve(
         )
     )
     assert code == -9, output
-    assert rows(server, "SELECT 1 FROM instances") == []
-    assert len(list(server.data_dir.rglob("*.dcm"))) == 3
+    assert rows(server, "SELECT 1 FROM instances WHERE study_uid = ?", (study,)) == []
+    assert len(list((server.data_dir / study).rglob("*.dcm"))) == 3
     for command in (["verify"], ["verify", "--repair"]):
         code, output = finished(admin(server, *command, "--json"))
         report = json.loads(output)
         assert (code, report["unknownFiles"], report["repaired"]) == (0, [], []), output
-    assert rows(server, "SELECT 1 FROM instances") == []
+    assert rows(server, "SELECT 1 FROM instances WHERE study_uid = ?", (study,)) == []
     assert all_success(send_files(server.port, sent[:1]))  # received again
-    server.stop()
-    server = server_factory(data_dir=server.data_dir)
-    assert server.events("startup.recovered")[0]["finished_deletions"] == 1
+    if finisher == "serve":
+        server.stop()
+        server = server_factory(data_dir=server.data_dir)
+        assert server.events("startup.recovered")[0]["finished_deletions"] == 1
+    else:
+        other = rows(server, "SELECT study_uid FROM instances WHERE study_uid != ?", (study,))
+        code, output = finished(admin(server, "delete", "--study", other[0][0], "--yes"))
+        assert code == 0, output
     assert_index_and_files_agree(server)
     assert [stored(server, sop_uid(path)) for path in sent] == [True, False, False]
+
+
+def test_serve_starts_past_a_deletion_journal_cut_short(server_factory, tmp_path):
+    """Cut short while it was written, so before its deletion's COMMIT: the
+    rows are there, their files stay; the journal is dropped."""
+    server = server_factory()
+    study, series = generate_uid(), generate_uid()
+    source = make_instance(tmp_path / "in", study_uid=study, series_uid=series)
+    assert all_success(send_files(server.port, [source]))
+    path = rows(server, "SELECT sop_instance_uid, path FROM instances")[0]
+    server.stop()
+    journals = server.data_dir / ".incoming" / ".deletions"
+    journals.mkdir()
+    whole = json.dumps({"study_uid": study, "instance_files": [path]})
+    (journals / "1-1.json").write_text(whole[: len(whole) // 2])
+    server = server_factory(data_dir=server.data_dir)
+    assert server.events("startup.recovered")[0]["finished_deletions"] == 1
+    assert list(journals.iterdir()) == []
+    assert_index_and_files_agree(server)
+    assert stored(server, sop_uid(source))
