@@ -187,21 +187,24 @@ _CHECKED_AT_ONCE = 500  # paths whose rows one turn looks up
 
 def finish_deletions(index: Index, data_dir: Path) -> int:
     """Remove the files of deletions a crash interrupted (each journal's, but
-    those an instance row points at again); returns how many journals."""
-    journals = _journals(Path(data_dir))
-    for journal in journals:
+    those an instance row points at again); returns how many journals it
+    finished or dropped."""
+    finished = 0
+    for journal in _journals(Path(data_dir)):
         try:
             content = json.loads(journal.read_text())
         except FileNotFoundError:  # finished meanwhile, by another process
             continue
         except ValueError:  # cut short by the crash, so before the rows' COMMIT
             journal.unlink(missing_ok=True)
+            finished += 1
             continue
         study_uid = content["study_uid"]
         instance_files = [tuple(pair) for pair in content["instance_files"]]
         _remove_files(index, Path(data_dir), study_uid, instance_files, lambda _: None)
         journal.unlink(missing_ok=True)
-    return len(journals)
+        finished += 1
+    return finished
 
 
 def files_being_deleted(data_dir: Path) -> set[str]:
