@@ -31,6 +31,7 @@ from scp.logs import error_line
 from scp.reports import Reporter
 from scp.store_service import StoreService
 from scp.tls import server_context
+from storage.changes import finish_deletions
 from storage.database import IndexCorrupt, IndexUnreachable, SchemaTooNew, database_errors
 from storage.index import Index
 from storage.maintenance import IndexBehindFiles, check_not_behind_files, recover_incoming
@@ -205,14 +206,16 @@ def recover(config: Config) -> None:
     index = Index.open(config.index_location)
     try:
         recovery = recover_incoming(index, config.node)
+        deletions = finish_deletions(index, config.data_dir)
         check_not_behind_files(index)
     finally:
         index.close()
-    if recovery.removed or recovery.indexed:
+    if recovery.removed or recovery.indexed or deletions:
         log.warning(
             "startup.recovered",
             removed_temp_files=recovery.removed,
             indexed_files=recovery.indexed,
+            finished_deletions=deletions,
         )
 
 

@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 
 from storage import files
-from storage.changes import refresh_study_availability
+from storage.changes import files_being_deleted, refresh_study_availability
 from storage.database import (
     MAX_PARAMETERS,
     WRITER_LOCK_SUFFIX,
@@ -258,14 +258,14 @@ def verify(
     data_dir = Path(data_dir)
     report = VerifyReport()
     reader = index.conn.another()
-    damaged_series: dict[str, str] = {}
-    for relpath, size, sha256, series_uid, study_uid in reader.execute(
-        "SELECT path, size, sha256, series_uid, study_uid FROM instances"
+    missing: list[tuple[str, str, str, str]] = []  # path, SOP Instance UID, series, study
+    for relpath, size, sha256, uid, series_uid, study_uid in reader.execute(
+        "SELECT path, size, sha256, sop_instance_uid, series_uid, study_uid FROM instances"
     ):
         report.checked += 1
         progress(1)
         if not _check_file(data_dir, relpath, size, sha256, checksum, report):
-            damaged_series[series_uid] = study_uid
+            missing.append((relpath, uid, series_uid, study_uid))
     # Copies kept aside are the only copy of what a sender sent the second time:
     # each must be where the index says, as it arrived.
     for relpath, size, sha256 in reader.execute(
@@ -279,9 +279,22 @@ def verify(
         ).fetchall()
     )
     reader.close()
-    recovered = {uid: study for uid, study in marked_by_verify.items() if uid not in damaged_series}
-    if damaged_series or recovered:
-        with index.writing(lock_keys={*damaged_series.values(), *recovered.values()}):
+    studies = {*(study for *_, study in missing), *marked_by_verify.values()}
+    damaged_series: dict[str, str] = {}
+    recovered: dict[str, str] = {}
+    if studies:
+        with index.writing(lock_keys=studies):
+            # In the studies' turn, which ingest and deletion take too: a file
+            # missing since the look above because a deletion removed it with
+            # its row, or back because a resend restored it, is not missing.
+            for relpath, uid, series_uid, study_uid in missing:
+                if _still_missing(index, data_dir, relpath, uid):
+                    damaged_series[series_uid] = study_uid
+                else:
+                    report.missing.remove(relpath)
+            recovered = {
+                uid: study for uid, study in marked_by_verify.items() if uid not in damaged_series
+            }
             for series_uid, study_uid in damaged_series.items():
                 # An admin's UNAVAILABLE stays the admin's: only another value is
                 # remembered, to be given back once the files are.
@@ -302,6 +315,12 @@ def verify(
         report.available_again = sorted(recovered)
     _find_unknown_files(index, data_dir, report, repair)
     return report
+
+
+def _still_missing(index: Index, data_dir: Path, relpath: str, sop_instance_uid: str) -> bool:
+    """Inside `writing()`: whether an indexed file found missing still is."""
+    known = index.stored_digest(sop_instance_uid)
+    return known is not None and known.path == relpath and not (data_dir / relpath).exists()
 
 
 def _check_file(
@@ -325,7 +344,9 @@ def _find_unknown_files(index: Index, data_dir: Path, report: VerifyReport, repa
     for relpath in instance_files(data_dir):
         sop_instance_uid = relpath.name.removesuffix(files.INSTANCE_SUFFIX)
         known = index.digest_hint(sop_instance_uid)
-        if known is not None and known.path == str(relpath):
+        if (known is not None and known.path == str(relpath)) or _coming_or_going(
+            data_dir, relpath
+        ):
             continue
         report.unknown_files.append(str(relpath))
         if not repair:
@@ -333,10 +354,25 @@ def _find_unknown_files(index: Index, data_dir: Path, report: VerifyReport, repa
         try:
             entry = entry_for_file(data_dir, relpath)
             with index.writing(lock_keys=[entry.header.study_uid]):
-                if index_file(index, entry):
+                # Again in the study's turn, which ingest and deletion take too:
+                # what is placed or removed now is theirs.
+                if not _coming_or_going(data_dir, relpath) and index_file(index, entry):
                     report.repaired.append(str(relpath))
         except UnindexableFile as exc:
             report.unindexable.append(str(exc))
+
+
+def _coming_or_going(data_dir: Path, relpath: PurePosixPath) -> bool:
+    """Whether a file the index does not know is one an ingest is placing (it
+    is linked to its temp file in `.incoming` until the ingest's transaction
+    has committed, or a crash's startup recovery has indexed it), one a
+    deletion is removing (its journal names it), or gone."""
+    try:
+        if (data_dir / relpath).stat().st_nlink > 1:
+            return True
+    except FileNotFoundError:
+        return True
+    return str(relpath) in files_being_deleted(data_dir)
 
 
 @dataclass
