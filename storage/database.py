@@ -13,13 +13,18 @@ import errno
 import fcntl
 import hashlib
 import itertools
+import math
 import os
 import re
+import secrets
+import socket
 import sqlite3
 import sys
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -43,6 +48,11 @@ class SchemaTooNew(Exception):
     """The index was written by a newer imaging-scp."""
 
 
+class IndexTimedOut(Exception):
+    """The index did not answer, or its write lock was not free, within the
+    bound (index_timeout)."""
+
+
 @dataclass(frozen=True)
 class IndexLocation:
     """The files of one archive and where its index is: `url` empty = the SQLite
@@ -63,14 +73,15 @@ class IndexLocation:
         """For messages: the SQLite path, or the URL without its password."""
         return redact(self.url) if self.url else str(self.sqlite_path)
 
-    def open(self, *, create: bool = False) -> "Database":
+    def open(self, *, create: bool = False, timeout: float | None = None) -> "Database":
         """A connection of its own. Without `create`, a missing SQLite index is
-        IndexUnreachable (the admin commands never create one)."""
+        IndexUnreachable (the admin commands never create one). `timeout`: the
+        seconds connecting, and waiting for SQLite's write lock, may take."""
         if self.url:
-            return PostgresDatabase.connect(self.url)
+            return PostgresDatabase.connect(self.url, timeout=timeout)
         if not create and not self.sqlite_path.is_file():
             raise IndexUnreachable(f"no index at {self.sqlite_path}")
-        return SQLiteDatabase(self.sqlite_path)
+        return SQLiteDatabase(self.sqlite_path, timeout=timeout or 30)
 
     def open_reader(self) -> "Database":
         """A read connection: for PostgreSQL, one lent by this process's pool
@@ -109,6 +120,11 @@ def database_errors() -> tuple[type[BaseException], ...]:
     if "psycopg" in sys.modules:
         return (sqlite3.Error, sys.modules["psycopg"].Error)
     return (sqlite3.Error,)
+
+
+def is_locked(exc: BaseException) -> bool:
+    """SQLite's busy timeout ran out: another process holds the write lock."""
+    return isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc)
 
 
 def is_out_of_space(exc: BaseException) -> bool:
@@ -170,11 +186,26 @@ class Database:
     def begin(self) -> None:
         raise NotImplementedError
 
-    def writers_turn(self) -> contextlib.AbstractContextManager:
+    def writers_turn(self, timeout: float | None = None) -> contextlib.AbstractContextManager:
         """Around one write transaction (`prepare_writer` first): wait while
-        another process writes to this database. PostgreSQL needs nothing here:
-        its transactions wait for each other's locks on the server."""
+        another process writes to this database, IndexTimedOut after `timeout`
+        seconds. PostgreSQL needs nothing here: its transactions wait for each
+        other's locks on the server."""
         return contextlib.nullcontext()
+
+    @property
+    def broken(self) -> bool:
+        """The connection is lost (the server went away, or `interrupt` cut it):
+        `reopen` before using it again."""
+        return False
+
+    def interrupt(self) -> None:
+        """From another thread: make what this connection waits for fail now."""
+
+    def reopen(self, timeout: float) -> None:
+        """A new connection in place of a lost one, as this object: whoever holds
+        it uses the new one. The lost one's transaction has ended on the server
+        when this returns (committed or not: read back what it wrote)."""
 
     def lock_keys(self, keys: list[str]) -> None:
         """Inside a transaction: hold a lock per key until it ends, taken in one
@@ -254,13 +285,19 @@ class SQLiteDatabase(Database):
     remote = False
     like_ignoring_case = "LIKE"
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, timeout: float = 30):
         self.path = Path(path)
+        self.timeout = timeout  # SQLite's busy timeout: waiting for its write lock
         self.conn = sqlite3.connect(
-            self.path, check_same_thread=False, isolation_level=None, timeout=30
+            self.path, check_same_thread=False, isolation_level=None, timeout=timeout
         )
         self.conn.row_factory = sqlite3.Row
         self._writer_lock: int | None = None  # a descriptor of its WRITER_LOCK_SUFFIX file
+        # Waits for another process's turn (only then: a free lock is taken at
+        # once), in a thread of its own so that the wait can be given up.
+        self._turn_waiter: ThreadPoolExecutor | None = None
+        self._given_up: Future | None = None  # a wait given up, still in the kernel
+        self._turns = threading.Lock()
 
     def execute(self, sql: str, params=()):
         return self.conn.execute(sql, params)
@@ -293,22 +330,52 @@ class SQLiteDatabase(Database):
         self._writer_lock = lock
 
     @contextlib.contextmanager
-    def writers_turn(self) -> Iterator[None]:
+    def writers_turn(self, timeout: float | None = None) -> Iterator[None]:
         # SQLite alone makes a second process's BEGIN IMMEDIATE fail with
         # SQLITE_BUSY and its busy handler sleep 1, 2, 5, 10 … ms before trying
         # again: with `workers` > 1, most of an instance's wait for the index.
         # The kernel wakes a writer waiting in flock() the moment the lock is
         # free, so a process meets SQLite's write lock only when it is free.
-        # The wait has no timeout (as a PostgreSQL lock's): the turn ends with
-        # the other process's transaction, or with that process.
+        # The wait ends after `timeout` (index_timeout): a process that holds
+        # the lock for longer (an admin's long transaction, a `sqlite3` shell)
+        # must not hold senders for ever.
         if self._writer_lock is None:
             yield
             return
-        fcntl.flock(self._writer_lock, fcntl.LOCK_EX)
+        self._take_turn(self.timeout if timeout is None else timeout)
         try:
             yield
         finally:
             fcntl.flock(self._writer_lock, fcntl.LOCK_UN)
+
+    def _take_turn(self, timeout: float) -> None:
+        lock = self._writer_lock
+        with self._turns:
+            # While a given-up wait is still in the kernel, a non-blocking flock
+            # would find this descriptor's own lock, taken by that wait and about
+            # to be let go: wait behind it instead.
+            if self._given_up is None or self._given_up.done():
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    return
+                except BlockingIOError:
+                    pass
+            if self._turn_waiter is None:
+                self._turn_waiter = ThreadPoolExecutor(1, "imaging-scp-writers-turn")
+            turn = _Turn()
+            waited = self._turn_waiter.submit(_wait_for_turn, lock, turn)
+        try:
+            waited.result(timeout)
+        except FutureTimeout:
+            with turn.lock:
+                if not turn.taken:
+                    turn.given_up = True
+                    self._given_up = waited
+                    raise IndexTimedOut(
+                        f"index did not answer within {self.timeout:g} s (another process"
+                        f" holds the write lock of {self.path}: `fuser"
+                        f" {self.path}{WRITER_LOCK_SUFFIX}` names it)"
+                    ) from None
 
     def begin(self) -> None:
         # IMMEDIATE: take the write lock now, not at the first write, so that
@@ -316,10 +383,12 @@ class SQLiteDatabase(Database):
         self.conn.execute("BEGIN IMMEDIATE")
 
     def another(self) -> "SQLiteDatabase":
-        return SQLiteDatabase(self.path)
+        return SQLiteDatabase(self.path, self.timeout)
 
     def close(self) -> None:
         self.conn.close()
+        if self._turn_waiter is not None:
+            self._turn_waiter.shutdown(wait=False, cancel_futures=True)
         if self._writer_lock is not None:
             os.close(self._writer_lock)
             self._writer_lock = None
@@ -350,6 +419,24 @@ class SQLiteDatabase(Database):
 
     def set_schema_version(self, version: int) -> None:
         self.execute(f"PRAGMA user_version={int(version)}")
+
+
+@dataclass
+class _Turn:
+    """One wait for the writer lock, as `SQLiteDatabase._take_turn` hands it over."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    taken: bool = False
+    given_up: bool = False
+
+
+def _wait_for_turn(lock: int, turn: _Turn) -> None:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    with turn.lock:
+        if turn.given_up:  # its writer answered its senders already
+            fcntl.flock(lock, fcntl.LOCK_UN)
+        else:
+            turn.taken = True
 
 
 class Row:
@@ -415,24 +502,67 @@ class PostgresDatabase(Database):
     remote = True
     like_ignoring_case = "ILIKE"
 
-    def __init__(self, url: str, conn, pool=None):
+    def __init__(self, url: str, conn, pool=None, name: str = "", timeout: float | None = None):
         self.url = url
         self.conn = conn
         self._pool = pool
         self._deferred: list[tuple[str, tuple]] = []
+        # The session's application_name, unique: what `reopen` finds it by on
+        # the server (a backend's pid alone may be another's after a restart).
+        self.name = name
+        self.pid = conn.info.backend_pid
+        self.timeout = timeout
+        self._writer = False
 
     @classmethod
-    def connect(cls, url: str) -> "PostgresDatabase":
+    def connect(cls, url: str, timeout: float | None = None) -> "PostgresDatabase":
         import psycopg
 
+        name = f"imaging-scp {secrets.token_hex(6)}"
+        options = {"application_name": name}
+        if timeout is not None:  # libpq: whole seconds, 2 at least
+            options["connect_timeout"] = max(2, math.ceil(timeout))
         try:
-            conn = psycopg.connect(url, autocommit=True, row_factory=_row_factory)
+            conn = psycopg.connect(url, autocommit=True, row_factory=_row_factory, **options)
         except psycopg.Error as exc:
             detail = " ".join(str(exc).split())  # libpq's message spans lines
             raise IndexUnreachable(
                 f"cannot connect to the index at {redact(url)}: {detail}"
             ) from exc
-        return cls(url, conn)
+        return cls(url, conn, name=name, timeout=timeout)
+
+    @property
+    def broken(self) -> bool:
+        return self.conn.closed
+
+    def interrupt(self) -> None:
+        # A frozen server still has its kernel acknowledge what we send, so no
+        # socket timeout fires, and a cancel request would wait for it too: cut
+        # the connection under the waiting thread (a shutdown, which is safe
+        # from another thread; the waiter's libpq then fails and closes it).
+        try:
+            fd = self.conn.pgconn.socket
+        except Exception:  # closed already
+            return
+        with socket.socket(fileno=os.dup(fd)) as connection, contextlib.suppress(OSError):
+            connection.shutdown(socket.SHUT_RDWR)
+
+    def reopen(self, timeout: float) -> None:
+        fresh = PostgresDatabase.connect(self.url, timeout=timeout)
+        lost, lost_name, lost_pid = self.conn, self.name, self.pid
+        with contextlib.suppress(Exception):
+            lost.close()
+        # The lost session may live on in the server (a COMMIT of ours still
+        # in its socket when the server was frozen): end it, and wait until it
+        # has, so that what is read back next is what stays.
+        fresh.conn.execute(
+            "SELECT pg_terminate_backend(pid, %s) FROM pg_stat_activity"
+            " WHERE pid = %s AND application_name = %s",
+            (max(1, int(timeout * 1000)), lost_pid, lost_name),
+        )
+        self.conn, self.name, self.pid, self._deferred = fresh.conn, fresh.name, fresh.pid, []
+        if self._writer:
+            self.prepare_writer()
 
     @classmethod
     def from_pool(cls, url: str) -> "PostgresDatabase":
@@ -502,11 +632,14 @@ class PostgresDatabase(Database):
     def in_transaction(self) -> bool:
         from psycopg.pq import TransactionStatus
 
+        if self.conn.closed:  # a lost connection's transaction ended with it
+            return False
         return bool(self._deferred) or self.conn.info.transaction_status != TransactionStatus.IDLE
 
     def prepare_writer(self) -> None:
         # Whatever the server's default: COMMIT returns once the WAL is flushed.
         self.execute("SET synchronous_commit = on")
+        self._writer = True
 
     def begin(self) -> None:
         self._deferred.append(("BEGIN", ()))
@@ -526,7 +659,7 @@ class PostgresDatabase(Database):
             )
 
     def another(self) -> "PostgresDatabase":
-        return PostgresDatabase.connect(self.url)
+        return PostgresDatabase.connect(self.url, timeout=self.timeout)
 
     def insert_rows(self, table: str, columns: list[str], rows) -> int:
         self._send([])
