@@ -199,8 +199,10 @@ class Database:
         `reopen` before using it again."""
         return False
 
-    def interrupt(self) -> None:
-        """From another thread: make what this connection waits for fail now."""
+    def interrupt(self) -> bool:
+        """From another thread: make what this connection waits for fail now.
+        False when there was nothing to cut."""
+        return False
 
     def reopen(self, timeout: float) -> None:
         """A new connection in place of a lost one, as this object: whoever holds
@@ -513,6 +515,8 @@ class PostgresDatabase(Database):
         self.pid = conn.info.backend_pid
         self.timeout = timeout
         self._writer = False
+        # (pid, application_name) of sessions replaced by `reopen`, until ended.
+        self._lost_sessions: set[tuple[int, str]] = set()
 
     @classmethod
     def connect(cls, url: str, timeout: float | None = None) -> "PostgresDatabase":
@@ -535,7 +539,7 @@ class PostgresDatabase(Database):
     def broken(self) -> bool:
         return self.conn.closed
 
-    def interrupt(self) -> None:
+    def interrupt(self) -> bool:
         # A frozen server still has its kernel acknowledge what we send, so no
         # socket timeout fires, and a cancel request would wait for it too: cut
         # the connection under the waiting thread (a shutdown, which is safe
@@ -543,24 +547,31 @@ class PostgresDatabase(Database):
         try:
             fd = self.conn.pgconn.socket
         except Exception:  # closed already
-            return
+            return False
         with socket.socket(fileno=os.dup(fd)) as connection, contextlib.suppress(OSError):
             connection.shutdown(socket.SHUT_RDWR)
+        return True
 
     def reopen(self, timeout: float) -> None:
         fresh = PostgresDatabase.connect(self.url, timeout=timeout)
-        lost, lost_name, lost_pid = self.conn, self.name, self.pid
         with contextlib.suppress(Exception):
-            lost.close()
-        # The lost session may live on in the server (a COMMIT of ours still
-        # in its socket when the server was frozen): end it, and wait until it
-        # has, so that what is read back next is what stays.
-        fresh.conn.execute(
-            "SELECT pg_terminate_backend(pid, %s) FROM pg_stat_activity"
-            " WHERE pid = %s AND application_name = %s",
-            (max(1, int(timeout * 1000)), lost_pid, lost_name),
-        )
+            self.conn.close()
+        self._lost_sessions.add((self.pid, self.name))
         self.conn, self.name, self.pid, self._deferred = fresh.conn, fresh.name, fresh.pid, []
+        # A lost session may live on in the server (a COMMIT of ours still in
+        # its socket while the server was frozen): end it, and wait until it
+        # has, so that what is read back next is what stays.
+        for pid, name in list(self._lost_sessions):
+            ended = self.conn.execute(
+                "SELECT pg_terminate_backend(pid, %s) FROM pg_stat_activity"
+                " WHERE pid = %s AND application_name = %s",
+                (max(1, int(timeout * 1000)), pid, name),
+            ).fetchone()
+            if ended is not None and not ended[0]:  # still there: try again
+                raise IndexUnreachable(
+                    f"the lost session {pid} to the index at {redact(self.url)} did not end"
+                )
+            self._lost_sessions.discard((pid, name))
         if self._writer:
             self.prepare_writer()
 

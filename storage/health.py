@@ -122,8 +122,9 @@ class Deadlines:
                     continue
                 database, deadline = self._watched
                 if time.monotonic() >= deadline:
-                    self.cut = True
-                    database.interrupt()
+                    # Not cut while it has no connection (a reconnect's connect
+                    # is bounded by libpq's connect_timeout): the next tick tries.
+                    self.cut = database.interrupt()
 
 
 class IndexMonitor:

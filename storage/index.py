@@ -316,6 +316,7 @@ _UNBOUNDED = float("inf")
 # Between two attempts to reconnect to a PostgreSQL that is not there (yet).
 _RECONNECT_PAUSE = 0.25
 _ADMIN_CONNECT_TIMEOUT = 30.0  # without index_timeout
+_BEHIND = "an earlier write of this process still waits for it"
 
 
 @dataclass(eq=False)  # each is itself: found in the queue by identity
@@ -415,15 +416,13 @@ class Index:
         deadline. `write`: with the writers' turn (SQLite's lock)."""
         left = _left(deadline)
         if not self._lock.acquire(timeout=-1 if left is None else left):
-            raise self._unavailable(IndexTimedOut(self._no_answer("its writer is busy")))
+            raise self._unavailable(IndexTimedOut(self._no_answer(_BEHIND)))
         try:
-            if self.conn.broken:
-                self._reconnect(deadline)
-            with (
-                self.conn.writers_turn(_left(deadline)) if write else nullcontext(),
-                self._deadlines.watch(self.conn, deadline),
-            ):
-                yield self.conn
+            with self._deadlines.watch(self.conn, deadline):
+                if self.conn.broken:
+                    self._reconnect(deadline)
+                with self.conn.writers_turn(_left(deadline)) if write else nullcontext():
+                    yield self.conn
         except IndexTimedOut as exc:
             raise self._unavailable(exc) from None
         finally:
@@ -491,7 +490,8 @@ class Index:
         return exc
 
     def _no_answer(self, why: str) -> str:
-        return f"index did not answer within {self.timeout:g} s ({why})"
+        bound = self.timeout if self.timeout is not None else self.conn.timeout  # SQLite's busy
+        return f"index did not answer within {bound:g} s ({why})"
 
     def _lost(self, exc: BaseException, deadline: float) -> Exception:
         """The error for the tickets of a transaction whose connection was lost."""
@@ -594,7 +594,7 @@ class Index:
                 left = None if ticket.taken else _left(ticket.deadline)
                 if left == 0:  # the leader is stuck: nothing of this one was sent
                     self._queue.remove(ticket)
-                    raise self._unavailable(IndexTimedOut(self._no_answer("its writer is busy")))
+                    raise self._unavailable(IndexTimedOut(self._no_answer(_BEHIND)))
                 self._group.wait(left)  # a taken one: its leader answers it by its deadline
             if ticket.done:  # another thread's transaction carried it
                 return ticket.outcome()
