@@ -186,12 +186,23 @@ class Database:
     def begin(self) -> None:
         raise NotImplementedError
 
-    def writers_turn(self, timeout: float | None = None) -> contextlib.AbstractContextManager:
-        """Around one write transaction (`prepare_writer` first): wait while
+    def take_turn(self, timeout: float | None = None) -> None:
+        """Before one write transaction (`prepare_writer` first): wait while
         another process writes to this database, IndexTimedOut after `timeout`
-        seconds. PostgreSQL needs nothing here: its transactions wait for each
-        other's locks on the server."""
-        return contextlib.nullcontext()
+        seconds; `end_turn` after it. PostgreSQL needs nothing here: its
+        transactions wait for each other's locks on the server."""
+
+    def end_turn(self) -> None:
+        pass
+
+    @contextlib.contextmanager
+    def writers_turn(self, timeout: float | None = None) -> Iterator[None]:
+        """`take_turn` … `end_turn` around one write transaction."""
+        self.take_turn(timeout)
+        try:
+            yield
+        finally:
+            self.end_turn()
 
     @property
     def broken(self) -> bool:
@@ -331,8 +342,7 @@ class SQLiteDatabase(Database):
             return  # a filesystem without flock(): SQLite's busy handler alone
         self._writer_lock = lock
 
-    @contextlib.contextmanager
-    def writers_turn(self, timeout: float | None = None) -> Iterator[None]:
+    def take_turn(self, timeout: float | None = None) -> None:
         # SQLite alone makes a second process's BEGIN IMMEDIATE fail with
         # SQLITE_BUSY and its busy handler sleep 1, 2, 5, 10 … ms before trying
         # again: with `workers` > 1, most of an instance's wait for the index.
@@ -341,13 +351,11 @@ class SQLiteDatabase(Database):
         # The wait ends after `timeout` (index_timeout): a process that holds
         # the lock for longer (an admin's long transaction, a `sqlite3` shell)
         # must not hold senders for ever.
-        if self._writer_lock is None:
-            yield
-            return
-        self._take_turn(self.timeout if timeout is None else timeout)
-        try:
-            yield
-        finally:
+        if self._writer_lock is not None:
+            self._take_turn(self.timeout if timeout is None else timeout)
+
+    def end_turn(self) -> None:
+        if self._writer_lock is not None:
             fcntl.flock(self._writer_lock, fcntl.LOCK_UN)
 
     def _take_turn(self, timeout: float) -> None:

@@ -15,8 +15,7 @@ kernel still acknowledges what is sent, so no socket timeout would fire).
 
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 _TICK = 0.1  # seconds between two looks at the deadline of the write in progress
 PROBE_INTERVAL = 1.0  # seconds between two probes while the index is unavailable
@@ -101,17 +100,17 @@ class Deadlines:
         self._thread = threading.Thread(target=self._run, name="imaging-scp-deadlines", daemon=True)
         self._thread.start()
 
-    @contextmanager
-    def watch(self, database, deadline: float) -> Iterator[None]:
+    def watch(self, database, deadline: float) -> None:
+        """The write in progress, on `database`, must end by `deadline`. Called
+        for every write: two assignments when nothing is watched."""
         if self._thread is None or deadline == float("inf"):
-            yield
             return
         with self._lock:
             self._watched, self.cut = (database, deadline), False
-        try:
-            yield
-        finally:
-            with self._lock:  # after this, the connection may be closed: never cut it then
+
+    def unwatch(self) -> None:
+        if self._watched is not None:
+            with self._lock:
                 self._watched = None
 
     def _run(self) -> None:

@@ -23,7 +23,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
@@ -408,25 +408,41 @@ class Index:
     def _deadline(self) -> float:
         return _UNBOUNDED if self.timeout is None else time.monotonic() + self.timeout
 
-    @contextmanager
-    def _connection(self, deadline: float, *, write: bool = True) -> Iterator[Database]:
-        """The writer's connection, for this thread alone, until `deadline`:
-        IndexTimedOut when the wait for it is longer, IndexUnavailable when a
-        lost one cannot be replaced in time; the connection is cut at the
-        deadline. `write`: with the writers' turn (SQLite's lock)."""
+    def _hold(self, deadline: float, *, write: bool = True) -> None:
+        """The writer's connection, for this thread alone until `_release`, and
+        until `deadline`: IndexTimedOut when the wait for it is longer,
+        IndexUnavailable when a lost one cannot be replaced in time; the
+        connection is cut at the deadline. `write`: with the writers' turn
+        (SQLite's lock). Called for every group commit: no round trip here."""
         left = _left(deadline)
         if not self._lock.acquire(timeout=-1 if left is None else left):
             raise self._unavailable(IndexTimedOut(self._no_answer(_BEHIND)))
         try:
-            with self._deadlines.watch(self.conn, deadline):
-                if self.conn.broken:
-                    self._reconnect(deadline)
-                with self.conn.writers_turn(_left(deadline)) if write else nullcontext():
-                    yield self.conn
-        except IndexTimedOut as exc:
-            raise self._unavailable(exc) from None
+            self._deadlines.watch(self.conn, deadline)
+            if self.conn.broken:
+                self._reconnect(deadline)
+            if write:
+                self.conn.take_turn(_left(deadline))
+        except BaseException as exc:
+            self._release(write=False)
+            if isinstance(exc, IndexTimedOut):
+                raise self._unavailable(exc) from None
+            raise
+
+    def _release(self, *, write: bool = True) -> None:
+        if write:
+            self.conn.end_turn()
+        self._deadlines.unwatch()  # before the connection may be closed: never cut it then
+        self._lock.release()
+
+    @contextmanager
+    def _connection(self, deadline: float, *, write: bool = True) -> Iterator[Database]:
+        """`_hold` … `_release` around a block."""
+        self._hold(deadline, write=write)
+        try:
+            yield self.conn
         finally:
-            self._lock.release()
+            self._release(write=write)
 
     def _reconnect(self, deadline: float) -> None:
         """A new connection for a lost one (with `_lock`), trying again until
@@ -603,7 +619,7 @@ class Index:
             for queued in batch:
                 queued.taken = True
         try:
-            self._commit_batch(batch, min(queued.deadline for queued in batch))
+            self._commit_batch(batch, batch[0].deadline)  # the first come is the first due
         finally:
             with self._group:
                 self._leading = False
@@ -612,29 +628,36 @@ class Index:
 
     def _commit_batch(self, batch: list["_Ticket"], deadline: float) -> None:
         try:
-            with self._connection(deadline):
-                rest = batch
-                attempts = [ticket for ticket in batch if ticket.attempt is not None]
-                if attempts and self._retried(attempts, self._run_attempts, deadline):
-                    rest = [ticket for ticket in batch if not ticket.written]
-                if self.conn.broken:  # the attempts' answers were lost
-                    for ticket in rest:  # those without an attempt were not sent
-                        ticket.error = ticket.error or IndexUnavailable(self.health.reason)
-                    return
-                # After failed attempts, every work: alone in its savepoint, a
-                # ticket that cannot be indexed fails alone.
-                for ticket in rest:
-                    ticket.result = ticket.error = None
-                if rest:
-                    self._retried(rest, self._run_batch, deadline)
-            if not self.conn.broken and not any(
-                isinstance(ticket.error, IndexTimedOut) for ticket in batch
-            ):
-                self._available()  # it answered (a refusal of one instance is no outage)
-        except (IndexTimedOut, IndexUnavailable) as exc:  # before anything was sent
+            self._hold(deadline)
+        except (IndexTimedOut, IndexUnavailable) as exc:  # nothing was sent
             for ticket in batch:
-                ticket.error = exc
+                ticket.error, ticket.done = exc, True
+            return
+        try:
+            rest = batch
+            attempts = [ticket for ticket in batch if ticket.attempt is not None]
+            if attempts and self._retried(attempts, self._run_attempts, deadline):
+                rest = [ticket for ticket in batch if not ticket.written]
+            if self.conn.broken:  # the attempts' answers were lost
+                for ticket in rest:  # those without an attempt were not sent
+                    ticket.error = ticket.error or IndexUnavailable(self.health.reason)
+                return
+            # After failed attempts, every work: alone in its savepoint, a
+            # ticket that cannot be indexed fails alone.
+            for ticket in rest:
+                ticket.result = ticket.error = None
+            if rest:
+                self._retried(rest, self._run_batch, deadline)
+            # It answered (a refusal of one instance is no outage), unless
+            # SQLite's write lock stayed taken.
+            if (
+                not self.health.available
+                and not self.conn.broken
+                and not any(isinstance(ticket.error, IndexTimedOut) for ticket in batch)
+            ):
+                self._available()
         finally:
+            self._release()
             for ticket in batch:
                 ticket.done = True
 
