@@ -17,6 +17,7 @@ import math
 import os
 import re
 import secrets
+import select
 import socket
 import sqlite3
 import sys
@@ -208,6 +209,11 @@ class Database:
     def broken(self) -> bool:
         """The connection is lost (the server went away, or `interrupt` cut it):
         `reopen` before using it again."""
+        return False
+
+    def closed_by_server(self) -> bool:
+        """Between transactions: whether the server has ended the session (a
+        restart) — known without a round trip, before anything is sent."""
         return False
 
     def interrupt(self) -> bool:
@@ -525,6 +531,7 @@ class PostgresDatabase(Database):
         self._writer = False
         # (pid, application_name) of sessions replaced by `reopen`, until ended.
         self._lost_sessions: set[tuple[int, str]] = set()
+        self._idle_poll = _readable(conn)
 
     @classmethod
     def connect(cls, url: str, timeout: float | None = None) -> "PostgresDatabase":
@@ -547,6 +554,11 @@ class PostgresDatabase(Database):
     def broken(self) -> bool:
         return self.conn.closed
 
+    def closed_by_server(self) -> bool:
+        # An idle session is sent nothing, but its end: a restart's "terminating
+        # connection" and EOF. One poll() of the socket, no round trip.
+        return bool(self._idle_poll.poll(0))
+
     def interrupt(self) -> bool:
         # A frozen server still has its kernel acknowledge what we send, so no
         # socket timeout fires, and a cancel request would wait for it too: cut
@@ -566,6 +578,7 @@ class PostgresDatabase(Database):
             self.conn.close()
         self._lost_sessions.add((self.pid, self.name))
         self.conn, self.name, self.pid, self._deferred = fresh.conn, fresh.name, fresh.pid, []
+        self._idle_poll = fresh._idle_poll
         # A lost session may live on in the server (a COMMIT of ours still in
         # its socket while the server was frozen): end it, and wait until it
         # has, so that what is read back next is what stays.
@@ -732,6 +745,13 @@ class PostgresDatabase(Database):
     def set_schema_version(self, version: int) -> None:
         self.execute("DELETE FROM schema_version")
         self.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
+
+
+def _readable(conn) -> select.poll:
+    """A poll object for input on a connection's socket."""
+    poller = select.poll()
+    poller.register(conn.pgconn.socket, select.POLLIN)
+    return poller
 
 
 # The lock of one key, as `lock_keys` takes it, inside a statement: a condition

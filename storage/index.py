@@ -419,7 +419,7 @@ class Index:
             raise self._unavailable(IndexTimedOut(self._no_answer(_BEHIND)))
         try:
             self._deadlines.watch(self.conn, deadline)
-            if self.conn.broken:
+            if self.conn.broken or self.conn.closed_by_server():
                 self._reconnect(deadline)
             if write:
                 self.conn.take_turn(_left(deadline))

@@ -200,6 +200,51 @@ def test_postgresql_down_the_node_says_so_and_stores_again_when_it_is_back(
     notify.close()
 
 
+def test_connection_lost_mid_transaction_is_read_back_before_the_answer(tmp_path, cluster, servers):
+    """The writer's session ends while its statement waits on the server (here
+    for a study lock the test holds): the instance's row is read back on a new
+    connection before the sender is answered, and the node stores again."""
+    import psycopg
+
+    from storage.database import lock_number
+
+    url = cluster.new_database()
+    server = serve(servers, tmp_path / "data", url)
+    first, lost = instances(tmp_path / "in", 2)
+    sender = Sender(server.port)
+    assert sender.store(first)[0] == 0x0000
+    study = server.index().execute("SELECT study_uid FROM studies").fetchone()[0]
+    answer: list = []
+    with psycopg.connect(url, autocommit=True) as admin:
+        admin.execute("SELECT pg_advisory_lock(%s)", (lock_number(study),))
+        thread = threading.Thread(target=lambda: answer.append(sender.store(lost)))
+        thread.start()
+        deadline = time.monotonic() + INDEX_TIMEOUT
+        waiting = []
+        while not waiting and time.monotonic() < deadline:
+            waiting = admin.execute(
+                "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                " AND datname = current_database() AND pid <> pg_backend_pid()"
+            ).fetchall()
+        assert len(waiting) == 1, "the writer never waited for the study's lock"
+        admin.execute("SELECT pg_terminate_backend(%s)", (waiting[0][0],))
+        thread.join(INDEX_TIMEOUT + MARGIN)
+    status, comment, _ = answer[0]
+    assert status == 0xA700
+    assert comment == "index connection lost: send again"
+    refused = server.wait_for_event("instance.refused")[0]["reason"]
+    assert refused.startswith("connection to the index lost")
+    assert "not indexed and nothing of it was kept" in refused
+    server.wait_for_event("index.unavailable")
+    server.wait_for_event("index.available", timeout=5)
+    assert_nothing_half_written(server)
+    # The sender's resend is stored, on the node's new connection.
+    assert sender.store(lost)[0] == 0x0000
+    sender.release()
+    assert indexed_uids(server) == {p.stem.split("_", 1)[1] for p in (first, lost)}
+    assert_nothing_half_written(server)
+
+
 @pytest.mark.slow
 def test_frozen_postgresql_every_sender_answered_within_index_timeout(tmp_path, cluster, servers):
     """SIGSTOP on the whole server: three senders at once (one group commit's
