@@ -22,6 +22,7 @@ import socket
 import sqlite3
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -357,8 +358,12 @@ class SQLiteDatabase(Database):
         # The wait ends after `timeout` (index_timeout): a process that holds
         # the lock for longer (an admin's long transaction, a `sqlite3` shell)
         # must not hold senders for ever.
-        if self._writer_lock is not None:
-            self._take_turn(self.timeout if timeout is None else timeout)
+        if self._writer_lock is None:
+            return
+        if timeout is None:  # an admin command: its turn comes, as before
+            fcntl.flock(self._writer_lock, fcntl.LOCK_EX)
+        else:
+            self._take_turn(timeout)
 
     def end_turn(self) -> None:
         if self._writer_lock is not None:
@@ -531,7 +536,7 @@ class PostgresDatabase(Database):
         self._writer = False
         # (pid, application_name) of sessions replaced by `reopen`, until ended.
         self._lost_sessions: set[tuple[int, str]] = set()
-        self._idle_poll = _readable(conn)
+        self._idle_poll: select.poll | None = None  # the writer's: see closed_by_server
 
     @classmethod
     def connect(cls, url: str, timeout: float | None = None) -> "PostgresDatabase":
@@ -557,7 +562,7 @@ class PostgresDatabase(Database):
     def closed_by_server(self) -> bool:
         # An idle session is sent nothing, but its end: a restart's "terminating
         # connection" and EOF. One poll() of the socket, no round trip.
-        return bool(self._idle_poll.poll(0))
+        return self._idle_poll is not None and bool(self._idle_poll.poll(0))
 
     def interrupt(self) -> bool:
         # A frozen server still has its kernel acknowledge what we send, so no
@@ -578,20 +583,19 @@ class PostgresDatabase(Database):
             self.conn.close()
         self._lost_sessions.add((self.pid, self.name))
         self.conn, self.name, self.pid, self._deferred = fresh.conn, fresh.name, fresh.pid, []
-        self._idle_poll = fresh._idle_poll
         # A lost session may live on in the server (a COMMIT of ours still in
         # its socket while the server was frozen): end it, and wait until it
         # has, so that what is read back next is what stays.
+        deadline = time.monotonic() + timeout
         for pid, name in list(self._lost_sessions):
-            ended = self.conn.execute(
-                "SELECT pg_terminate_backend(pid, %s) FROM pg_stat_activity"
-                " WHERE pid = %s AND application_name = %s",
-                (max(1, int(timeout * 1000)), pid, name),
-            ).fetchone()
-            if ended is not None and not ended[0]:  # still there: try again
-                raise IndexUnreachable(
-                    f"the lost session {pid} to the index at {redact(self.url)} did not end"
-                )
+            session = "FROM pg_stat_activity WHERE pid = %s AND application_name = %s"
+            self.conn.execute(f"SELECT pg_terminate_backend(pid) {session}", (pid, name))
+            while self.conn.execute(f"SELECT 1 {session}", (pid, name)).fetchone():
+                if time.monotonic() > deadline:  # still there: the caller tries again
+                    raise IndexUnreachable(
+                        f"the lost session {pid} to the index at {redact(self.url)} did not end"
+                    )
+                time.sleep(0.02)
             self._lost_sessions.discard((pid, name))
         if self._writer:
             self.prepare_writer()
@@ -672,6 +676,8 @@ class PostgresDatabase(Database):
         # Whatever the server's default: COMMIT returns once the WAL is flushed.
         self.execute("SET synchronous_commit = on")
         self._writer = True
+        self._idle_poll = select.poll()
+        self._idle_poll.register(self.conn.pgconn.socket, select.POLLIN)
 
     def begin(self) -> None:
         self._deferred.append(("BEGIN", ()))
@@ -745,13 +751,6 @@ class PostgresDatabase(Database):
     def set_schema_version(self, version: int) -> None:
         self.execute("DELETE FROM schema_version")
         self.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
-
-
-def _readable(conn) -> select.poll:
-    """A poll object for input on a connection's socket."""
-    poller = select.poll()
-    poller.register(conn.pgconn.socket, select.POLLIN)
-    return poller
 
 
 # The lock of one key, as `lock_keys` takes it, inside a statement: a condition
