@@ -115,7 +115,6 @@ def assert_rejected_transient(server) -> None:
     assert reason.startswith("index unavailable since")
 
 
-@pytest.mark.slow
 def test_postgresql_restart_under_ingest(tmp_path, cluster, servers):
     """pg_ctl restart while a sender sends: the node stores again on its own,
     and every instance answered Success has its row and its file."""
@@ -159,7 +158,6 @@ def test_postgresql_restart_under_ingest(tmp_path, cluster, servers):
     sender.release()
 
 
-@pytest.mark.slow
 def test_postgresql_down_the_node_says_so_and_stores_again_when_it_is_back(
     tmp_path, cluster, servers
 ):
@@ -245,7 +243,6 @@ def test_connection_lost_mid_transaction_is_read_back_before_the_answer(tmp_path
     assert_nothing_half_written(server)
 
 
-@pytest.mark.slow
 def test_frozen_postgresql_every_sender_answered_within_index_timeout(tmp_path, cluster, servers):
     """SIGSTOP on the whole server: three senders at once (one group commit's
     leader and its followers) are each refused 0xA700 within the bound; after
