@@ -15,6 +15,12 @@ transactions on the same study while other studies' go on at once.
 Live ingest commits in groups (`Index.commit_together`): the instances that
 reach the index at the same moment share one transaction and one WAL sync.
 Readers (the admin CLI) open their own connection and never block the writer.
+
+The listener's writes are bounded by index_timeout (`Index.start_monitor`,
+storage.health): a write still waiting at its deadline has its connection cut,
+a lost connection is replaced on the next write or by the probe, and what a
+transaction cut short may have committed is read back before its sender is
+answered.
 """
 
 import dataclasses
