@@ -23,6 +23,7 @@ from scp.upper_layer import Abort, ProtocolError, ServiceUser, State, UpperLayer
 _COMMAND = 0x01
 _LAST = 0x02
 _MAX_COMMAND_SET = 64 * 1024  # a command set is a few hundred bytes
+VERIFICATION = "1.2.840.10008.1.1"
 
 
 @dataclass
@@ -51,6 +52,10 @@ class Acceptor:
     def active(self) -> list["Association"]:
         with self.lock:
             return list(self.associations)
+
+
+def _verification_only(request: negotiation.Request) -> bool:
+    return all(str(cx.abstract_syntax) == VERIFICATION for cx in request.contexts)
 
 
 class _DiscardedDataset:
@@ -175,6 +180,11 @@ class Association(ServiceUser):
         if not self.acceptor.storage.store.has_room():
             # Transient: the sender may retry once an admin has made room.
             return "receiver's disk is below its free-space floor", negotiation.REJECT_BUSY
+        health = self.acceptor.storage.store.index.health
+        if not health.available and not _verification_only(request):
+            # Transient, as for a full disk; a C-ECHO alone is let in, for its
+            # failure status to say why (`imaging-scp echo` prints it).
+            return health.describe(), negotiation.REJECT_BUSY
         return None, ()
 
     # -- DIMSE messages ----------------------------------------------------------------

@@ -148,6 +148,11 @@ class Config:
         "the index: empty for index.sqlite in data_dir, or postgresql://user@host/db (one"
         " index for several nodes sharing data_dir)",
     )
+    index_timeout: float = _key(
+        10.0,
+        "seconds a C-STORE waits for the index (PostgreSQL, SQLite's write lock) before it is"
+        " refused 0xA700",
+    )
     node_name: str = _key(
         "",
         "this node's name: its temp files are in data_dir/.incoming/<node_name> (empty: host name)",
@@ -340,6 +345,7 @@ def _check_ranges(config: Config) -> None:
         "stable_after",
         "tls_handshake_timeout",
         "report_retry_interval",
+        "index_timeout",
     ):
         if getattr(config, key) <= 0:
             raise ConfigError(f"key '{key}': must be a positive number of seconds")

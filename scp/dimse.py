@@ -72,6 +72,10 @@ class Command:
             return None
         return text or None
 
+    def text(self, element: int) -> str:
+        """A text value (an ErrorComment) without its padding; "" when absent."""
+        return self.elements.get(element, b"").decode("ascii", "replace").rstrip("\0 ")
+
     @property
     def field(self) -> int | None:
         return self.us(COMMAND_FIELD)

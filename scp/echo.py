@@ -65,13 +65,14 @@ def echo(host: str, port: int, *, calling: str, called: str, timeout: float) -> 
             peer_max_pdu = link.association_accepted()
             associated = time.perf_counter()
             link.sock.sendall(p_data_pdus(1, dimse.echo_request(1), b"", peer_max_pdu))
-            status = link.echo_status()
+            status, comment = link.echo_status()
         except OSError as exc:  # the peer reset or closed the connection under a send
             raise EchoFailed(f"{peer}: {exc}") from exc
         answered = time.perf_counter()
         link.release()
     if status != 0x0000:
-        raise EchoFailed(f"{peer} answered the C-ECHO with status 0x{status:04X}")
+        said = f": {comment}" if comment else ""
+        raise EchoFailed(f"{peer} answered the C-ECHO with status 0x{status:04X}{said}")
     return EchoTimes((associated - started) * 1000, (answered - associated) * 1000)
 
 
@@ -138,7 +139,8 @@ class _Link:
         ]
         return lengths[0] if lengths else 0
 
-    def echo_status(self) -> int:
+    def echo_status(self) -> tuple[int, str]:
+        """The C-ECHO-RSP's status and its ErrorComment ("" when none)."""
         command = bytearray()
         while True:
             pdu_type, _, body = self.read_pdu(
@@ -152,10 +154,10 @@ class _Link:
                 if control & 1:
                     command += fragment
                     if control & 2:
-                        status = dimse.read_command(command).status
-                        if status is None:
+                        response = dimse.read_command(command)
+                        if response.status is None:
                             raise EchoFailed(f"{self.peer} answered the C-ECHO without a status")
-                        return status
+                        return response.status, response.text(dimse.ERROR_COMMENT)
 
     def release(self) -> None:
         """A-RELEASE-RQ, and its RP awaited (a peer that closes instead is fine)."""

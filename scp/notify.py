@@ -134,7 +134,9 @@ class ServiceStatus:
         self._stored_before_today = 0
         self._last = ""
 
-    def text(self, associations: int, stored_total: int) -> str:
+    def text(self, associations: int, stored_total: int, problem: str | None = None) -> str:
+        """`problem`: what keeps the service from storing ("index unavailable
+        since …"), said first."""
         today = date.today()
         if today != self._day:  # local midnight: start the day's count again
             self._day = today
@@ -142,7 +144,8 @@ class ServiceStatus:
         stored_today = stored_total - self._stored_before_today
         plural = "" if associations == 1 else "s"
         return (
-            f"{self.listening}, {associations} association{plural}, "
+            (f"{problem}; " if problem else "")
+            + f"{self.listening}, {associations} association{plural}, "
             f"{stored_today:,} instance{'' if stored_today == 1 else 's'} today"
         )
 
@@ -150,8 +153,8 @@ class ServiceStatus:
         self._last = self.text(associations, stored_total)
         return ready(self._last)
 
-    def update(self, associations: int, stored_total: int) -> bool:
-        text = self.text(associations, stored_total)
+    def update(self, associations: int, stored_total: int, problem: str | None = None) -> bool:
+        text = self.text(associations, stored_total, problem)
         if text == self._last:
             return False
         self._last = text

@@ -220,14 +220,29 @@ def recover(config: Config) -> None:
 
 
 def open_store(config: Config) -> InstanceStore:
-    """This process's index connection and store."""
+    """This process's index connection and store: each write bounded by
+    index_timeout, the index's outages and returns logged."""
+    index = Index.open(config.index_location, timeout=config.index_timeout)
+    index.health.subscribe(_log_index_health)
+    index.start_monitor()
     return InstanceStore(
         config.data_dir,
-        Index.open(config.index_location),
+        index,
         config.duplicates,
         (config.min_free_space.bytes, config.min_free_space.percent),
         node=config.node,
     )
+
+
+def _log_index_health(reason: str | None, since: float) -> None:
+    if reason is not None:
+        log.error(
+            "index.unavailable",
+            reason=reason,
+            advice="new associations are rejected (transient) until the index answers again",
+        )
+    else:
+        log.warning("index.available", unavailable_seconds=round(time.time() - since, 1))
 
 
 def fork_workers(count: int) -> list[int] | None:
@@ -377,6 +392,7 @@ def serve(config: Config, reload_config: Callable[[], Config] | None = None) -> 
     # The port accepts connections since receiver.start(): tell systemd.
     status = notify.ServiceStatus(config.host, receiver.port or receiver.tls_port)
     status.ready(0, receiver.storage.stored)
+    index_health = store.index.health
     exit_code = 0
     while not stop_requested:
         time.sleep(0.25)
@@ -390,7 +406,10 @@ def serve(config: Config, reload_config: Callable[[], Config] | None = None) -> 
             log.error("worker.died", exit_code=died)
             exit_code = 1
             break
-        status.update(len(receiver.acceptor.active()), receiver.storage.stored)
+        # The watchdog goes on being fed while the index is out (restarting this
+        # service brings no database back): STATUS= says it instead.
+        problem = None if index_health.available else index_health.describe()
+        status.update(len(receiver.acceptor.active()), receiver.storage.stored, problem)
     if stop_requested:
         log.info("shutdown.requested", signal=signal.Signals(stop_requested[0]).name)
     _signal_workers(workers or [], signal.SIGTERM)

@@ -147,6 +147,7 @@ _SERVICE_NOTES = {
     "drain_timeout": "keep it below the unit's TimeoutStopSec=",
     "log_level": "logs go to the journal as JSON lines: journalctl -u imaging-scp -o cat | jq",
     "allowed_callers": 'e.g. { CT_1 = ["10.20.1.15"], PACS = ["10.20.0.0/16"], ANYWHERE = [] }',
+    "index_timeout": "keep it below the senders' DIMSE timeout (often 30 to 60 s)",
     "peers": 'e.g. { CT_1 = "10.20.1.15:104", ORTHANC = "10.20.0.5:4242" }',
 }
 

@@ -34,6 +34,7 @@ REFUSAL_STATUS = {
     Refusal.OTHER_PATIENT: 0xC005,
 }
 INTERNAL_ERROR_STATUS = 0xC0FF
+ECHO_PROCESSING_FAILURE = 0x0110  # a C-ECHO while this node cannot store
 NO_DATASET_STATUS = 0xC000
 
 
@@ -46,12 +47,21 @@ class StoreService:
         self._stored_lock = threading.Lock()
 
     def echo(self, session: Session, command: dimse.Command) -> bytes:
-        session.log.info("echo")
+        """Success while this node can store; while its index is unavailable, a
+        processing failure saying since when (the reason is in the log)."""
+        health = self.store.index.health
+        if health.available:
+            session.log.info("echo")
+            status, comment = SUCCESS, None
+        else:
+            session.log.warning("echo.failed", reason=health.describe())
+            status, comment = ECHO_PROCESSING_FAILURE, f"{health.headline()}; reason in its log"
         return dimse.response(
             dimse.C_ECHO_RSP,
             command.message_id,
-            SUCCESS,
+            status,
             sop_class_uid=command.uid(dimse.AFFECTED_SOP_CLASS_UID),
+            error_comment=comment,
         )
 
     def store_without_dataset(self, session: Session, command: dimse.Command) -> bytes:

@@ -13,16 +13,22 @@ import errno
 import fcntl
 import hashlib
 import itertools
+import math
 import os
 import random
 import re
+import secrets
+import select
+import socket
 import sqlite3
 import struct
 import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -88,6 +94,11 @@ def is_corrupt(exc: BaseException) -> bool:
     )
 
 
+class IndexTimedOut(Exception):
+    """The index did not answer, or its write lock was not free, within the
+    bound (index_timeout)."""
+
+
 @dataclass(frozen=True)
 class IndexLocation:
     """The files of one archive and where its index is: `url` empty = the SQLite
@@ -108,14 +119,15 @@ class IndexLocation:
         """For messages: the SQLite path, or the URL without its password."""
         return redact(self.url) if self.url else str(self.sqlite_path)
 
-    def open(self, *, create: bool = False) -> "Database":
+    def open(self, *, create: bool = False, timeout: float | None = None) -> "Database":
         """A connection of its own. Without `create`, a missing SQLite index is
-        IndexUnreachable (the admin commands never create one)."""
+        IndexUnreachable (the admin commands never create one). `timeout`: the
+        seconds connecting, and waiting for SQLite's write lock, may take."""
         if self.url:
-            return PostgresDatabase.connect(self.url)
+            return PostgresDatabase.connect(self.url, timeout=timeout)
         if not create and not self.sqlite_path.is_file():
             raise IndexUnreachable(f"no index at {self.sqlite_path}")
-        return SQLiteDatabase(self.sqlite_path)
+        return SQLiteDatabase(self.sqlite_path, timeout=timeout or 30)
 
     def corruption(self, exc: BaseException) -> IndexCorrupt | None:
         """`exc` as IndexCorrupt when it says that the SQLite index is damaged."""
@@ -181,6 +193,11 @@ def database_errors() -> tuple[type[BaseException], ...]:
     return (sqlite3.Error,)
 
 
+def is_locked(exc: BaseException) -> bool:
+    """SQLite's busy timeout ran out: another process holds the write lock."""
+    return isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc)
+
+
 def is_out_of_space(exc: BaseException) -> bool:
     if isinstance(exc, sqlite3.OperationalError):
         return "full" in str(exc)
@@ -240,11 +257,44 @@ class Database:
     def begin(self) -> None:
         raise NotImplementedError
 
-    def writers_turn(self) -> contextlib.AbstractContextManager:
-        """Around one write transaction (`prepare_writer` first): wait while
-        another process writes to this database. PostgreSQL needs nothing here:
-        its transactions wait for each other's locks on the server."""
-        return contextlib.nullcontext()
+    def take_turn(self, timeout: float | None = None) -> None:
+        """Before one write transaction (`prepare_writer` first): wait while
+        another process writes to this database, IndexTimedOut after `timeout`
+        seconds; `end_turn` after it. PostgreSQL needs nothing here: its
+        transactions wait for each other's locks on the server."""
+
+    def end_turn(self) -> None:
+        pass
+
+    @contextlib.contextmanager
+    def writers_turn(self, timeout: float | None = None) -> Iterator[None]:
+        """`take_turn` … `end_turn` around one write transaction."""
+        self.take_turn(timeout)
+        try:
+            yield
+        finally:
+            self.end_turn()
+
+    @property
+    def broken(self) -> bool:
+        """The connection is lost (the server went away, or `interrupt` cut it):
+        `reopen` before using it again."""
+        return False
+
+    def closed_by_server(self) -> bool:
+        """Between transactions: whether the server has ended the session (a
+        restart) — known without a round trip, before anything is sent."""
+        return False
+
+    def interrupt(self) -> bool:
+        """From another thread: make what this connection waits for fail now.
+        False when there was nothing to cut."""
+        return False
+
+    def reopen(self, timeout: float) -> None:
+        """A new connection in place of a lost one, as this object: whoever holds
+        it uses the new one. The lost one's transaction has ended on the server
+        when this returns (committed or not: read back what it wrote)."""
 
     def lock_keys(self, keys: list[str]) -> None:
         """Inside a transaction: hold a lock per key until it ends, taken in one
@@ -337,14 +387,20 @@ class SQLiteDatabase(Database):
     remote = False
     like_ignoring_case = "LIKE"
 
-    def __init__(self, path: Path, *, read_only: bool = False):
+    def __init__(self, path: Path, timeout: float = 30, *, read_only: bool = False):
         self.path = Path(path)
+        self.timeout = timeout  # SQLite's busy timeout: waiting for its write lock
         target = f"{self.path.absolute().as_uri()}?mode=ro" if read_only else self.path
         self.conn = sqlite3.connect(
-            target, check_same_thread=False, isolation_level=None, timeout=30, uri=read_only
+            target, check_same_thread=False, isolation_level=None, timeout=timeout, uri=read_only
         )
         self.conn.row_factory = sqlite3.Row
         self._writer_lock: int | None = None  # a descriptor of its WRITER_LOCK_SUFFIX file
+        # Waits for another process's turn (only then: a free lock is taken at
+        # once), in a thread of its own so that the wait can be given up.
+        self._turn_waiter: ThreadPoolExecutor | None = None
+        self._given_up: Future | None = None  # a wait given up, still in the kernel
+        self._turns = threading.Lock()
 
     def execute(self, sql: str, params=()):
         return self.conn.execute(sql, params)
@@ -376,23 +432,54 @@ class SQLiteDatabase(Database):
             return  # a filesystem without flock(): SQLite's busy handler alone
         self._writer_lock = lock
 
-    @contextlib.contextmanager
-    def writers_turn(self) -> Iterator[None]:
+    def take_turn(self, timeout: float | None = None) -> None:
         # SQLite alone makes a second process's BEGIN IMMEDIATE fail with
         # SQLITE_BUSY and its busy handler sleep 1, 2, 5, 10 … ms before trying
         # again: with `workers` > 1, most of an instance's wait for the index.
         # The kernel wakes a writer waiting in flock() the moment the lock is
         # free, so a process meets SQLite's write lock only when it is free.
-        # The wait has no timeout (as a PostgreSQL lock's): the turn ends with
-        # the other process's transaction, or with that process.
+        # The wait ends after `timeout` (index_timeout): a process that holds
+        # the lock for longer (an admin's long transaction, a `sqlite3` shell)
+        # must not hold senders for ever.
         if self._writer_lock is None:
-            yield
             return
-        fcntl.flock(self._writer_lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
+        if timeout is None:  # an admin command: its turn comes, as before
+            fcntl.flock(self._writer_lock, fcntl.LOCK_EX)
+        else:
+            self._take_turn(timeout)
+
+    def end_turn(self) -> None:
+        if self._writer_lock is not None:
             fcntl.flock(self._writer_lock, fcntl.LOCK_UN)
+
+    def _take_turn(self, timeout: float) -> None:
+        lock = self._writer_lock
+        with self._turns:
+            # While a given-up wait is still in the kernel, a non-blocking flock
+            # would find this descriptor's own lock, taken by that wait and about
+            # to be let go: wait behind it instead.
+            if self._given_up is None or self._given_up.done():
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    return
+                except BlockingIOError:
+                    pass
+            if self._turn_waiter is None:
+                self._turn_waiter = ThreadPoolExecutor(1, "imaging-scp-writers-turn")
+            turn = _Turn()
+            waited = self._turn_waiter.submit(_wait_for_turn, lock, turn)
+        try:
+            waited.result(timeout)
+        except FutureTimeout:
+            with turn.lock:
+                if not turn.taken:
+                    turn.given_up = True
+                    self._given_up = waited
+                    raise IndexTimedOut(
+                        f"index did not answer within {self.timeout:g} s (another process"
+                        f" holds the write lock of {self.path}: `fuser"
+                        f" {self.path}{WRITER_LOCK_SUFFIX}` names it)"
+                    ) from None
 
     def begin(self) -> None:
         # IMMEDIATE: take the write lock now, not at the first write, so that
@@ -403,10 +490,12 @@ class SQLiteDatabase(Database):
         return IndexCorrupt(self.path, str(exc)) if is_corrupt(exc) else None
 
     def another(self) -> "SQLiteDatabase":
-        return SQLiteDatabase(self.path)
+        return SQLiteDatabase(self.path, self.timeout)
 
     def close(self) -> None:
         self.conn.close()
+        if self._turn_waiter is not None:
+            self._turn_waiter.shutdown(wait=False, cancel_futures=True)
         if self._writer_lock is not None:
             os.close(self._writer_lock)
             self._writer_lock = None
@@ -460,6 +549,24 @@ def open_in_another_process(path: Path) -> bool:
         return struct.unpack("hhqqi", holder)[0] != fcntl.F_UNLCK
     finally:
         os.close(shm)
+
+
+@dataclass
+class _Turn:
+    """One wait for the writer lock, as `SQLiteDatabase._take_turn` hands it over."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    taken: bool = False
+    given_up: bool = False
+
+
+def _wait_for_turn(lock: int, turn: _Turn) -> None:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    with turn.lock:
+        if turn.given_up:  # its writer answered its senders already
+            fcntl.flock(lock, fcntl.LOCK_UN)
+        else:
+            turn.taken = True
 
 
 class Row:
@@ -525,24 +632,82 @@ class PostgresDatabase(Database):
     remote = True
     like_ignoring_case = "ILIKE"
 
-    def __init__(self, url: str, conn, pool=None):
+    def __init__(self, url: str, conn, pool=None, name: str = "", timeout: float | None = None):
         self.url = url
         self.conn = conn
         self._pool = pool
         self._deferred: list[tuple[str, tuple]] = []
+        # The session's application_name, unique: what `reopen` finds it by on
+        # the server (a backend's pid alone may be another's after a restart).
+        self.name = name
+        self.pid = conn.info.backend_pid
+        self.timeout = timeout
+        self._writer = False
+        # (pid, application_name) of sessions replaced by `reopen`, until ended.
+        self._lost_sessions: set[tuple[int, str]] = set()
+        self._idle_poll: select.poll | None = None  # the writer's: see closed_by_server
 
     @classmethod
-    def connect(cls, url: str) -> "PostgresDatabase":
+    def connect(cls, url: str, timeout: float | None = None) -> "PostgresDatabase":
         import psycopg
 
+        name = f"imaging-scp {secrets.token_hex(6)}"
+        options = {"application_name": name}
+        if timeout is not None:  # libpq: whole seconds, 2 at least
+            options["connect_timeout"] = max(2, math.ceil(timeout))
         try:
-            conn = psycopg.connect(url, autocommit=True, row_factory=_row_factory)
+            conn = psycopg.connect(url, autocommit=True, row_factory=_row_factory, **options)
         except psycopg.Error as exc:
             detail = " ".join(str(exc).split())  # libpq's message spans lines
             raise IndexUnreachable(
                 f"cannot connect to the index at {redact(url)}: {detail}"
             ) from exc
-        return cls(url, conn)
+        return cls(url, conn, name=name, timeout=timeout)
+
+    @property
+    def broken(self) -> bool:
+        return self.conn.closed
+
+    def closed_by_server(self) -> bool:
+        # An idle session is sent nothing, but its end: a restart's "terminating
+        # connection" and EOF. One poll() of the socket, no round trip.
+        return self._idle_poll is not None and bool(self._idle_poll.poll(0))
+
+    def interrupt(self) -> bool:
+        # A frozen server still has its kernel acknowledge what we send, so no
+        # socket timeout fires, and a cancel request would wait for it too: cut
+        # the connection under the waiting thread (a shutdown, which is safe
+        # from another thread; the waiter's libpq then fails and closes it).
+        try:
+            fd = self.conn.pgconn.socket
+        except Exception:  # closed already
+            return False
+        with socket.socket(fileno=os.dup(fd)) as connection, contextlib.suppress(OSError):
+            connection.shutdown(socket.SHUT_RDWR)
+        return True
+
+    def reopen(self, timeout: float) -> None:
+        fresh = PostgresDatabase.connect(self.url, timeout=timeout)
+        with contextlib.suppress(Exception):
+            self.conn.close()
+        self._lost_sessions.add((self.pid, self.name))
+        self.conn, self.name, self.pid, self._deferred = fresh.conn, fresh.name, fresh.pid, []
+        # A lost session may live on in the server (a COMMIT of ours still in
+        # its socket while the server was frozen): end it, and wait until it
+        # has, so that what is read back next is what stays.
+        deadline = time.monotonic() + timeout
+        for pid, name in list(self._lost_sessions):
+            session = "FROM pg_stat_activity WHERE pid = %s AND application_name = %s"
+            self.conn.execute(f"SELECT pg_terminate_backend(pid) {session}", (pid, name))
+            while self.conn.execute(f"SELECT 1 {session}", (pid, name)).fetchone():
+                if time.monotonic() > deadline:  # still there: the caller tries again
+                    raise IndexUnreachable(
+                        f"the lost session {pid} to the index at {redact(self.url)} did not end"
+                    )
+                time.sleep(0.02)
+            self._lost_sessions.discard((pid, name))
+        if self._writer:
+            self.prepare_writer()
 
     @classmethod
     def from_pool(cls, url: str) -> "PostgresDatabase":
@@ -612,11 +777,16 @@ class PostgresDatabase(Database):
     def in_transaction(self) -> bool:
         from psycopg.pq import TransactionStatus
 
+        if self.conn.closed:  # a lost connection's transaction ended with it
+            return False
         return bool(self._deferred) or self.conn.info.transaction_status != TransactionStatus.IDLE
 
     def prepare_writer(self) -> None:
         # Whatever the server's default: COMMIT returns once the WAL is flushed.
         self.execute("SET synchronous_commit = on")
+        self._writer = True
+        self._idle_poll = select.poll()
+        self._idle_poll.register(self.conn.pgconn.socket, select.POLLIN)
 
     def begin(self) -> None:
         self._deferred.append(("BEGIN", ()))
@@ -660,7 +830,7 @@ class PostgresDatabase(Database):
             time.sleep(random.uniform(0.001, 0.01))
 
     def another(self) -> "PostgresDatabase":
-        return PostgresDatabase.connect(self.url)
+        return PostgresDatabase.connect(self.url, timeout=self.timeout)
 
     def insert_rows(self, table: str, columns: list[str], rows) -> int:
         self._send([])

@@ -15,6 +15,12 @@ transactions on the same study while other studies' go on at once.
 Live ingest commits in groups (`Index.commit_together`): the instances that
 reach the index at the same moment share one transaction and one WAL sync.
 Readers (the admin CLI) open their own connection and never block the writer.
+
+The listener's writes are bounded by index_timeout (`Index.start_monitor`,
+storage.health): a write still waiting at its deadline has its connection cut,
+a lost connection is replaced on the next write or by the probe, and what a
+transaction cut short may have committed is read back before its sender is
+answered.
 """
 
 import dataclasses
@@ -33,9 +39,20 @@ from storage.database import (
     SQLITE_FILENAME,
     Database,
     IndexLocation,
+    IndexTimedOut,
+    IndexUnreachable,
     SchemaTooNew,
+    database_errors,
+    is_locked,
     is_retryable,
     lock_number,
+)
+from storage.health import (
+    Deadlines,
+    IndexHealth,
+    IndexInterrupted,
+    IndexMonitor,
+    IndexUnavailable,
 )
 from storage.names import fold_name
 
@@ -234,6 +251,15 @@ INDEXES = [
 COMMIT_ATTEMPTS = 8
 
 
+def _left(deadline: float) -> float | None:
+    """Seconds until `deadline` (0 once past), None when unbounded."""
+    return None if deadline == _UNBOUNDED else max(0.0, deadline - time.monotonic())
+
+
+def _text(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__  # libpq's messages span lines
+
+
 def utc_now() -> str:
     """A sortable UTC timestamp with milliseconds, as stored in the index
     (2026-12-01T20:41:24.123Z). Formatted by hand, the seconds once a second:
@@ -313,14 +339,21 @@ class IndexOutcome:
 
 
 T = TypeVar("T")
+_UNBOUNDED = float("inf")
+# Between two attempts to reconnect to a PostgreSQL that is not there (yet).
+_RECONNECT_PAUSE = 0.25
+_ADMIN_CONNECT_TIMEOUT = 30.0  # without index_timeout
+_BEHIND = "an earlier write of this process still waits for it"
 
 
-@dataclass
+@dataclass(eq=False)  # each is itself: found in the queue by identity
 class _Ticket:
     """One thread's work in a group commit."""
 
     work: Callable[[], object]
     lock_key: str | None = None
+    deadline: float = _UNBOUNDED  # time.monotonic() by which its thread has its answer
+    taken: bool = False  # into a leader's batch
     # PostgreSQL: an all-or-nothing statement tried before `work`, in the round
     # trip that commits it, and what its row means; None: `work` alone.
     attempt: "_Attempt | None" = None
@@ -401,9 +434,21 @@ class PatientConflict(ValueError):
 class Index:
     """The index database of one archive, as its writers use it."""
 
-    def __init__(self, db: Database, location: IndexLocation | None = None):
+    def __init__(
+        self, db: Database, location: IndexLocation | None = None, timeout: float | None = None
+    ):
         self.conn = db
         self.location = location  # None: a scratch index (rebuild)
+        # index_timeout: how long a write may wait for the index (None: as long
+        # as it takes, for the admin commands).
+        self.timeout = timeout
+        self.health = IndexHealth()
+        self._deadlines = Deadlines()
+        self._monitor: IndexMonitor | None = None
+        # Instances whose transaction's answer was lost with the connection and
+        # that could not be read back in time: settled once it is back.
+        self._unsettled: list[tuple[str, Callable[[StoredDigest | None], object]]] = []
+        self._unsettled_lock = threading.Lock()
         db.prepare_writer()
         self._lock = threading.Lock()
         # In-process, hints are read on a connection of their own: WAL readers
@@ -417,17 +462,140 @@ class Index:
         self._create_schema()
 
     @classmethod
-    def open(cls, location: IndexLocation) -> "Index":
-        return cls(location.open(create=True), location)
+    def open(cls, location: IndexLocation, timeout: float | None = None) -> "Index":
+        return cls(location.open(create=True, timeout=timeout), location, timeout)
+
+    def start_monitor(self) -> None:
+        """Bound every write by `timeout`, and probe the index while it is
+        unavailable (the listener's index; the admin commands wait instead)."""
+        self._deadlines.start()
+        self._monitor = IndexMonitor(self.health, self.probe)
+        self._monitor.start()
 
     @classmethod
     def in_data_dir(cls, data_dir: Path) -> "Index":
         return cls.open(IndexLocation(Path(data_dir)))
 
     def close(self) -> None:
+        if self._monitor is not None:
+            self._monitor.stop()
         if self._hints is not None:
             self._hints.close()
         self.conn.close()
+
+    # --- the index's availability -------------------------------------------------
+
+    def _deadline(self) -> float:
+        return _UNBOUNDED if self.timeout is None else time.monotonic() + self.timeout
+
+    def _hold(self, deadline: float, *, write: bool = True) -> None:
+        """The writer's connection, for this thread alone until `_release`, and
+        until `deadline`: IndexTimedOut when the wait for it is longer,
+        IndexUnavailable when a lost one cannot be replaced in time; the
+        connection is cut at the deadline. `write`: with the writers' turn
+        (SQLite's lock). Called for every group commit: no round trip here."""
+        left = _left(deadline)
+        if not self._lock.acquire(timeout=-1 if left is None else left):
+            raise self._unavailable(IndexTimedOut(self._no_answer(_BEHIND)))
+        try:
+            self._deadlines.watch(self.conn, deadline)
+            if self.conn.broken or self.conn.closed_by_server():
+                self._reconnect(deadline)
+            if write:
+                self.conn.take_turn(_left(deadline))
+        except BaseException as exc:
+            self._release(write=False)
+            if isinstance(exc, IndexTimedOut):
+                raise self._unavailable(exc) from None
+            raise
+
+    def _release(self, *, write: bool = True) -> None:
+        if write:
+            self.conn.end_turn()
+        self._deadlines.unwatch()  # before the connection may be closed: never cut it then
+        self._lock.release()
+
+    @contextmanager
+    def _connection(self, deadline: float, *, write: bool = True) -> Iterator[Database]:
+        """`_hold` … `_release` around a block."""
+        self._hold(deadline, write=write)
+        try:
+            yield self.conn
+        finally:
+            self._release(write=write)
+
+    def _reconnect(self, deadline: float) -> None:
+        """A new connection for a lost one (with `_lock`), trying again until
+        `deadline`; then what was left in doubt is settled."""
+        reason = self.health.reason or "the connection to the index is lost"
+        while True:
+            left = _left(deadline)
+            if left is not None and left < _RECONNECT_PAUSE:
+                raise self._unavailable(IndexUnavailable(reason))
+            try:
+                self.conn.reopen(_ADMIN_CONNECT_TIMEOUT if left is None else left)
+                break
+            except (IndexUnreachable, *database_errors()) as exc:
+                reason = _text(exc)
+                if left is None:
+                    raise IndexUnavailable(reason) from exc
+            time.sleep(_RECONNECT_PAUSE)
+        self._settle_unsettled()
+
+    def _settle_unsettled(self) -> None:
+        with self._unsettled_lock:
+            waiting, self._unsettled = self._unsettled, []
+        for position, (uid, settle) in enumerate(waiting):
+            try:
+                known = _stored_digest_on(self.conn, uid)
+            except BaseException:
+                with self._unsettled_lock:
+                    self._unsettled[:0] = waiting[position:]
+                raise
+            settle(known)
+
+    def settle_later(self, uid: str, settle: Callable[["StoredDigest | None"], object]) -> None:
+        """`settle(what the index holds for uid)` once the index answers again:
+        for an instance whose transaction may or may not have committed."""
+        with self._unsettled_lock:
+            self._unsettled.append((uid, settle))
+
+    def read_back(self, uid: str, deadline: float) -> "StoredDigest | None":
+        """What the index holds for `uid`, on a connection that replaced a lost
+        one (the lost one's session ended first): whether a transaction whose
+        answer was lost committed. IndexUnavailable/IndexTimedOut past `deadline`."""
+        with self._connection(deadline, write=False) as conn:
+            return _stored_digest_on(conn, uid)
+
+    def probe(self) -> None:
+        """One empty write transaction (reconnecting first if need be); the index
+        is available again when it succeeds."""
+        with self._connection(self._deadline()) as conn:
+            self._settle_unsettled()
+            conn.begin()
+            conn.first_rows([("SELECT 1", ())])
+            conn.execute("ROLLBACK")
+        self._available()
+
+    def _available(self) -> None:
+        if not self.health.available and not self._unsettled:
+            self.health.came_back()
+
+    def _unavailable(self, exc: Exception) -> Exception:
+        self.health.went(_text(exc))
+        return exc
+
+    def _no_answer(self, why: str) -> str:
+        bound = self.timeout if self.timeout is not None else self.conn.timeout  # SQLite's busy
+        return f"index did not answer within {bound:g} s ({why})"
+
+    def _lost(self, exc: BaseException, deadline: float) -> Exception:
+        """The error for the tickets of a transaction whose connection was lost."""
+        if self._deadlines.cut:
+            lost = IndexInterrupted(self._no_answer("connection cut"), deadline)
+        else:
+            lost = IndexInterrupted(f"connection to the index lost: {_text(exc)}", deadline)
+        return self._unavailable(lost)
 
     def _create_schema(self) -> None:
         db = self.conn
@@ -465,18 +633,21 @@ class Index:
         (`Database.lock_keys`); a change that learns them by reading calls
         `lock_studies` once, before its first write.
         """
-        with self._lock, self.conn.writers_turn():
+        with self._connection(self._deadline()):
             self.conn.begin()
             self.conn.lock_keys(list(lock_keys))
             try:
                 yield self
                 self.conn.execute("COMMIT")
-            except BaseException:
+            except BaseException as exc:
                 # Also after a failed COMMIT (SQLITE_FULL, I/O error): the shared
                 # connection must not stay inside a transaction.
                 if self.conn.in_transaction:
                     self.conn.execute("ROLLBACK")
+                if self.conn.broken:  # the probe reconnects
+                    self._unavailable(exc)
                 raise
+        self._available()
 
     def commit_together(self, work: Callable[[], T], *, lock_key: str | None = None) -> T:
         """Run `work` in a write transaction shared with what other threads of this
@@ -514,51 +685,91 @@ class Index:
         return self._commit_ticket(_Ticket(otherwise, lock_key, attempt))
 
     def _commit_ticket(self, ticket: "_Ticket"):
+        ticket.deadline = self._deadline()
         with self._group:
             self._queue.append(ticket)
             while self._leading and not ticket.done:
-                self._group.wait()
+                left = None if ticket.taken else _left(ticket.deadline)
+                if left == 0:  # the leader is stuck: nothing of this one was sent
+                    self._queue.remove(ticket)
+                    raise self._unavailable(IndexTimedOut(self._no_answer(_BEHIND)))
+                self._group.wait(left)  # a taken one: its leader answers it by its deadline
             if ticket.done:  # another thread's transaction carried it
                 return ticket.outcome()
             self._leading = True
             batch, self._queue = self._queue, []
+            for queued in batch:
+                queued.taken = True
         try:
-            self._commit_batch(batch)
+            self._commit_batch(batch, batch[0].deadline)  # the first come is the first due
         finally:
             with self._group:
                 self._leading = False
                 self._group.notify_all()
         return ticket.outcome()
 
-    def _commit_batch(self, batch: list["_Ticket"]) -> None:
-        with self._lock, self.conn.writers_turn():
-            try:
-                rest = batch
-                attempts = [ticket for ticket in batch if ticket.attempt is not None]
-                if attempts and self._retried(attempts, self._run_attempts):
-                    rest = [ticket for ticket in batch if not ticket.written]
-                # After failed attempts, every work: alone in its savepoint, a
-                # ticket that cannot be indexed fails alone.
-                for ticket in rest:
-                    ticket.result = ticket.error = None
-                if rest:
-                    self._retried(rest, self._run_batch)
-            finally:
-                for ticket in batch:
-                    ticket.done = True
+    def _commit_batch(self, batch: list["_Ticket"], deadline: float) -> None:
+        try:
+            self._hold(deadline)
+        except (IndexTimedOut, IndexUnavailable) as exc:  # nothing was sent
+            for ticket in batch:
+                ticket.error, ticket.done = exc, True
+            return
+        try:
+            rest = batch
+            attempts = [ticket for ticket in batch if ticket.attempt is not None]
+            if attempts and self._retried(attempts, self._run_attempts, deadline):
+                rest = [ticket for ticket in batch if not ticket.written]
+            if self.conn.broken:  # the attempts' answers were lost
+                for ticket in rest:  # those without an attempt were not sent
+                    ticket.error = ticket.error or IndexUnavailable(self.health.reason)
+                return
+            # After failed attempts, every work: alone in its savepoint, a
+            # ticket that cannot be indexed fails alone.
+            for ticket in rest:
+                ticket.result = ticket.error = None
+            if rest:
+                self._retried(rest, self._run_batch, deadline)
+            # It answered (a refusal of one instance is no outage), unless
+            # SQLite's write lock stayed taken.
+            if (
+                not self.health.available
+                and not self.conn.broken
+                and not any(isinstance(ticket.error, IndexTimedOut) for ticket in batch)
+            ):
+                self._available()
+        finally:
+            self._release()
+            for ticket in batch:
+                ticket.done = True
 
-    def _retried(self, batch: list["_Ticket"], run: Callable[[list["_Ticket"]], None]) -> bool:
+    def _retried(
+        self, batch: list["_Ticket"], run: Callable[[list["_Ticket"]], None], deadline: float
+    ) -> bool:
         """`run(batch)` until it commits, again after a rollback for a deadlock
         or another node's concurrent insert; False when it could not (each
-        ticket then holds an error)."""
+        ticket then holds an error: IndexInterrupted when the connection was
+        lost, IndexTimedOut when SQLite's write lock stayed taken)."""
         conn = self.conn
         for attempt in range(1, COMMIT_ATTEMPTS + 1):
             try:
                 run(batch)
                 return True
             except BaseException as exc:
+                if conn.broken:
+                    lost = self._lost(exc, deadline)
+                    for ticket in batch:
+                        ticket.error = lost
+                    return False
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
+                if is_locked(exc):
+                    where = self.location.describe() if self.location else "the index"
+                    exc = self._unavailable(
+                        IndexTimedOut(
+                            self._no_answer(f"another process holds the write lock of {where}")
+                        )
+                    )
                 if not is_retryable(exc) or attempt == COMMIT_ATTEMPTS:
                     for ticket in batch:
                         ticket.error = ticket.error or exc
@@ -624,7 +835,7 @@ class Index:
         identical resend be answered without writing anything. Decisions are
         re-checked in `writing()`. It does not wait for a commit in progress."""
         if self.conn.remote:
-            with self._lock:
+            with self._connection(self._deadline(), write=False):
                 return self.stored_digest(sop_instance_uid)
         with self._hints_lock:
             if self._hints is None:

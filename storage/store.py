@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import BinaryIO
 
 from storage import files
-from storage.database import database_errors, is_out_of_space
+from storage.database import IndexTimedOut, database_errors, is_out_of_space
 from storage.header import DatasetWalk, HeaderError, InstanceHeader, read_header, walkable
+from storage.health import IndexInterrupted, IndexUnavailable
 from storage.index import (
     Index,
     IndexEntry,
@@ -226,6 +227,11 @@ class InstanceStore:
                     result.disagreements = found.disagreements
             else:
                 self.index.commit_together(work, lock_key=header.study_uid)
+        except IndexInterrupted as lost:
+            self._settle_lost(temp, entry, result, lost)
+        except (IndexUnavailable, IndexTimedOut) as exc:  # nothing was sent
+            self._undo_placing(temp, result)
+            raise StoreRefused(Refusal.WRITE_FAILED, str(exc), comment=_short(exc)) from exc
         except database_errors() as exc:
             self._undo_placing(temp, result)
             raise self.index_refusal(exc, "index write failed") from exc
@@ -272,6 +278,47 @@ class InstanceStore:
                 comment="receiver's index is damaged: its admin must run rebuild",
             )
         return StoreRefused(Refusal.WRITE_FAILED, f"{failed}: {exc}")
+
+    def _settle_lost(
+        self, temp: files.TempFile, entry: IndexEntry, result: StoreResult, lost: IndexInterrupted
+    ) -> None:
+        """The connection was lost with the instance's transaction on its way:
+        its COMMIT may have landed. Returns (the instance is stored) when the
+        index, read back on a new connection, holds it; else nothing of it is
+        kept and the sender is refused. When the index cannot be read back
+        before the sender's deadline, the file stays (with its temp name, as
+        startup recovery knows it) until the index answers again, and the
+        sender is refused: it sends again, and its resend finds what was kept."""
+        uid = entry.header.sop_instance_uid
+        settle = functools.partial(self._settle, temp, result, entry.sha256)
+        try:
+            known = self.index.read_back(uid, lost.deadline)
+        except (IndexUnavailable, IndexTimedOut, *database_errors()) as exc:
+            self.index.settle_later(uid, settle)
+            raise StoreRefused(
+                Refusal.WRITE_FAILED,
+                f"{lost}; whether the instance was indexed is read back once the index"
+                " answers again: send it again",
+                comment=_short(lost),
+            ) from exc
+        if not settle(known):
+            raise StoreRefused(
+                Refusal.WRITE_FAILED,
+                f"{lost}; the instance was not indexed and nothing of it was kept: send it again",
+                comment=_short(lost),
+            ) from lost
+
+    def _settle(
+        self, temp: files.TempFile, result: StoreResult, sha256: str, known: StoredDigest | None
+    ) -> bool:
+        """After a lost answer, with `known` what the index holds now: whether
+        the instance's transaction committed. Its temp name goes either way;
+        its file only when the index does not point at it."""
+        if known is not None and known.path == result.path:
+            temp.path.unlink(missing_ok=True)
+            return known.sha256 == sha256
+        self._undo_placing(temp, result)
+        return False
 
     def _identical(self, known: StoredDigest | None, sha256: str) -> bool:
         return known is not None and known.sha256 == sha256 and self._intact(known)
@@ -521,6 +568,15 @@ def _check_request_uids(sop_class_uid: str | None, sop_instance_uid: str | None)
             raise StoreRefused(Refusal.MISSING_UID, f"request has no {name}")
         if not is_valid_uid(uid):
             raise StoreRefused(Refusal.INVALID_UID, f"invalid {name} {_shown(uid)}")
+
+
+def _short(exc: BaseException) -> str:
+    """An index failure for a sender's ErrorComment (64 characters)."""
+    if isinstance(exc, IndexTimedOut | IndexInterrupted) and "did not answer" in str(exc):
+        return str(exc).split(" (", 1)[0]  # "index did not answer within 10 s"
+    if isinstance(exc, IndexInterrupted):
+        return "index connection lost: send again"
+    return "index unavailable: send again later"
 
 
 def _ms_since(started: float) -> float:

@@ -6,6 +6,7 @@ import itertools
 import os
 import pwd
 import shutil
+import signal
 import subprocess
 import tempfile
 from dataclasses import dataclass
@@ -60,13 +61,51 @@ class Cluster:
              "--auth=trust", "--no-locale", "--encoding=UTF8"],
             check=True, capture_output=True,
         )  # fmt: skip
+        cluster.start_server()
+        return cluster
+
+    def _pg_ctl(self, *args: str) -> None:
         subprocess.run(
-            [*run_as, str(binaries / "pg_ctl"), "-D", str(data), "-l", str(root / "log"), "-w",
-             "-o", f"-p {cluster.port} -k {root} -c listen_addresses=127.0.0.1"
-             " -c max_connections=400", "start"],
+            [*self.run_as, str(self.binaries / "pg_ctl"), "-D", str(self.root / "data"),
+             "-l", str(self.root / "log"), "-w", *args],
             check=True, capture_output=True,
         )  # fmt: skip
-        return cluster
+
+    def start_server(self) -> None:
+        self._pg_ctl(
+            "-o", f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1"
+            " -c max_connections=400", "start",
+        )  # fmt: skip
+
+    def stop_server(self) -> None:
+        """As an admin stops it for maintenance: sessions ended, nothing lost."""
+        self._pg_ctl("-m", "fast", "stop")
+
+    def restart(self) -> None:
+        """`pg_ctl restart`: every session ended, the server back at once."""
+        self._pg_ctl("-m", "fast", "restart")
+
+    def server_pids(self) -> list[int]:
+        """The postmaster, then its children (backends, background workers)."""
+        postmaster = int((self.root / "data" / "postmaster.pid").read_text().split()[0])
+        children = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:  # gone meanwhile
+                continue
+            if int(fields[1]) == postmaster:
+                children.append(int(stat.parent.name))
+        return [postmaster, *children]
+
+    def freeze(self) -> None:
+        """SIGSTOP to every process of the server: a hung host, as the network sees it."""
+        for pid in self.server_pids():
+            os.kill(pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        for pid in self.server_pids():
+            os.kill(pid, signal.SIGCONT)
 
     def url(self, database: str = "postgres") -> str:
         return f"postgresql://{USER}@127.0.0.1:{self.port}/{database}"
