@@ -349,13 +349,6 @@ class InstanceStore:
         `seen_before`: the indexed copy as read before the transaction, already
         found not to be an identical, intact one."""
         header = entry.header
-        if result.placed and os.stat(temp.path).st_nlink < 2:
-            # Linked before the transaction (its only other name), and since
-            # removed or replaced: a deletion of its study took the file at this
-            # path (whose row it had deleted), or another copy of this instance
-            # took its place. Seen under the study's turn, which such a deletion
-            # takes too; linked again below if this instance is the one indexed.
-            result.placed = False
         try:
             found = self.index.index_if_new(entry)
         except SeriesStudyMismatch as exc:
@@ -380,6 +373,15 @@ class InstanceStore:
                     "patient_name": received.name,
                 },
             ) from exc
+        # Only now is the study's turn surely taken: on PostgreSQL, BEGIN and the
+        # study's lock go to the server with the transaction's first statement.
+        if result.placed and os.stat(temp.path).st_nlink < 2:
+            # Linked before the transaction (its only other name), and since
+            # removed or replaced: a deletion of its study took the file at this
+            # path (whose row it had deleted), or another copy of this instance
+            # took its place. Seen under the study's turn, which such a deletion
+            # takes too; linked again below if this instance is the one indexed.
+            result.placed = False
         if isinstance(found, IndexOutcome):  # a new instance, indexed
             if not result.placed:
                 self._link(temp, entry.path, result, Outcome.STORED)
