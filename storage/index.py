@@ -916,43 +916,20 @@ class Index:
     def record_refusal(self, entry: IndexEntry, reason: str) -> None:
         """Remember an instance refused for what it conflicts with (nothing of
         it is kept): listed with the resends' conflicts."""
-        header, source = entry.header, entry.provenance
-        self.conn.execute(
-            "INSERT INTO conflicts (sop_instance_uid, action, size, sha256, received_at,"
-            " calling_ae, peer, association_id, study_uid, series_uid, reason)"
-            " VALUES (?, 'refused', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                header.sop_instance_uid,
-                entry.size,
-                entry.sha256,
-                entry.received_at,
-                source.calling_ae,
-                source.peer,
-                source.association_id,
-                header.study_uid,
-                header.series_uid,
-                reason,
-            ),
+        header = entry.header
+        self._insert(
+            "conflicts",
+            {
+                **_conflict_values(entry, "refused"),
+                "study_uid": header.study_uid,
+                "series_uid": header.series_uid,
+                "reason": reason,
+            },
         )
 
     def record_conflict(self, entry: IndexEntry, action: str) -> None:
         """Remember a resend whose bytes differ from the indexed copy, and what was done."""
-        source = entry.provenance
-        self.conn.execute(
-            "INSERT INTO conflicts (sop_instance_uid, action, path, size, sha256, received_at,"
-            " calling_ae, peer, association_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                entry.header.sop_instance_uid,
-                action,
-                entry.path,
-                entry.size,
-                entry.sha256,
-                entry.received_at,
-                source.calling_ae,
-                source.peer,
-                source.association_id,
-            ),
-        )
+        self._insert("conflicts", {**_conflict_values(entry, action), "path": entry.path})
 
     def _insert(self, table: str, row: dict) -> None:
         self.conn.execute(
@@ -1049,6 +1026,21 @@ class Index:
 _STORED_DIGEST = (
     "SELECT study_uid, series_uid, path, size, sha256 FROM instances WHERE sop_instance_uid = ?"
 )
+
+
+def _conflict_values(entry: IndexEntry, action: str) -> dict:
+    """A conflicts row's columns that every action records."""
+    source = entry.provenance
+    return {
+        "sop_instance_uid": entry.header.sop_instance_uid,
+        "action": action,
+        "size": entry.size,
+        "sha256": entry.sha256,
+        "received_at": entry.received_at,
+        "calling_ae": source.calling_ae,
+        "peer": source.peer,
+        "association_id": source.association_id,
+    }
 
 
 def _stored_digest_on(db: Database, sop_instance_uid: str) -> StoredDigest | None:

@@ -244,8 +244,9 @@ def test_unknown_keys_come_back_empty_with_ff01(archive):
     assert "(Pending: WarningUnsupportedOptionalKeys)" in result.stderr
 
 
-def test_a_latin1_request_matches_a_utf8_name(archive, tmp_path):
-    server, _ = archive
+def latin1_study_find(server, **keys: str) -> list:
+    """A STUDY-level C-FIND from pynetdicom, its identifier in ISO_IR 100 (Latin-1):
+    the (status, identifier) pairs it got."""
     ae = AE(ae_title="TESTSCU")
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind, ExplicitVRLittleEndian)
     assoc = ae.associate("127.0.0.1", server.port, ae_title="IMAGING_SCP")
@@ -253,11 +254,17 @@ def test_a_latin1_request_matches_a_utf8_name(archive, tmp_path):
         query = pydicom.Dataset()
         query.SpecificCharacterSet = "ISO_IR 100"
         query.QueryRetrieveLevel = "STUDY"
-        query.PatientName = "müller^*"
+        for keyword, value in keys.items():
+            setattr(query, keyword, value)
         query.StudyInstanceUID = ""
-        answers = list(assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind))
+        return list(assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind))
     finally:
         assoc.release()
+
+
+def test_a_latin1_request_matches_a_utf8_name(archive, tmp_path):
+    server, _ = archive
+    answers = latin1_study_find(server, PatientName="müller^*")
     pending = [identifier for status, identifier in answers if status.Status in (0xFF00, 0xFF01)]
     assert [str(i.PatientName) for i in pending] == ["Müller^Jürgen"]
     assert answers[-1][0].Status == 0x0000
@@ -471,19 +478,7 @@ def test_person_names_match_in_any_case_in_every_script(named_archive, name, pat
 
 def test_names_come_back_as_stored_and_a_latin1_request_folds_too(named_archive):
     server, studies = named_archive
-    ae = AE(ae_title="TESTSCU")
-    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind, ExplicitVRLittleEndian)
-    assoc = ae.associate("127.0.0.1", server.port, ae_title="IMAGING_SCP")
-    try:
-        query = pydicom.Dataset()
-        query.SpecificCharacterSet = "ISO_IR 100"
-        query.QueryRetrieveLevel = "STUDY"
-        query.PatientName = "TEST-éÜ*"
-        query.ReferringPhysicianName = "øDEGÅRD*"
-        query.StudyInstanceUID = ""
-        answers = list(assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind))
-    finally:
-        assoc.release()
+    answers = latin1_study_find(server, PatientName="TEST-éÜ*", ReferringPhysicianName="øDEGÅRD*")
     pending = [identifier for status, identifier in answers if status.Status == 0xFF00]
     assert answers[-1][0].Status == 0x0000
     assert [(i.StudyInstanceUID, str(i.PatientName)) for i in pending] == [
