@@ -282,7 +282,7 @@ def echo_cli(port: int) -> subprocess.CompletedProcess:
 DAMAGED = "index damaged: run imaging-scp rebuild with serve stopped"
 
 
-@pytest.mark.parametrize("met_by", ["C-STORE", "C-FIND"])
+@pytest.mark.parametrize("met_by", ["C-STORE", "C-STORE of a resend", "C-FIND"])
 def test_a_node_whose_index_turns_out_damaged_takes_itself_out(tmp_path, met_by):
     """Damage found under a running serve: the node says so where a load
     balancer and an admin look, as for an unavailable index, and keeps saying
@@ -298,6 +298,9 @@ def test_a_node_whose_index_turns_out_damaged_takes_itself_out(tmp_path, met_by)
             overwrite_root_page(data / "index.sqlite", "instances")
             second = make_instance(tmp_path, study_uid=generate_uid(), series_uid=generate_uid())
             assert [s.status for s in send_files(server.port, [second])] == [0xA700]
+        elif met_by == "C-STORE of a resend":  # looked up before its transaction
+            overwrite_root_page(data / "index.sqlite", "instances")
+            assert [s.status for s in send_files(server.port, [first])] == [0xA700]
         else:
             overwrite_root_page(data / "index.sqlite", "studies")
             assert study_level_find(server.port).Status == 0xC000
