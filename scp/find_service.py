@@ -27,6 +27,7 @@ from scp import dimse
 from scp.session import Session
 from storage import find
 from storage.database import IndexLocation
+from storage.health import IndexHealth
 
 PATIENT_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.1.1"
 STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
@@ -62,8 +63,11 @@ class FindRefused(Exception):
 
 
 class FindService:
-    def __init__(self, location: IndexLocation, aet: str, find_limit: int):
+    def __init__(
+        self, location: IndexLocation, aet: str, find_limit: int, index_health: IndexHealth
+    ):
         self.location = location
+        self.index_health = index_health  # told when a query finds the index damaged
         self.aet = aet
         self.find_limit = find_limit
 
@@ -190,6 +194,7 @@ class RunningQuery:
             damage = self.service.location.corruption(exc)
             if damage is not None:  # the admin's to repair: the reason says how
                 self.session.log.error("index.corrupt", reason=str(damage))
+                self.service.index_health.damaged(str(damage))
                 return self._final(UNABLE_TO_PROCESS, "receiver's index is damaged")
             self.session.log.exception("find.failed")
             return self._final(UNABLE_TO_PROCESS, f"query failed: {type(exc).__name__}")

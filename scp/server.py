@@ -143,7 +143,7 @@ class Receiver:
             config,
             self.storage,
             self.commitment,
-            FindService(config.index_location, config.aet, config.find_limit),
+            FindService(config.index_location, config.aet, config.find_limit, store.index.health),
             callers,
         )
         self.server: Listener | None = None  # plain DICOM; None with port = 0
@@ -234,8 +234,15 @@ def open_store(config: Config) -> InstanceStore:
     )
 
 
-def _log_index_health(reason: str | None, since: float) -> None:
-    if reason is not None:
+def _log_index_health(reason: str | None, since: float, damaged: bool) -> None:
+    if damaged:
+        log.error(
+            "index.unavailable",
+            reason=reason,
+            advice="new associations are rejected (transient) until the index is rebuilt:"
+            " stop imaging-scp serve, run imaging-scp rebuild, start it again",
+        )
+    elif reason is not None:
         log.error(
             "index.unavailable",
             reason=reason,

@@ -55,7 +55,7 @@ class StoreService:
             status, comment = SUCCESS, None
         else:
             session.log.warning("echo.failed", reason=health.describe())
-            status, comment = ECHO_PROCESSING_FAILURE, f"{health.headline()}; reason in its log"
+            status, comment = ECHO_PROCESSING_FAILURE, health.error_comment()
         return dimse.response(
             dimse.C_ECHO_RSP,
             command.message_id,

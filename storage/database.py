@@ -726,6 +726,11 @@ class PostgresDatabase(Database):
                     min_size=1,
                     max_size=8,
                     kwargs={"autocommit": True, "row_factory": _row_factory},
+                    # Idle connections die with a server restart, unseen: each
+                    # one lent is checked first (an empty query, one round
+                    # trip), and a dead one replaced, rather than failing a
+                    # C-FIND or a commitment's check once.
+                    check=ConnectionPool.check_connection,
                     open=True,
                     name="index-readers",
                 )

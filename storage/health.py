@@ -6,7 +6,8 @@ SQLite's write lock) and when one succeeds again; the listener reads the state
 for each new association and for a C-ECHO at the cost of an attribute read.
 While the index is unavailable a probe (`Index.probe`, from `IndexMonitor`)
 reconnects and tries a write transaction once a second: that is what clears
-the state when no sender is let in to find out.
+the state when no sender is let in to find out. A damaged SQLite file is out
+for good: nothing but `imaging-scp rebuild`, with serve stopped, repairs it.
 
 `Deadlines` bounds each write: a thread that cuts the connection of a write
 still waiting at its deadline (a frozen PostgreSQL answers nothing, and its
@@ -34,36 +35,61 @@ class IndexInterrupted(Exception):
         self.deadline = deadline  # time.monotonic() by which the sender is answered
 
 
+DAMAGED = "index damaged: run imaging-scp rebuild with serve stopped"  # fits an ErrorComment
+
+
 class IndexHealth:
-    """Available, or unavailable since when and why. Listeners hear each change
-    (from the thread that saw it): `listener(reason, since)` when the index goes
-    (reason None, `since` its unavailable_since, when it comes back)."""
+    """Available, unavailable since when and why, or damaged and why. Listeners
+    hear each change (from the thread that saw it): `listener(reason, since,
+    damaged)` when the index goes (reason None, `since` its unavailable_since,
+    when it comes back; a damaged index never does)."""
 
     def __init__(self):
         self.unavailable_since: float | None = None  # time.time()
         self.reason = ""
-        self._listeners: list[Callable[[str | None, float], None]] = []
+        self.damage: str | None = None  # what found the file damaged: for good
+        self._listeners: list[Callable[[str | None, float, bool], None]] = []
         self._lock = threading.Lock()
 
     @property
     def available(self) -> bool:
-        return self.unavailable_since is None
+        return self.unavailable_since is None and self.damage is None
 
     def headline(self) -> str:
         """ "index unavailable since 03:55:12 UTC" (fits a DICOM ErrorComment)."""
+        if self.damage is not None:
+            return DAMAGED
         since = self.unavailable_since
         if since is None:
             return "index available"
         return f"index unavailable since {time.strftime('%H:%M:%S UTC', time.gmtime(since))}"
 
     def describe(self) -> str:
-        """For people: "index unavailable since 03:55:12 UTC: <reason>"."""
+        """For people: "index unavailable since 03:55:12 UTC: <reason>", or
+        "index damaged: the index <path> is damaged (…): run …"."""
+        if self.damage is not None:
+            return f"index damaged: {self.damage}"
         if self.unavailable_since is None:
             return "index available"
         return f"{self.headline()}: {self.reason}"
 
-    def subscribe(self, listener: Callable[[str | None, float], None]) -> None:
+    def error_comment(self) -> str:
+        """What a C-ECHO's ErrorComment says (64 characters)."""
+        if self.damage is not None:
+            return DAMAGED  # what to do; the path is in the log
+        return f"{self.headline()}; reason in its log"
+
+    def subscribe(self, listener: Callable[[str | None, float, bool], None]) -> None:
         self._listeners.append(listener)
+
+    def damaged(self, reason: str) -> None:
+        """The index file was found damaged (`reason` names it and what to do)."""
+        with self._lock:
+            if self.damage is not None:
+                return
+            self.damage = reason
+        for listener in self._listeners:
+            listener(self.describe(), time.time(), True)
 
     def went(self, reason: str) -> None:
         with self._lock:
@@ -73,16 +99,17 @@ class IndexHealth:
             self.unavailable_since, self.reason = time.time(), reason
             since = self.unavailable_since
         for listener in self._listeners:
-            listener(reason, since)
+            listener(reason, since, False)
 
     def came_back(self) -> None:
+        """It answers again (a damage, if any, stays)."""
         with self._lock:
             since = self.unavailable_since
             if since is None:
                 return
             self.unavailable_since, self.reason = None, ""
         for listener in self._listeners:
-            listener(None, since)
+            listener(None, since, False)
 
 
 class Deadlines:
@@ -127,7 +154,9 @@ class Deadlines:
 
 
 class IndexMonitor:
-    """While the index is unavailable, `probe` once a second until it succeeds."""
+    """While the index is unavailable, `probe` once a second until it succeeds
+    (not for a damaged one: a transaction that succeeds proves nothing of its
+    other pages)."""
 
     def __init__(self, health: IndexHealth, probe: Callable[[], None]):
         self.health = health
@@ -143,7 +172,7 @@ class IndexMonitor:
 
     def _run(self) -> None:
         while not self._stopped.wait(PROBE_INTERVAL):
-            if self.health.available:
+            if self.health.unavailable_since is None:
                 continue
             try:
                 self.probe()  # clears the state when it succeeds

@@ -581,6 +581,13 @@ class Index:
         if not self.health.available and not self._unsettled:
             self.health.came_back()
 
+    def _note_damage(self, exc: BaseException) -> None:
+        """When `exc` says the SQLite file is damaged: the node is out until an
+        admin rebuilds it."""
+        damage = self.conn.corruption(exc)
+        if damage is not None:
+            self.health.damaged(str(damage))
+
     def _unavailable(self, exc: Exception) -> Exception:
         self.health.went(_text(exc))
         return exc
@@ -730,6 +737,9 @@ class Index:
                 ticket.result = ticket.error = None
             if rest:
                 self._retried(rest, self._run_batch, deadline)
+            for ticket in batch:
+                if ticket.error is not None:
+                    self._note_damage(ticket.error)
             # It answered (a refusal of one instance is no outage), unless
             # SQLite's write lock stayed taken.
             if (
@@ -840,7 +850,11 @@ class Index:
         with self._hints_lock:
             if self._hints is None:
                 self._hints = self.conn.another()
-            return _stored_digest_on(self._hints, sop_instance_uid)
+            try:
+                return _stored_digest_on(self._hints, sop_instance_uid)
+            except database_errors() as exc:
+                self._note_damage(exc)
+                raise
 
     def check_series_study(self, series_uid: str, study_uid: str) -> None:
         """Raise SeriesStudyMismatch if the series is indexed under another study."""

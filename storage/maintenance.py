@@ -292,9 +292,6 @@ def verify(
                     damaged_series[series_uid] = study_uid
                 else:
                     report.missing.remove(relpath)
-            recovered = {
-                uid: study for uid, study in marked_by_verify.items() if uid not in damaged_series
-            }
             for series_uid, study_uid in damaged_series.items():
                 # An admin's UNAVAILABLE stays the admin's: only another value is
                 # remembered, to be given back once the files are.
@@ -304,13 +301,19 @@ def verify(
                     (UNAVAILABLE, series_uid, UNAVAILABLE),
                 )
                 refresh_study_availability(index, study_uid)
-            for series_uid, study_uid in recovered.items():
-                index.conn.execute(
+            for series_uid, study_uid in marked_by_verify.items():
+                if series_uid in damaged_series:
+                    continue
+                # Still marked: an admin's `availability set` since the look
+                # above cleared the mark, and the admin's value stays.
+                if index.conn.execute(
                     "UPDATE series SET availability = unavailable_by_verify,"
-                    " unavailable_by_verify = NULL WHERE series_uid = ?",
+                    " unavailable_by_verify = NULL"
+                    " WHERE series_uid = ? AND unavailable_by_verify IS NOT NULL",
                     (series_uid,),
-                )
-                refresh_study_availability(index, study_uid)
+                ).rowcount:
+                    recovered[series_uid] = study_uid
+                    refresh_study_availability(index, study_uid)
         report.unavailable_series = sorted(damaged_series)
         report.available_again = sorted(recovered)
     _find_unknown_files(index, data_dir, report, repair)

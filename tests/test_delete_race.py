@@ -63,6 +63,18 @@ if os.environ.get("SLOW_STAT"):
     _wrap("stat", before=lambda: (_mark(), time.sleep(float(os.environ["SLOW_STAT"]))))
 if os.environ.get("SLOW_AFTER_LINK"):
     _wrap("link", after=lambda: time.sleep(float(os.environ["SLOW_AFTER_LINK"])))
+if os.environ.get("SLOW_TURN"):  # "N:seconds": a pause before the Nth writers' turn waited for
+    import fcntl
+    _real_flock, _turns = fcntl.flock, []
+    def _flock(fd, operation):
+        if operation == fcntl.LOCK_EX:  # a wait for SQLite's writers' turn (not a try)
+            _turns.append(fd)
+            nth, seconds = os.environ["SLOW_TURN"].split(":")
+            if len(_turns) == int(nth):
+                _mark()
+                time.sleep(float(seconds))
+        return _real_flock(fd, operation)
+    fcntl.flock = _flock
 """
 
 
@@ -352,3 +364,45 @@ def test_serve_starts_past_a_deletion_journal_cut_short(server_factory, tmp_path
     assert list(journals.iterdir()) == []
     assert_index_and_files_agree(server)
     assert stored(server, sop_uid(source))
+
+
+def test_an_admins_availability_set_while_verify_runs_stays(server, tmp_path, slowed):
+    """verify gives a series it marked UNAVAILABLE its availability back once
+    its files are back; an admin's `availability set` between verify's look at
+    the marked series and its write is the admin's word, and stays. The pause
+    is before verify's second writers' turn: its first opens the index, its
+    second gives the availability back."""
+    if server.index_url:
+        pytest.skip("the pause is taken in SQLite's writers' turn (flock)")
+    study, series = generate_uid(), generate_uid()
+    sent = [make_instance(tmp_path / "in", study_uid=study, series_uid=series) for _ in range(2)]
+    assert all_success(send_files(server.port, sent))
+    stored = server.data_dir / study / series / f"{sop_uid(sent[0])}.dcm"
+    saved = stored.read_bytes()
+    stored.unlink()
+    code, output = finished(admin(server, "verify"))
+    assert code == 1 and "series now UNAVAILABLE: 1" in output, output
+    stored.write_bytes(saved)  # back from a backup
+
+    mark = tmp_path / "verify-looked"
+    verifying = admin(
+        server, "verify", env=slowed(server.data_dir, SLOW_TURN="2:4", SLOW_MARK=str(mark))
+    )
+    deadline = time.monotonic() + 30
+    while not mark.exists():
+        assert time.monotonic() < deadline and verifying.poll() is None, "verify never paused"
+        time.sleep(0.05)
+    code, output = finished(admin(server, "availability", "set", "--series", series, "nearline"))
+    assert code == 0, output
+    assert verifying.poll() is None, "verify wrote before the admin did"
+    code, output = finished(verifying)
+    assert code == 0, output
+    assert "available again" not in output  # the admin gave it its availability
+    row = (
+        server.index()
+        .execute(
+            "SELECT availability, unavailable_by_verify FROM series WHERE series_uid = ?", (series,)
+        )
+        .fetchone()
+    )
+    assert (row[0], row[1]) == ("NEARLINE", None)

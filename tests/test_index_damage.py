@@ -6,6 +6,7 @@ files, with what the old index can still tell."""
 import json
 import sqlite3
 import subprocess
+import time
 from pathlib import Path
 
 import pydicom
@@ -15,6 +16,7 @@ from pydicom.uid import generate_uid
 from tests.conftest import (
     IMAGING_SCP,
     Server,
+    association_rejection,
     free_port,
     make_instance,
     send_files,
@@ -22,6 +24,7 @@ from tests.conftest import (
     stored_files,
     temp_files,
 )
+from tests.test_systemd import NotifySocket
 
 ADVICE = "run `imaging-scp rebuild`"
 DB_SUFFIXES = ("-wal", "-shm")
@@ -247,3 +250,77 @@ def test_serve_refuses_an_empty_index_beside_an_archive(stopped_archive, loss):
     rebuild = imaging_scp("rebuild", data_dir=data)
     assert rebuild.returncode == 0, rebuild.stderr
     assert len(indexed(data)) == len(sent)
+
+
+def study_level_find(port: int) -> pydicom.Dataset:
+    """The final response of a universal STUDY-level C-FIND by pynetdicom."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
+
+    ae = AE("TESTSCU")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    assoc = ae.associate("127.0.0.1", port, ae_title="IMAGING_SCP")
+    try:
+        query = pydicom.Dataset()
+        query.QueryRetrieveLevel = "STUDY"
+        query.StudyInstanceUID = ""
+        answers = list(assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind))
+    finally:
+        assoc.release()
+    return answers[-1][0]
+
+
+def echo_cli(port: int) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [IMAGING_SCP, "echo", "--timeout", "10", "127.0.0.1", str(port)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+DAMAGED = "index damaged: run imaging-scp rebuild with serve stopped"
+
+
+@pytest.mark.parametrize("met_by", ["C-STORE", "C-STORE of a resend", "C-FIND"])
+def test_a_node_whose_index_turns_out_damaged_takes_itself_out(tmp_path, met_by):
+    """Damage found under a running serve: the node says so where a load
+    balancer and an admin look, as for an unavailable index, and keeps saying
+    it (no probe heals a damaged file: the admin rebuilds it, serve stopped)."""
+    data = tmp_path / "data"
+    notify = NotifySocket(tmp_path)
+    server: Server = start_server(data, env={"NOTIFY_SOCKET": notify.env_value})
+    try:
+        first = make_instance(tmp_path, study_uid=generate_uid(), series_uid=generate_uid())
+        assert [s.status for s in send_files(server.port, [first])] == [0]
+        assert echo_cli(server.port).returncode == 0
+        if met_by == "C-STORE":
+            overwrite_root_page(data / "index.sqlite", "instances")
+            second = make_instance(tmp_path, study_uid=generate_uid(), series_uid=generate_uid())
+            assert [s.status for s in send_files(server.port, [second])] == [0xA700]
+        elif met_by == "C-STORE of a resend":  # looked up before its transaction
+            overwrite_root_page(data / "index.sqlite", "instances")
+            assert [s.status for s in send_files(server.port, [first])] == [0xA700]
+        else:
+            overwrite_root_page(data / "index.sqlite", "studies")
+            assert study_level_find(server.port).Status == 0xC000
+        server.wait_for_event("index.corrupt")
+        echo = echo_cli(server.port)
+        assert echo.returncode == 1
+        assert f"status 0x0110: {DAMAGED}" in echo.stderr
+        rejection = association_rejection(server.port)
+        assert rejection is not None and rejection[0] == 0x02  # transient
+        reason = server.wait_for_event("association.rejected")[-1]["reason"]
+        assert reason.startswith("index damaged") and ADVICE in reason
+        notify.receive(lambda m: m.get("STATUS", "").startswith("index damaged"))
+        out = server.wait_for_event("index.unavailable")[0]
+        assert out["reason"].startswith("index damaged")
+        assert str(data / "index.sqlite") in out["reason"] and "rebuild" in out["advice"]
+        # Several probe intervals later, it still says so.
+        time.sleep(3)
+        assert echo_cli(server.port).returncode == 1
+        assert association_rejection(server.port) is not None
+        assert server.events("index.available") == []
+    finally:
+        server.stop()
+        notify.close()

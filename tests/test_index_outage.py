@@ -341,3 +341,56 @@ def test_sqlite_write_lock_held_by_another_process(tmp_path, servers, holder):
     uid = lambda path: path.stem.split("_", 1)[1]  # noqa: E731
     assert indexed_uids(server) == {uid(first), uid(after)}
     assert_nothing_half_written(server)
+
+
+def study_level_find(port: int) -> tuple[int, list[str]]:
+    """A universal STUDY-level C-FIND by pynetdicom: (final status, the
+    StudyInstanceUIDs of its matches)."""
+    from pydicom import Dataset
+    from pynetdicom import AE
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
+
+    ae = AE("FINDSCU")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    assoc = ae.associate("127.0.0.1", port, ae_title="IMAGING_SCP")
+    assert assoc.is_established
+    try:
+        query = Dataset()
+        query.QueryRetrieveLevel = "STUDY"
+        query.StudyInstanceUID = ""
+        answers = list(assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind))
+    finally:
+        assoc.release()
+    matches = [str(identifier.StudyInstanceUID) for _, identifier in answers[:-1]]
+    return answers[-1][0].Status, matches
+
+
+def test_readers_after_a_postgresql_restart_get_a_live_connection(tmp_path, cluster, servers):
+    """The reader pool's idle connections die with a restart: the first C-FIND
+    after it, and a storage commitment requested right after it, are served
+    (each lent connection is checked, a dead one replaced), not failed once."""
+    from tests.test_commitment import Reports, references, request_commitment
+
+    server = serve(servers, tmp_path / "data", cluster.new_database())
+    paths = instances(tmp_path / "in", 3)
+    sender = Sender(server.port)
+    assert [sender.store(path)[0] for path in paths] == [0x0000] * 3
+    sender.release()
+    study = server.index().execute("SELECT study_uid FROM studies").fetchone()[0]
+    assert study_level_find(server.port) == (0x0000, [study])  # the pool holds a connection
+
+    cluster.restart()
+    assert study_level_find(server.port) == (0x0000, [study])
+
+    cluster.restart()
+    reports = Reports()
+    transaction = generate_uid()
+    status = request_commitment(server, transaction, references(paths), reports=reports)
+    assert status == 0x0000
+    [(event_type, _info)] = reports.received
+    assert event_type == 1  # all committed
+    assert server.wait_for_event("commitment.checked")[-1]["transaction_uid"] == transaction
+    # The reporter looks for owed reports every 5 s, on a lent connection too.
+    time.sleep(6)
+    assert server.events("commitment.reporter_failed") == []
+    assert server.events("commitment.check_failed") == []
