@@ -288,7 +288,10 @@ class Association(ServiceUser):
     def stream(self, context_id: int, start: Callable[[], Responses]) -> None:
         """Send a request's responses one at a time, between reads (`send_output`)."""
         if self._streaming is not None:  # beyond the 1/1 window we answered
-            raise ProtocolError("a request to stream while another's responses are going out")
+            raise ProtocolError(
+                "a request answered by several responses while those to Message ID"
+                f" {self._streaming.message_id} are going out"
+            )
         self._streaming, self._streaming_context = start(), context_id
 
     def has_output(self) -> bool:
