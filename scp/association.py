@@ -2,23 +2,24 @@
 
 `Association` is the service user of the upper layer: it decides whether to
 accept (who calls, from where, whether there is room), assembles DIMSE
-messages from P-DATA fragments, and hands each request to its service. A
-dataset's fragments go straight to the service that receives it; nothing of
-a message is kept beyond its command set.
+messages from P-DATA fragments, and routes each by its Command Field through
+the table of services (scp/service.py), which answer through the `Outbox` of
+the request's presentation context. A dataset's fragments go straight to the
+service that receives it; nothing of a message is kept beyond its command set.
 """
 
 import socket
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from scp import dimse, find_service, negotiation
+from scp import dimse, negotiation
 from scp.access import CallerPolicy
-from scp.commitment_service import Channel, CommitmentService, IncomingAction
 from scp.config import Config
-from scp.find_service import FindService, IncomingQuery, RunningQuery
+from scp.service import Conversation, Incoming, Responses, Service, Unserved, unrecognized
 from scp.session import Session
-from scp.store_service import IncomingStore, StoreService
 from scp.upper_layer import Abort, ProtocolError, ServiceUser, State, UpperLayer
+from storage.store import InstanceStore
 
 _COMMAND = 0x01
 _LAST = 0x02
@@ -31,9 +32,8 @@ class Acceptor:
     """What every association of one listener process shares."""
 
     config: Config
-    storage: StoreService
-    commitment: CommitmentService
-    find: FindService
+    store: InstanceStore  # whether there is room, and whether its index is available
+    services: dict[int, Service]  # Command Field -> the service its messages go to
     callers: CallerPolicy  # replaced as a whole on SIGHUP; read once per request
     associations: set["Association"] = field(default_factory=set)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -59,16 +59,36 @@ def _verification_only(request: negotiation.Request) -> bool:
 
 
 class _DiscardedDataset:
-    """The dataset of a request we do not serve: read and dropped."""
-
-    def __init__(self, command: dimse.Command):
-        self.command = command
+    """The dataset of a response: read and dropped (no response of ours has one)."""
 
     def write(self, data) -> None:
         pass
 
     def discard(self) -> None:
         pass
+
+    def finish(self) -> None:
+        pass
+
+
+class _Outbox:
+    """One accepted presentation context, as the services' way back to the requester."""
+
+    __slots__ = ("association", "context_id", "transfer_syntax")
+
+    def __init__(self, association: "Association", context_id: int, transfer_syntax: str):
+        self.association = association
+        self.context_id = context_id
+        self.transfer_syntax = transfer_syntax
+
+    def send(self, command: bytes, dataset: bytes = b"") -> None:
+        self.association.layer.send_message(self.context_id, command, dataset)
+
+    def stream(self, start: Callable[[], Responses]) -> None:
+        self.association.stream(self.context_id, start)
+
+    def peer_is_leaving(self, wait: float) -> bool:
+        return self.association.layer.peer_is_leaving(wait)
 
 
 class Association(ServiceUser):
@@ -85,14 +105,15 @@ class Association(ServiceUser):
             artim_timeout=min(config.network_timeout, 30),
             network_timeout=config.network_timeout,
         )
-        self.contexts: dict[int, str] = {}  # accepted context ID: transfer syntax
+        self.outboxes: dict[int, _Outbox] = {}  # by accepted presentation context ID
+        # Each service's part in this association, by the Command Fields routed to it.
+        self.conversations: dict[int, Conversation] = {}
         self._command = bytearray()
         self._command_context: int | None = None
-        self._dataset: IncomingStore | IncomingAction | IncomingQuery | _DiscardedDataset | None
-        self._dataset = None
+        self._dataset: Incoming | None = None
         self._dataset_context: int | None = None
-        self._query: RunningQuery | None = None  # a C-FIND whose responses are going out
-        self._query_context = 0
+        self._streaming: Responses | None = None  # a request whose responses are going out
+        self._streaming_context = 0
 
     @property
     def established(self) -> bool:
@@ -108,13 +129,13 @@ class Association(ServiceUser):
         finally:
             if self._dataset is not None:  # the transfer broke off
                 self._dataset.discard()
-            if self._query is not None:
-                self._query.close()
-            try:
-                self.acceptor.commitment.association_ended(self.session)
-            except Exception:
-                self.session.log.exception("commitment.handover_failed")
-            self.session.ended(self.acceptor.storage.store.index)
+            if self._streaming is not None:
+                self._streaming.close()
+            # Each service finishes its part first: once association.end is
+            # logged, its series are marked and its reports handed over.
+            for conversation in dict.fromkeys(self.conversations.values()):
+                conversation.ended(self.session)
+            self.session.ended()
 
     def stop(self) -> None:
         """From another thread: abort now (a stop, after the drain)."""
@@ -140,9 +161,16 @@ class Association(ServiceUser):
             layer.reject(*rejection)
             return
         agreement = negotiation.agree(request, config.max_pdu)
-        self.contexts = {
-            context_id: str(cx.transfer_syntax[0]) for context_id, cx in agreement.contexts.items()
+        self.outboxes = {
+            context_id: _Outbox(self, context_id, str(cx.transfer_syntax[0]))
+            for context_id, cx in agreement.contexts.items()
         }
+        # A service serving several Command Fields has one part in the association.
+        joined: dict[Service, Conversation] = {}
+        for field_, service in self.acceptor.services.items():
+            if service not in joined:
+                joined[service] = service.join(session)
+            self.conversations[field_] = joined[service]
         layer.accept(agreement.pdu, request.max_pdu)
         session.established = True
         session.log.info(
@@ -177,10 +205,10 @@ class Association(ServiceUser):
                 f"{config.max_associations} associations already in progress",
                 negotiation.REJECT_BUSY,
             )
-        if not self.acceptor.storage.store.has_room():
+        if not self.acceptor.store.has_room():
             # Transient: the sender may retry once an admin has made room.
             return "receiver's disk is below its free-space floor", negotiation.REJECT_BUSY
-        health = self.acceptor.storage.store.index.health
+        health = self.acceptor.store.index.health
         if not health.available and not _verification_only(request):
             # Transient, as for a full disk; a C-ECHO alone is let in, for its
             # failure status to say why (`imaging-scp echo` prints it).
@@ -190,8 +218,8 @@ class Association(ServiceUser):
     # -- DIMSE messages ----------------------------------------------------------------
 
     def p_data(self, layer: UpperLayer, context_id: int, control: int, fragment) -> None:
-        transfer_syntax = self.contexts.get(context_id)
-        if transfer_syntax is None:
+        outbox = self.outboxes.get(context_id)
+        if outbox is None:
             raise ProtocolError(f"P-DATA on presentation context {context_id}, not accepted")
         if control & _COMMAND:
             if self._dataset is not None:
@@ -206,7 +234,7 @@ class Association(ServiceUser):
                 command = bytes(self._command)
                 self._command.clear()
                 self._command_context = None
-                self._command_received(layer, context_id, transfer_syntax, command)
+                self._command_received(layer, outbox, command)
             return
         if self._dataset is None:
             raise ProtocolError("a data set fragment without its command")
@@ -215,11 +243,9 @@ class Association(ServiceUser):
         self._dataset.write(fragment)
         if control & _LAST:
             dataset, self._dataset = self._dataset, None
-            self._dataset_received(layer, context_id, dataset)
+            dataset.finish()
 
-    def _command_received(
-        self, layer: UpperLayer, context_id: int, transfer_syntax: str, data: bytes
-    ) -> None:
+    def _command_received(self, layer: UpperLayer, outbox: _Outbox, data: bytes) -> None:
         try:
             command = dimse.read_command(data)
         except dimse.CommandError as exc:
@@ -227,96 +253,56 @@ class Association(ServiceUser):
         field_ = command.field
         if field_ is None:
             raise ProtocolError("a command set without a Command Field")
-        if field_ & 0x8000:  # a response: to one of our reports, or to nothing
+        conversation = self.conversations.get(field_)
+        if field_ & 0x8000:  # a response: to one of our requests, or to nothing
             if command.has_dataset:
-                self._dataset_context = context_id
-                self._dataset = _DiscardedDataset(command)
-            if not (
-                field_ == dimse.N_EVENT_REPORT_RSP
-                and self.acceptor.commitment.answered(self.session, command)
-            ):
+                self._dataset_context = outbox.context_id
+                self._dataset = _DiscardedDataset()
+            if conversation is None or not conversation.response(command):
                 self.session.log.warning(
                     "dimse.unexpected_response", command_field=f"0x{field_:04X}"
                 )
             return
         if field_ == dimse.C_CANCEL_RQ:  # names the request it cancels, has no ID of its own
-            # Only a C-FIND lasts long enough to be cancelled; the others are answered at once.
-            if self._query is not None and command.responds_to == self._query.message_id:
-                self._query.cancel()
+            # Only streamed responses last long enough to be cancelled; the
+            # others are answered at once.
+            streaming = self._streaming
+            if streaming is not None and command.responds_to == streaming.message_id:
+                streaming.cancel()
             return
         if command.message_id is None:
             # No response could name the request it answers.
             self.session.log.warning("dimse.request_without_message_id")
             layer.abort("a request without a Message ID")
             return
-        if not command.has_dataset:
-            layer.send_message(context_id, self._serve_without_dataset(command))
-            return
-        self._dataset_context = context_id
-        if field_ == dimse.C_STORE_RQ:
-            self._dataset = self.acceptor.storage.receive(self.session, command, transfer_syntax)
-        elif field_ == dimse.N_ACTION_RQ:
-            self._dataset = self.acceptor.commitment.receive(self.session, command, transfer_syntax)
-        elif field_ == dimse.C_FIND_RQ:
-            self._dataset = self.acceptor.find.receive(self.session, command, transfer_syntax)
+        if conversation is not None:
+            incoming = conversation.request(command, outbox)
+        elif command.has_dataset:
+            incoming = Unserved(self.session, command, outbox)
         else:
-            self._dataset = _DiscardedDataset(command)
+            outbox.send(unrecognized(self.session, command))
+            incoming = None
+        if incoming is not None:
+            self._dataset, self._dataset_context = incoming, outbox.context_id
 
-    def _serve_without_dataset(self, command: dimse.Command) -> bytes:
-        field_ = command.field
-        if field_ == dimse.C_ECHO_RQ:
-            return self.acceptor.storage.echo(self.session, command)
-        if field_ == dimse.C_STORE_RQ:
-            return self.acceptor.storage.store_without_dataset(self.session, command)
-        if field_ == dimse.N_ACTION_RQ:
-            return self.acceptor.commitment.action_without_dataset(self.session, command)
-        if field_ == dimse.C_FIND_RQ:
-            self.session.log.warning("find.refused", reason="C-FIND-RQ without an identifier")
-            return dimse.response(
-                dimse.C_FIND_RSP,
-                command.message_id,
-                find_service.UNABLE_TO_PROCESS,
-                sop_class_uid=command.uid(dimse.AFFECTED_SOP_CLASS_UID),
-                error_comment="C-FIND-RQ without an identifier",
+    def stream(self, context_id: int, start: Callable[[], Responses]) -> None:
+        """Send a request's responses one at a time, between reads (`send_output`)."""
+        if self._streaming is not None:  # beyond the 1/1 window we answered
+            raise ProtocolError(
+                "a request answered by several responses while those to Message ID"
+                f" {self._streaming.message_id} are going out"
             )
-        return self._unrecognized(command)
-
-    def _dataset_received(self, layer: UpperLayer, context_id: int, dataset) -> None:
-        if isinstance(dataset, IncomingStore):
-            layer.send_message(context_id, dataset.finish())
-            dataset.report()
-        elif isinstance(dataset, IncomingAction):
-            response, transaction_uid = dataset.finish()
-            layer.send_message(context_id, response)
-            if transaction_uid is not None:
-                channel = Channel(layer, context_id, self.contexts[context_id])
-                self.acceptor.commitment.report_on(self.session, channel, transaction_uid)
-        elif isinstance(dataset, IncomingQuery):
-            if self._query is not None:  # beyond the 1/1 window we answered
-                raise ProtocolError("a C-FIND-RQ while another C-FIND is being answered")
-            self._query, self._query_context = dataset.start(), context_id
-        elif not dataset.command.field & 0x8000:  # a response's dataset is only dropped
-            layer.send_message(context_id, self._unrecognized(dataset.command))
-
-    def _unrecognized(self, command: dimse.Command) -> bytes:
-        self.session.log.warning("dimse.unrecognized", command_field=f"0x{command.field:04X}")
-        return dimse.response(
-            dimse.response_field(command.field),
-            command.message_id,
-            dimse.UNRECOGNIZED_OPERATION,
-            sop_class_uid=command.uid(dimse.AFFECTED_SOP_CLASS_UID),
-            error_comment="operation not served by this SCP",
-        )
+        self._streaming, self._streaming_context = start(), context_id
 
     def has_output(self) -> bool:
-        return self._query is not None
+        return self._streaming is not None
 
     def send_output(self, layer: UpperLayer) -> None:
-        query = self._query
-        command, identifier = query.next_response()
-        if query.done:
-            self._query = None
-        layer.send_message(self._query_context, command, identifier)
+        streaming = self._streaming
+        command, dataset = streaming.next_response()
+        if streaming.done:
+            self._streaming = None
+        layer.send_message(self._streaming_context, command, dataset)
 
     # -- the end -------------------------------------------------------------------
 

@@ -17,7 +17,6 @@ it with the first one's result would be a false commitment.
 
 import io
 import time
-from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
@@ -27,11 +26,11 @@ from pynetdicom.service_class import ServiceClass, StorageServiceClass
 from pynetdicom.sop_class import uid_to_service_class
 
 from scp import dimse
+from scp.service import Conversation, Outbox
 from scp.session import Session
-from scp.upper_layer import UpperLayer
 from storage import commitment
 from storage.commitment import CommitmentRequest, CommitmentResult, Recorded, Reference
-from storage.store import InstanceStore
+from storage.index import Index
 from storage.uids import is_valid_uid
 
 STORAGE_COMMITMENT_PUSH_MODEL = "1.2.840.10008.1.20.1"
@@ -105,20 +104,11 @@ def encode_dataset(dataset: Dataset, transfer_syntax: str) -> bytes:
     )
 
 
-@dataclass(frozen=True)
-class Channel:
-    """The requester's association, to report on it."""
-
-    layer: UpperLayer
-    context_id: int
-    transfer_syntax: str
-
-
 class CommitmentService:
     """N-ACTION (request) and N-EVENT-REPORT (report) for every association."""
 
-    def __init__(self, store: InstanceStore, aet: str, peers: dict, network_timeout: float):
-        self.store = store
+    def __init__(self, index: Index, aet: str, peers: dict, network_timeout: float):
+        self.index = index
         self.aet = aet
         self.peers = peers
         # How long the requester's association has the report to itself before
@@ -126,17 +116,10 @@ class CommitmentService:
         self.hold = network_timeout
         self.wake_reporter = lambda: None  # set by the Reporter of this process
 
-    def receive(self, session: Session, command: dimse.Command, transfer_syntax: str):
-        return IncomingAction(self, session, command, transfer_syntax)
+    def join(self, session: Session) -> "CommitmentConversation":
+        return CommitmentConversation(self, session)
 
-    def action_without_dataset(self, session: Session, command: dimse.Command) -> bytes:
-        return self._refused(
-            session,
-            command,
-            ActionRefused(INVALID_ARGUMENT_VALUE, "N-ACTION-RQ without Action Information"),
-        )
-
-    def _refused(self, session: Session, command: dimse.Command, refused: ActionRefused) -> bytes:
+    def refusal(self, session: Session, command: dimse.Command, refused: ActionRefused) -> bytes:
         session.log.warning(
             "commitment.refused", status=f"0x{refused.status:04X}", reason=refused.reason
         )
@@ -153,7 +136,7 @@ class CommitmentService:
         try:
             request = self._read_request(session, command, transfer_syntax, data)
             try:
-                recorded = commitment.record_request(self.store.index, request, hold=self.hold)
+                recorded = commitment.record_request(self.index, request, hold=self.hold)
             except Exception as exc:
                 session.log.exception("commitment.record_failed")
                 raise ActionRefused(
@@ -165,9 +148,9 @@ class CommitmentService:
                     f"Transaction UID {request.transaction_uid} was used for other instances",
                 )
         except ActionRefused as refused:
-            return self._refused(session, command, refused), None
+            return self.refusal(session, command, refused), None
         if recorded is Recorded.REPEATED:
-            commitment.reopen(self.store.index, request.transaction_uid, hold=self.hold)
+            commitment.reopen(self.index, request.transaction_uid, hold=self.hold)
         session.log.info(
             "commitment.requested",
             transaction_uid=request.transaction_uid,
@@ -235,38 +218,13 @@ class CommitmentService:
             transaction_uid, references, provenance.calling_ae, session.peer, session.id
         )
 
-    # -- the report on the requester's association ----------------------------------------
-
-    def report_on(self, session: Session, channel: Channel, transaction_uid: str) -> None:
-        """Check the request and send its report on the requester's association,
-        unless the requester is already leaving it."""
-        result = self.check(session.log, transaction_uid, hold=self.hold)
-        if result is None:
-            return
-        if channel.layer.peer_is_leaving(RELEASE_GRACE):
-            self.not_answered(session, transaction_uid, "requester released before the report")
-            return
-        event_type, info = event_information(result, self.aet)
-        session.last_message_id = session.last_message_id % 0xFFFF + 1
-        session.reports_awaiting_answer[session.last_message_id] = transaction_uid
-        channel.layer.send_message(
-            channel.context_id,
-            dimse.event_report_request(
-                session.last_message_id,
-                STORAGE_COMMITMENT_PUSH_MODEL,
-                STORAGE_COMMITMENT_INSTANCE,
-                event_type,
-            ),
-            encode_dataset(info, channel.transfer_syntax),
-        )
-
     def check(self, log, transaction_uid: str, *, hold: float = 0.0) -> CommitmentResult | None:
         """Check a recorded request and log the result; None if that failed
         (the Reporter checks it again later)."""
         started = time.perf_counter()
         try:
             result = commitment.check_request(
-                self.store.index,
+                self.index,
                 transaction_uid,
                 is_storage_class,
                 hold=hold,
@@ -284,38 +242,13 @@ class CommitmentService:
         )
         return result
 
-    def answered(self, session: Session, command: dimse.Command) -> bool:
-        """An N-EVENT-REPORT-RSP: True when it answers one of our reports."""
-        transaction_uid = session.reports_awaiting_answer.pop(command.responds_to, None)
-        if transaction_uid is None:
-            return False
-        status = command.status
-        if status != SUCCESS:
-            self.not_answered(
-                session, transaction_uid, f"N-EVENT-REPORT-RSP status 0x{status or 0:04X}"
-            )
-            return True
-        commitment.delivered(self.store.index, transaction_uid, SAME_ASSOCIATION)
-        session.log.info(
-            "commitment.reported",
-            transaction_uid=transaction_uid,
-            delivery=SAME_ASSOCIATION,
-            attempts=1,
-        )
-        return True
-
-    def association_ended(self, session: Session) -> None:
-        for transaction_uid in session.reports_awaiting_answer.values():
-            self.not_answered(session, transaction_uid, "association ended before the answer")
-        session.reports_awaiting_answer.clear()
-
     def not_answered(self, session: Session, transaction_uid: str, reason: str) -> None:
         """The requester's association did not take the report: a new one
         will, if we know where the requester listens."""
         calling_ae = session.provenance.calling_ae
         if calling_ae in self.peers:
             commitment.delivery_failed(
-                self.store.index, transaction_uid, reason, retry_in=0.0, attempt=False
+                self.index, transaction_uid, reason, retry_in=0.0, attempt=False
             )
             session.log.info(
                 "commitment.report_deferred",
@@ -326,13 +259,86 @@ class CommitmentService:
             self.wake_reporter()
             return
         error = f"{reason}; no address for AE {calling_ae!r} in peers"
-        commitment.delivery_failed(self.store.index, transaction_uid, error, retry_in=None)
+        commitment.delivery_failed(self.index, transaction_uid, error, retry_in=None)
         session.log.warning(
             "commitment.delivery_failed",
             transaction_uid=transaction_uid,
             reason=error,
             gave_up=True,
         )
+
+
+class CommitmentConversation(Conversation):
+    """Storage commitment on one association: its N-ACTIONs, and our
+    N-EVENT-REPORTs on it not yet answered."""
+
+    def __init__(self, service: CommitmentService, session: Session):
+        self.service = service
+        self.session = session
+        self.reports_awaiting_answer: dict[int, str] = {}  # Message ID -> Transaction UID
+        self.last_message_id = 0  # of our requests on this association
+
+    def request(self, command: dimse.Command, outbox: Outbox) -> "IncomingAction | None":
+        if command.has_dataset:
+            return IncomingAction(self, command, outbox)
+        refused = ActionRefused(INVALID_ARGUMENT_VALUE, "N-ACTION-RQ without Action Information")
+        outbox.send(self.service.refusal(self.session, command, refused))
+        return None
+
+    def report_on(self, transaction_uid: str, outbox: Outbox) -> None:
+        """Check the request and send its report on the requester's association,
+        unless the requester is already leaving it."""
+        service, session = self.service, self.session
+        result = service.check(session.log, transaction_uid, hold=service.hold)
+        if result is None:
+            return
+        if outbox.peer_is_leaving(RELEASE_GRACE):
+            service.not_answered(session, transaction_uid, "requester released before the report")
+            return
+        event_type, info = event_information(result, service.aet)
+        self.last_message_id = self.last_message_id % 0xFFFF + 1
+        self.reports_awaiting_answer[self.last_message_id] = transaction_uid
+        outbox.send(
+            dimse.event_report_request(
+                self.last_message_id,
+                STORAGE_COMMITMENT_PUSH_MODEL,
+                STORAGE_COMMITMENT_INSTANCE,
+                event_type,
+            ),
+            encode_dataset(info, outbox.transfer_syntax),
+        )
+
+    def response(self, command: dimse.Command) -> bool:
+        """An N-EVENT-REPORT-RSP: True when it answers one of our reports."""
+        service, session = self.service, self.session
+        transaction_uid = self.reports_awaiting_answer.pop(command.responds_to, None)
+        if transaction_uid is None:
+            return False
+        status = command.status
+        if status != SUCCESS:
+            service.not_answered(
+                session, transaction_uid, f"N-EVENT-REPORT-RSP status 0x{status or 0:04X}"
+            )
+            return True
+        commitment.delivered(service.index, transaction_uid, SAME_ASSOCIATION)
+        session.log.info(
+            "commitment.reported",
+            transaction_uid=transaction_uid,
+            delivery=SAME_ASSOCIATION,
+            attempts=1,
+        )
+        return True
+
+    def ended(self, session: Session) -> None:
+        """Reports not answered here go to the Reporter (or are given up)."""
+        try:
+            for transaction_uid in self.reports_awaiting_answer.values():
+                self.service.not_answered(
+                    session, transaction_uid, "association ended before the answer"
+                )
+        except Exception:
+            session.log.exception("commitment.handover_failed")
+        self.reports_awaiting_answer.clear()
 
 
 def action_response(command: dimse.Command, status: int, comment: str | None = None) -> bytes:
@@ -352,16 +358,11 @@ class IncomingAction:
     a list of references, bounded by MAX_ACTION_INFORMATION)."""
 
     def __init__(
-        self,
-        service: CommitmentService,
-        session: Session,
-        command: dimse.Command,
-        transfer_syntax: str,
+        self, conversation: CommitmentConversation, command: dimse.Command, outbox: Outbox
     ):
-        self.service = service
-        self.session = session
+        self.conversation = conversation
         self.command = command
-        self.transfer_syntax = transfer_syntax
+        self.outbox = outbox
         self._data = bytearray()
         self._length = 0
 
@@ -373,8 +374,14 @@ class IncomingAction:
     def discard(self) -> None:
         self._data = bytearray()
 
-    def finish(self) -> tuple[bytes, str | None]:
-        """The N-ACTION-RSP, and the transaction to report on (None if refused)."""
+    def finish(self) -> None:
+        """Record the request and answer it; then report on it, on this association."""
         data = bytes(self._data) if self._length <= MAX_ACTION_INFORMATION else None
         self.discard()
-        return self.service.request(self.session, self.command, self.transfer_syntax, data)
+        conversation, outbox = self.conversation, self.outbox
+        response, transaction_uid = conversation.service.request(
+            conversation.session, self.command, outbox.transfer_syntax, data
+        )
+        outbox.send(response)
+        if transaction_uid is not None:
+            conversation.report_on(transaction_uid, outbox)

@@ -4,15 +4,15 @@ A C-FIND-RQ's identifier is decoded (pydicom, in the request's character set)
 into a `storage.find.Query`; the matches come from the SQL cursor one at a
 time and each becomes a Pending response, encoded by hand (a response is a
 dozen short text elements and there may be thousands of them). The
-association sends them one by one between its reads (`Association.has_output`),
-so a C-CANCEL-RQ is seen before the next response: the query ends with
-Cancel (0xFE00) there.
+association sends them one by one between its reads (`Outbox.stream`), so a
+C-CANCEL-RQ is seen before the next response: the query ends with Cancel
+(0xFE00) there.
 
 Statuses: Pending 0xFF00, or 0xFF01 when the request has keys we do not
 support (they come back empty); Success at the end; 0x0122 for a SOP class
 that is no FIND model; 0xA900 for an identifier
 that names no level or breaks the hierarchical rules, 0xC000 for one that
-does not decode, 0xA700 when more than `find_limit` matches were sent.
+does not decode or is missing, 0xA700 when more than `find_limit` matches were sent.
 """
 
 import io
@@ -24,6 +24,7 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, Imp
 from pynetdicom import dsutils
 
 from scp import dimse
+from scp.service import Conversation, Outbox
 from scp.session import Session
 from storage import find
 from storage.database import IndexLocation
@@ -71,18 +72,40 @@ class FindService:
         self.aet = aet
         self.find_limit = find_limit
 
-    def receive(self, session: Session, command: dimse.Command, transfer_syntax: str):
-        return IncomingQuery(self, session, command, transfer_syntax)
+    def join(self, session: Session) -> "FindConversation":
+        return FindConversation(self, session)
+
+
+class FindConversation(Conversation):
+    def __init__(self, service: FindService, session: Session):
+        self.service = service
+        self.session = session
+
+    def request(self, command: dimse.Command, outbox: Outbox) -> "IncomingQuery | None":
+        if command.has_dataset:
+            return IncomingQuery(self.service, self.session, command, outbox)
+        self.session.log.warning("find.refused", reason="C-FIND-RQ without an identifier")
+        outbox.send(
+            dimse.response(
+                dimse.C_FIND_RSP,
+                command.message_id,
+                UNABLE_TO_PROCESS,
+                sop_class_uid=command.uid(dimse.AFFECTED_SOP_CLASS_UID),
+                error_comment="C-FIND-RQ without an identifier",
+            )
+        )
+        return None
 
 
 class IncomingQuery:
     """A C-FIND-RQ's identifier on its way in, then the query it asks."""
 
-    def __init__(self, service: FindService, session: Session, command, transfer_syntax: str):
+    def __init__(self, service: FindService, session: Session, command, outbox: Outbox):
         self.service = service
         self.session = session
         self.command = command
-        self.transfer_syntax = transfer_syntax
+        self.outbox = outbox
+        self.transfer_syntax = outbox.transfer_syntax
         self._data = bytearray()
 
     def write(self, fragment) -> None:
@@ -92,9 +115,9 @@ class IncomingQuery:
     def discard(self) -> None:
         self._data = bytearray()
 
-    def start(self) -> "RunningQuery":
-        """The query, ready to stream; its first response may be a failure."""
-        return RunningQuery(self, bytes(self._data))
+    def finish(self) -> None:
+        """Answer with the query's responses, streamed; the first may be a failure."""
+        self.outbox.stream(lambda: RunningQuery(self, bytes(self._data)))
 
 
 class RunningQuery:

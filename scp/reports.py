@@ -111,7 +111,7 @@ class Reporter:
         bound = log.bind(transaction_uid=uid, requester_ae=due.requester_ae)
         # Covers the attempt (its connect and its exchange, each within
         # network_timeout): another node's reporter takes it only after that.
-        if not commitment.claim(self.service.store.index, uid, 3 * self.config.network_timeout):
+        if not commitment.claim(self.service.index, uid, 3 * self.config.network_timeout):
             return  # another node's reporter has it
         if due.checked:
             reader = self.config.index_location.open_reader()
@@ -124,7 +124,7 @@ class Reporter:
             if result is None:
                 return
         address = peer_address(self.config, due.requester_ae)
-        index = self.service.store.index
+        index = self.service.index
         if address is None:
             error = f"no address for AE {due.requester_ae!r} in peers"
             commitment.delivery_failed(index, uid, error, retry_in=None)

@@ -21,11 +21,12 @@ from collections.abc import Callable
 
 import structlog
 
-from scp import notify, tls
+from scp import dimse, notify, tls
 from scp.access import CallerPolicy
 from scp.association import Acceptor
 from scp.commitment_service import CommitmentService
 from scp.config import Config, ConfigError
+from scp.echo_service import EchoService
 from scp.find_service import FindService
 from scp.logs import error_line
 from scp.reports import Reporter
@@ -138,14 +139,18 @@ class Receiver:
     def __init__(self, config: Config, store: InstanceStore, callers: CallerPolicy):
         self.config = config
         self.storage = StoreService(store)
-        self.commitment = CommitmentService(store, config.aet, config.peers, config.network_timeout)
-        self.acceptor = Acceptor(
-            config,
-            self.storage,
-            self.commitment,
-            FindService(config.index_location, config.aet, config.find_limit, store.index.health),
-            callers,
+        self.commitment = CommitmentService(
+            store.index, config.aet, config.peers, config.network_timeout
         )
+        find = FindService(config.index_location, config.aet, config.find_limit, store.index.health)
+        services = {  # Command Field -> the service its messages go to
+            dimse.C_ECHO_RQ: EchoService(store.index.health),
+            dimse.C_STORE_RQ: self.storage,
+            dimse.C_FIND_RQ: find,
+            dimse.N_ACTION_RQ: self.commitment,
+            dimse.N_EVENT_REPORT_RSP: self.commitment,  # the answers to its reports
+        }
+        self.acceptor = Acceptor(config, store, services, callers)
         self.server: Listener | None = None  # plain DICOM; None with port = 0
         self.tls_server: Listener | None = None  # DICOM over TLS, on tls_port
 

@@ -1,15 +1,19 @@
-"""The Storage and Verification services: C-STORE and C-ECHO as SCP.
+"""The Storage service as SCP: C-STORE.
 
 A C-STORE-RQ becomes one `InstanceStore.receive` whose dataset bytes arrive
 fragment by fragment; its `StoreResult` or `StoreRefused` becomes the status
-of the C-STORE-RSP, and one log event.
+of the C-STORE-RSP, and one log event. An association that breaks off marks
+the series it wrote into incomplete; one released clears the mark of the
+series it delivered.
 """
 
 import threading
 import time
 
 from scp import dimse
+from scp.service import Conversation, Outbox
 from scp.session import Session
+from storage.changes import clear_incomplete, mark_incomplete
 from storage.store import InstanceStore, Outcome, Refusal, StoreRefused, StoreResult
 
 SUCCESS = 0x0000
@@ -34,50 +38,82 @@ REFUSAL_STATUS = {
     Refusal.OTHER_PATIENT: 0xC005,
 }
 INTERNAL_ERROR_STATUS = 0xC0FF
-ECHO_PROCESSING_FAILURE = 0x0110  # a C-ECHO while this node cannot store
 NO_DATASET_STATUS = 0xC000
 
 
 class StoreService:
-    """C-STORE and C-ECHO for every association of a listener process."""
+    """C-STORE for every association of a listener process."""
 
     def __init__(self, store: InstanceStore):
         self.store = store
         self.stored = 0  # instances stored since start, for the service's STATUS= line
         self._stored_lock = threading.Lock()
 
-    def echo(self, session: Session, command: dimse.Command) -> bytes:
-        """Success while this node can store; while its index is unavailable, a
-        processing failure saying since when (the reason is in the log)."""
-        health = self.store.index.health
-        if health.available:
-            session.log.info("echo")
-            status, comment = SUCCESS, None
-        else:
-            session.log.warning("echo.failed", reason=health.describe())
-            status, comment = ECHO_PROCESSING_FAILURE, health.error_comment()
-        return dimse.response(
-            dimse.C_ECHO_RSP,
-            command.message_id,
-            status,
-            sop_class_uid=command.uid(dimse.AFFECTED_SOP_CLASS_UID),
-            error_comment=comment,
-        )
-
-    def store_without_dataset(self, session: Session, command: dimse.Command) -> bytes:
-        session.refused += 1
-        reason = "C-STORE-RQ announces no data set"
-        session.log.warning("instance.refused", status=f"0x{NO_DATASET_STATUS:04X}", reason=reason)
-        return store_response(command, NO_DATASET_STATUS, reason)
-
-    def receive(
-        self, session: Session, command: dimse.Command, transfer_syntax: str
-    ) -> "IncomingStore":
-        return IncomingStore(self, session, command, transfer_syntax)
+    def join(self, session: Session) -> "StoreConversation":
+        return StoreConversation(self, session)
 
     def count_stored(self) -> None:
         with self._stored_lock:
             self.stored += 1
+
+
+class StoreConversation(Conversation):
+    """C-STORE on one association, and the series it touched."""
+
+    def __init__(self, service: StoreService, session: Session):
+        self.service = service
+        self.session = session
+        # Series this association wrote new instances into: marked incomplete if it
+        # breaks off. An identical resend adds nothing that could be half-sent.
+        self.written_into: set[str] = set()
+        # Series it delivered instances of, resends included: a release clears their
+        # incomplete mark (the sender finished sending them).
+        self.delivered_into: set[str] = set()
+
+    def request(self, command: dimse.Command, outbox: Outbox) -> "IncomingStore | None":
+        if command.has_dataset:
+            return IncomingStore(self, command, outbox)
+        session = self.session
+        session.refused += 1
+        reason = "C-STORE-RQ announces no data set"
+        session.log.warning("instance.refused", status=f"0x{NO_DATASET_STATUS:04X}", reason=reason)
+        outbox.send(store_response(command, NO_DATASET_STATUS, reason))
+        return None
+
+    def ended(self, session: Session) -> None:
+        if session.established and session.outcome != "released" and self.written_into:
+            self._mark_incomplete()
+        elif session.outcome == "released" and self.delivered_into:
+            self._clear_incomplete()
+
+    def _mark_incomplete(self) -> None:
+        """An association that ends without a release may have left its series
+        half-sent: say so until more instances arrive or an admin clears it."""
+        session = self.session
+        series = sorted(self.written_into)
+        reason = (
+            f"association {session.id} from {session.provenance.calling_ae}"
+            f" ({session.peer}) {session.outcome} after {session.instances} instances"
+        )
+        try:
+            marked = mark_incomplete(self.service.store.index, series, reason)
+        except Exception:
+            session.log.exception("series.mark_incomplete_failed")
+            return
+        if marked:
+            session.log.warning("series.incomplete", series=marked, reason=reason)
+
+    def _clear_incomplete(self) -> None:
+        session = self.session
+        try:
+            cleared = clear_incomplete(self.service.store.index, sorted(self.delivered_into))
+        except Exception:
+            session.log.exception("series.clear_incomplete_failed")
+            return
+        if cleared:
+            session.log.info(
+                "series.complete_again", series=cleared, reason="released after resending"
+            )
 
 
 def store_response(command: dimse.Command, status: int, comment: str | None = None) -> bytes:
@@ -94,22 +130,17 @@ def store_response(command: dimse.Command, status: int, comment: str | None = No
 class IncomingStore:
     """The dataset of one C-STORE-RQ, on its way in."""
 
-    def __init__(
-        self,
-        service: StoreService,
-        session: Session,
-        command: dimse.Command,
-        transfer_syntax: str,
-    ):
-        self.service = service
-        self.session = session
+    def __init__(self, conversation: StoreConversation, command: dimse.Command, outbox: Outbox):
+        self.conversation = conversation
+        self.session = conversation.session
         self.command = command
+        self.outbox = outbox
         self.sop_instance_uid = command.uid(dimse.AFFECTED_SOP_INSTANCE_UID)
-        self.incoming = service.store.receive(
-            transfer_syntax,
+        self.incoming = conversation.service.store.receive(
+            outbox.transfer_syntax,
             command.uid(dimse.AFFECTED_SOP_CLASS_UID),
             self.sop_instance_uid,
-            session.provenance,
+            self.session.provenance,
         )
         self.write = self.incoming.write
         self.result: StoreResult | None = None
@@ -118,8 +149,15 @@ class IncomingStore:
     def discard(self) -> None:
         self.incoming.discard()
 
-    def finish(self) -> bytes:
-        """Store what arrived; the C-STORE-RSP to send. Then `report`."""
+    def finish(self) -> None:
+        """Store what arrived, answer, then count and log it. The sender
+        prepares its next request meanwhile, so that work is not part of its
+        wait."""
+        self.outbox.send(self._store())
+        self._report()
+
+    def _store(self) -> bytes:
+        """Store what arrived; the C-STORE-RSP to send."""
         session = self.session
         started = time.perf_counter()
         try:
@@ -163,20 +201,19 @@ class IncomingStore:
         )
         return store_response(self.command, SUCCESS)
 
-    def report(self) -> None:
-        """After the C-STORE-RSP went out: count a stored instance and log it.
-        The sender prepares its next request meanwhile, so this work is not
-        part of its wait."""
+    def _report(self) -> None:
+        """After the C-STORE-RSP went out: count a stored instance and log it."""
         result = self.result
         if result is None:  # refused or failed: logged before the response
             return
         session = self.session
         session.instances += 1
-        session.delivered_into.add(result.header.series_uid)
+        conversation = self.conversation
+        conversation.delivered_into.add(result.header.series_uid)
         if result.outcome is not Outcome.IDENTICAL_RESEND:  # something new was written
-            session.written_into.add(result.header.series_uid)
+            conversation.written_into.add(result.header.series_uid)
         session.bytes += result.size
-        self.service.count_stored()
+        conversation.service.count_stored()
         header = result.header
         session.log.info(
             "instance.stored",

@@ -4,7 +4,9 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
+import threading
 import time
 
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
@@ -154,6 +156,36 @@ def test_logs_are_json_lines_with_association_context(server, tmp_path):
         server.data_dir / server.index().execute("SELECT path FROM instances").fetchone()[0]
     )
     assert end["bytes"] == stored["bytes"] == stored_file.stat().st_size
+
+
+def test_association_end_is_logged_once_its_series_are_marked(server, tmp_path):
+    """An admin (or a script) who sees `association.end` for an aborted
+    association finds its series already marked incomplete, even while the
+    index is slow to take the mark: the end is the association's last word."""
+    from tests.test_admin import cli
+
+    study = generate_uid()
+    ae = AE("MODALITY")
+    ae.add_requested_context(CT_IMAGE_STORAGE, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", server.port, ae_title="IMAGING_SCP")
+    path = make_instance(tmp_path, study_uid=study, series_uid=generate_uid())
+    assert assoc.send_c_store(path).Status == 0
+    # Another writer holds the index for two seconds: the mark waits for it.
+    writer = sqlite3.connect(
+        server.data_dir / "index.sqlite", isolation_level=None, check_same_thread=False
+    )
+    writer.execute("BEGIN IMMEDIATE")
+    release = threading.Timer(2.0, writer.rollback)
+    release.start()
+    try:
+        assoc.abort()
+        end = server.wait_for_event("association.end")[0]
+        assert end["outcome"] == "aborted"
+        assert "incomplete" in cli("study", study, data_dir=server.data_dir).stdout
+    finally:
+        release.join()
+        writer.close()
+    assert server.events("series.incomplete")
 
 
 def test_an_idle_connection_does_not_hold_up_a_stop(server):
