@@ -16,7 +16,8 @@ they go through the same LOCAL_P_DATA event as every other message.
 
 The acceptor never requests a release itself (the requestor releases, as
 storescp and Orthanc's acceptor do), so the requestor-side and collision
-states Sta4, Sta5, Sta7 and Sta9-Sta12 never occur, and an A-RELEASE-RP from
+states Sta4, Sta5, Sta7 and Sta9-Sta12 never occur here (scp.requestor has
+the requestor's table), and an A-RELEASE-RP from
 the peer is an unexpected PDU. The ARTIM timer is the socket's read timeout
 in Sta2 (waiting for the A-ASSOCIATE-RQ) and Sta13 (waiting for the peer to
 close after our A-ASSOCIATE-RJ, A-RELEASE-RP or A-ABORT).
@@ -47,15 +48,24 @@ _PDV_HEADER = struct.Struct(">IBB")
 
 
 class State(enum.Enum):
+    """PS3.8's states; Sta2, Sta3 and Sta8 are the acceptor's, Sta4, Sta5, Sta7
+    and Sta11 the requestor's (scp.requestor), the others both sides'."""
+
     IDLE = "Sta1"
     AWAITING_ASSOCIATE_RQ = "Sta2"
     AWAITING_LOCAL_ASSOCIATE_RESPONSE = "Sta3"
+    AWAITING_TRANSPORT_OPEN = "Sta4"
+    AWAITING_ASSOCIATE_RESPONSE = "Sta5"
     ESTABLISHED = "Sta6"
+    AWAITING_RELEASE_RP = "Sta7"
     AWAITING_LOCAL_RELEASE_RESPONSE = "Sta8"
+    COLLISION_AWAITING_RELEASE_RP = "Sta11"
     AWAITING_CLOSE = "Sta13"
 
 
 class Event(enum.Enum):
+    LOCAL_ASSOCIATE_REQUEST = "Evt1"
+    TRANSPORT_CONFIRM = "Evt2"
     ASSOCIATE_AC_PDU = "Evt3"
     ASSOCIATE_RJ_PDU = "Evt4"
     ASSOCIATE_RQ_PDU = "Evt6"
@@ -63,6 +73,7 @@ class Event(enum.Enum):
     LOCAL_REJECT = "Evt8"
     LOCAL_P_DATA = "Evt9"
     P_DATA_PDU = "Evt10"
+    LOCAL_RELEASE_REQUEST = "Evt11"
     RELEASE_RQ_PDU = "Evt12"
     RELEASE_RP_PDU = "Evt13"
     LOCAL_RELEASE_RESPONSE = "Evt14"
@@ -156,7 +167,7 @@ def reject_pdu(result: int, source: int, diagnostic: int) -> bytes:
     return bytes((0x03, 0, 0, 0, 0, 4, 0, result, source, diagnostic))
 
 
-RELEASE_RQ_PDU = bytes((0x05, 0, 0, 0, 0, 4, 0, 0, 0, 0))  # the requestor's (imaging-scp echo)
+RELEASE_RQ_PDU = bytes((0x05, 0, 0, 0, 0, 4, 0, 0, 0, 0))  # the requestor's (scp.requestor)
 RELEASE_RP_PDU = bytes((0x06, 0, 0, 0, 0, 4, 0, 0, 0, 0))
 
 
