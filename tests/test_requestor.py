@@ -29,6 +29,7 @@ from tests.conftest import (
     free_port,
     make_instance,
     requires_dcmtk,
+    send_files,
 )
 
 STORAGE_COMMITMENT_PUSH_MODEL = "1.2.840.10008.1.20.1"
@@ -72,8 +73,8 @@ def dcmtk_peer(tmp_path):
         process.wait(10)
 
 
-def dcmqrscp(start, tmp_path: Path) -> int:
-    """dcmqrscp knowing one AE title, ARCHIVE: Verification and query/retrieve,
+def dcmqrscp(start, tmp_path: Path, ae_title: str = "ARCHIVE") -> int:
+    """dcmqrscp knowing one AE title, `ae_title`: Verification and query/retrieve,
     no storage commitment."""
     port = free_port()
     (tmp_path / "db").mkdir()
@@ -81,7 +82,7 @@ def dcmqrscp(start, tmp_path: Path) -> int:
     config.write_text(
         f"NetworkTCPPort = {port}\nMaxPDUSize = 16384\nMaxAssociations = 16\n"
         "HostTable BEGIN\nHostTable END\nVendorTable BEGIN\nVendorTable END\n"
-        f"AETable BEGIN\nARCHIVE {tmp_path / 'db'} RW (10, 1024mb) ANY\nAETable END\n"
+        f"AETable BEGIN\n{ae_title} {tmp_path / 'db'} RW (10, 1024mb) ANY\nAETable END\n"
     )
     return start("dcmqrscp", "-c", str(config), port=port)
 
@@ -239,3 +240,27 @@ def test_an_abort_from_the_peer_says_its_source_and_reason(dcmtk_peer, tmp_path)
     assert str(aborted.value) == (
         f"STORESCP@127.0.0.1:{port} aborted the association (service-user, reason not specified)"
     )
+
+
+@requires_dcmtk("/usr/bin/dcmqrscp")
+@pytest.mark.parametrize(
+    "peer_ae, reason",
+    [
+        # The modality's address answers as another AE: the peer's rejection, decoded.
+        ("ARCHIVE", "rejected the association: Rejected Permanent; Called AE title not recognised"),
+        # The modality takes no reports: the class, named.
+        ("MODALITY", "does not accept the Storage Commitment Push Model SOP Class"),
+    ],
+)
+def test_a_report_the_peer_cannot_take_is_logged_with_the_peers_reason(
+    server_factory, dcmtk_peer, tmp_path, peer_ae, reason
+):
+    from tests.test_commitment import MODALITY, a_series, references, request_commitment
+
+    port = dcmqrscp(dcmtk_peer, tmp_path, peer_ae)
+    server = server_factory("--peer", f"{MODALITY}=127.0.0.1:{port}")
+    paths = a_series(tmp_path / "series", 1)
+    send_files(server.port, paths, calling=MODALITY)
+    request_commitment(server, generate_uid(), references(paths), wait_for_report=False)
+    failed = server.wait_for_event("commitment.delivery_failed")[0]
+    assert failed["reason"] == f"{MODALITY}@127.0.0.1:{port} {reason}"
