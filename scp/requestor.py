@@ -52,12 +52,16 @@ from scp.upper_layer import (
     REASON_UNRECOGNIZED_PDU,
     RELEASE_RP_PDU,
     RELEASE_RQ_PDU,
+    SHARED_TRANSITIONS,
     Event,
     ProtocolError,
     State,
+    Transitions,
     abort_pdu,
+    ends_by_abort_or_close,
     p_data_pdus,
     pdvs,
+    provider_aborts,
 )
 
 MAX_PDU = 65536  # the P-DATA-TF variable field we announce we receive
@@ -156,7 +160,7 @@ class Message:
 S = State
 E = Event
 # (state, event): (PS3.8 action, method of RequestorAssociation, next state).
-TRANSITIONS: dict[tuple[State, Event], tuple[str, str, State]] = {
+TRANSITIONS: Transitions = {
     # Sta1: idle
     (S.IDLE, E.LOCAL_ASSOCIATE_REQUEST): ("AE-1", "connect", S.AWAITING_TRANSPORT_OPEN),
     # Sta4: awaiting the transport connection
@@ -164,63 +168,26 @@ TRANSITIONS: dict[tuple[State, Event], tuple[str, str, State]] = {
     # Sta5: awaiting A-ASSOCIATE-AC or -RJ
     (S.AWAITING_ASSOCIATE_RESPONSE, E.ASSOCIATE_AC_PDU): ("AE-3", "confirm_accept", S.ESTABLISHED),
     (S.AWAITING_ASSOCIATE_RESPONSE, E.ASSOCIATE_RJ_PDU): ("AE-4", "confirm_reject", S.IDLE),
-    (S.AWAITING_ASSOCIATE_RESPONSE, E.ASSOCIATE_RQ_PDU): ("AA-8", "provider_abort", S.AWAITING_CLOSE),  # noqa: E501
-    (S.AWAITING_ASSOCIATE_RESPONSE, E.P_DATA_PDU): ("AA-8", "provider_abort", S.AWAITING_CLOSE),
-    (S.AWAITING_ASSOCIATE_RESPONSE, E.RELEASE_RQ_PDU): ("AA-8", "provider_abort", S.AWAITING_CLOSE),  # noqa: E501
-    (S.AWAITING_ASSOCIATE_RESPONSE, E.RELEASE_RP_PDU): ("AA-8", "provider_abort", S.AWAITING_CLOSE),  # noqa: E501
-    (S.AWAITING_ASSOCIATE_RESPONSE, E.INVALID_PDU): ("AA-8", "provider_abort", S.AWAITING_CLOSE),
-    (S.AWAITING_ASSOCIATE_RESPONSE, E.ABORT_PDU): ("AA-3", "indicate_abort", S.IDLE),
-    (S.AWAITING_ASSOCIATE_RESPONSE, E.CONNECTION_CLOSED): ("AA-4", "indicate_provider_abort", S.IDLE),  # noqa: E501
-    (S.AWAITING_ASSOCIATE_RESPONSE, E.LOCAL_ABORT): ("AA-1", "send_abort", S.AWAITING_CLOSE),
-    # Sta6: association established, ready for data transfer
-    (S.ESTABLISHED, E.LOCAL_P_DATA): ("DT-1", "send_pdu", S.ESTABLISHED),
-    (S.ESTABLISHED, E.P_DATA_PDU): ("DT-2", "indicate_p_data", S.ESTABLISHED),
+    **provider_aborts(S.AWAITING_ASSOCIATE_RESPONSE, E.ASSOCIATE_RQ_PDU, E.P_DATA_PDU, E.RELEASE_RQ_PDU, E.RELEASE_RP_PDU, E.INVALID_PDU),  # noqa: E501
+    **ends_by_abort_or_close(S.AWAITING_ASSOCIATE_RESPONSE),
+    # Sta6: association established (and SHARED_TRANSITIONS)
     (S.ESTABLISHED, E.LOCAL_RELEASE_REQUEST): ("AR-1", "send_pdu", S.AWAITING_RELEASE_RP),
     # The acceptor asks for the release (PS3.8 allows it): answered at once
     # (AR-2, then AR-4), and the caller waiting for a message is told.
     (S.ESTABLISHED, E.RELEASE_RQ_PDU): ("AR-2", "indicate_release", S.AWAITING_CLOSE),
-    (S.ESTABLISHED, E.ASSOCIATE_RQ_PDU): ("AA-8", "provider_abort", S.AWAITING_CLOSE),
-    (S.ESTABLISHED, E.ASSOCIATE_AC_PDU): ("AA-8", "provider_abort", S.AWAITING_CLOSE),
-    (S.ESTABLISHED, E.ASSOCIATE_RJ_PDU): ("AA-8", "provider_abort", S.AWAITING_CLOSE),
-    (S.ESTABLISHED, E.RELEASE_RP_PDU): ("AA-8", "provider_abort", S.AWAITING_CLOSE),
-    (S.ESTABLISHED, E.INVALID_PDU): ("AA-8", "provider_abort", S.AWAITING_CLOSE),
-    (S.ESTABLISHED, E.ABORT_PDU): ("AA-3", "indicate_abort", S.IDLE),
-    (S.ESTABLISHED, E.CONNECTION_CLOSED): ("AA-4", "indicate_provider_abort", S.IDLE),
-    (S.ESTABLISHED, E.LOCAL_ABORT): ("AA-1", "send_abort", S.AWAITING_CLOSE),
     # Sta7: awaiting A-RELEASE-RP
     (S.AWAITING_RELEASE_RP, E.RELEASE_RP_PDU): ("AR-3", "close", S.IDLE),
     (S.AWAITING_RELEASE_RP, E.P_DATA_PDU): ("AR-6", "ignore", S.AWAITING_RELEASE_RP),  # too late for it  # noqa: E501
     # A release collision: our A-RELEASE-RP at once (AR-8, then AR-9 from Sta9).
     (S.AWAITING_RELEASE_RP, E.RELEASE_RQ_PDU): ("AR-8", "send_release_rp", S.COLLISION_AWAITING_RELEASE_RP),  # noqa: E501
-    (S.AWAITING_RELEASE_RP, E.ASSOCIATE_RQ_PDU): ("AA-8", "provider_abort", S.AWAITING_CLOSE),
-    (S.AWAITING_RELEASE_RP, E.ASSOCIATE_AC_PDU): ("AA-8", "provider_abort", S.AWAITING_CLOSE),
-    (S.AWAITING_RELEASE_RP, E.ASSOCIATE_RJ_PDU): ("AA-8", "provider_abort", S.AWAITING_CLOSE),
-    (S.AWAITING_RELEASE_RP, E.INVALID_PDU): ("AA-8", "provider_abort", S.AWAITING_CLOSE),
-    (S.AWAITING_RELEASE_RP, E.ABORT_PDU): ("AA-3", "indicate_abort", S.IDLE),
-    (S.AWAITING_RELEASE_RP, E.CONNECTION_CLOSED): ("AA-4", "indicate_provider_abort", S.IDLE),
-    (S.AWAITING_RELEASE_RP, E.LOCAL_ABORT): ("AA-1", "send_abort", S.AWAITING_CLOSE),
+    **provider_aborts(S.AWAITING_RELEASE_RP, E.ASSOCIATE_RQ_PDU, E.ASSOCIATE_AC_PDU, E.ASSOCIATE_RJ_PDU, E.INVALID_PDU),  # noqa: E501
+    **ends_by_abort_or_close(S.AWAITING_RELEASE_RP),
     # Sta11: release collision, our RP sent, awaiting the peer's
     (S.COLLISION_AWAITING_RELEASE_RP, E.RELEASE_RP_PDU): ("AR-3", "close", S.IDLE),
-    (S.COLLISION_AWAITING_RELEASE_RP, E.ASSOCIATE_RQ_PDU): ("AA-8", "provider_abort", S.AWAITING_CLOSE),  # noqa: E501
-    (S.COLLISION_AWAITING_RELEASE_RP, E.ASSOCIATE_AC_PDU): ("AA-8", "provider_abort", S.AWAITING_CLOSE),  # noqa: E501
-    (S.COLLISION_AWAITING_RELEASE_RP, E.ASSOCIATE_RJ_PDU): ("AA-8", "provider_abort", S.AWAITING_CLOSE),  # noqa: E501
-    (S.COLLISION_AWAITING_RELEASE_RP, E.P_DATA_PDU): ("AA-8", "provider_abort", S.AWAITING_CLOSE),
-    (S.COLLISION_AWAITING_RELEASE_RP, E.RELEASE_RQ_PDU): ("AA-8", "provider_abort", S.AWAITING_CLOSE),  # noqa: E501
-    (S.COLLISION_AWAITING_RELEASE_RP, E.INVALID_PDU): ("AA-8", "provider_abort", S.AWAITING_CLOSE),
-    (S.COLLISION_AWAITING_RELEASE_RP, E.ABORT_PDU): ("AA-3", "indicate_abort", S.IDLE),
-    (S.COLLISION_AWAITING_RELEASE_RP, E.CONNECTION_CLOSED): ("AA-4", "indicate_provider_abort", S.IDLE),  # noqa: E501
-    (S.COLLISION_AWAITING_RELEASE_RP, E.LOCAL_ABORT): ("AA-1", "send_abort", S.AWAITING_CLOSE),
-    # Sta13: awaiting the peer's close after our A-ABORT or RP
-    (S.AWAITING_CLOSE, E.ASSOCIATE_AC_PDU): ("AA-6", "ignore", S.AWAITING_CLOSE),
-    (S.AWAITING_CLOSE, E.ASSOCIATE_RJ_PDU): ("AA-6", "ignore", S.AWAITING_CLOSE),
-    (S.AWAITING_CLOSE, E.P_DATA_PDU): ("AA-6", "ignore", S.AWAITING_CLOSE),
-    (S.AWAITING_CLOSE, E.RELEASE_RQ_PDU): ("AA-6", "ignore", S.AWAITING_CLOSE),
-    (S.AWAITING_CLOSE, E.RELEASE_RP_PDU): ("AA-6", "ignore", S.AWAITING_CLOSE),
-    (S.AWAITING_CLOSE, E.ASSOCIATE_RQ_PDU): ("AA-7", "send_abort", S.AWAITING_CLOSE),
-    (S.AWAITING_CLOSE, E.INVALID_PDU): ("AA-7", "send_abort", S.AWAITING_CLOSE),
-    (S.AWAITING_CLOSE, E.ABORT_PDU): ("AA-2", "close", S.IDLE),
-    (S.AWAITING_CLOSE, E.ARTIM_EXPIRED): ("AA-2", "close", S.IDLE),
-    (S.AWAITING_CLOSE, E.CONNECTION_CLOSED): ("AR-5", "close", S.IDLE),
+    **provider_aborts(S.COLLISION_AWAITING_RELEASE_RP, E.ASSOCIATE_RQ_PDU, E.ASSOCIATE_AC_PDU, E.ASSOCIATE_RJ_PDU, E.P_DATA_PDU, E.RELEASE_RQ_PDU, E.INVALID_PDU),  # noqa: E501
+    **ends_by_abort_or_close(S.COLLISION_AWAITING_RELEASE_RP),
+    # Sta13: awaiting the peer's close after our A-ABORT or RP (SHARED_TRANSITIONS)
+    **SHARED_TRANSITIONS,
 }  # fmt: skip
 # Sta4 has no PDU rows: the connection opens (or fails) within AE-1. Sta8,
 # Sta9, Sta10 and Sta12 are passed through within one action, in this thread.
@@ -438,12 +405,8 @@ class RequestorAssociation:
                 roles,
             )
         except Exception:  # pynetdicom raises what the bytes make it raise
-            self._abort_reason = REASON_INVALID_PARAMETER
-            self.state = TRANSITIONS[previous, Event.INVALID_PDU][2]
-            self.provider_abort(
-                previous,
-                Event.INVALID_PDU,
-                f"{self.peer} sent an A-ASSOCIATE-AC that does not decode",
+            self._invalid_content(
+                previous, f"{self.peer} sent an A-ASSOCIATE-AC that does not decode"
             )
         wanted = {p.abstract_syntax: p.scp_role for p in self.proposals}
         self.contexts = [
@@ -491,13 +454,16 @@ class RequestorAssociation:
                     if control & 2:
                         self._complete(context_id, bytes(self._dataset))
         except (ProtocolError, dimse.CommandError) as exc:
-            self._abort_reason = REASON_INVALID_PARAMETER
-            self.state = TRANSITIONS[previous, Event.INVALID_PDU][2]
-            self.provider_abort(
-                previous,
-                Event.INVALID_PDU,
-                f"{self.peer} sent a P-DATA-TF that breaks DIMSE: {exc}",
+            self._invalid_content(
+                previous, f"{self.peer} sent a P-DATA-TF that breaks DIMSE: {exc}"
             )
+
+    def _invalid_content(self, previous: State, why: str) -> None:
+        """A PDU whose content its action finds invalid: taken as an invalid PDU
+        in the state it came in (AA-8, which raises ProtocolViolation)."""
+        self._abort_reason = REASON_INVALID_PARAMETER
+        self.state = previous
+        self.handle(Event.INVALID_PDU, why)
 
     def _complete(self, context_id: int, dataset: bytes | None) -> None:
         self._message = Message(context_id, self._received_command, dataset)

@@ -5,6 +5,7 @@ way an association fails has its own error and a message naming the peer."""
 import socket
 import struct
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -12,16 +13,25 @@ import pytest
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 
 from scp import dimse
+from scp.negotiation import agree, read_request
 from scp.requestor import (
     Aborted,
     ConnectFailed,
     NoAnswer,
     NotAccepted,
     Proposal,
+    ProtocolViolation,
     Rejected,
     Requestor,
 )
-from scp.upper_layer import State
+from scp.upper_layer import (
+    ABORT_SOURCE_PROVIDER,
+    PDU_HEADER,
+    REASON_INVALID_PARAMETER,
+    State,
+    abort_pdu,
+    p_data_pdus,
+)
 from tests.conftest import (
     CT_IMAGE_STORAGE,
     VERIFICATION,
@@ -264,3 +274,38 @@ def test_a_report_the_peer_cannot_take_is_logged_with_the_peers_reason(
     request_commitment(server, generate_uid(), references(paths), wait_for_report=False)
     failed = server.wait_for_event("commitment.delivery_failed")[0]
     assert failed["reason"] == f"{MODALITY}@127.0.0.1:{port} {reason}"
+
+
+def test_a_response_that_breaks_dimse_is_a_protocol_violation_and_an_abort():
+    """A peer that accepts, then answers with a dataset fragment and no command:
+    we abort (service-provider, invalid PDU parameter value) and say why."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+        received = []
+
+        def peer():
+            connection, _ = listener.accept()
+            with connection:
+                connection.settimeout(10)
+                header = connection.recv(6, socket.MSG_WAITALL)
+                body = connection.recv(PDU_HEADER.unpack(header)[1], socket.MSG_WAITALL)
+                connection.sendall(agree(read_request(header + body), 16384).pdu)
+                connection.recv(65536)  # the C-ECHO-RQ
+                connection.sendall(p_data_pdus(1, b"", b"\x08\x00\x16\x00", 16384))
+                while chunk := connection.recv(65536):
+                    received.append(chunk)
+
+        thread = threading.Thread(target=peer)
+        thread.start()
+        association = Requestor("REQUESTOR", timeout=10).associate(
+            "127.0.0.1", port, "BROKEN", [ECHO]
+        )
+        association.send(association.context(VERIFICATION), dimse.echo_request(1))
+        with pytest.raises(ProtocolViolation) as violation:
+            association.receive()
+        thread.join(10)
+    assert str(violation.value) == (
+        f"BROKEN@127.0.0.1:{port} sent a P-DATA-TF that breaks DIMSE:"
+        " a dataset PDV before its command"
+    )
+    assert b"".join(received) == abort_pdu(ABORT_SOURCE_PROVIDER, REASON_INVALID_PARAMETER)
