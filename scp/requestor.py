@@ -6,7 +6,7 @@ ourselves (`imaging-scp echo`, commitment reports on a new association).
 messages and reads the answers (`send`, `receive`), and ends with `release`
 or `abort`. Everything runs in the caller's thread on one blocking socket,
 each wait within `timeout`. The state machine is PS3.8 table 9-10 as data,
-like the acceptor's in scp.upper_layer: `TRANSITIONS` has one line per
+like the acceptor's in scp.upper_layer: `TRANSITIONS` has one entry per
 (state, event) a requestor can meet, and every PDU the peer can send has a
 row in every state in which we read from it (Sta5, Sta6, Sta7, Sta11, Sta13).
 
@@ -172,7 +172,8 @@ TRANSITIONS: Transitions = {
     **ends_by_abort_or_close(S.AWAITING_ASSOCIATE_RESPONSE),
     # Sta6: association established (and SHARED_TRANSITIONS)
     (S.ESTABLISHED, E.LOCAL_RELEASE_REQUEST): ("AR-1", "send_pdu", S.AWAITING_RELEASE_RP),
-    # The acceptor asks for the release (PS3.8 allows it): answered at once
+    # The acceptor asks for the release (the upper layer allows it, though
+    # DIMSE leaves it to the requestor): answered at once
     # (AR-2, then AR-4), and the caller waiting for a message is told.
     (S.ESTABLISHED, E.RELEASE_RQ_PDU): ("AR-2", "indicate_release", S.AWAITING_CLOSE),
     # Sta7: awaiting A-RELEASE-RP
@@ -189,8 +190,9 @@ TRANSITIONS: Transitions = {
     # Sta13: awaiting the peer's close after our A-ABORT or RP (SHARED_TRANSITIONS)
     **SHARED_TRANSITIONS,
 }  # fmt: skip
-# Sta4 has no PDU rows: the connection opens (or fails) within AE-1. Sta8,
-# Sta9, Sta10 and Sta12 are passed through within one action, in this thread.
+# Sta4 has no PDU rows: the connection opens (or fails) within AE-1. Sta8 and
+# Sta9 are passed through within one action (AR-2 then AR-4; AR-8 then AR-9);
+# Sta10 and Sta12 are the acceptor's side of a release collision.
 
 
 class Requestor:

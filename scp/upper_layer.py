@@ -17,8 +17,8 @@ they go through the same LOCAL_P_DATA event as every other message.
 The acceptor never requests a release itself (the requestor releases, as
 storescp and Orthanc's acceptor do), so the requestor-side and collision
 states Sta4, Sta5, Sta7 and Sta9-Sta12 never occur here (scp.requestor has
-the requestor's table), and an A-RELEASE-RP from
-the peer is an unexpected PDU. The ARTIM timer is the socket's read timeout
+the requestor's table), and an A-RELEASE-RP from the peer is an unexpected
+PDU. The ARTIM timer is the socket's read timeout
 in Sta2 (waiting for the A-ASSOCIATE-RQ) and Sta13 (waiting for the peer to
 close after our A-ASSOCIATE-RJ, A-RELEASE-RP or A-ABORT).
 """
