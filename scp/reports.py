@@ -8,25 +8,27 @@ for what a worker process handed over. Retries back off from
 `report_retry_interval` (doubling, at most 15 minutes) for `report_attempts`
 attempts. What is pending survives a restart: it is in the index.
 
-The association out is pynetdicom's requestor (its public API: this is not the
-receive path): we propose the Storage Commitment Push Model with SCP/SCU role
-selection asking for the SCP role, as PS3.4 J.3.3 and IHE RAD-10 have it.
+The association out is our requestor (scp.requestor): we propose the Storage
+Commitment Push Model with SCP/SCU role selection asking for the SCP role, as
+PS3.4 J.3.3 and IHE RAD-10 have it.
 """
 
 import threading
 
 import structlog
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE, build_role
 
+from scp import dimse
 from scp.commitment_service import (
     NEW_ASSOCIATION,
     STORAGE_COMMITMENT_INSTANCE,
     STORAGE_COMMITMENT_PUSH_MODEL,
     CommitmentService,
+    encode_dataset,
     event_information,
 )
 from scp.config import Config, peer_address
+from scp.requestor import AssociationError, Proposal, Requestor
 from storage import commitment
 
 log = structlog.get_logger("imaging_scp")
@@ -41,33 +43,33 @@ class DeliveryError(Exception):
 
 def send_report(config: Config, called_ae: str, address: tuple[str, int], event_type, info):
     """One N-EVENT-REPORT on a new association; DeliveryError unless answered Success."""
-    ae = AE(ae_title=config.aet)
-    timeout = min(config.network_timeout, 30.0)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
-    ae.add_requested_context(
-        STORAGE_COMMITMENT_PUSH_MODEL, [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
-    )
-    role = build_role(STORAGE_COMMITMENT_PUSH_MODEL, scu_role=False, scp_role=True)
     host, port = address
-    assoc = ae.associate(host, port, ae_title=called_ae, ext_neg=[role])
-    if not assoc.is_established:
-        why = "rejected" if assoc.is_rejected else "not established (unreachable or aborted)"
-        raise DeliveryError(f"association to {called_ae} at {host}:{port} {why}")
+    peer = f"{called_ae}@{host}:{port}"
+    requestor = Requestor(config.aet, timeout=min(config.network_timeout, 30.0))
+    proposal = Proposal(
+        STORAGE_COMMITMENT_PUSH_MODEL,
+        (ExplicitVRLittleEndian, ImplicitVRLittleEndian),
+        scp_role=True,
+    )
     try:
-        try:
-            status, _ = assoc.send_n_event_report(
-                info, event_type, STORAGE_COMMITMENT_PUSH_MODEL, STORAGE_COMMITMENT_INSTANCE
+        with requestor.associate(host, port, called_ae, [proposal]) as association:
+            context = association.context(STORAGE_COMMITMENT_PUSH_MODEL)
+            request = dimse.event_report_request(
+                1, STORAGE_COMMITMENT_PUSH_MODEL, STORAGE_COMMITMENT_INSTANCE, event_type
             )
-        except ValueError as exc:  # pynetdicom: no context with us as SCP
-            raise DeliveryError(f"{called_ae} at {host}:{port}: {exc}") from exc
-        code = getattr(status, "Status", None)
-        if code is None:
-            raise DeliveryError(f"no N-EVENT-REPORT-RSP from {called_ae} at {host}:{port}")
-        if code != 0x0000:
-            raise DeliveryError(f"{called_ae} answered the report with status 0x{code:04X}")
-    finally:
-        if assoc.is_established:
-            assoc.release()
+            association.send(context, request, encode_dataset(info, context.transfer_syntax))
+            response = association.receive().command
+    except AssociationError as exc:
+        raise DeliveryError(str(exc)) from exc
+    if response.field != dimse.N_EVENT_REPORT_RSP or response.responds_to != 1:
+        raise DeliveryError(
+            f"{peer} answered the N-EVENT-REPORT-RQ with command field"
+            f" 0x{response.field or 0:04X} to message {response.responds_to}"
+        )
+    if response.status is None:
+        raise DeliveryError(f"{peer} answered the report without a status")
+    if response.status != 0x0000:
+        raise DeliveryError(f"{peer} answered the report with status 0x{response.status:04X}")
 
 
 class Reporter:

@@ -16,8 +16,9 @@ they go through the same LOCAL_P_DATA event as every other message.
 
 The acceptor never requests a release itself (the requestor releases, as
 storescp and Orthanc's acceptor do), so the requestor-side and collision
-states Sta4, Sta5, Sta7 and Sta9-Sta12 never occur, and an A-RELEASE-RP from
-the peer is an unexpected PDU. The ARTIM timer is the socket's read timeout
+states Sta4, Sta5, Sta7 and Sta9-Sta12 never occur here (scp.requestor has
+the requestor's table), and an A-RELEASE-RP from the peer is an unexpected
+PDU. The ARTIM timer is the socket's read timeout
 in Sta2 (waiting for the A-ASSOCIATE-RQ) and Sta13 (waiting for the peer to
 close after our A-ASSOCIATE-RJ, A-RELEASE-RP or A-ABORT).
 """
@@ -47,15 +48,24 @@ _PDV_HEADER = struct.Struct(">IBB")
 
 
 class State(enum.Enum):
+    """PS3.8's states; Sta2, Sta3 and Sta8 are the acceptor's, Sta4, Sta5, Sta7
+    and Sta11 the requestor's (scp.requestor), the others both sides'."""
+
     IDLE = "Sta1"
     AWAITING_ASSOCIATE_RQ = "Sta2"
     AWAITING_LOCAL_ASSOCIATE_RESPONSE = "Sta3"
+    AWAITING_TRANSPORT_OPEN = "Sta4"
+    AWAITING_ASSOCIATE_RESPONSE = "Sta5"
     ESTABLISHED = "Sta6"
+    AWAITING_RELEASE_RP = "Sta7"
     AWAITING_LOCAL_RELEASE_RESPONSE = "Sta8"
+    COLLISION_AWAITING_RELEASE_RP = "Sta11"
     AWAITING_CLOSE = "Sta13"
 
 
 class Event(enum.Enum):
+    LOCAL_ASSOCIATE_REQUEST = "Evt1"
+    TRANSPORT_CONFIRM = "Evt2"
     ASSOCIATE_AC_PDU = "Evt3"
     ASSOCIATE_RJ_PDU = "Evt4"
     ASSOCIATE_RQ_PDU = "Evt6"
@@ -63,6 +73,7 @@ class Event(enum.Enum):
     LOCAL_REJECT = "Evt8"
     LOCAL_P_DATA = "Evt9"
     P_DATA_PDU = "Evt10"
+    LOCAL_RELEASE_REQUEST = "Evt11"
     RELEASE_RQ_PDU = "Evt12"
     RELEASE_RP_PDU = "Evt13"
     LOCAL_RELEASE_RESPONSE = "Evt14"
@@ -85,9 +96,47 @@ PDU_EVENTS = {
 
 S = State
 E = Event
+Transitions = dict[tuple[State, Event], tuple[str, str, State]]
+
+
+def provider_aborts(state: State, *events: Event) -> Transitions:
+    """AA-8 for each of `events` in `state`: PDUs the peer may not send there."""
+    return {(state, event): ("AA-8", "provider_abort", S.AWAITING_CLOSE) for event in events}
+
+
+def ends_by_abort_or_close(state: State) -> Transitions:
+    """The peer's A-ABORT (AA-3), the connection closing (AA-4) and our own
+    A-ABORT (AA-1) in a state of an association, on either side."""
+    return {
+        (state, E.ABORT_PDU): ("AA-3", "indicate_abort", S.IDLE),
+        (state, E.CONNECTION_CLOSED): ("AA-4", "indicate_provider_abort", S.IDLE),
+        (state, E.LOCAL_ABORT): ("AA-1", "send_abort", S.AWAITING_CLOSE),
+    }
+
+
+# The rows both sides have (scp.requestor's table takes them too): data
+# transfer in Sta6, and Sta13, awaiting the peer's close after our RJ, RP or
+# A-ABORT. Each side adds how a release goes in Sta6.
+SHARED_TRANSITIONS: Transitions = {
+    (S.ESTABLISHED, E.P_DATA_PDU): ("DT-2", "indicate_p_data", S.ESTABLISHED),
+    (S.ESTABLISHED, E.LOCAL_P_DATA): ("DT-1", "send_pdu", S.ESTABLISHED),
+    **provider_aborts(S.ESTABLISHED, E.ASSOCIATE_RQ_PDU, E.ASSOCIATE_AC_PDU, E.ASSOCIATE_RJ_PDU, E.RELEASE_RP_PDU, E.INVALID_PDU),  # noqa: E501
+    **ends_by_abort_or_close(S.ESTABLISHED),
+    (S.AWAITING_CLOSE, E.ASSOCIATE_AC_PDU): ("AA-6", "ignore", S.AWAITING_CLOSE),
+    (S.AWAITING_CLOSE, E.ASSOCIATE_RJ_PDU): ("AA-6", "ignore", S.AWAITING_CLOSE),
+    (S.AWAITING_CLOSE, E.P_DATA_PDU): ("AA-6", "ignore", S.AWAITING_CLOSE),
+    (S.AWAITING_CLOSE, E.RELEASE_RQ_PDU): ("AA-6", "ignore", S.AWAITING_CLOSE),
+    (S.AWAITING_CLOSE, E.RELEASE_RP_PDU): ("AA-6", "ignore", S.AWAITING_CLOSE),
+    (S.AWAITING_CLOSE, E.ASSOCIATE_RQ_PDU): ("AA-7", "send_abort", S.AWAITING_CLOSE),
+    (S.AWAITING_CLOSE, E.INVALID_PDU): ("AA-7", "send_abort", S.AWAITING_CLOSE),
+    (S.AWAITING_CLOSE, E.ABORT_PDU): ("AA-2", "close", S.IDLE),
+    (S.AWAITING_CLOSE, E.ARTIM_EXPIRED): ("AA-2", "close", S.IDLE),
+    (S.AWAITING_CLOSE, E.CONNECTION_CLOSED): ("AR-5", "close", S.IDLE),
+}  # fmt: skip
+
 # (state, event): (PS3.8 action, method of UpperLayer, next state). An action
 # whose next state depends on what it does returns that state instead.
-TRANSITIONS: dict[tuple[State, Event], tuple[str, str, State]] = {
+TRANSITIONS: Transitions = {
     # Sta2: transport connection open, awaiting A-ASSOCIATE-RQ
     (S.AWAITING_ASSOCIATE_RQ, E.ASSOCIATE_RQ_PDU): ("AE-6", "indicate_associate", S.AWAITING_LOCAL_ASSOCIATE_RESPONSE),  # noqa: E501
     (S.AWAITING_ASSOCIATE_RQ, E.ASSOCIATE_AC_PDU): ("AA-1", "send_abort", S.AWAITING_CLOSE),
@@ -104,34 +153,15 @@ TRANSITIONS: dict[tuple[State, Event], tuple[str, str, State]] = {
     (S.AWAITING_LOCAL_ASSOCIATE_RESPONSE, E.LOCAL_ACCEPT): ("AE-7", "send_pdu", S.ESTABLISHED),
     (S.AWAITING_LOCAL_ASSOCIATE_RESPONSE, E.LOCAL_REJECT): ("AE-8", "send_pdu", S.AWAITING_CLOSE),
     (S.AWAITING_LOCAL_ASSOCIATE_RESPONSE, E.LOCAL_ABORT): ("AA-1", "send_abort", S.AWAITING_CLOSE),
-    # Sta6: association established, ready for data transfer
-    (S.ESTABLISHED, E.P_DATA_PDU): ("DT-2", "indicate_p_data", S.ESTABLISHED),
-    (S.ESTABLISHED, E.LOCAL_P_DATA): ("DT-1", "send_pdu", S.ESTABLISHED),
+    # Sta6: association established, ready for data transfer (and SHARED_TRANSITIONS)
     (S.ESTABLISHED, E.RELEASE_RQ_PDU): ("AR-2", "indicate_release", S.AWAITING_LOCAL_RELEASE_RESPONSE),  # noqa: E501
-    (S.ESTABLISHED, E.ASSOCIATE_RQ_PDU): ("AA-8", "provider_abort", S.AWAITING_CLOSE),
-    (S.ESTABLISHED, E.ASSOCIATE_AC_PDU): ("AA-8", "provider_abort", S.AWAITING_CLOSE),
-    (S.ESTABLISHED, E.ASSOCIATE_RJ_PDU): ("AA-8", "provider_abort", S.AWAITING_CLOSE),
-    (S.ESTABLISHED, E.RELEASE_RP_PDU): ("AA-8", "provider_abort", S.AWAITING_CLOSE),
-    (S.ESTABLISHED, E.INVALID_PDU): ("AA-8", "provider_abort", S.AWAITING_CLOSE),
-    (S.ESTABLISHED, E.ABORT_PDU): ("AA-3", "indicate_abort", S.IDLE),
-    (S.ESTABLISHED, E.CONNECTION_CLOSED): ("AA-4", "indicate_provider_abort", S.IDLE),
-    (S.ESTABLISHED, E.LOCAL_ABORT): ("AA-1", "send_abort", S.AWAITING_CLOSE),
     # Sta8: release requested by the peer, awaiting the local A-RELEASE response
     (S.AWAITING_LOCAL_RELEASE_RESPONSE, E.LOCAL_RELEASE_RESPONSE): ("AR-4", "send_pdu", S.AWAITING_CLOSE),  # noqa: E501
     (S.AWAITING_LOCAL_RELEASE_RESPONSE, E.LOCAL_P_DATA): ("AR-7", "send_pdu", S.AWAITING_LOCAL_RELEASE_RESPONSE),  # noqa: E501
     (S.AWAITING_LOCAL_RELEASE_RESPONSE, E.LOCAL_ABORT): ("AA-1", "send_abort", S.AWAITING_CLOSE),
-    # Sta13: awaiting the peer's close after our RJ, RP or A-ABORT
-    (S.AWAITING_CLOSE, E.ASSOCIATE_AC_PDU): ("AA-6", "ignore", S.AWAITING_CLOSE),
-    (S.AWAITING_CLOSE, E.ASSOCIATE_RJ_PDU): ("AA-6", "ignore", S.AWAITING_CLOSE),
-    (S.AWAITING_CLOSE, E.P_DATA_PDU): ("AA-6", "ignore", S.AWAITING_CLOSE),
-    (S.AWAITING_CLOSE, E.RELEASE_RQ_PDU): ("AA-6", "ignore", S.AWAITING_CLOSE),
-    (S.AWAITING_CLOSE, E.RELEASE_RP_PDU): ("AA-6", "ignore", S.AWAITING_CLOSE),
-    (S.AWAITING_CLOSE, E.ASSOCIATE_RQ_PDU): ("AA-7", "send_abort", S.AWAITING_CLOSE),
-    (S.AWAITING_CLOSE, E.INVALID_PDU): ("AA-7", "send_abort", S.AWAITING_CLOSE),
-    (S.AWAITING_CLOSE, E.ABORT_PDU): ("AA-2", "close", S.IDLE),
-    (S.AWAITING_CLOSE, E.ARTIM_EXPIRED): ("AA-2", "close", S.IDLE),
-    (S.AWAITING_CLOSE, E.CONNECTION_CLOSED): ("AR-5", "close", S.IDLE),
+    # Sta13 (and SHARED_TRANSITIONS)
     (S.AWAITING_CLOSE, E.LOCAL_ABORT): ("AA-2", "close", S.IDLE),  # a stop: already ending
+    **SHARED_TRANSITIONS,
 }  # fmt: skip
 # Sta3 and Sta8 last only while the service user answers, in this same thread:
 # no PDU is read in them, so they have rows for local events only. The local
@@ -156,7 +186,7 @@ def reject_pdu(result: int, source: int, diagnostic: int) -> bytes:
     return bytes((0x03, 0, 0, 0, 0, 4, 0, result, source, diagnostic))
 
 
-RELEASE_RQ_PDU = bytes((0x05, 0, 0, 0, 0, 4, 0, 0, 0, 0))  # the requestor's (imaging-scp echo)
+RELEASE_RQ_PDU = bytes((0x05, 0, 0, 0, 0, 4, 0, 0, 0, 0))  # the requestor's (scp.requestor)
 RELEASE_RP_PDU = bytes((0x06, 0, 0, 0, 0, 4, 0, 0, 0, 0))
 
 
