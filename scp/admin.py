@@ -212,10 +212,10 @@ def study(config_file, data_dir, index_url, study_uid, instances, mark_complete,
     """Show one study: its attributes and its series."""
     config = _config(config_file, data_dir, index_url)
     if mark_complete:
-        from storage.changes import mark_complete as clear_incomplete
+        from storage.changes import mark_study_complete
 
         index = _open_index(config)
-        cleared = clear_incomplete(index, study_uid)
+        cleared = mark_study_complete(index, study_uid)
         index.close()
         click.echo(f"marked complete: {cleared} series", err=True)
     conn = _reader(config)

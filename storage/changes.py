@@ -113,7 +113,7 @@ def _update_each_series(index: Index, series_uids: list[str], sql: str, values: 
     return changed
 
 
-def mark_complete(index: Index, study_uid: str) -> int:
+def mark_study_complete(index: Index, study_uid: str) -> int:
     """Clear the incomplete mark of a study's series; returns how many were marked."""
     with index.writing(lock_keys=[study_uid]):
         return index.conn.execute(
