@@ -32,6 +32,14 @@ TEMP_SUFFIX = ".part"
 INSTANCE_SUFFIX = ".dcm"
 
 _PREAMBLE = b"\x00" * 128 + b"DICM"
+# The elements of our file meta that are the same in every file, encoded once.
+_VERSION = encode_element(0x00020001, "OB", b"\x00\x01")
+_IMPLEMENTATION = encode_element(
+    0x00020012, "UI", pad(IMPLEMENTATION_CLASS_UID.encode(), b"\x00")
+) + encode_element(0x00020013, "SH", pad(IMPLEMENTATION_VERSION_NAME.encode()))
+_PRIVATE_INFORMATION_CREATOR = encode_element(
+    0x00020100, "UI", pad(IMPLEMENTATION_CLASS_UID.encode(), b"\x00")
+)
 
 
 def encode_file_header(
@@ -45,20 +53,17 @@ def encode_file_header(
     so the index can be rebuilt from the files alone.
     """
     elements = [
-        encode_element(0x00020001, "OB", b"\x00\x01"),
+        _VERSION,
         encode_element(0x00020002, "UI", pad(sop_class_uid.encode(), b"\x00")),
         encode_element(0x00020003, "UI", pad(sop_instance_uid.encode(), b"\x00")),
         encode_element(0x00020010, "UI", pad(transfer_syntax.encode(), b"\x00")),
-        encode_element(0x00020012, "UI", pad(IMPLEMENTATION_CLASS_UID.encode(), b"\x00")),
-        encode_element(0x00020013, "SH", pad(IMPLEMENTATION_VERSION_NAME.encode())),
+        _IMPLEMENTATION,
     ]
     for tag, key in ((0x00020017, "calling_ae"), (0x00020018, "called_ae")):
         title = receipt.get(key)
         if title and title.isascii():
             elements.append(encode_element(tag, "AE", pad(title.encode()[:16])))
-    elements.append(
-        encode_element(0x00020100, "UI", pad(IMPLEMENTATION_CLASS_UID.encode(), b"\x00"))
-    )
+    elements.append(_PRIVATE_INFORMATION_CREATOR)
     elements.append(encode_element(0x00020102, "OB", pad(json.dumps(receipt).encode())))
     body = b"".join(elements)
     group_length = encode_element(0x00020000, "UL", struct.pack("<I", len(body)))

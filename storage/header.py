@@ -147,7 +147,7 @@ def read_header(stream: BinaryIO, transfer_syntax: str) -> InstanceHeader:
             check_structure(
                 buffer, start, implicit=syntax.implicit, little_endian=syntax.little_endian
             )
-    with lenient_reading():
+    with lenient_reading:
         dataset = _parse(stream, syntax.implicit, syntax.little_endian)
         return _header_from(_DatasetSource(dataset))
 
@@ -813,7 +813,7 @@ def _generator_encoding(value: bytes):
     cached = _ENCODINGS_CACHE.get(key)
     if cached is None:
         try:
-            with lenient_reading():
+            with lenient_reading:
                 cached = convert_encodings(convert_string(value or b"", True))
         except Exception as exc:
             raise _does_not_parse(str(exc)) from exc
@@ -830,7 +830,7 @@ def _dataset_encoding(charset):
         vr, implicit, length, value = charset
         raw = RawDataElement(BaseTag(_CHARSET), vr, length, value, 0, implicit, True)
         try:
-            with lenient_reading():
+            with lenient_reading:
                 cached = convert_encodings(convert_raw_data_element(raw).value)
         except Exception as exc:
             raise _does_not_parse(str(exc)) from exc
@@ -879,7 +879,7 @@ class DatasetWalk:
         reader.finish()
         if reader.error is not None:
             raise reader.error
-        with lenient_reading():
+        with lenient_reading:
             return _header_from(_WalkResult(reader.top))
 
 

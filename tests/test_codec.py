@@ -17,12 +17,20 @@ REPO = Path(__file__).resolve().parent.parent
 
 def test_importing_the_receiver_changes_no_pydicom_setting():
     # A program that embeds the header reader (or the benchmarks, or a test)
-    # keeps pydicom's validation of what it reads itself.
+    # keeps pydicom's validation of what it reads itself, also after reading a
+    # header with odd values (the reader's leniency ends with its reading).
     probe = (
-        "import pydicom.config as c\n"
+        "import io, pydicom.config as c\n"
         "before = c.settings.reading_validation_mode\n"
         "import storage.header, storage.files, storage.fhir, storage.store\n"
         "import scp.find_service, scp.commitment_service, scp.server, scp.cli\n"
+        "from storage.codec.elements import encode_element\n"
+        "data = encode_element(0x00080020, 'DA', b'1997.04.24') + encode_element(\n"
+        "    0x00200013, 'IS', b'abc ')\n"
+        "storage.header.read_header(io.BytesIO(data), '1.2.840.10008.1.2.1')\n"
+        "walk = storage.header.DatasetWalk('1.2.840.10008.1.2.1')\n"
+        "walk.feed(data)\n"
+        "walk.finish()\n"
         "print(before, c.settings.reading_validation_mode)\n"
     )
     result = subprocess.run(

@@ -4,17 +4,15 @@ A sender's odd value (an IS of "abc", a DA range in a C-FIND key, a UID with a
 letter) must not stop us or fill our log: pydicom's reading validation (its
 WARN default) logs and warns about each such value, and costs a check per
 value. pydicom has no per-call setting for it. So the `imaging-scp` command
-turns it off for its whole process when it starts (`read_leniently_everywhere`:
+turns it off for its whole process when it starts (`lenient_reading.everywhere`:
 pynetdicom and pydicom's UID names read peers' values too), and our own readers
-turn it off around what they read (`lenient_reading`), whoever imported them:
+turn it off around what they read (`with lenient_reading`), whoever imported them:
 importing this project changes nothing in pydicom.
 """
 
 import io
 import threading
 import zlib
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 from pydicom import config
 from pydicom.dataset import Dataset
@@ -22,38 +20,42 @@ from pydicom.filereader import read_dataset
 
 from storage.codec.syntax import transfer_syntax
 
-_readers_lock = threading.Lock()
-_readers = 0
-_saved_mode: int | None = None
 
+class _LenientReading:
+    """`with lenient_reading:` pydicom converts values without validating them
+    inside the block (in any thread: the setting is pydicom's, for the whole
+    process, while a block is open). A class, not a generator: it is on the
+    receive path, once per instance."""
 
-@contextmanager
-def lenient_reading() -> Iterator[None]:
-    """pydicom converts values without validating them inside this block (in
-    any thread: the setting is pydicom's, for the whole process, while a block
-    is open)."""
-    global _readers, _saved_mode
-    with _readers_lock:
-        if _readers == 0:
-            _saved_mode = config.settings.reading_validation_mode
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._readers = 0
+        self._saved_mode = config.IGNORE
+
+    def __enter__(self) -> None:
+        with self._lock:
+            if self._readers == 0:
+                self._saved_mode = config.settings.reading_validation_mode
+                if self._saved_mode != config.IGNORE:
+                    config.settings.reading_validation_mode = config.IGNORE
+            self._readers += 1
+
+    def __exit__(self, *exc_info) -> None:
+        with self._lock:
+            self._readers -= 1
+            if self._readers == 0 and self._saved_mode != config.IGNORE:
+                config.settings.reading_validation_mode = self._saved_mode
+
+    def everywhere(self) -> None:
+        """pydicom reads without validating, in this process, from now on: for
+        the `imaging-scp` command, whose every part reads what peers send
+        (pynetdicom, and pydicom's names of their UIDs, too)."""
+        with self._lock:
             config.settings.reading_validation_mode = config.IGNORE
-        _readers += 1
-    try:
-        yield
-    finally:
-        with _readers_lock:
-            _readers -= 1
-            if _readers == 0:
-                config.settings.reading_validation_mode = _saved_mode
+            self._saved_mode = config.IGNORE  # what the last open block gives back
 
 
-def read_leniently_everywhere() -> None:
-    """pydicom reads without validating, in this process, from now on: for the
-    `imaging-scp` command, whose every part reads what peers send."""
-    global _saved_mode
-    with _readers_lock:
-        config.settings.reading_validation_mode = config.IGNORE
-        _saved_mode = config.IGNORE  # what the last open `lenient_reading` gives back
+lenient_reading = _LenientReading()
 
 
 def decode_dataset(data: bytes, syntax_uid: str) -> Dataset:
@@ -64,7 +66,7 @@ def decode_dataset(data: bytes, syntax_uid: str) -> Dataset:
     if syntax.deflated:
         data = zlib.decompress(data, -zlib.MAX_WBITS)
     dataset = read_dataset(io.BytesIO(data), syntax.implicit, syntax.little_endian)
-    with lenient_reading():
+    with lenient_reading:
         _convert_values(dataset)
     return dataset
 
