@@ -41,6 +41,7 @@ from pydicom.values import convert_string
 
 from storage.codec.datasets import lenient_reading
 from storage.codec.dates import normal_date, normal_time
+from storage.codec.syntax import TransferSyntax
 from storage.codec.syntax import transfer_syntax as syntax_of
 from storage.codec.walk import (
     ITEM,
@@ -398,12 +399,12 @@ def _encoded_bytes(stream: BinaryIO) -> Iterator[tuple[object, int]]:
 # `DatasetWalk` is fed the dataset bytes as they arrive and yields what
 # `read_header` yields, without pydicom's reader. It runs two walks over the same
 # bytes: the codec's `StructureWalk` (it decides "dataset is truncated"), and
-# `_ReaderWalk` reads the elements the way pydicom's
-# `read_dataset` does (with the same `specific_tags` and `stop_when`), so that it
-# sees the same elements as `read_header` even where the two readings of hostile
-# bytes differ, and fails where pydicom fails ("dataset does not parse"). Values
-# are converted with pydicom's own converters (`convert_raw_data_element`), or,
-# for plain ASCII text, with a shortcut that gives the same strings.
+# `_ReaderWalk`, which reads the elements the way pydicom's `read_dataset` does
+# (with the same `specific_tags` and `stop_when`), so that it sees the same
+# elements as `read_header` even where the two readings of hostile bytes differ,
+# and fails where pydicom fails ("dataset does not parse"). Values are converted
+# with pydicom's own converters (`convert_raw_data_element`), or, for plain ASCII
+# text, with a shortcut that gives the same strings.
 
 _MAX_WANTED_VALUE = 1024 * 1024  # a wanted value longer than this is left out
 _MAX_UNDEFINED_VALUE = 4 * 1024 * 1024  # see _ReaderWalk: undefined-length non-SQ values
@@ -435,7 +436,10 @@ _ENCODINGS_CACHE: dict = {}
 def walkable(transfer_syntax: str) -> bool:
     """False for Explicit VR Big Endian and Deflated Explicit VR Little Endian: those are
     read with read_header (pydicom) from the stored file after arrival."""
-    syntax = syntax_of(transfer_syntax)
+    return _walks(syntax_of(transfer_syntax))
+
+
+def _walks(syntax: TransferSyntax) -> bool:
     return syntax.little_endian and not syntax.deflated
 
 
@@ -847,9 +851,10 @@ class DatasetWalk:
     """
 
     def __init__(self, transfer_syntax: str):
-        if not walkable(transfer_syntax):
+        syntax = syntax_of(transfer_syntax)
+        if not _walks(syntax):
             raise ValueError(f"{transfer_syntax} is read with read_header, not walked")
-        implicit = syntax_of(transfer_syntax).implicit
+        implicit = syntax.implicit
         self._structure = StructureWalk(implicit)
         self._reader = _ReaderWalk(implicit)
         self._finished = False

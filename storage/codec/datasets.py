@@ -31,8 +31,11 @@ class _LenientReading:
         self._lock = threading.Lock()
         self._readers = 0
         self._saved_mode = config.IGNORE
+        self._everywhere = False  # set for good: nothing to count
 
     def __enter__(self) -> None:
+        if self._everywhere:
+            return
         with self._lock:
             if self._readers == 0:
                 self._saved_mode = config.settings.reading_validation_mode
@@ -41,6 +44,8 @@ class _LenientReading:
             self._readers += 1
 
     def __exit__(self, *exc_info) -> None:
+        if self._everywhere:
+            return
         with self._lock:
             self._readers -= 1
             if self._readers == 0 and self._saved_mode != config.IGNORE:
@@ -52,7 +57,8 @@ class _LenientReading:
         (pynetdicom, and pydicom's names of their UIDs, too)."""
         with self._lock:
             config.settings.reading_validation_mode = config.IGNORE
-            self._saved_mode = config.IGNORE  # what the last open block gives back
+            self._saved_mode = config.IGNORE  # what a block still open gives back
+            self._everywhere = True
 
 
 lenient_reading = _LenientReading()

@@ -68,9 +68,7 @@ def check_structure(buffer, start: int = 0, *, implicit: bool, little_endian: bo
     end inside an element header (trailing zero bytes, shorter than a header, are
     accepted as padding).
     """
-    walk = StructureWalk(implicit, little_endian)
-    walk.pos = start
-    walk._run(buffer, 0, True)
+    StructureWalk(implicit, little_endian).check_whole(buffer, start)
 
 
 def _skip_implicit(buffer, pos: int, end: int, tag_and_length) -> int:
@@ -87,7 +85,7 @@ def _skip_implicit(buffer, pos: int, end: int, tag_and_length) -> int:
 
 
 def _skip_explicit(buffer, pos: int, end: int, explicit_element, long_length) -> int:
-    """The fast path of `check_structure` for explicit VR (see _skip_implicit)."""
+    """The fast path of the structural walk for explicit VR (see _skip_implicit)."""
     limit = end - 12
     while pos <= limit:
         group, _, vr, length = explicit_element(buffer, pos)
@@ -119,7 +117,7 @@ def _value_cut(tag: int, offset: int, length: int, left: int) -> HeaderError:
 
 def _no_delimiter(open_value: tuple[int, int, bool, bool]) -> HeaderError:
     tag, offset, _, _ = open_value
-    what = "item" if tag == 0xFFFEE000 else f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
+    what = "item" if tag == ITEM else f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
     return _truncated(f"{what} at byte {offset}: undefined length without delimiter")
 
 
@@ -187,6 +185,11 @@ class StructureWalk(FragmentWalk):
         self.in_items = False
         self.guess = "top"  # the next element's encoding is to be guessed: "top", "item", None
         self.last_skip = None  # (tag, length, offset, header) of the value being skipped
+
+    def check_whole(self, buffer, start: int) -> None:
+        """The dataset in `buffer[start:]` at once (see `check_structure`)."""
+        self.pos = start
+        self._run(buffer, 0, True)
 
     def finish(self) -> None:
         if not self.done and self.pos > self.received:
