@@ -7,20 +7,20 @@ import struct
 LONG_LENGTH_VRS = frozenset(
     ("OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV")
 )
-_TAG = struct.Struct("<HH").pack
-_SHORT_LENGTH = struct.Struct("<H").pack
-_LONG_LENGTH = struct.Struct("<I").pack
+_IMPLICIT_HEADER = struct.Struct("<HHI").pack  # tag, 4-byte length
+_SHORT_HEADER = struct.Struct("<HH2sH").pack  # tag, VR, 2-byte length
+_LONG_HEADER = struct.Struct("<HH2s2xI").pack  # tag, VR, 2 reserved bytes, 4-byte length
 
 
 def encode_element(tag: int, vr: str, value: bytes, *, explicit: bool = True) -> bytes:
     """The element (tag, VR, value) in explicit or implicit VR Little Endian; `value`
     is already of even length (see `pad`)."""
-    head = _TAG(tag >> 16, tag & 0xFFFF)
+    group, element = tag >> 16, tag & 0xFFFF
     if not explicit:
-        return head + _LONG_LENGTH(len(value)) + value
+        return _IMPLICIT_HEADER(group, element, len(value)) + value
     if vr in LONG_LENGTH_VRS:
-        return head + vr.encode() + b"\0\0" + _LONG_LENGTH(len(value)) + value
-    return head + vr.encode() + _SHORT_LENGTH(len(value)) + value
+        return _LONG_HEADER(group, element, vr.encode(), len(value)) + value
+    return _SHORT_HEADER(group, element, vr.encode(), len(value)) + value
 
 
 def pad(value: bytes, padding: bytes = b" ") -> bytes:
