@@ -15,12 +15,10 @@ with 0x0131 (duplicate Transaction UID): it is another request, and answering
 it with the first one's result would be a false commitment.
 """
 
-import io
 import time
 
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
-from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian
 from pynetdicom import dsutils
 from pynetdicom.service_class import ServiceClass, StorageServiceClass
 from pynetdicom.sop_class import uid_to_service_class
@@ -29,6 +27,8 @@ from scp import dimse
 from scp.service import Conversation, Outbox
 from scp.session import Session
 from storage import commitment
+from storage.codec.datasets import decode_dataset
+from storage.codec.syntax import transfer_syntax as syntax_of
 from storage.commitment import CommitmentRequest, CommitmentResult, Recorded, Reference
 from storage.index import Index
 from storage.uids import is_valid_uid
@@ -96,12 +96,8 @@ def _reference_item(reference: Reference) -> Dataset:
 
 
 def encode_dataset(dataset: Dataset, transfer_syntax: str) -> bytes:
-    return dsutils.encode(
-        dataset,
-        transfer_syntax == ImplicitVRLittleEndian,
-        transfer_syntax != ExplicitVRBigEndian,
-        transfer_syntax == DeflatedExplicitVRLittleEndian,
-    )
+    syntax = syntax_of(transfer_syntax)
+    return dsutils.encode(dataset, syntax.implicit, syntax.little_endian, syntax.deflated)
 
 
 class CommitmentService:
@@ -180,12 +176,7 @@ class CommitmentService:
                 f"Action Information over {MAX_ACTION_INFORMATION // 2**20} MiB: split the request",
             )
         try:
-            dataset = dsutils.decode(
-                io.BytesIO(data),
-                transfer_syntax == ImplicitVRLittleEndian,
-                transfer_syntax != ExplicitVRBigEndian,
-                transfer_syntax == DeflatedExplicitVRLittleEndian,
-            )
+            dataset = decode_dataset(data, transfer_syntax)
             transaction_uid = str(dataset.get("TransactionUID", "") or "")
             items = dataset.get("ReferencedSOPSequence") or []
             references = [

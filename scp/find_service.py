@@ -15,18 +15,17 @@ that names no level or breaks the hierarchical rules, 0xC000 for one that
 does not decode or is missing, 0xA700 when more than `find_limit` matches were sent.
 """
 
-import io
-import struct
 import time
 
 from pydicom.datadict import keyword_for_tag
-from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian
-from pynetdicom import dsutils
 
 from scp import dimse
 from scp.service import Conversation, Outbox
 from scp.session import Session
 from storage import find
+from storage.codec.datasets import decode_dataset
+from storage.codec.elements import encode_element, pad
+from storage.codec.syntax import transfer_syntax as syntax_of
 from storage.database import IndexLocation
 from storage.health import IndexHealth
 
@@ -53,7 +52,6 @@ _UNIQUE_KEY = {
     find.SERIES: "SeriesInstanceUID",
     find.IMAGE: "SOPInstanceUID",
 }
-_LONG_VRS = {"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"}
 
 
 class FindRefused(Exception):
@@ -129,7 +127,8 @@ class RunningQuery:
         self.session = incoming.session
         self.command = incoming.command
         self.message_id = incoming.command.message_id
-        self.explicit = incoming.transfer_syntax != ImplicitVRLittleEndian
+        syntax = syntax_of(incoming.transfer_syntax)
+        self.explicit = not syntax.implicit
         self.done = False
         self.cancelled = False
         self.matches = 0
@@ -138,7 +137,7 @@ class RunningQuery:
         self._rows = None
         self._failure: FindRefused | None = None
         try:
-            if incoming.transfer_syntax == ExplicitVRBigEndian:
+            if not syntax.little_endian:
                 raise FindRefused(UNABLE_TO_PROCESS, "big endian identifiers are not served")
             self.query, self.returned, self.unsupported = self._read(incoming, data)
             find.check_query(self.query)
@@ -164,12 +163,7 @@ class RunningQuery:
                 " FIND model",
             )
         try:
-            dataset = dsutils.decode(
-                io.BytesIO(data),
-                incoming.transfer_syntax == ImplicitVRLittleEndian,
-                True,
-                incoming.transfer_syntax == DeflatedExplicitVRLittleEndian,
-            )
+            dataset = decode_dataset(data, incoming.transfer_syntax)
             level = str(dataset.get("QueryRetrieveLevel", "") or "").strip().upper()
             find.check_level(level)  # before the keys, which depend on it
             keys: dict[str, str] = {}
@@ -280,12 +274,14 @@ class RunningQuery:
                 non_ascii = True
             elements.append((tag, key.vr, value))
         elements += [(tag, vr, b"") for tag, vr in self.unsupported]
-        elements.append((_QUERY_RETRIEVE_LEVEL, "CS", _pad(self.query.level.encode())))
-        elements.append((_RETRIEVE_AE_TITLE, "AE", _pad(self.service.aet.encode())))
+        elements.append((_QUERY_RETRIEVE_LEVEL, "CS", pad(self.query.level.encode())))
+        elements.append((_RETRIEVE_AE_TITLE, "AE", pad(self.service.aet.encode())))
         if non_ascii:
-            elements.append((_SPECIFIC_CHARACTER_SET, "CS", _pad(b"ISO_IR 192")))
+            elements.append((_SPECIFIC_CHARACTER_SET, "CS", pad(b"ISO_IR 192")))
         elements.sort()
-        return b"".join(_element(tag, vr, value, self.explicit) for tag, vr, value in elements)
+        return b"".join(
+            encode_element(tag, vr, value, explicit=self.explicit) for tag, vr, value in elements
+        )
 
 
 def _text(value) -> str:
@@ -308,17 +304,4 @@ def _value_bytes(value, vr: str, encoding: str = "ascii") -> bytes | None:
         data = text.encode(encoding)
     except UnicodeEncodeError:
         return None
-    return _pad(data, b"\0" if vr == "UI" else b" ")
-
-
-def _pad(data: bytes, padding: bytes = b" ") -> bytes:
-    return data + padding if len(data) % 2 else data
-
-
-def _element(tag: int, vr: str, value: bytes, explicit: bool) -> bytes:
-    head = struct.pack("<HH", tag >> 16, tag & 0xFFFF)
-    if not explicit:
-        return head + struct.pack("<I", len(value)) + value
-    if vr in _LONG_VRS:
-        return head + vr.encode() + b"\0\0" + struct.pack("<I", len(value)) + value
-    return head + vr.encode() + struct.pack("<H", len(value)) + value
+    return pad(data, b"\0" if vr == "UI" else b" ")

@@ -38,11 +38,12 @@ being invented or dropped.
 import json
 import re
 from collections.abc import Callable, Iterator
-from datetime import date, datetime, time
+from datetime import datetime
 from zoneinfo import ZoneInfo
 
 from pydicom.uid import UID
 
+from storage.codec.dates import calendar_date, time_of_day
 from storage.query import get_study, iter_studies, series_of
 
 VERSIONS = ("dstu2", "dstu2-ballot", "r4", "r5")
@@ -118,8 +119,6 @@ CODING_SYSTEMS = {
 
 MAX_UNSIGNED_INT = 2**31 - 1
 
-_DATE = re.compile(r"(\d{4})\.?(\d{2})\.?(\d{2})")  # the dots: ACR-NEMA's YYYY.MM.DD
-_TIME = re.compile(r"(\d{2})(?::?(\d{2})(?::?(\d{2})(?:\.(\d{1,6}))?)?)?")
 _OFFSET = re.compile(r"([+-])(\d{2})(\d{2})")
 
 Instances = dict[str, list[dict]] | None
@@ -497,47 +496,23 @@ class _Clock:
         self.zone = ZoneInfo(site_timezone) if site_timezone else None
 
     def date_time(self, dicom_date: str | None, dicom_time: str | None) -> str | None:
-        day = _date(dicom_date)
+        day = calendar_date(dicom_date)
         if day is None:
             return None
-        parsed = _time(dicom_time)
+        parsed = time_of_day(dicom_time)
         if parsed is None:
             return day.isoformat()
-        time_of_day, fraction = parsed
-        offset = self.offset or self._zone_offset(datetime.combine(day, time_of_day))
+        moment, fraction = parsed
+        offset = self.offset or self._zone_offset(datetime.combine(day, moment))
         if offset is None:
             return day.isoformat()
-        return f"{day.isoformat()}T{time_of_day:%H:%M:%S}{fraction}{offset}"
+        return f"{day.isoformat()}T{moment:%H:%M:%S}{fraction}{offset}"
 
     def _zone_offset(self, moment: datetime) -> str | None:
         if self.zone is None:
             return None
         minutes = round(self.zone.utcoffset(moment).total_seconds() / 60)
         return _format_offset(minutes)
-
-
-def _date(value: str | None) -> date | None:
-    match = _DATE.fullmatch(value or "")
-    if match is None:
-        return None
-    try:
-        return date(*map(int, match.groups()))
-    except ValueError:
-        return None
-
-
-def _time(value: str | None) -> tuple[time, str] | None:
-    """A DICOM TM (HH, HHMM, HHMMSS.FFFFFF, or ACR-NEMA's HH:MM:SS) as a time of
-    day padded to seconds, and its fraction as written (".70", or "")."""
-    match = _TIME.fullmatch(value or "")
-    if match is None:
-        return None
-    hour, minute, second, fraction = match.groups()
-    try:
-        time_of_day = time(int(hour), int(minute or 0), int(second or 0))
-    except ValueError:
-        return None
-    return time_of_day, f".{fraction}" if fraction else ""
 
 
 def _offset(value: str | None) -> str | None:

@@ -9,7 +9,6 @@ fsynced after the rename so the new name survives a power cut too.
 """
 
 import hashlib
-import io
 import itertools
 import json
 import os
@@ -19,7 +18,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-import pydicom.filereader
+from storage.codec.datasets import decode_dataset
+from storage.codec.elements import encode_element, pad
+from storage.codec.syntax import EXPLICIT_VR_LITTLE_ENDIAN
 
 # Generated once with pydicom.uid.generate_uid(entropy_srcs=["imaging-scp"]).
 IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.8.498.11069188136420714549864405244484754416"
@@ -31,6 +32,14 @@ TEMP_SUFFIX = ".part"
 INSTANCE_SUFFIX = ".dcm"
 
 _PREAMBLE = b"\x00" * 128 + b"DICM"
+# The elements of our file meta that are the same in every file, encoded once.
+_VERSION = encode_element(0x00020001, "OB", b"\x00\x01")
+_IMPLEMENTATION = encode_element(
+    0x00020012, "UI", pad(IMPLEMENTATION_CLASS_UID.encode(), b"\x00")
+) + encode_element(0x00020013, "SH", pad(IMPLEMENTATION_VERSION_NAME.encode()))
+_PRIVATE_INFORMATION_CREATOR = encode_element(
+    0x00020100, "UI", pad(IMPLEMENTATION_CLASS_UID.encode(), b"\x00")
+)
 
 
 def encode_file_header(
@@ -44,21 +53,20 @@ def encode_file_header(
     so the index can be rebuilt from the files alone.
     """
     elements = [
-        _element(0x0001, b"OB", b"\x00\x01"),
-        _element(0x0002, b"UI", _pad(sop_class_uid.encode(), b"\x00")),
-        _element(0x0003, b"UI", _pad(sop_instance_uid.encode(), b"\x00")),
-        _element(0x0010, b"UI", _pad(transfer_syntax.encode(), b"\x00")),
-        _element(0x0012, b"UI", _pad(IMPLEMENTATION_CLASS_UID.encode(), b"\x00")),
-        _element(0x0013, b"SH", _pad(IMPLEMENTATION_VERSION_NAME.encode(), b" ")),
+        _VERSION,
+        encode_element(0x00020002, "UI", pad(sop_class_uid.encode(), b"\x00")),
+        encode_element(0x00020003, "UI", pad(sop_instance_uid.encode(), b"\x00")),
+        encode_element(0x00020010, "UI", pad(transfer_syntax.encode(), b"\x00")),
+        _IMPLEMENTATION,
     ]
-    for element, key in ((0x0017, "calling_ae"), (0x0018, "called_ae")):
+    for tag, key in ((0x00020017, "calling_ae"), (0x00020018, "called_ae")):
         title = receipt.get(key)
         if title and title.isascii():
-            elements.append(_element(element, b"AE", _pad(title.encode()[:16], b" ")))
-    elements.append(_element(0x0100, b"UI", _pad(IMPLEMENTATION_CLASS_UID.encode(), b"\x00")))
-    elements.append(_element(0x0102, b"OB", _pad(json.dumps(receipt).encode(), b" ")))
+            elements.append(encode_element(tag, "AE", pad(title.encode()[:16])))
+    elements.append(_PRIVATE_INFORMATION_CREATOR)
+    elements.append(encode_element(0x00020102, "OB", pad(json.dumps(receipt).encode())))
     body = b"".join(elements)
-    group_length = _element(0x0000, b"UL", struct.pack("<I", len(body)))
+    group_length = encode_element(0x00020000, "UL", struct.pack("<I", len(body)))
     return _PREAMBLE + group_length + body
 
 
@@ -86,9 +94,7 @@ def read_file_meta(path: Path) -> FileMeta:
             group = handle.read(offset - len(head))
         if len(group) != offset - len(head):
             raise ValueError(f"the file ends inside its meta group ({offset} bytes)")
-        meta = pydicom.filereader.read_dataset(
-            io.BytesIO(head[len(_PREAMBLE) :] + group), is_implicit_VR=False, is_little_endian=True
-        )
+        meta = decode_dataset(head[len(_PREAMBLE) :] + group, EXPLICIT_VR_LITTLE_ENDIAN)
     except Exception as exc:
         raise ValueError(f"{path}: not a DICOM file with file meta: {exc}") from exc
     receipt = {}
@@ -141,22 +147,6 @@ def dataset_offset(head: bytes) -> int:
 def _meta_text(meta, keyword: str) -> str | None:
     value = meta.get(keyword)
     return str(value).strip("\x00 ") or None if value is not None else None
-
-
-def _pad(value: bytes, padding: bytes) -> bytes:
-    return value + padding if len(value) % 2 else value
-
-
-def _element(element: int, vr: bytes, value: bytes) -> bytes:
-    if vr == b"OB":  # long form: 2 reserved bytes and a 4-byte length
-        return (
-            struct.pack("<HH", 0x0002, element)
-            + vr
-            + b"\x00\x00"
-            + struct.pack("<I", len(value))
-            + value
-        )
-    return struct.pack("<HH", 0x0002, element) + vr + struct.pack("<H", len(value)) + value
 
 
 def instance_relpath(study_uid: str, series_uid: str, sop_instance_uid: str) -> PurePosixPath:

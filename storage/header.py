@@ -4,14 +4,10 @@ The bytes are the dataset exactly as it came off the wire (no file meta). Only t
 listed tags are decoded, and reading stops before the pixel data, so the cost does
 not depend on the size of the image.
 
-Before that, `check_structure` walks the whole encoded dataset, element by
-element, to prove that it is complete: pydicom accepts a value shorter than its
-declared length, and the header read stops before the pixel data, so without the
-walk a dataset cut off in its pixel data would be stored as if whole. The walk
-reads tags and lengths only and skips defined-length values by their length, so
-it costs well under a microsecond per element whatever the size of the values
-(measured: ~20 µs for a 512x512 CT of 57 elements, ~8 µs for a 12 KB instance,
-against ~400-800 µs for the pydicom header read that follows).
+Before that, the structural walk of `storage.codec.walk` proves the whole
+encoded dataset complete (a dataset cut off in its pixel data must not be stored
+as if whole); it costs a few µs against ~400-800 µs for the pydicom header read
+that follows.
 
 On the receive path the header is read by `DatasetWalk` instead, fed fragment by
 fragment as the dataset arrives: a hand-written walk that reads elements as
@@ -35,7 +31,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
-import pydicom.config
 from pydicom.charset import convert_encodings, default_encoding
 from pydicom.datadict import DicomDictionary, dictionary_VR
 from pydicom.dataelem import RawDataElement, convert_raw_data_element
@@ -44,13 +39,25 @@ from pydicom.filereader import ENCODED_VR, read_dataset
 from pydicom.tag import BaseTag
 from pydicom.values import convert_string
 
-# A sender's odd value (an IS of "abc") must not stop us from storing its object:
-# we read what we can and leave the rest empty.
-pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
-
-IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"
-EXPLICIT_VR_BIG_ENDIAN = "1.2.840.10008.1.2.2"
-DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1.99"
+from storage.codec.datasets import lenient_reading
+from storage.codec.dates import normal_date, normal_time
+from storage.codec.syntax import TransferSyntax
+from storage.codec.syntax import transfer_syntax as syntax_of
+from storage.codec.walk import (
+    ITEM,
+    ITEM_DELIMITER,
+    LONG_LENGTH_VR_BYTES,
+    SEQUENCE_DELIMITER,
+    UNDEFINED_LENGTH,
+    UNPACK_EXPLICIT_LE,
+    UNPACK_LONG_LE,
+    UNPACK_TAG_LENGTH_LE,
+    FragmentWalk,
+    HeaderError,
+    StructureWalk,
+    check_structure,
+    looks_implicit,
+)
 
 # Inflating a deflated dataset only to read its header: cap the work a hostile
 # "zip bomb" can cause. A dataset that inflates past the cap is indexed from its
@@ -102,10 +109,6 @@ _TAGS = {
 _SPECIFIC_TAGS = list(_TAGS.values())
 
 
-class HeaderError(ValueError):
-    """The dataset bytes cannot be parsed far enough to index the object."""
-
-
 @dataclass(frozen=True)
 class InstanceHeader:
     """What the index keeps of one instance, split by the level it describes.
@@ -136,16 +139,18 @@ def read_header(stream: BinaryIO, transfer_syntax: str) -> InstanceHeader:
     The stream's position is where it was when the call returns (or the dataset's
     end, for a deflated one).
     """
-    implicit = transfer_syntax == IMPLICIT_VR_LITTLE_ENDIAN
-    little = transfer_syntax != EXPLICIT_VR_BIG_ENDIAN
+    syntax = syntax_of(transfer_syntax)
     checked = True
-    if transfer_syntax == DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN:
+    if syntax.deflated:
         stream, checked = _inflate(stream)
     if checked:
         with _encoded_bytes(stream) as (buffer, start):
-            check_structure(buffer, start, implicit=implicit, little_endian=little)
-    dataset = _parse(stream, implicit, little)
-    return _header_from(_DatasetSource(dataset))
+            check_structure(
+                buffer, start, implicit=syntax.implicit, little_endian=syntax.little_endian
+            )
+    with lenient_reading:
+        dataset = _parse(stream, syntax.implicit, syntax.little_endian)
+        return _header_from(_DatasetSource(dataset))
 
 
 class _DatasetSource:
@@ -210,31 +215,6 @@ def _header_from(source) -> InstanceHeader:
     _normalize_dates(header.study, ("patient_birth_date", "study_date"), ("study_time",))
     _normalize_dates(header.series, ("series_date",), ("series_time",))
     return header
-
-
-_DATE = re.compile(r"(\d{4})[.\-/]?(\d{2})[.\-/]?(\d{2})")
-_TIME = re.compile(r"(\d{2})(?::?(\d{2})(?::?(\d{2})(\.\d{1,6})?)?)?")
-
-
-def normal_date(value: str | None) -> str | None:
-    """A DA value as YYYYMMDD: the ACR-NEMA 1997.04.24 (and 1997-04-24) of older
-    senders read as 19970424; None when it is no date at all."""
-    match = _DATE.fullmatch(value or "")
-    if match is None:
-        return None
-    year, month, day = match.groups()
-    return f"{year}{month}{day}" if 1 <= int(month) <= 12 and 1 <= int(day) <= 31 else None
-
-
-def normal_time(value: str | None) -> str | None:
-    """A TM value as HHMMSS.ffffff (as precise as sent): 14:04:38 read as 140438."""
-    match = _TIME.fullmatch(value or "")
-    if match is None:
-        return None
-    hours, minutes, seconds, fraction = match.groups()
-    if int(hours) > 23 or int(minutes or 0) > 59 or int(seconds or 0) > 60:
-        return None
-    return hours + (minutes or "") + (seconds or "") + (fraction or "")
 
 
 def _normalize_dates(values: dict, dates: tuple[str, ...], times: tuple[str, ...]) -> None:
@@ -378,184 +358,6 @@ def _title(text_of, items: list) -> str | None:
     return text_of("DocumentTitle")
 
 
-# -- Structural check ------------------------------------------------------------
-
-_UNDEFINED_LENGTH = 0xFFFFFFFF
-_ITEM_DELIMITER = 0xFFFEE00D
-_SEQUENCE_DELIMITER = 0xFFFEE0DD
-# Explicit VRs with 2 reserved bytes and a 4-byte length (PS3.5 table 7.1-1);
-# every other VR has a 2-byte length.
-_LONG_LENGTH_VRS = frozenset(
-    vr.encode()
-    for vr in ("OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV")
-)
-_STRUCTS = {
-    endian: (
-        struct.Struct(endian + "HHI").unpack_from,  # tag, 4-byte length
-        struct.Struct(endian + "HH2sH").unpack_from,  # tag, VR, 2-byte length
-        struct.Struct(endian + "I").unpack_from,  # 4-byte length
-    )
-    for endian in "<>"
-}
-
-
-def _truncated(message: str) -> HeaderError:
-    return HeaderError(f"dataset is truncated: {message}")
-
-
-def _looks_implicit(buffer, pos: int, end: int, assumed: bool) -> bool:
-    """pydicom's guess of an element's encoding: explicit when the two bytes
-    after the tag are upper-case letters (a VR), implicit otherwise."""
-    if end - pos < 6:
-        return assumed
-    first, second = buffer[pos + 4], buffer[pos + 5]
-    return not (0x40 < first < 0x5B and 0x40 < second < 0x5B)
-
-
-def check_structure(buffer, start: int = 0, *, implicit: bool, little_endian: bool = True) -> None:
-    """Prove that the encoded dataset in `buffer[start:]` is complete: every
-    element's declared length fits in the bytes, and every undefined-length
-    element (sequence, item, encapsulated pixel data) has its delimiter.
-
-    `buffer` is anything `struct.unpack_from` and indexing accept (bytes, a
-    memoryview of a BytesIO or of an mmap); nothing is copied. Values of defined
-    length are skipped by their length, without being read; only undefined-length
-    values are descended into, to find where they end. The encoding is read as
-    pydicom reads it (it decides what we index): the first element's VR bytes
-    decide between explicit and implicit VR at the top level, an item of a
-    sequence in an explicit-VR dataset may be in implicit VR (as the items of a
-    UN of undefined length are), and an element whose VR bytes are not letters
-    is read as implicit VR.
-
-    Raises HeaderError("dataset is truncated: ...") when a length runs past the
-    end of the bytes, an undefined-length element has no delimiter, or the bytes
-    end inside an element header (trailing zero bytes, shorter than a header, are
-    accepted as padding).
-    """
-    tag_and_length, explicit_element, long_length = _STRUCTS["<" if little_endian else ">"]
-    end = len(buffer)
-    pos = start
-    implicit = _looks_implicit(buffer, pos, end, implicit)
-    # The undefined-length values and items we are inside, innermost last:
-    # (tag, offset of its header, encoding around it, whether it holds items).
-    open_values: list[tuple[int, int, bool, bool]] = []
-    in_items = False  # reading the items of an undefined-length value, not elements
-    while True:
-        remaining = end - pos
-        if in_items:
-            if remaining < 8:
-                raise _no_delimiter(open_values[-1])
-            group, element, length = tag_and_length(buffer, pos)
-            tag = group << 16 | element
-            if tag == _SEQUENCE_DELIMITER:
-                pos += 8
-                _, _, implicit, in_items = open_values.pop()
-                continue
-            if length == _UNDEFINED_LENGTH:  # an item that is a dataset up to its delimiter
-                open_values.append((tag, pos, implicit, True))
-                pos += 8
-                in_items = False
-                implicit = implicit or _looks_implicit(buffer, pos, end, implicit)
-                continue
-            header = 8
-        else:
-            if implicit:
-                pos = _skip_implicit(buffer, pos, end, tag_and_length)
-            else:
-                pos = _skip_explicit(buffer, pos, end, explicit_element, long_length)
-            remaining = end - pos
-            # Only what the skipping loop leaves comes here: the end, delimiters,
-            # undefined lengths, elements without a VR, and truncation.
-            if remaining < 8:
-                if open_values:
-                    raise _no_delimiter(open_values[-1])
-                if any(buffer[pos:end]):
-                    raise _truncated(f"{remaining} bytes at byte {pos} are no element header")
-                return  # the end, or zero padding shorter than an element header
-            if implicit:
-                group, element, length = tag_and_length(buffer, pos)
-                header = 8
-            else:
-                group, element, vr, length = explicit_element(buffer, pos)
-                header = 8
-                if group == 0xFFFE:  # items and delimiters have no VR
-                    length = long_length(buffer, pos + 4)[0]
-                elif vr in _LONG_LENGTH_VRS:
-                    if remaining < 12:
-                        raise _truncated(
-                            f"({group:04X},{element:04X}) header cut short at byte {pos}"
-                        )
-                    length = long_length(buffer, pos + 8)[0]
-                    header = 12
-                elif not b"AA" <= vr <= b"ZZ":  # no VR: pydicom reads it as implicit
-                    length = long_length(buffer, pos + 4)[0]
-            tag = group << 16 | element
-            if tag == _ITEM_DELIMITER:
-                if not open_values:
-                    return  # pydicom stops reading the top-level dataset here
-                pos += header
-                _, _, implicit, in_items = open_values.pop()
-                continue
-            if length == _UNDEFINED_LENGTH:
-                open_values.append((tag, pos, implicit, False))
-                pos += header
-                in_items = True
-                continue
-        if length > remaining - header:
-            raise _value_cut(tag, pos, length, remaining - header)
-        pos += header + length
-
-
-def _skip_implicit(buffer, pos: int, end: int, tag_and_length) -> int:
-    """The fast path of `check_structure` for implicit VR: skip whole elements of
-    defined length; return the offset of the first one that needs more care."""
-    limit = end - 8
-    while pos <= limit:
-        group, _, length = tag_and_length(buffer, pos)
-        after = pos + 8 + length
-        if after > end or group == 0xFFFE or length == _UNDEFINED_LENGTH:
-            return pos
-        pos = after
-    return pos
-
-
-def _skip_explicit(buffer, pos: int, end: int, explicit_element, long_length) -> int:
-    """The fast path of `check_structure` for explicit VR (see _skip_implicit)."""
-    limit = end - 12
-    while pos <= limit:
-        group, _, vr, length = explicit_element(buffer, pos)
-        if group == 0xFFFE:  # an item or a delimiter: no VR
-            return pos
-        if vr in _LONG_LENGTH_VRS:
-            length = long_length(buffer, pos + 8)[0]
-            after = pos + 12 + length
-            if after > end or length == _UNDEFINED_LENGTH:
-                return pos
-        elif b"AA" <= vr <= b"ZZ":
-            after = pos + 8 + length
-            if after > end:
-                return pos
-        else:  # an element without a VR
-            return pos
-        pos = after
-    return pos
-
-
-def _value_cut(tag: int, offset: int, length: int, left: int) -> HeaderError:
-    """The element at `offset` announces `length` bytes and `left` remain. Its
-    tag and offset first: they are what an ErrorComment keeps (scp.dimse)."""
-    return _truncated(
-        f"({tag >> 16:04X},{tag & 0xFFFF:04X}) at byte {offset}: length {length},"
-        f" {max(left, 0)} bytes left"
-    )
-
-
-def _no_delimiter(open_value: tuple[int, int, bool, bool]) -> HeaderError:
-    tag, offset, _, _ = open_value
-    what = "item" if tag == 0xFFFEE000 else f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
-    return _truncated(f"{what} at byte {offset}: undefined length without delimiter")
-
-
 @contextlib.contextmanager
 def _encoded_bytes(stream: BinaryIO) -> Iterator[tuple[object, int]]:
     """(buffer, start): bytes holding the dataset of `stream` from `start`, for
@@ -596,13 +398,13 @@ def _encoded_bytes(stream: BinaryIO) -> Iterator[tuple[object, int]]:
 #
 # `DatasetWalk` is fed the dataset bytes as they arrive and yields what
 # `read_header` yields, without pydicom's reader. It runs two walks over the same
-# bytes: `_StructureWalk` is `check_structure` made incremental (it decides
-# "dataset is truncated"), and `_ReaderWalk` reads the elements the way pydicom's
-# `read_dataset` does (with the same `specific_tags` and `stop_when`), so that it
-# sees the same elements as `read_header` even where the two readings of hostile
-# bytes differ, and fails where pydicom fails ("dataset does not parse"). Values
-# are converted with pydicom's own converters (`convert_raw_data_element`), or,
-# for plain ASCII text, with a shortcut that gives the same strings.
+# bytes: the codec's `StructureWalk` (it decides "dataset is truncated"), and
+# `_ReaderWalk`, which reads the elements the way pydicom's `read_dataset` does
+# (with the same `specific_tags` and `stop_when`), so that it sees the same
+# elements as `read_header` even where the two readings of hostile bytes differ,
+# and fails where pydicom fails ("dataset does not parse"). Values are converted
+# with pydicom's own converters (`convert_raw_data_element`), or, for plain ASCII
+# text, with a shortcut that gives the same strings.
 
 _MAX_WANTED_VALUE = 1024 * 1024  # a wanted value longer than this is left out
 _MAX_UNDEFINED_VALUE = 4 * 1024 * 1024  # see _ReaderWalk: undefined-length non-SQ values
@@ -611,7 +413,6 @@ _MAX_UNDEFINED_VALUE = 4 * 1024 * 1024  # see _ReaderWalk: undefined-length non-
 MAX_SEQUENCE_DEPTH = 128
 _STOP_TAGS = frozenset((0x7FE00010, 0x7FE00009, 0x7FE00008))
 _CHARSET = 0x00080005
-_ITEM = 0xFFFEE000
 _WANTED_TOP = frozenset(_SPECIFIC_TAGS) | {_CHARSET}
 _SEQUENCE_KEYWORDS = (
     "IssuerOfAccessionNumberSequence",
@@ -629,188 +430,21 @@ _PLAIN_VRS = frozenset(
 )
 _PRINTABLE = bytes(range(0x20, 0x7F)).replace(b"\\", b"")
 _PLAIN_INTEGER = re.compile(rb" *[+-]?[0-9]{1,12} *\x00?")
-_UNPACK_LE = struct.Struct("<HHI").unpack_from
-_UNPACK_EXPLICIT_LE = struct.Struct("<HH2sH").unpack_from
-_UNPACK_LONG_LE = struct.Struct("<I").unpack_from
 _ENCODINGS_CACHE: dict = {}
 
 
 def walkable(transfer_syntax: str) -> bool:
     """False for Explicit VR Big Endian and Deflated Explicit VR Little Endian: those are
     read with read_header (pydicom) from the stored file after arrival."""
-    return transfer_syntax not in (EXPLICIT_VR_BIG_ENDIAN, DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN)
+    return _walks(syntax_of(transfer_syntax))
+
+
+def _walks(syntax: TransferSyntax) -> bool:
+    return syntax.little_endian and not syntax.deflated
 
 
 def _does_not_parse(message: str) -> HeaderError:
     return HeaderError(f"dataset does not parse: {message}")
-
-
-class _Walk:
-    """Feeds a byte-level walk: `_run(buffer, base, final)` consumes what it can
-    of `buffer` (whose first byte is at offset `base` of the dataset) from
-    `self.pos`; what is left of a unit it could not finish is kept (a few
-    bytes) and given again with the next fragment."""
-
-    def __init__(self):
-        self.pos = 0
-        self.received = 0
-        self.done = False
-        self._carry = b""
-
-    def feed(self, view: memoryview) -> None:
-        base = self.received
-        size = len(view)
-        self.received = base + size
-        if self.done:
-            return
-        start = 0
-        while True:
-            if self._carry:
-                take = min(size - start, 64)
-                buffer = self._carry + view[start : start + take]
-                buffer_base = self.pos
-                self._carry = b""
-                start += take
-            else:
-                skip = self.pos - (base + start)
-                if skip >= size - start:
-                    return  # inside a value that is skipped: nothing to do
-                if skip > 0:
-                    start += skip
-                buffer = view[start:] if start else view
-                buffer_base = base + start
-                start = size
-            self._run(buffer, buffer_base, False)
-            if self.done:
-                return
-            left = buffer_base + len(buffer) - self.pos
-            if left > 0:
-                self._carry = bytes(buffer[len(buffer) - left :])
-            if start >= size:
-                return
-
-    def finish(self) -> None:
-        if self.done:
-            return
-        buffer, self._carry = self._carry, b""
-        if self.pos >= self.received:
-            buffer = b""
-        self._run(memoryview(buffer), self.received - len(buffer), True)
-
-
-class _StructureWalk(_Walk):
-    """`check_structure`, fed fragment by fragment (same decisions, same messages)."""
-
-    def __init__(self, implicit: bool):
-        super().__init__()
-        self.implicit = implicit
-        self.open_values: list[tuple[int, int, bool, bool]] = []
-        self.in_items = False
-        self.guess = "top"  # the next element's encoding is to be guessed: "top", "item", None
-        self.last_skip = None  # (tag, length, offset, header) of the value being skipped
-
-    def finish(self) -> None:
-        if not self.done and self.pos > self.received:
-            tag, length, offset, header = self.last_skip
-            raise _value_cut(tag, offset, length, self.received - offset - header)
-        super().finish()
-
-    def _run(self, buffer, base: int, final: bool) -> None:
-        end = len(buffer)
-        pos = self.pos - base
-        open_values = self.open_values
-        implicit = self.implicit
-        in_items = self.in_items
-        try:
-            while True:
-                remaining = end - pos
-                if in_items:
-                    if remaining < 8:
-                        if final:
-                            raise _no_delimiter(open_values[-1])
-                        return
-                    group, element, length = _UNPACK_LE(buffer, pos)
-                    tag = group << 16 | element
-                    if tag == _SEQUENCE_DELIMITER:
-                        pos += 8
-                        _, _, implicit, in_items = open_values.pop()
-                        continue
-                    if length == _UNDEFINED_LENGTH:
-                        open_values.append((tag, base + pos, implicit, True))
-                        pos += 8
-                        in_items = False
-                        self.guess = "item"
-                        continue
-                    header = 8
-                else:
-                    if self.guess is not None:
-                        if remaining < 6 and not final:
-                            return
-                        if self.guess == "top":
-                            implicit = _looks_implicit(buffer, pos, end, implicit)
-                        else:
-                            implicit = implicit or _looks_implicit(buffer, pos, end, implicit)
-                        self.guess = None
-                    if implicit:
-                        pos = _skip_implicit(buffer, pos, end, _UNPACK_LE)
-                    else:
-                        pos = _skip_explicit(buffer, pos, end, _UNPACK_EXPLICIT_LE, _UNPACK_LONG_LE)
-                    remaining = end - pos
-                    if remaining < 8:
-                        if not final:
-                            return
-                        if open_values:
-                            raise _no_delimiter(open_values[-1])
-                        if any(buffer[pos:end]):
-                            raise _truncated(
-                                f"{remaining} bytes at byte {base + pos} are no element header"
-                            )
-                        self.done = True
-                        return
-                    if implicit:
-                        group, element, length = _UNPACK_LE(buffer, pos)
-                        header = 8
-                    else:
-                        group, element, vr, length = _UNPACK_EXPLICIT_LE(buffer, pos)
-                        header = 8
-                        if group == 0xFFFE:
-                            length = _UNPACK_LONG_LE(buffer, pos + 4)[0]
-                        elif vr in _LONG_LENGTH_VRS:
-                            if remaining < 12:
-                                if not final:
-                                    return
-                                raise _truncated(
-                                    f"({group:04X},{element:04X}) header cut short"
-                                    f" at byte {base + pos}"
-                                )
-                            length = _UNPACK_LONG_LE(buffer, pos + 8)[0]
-                            header = 12
-                        elif not b"AA" <= vr <= b"ZZ":
-                            length = _UNPACK_LONG_LE(buffer, pos + 4)[0]
-                    tag = group << 16 | element
-                    if tag == _ITEM_DELIMITER:
-                        if not open_values:
-                            self.done = True
-                            return
-                        pos += header
-                        _, _, implicit, in_items = open_values.pop()
-                        continue
-                    if length == _UNDEFINED_LENGTH:
-                        open_values.append((tag, base + pos, implicit, False))
-                        pos += header
-                        in_items = True
-                        continue
-                if length > remaining - header:
-                    if final:
-                        raise _value_cut(tag, base + pos, length, remaining - header)
-                    self.last_skip = (tag, length, base + pos, header)
-                    pos += header + length
-                    return
-                pos += header + length
-        finally:
-            self.pos = base + pos
-            self.implicit = implicit
-            self.in_items = in_items
 
 
 class _Frame:
@@ -859,7 +493,7 @@ _DELIMITER_BYTES = struct.pack("<HH", 0xFFFE, 0xE0DD)
 _ITEM_BYTES = struct.pack("<HH", 0xFFFE, 0xE000)
 
 
-class _ReaderWalk(_Walk):
+class _ReaderWalk(FragmentWalk):
     """pydicom's `read_dataset(stop_when=_at_pixel_data, specific_tags=_TAGS)`,
     fed fragment by fragment, keeping only the elements the header needs.
 
@@ -929,14 +563,14 @@ class _ReaderWalk(_Walk):
                         if final:
                             raise _does_not_parse(f"No tag to read at file position {base + end:X}")
                         return
-                    group, element, length = _UNPACK_LE(buffer, pos)
+                    group, element, length = UNPACK_TAG_LENGTH_LE(buffer, pos)
                     pos += 8
-                    if group << 16 | element == _SEQUENCE_DELIMITER:
+                    if group << 16 | element == SEQUENCE_DELIMITER:
                         stack.pop()
                         self.depth -= 1
                         self._sequence_read(frame)
                         continue
-                    item_end = None if length == _UNDEFINED_LENGTH else base + pos + length
+                    item_end = None if length == UNDEFINED_LENGTH else base + pos + length
                     store = {} if frame.collect else None
                     item = _Frame(frame.implicit, item_end, False, store, None)
                     stack.append(item)
@@ -947,7 +581,7 @@ class _ReaderWalk(_Walk):
                         return
                     implicit = frame.implicit
                     if not (implicit and not frame.top):
-                        implicit = _looks_implicit(buffer, pos, end, implicit)
+                        implicit = looks_implicit(buffer, pos, end, implicit)
                     frame.implicit = implicit
                     frame.guess = False
                 if frame.top:  # the fast path: skip what is not wanted
@@ -964,26 +598,26 @@ class _ReaderWalk(_Walk):
                     continue
                 header = 8
                 if frame.implicit:
-                    group, element, length = _UNPACK_LE(buffer, pos)
+                    group, element, length = UNPACK_TAG_LENGTH_LE(buffer, pos)
                     vr = None
                 else:
-                    group, element, raw_vr, length = _UNPACK_EXPLICIT_LE(buffer, pos)
+                    group, element, raw_vr, length = UNPACK_EXPLICIT_LE(buffer, pos)
                     if raw_vr in _ENCODED_VR:
                         vr = raw_vr.decode()
-                        if raw_vr in _LONG_LENGTH_VRS:
+                        if raw_vr in LONG_LENGTH_VR_BYTES:
                             if remaining < 12:
                                 if not final:
                                     return
                                 raise _does_not_parse("unpack requires a buffer of 4 bytes")
-                            length = _UNPACK_LONG_LE(buffer, pos + 8)[0]
+                            length = UNPACK_LONG_LE(buffer, pos + 8)[0]
                             header = 12
                     elif not b"AA" <= raw_vr <= b"ZZ":
                         vr = None
-                        length = _UNPACK_LONG_LE(buffer, pos + 4)[0]
+                        length = UNPACK_LONG_LE(buffer, pos + 4)[0]
                     else:
                         vr = raw_vr.decode("latin-1")
                 tag = group << 16 | element
-                if tag == _ITEM_DELIMITER:
+                if tag == ITEM_DELIMITER:
                     pos += header
                     self._dataset_read(stack.pop())
                     continue
@@ -991,7 +625,7 @@ class _ReaderWalk(_Walk):
                     self.done = True
                     return
                 store = frame.store
-                if length != _UNDEFINED_LENGTH:
+                if length != UNDEFINED_LENGTH:
                     keep = store is not None and (
                         tag in _WANTED_TOP if frame.top else tag in _WANTED_IN_ITEMS
                     )
@@ -1034,7 +668,7 @@ class _ReaderWalk(_Walk):
                                 return
                             raise _does_not_parse("unpack requires a buffer of 4 bytes") from None
                         next_group, next_element = struct.unpack_from("<HH", buffer, pos)
-                        if next_group << 16 | next_element == _ITEM:
+                        if next_group << 16 | next_element == ITEM:
                             vr = "SQ"
                 wanted = frame.top and tag in _WANTED_TOP
                 if vr == "SQ":
@@ -1108,7 +742,7 @@ class _ReaderWalk(_Walk):
                     return None
                 walk = None
                 break
-            walk += 8 + _UNPACK_LONG_LE(data, walk + 4)[0]
+            walk += 8 + UNPACK_LONG_LE(data, walk + 4)[0]
         frame.walk = None
         if frame.found == -1:
             found = data.find(_DELIMITER_BYTES, frame.scanned)
@@ -1127,7 +761,7 @@ class _ReaderWalk(_Walk):
     def _undefined_read(self, frame: _Undefined, value: bytes) -> None:
         if frame.keep:
             self.top[frame.tag] = (
-                (frame.vr, frame.implicit, _UNDEFINED_LENGTH, value)
+                (frame.vr, frame.implicit, UNDEFINED_LENGTH, value)
                 if len(value) <= _MAX_WANTED_VALUE
                 else None
             )
@@ -1142,21 +776,21 @@ def _skip_unwanted(buffer, pos: int, end: int, implicit: bool) -> int:
     stop = _STOP_TAGS
     if implicit:
         while pos <= limit:
-            group, element, length = _UNPACK_LE(buffer, pos)
-            if length == _UNDEFINED_LENGTH or group == 0xFFFE:
+            group, element, length = UNPACK_TAG_LENGTH_LE(buffer, pos)
+            if length == UNDEFINED_LENGTH or group == 0xFFFE:
                 return pos
             tag = group << 16 | element
             if tag in wanted or tag in stop:
                 return pos
             pos += 8 + length
         return pos
-    long_vrs = _LONG_LENGTH_VRS
+    long_vrs = LONG_LENGTH_VR_BYTES
     encoded = _ENCODED_VR
     while pos <= limit:
-        group, element, vr, length = _UNPACK_EXPLICIT_LE(buffer, pos)
+        group, element, vr, length = UNPACK_EXPLICIT_LE(buffer, pos)
         if vr in long_vrs:
-            length = _UNPACK_LONG_LE(buffer, pos + 8)[0]
-            if length == _UNDEFINED_LENGTH:
+            length = UNPACK_LONG_LE(buffer, pos + 8)[0]
+            if length == UNDEFINED_LENGTH:
                 return pos
             header = 12
         elif vr in encoded:
@@ -1183,7 +817,8 @@ def _generator_encoding(value: bytes):
     cached = _ENCODINGS_CACHE.get(key)
     if cached is None:
         try:
-            cached = convert_encodings(convert_string(value or b"", True))
+            with lenient_reading:
+                cached = convert_encodings(convert_string(value or b"", True))
         except Exception as exc:
             raise _does_not_parse(str(exc)) from exc
         if len(_ENCODINGS_CACHE) < 256:
@@ -1199,7 +834,8 @@ def _dataset_encoding(charset):
         vr, implicit, length, value = charset
         raw = RawDataElement(BaseTag(_CHARSET), vr, length, value, 0, implicit, True)
         try:
-            cached = convert_encodings(convert_raw_data_element(raw).value)
+            with lenient_reading:
+                cached = convert_encodings(convert_raw_data_element(raw).value)
         except Exception as exc:
             raise _does_not_parse(str(exc)) from exc
         if len(_ENCODINGS_CACHE) < 256:
@@ -1215,10 +851,11 @@ class DatasetWalk:
     """
 
     def __init__(self, transfer_syntax: str):
-        if not walkable(transfer_syntax):
+        syntax = syntax_of(transfer_syntax)
+        if not _walks(syntax):
             raise ValueError(f"{transfer_syntax} is read with read_header, not walked")
-        implicit = transfer_syntax == IMPLICIT_VR_LITTLE_ENDIAN
-        self._structure = _StructureWalk(implicit)
+        implicit = syntax.implicit
+        self._structure = StructureWalk(implicit)
         self._reader = _ReaderWalk(implicit)
         self._finished = False
 
@@ -1247,7 +884,8 @@ class DatasetWalk:
         reader.finish()
         if reader.error is not None:
             raise reader.error
-        return _header_from(_WalkResult(reader.top))
+        with lenient_reading:
+            return _header_from(_WalkResult(reader.top))
 
 
 class _WalkResult:
@@ -1268,7 +906,7 @@ class _WalkResult:
             vr = _DICTIONARY_VRS.get(tag) or _dictionary_vr(tag)
         elif vr == "UN" and len(value) < 0xFFFF:
             vr = _DICTIONARY_VRS.get(tag) or vr
-        if vr in _PLAIN_VRS and length != _UNDEFINED_LENGTH:
+        if vr in _PLAIN_VRS and length != UNDEFINED_LENGTH:
             body = value.rstrip(b" \x00")
             if not body.translate(None, _PRINTABLE):
                 return body.decode("ascii").strip() or None

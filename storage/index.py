@@ -77,7 +77,7 @@ STUDY_FIELDS = {
     "study_date": str,
     "study_time": str,
     # The values as sent, when they differ from the normalised ones above
-    # (storage.header.normal_date/normal_time).
+    # (storage.codec.dates.normal_date/normal_time).
     "patient_birth_date_raw": str,
     "study_date_raw": str,
     "study_time_raw": str,
