@@ -256,22 +256,6 @@ class TempWriter:
             self._fd = None
 
 
-def write_temp_file(incoming: Path, parts: list[bytes]) -> TempFile:
-    """Write `parts` to a new temporary file and fsync it.
-
-    On any OSError (ENOSPC, EIO, ...) the temporary file is removed before the
-    error propagates, so nothing half-written remains.
-    """
-    writer = TempWriter(incoming, parts[0] if parts else b"")
-    try:
-        for part in parts[1:]:
-            writer.write(part)
-        return writer.durable()
-    except BaseException:
-        writer.discard()
-        raise
-
-
 def link_into_place(
     data_dir: Path, temp: TempFile, relpath: "PurePosixPath | str", *, replace: bool = True
 ) -> None:

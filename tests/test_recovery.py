@@ -31,7 +31,9 @@ def _place_without_indexing(data_dir, source) -> str:
         header.sop_class_uid, header.sop_instance_uid, "1.2.840.10008.1.2.1", receipt
     )
     incoming = files.incoming_dir(data_dir, socket.gethostname())  # the server's own node
-    temp = files.write_temp_file(incoming, [file_header, dataset])
+    writer = files.TempWriter(incoming, file_header)  # as ingest writes what arrives
+    writer.write(dataset)
+    temp = writer.durable()
     relpath = files.instance_relpath(header.study_uid, header.series_uid, header.sop_instance_uid)
     files.link_into_place(data_dir, temp, relpath)
     return header.sop_instance_uid
