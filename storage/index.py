@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 from storage.database import (
@@ -470,6 +471,10 @@ class Index:
         self._deadlines.start()
         self._monitor = IndexMonitor(self.health, self.probe)
         self._monitor.start()
+
+    @classmethod
+    def in_data_dir(cls, data_dir: Path) -> "Index":
+        return cls.open(IndexLocation(Path(data_dir)))
 
     def close(self) -> None:
         if self._monitor is not None:

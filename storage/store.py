@@ -16,6 +16,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 from storage import files
 from storage.database import IndexTimedOut, database_errors, is_out_of_space
@@ -132,6 +133,24 @@ class InstanceStore:
         """Start receiving one dataset, announced by a request with these UIDs.
         Feed its bytes to `write` as they arrive, then call `finish`."""
         return IncomingInstance(self, transfer_syntax, sop_class_uid, sop_instance_uid, provenance)
+
+    def store(
+        self,
+        dataset: BinaryIO,
+        transfer_syntax: str,
+        sop_class_uid: str | None,
+        sop_instance_uid: str | None,
+        provenance: Provenance,
+    ) -> StoreResult:
+        """Store a dataset that is all there already (its encoded bytes as sent).
+
+        Raises StoreRefused with the reason it was not stored.
+        """
+        incoming = self.receive(transfer_syntax, sop_class_uid, sop_instance_uid, provenance)
+        dataset.seek(0)
+        while chunk := dataset.read(1 << 20):
+            incoming.write(chunk)
+        return incoming.finish()
 
     def keep_received(self, incoming: "IncomingInstance", header: InstanceHeader) -> StoreResult:
         """Make a received, checked dataset durable and index it (or see that it is
