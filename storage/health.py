@@ -148,8 +148,11 @@ class Deadlines:
                     continue
                 database, deadline = self._watched
                 if time.monotonic() >= deadline:
-                    # Not cut while it has no connection (a reconnect's connect
-                    # is bounded by libpq's connect_timeout): the next tick tries.
+                    # Said before the cut: the waiting thread wakes the moment
+                    # the socket is shut, and asks why. Not cut while it has no
+                    # connection (a reconnect's connect is bounded by libpq's
+                    # connect_timeout): the next tick tries.
+                    self.cut = True
                     self.cut = database.interrupt()
 
 

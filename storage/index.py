@@ -598,7 +598,7 @@ class Index:
 
     def _lost(self, exc: BaseException, deadline: float) -> Exception:
         """The error for the tickets of a transaction whose connection was lost."""
-        if self._deadlines.cut:
+        if self._deadlines.cut or _left(deadline) == 0:  # cut at its deadline
             lost = IndexInterrupted(self._no_answer("connection cut"), deadline)
         else:
             lost = IndexInterrupted(f"connection to the index lost: {_text(exc)}", deadline)
