@@ -879,11 +879,33 @@ class PostgresDatabase(Database):
             else:
                 definitions.append(f"{column} {_POSTGRES_TYPES[kind]}")
         definitions.append(f"PRIMARY KEY ({', '.join(keys)})")
-        self.execute(f"CREATE TABLE IF NOT EXISTS {name} ({', '.join(definitions)})")
-        for column, kind in columns.items():
-            self.execute(
-                f"ALTER TABLE {name} ADD COLUMN IF NOT EXISTS {column} {_POSTGRES_TYPES[kind]}"
+        # Only what is missing: even when it changes nothing, ALTER TABLE takes
+        # the table's ACCESS EXCLUSIVE lock, and an admin command opening the
+        # index beside a live ingest (which holds its tables in another order)
+        # would deadlock with it or wait behind it.
+        present = {
+            row[0]
+            for row in self.execute(
+                "SELECT column_name FROM information_schema.columns"
+                " WHERE table_schema = current_schema() AND table_name = ?",
+                (name,),
             )
+        }
+        if not present:
+            self.execute(f"CREATE TABLE IF NOT EXISTS {name} ({', '.join(definitions)})")
+            return
+        for column, kind in columns.items():
+            if column not in present:
+                self.execute(
+                    f"ALTER TABLE {name} ADD COLUMN IF NOT EXISTS {column} {_POSTGRES_TYPES[kind]}"
+                )
+
+    def ensure_index(self, table: str, columns: list[str]) -> None:
+        # CREATE INDEX IF NOT EXISTS takes the table's SHARE lock before it
+        # looks for the index: only when there is none.
+        name = f"idx_{table}_{'_'.join(columns)}"
+        if self.execute("SELECT to_regclass(?)", (name,)).fetchone()[0] is None:
+            super().ensure_index(table, columns)
 
     def schema_version(self) -> int:
         self.execute("CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL)")

@@ -2,6 +2,7 @@
 free loopback port, removed at the end. PostgreSQL refuses to run as root, so
 under root it runs as an unprivileged user (postgres, else nobody)."""
 
+import contextlib
 import itertools
 import os
 import pwd
@@ -100,12 +101,15 @@ class Cluster:
 
     def freeze(self) -> None:
         """SIGSTOP to every process of the server: a hung host, as the network sees it."""
-        for pid in self.server_pids():
-            os.kill(pid, signal.SIGSTOP)
+        self._signal(signal.SIGSTOP)
 
     def thaw(self) -> None:
+        self._signal(signal.SIGCONT)
+
+    def _signal(self, number: int) -> None:
         for pid in self.server_pids():
-            os.kill(pid, signal.SIGCONT)
+            with contextlib.suppress(ProcessLookupError):  # a backend that ended since
+                os.kill(pid, number)
 
     def url(self, database: str = "postgres") -> str:
         return f"postgresql://{USER}@127.0.0.1:{self.port}/{database}"

@@ -337,3 +337,30 @@ def test_an_index_url_that_cannot_be_used_is_one_clear_line(tmp_path):
     wrong = CliRunner().invoke(main, ["check-config", str(config)])
     assert wrong.exit_code == 2
     assert "key 'index_url'" in wrong.output and "postgresql://" in wrong.output
+
+
+def test_an_admin_command_beside_a_writer_in_its_transaction_neither_waits_nor_deadlocks(
+    nodes, tmp_path, index_url
+):
+    """An admin command opens the index while ingest is inside a transaction on
+    its tables (here one held open on purpose): opening must not ask for the
+    tables' exclusive locks, or it waits behind that transaction and, when the
+    writer then needs a table the command holds, one of them dies of a deadlock."""
+    import psycopg
+
+    node = nodes[0]
+    study, series = generate_uid(), generate_uid()
+    assert send_files(node.port, [make_instance(tmp_path, study_uid=study, series_uid=series)])
+    with psycopg.connect(index_url, autocommit=True) as writer:
+        writer.execute("BEGIN")
+        writer.execute("LOCK TABLE studies, series, instances IN ROW EXCLUSIVE MODE")
+        command = subprocess.run(
+            [IMAGING_SCP, "availability", "set", "--series", series, "nearline",
+             "--data-dir", str(node.data_dir), "--index-url", index_url],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        writer.execute("ROLLBACK")
+    assert command.returncode == 0, command.stderr
+    with IndexLocation(node.data_dir, index_url).open() as index:
+        availability = _rows(index, "SELECT availability FROM series WHERE series_uid = ?", series)
+    assert availability == [("NEARLINE",)]
