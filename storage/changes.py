@@ -9,7 +9,7 @@ import errno
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -190,18 +190,12 @@ def finish_deletions(index: Index, data_dir: Path) -> int:
     those an instance row points at again); returns how many journals it
     finished or dropped."""
     finished = 0
-    for journal in _journals(Path(data_dir)):
-        try:
-            content = json.loads(journal.read_text())
-        except FileNotFoundError:  # finished meanwhile, by another process
-            continue
-        except ValueError:  # cut short by the crash, so before the rows' COMMIT
-            journal.unlink(missing_ok=True)
-            finished += 1
-            continue
-        study_uid = content["study_uid"]
-        instance_files = [tuple(pair) for pair in content["instance_files"]]
-        _remove_files(index, Path(data_dir), study_uid, instance_files, lambda _: None)
+    for journal, content in _read_journals(Path(data_dir)):
+        if content is not None:
+            study_uid = content["study_uid"]
+            instance_files = [tuple(pair) for pair in content["instance_files"]]
+            _remove_files(index, Path(data_dir), study_uid, instance_files, lambda _: None)
+        # else cut short by the crash, so before the rows' COMMIT: nothing to remove
         journal.unlink(missing_ok=True)
         finished += 1
     return finished
@@ -210,14 +204,25 @@ def finish_deletions(index: Index, data_dir: Path) -> int:
 def files_being_deleted(data_dir: Path) -> set[str]:
     """The paths (relative to the data directory) of files a deletion has
     forgotten in the index and not yet removed: no unknown files."""
-    pending = set()
-    for journal in _journals(Path(data_dir)):
+    return {
+        path
+        for _, content in _read_journals(Path(data_dir))
+        if content is not None
+        for _, path in content["instance_files"]
+    }
+
+
+def _read_journals(data_dir: Path) -> Iterator[tuple[Path, dict | None]]:
+    """Each deletion journal and what it says (None: cut short as it was written);
+    one finished meanwhile, by another process, is passed over."""
+    for journal in _journals(data_dir):
         try:
             content = json.loads(journal.read_text())
-        except (FileNotFoundError, ValueError):
+        except FileNotFoundError:
             continue
-        pending.update(path for _, path in content["instance_files"])
-    return pending
+        except ValueError:
+            content = None
+        yield journal, content
 
 
 def _journals(data_dir: Path) -> list[Path]:
