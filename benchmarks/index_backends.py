@@ -31,7 +31,7 @@ from pydicom.uid import generate_uid
 from pynetdicom.dsutils import encode
 
 from benchmarks.soak import CT_IMAGE_STORAGE, instance
-from storage.database import IndexLocation
+from storage.catalog.engines import IndexLocation
 from tests.conftest import start_server
 from tests.postgres import Cluster, find_binaries
 

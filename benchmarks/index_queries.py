@@ -4,7 +4,7 @@
 
 1. Fills an index in benchmarks/work/index-1m/ (reused when it already holds the
    same synthetic data) through the code path live ingest uses for the index:
-   `Index.writing()`, then `stored_digest` and
+   `Catalog.writing()`, then `stored_digest` and
    `index_instance(IndexEntry(...))` per instance, with `InstanceHeader`s built
    directly (no DICOM parsing, no files on disk). Instances are batched (5,000 per
    transaction) to make the fill fast; the figure reported is the index's own
@@ -121,7 +121,7 @@ def _uid(rng: random.Random) -> str:
 
 
 def _iso(moment: datetime.datetime) -> str:
-    """As storage.index.utc_now writes received times."""
+    """As storage.catalog.index.utc_now writes received times."""
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
@@ -134,9 +134,9 @@ def generate(instances: int, studies: int, seed: int = SEED):
     """Yield (header, path, size, sha256, transfer_syntax, received_at, provenance),
     study after study and series after series, as a modality sends them.
     Deterministic for a given (instances, studies)."""
+    from storage.catalog.index import Provenance
     from storage.files import instance_relpath
     from storage.header import InstanceHeader
-    from storage.index import Provenance
 
     rng = random.Random(seed)
     patients = max(1, studies // STUDIES_PER_PATIENT)
@@ -274,14 +274,14 @@ def kept_fill(data_dir: Path, instances: int, studies: int) -> dict | None:
 
 def fill(data_dir: Path, instances: int, studies: int) -> dict:
     """Build the index under a temporary name, then move it into place."""
-    from storage.index import Index, IndexEntry
+    from storage.catalog.index import Catalog, IndexEntry
 
     partial = data_dir.with_name(data_dir.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     shutil.rmtree(data_dir, ignore_errors=True)
     partial.mkdir(parents=True)
-    index = Index.in_data_dir(partial)
-    batches = []  # (instances in the batch, seconds inside Index.writing())
+    index = Catalog.in_data_dir(partial)
+    batches = []  # (instances in the batch, seconds inside Catalog.writing())
     started = time.perf_counter()
     rows = generate(instances, studies)
     done = 0
@@ -344,7 +344,7 @@ def _window_rate(batches: list[tuple[int, float]], *, first: bool) -> dict:
 
 
 class _Rollback(Exception):
-    """Raised inside Index.writing() to undo a probe."""
+    """Raised inside Catalog.writing() to undo a probe."""
 
 
 def _index_batch(index, entries) -> None:
@@ -357,11 +357,11 @@ def _index_batch(index, entries) -> None:
 
 
 def probe_growth(data_dir: Path, probes: int = 3) -> dict:
-    """Index PROBE new instances (100 new studies) into an empty index and into
+    """Catalog PROBE new instances (100 new studies) into an empty index and into
     the filled one, in one transaction each time, rolled back so the filled index
     stays as it is. The best of `probes` tries, wall and CPU: the per-instance
     cost at 0 and at N instances, free of the fill's history."""
-    from storage.index import Index, IndexEntry
+    from storage.catalog.index import Catalog, IndexEntry
 
     entries = [IndexEntry(*row) for row in generate(PROBE, PROBE // 100, seed=SEED + 1)]
     empty_dir = WORK / "index-probe-empty"
@@ -369,7 +369,7 @@ def probe_growth(data_dir: Path, probes: int = 3) -> dict:
     empty_dir.mkdir(parents=True)
     result = {}
     for name, where in (("empty", empty_dir), ("filled", data_dir)):
-        index = Index.in_data_dir(where)
+        index = Catalog.in_data_dir(where)
         walls, cpus = [], []
         for _ in range(probes):
             wall, cpu = time.perf_counter(), time.process_time()
@@ -393,7 +393,7 @@ def probe_growth(data_dir: Path, probes: int = 3) -> dict:
 
 
 def _deciles(batches: list[tuple[int, float]]) -> list[int]:
-    """Index rate over each tenth of the batches: does the per-instance cost grow?"""
+    """Catalog rate over each tenth of the batches: does the per-instance cost grow?"""
     tenth = max(1, len(batches) // 10)
     rates = []
     for i in range(0, len(batches), tenth):
@@ -643,7 +643,7 @@ def print_fill(result: dict, reused: bool) -> None:
           f" {BATCH:,} instances per transaction")  # fmt: skip
     print(f"  wall {result['wall_seconds']:.0f} s: {result['instances_per_s_wall']:,} instances/s"
           f" (synthetic headers included)")  # fmt: skip
-    print(f"  inside Index.writing(): {result['instances_per_s_index']:,} instances/s"
+    print(f"  inside Catalog.writing(): {result['instances_per_s_index']:,} instances/s"
           f" ({1e6 / result['instances_per_s_index']:.0f} us per instance)")  # fmt: skip
     print(f"  first {first['instances']:,}: {first['instances_per_s']:,} instances/s;"
           f" last {last['instances']:,}: {last['instances_per_s']:,} instances/s"

@@ -1,4 +1,4 @@
-"""Admin commands over the index: a thin layer over `storage.query` and
+"""Admin commands over the index: a thin layer over `storage.catalog.reads` and
 `storage.maintenance`. Every command reads the index directly (it works while
 `serve` runs), prints a table for people and `--json` for scripts, and exits 0
 on success, 1 when something is not found, 2 on a usage error.
@@ -20,22 +20,14 @@ from scp.cli_options import (
     effective_config,
     fail,
 )
-from storage.database import (
+from storage.catalog.engines import (
     IndexBusy,
     IndexCorrupt,
     IndexLocation,
     IndexUnreachable,
     database_errors,
 )
-from storage.documents import (
-    camel_keys,
-    commitment_json,
-    conflict_json,
-    date_text,
-    modalities_of,
-    study_json,
-)
-from storage.query import (
+from storage.catalog.reads import (
     FilterError,
     StudyFilter,
     count_conflicts,
@@ -46,6 +38,14 @@ from storage.query import (
     iter_conflicts,
     iter_studies,
     stats,
+)
+from storage.documents import (
+    camel_keys,
+    commitment_json,
+    conflict_json,
+    date_text,
+    modalities_of,
+    study_json,
 )
 
 # --- options shared by the commands ------------------------------------------
@@ -122,10 +122,12 @@ def _reader(config):
 
 
 def _open_index(config):
-    from storage.index import Index  # the writer side: only the commands that change things
+    from storage.catalog.index import (
+        Catalog,
+    )  # the writer side: only the commands that change things
 
     _reader(config).close()  # the same "no index" error as the read commands
-    return Index.open(config.index_location)
+    return Catalog.open(config.index_location)
 
 
 def _config(config_file, data_dir, index_url):
@@ -592,7 +594,7 @@ def delete(config_file, data_dir, index_url, study_uid, series_uid, yes):
 @data_options
 def migrate_index(config_file, data_dir, index_url, target_url):
     """Copy the data dir's SQLite index into PostgreSQL (idempotent; counts checked)."""
-    from storage.database import check_index_url
+    from storage.catalog.engines import check_index_url
     from storage.maintenance import MigrationRefused, count_instances
     from storage.maintenance import migrate_index as run_migration
 

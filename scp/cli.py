@@ -9,8 +9,8 @@ from scp import admin
 from scp.cli_options import EXIT_NOT_FOUND, config_options, effective_config, fail
 from scp.config import load_config
 from scp.service_cli import check_config, echo
+from storage.catalog.engines import SchemaTooNew, database_errors
 from storage.codec.datasets import lenient_reading
-from storage.database import SchemaTooNew, database_errors
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -27,10 +27,10 @@ from scp import dimse
 from scp.service import Conversation, Outbox
 from scp.session import Session
 from storage import commitment
+from storage.catalog.index import Catalog
 from storage.codec.datasets import decode_dataset
 from storage.codec.syntax import transfer_syntax as syntax_of
 from storage.commitment import CommitmentRequest, CommitmentResult, Recorded, Reference
-from storage.index import Index
 from storage.uids import is_valid_uid
 
 STORAGE_COMMITMENT_PUSH_MODEL = "1.2.840.10008.1.20.1"
@@ -103,7 +103,7 @@ def encode_dataset(dataset: Dataset, transfer_syntax: str) -> bytes:
 class CommitmentService:
     """N-ACTION (request) and N-EVENT-REPORT (report) for every association."""
 
-    def __init__(self, index: Index, aet: str, peers: dict, network_timeout: float):
+    def __init__(self, index: Catalog, aet: str, peers: dict, network_timeout: float):
         self.index = index
         self.aet = aet
         self.peers = peers

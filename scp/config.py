@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from scp.access import check_callers, parse_caller_flag
-from storage.database import IndexLocation, check_index_url
+from storage.catalog.engines import IndexLocation, check_index_url
 from storage.files import NODE_NAME
 from storage.policy import DuplicatePolicy
 

@@ -8,7 +8,7 @@ log), which `imaging-scp echo` prints.
 from scp import dimse
 from scp.service import Conversation, Outbox, Unserved
 from scp.session import Session
-from storage.health import IndexHealth
+from storage.catalog.health import IndexHealth
 
 SUCCESS = 0x0000
 PROCESSING_FAILURE = 0x0110  # a C-ECHO while this node cannot store

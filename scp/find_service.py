@@ -1,7 +1,7 @@
 """The Query/Retrieve FIND service as SCP: C-FIND over the index.
 
 A C-FIND-RQ's identifier is decoded (pydicom, in the request's character set)
-into a `storage.find.Query`; the matches come from the SQL cursor one at a
+into a `storage.catalog.find.Query`; the matches come from the SQL cursor one at a
 time and each becomes a Pending response, encoded by hand (a response is a
 dozen short text elements and there may be thousands of them). The
 association sends them one by one between its reads (`Outbox.stream`), so a
@@ -22,12 +22,12 @@ from pydicom.datadict import keyword_for_tag
 from scp import dimse
 from scp.service import Conversation, Outbox
 from scp.session import Session
-from storage import find
+from storage.catalog import find
+from storage.catalog.engines import IndexLocation
+from storage.catalog.health import IndexHealth
 from storage.codec.datasets import decode_dataset
 from storage.codec.elements import encode_element, pad
 from storage.codec.syntax import transfer_syntax as syntax_of
-from storage.database import IndexLocation
-from storage.health import IndexHealth
 
 PATIENT_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.1.1"
 STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"

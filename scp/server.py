@@ -32,9 +32,9 @@ from scp.logs import error_line
 from scp.reports import Reporter
 from scp.store_service import StoreService
 from scp.tls import server_context
+from storage.catalog.engines import IndexCorrupt, IndexUnreachable, SchemaTooNew, database_errors
+from storage.catalog.index import Catalog
 from storage.changes import finish_deletions
-from storage.database import IndexCorrupt, IndexUnreachable, SchemaTooNew, database_errors
-from storage.index import Index
 from storage.maintenance import IndexBehindFiles, check_not_behind_files, recover_incoming
 from storage.store import InstanceStore
 
@@ -208,7 +208,7 @@ def recover(config: Config) -> None:
     config.data_dir.mkdir(parents=True, exist_ok=True)
     # Never store into a damaged index: each Success would be a row in it.
     config.index_location.check_intact(quick=True)
-    index = Index.open(config.index_location)
+    index = Catalog.open(config.index_location)
     try:
         recovery = recover_incoming(index, config.node)
         deletions = finish_deletions(index, config.data_dir)
@@ -227,7 +227,7 @@ def recover(config: Config) -> None:
 def open_store(config: Config) -> InstanceStore:
     """This process's index connection and store: each write bounded by
     index_timeout, the index's outages and returns logged."""
-    index = Index.open(config.index_location, timeout=config.index_timeout)
+    index = Catalog.open(config.index_location, timeout=config.index_timeout)
     index.health.subscribe(_log_index_health)
     index.start_monitor()
     return InstanceStore(

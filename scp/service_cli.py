@@ -14,7 +14,7 @@ import click
 
 from scp.cli_options import fail
 from scp.config import Config, ConfigError, FreeSpace, is_ae_title, load_config
-from storage.database import redact
+from storage.catalog.engines import redact
 
 # --- echo -------------------------------------------------------------------
 

@@ -1,6 +1,6 @@
 """The changes admins and associations make to the index besides ingest:
 availability, completeness marks, deletion. Each goes through
-`Index.writing()`, the single writer path ingest uses too; a deletion removes
+`Catalog.writing()`, the single writer path ingest uses too; a deletion removes
 the files only once the index commit that forgot them is done, so a crash
 never leaves rows pointing at nothing.
 """
@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from storage import files
-from storage.database import Database
-from storage.index import AVAILABILITIES, Index, utc_now
-from storage.query import worst_availability
+from storage.catalog.engines import Database
+from storage.catalog.index import AVAILABILITIES, Catalog, utc_now
+from storage.catalog.reads import worst_availability
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,11 @@ class Deletion:
 
 
 def set_availability(
-    index: Index, availability: str, *, study_uid: str | None = None, series_uid: str | None = None
+    index: Catalog,
+    availability: str,
+    *,
+    study_uid: str | None = None,
+    series_uid: str | None = None,
 ) -> int:
     """Set the availability of one series, or of every series of a study; the
     study's is derived again. Returns how many series changed (0: not found)."""
@@ -62,7 +66,7 @@ def set_availability(
     return changed
 
 
-def refresh_study_availability(index: Index, study_uid: str) -> None:
+def refresh_study_availability(index: Catalog, study_uid: str) -> None:
     """Derive a study's availability from its series. Inside `writing()`."""
     values = [
         row[0]
@@ -76,7 +80,7 @@ def refresh_study_availability(index: Index, study_uid: str) -> None:
     )
 
 
-def mark_incomplete(index: Index, series_uids: list[str], reason: str) -> list[str]:
+def mark_incomplete(index: Catalog, series_uids: list[str], reason: str) -> list[str]:
     """Mark series delivered into by an association that broke off; returns
     those marked. A series a storage commitment has found complete since its
     last instance is left alone: the sender's own list said it was all there."""
@@ -89,7 +93,7 @@ def mark_incomplete(index: Index, series_uids: list[str], reason: str) -> list[s
     )
 
 
-def clear_incomplete(index: Index, series_uids: list[str]) -> list[str]:
+def clear_incomplete(index: Catalog, series_uids: list[str]) -> list[str]:
     """Clear the incomplete mark of series a released association delivered
     instances of (new ones or resends); returns those that had one."""
     return _update_each_series(
@@ -101,7 +105,9 @@ def clear_incomplete(index: Index, series_uids: list[str]) -> list[str]:
     )
 
 
-def _update_each_series(index: Index, series_uids: list[str], sql: str, values: tuple) -> list[str]:
+def _update_each_series(
+    index: Catalog, series_uids: list[str], sql: str, values: tuple
+) -> list[str]:
     """`sql` (`values`, then the series UID) for each series, in one transaction;
     the series it changed."""
     changed = []
@@ -113,7 +119,7 @@ def _update_each_series(index: Index, series_uids: list[str], sql: str, values: 
     return changed
 
 
-def mark_study_complete(index: Index, study_uid: str) -> int:
+def mark_study_complete(index: Catalog, study_uid: str) -> int:
     """Clear the incomplete mark of a study's series; returns how many were marked."""
     with index.writing(lock_keys=[study_uid]):
         return index.conn.execute(
@@ -124,7 +130,7 @@ def mark_study_complete(index: Index, study_uid: str) -> int:
 
 
 def delete(
-    index: Index,
+    index: Catalog,
     data_dir: Path,
     *,
     study_uid: str | None = None,
@@ -163,7 +169,7 @@ def delete(
 # never leaves a row without its file). Meanwhile the study may be received
 # again: an instance row re-created after the deletion's COMMIT has its file at
 # the same place (a deterministic path), and that file must stay. So the files
-# go in turns of the study's writers (`Index.writing` with the study's key, as
+# go in turns of the study's writers (`Catalog.writing` with the study's key, as
 # ingest's transactions take it), each turn removing only files no row points
 # at; ingest's transaction sees, under the same turn, whether the file it linked
 # before its transaction is still there (`InstanceStore._place`). A turn lasts
@@ -185,7 +191,7 @@ _BETWEEN_TURNS = 0.002
 _CHECKED_AT_ONCE = 500  # paths whose rows one turn looks up
 
 
-def finish_deletions(index: Index, data_dir: Path) -> int:
+def finish_deletions(index: Catalog, data_dir: Path) -> int:
     """Remove the files of deletions a crash interrupted (each journal's, but
     those an instance row points at again); returns how many journals it
     finished or dropped."""
@@ -248,7 +254,7 @@ def _write_journal(data_dir: Path, study_uid: str, instance_files: list[tuple[st
 
 
 def _remove_files(
-    index: Index,
+    index: Catalog,
     data_dir: Path,
     study_uid: str,
     instance_files: list[tuple[str, str]],
@@ -304,7 +310,7 @@ def _remove_empty(data_dir: Path, directories: set[Path]) -> None:
                 raise
 
 
-def _study_of(index: Index, series_uid: str) -> str | None:
+def _study_of(index: Catalog, series_uid: str) -> str | None:
     with index.writing():
         row = index.conn.execute(
             "SELECT study_uid FROM series WHERE series_uid = ?", (series_uid,)
@@ -313,7 +319,7 @@ def _study_of(index: Index, series_uid: str) -> str | None:
 
 
 def _delete_rows(
-    index: Index, data_dir: Path, *, study_uid: str, series_uid: str | None
+    index: Catalog, data_dir: Path, *, study_uid: str, series_uid: str | None
 ) -> tuple[Deletion | None, Path | None]:
     """The deletion of the rows and, when it had files, its journal; (None,
     None) when the series is no longer of `study_uid`."""
@@ -371,7 +377,7 @@ def _instance_files(conn: Database, column: str, uid: str) -> list[tuple[str, st
     ]
 
 
-def _drop_series_from_study(index: Index, study_uid: str, instances: int, size: int) -> None:
+def _drop_series_from_study(index: Catalog, study_uid: str, instances: int, size: int) -> None:
     modalities = [
         row[0]
         for row in index.conn.execute(

@@ -25,8 +25,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from storage import files
-from storage.database import Database, IndexLocation, IndexUnreachable
-from storage.index import Index, utc_now
+from storage.catalog.engines import Database, IndexLocation, IndexUnreachable
+from storage.catalog.index import Catalog, utc_now
 
 CHECKING, PENDING, DELIVERING = "checking", "pending", "delivering"
 DELIVERED, FAILED = "delivered", "failed"
@@ -93,7 +93,7 @@ class CommitmentResult:
         return counts
 
 
-def record_request(index: Index, request: CommitmentRequest, *, hold: float = 0.0) -> Recorded:
+def record_request(index: Catalog, request: CommitmentRequest, *, hold: float = 0.0) -> Recorded:
     """Record a request durably (the commit is synchronous=FULL), or tell a
     repeat of a recorded one apart from a different request under its UID.
     `hold`: seconds during which the caller has it to check and report."""
@@ -145,7 +145,7 @@ def _is_recorded(conn: Database, transaction_uid: str) -> bool:
 
 
 def check_request(
-    index: Index,
+    index: Catalog,
     transaction_uid: str,
     is_storage_class: Callable[[str], bool],
     *,
@@ -223,7 +223,7 @@ def _check_instance(
 
 
 def _record_result(
-    index: Index,
+    index: Catalog,
     transaction_uid: str,
     outcomes: list[tuple[int, int | None, str, str]],
     hold: float,
@@ -318,7 +318,7 @@ class DueReport:
     checked: bool
 
 
-def claim(index: Index, transaction_uid: str, lease: float) -> bool:
+def claim(index: Catalog, transaction_uid: str, lease: float) -> bool:
     """Take a due report for this process to deliver: the reporters of several
     nodes sharing an index all see it, and one of them wins (the row's update
     is atomic). Held for `lease` seconds; a node that dies holding it leaves it
@@ -336,7 +336,7 @@ def claim(index: Index, transaction_uid: str, lease: float) -> bool:
         )  # fmt: skip
 
 
-def reopen(index: Index, transaction_uid: str, *, hold: float = 0.0) -> None:
+def reopen(index: Catalog, transaction_uid: str, *, hold: float = 0.0) -> None:
     """A repeated request: its (unchanged) report is owed again."""
     with index.writing():
         index.conn.execute(
@@ -346,7 +346,7 @@ def reopen(index: Index, transaction_uid: str, *, hold: float = 0.0) -> None:
         )
 
 
-def delivered(index: Index, transaction_uid: str, by: str) -> None:
+def delivered(index: Catalog, transaction_uid: str, by: str) -> None:
     with index.writing():
         index.conn.execute(
             "UPDATE commitments SET delivery_state = ?, delivered_at = ?, delivered_by = ?,"
@@ -356,7 +356,12 @@ def delivered(index: Index, transaction_uid: str, by: str) -> None:
 
 
 def delivery_failed(
-    index: Index, transaction_uid: str, error: str, retry_in: float | None, *, attempt: bool = True
+    index: Catalog,
+    transaction_uid: str,
+    error: str,
+    retry_in: float | None,
+    *,
+    attempt: bool = True,
 ) -> None:
     """An attempt failed: retry in `retry_in` seconds, or (None) give up."""
     with index.writing():

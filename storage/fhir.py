@@ -43,8 +43,8 @@ from zoneinfo import ZoneInfo
 
 from pydicom.uid import UID
 
+from storage.catalog.reads import get_study, iter_studies, series_of
 from storage.codec.dates import calendar_date, time_of_day
-from storage.query import get_study, iter_studies, series_of
 
 VERSIONS = ("dstu2", "dstu2-ballot", "r4", "r5")
 

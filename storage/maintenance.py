@@ -14,8 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 
 from storage import files
-from storage.changes import files_being_deleted, refresh_study_availability
-from storage.database import (
+from storage.catalog.engines import (
     MAX_PARAMETERS,
     WRITER_LOCK_SUFFIX,
     Database,
@@ -25,19 +24,20 @@ from storage.database import (
     is_corrupt,
     open_in_another_process,
 )
-from storage.header import HeaderError, read_header
-from storage.index import (
+from storage.catalog.index import (
     INDEX_FILENAME,
     ONLINE,
     TABLES,
     UNAVAILABLE,
-    Index,
+    Catalog,
     IndexEntry,
     PatientConflict,
     Provenance,
     SeriesStudyMismatch,
     replace_rows,
 )
+from storage.changes import files_being_deleted, refresh_study_availability
+from storage.header import HeaderError, read_header
 from storage.uids import is_valid_uid
 
 Progress = Callable[[int], None]
@@ -110,7 +110,7 @@ def _mtime(path: Path) -> str:
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def index_file(index: Index, entry: IndexEntry) -> bool:
+def index_file(index: Catalog, entry: IndexEntry) -> bool:
     """Add a file found on disk to the index, unless its SOP Instance UID is
     known already. Inside `writing()`. Returns whether it was added;
     UnindexableFile when its series is indexed under another study, or its
@@ -132,7 +132,7 @@ class Recovery:
     indexed: list[str] = field(default_factory=list)  # placed, and the index lacked them
 
 
-def recover_incoming(index: Index, node: str) -> Recovery:
+def recover_incoming(index: Catalog, node: str) -> Recovery:
     """Finish what a crash of this node interrupted: a temp file still linked
     to its final name was placed but perhaps not indexed (see
     `files.link_into_place`), so index it; any other temp file is removed.
@@ -160,7 +160,7 @@ class IndexBehindFiles(Exception):
     cut to nothing (SQLite takes an empty file for an empty database)."""
 
 
-def check_not_behind_files(index: Index) -> None:
+def check_not_behind_files(index: Catalog) -> None:
     """IndexBehindFiles when the index holds no instance while the data
     directory holds instance files. Reads one row; walks the directory only
     for an empty index, down to the first file."""
@@ -189,7 +189,7 @@ def _final_name(data_dir: Path, temp: Path) -> PurePosixPath | None:
 
 
 def _finish_placing(
-    index: Index, data_dir: Path, entry: IndexEntry, relpath: PurePosixPath
+    index: Catalog, data_dir: Path, entry: IndexEntry, relpath: PurePosixPath
 ) -> bool:
     """Record a placed file as ingest would have; False if it already was."""
     if relpath.parts[0] == files.CONFLICTS_DIR:
@@ -243,7 +243,7 @@ def count_instances(location: IndexLocation) -> int:
 
 
 def verify(
-    index: Index,
+    index: Catalog,
     data_dir: Path,
     *,
     checksum: bool = False,
@@ -320,7 +320,7 @@ def verify(
     return report
 
 
-def _still_missing(index: Index, data_dir: Path, relpath: str, sop_instance_uid: str) -> bool:
+def _still_missing(index: Catalog, data_dir: Path, relpath: str, sop_instance_uid: str) -> bool:
     """Inside `writing()`: whether an indexed file found missing still is."""
     known = index.stored_digest(sop_instance_uid)
     return known is not None and known.path == relpath and not (data_dir / relpath).exists()
@@ -343,7 +343,7 @@ def _check_file(
     return True
 
 
-def _find_unknown_files(index: Index, data_dir: Path, report: VerifyReport, repair: bool) -> None:
+def _find_unknown_files(index: Catalog, data_dir: Path, report: VerifyReport, repair: bool) -> None:
     for relpath in instance_files(data_dir):
         sop_instance_uid = relpath.name.removesuffix(files.INSTANCE_SUFFIX)
         known = index.digest_hint(sop_instance_uid)
@@ -433,7 +433,7 @@ def rebuild(location: IndexLocation, *, progress: Progress = _no_progress) -> Re
     scratch_path = data_dir / (INDEX_FILENAME + REBUILD_SUFFIX)
     _remove_database(scratch_path)
     report = RebuildReport()
-    scratch = Index(SQLiteDatabase(scratch_path))
+    scratch = Catalog(SQLiteDatabase(scratch_path))
     built = False
     try:
         order = _arrival_order(data_dir, report)
@@ -513,7 +513,7 @@ def _arrival_order(data_dir: Path, report: RebuildReport) -> list[tuple[str, Pur
     return order
 
 
-def _rebuild_conflicts(scratch: Index, data_dir: Path, report: RebuildReport) -> int:
+def _rebuild_conflicts(scratch: Catalog, data_dir: Path, report: RebuildReport) -> int:
     count = 0
     with scratch.writing():
         for relpath in conflict_files(data_dir):
@@ -530,8 +530,8 @@ def _rebuild_conflicts(scratch: Index, data_dir: Path, report: RebuildReport) ->
 _TABLES = ["studies", "series", "instances", "conflicts"]
 
 
-def _replace_live_rows(location: IndexLocation, scratch: Index, report: RebuildReport) -> None:
-    live = Index.open(location)
+def _replace_live_rows(location: IndexLocation, scratch: Catalog, report: RebuildReport) -> None:
+    live = Catalog.open(location)
     try:
         with live.writing():
             # Ingest waits from here to the COMMIT, so every instance answered
@@ -585,7 +585,7 @@ def _indexed_since_scan(live: Database, scratch: Database) -> list[str]:
 
 def _carry_over(
     rows: Callable[[str, list[str]], Iterable],
-    scratch: Index,
+    scratch: Catalog,
     data_dir: Path,
     report: RebuildReport,
     *,
@@ -622,7 +622,9 @@ def _carry_over(
             )
 
 
-def _carry_over_damaged(path: Path, scratch: Index, data_dir: Path, report: RebuildReport) -> None:
+def _carry_over_damaged(
+    path: Path, scratch: Catalog, data_dir: Path, report: RebuildReport
+) -> None:
     """`_carry_over` from a damaged SQLite file: every row that can still be
     read; what cannot is reported."""
     unreadable: dict[str, str] = {}
@@ -714,9 +716,9 @@ def migrate_index(
     target_location = IndexLocation(Path(data_dir), target_url)
     # An index of an older schema version is brought to this one first (as
     # `serve` does at start): the copy reads every column of this version.
-    Index(source_location.open()).close()
+    Catalog(source_location.open()).close()
     source = source_location.open()
-    target = Index.open(target_location)
+    target = Catalog.open(target_location)
     try:
         source.execute("BEGIN")  # one snapshot of the source, even while serve writes
         _refuse_foreign_rows(source, target, source_location, target_location)
@@ -738,7 +740,7 @@ def migrate_index(
 
 
 def _refuse_foreign_rows(
-    source, target: Index, source_location: IndexLocation, target_location: IndexLocation
+    source, target: Catalog, source_location: IndexLocation, target_location: IndexLocation
 ) -> None:
     uids = [row[0] for row in target.conn.execute("SELECT sop_instance_uid FROM instances")]
     known = {

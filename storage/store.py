@@ -19,11 +19,10 @@ from pathlib import Path
 from typing import BinaryIO
 
 from storage import files
-from storage.database import IndexTimedOut, database_errors, is_out_of_space
-from storage.header import DatasetWalk, HeaderError, InstanceHeader, read_header, walkable
-from storage.health import IndexInterrupted, IndexUnavailable
-from storage.index import (
-    Index,
+from storage.catalog.engines import IndexTimedOut, database_errors, is_out_of_space
+from storage.catalog.health import IndexInterrupted, IndexUnavailable
+from storage.catalog.index import (
+    Catalog,
     IndexEntry,
     IndexOutcome,
     PatientConflict,
@@ -32,6 +31,7 @@ from storage.index import (
     StoredDigest,
     utc_now,
 )
+from storage.header import DatasetWalk, HeaderError, InstanceHeader, read_header, walkable
 from storage.policy import DuplicatePolicy
 from storage.uids import MAX_UID_LENGTH, is_valid_uid
 
@@ -98,7 +98,7 @@ class InstanceStore:
     def __init__(
         self,
         data_dir: Path,
-        index: Index,
+        index: Catalog,
         duplicates: DuplicatePolicy,
         min_free: tuple[int, float] = (0, 0.0),
         *,

@@ -19,7 +19,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, _config
 from pynetdicom.dsutils import split_dataset
 
-from storage.database import Database, IndexLocation
+from storage.catalog.engines import Database, IndexLocation
 
 # Send files' dataset bytes exactly as they are on disk (no decode/re-encode), so
 # a byte-for-byte comparison of what the server stored is meaningful.

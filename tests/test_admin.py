@@ -18,7 +18,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 
 from scp.cli import main
-from storage.database import IndexLocation
+from storage.catalog.engines import IndexLocation
 from tests.conftest import (
     CT_IMAGE_STORAGE,
     INDEX_URLS,

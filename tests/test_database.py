@@ -4,8 +4,8 @@ import time
 
 import pytest
 
-from storage.database import IndexLocation
-from storage.index import Index
+from storage.catalog.engines import IndexLocation
+from storage.catalog.index import Catalog
 from tests.conftest import both_indexes, index_url_for
 
 pytestmark = both_indexes
@@ -20,7 +20,7 @@ ENDLESS = (
 @pytest.fixture
 def db(tmp_path):
     location = IndexLocation(tmp_path, index_url_for(tmp_path))
-    Index.open(location).close()
+    Catalog.open(location).close()
     db = location.open_reader()
     yield db
     db.close()

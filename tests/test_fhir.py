@@ -15,7 +15,8 @@ from fhir.resources.R4B.imagingstudy import ImagingStudy as R4ImagingStudy
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-from storage.database import IndexLocation
+from storage.catalog.engines import IndexLocation
+from storage.catalog.index import Catalog, Provenance
 from storage.fhir import (
     AVAILABILITY_EXTENSION_URL,
     DATA_ABSENT_REASON_URL,
@@ -26,7 +27,6 @@ from storage.fhir import (
     render_imaging_study,
 )
 from storage.files import prepare_data_dir
-from storage.index import Index, Provenance
 from storage.store import DuplicatePolicy, InstanceStore, StoreRefused
 from tests.conftest import (
     both_indexes,
@@ -93,7 +93,7 @@ class Receiver:
         self.data_dir = directory / "data"
         self.sources = directory / "sources"
         prepare_data_dir(self.data_dir, "test")
-        self.index = Index.open(IndexLocation(self.data_dir, index_url_for(self.data_dir)))
+        self.index = Catalog.open(IndexLocation(self.data_dir, index_url_for(self.data_dir)))
         self.store = InstanceStore(
             self.data_dir, self.index, DuplicatePolicy.KEEP_FIRST, node="test"
         )

@@ -11,9 +11,9 @@ import time
 import pydicom
 import pytest
 
-from storage.database import IndexLocation, SQLiteDatabase
+from storage.catalog.engines import IndexLocation, SQLiteDatabase
+from storage.catalog.index import Catalog, Provenance
 from storage.files import prepare_data_dir
-from storage.index import Index, Provenance
 from storage.policy import DuplicatePolicy
 from storage.store import InstanceStore, Outcome, Refusal, StoreRefused
 from tests.conftest import both_indexes, dataset_bytes, index_url_for, make_instance
@@ -23,12 +23,12 @@ pytestmark = both_indexes
 
 @pytest.fixture
 def index(tmp_path):
-    index = Index.open(IndexLocation(tmp_path, index_url_for(tmp_path)))
+    index = Catalog.open(IndexLocation(tmp_path, index_url_for(tmp_path)))
     yield index
     index.close()
 
 
-def _row_writer(index: Index, key: str, seen_committed: list):
+def _row_writer(index: Catalog, key: str, seen_committed: list):
     def work():
         index.conn.execute(
             "INSERT INTO conflicts (sop_instance_uid, action) VALUES (?, 'test')", (key,)
@@ -108,7 +108,7 @@ def test_an_identical_resend_is_answered_while_another_commit_is_in_progress(tmp
         pytest.skip("on PostgreSQL a resend is told apart inside the transaction")
     data_dir = tmp_path / "data"
     prepare_data_dir(data_dir, "test")
-    index = Index.in_data_dir(data_dir)
+    index = Catalog.in_data_dir(data_dir)
     store = InstanceStore(data_dir, index, DuplicatePolicy.REJECT, node="test")
     path = make_instance(tmp_path / "src", study_uid="1.2.3", series_uid="1.2.3.4")
     ds = pydicom.dcmread(path, stop_before_pixels=True)
@@ -147,7 +147,7 @@ def test_a_series_of_another_study_is_refused_alone_inside_a_shared_commit(tmp_p
     other is stored, and the counts are those of the two stored instances."""
     data_dir = tmp_path / "data"
     prepare_data_dir(data_dir, "test")
-    index = Index.open(IndexLocation(data_dir, index_url_for(tmp_path)))
+    index = Catalog.open(IndexLocation(data_dir, index_url_for(tmp_path)))
     store = InstanceStore(data_dir, index, DuplicatePolicy.KEEP_FIRST, node="test")
 
     def receive(path):
@@ -205,7 +205,7 @@ def _receiver(tmp_path):
     data_dir = tmp_path / "data"
     prepare_data_dir(data_dir, "test")
     location = IndexLocation(data_dir, index_url_for(tmp_path))
-    store = InstanceStore(data_dir, Index.open(location), DuplicatePolicy.REJECT, node="test")
+    store = InstanceStore(data_dir, Catalog.open(location), DuplicatePolicy.REJECT, node="test")
     names = iter(range(1_000_000))
 
     def receive(study_uid: str, series_uid: str):
@@ -219,12 +219,12 @@ def _receiver(tmp_path):
     return location, store, receive
 
 
-def _held_by_another_node(location: IndexLocation, study_uid: str, other: Index | None = None):
+def _held_by_another_node(location: IndexLocation, study_uid: str, other: Catalog | None = None):
     """Another node's write transaction on the study (through `other`, by
     default an index of its own on `location`), open until the returned event
     is set; its thread. `other` is closed once the transaction ends."""
     holding, release = threading.Event(), threading.Event()
-    other = other or Index.open(location)
+    other = other or Catalog.open(location)
 
     def hold():
         with other.writing(lock_keys=[study_uid]):
@@ -240,7 +240,7 @@ def _held_by_another_node(location: IndexLocation, study_uid: str, other: Index 
 
 
 def _received_while_held(
-    location: IndexLocation, receive, other: Index | None = None, wait: float = 0.5
+    location: IndexLocation, receive, other: Catalog | None = None, wait: float = 0.5
 ) -> tuple[list, list]:
     """A new instance of study 1.2.3 received while another node holds a write
     transaction on that study (`_held_by_another_node`): the outcome `wait`
@@ -313,7 +313,7 @@ def test_a_rebuilds_scratch_index_does_not_hold_up_the_live_one(tmp_path):
     if index_url_for(tmp_path):
         pytest.skip("the scratch index of a rebuild is SQLite; the live one is here PostgreSQL")
     location, store, receive = _receiver(tmp_path)
-    scratch = Index(SQLiteDatabase(location.data_dir / "index.sqlite.rebuild"))
+    scratch = Catalog(SQLiteDatabase(location.data_dir / "index.sqlite.rebuild"))
     early, _ = _received_while_held(location, receive, scratch, wait=10)
     assert early == [Outcome.STORED], "waited for the scratch index's writer"
     store.index.close()

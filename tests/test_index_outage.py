@@ -204,7 +204,7 @@ def test_connection_lost_mid_transaction_is_read_back_before_the_answer(tmp_path
     connection before the sender is answered, and the node stores again."""
     import psycopg
 
-    from storage.database import lock_number
+    from storage.catalog.engines import lock_number
 
     url = cluster.new_database()
     server = serve(servers, tmp_path / "data", url)
@@ -294,7 +294,7 @@ def test_frozen_postgresql_every_sender_answered_within_index_timeout(tmp_path, 
 _HOLDERS = {
     "writers-turn": """
 import sys, time
-from storage.database import SQLiteDatabase
+from storage.catalog.engines import SQLiteDatabase
 db = SQLiteDatabase(sys.argv[1])
 db.prepare_writer()
 with db.writers_turn():

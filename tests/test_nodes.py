@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from pydicom.uid import generate_uid
 
 from scp.cli import main
-from storage.database import IndexLocation
+from storage.catalog.engines import IndexLocation
 from tests.conftest import (
     IMAGING_SCP,
     STORESCU,
@@ -294,12 +294,12 @@ def test_a_pending_report_is_delivered_once_by_two_nodes_starting_together(tmp_p
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_an_index_of_a_newer_schema_is_refused_at_start(tmp_path, postgres_cluster, backend):
-    from storage.index import Index
+    from storage.catalog.index import Catalog
 
     data = tmp_path / "data"
     data.mkdir()
     url = postgres_cluster.new_database() if backend == "postgresql" else ""
-    index = Index.open(IndexLocation(data, url))
+    index = Catalog.open(IndexLocation(data, url))
     index.conn.set_schema_version(99)  # as a later imaging-scp would leave it
     index.close()
     result = subprocess.run(

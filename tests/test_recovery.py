@@ -8,8 +8,8 @@ import pydicom
 from pydicom.uid import generate_uid
 
 from storage import files
+from storage.catalog.index import Provenance, utc_now
 from storage.header import read_header
-from storage.index import Provenance, utc_now
 from tests.conftest import (
     both_indexes,
     dataset_bytes,

@@ -21,8 +21,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from storage.database import Database
-from storage.index import AVAILABILITIES, TABLES
+from storage.catalog.engines import Database
+from storage.catalog.index import AVAILABILITIES, TABLES
 from storage.names import fold_name
 
 RECEIVING, STABLE, COMPLETE, INCOMPLETE = "receiving", "stable", "complete", "incomplete"

@@ -1,5 +1,5 @@
 """The ImagingStudy-shaped index: studies, series and instances, in SQLite (WAL)
-or PostgreSQL (storage.database), with the same schema and semantics on both.
+or PostgreSQL (storage.catalog.engines), with the same schema and semantics on both.
 
 Live ingest updates it incrementally: one transaction per instance inserts the
 instance and updates its series and study through primary-key reads and writes
@@ -8,16 +8,16 @@ or the index already is. Counts and the modality list are maintained here, never
 read from DICOM tags.
 
 Writes go through one connection guarded by one lock per process
-(`Index.writing`); across processes SQLite's writers take turns in the kernel
+(`Catalog.writing`); across processes SQLite's writers take turns in the kernel
 (`Database.writers_turn`) before they take its write lock, and on PostgreSQL a
 lock per study (`Database.lock_keys`) serialises the nodes'
 transactions on the same study while other studies' go on at once.
-Live ingest commits in groups (`Index.commit_together`): the instances that
+Live ingest commits in groups (`Catalog.commit_together`): the instances that
 reach the index at the same moment share one transaction and one WAL sync.
 Readers (the admin CLI) open their own connection and never block the writer.
 
-The listener's writes are bounded by index_timeout (`Index.start_monitor`,
-storage.health): a write still waiting at its deadline has its connection cut,
+The listener's writes are bounded by index_timeout (`Catalog.start_monitor`,
+storage.catalog.health): a write still waiting at its deadline has its connection cut,
 a lost connection is replaced on the next write or by the probe, and what a
 transaction cut short may have committed is read back before its sender is
 answered.
@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
-from storage.database import (
+from storage.catalog.engines import (
     POSTGRES_KEY_LOCK,
     SQLITE_FILENAME,
     Database,
@@ -47,7 +47,7 @@ from storage.database import (
     is_retryable,
     lock_number,
 )
-from storage.health import (
+from storage.catalog.health import (
     Deadlines,
     IndexHealth,
     IndexInterrupted,
@@ -231,7 +231,7 @@ TABLES = {
 INDEXES = [
     ("commitments", ["delivery_state", "next_attempt_at"]),
     ("commitment_items", ["study_uid"]),
-    # The admin filters (storage.query.StudyFilter) and its newest-first order.
+    # The admin filters (storage.catalog.reads.StudyFilter) and its newest-first order.
     *(
         ("studies", [column])
         for column in (
@@ -431,7 +431,7 @@ class PatientConflict(ValueError):
         return f"{name} {_shown(received)} differs from study's {_shown(indexed)}"
 
 
-class Index:
+class Catalog:
     """The index database of one archive, as its writers use it."""
 
     def __init__(
@@ -462,7 +462,7 @@ class Index:
         self._create_schema()
 
     @classmethod
-    def open(cls, location: IndexLocation, timeout: float | None = None) -> "Index":
+    def open(cls, location: IndexLocation, timeout: float | None = None) -> "Catalog":
         return cls(location.open(create=True, timeout=timeout), location, timeout)
 
     def start_monitor(self) -> None:
@@ -473,7 +473,7 @@ class Index:
         self._monitor.start()
 
     @classmethod
-    def in_data_dir(cls, data_dir: Path) -> "Index":
+    def in_data_dir(cls, data_dir: Path) -> "Catalog":
         return cls.open(IndexLocation(Path(data_dir)))
 
     def close(self) -> None:
@@ -631,7 +631,7 @@ class Index:
                 raise
 
     @contextmanager
-    def writing(self, lock_keys: Iterable[str] = ()) -> Iterator["Index"]:
+    def writing(self, lock_keys: Iterable[str] = ()) -> Iterator["Catalog"]:
         """One write transaction, exclusive within this process.
 
         Commits on normal exit (durably: synchronous=FULL on SQLite,

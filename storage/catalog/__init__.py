@@ -1,0 +1,13 @@
+"""The catalog: the index's only door.
+
+Everything the rest of the program asks of the index (add an instance, record
+a refusal or a conflict, mark a series, record a commitment, set availability,
+delete, rebuild, migrate, and every read) is a call into this package. SQL,
+the schema and its versions, the group commit and each engine's ingest
+strategy stay inside it; the engine (SQLite or PostgreSQL) is chosen once, when
+the catalog is opened.
+"""
+
+from storage.catalog.index import Catalog
+
+__all__ = ["Catalog"]
