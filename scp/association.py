@@ -28,30 +28,30 @@ VERIFICATION = "1.2.840.10008.1.1"
 
 
 @dataclass
-class Acceptor:
-    """What every association of one listener process shares."""
+class Associations:
+    """The live associations of one listener process, and what they share."""
 
     config: Config
     store: InstanceStore  # whether there is room, and whether its index is available
     services: dict[int, Service]  # Command Field -> the service its messages go to
     callers: CallerPolicy  # replaced as a whole on SIGHUP; read once per request
-    associations: set["Association"] = field(default_factory=set)
+    live: set["Association"] = field(default_factory=set)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def serve(self, sock: socket.socket, host: str, port: int) -> None:
         """Serve one connection until it closes (in its own thread)."""
         association = Association(self, sock, Session.open(host, port))
         with self.lock:
-            self.associations.add(association)
+            self.live.add(association)
         try:
             association.run()
         finally:
             with self.lock:
-                self.associations.discard(association)
+                self.live.discard(association)
 
     def active(self) -> list["Association"]:
         with self.lock:
-            return list(self.associations)
+            return list(self.live)
 
 
 def _verification_only(request: negotiation.Request) -> bool:
@@ -92,9 +92,9 @@ class _Outbox:
 
 
 class Association(ServiceUser):
-    def __init__(self, acceptor: Acceptor, sock: socket.socket, session: Session):
-        config = acceptor.config
-        self.acceptor = acceptor
+    def __init__(self, associations: Associations, sock: socket.socket, session: Session):
+        config = associations.config
+        self.associations = associations
         self.session = session
         self.layer = UpperLayer(
             sock,
@@ -153,7 +153,7 @@ class Association(ServiceUser):
             layer.abort(str(exc))
             return
         session.requested(request.calling_ae, request.called_ae)
-        config = self.acceptor.config
+        config = self.associations.config
         reason, rejection = self._refusal(request)
         if reason is not None:
             session.outcome, session.reason = "rejected", reason
@@ -167,7 +167,7 @@ class Association(ServiceUser):
         }
         # A service serving several Command Fields has one part in the association.
         joined: dict[Service, Conversation] = {}
-        for field_, service in self.acceptor.services.items():
+        for field_, service in self.associations.services.items():
             if service not in joined:
                 joined[service] = service.join(session)
             self.conversations[field_] = joined[service]
@@ -181,7 +181,7 @@ class Association(ServiceUser):
 
     def _refusal(self, request: negotiation.Request) -> tuple[str | None, tuple[int, int, int]]:
         """Why the request is refused and the A-ASSOCIATE-RJ that says so, or (None, ())."""
-        config = self.acceptor.config
+        config = self.associations.config
         context_ids = [cx.context_id for cx in request.contexts]
         if len(context_ids) > negotiation.MAX_PRESENTATION_CONTEXTS or len(set(context_ids)) != len(
             context_ids
@@ -198,17 +198,17 @@ class Association(ServiceUser):
                 f"called AE title {request.called_ae!r} is not ours ({config.aet})",
                 negotiation.REJECT_CALLED_AE,
             )
-        if not self.acceptor.callers.permits(request.calling_ae, self.session.host):
+        if not self.associations.callers.permits(request.calling_ae, self.session.host):
             return "calling AE title not allowed from this address", negotiation.REJECT_CALLING_AE
-        if len(self.acceptor.active()) > config.max_associations:
+        if len(self.associations.active()) > config.max_associations:
             return (
                 f"{config.max_associations} associations already in progress",
                 negotiation.REJECT_BUSY,
             )
-        if not self.acceptor.store.has_room():
+        if not self.associations.store.has_room():
             # Transient: the sender may retry once an admin has made room.
             return "receiver's disk is below its free-space floor", negotiation.REJECT_BUSY
-        health = self.acceptor.store.index.health
+        health = self.associations.store.index.health
         if not health.available and not _verification_only(request):
             # Transient, as for a full disk; a C-ECHO alone is let in, for its
             # failure status to say why (`imaging-scp echo` prints it).

@@ -1,6 +1,6 @@
 """The listener: accept connections, give each its own thread, stop cleanly on a signal.
 
-Each accepted connection is served start to end by one thread (`Acceptor.serve`):
+Each accepted connection is served start to end by one thread (`Associations.serve`):
 the TLS handshake when the listener is a TLS one, then the association, with
 blocking reads. The accept loop only accepts; it wakes twice a second to feed
 the systemd watchdog, which so proves that it lives.
@@ -23,7 +23,7 @@ import structlog
 
 from scp import dimse, notify, tls
 from scp.access import CallerPolicy
-from scp.association import Acceptor
+from scp.association import Associations
 from scp.commitment_service import CommitmentService
 from scp.config import Config, ConfigError
 from scp.echo_service import EchoService
@@ -55,9 +55,9 @@ class ListenError(Exception):
 class Listener:
     """One listening socket (plain DICOM or DICOM over TLS)."""
 
-    def __init__(self, config: Config, acceptor: Acceptor, port: int, tls_context=None):
+    def __init__(self, config: Config, associations: Associations, port: int, tls_context=None):
         self.config = config
-        self.acceptor = acceptor
+        self.associations = associations
         self.tls_context: ssl.SSLContext | None = tls_context  # replaced on SIGHUP
         self.stopping = False
         self.watchdog = notify.Watchdog()
@@ -110,7 +110,7 @@ class Listener:
             client = self._tls_handshake(context, client, f"{host}:{port}")
             if client is None:
                 return
-        self.acceptor.serve(client, host, port)
+        self.associations.serve(client, host, port)
 
     def _tls_handshake(self, context, client, peer: str) -> ssl.SSLSocket | None:
         """The connection's socket after a completed TLS handshake, or None when
@@ -150,18 +150,18 @@ class Receiver:
             dimse.N_ACTION_RQ: self.commitment,
             dimse.N_EVENT_REPORT_RSP: self.commitment,  # the answers to its reports
         }
-        self.acceptor = Acceptor(config, store, services, callers)
+        self.associations = Associations(config, store, services, callers)
         self.server: Listener | None = None  # plain DICOM; None with port = 0
         self.tls_server: Listener | None = None  # DICOM over TLS, on tls_port
 
     def start(self, tls_context=None) -> None:
         """Bind and listen; returns once connections are being accepted."""
         if self.config.port:
-            self.server = Listener(self.config, self.acceptor, self.config.port)
+            self.server = Listener(self.config, self.associations, self.config.port)
         if self.config.tls_port:
             self.tls_server = Listener(
                 self.config,
-                self.acceptor,
+                self.associations,
                 self.config.tls_port,
                 tls_context or server_context(self.config),
             )
@@ -183,7 +183,7 @@ class Receiver:
         for listener in (self.server, self.tls_server):
             if listener is not None:
                 listener.stop_accepting()
-        for association in self.acceptor.active():
+        for association in self.associations.active():
             # A connection that has not associated (a port probe) has nothing in
             # flight: it must not hold up a stop.
             if not association.established:
@@ -191,16 +191,16 @@ class Receiver:
         deadline = time.monotonic() + drain_timeout
         while self._established() and time.monotonic() < deadline:
             time.sleep(0.05)
-        remaining = self.acceptor.active()
+        remaining = self.associations.active()
         for association in remaining:
             association.stop()
         deadline = time.monotonic() + 5
-        while self.acceptor.active() and time.monotonic() < deadline:
+        while self.associations.active() and time.monotonic() < deadline:
             time.sleep(0.02)
         return sum(1 for association in remaining if association.established)
 
     def _established(self) -> list:
-        return [a for a in self.acceptor.active() if a.established]
+        return [a for a in self.associations.active() if a.established]
 
 
 def recover(config: Config) -> None:
@@ -421,11 +421,11 @@ def serve(config: Config, reload_config: Callable[[], Config] | None = None) -> 
         # The watchdog goes on being fed while the index is out (restarting this
         # service brings no database back): STATUS= says it instead.
         problem = None if index_health.available else index_health.describe()
-        status.update(len(receiver.acceptor.active()), receiver.storage.stored, problem)
+        status.update(len(receiver.associations.active()), receiver.storage.stored, problem)
     if stop_requested:
         log.info("shutdown.requested", signal=signal.Signals(stop_requested[0]).name)
     _signal_workers(workers or [], signal.SIGTERM)
-    in_flight = len(receiver.acceptor.active())
+    in_flight = len(receiver.associations.active())
     notify.stopping(f"stopping: draining {in_flight} association(s)")
     aborted = receiver.stop(config.drain_timeout)
     if reporter is not None:
@@ -487,7 +487,7 @@ def _reload_callers(receiver: Receiver, reload_config: Callable[[], Config] | No
         new = reload_config()
         if receiver.tls_server is not None and new.tls_port:  # renewed certificate, CAs
             receiver.tls_server.tls_context = server_context(new)
-        receiver.acceptor.callers = allowed_callers(new)
+        receiver.associations.callers = allowed_callers(new)
     except (ConfigError, ValueError) as exc:
         log.error("reload.failed", reason=str(exc))
         return

@@ -31,8 +31,8 @@ from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
 
 from scp import notify
+from scp.cli.service import example_config
 from scp.config import Config, load_config
-from scp.service_cli import example_config
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "imaging-scp.service"
@@ -132,7 +132,7 @@ def test_example_config_lists_every_key_with_its_default():
     expected = example_config()
     assert EXAMPLE_CONFIG.read_text() == expected, (
         "systemd/config.toml is out of date; regenerate it with\n"
-        "  .venv/bin/python -c 'from scp.service_cli import example_config; "
+        "  .venv/bin/python -c 'from scp.cli.service import example_config; "
         'print(example_config(), end="")\' > systemd/config.toml'
     )
     values = tomllib.loads(expected)

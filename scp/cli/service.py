@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from scp.cli_options import fail
+from scp.cli.options import fail
 from scp.config import Config, ConfigError, FreeSpace, is_ae_title, load_config
 from storage.catalog.engines import redact
 

@@ -1,14 +1,14 @@
 """The `imaging-scp` command: `serve`, `echo`, `check-config`, and the admin
-commands over the index (scp.admin)."""
+commands over the index (scp.cli.admin)."""
 
 import sys
 
 import click
 
-from scp import admin
-from scp.cli_options import EXIT_NOT_FOUND, config_options, effective_config, fail
+from scp.cli import admin
+from scp.cli.options import EXIT_NOT_FOUND, config_options, effective_config, fail
+from scp.cli.service import check_config, echo
 from scp.config import load_config
-from scp.service_cli import check_config, echo
 from storage.catalog.engines import SchemaTooNew, database_errors
 from storage.codec.datasets import lenient_reading
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from scp.cli_options import (
+from scp.cli.options import (
     EXIT_NOT_FOUND,
     EXIT_USAGE,
     config_file_option,
