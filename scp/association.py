@@ -74,15 +74,23 @@ class _DiscardedDataset:
 class _Outbox:
     """One accepted presentation context, as the services' way back to the requester."""
 
-    __slots__ = ("association", "context_id", "transfer_syntax")
+    __slots__ = ("association", "context_id", "abstract_syntax", "transfer_syntax", "as_scu")
 
-    def __init__(self, association: "Association", context_id: int, transfer_syntax: str):
+    def __init__(self, association: "Association", context_id: int, cx):
         self.association = association
         self.context_id = context_id
-        self.transfer_syntax = transfer_syntax
+        self.abstract_syntax = str(cx.abstract_syntax)
+        self.transfer_syntax = str(cx.transfer_syntax[0])
+        self.as_scu = bool(cx.as_scu)  # we may send requests on it (role selection)
 
     def send(self, command: bytes, dataset: bytes = b"") -> None:
         self.association.layer.send_message(self.context_id, command, dataset)
+
+    def send_from(self, command: bytes, source, length: int) -> None:
+        self.association.layer.send_message_from(self.context_id, command, source, length)
+
+    def requests_back(self) -> list["_Outbox"]:
+        return [outbox for outbox in self.association.outboxes.values() if outbox.as_scu]
 
     def stream(self, start: Callable[[], Responses]) -> None:
         self.association.stream(self.context_id, start)
@@ -162,7 +170,7 @@ class Association(ServiceUser):
             return
         agreement = negotiation.agree(request, config.max_pdu)
         self.outboxes = {
-            context_id: _Outbox(self, context_id, str(cx.transfer_syntax[0]))
+            context_id: _Outbox(self, context_id, cx)
             for context_id, cx in agreement.contexts.items()
         }
         # A service serving several Command Fields has one part in the association.
@@ -295,14 +303,15 @@ class Association(ServiceUser):
         self._streaming, self._streaming_context = start(), context_id
 
     def has_output(self) -> bool:
-        return self._streaming is not None
+        return self._streaming is not None and not self._streaming.awaiting_response
 
     def send_output(self, layer: UpperLayer) -> None:
         streaming = self._streaming
-        command, dataset = streaming.next_response()
+        response = streaming.next_response()
         if streaming.done:
             self._streaming = None
-        layer.send_message(self._streaming_context, command, dataset)
+        if response is not None:
+            layer.send_message(self._streaming_context, *response)
 
     # -- the end -------------------------------------------------------------------
 

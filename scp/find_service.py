@@ -122,6 +122,8 @@ class RunningQuery:
     """One C-FIND being answered: `next_response` gives one response at a time
     until `done`."""
 
+    awaiting_response = False
+
     def __init__(self, incoming: IncomingQuery, data: bytes):
         self.service = incoming.service
         self.session = incoming.session

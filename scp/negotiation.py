@@ -3,8 +3,9 @@
 pynetdicom decodes the A-ASSOCIATE-RQ, negotiates the presentation contexts
 (with SCP/SCU role selection) and encodes the A-ASSOCIATE-AC; this module
 decides. Every storage SOP class is accepted, private and unknown ones
-included, with Verification, Storage Commitment Push Model and Patient/Study
-Root FIND beside them.
+included (in both roles: a C-GET's requester takes the SCP role for them),
+with Verification, Storage Commitment Push Model and Patient/Study Root FIND,
+MOVE and GET beside them.
 When a sender proposes several syntaxes for a storage context, we take the one
 that lets it send its object as it is: compressed before uncompressed, so a
 JPEG 2000 image is never decompressed on the way (and dcmtk's storescu, which
@@ -33,8 +34,12 @@ from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
 from pynetdicom.service_class import ServiceClass, StorageServiceClass
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
     StorageCommitmentPushModel,
     StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
     Verification,
 )
 
@@ -135,7 +140,7 @@ def _service_context(abstract_syntax: str) -> PresentationContext:
     context = PresentationContext()
     context.abstract_syntax = abstract_syntax
     context.transfer_syntax = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
-    if abstract_syntax not in _FIND:
+    if abstract_syntax not in _QUERY_RETRIEVE:
         context.transfer_syntax.append(ExplicitVRBigEndian)
     return context
 
@@ -170,10 +175,18 @@ def _storage_contexts(proposed: list[PresentationContext]) -> list[PresentationC
     return contexts
 
 
-_FIND = (PatientRootQueryRetrieveInformationModelFind, StudyRootQueryRetrieveInformationModelFind)
-# Verification, Storage Commitment Push Model (scp.commitment_service) and the
-# FIND models (scp.find_service), as SCP.
-_SERVICES = (Verification, StorageCommitmentPushModel, *_FIND)
+_QUERY_RETRIEVE = (
+    PatientRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelMove,
+    PatientRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelGet,
+)
+# Verification, Storage Commitment Push Model (scp.commitment_service), the
+# FIND models (scp.find_service) and the MOVE and GET ones
+# (scp.retrieve_service), as SCP.
+_SERVICES = (Verification, StorageCommitmentPushModel, *_QUERY_RETRIEVE)
 
 
 def our_user_information(max_pdu: int) -> list:

@@ -62,6 +62,7 @@ from scp.upper_layer import (
     p_data_pdus,
     pdvs,
     provider_aborts,
+    streamed_p_data_pdus,
 )
 
 MAX_PDU = 65536  # the P-DATA-TF variable field we announce we receive
@@ -262,6 +263,14 @@ class RequestorAssociation:
             Event.LOCAL_P_DATA,
             p_data_pdus(context.context_id, command, dataset, self.peer_max_pdu),
         )
+
+    def send_from(self, context: AcceptedContext, command: bytes, source, length: int) -> None:
+        """One DIMSE message whose data set is the next `length` bytes of the
+        binary file `source`, read and sent a PDU at a time."""
+        for pdu in streamed_p_data_pdus(
+            context.context_id, command, source, length, self.peer_max_pdu
+        ):
+            self.handle(Event.LOCAL_P_DATA, pdu)
 
     def receive(self) -> Message:
         """The next whole DIMSE message from the peer."""

@@ -21,15 +21,19 @@ from scp.session import Session
 
 
 class Responses(Protocol):
-    """A request answered by several responses over time (a C-FIND's): the
-    association sends them one at a time between its reads, so that a
-    C-CANCEL-RQ naming `message_id` is seen before the next one."""
+    """A request answered by several responses over time (a C-FIND's, a
+    C-MOVE's): the association asks for them one at a time between its reads,
+    so that a C-CANCEL-RQ naming `message_id` is seen before the next one."""
 
     message_id: int
     done: bool  # the last response was given
+    # Asked for nothing while True: a response from the peer is awaited (a
+    # C-GET's C-STORE-RSP), which the association's reads bring in.
+    awaiting_response: bool
 
-    def next_response(self) -> tuple[bytes, bytes]:
-        """The next (command set, data set) to send."""
+    def next_response(self) -> tuple[bytes, bytes] | None:
+        """The next (command set, data set) to send; None: nothing this turn
+        (a retrieve's sub-operation went out instead)."""
         ...
 
     def cancel(self) -> None: ...
@@ -42,9 +46,20 @@ class Responses(Protocol):
 class Outbox(Protocol):
     """The way back to the requester, on the presentation context the request came on."""
 
+    abstract_syntax: str
     transfer_syntax: str  # of that context, for the data sets sent on it
 
     def send(self, command: bytes, dataset: bytes = b"") -> None: ...
+
+    def send_from(self, command: bytes, source, length: int) -> None:
+        """A message whose data set is the next `length` bytes of the binary
+        file `source`, read and sent a PDU at a time."""
+        ...
+
+    def requests_back(self) -> "list[Outbox]":
+        """The association's contexts on which we may send requests to the
+        requester (it took the SCP role there: a C-GET's storage contexts)."""
+        ...
 
     def stream(self, start: Callable[[], Responses]) -> None:
         """Send the responses `start()` gives, one at a time between reads,
