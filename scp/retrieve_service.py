@@ -28,7 +28,7 @@ import time
 from scp import dimse
 from scp.config import peer_address
 from scp.requestor import AssociationError, Requestor
-from scp.service import Conversation, Outbox
+from scp.service import Conversation, Outbox, Unserved, unrecognized
 from scp.session import Session
 from scp.sub_operations import (
     Destination,
@@ -86,7 +86,15 @@ class RetrieveConversation(Conversation):
         self.session = session
         self.get: Get | None = None  # the C-GET whose C-STORE-RSP is awaited
 
-    def request(self, command: dimse.Command, outbox: Outbox) -> "IncomingIdentifier | None":
+    def request(
+        self, command: dimse.Command, outbox: Outbox
+    ) -> "IncomingIdentifier | Unserved | None":
+        if _RESPONSE.get(outbox.abstract_syntax) != dimse.response_field(command.field):
+            # Not an operation of the context's SOP class (a C-MOVE on a storage context).
+            if command.has_dataset:
+                return Unserved(self.session, command, outbox)
+            outbox.send(unrecognized(self.session, command))
+            return None
         if command.has_dataset:
             return IncomingIdentifier(self, command, outbox)
         outbox.send(
