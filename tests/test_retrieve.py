@@ -358,3 +358,48 @@ def test_an_implicit_vr_destination_gets_conversions_and_no_compressed_object(ar
     }
     reasons = [e["reason"] for e in server.events("retrieve.failed")]
     assert any("accepts no JPEG 2000 Image Compression (Lossless Only)" in r for r in reasons)
+
+
+def test_a_cancel_in_the_middle_of_a_500_instance_move_ends_it_with_the_counts(
+    server_factory, tmp_path
+):
+    destination = Storescp(tmp_path / "dest")
+    try:
+        server = server_factory("--peer", f"{DEST}=127.0.0.1:{destination.port}")
+        study = generate_uid()
+        series = generate_uid()
+        paths = [make_instance(tmp_path / "files", study_uid=study, series_uid=series,
+                               InstanceNumber=n) for n in range(500)]  # fmt: skip
+        assert {s.status for s in send_files(server.port, paths)} == {0}
+        ae = AE("MOVER")
+        ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
+        assoc = ae.associate("127.0.0.1", server.port, ae_title="IMAGING_SCP")
+        assert assoc.is_established
+        responses = []
+        try:
+            for status, identifier in assoc.send_c_move(
+                study_identifier(study), DEST, StudyRootQueryRetrieveInformationModelMove,
+                msg_id=9,
+            ):  # fmt: skip
+                responses.append((status, identifier))
+                if status.Status == 0xFF00 and len(responses) == 1:
+                    assoc.send_c_cancel(9, assoc.accepted_contexts[0].context_id)
+        finally:
+            assoc.release()
+    finally:
+        destination.stop()
+    pending = [status for status, _ in responses[:-1]]
+    final, identifier = responses[-1]
+    assert final.Status == 0xFE00
+    assert {status.Status for status in pending} == {0xFF00}
+    done = final.NumberOfCompletedSuboperations
+    assert 0 < done < 500
+    assert final.NumberOfFailedSuboperations == 0
+    assert final.NumberOfRemainingSuboperations == 500 - done
+    assert len(list(destination.directory.iterdir())) == done
+    # One Pending at most per sub-operation, each with the counts so far.
+    assert len(pending) <= done
+    for status in pending:
+        assert status.NumberOfRemainingSuboperations + status.NumberOfCompletedSuboperations == 500
+    end = server.wait_for_event("move.end")[-1]
+    assert (end["cancelled"], end["completed"], end["matches"]) == (True, done, 500)
