@@ -35,9 +35,9 @@ from scp.sub_operations import (
     Tally,
     Unsendable,
     choose_syntax,
-    open_dataset,
     proposals,
-    store_failed,
+    send_instance,
+    store_failure,
 )
 from storage.catalog import find
 from storage.catalog.engines import IndexLocation
@@ -251,8 +251,8 @@ class Retrieval:
         )
 
     def _stored(self, instance: find.StoredInstance, status: int, comment: str) -> None:
-        if store_failed(status):
-            why = f"C-STORE status 0x{status:04X}" + (f": {comment}" if comment else "")
+        why = store_failure(status, comment)
+        if why is not None:
             self._failed(instance, why)
         else:
             self.tally.succeeded(warned=status != 0)
@@ -353,13 +353,7 @@ class Move(Retrieval):
 
     def _sub_operation(self, instance: find.StoredInstance) -> tuple[bytes, bytes] | None:
         try:
-            dataset = open_dataset(self.service.data_dir, instance)
-        except Unsendable as exc:
-            self._failed(instance, str(exc))
-            return self.tally.pending_due()
-        try:
-            with dataset.source:
-                status, comment = self.destination.store(instance, dataset)
+            status, comment = self.destination.store(self.service.data_dir, instance)
         except Unsendable as exc:
             self._failed(instance, str(exc))
         except AssociationError as exc:
@@ -403,34 +397,22 @@ class Get(Retrieval):
         backs = [
             o for o in self.outbox.requests_back() if o.abstract_syntax == instance.sop_class_uid
         ]
+        self._message_ids = self._message_ids % 0xFFFF + 1
+        command = dimse.store_request(
+            self._message_ids, instance.sop_class_uid, instance.sop_instance_uid
+        )
         try:
             syntax = choose_syntax(instance, (o.transfer_syntax for o in backs))
-            dataset = open_dataset(self.service.data_dir, instance)
+            back = next(o for o in backs if o.transfer_syntax == syntax)
+            send_instance(
+                back.send, back.send_from, self.service.data_dir, instance, syntax, command
+            )
         except Unsendable as exc:
             self._failed(instance, str(exc))
             return self.tally.pending_due()
-        back = next(o for o in backs if o.transfer_syntax == syntax)
-        with dataset.source:
-            try:
-                converted = (
-                    None if syntax == instance.transfer_syntax
-                    else dataset.converted(instance, syntax)
-                )  # fmt: skip
-            except Unsendable as exc:
-                self._failed(instance, str(exc))
-                return self.tally.pending_due()
-            self._message_ids = self._message_ids % 0xFFFF + 1
-            command = dimse.store_request(
-                self._message_ids, instance.sop_class_uid, instance.sop_instance_uid
-            )
-            try:
-                if converted is None:
-                    back.send_from(command, dataset.source, dataset.length)
-                else:
-                    back.send(command, converted)
-            except OSError as exc:  # the file, read while sending: nothing can follow
-                self._failed(instance, f"reading {instance.path} failed while sending: {exc}")
-                raise
+        except OSError as exc:  # the file, read while sending: nothing can follow
+            self._failed(instance, f"reading {instance.path} failed while sending: {exc}")
+            raise
         self._sending, self.awaiting_response = instance, True
         return None
 

@@ -14,10 +14,11 @@ logged (`retrieve.failed`) and its UID in the Failed SOP Instance UID List.
 `Destination` sends sub-operations on an association of ours (C-MOVE, `send`).
 """
 
+import functools
 import hashlib
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -128,6 +129,26 @@ def choose_syntax(instance: StoredInstance, accepted: Iterable[str]) -> str:
     )
 
 
+def send_instance(
+    send: Callable[[bytes, bytes], None],
+    send_from: Callable[[bytes, BinaryIO, int], None],
+    data_dir: Path,
+    instance: StoredInstance,
+    syntax: str,
+    command: bytes,
+) -> None:
+    """Send the C-STORE-RQ `command` with `instance`'s data set in `syntax`
+    (`choose_syntax`'s): streamed from its file (`send_from`) when that is
+    the stored syntax, else converted (`send`). Unsendable when it is not to
+    be sent; OSError when its file fails while being read."""
+    dataset = open_dataset(data_dir, instance)
+    with dataset.source:
+        if syntax == instance.transfer_syntax:
+            send_from(command, dataset.source, dataset.length)
+        else:
+            send(command, dataset.converted(instance, syntax))
+
+
 def proposals(contents: Iterable[tuple[str, str]]) -> list[Proposal]:
     """Presentation contexts for the (SOP class, stored transfer syntax) pairs a
     retrieve's matches hold: each class in each of its stored syntaxes, the
@@ -235,10 +256,10 @@ class Destination:
         self.move_originator = move_originator  # (AE title, Message ID) of a C-MOVE
         self._message_ids = 0
 
-    def store(self, instance: StoredInstance, dataset: Dataset) -> tuple[int, str]:
-        """Send one instance; its C-STORE-RSP status and comment. Unsendable
-        when the destination accepts it in no syntax we can send;
-        AssociationError when the association broke."""
+    def store(self, data_dir: Path, instance: StoredInstance) -> tuple[int, str]:
+        """Send one stored instance; its C-STORE-RSP status and comment.
+        Unsendable when it is not to be sent or the destination accepts it in
+        no syntax we can send; AssociationError when the association broke."""
         accepted = [
             cx for cx in self.association.contexts if cx.abstract_syntax == instance.sop_class_uid
         ]
@@ -252,20 +273,22 @@ class Destination:
             move_originator=self.move_originator,
         )
         try:
-            if syntax == instance.transfer_syntax:
-                self.association.send_from(context, command, dataset.source, dataset.length)
-            else:
-                self.association.send(context, command, dataset.converted(instance, syntax))
-        except OSError as exc:  # the file, read while sending: the association is cut short
+            send_instance(
+                functools.partial(self.association.send, context),
+                functools.partial(self.association.send_from, context),
+                data_dir, instance, syntax, command,
+            )  # fmt: skip
+        except OSError as exc:  # the file, read while sending: the message is cut short
             self.association.abort()
             raise AssociationError(f"reading {instance.path} failed while sending: {exc}") from exc
         response = self.association.receive().command
-        return response.status if response.status is not None else 0xC000, response.text(
-            dimse.ERROR_COMMENT
-        )
+        status = response.status if response.status is not None else 0xC000
+        return status, response.text(dimse.ERROR_COMMENT)
 
 
-def store_failed(status: int) -> bool:
-    """Whether a C-STORE-RSP status is a failure (PS3.4 B.2.3); warnings
-    (0x0001, 0xBxxx) are not."""
-    return status != SUCCESS and status != 0x0001 and (status & 0xF000) != 0xB000
+def store_failure(status: int, comment: str) -> str | None:
+    """Why a C-STORE-RSP status is a failure (PS3.4 B.2.3), or None for a
+    success or a warning (0x0001, 0xBxxx)."""
+    if status == SUCCESS or status == 0x0001 or (status & 0xF000) == 0xB000:
+        return None
+    return f"C-STORE status 0x{status:04X}" + (f": {comment}" if comment else "")

@@ -2,6 +2,7 @@
 retrieve what real C-STOREs stored, into a dcmtk storescp the test starts (or
 back on their own association); every data set arrives byte-exact."""
 
+import json
 import shutil
 import subprocess
 import time
@@ -28,6 +29,7 @@ from pynetdicom.sop_class import (
 
 from storage.codec.datasets import reencode_dataset
 from tests.conftest import (
+    IMAGING_SCP,
     both_indexes,
     bundled_test_files,
     dataset_bytes,
@@ -403,3 +405,54 @@ def test_a_cancel_in_the_middle_of_a_500_instance_move_ends_it_with_the_counts(
         assert status.NumberOfRemainingSuboperations + status.NumberOfCompletedSuboperations == 500
     end = server.wait_for_event("move.end")[-1]
     assert (end["cancelled"], end["completed"], end["matches"]) == (True, done, 500)
+
+
+def imaging_scp_send(server, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [IMAGING_SCP, "send", *server.index_flags, *args],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+
+def test_send_pushes_a_study_or_a_series_and_exits_1_when_one_fails(archive, tmp_path):
+    server, destination, sent = archive
+    study = next(iter(sent))
+    expected = instances_of(sent, study)
+    destination.clear()
+    done = imaging_scp_send(
+        server, "--study", study, "--to", DEST, "--host", "127.0.0.1",
+        "--port", str(destination.port), "--json",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert (summary["matches"], summary["sent"], summary["failed"]) == (
+        len(expected),
+        len(expected),
+        [],
+    )
+    assert destination.received() == expected
+
+    # A series, the peer from `peers` in the config file, one file gone.
+    series = next(iter(sent[study]["series"]))
+    gone = next(iter(sent[study]["series"][series]))
+    path = next(server.data_dir.rglob(f"{gone}.dcm"))
+    kept = path.read_bytes()
+    path.unlink()
+    config = tmp_path / "scp.toml"
+    config.write_text(f'[peers]\n{DEST} = "127.0.0.1:{destination.port}"\n')
+    destination.clear()
+    try:
+        done = imaging_scp_send(
+            server, "--config", str(config), "--series", series, "--to", DEST, "--json"
+        )
+    finally:
+        path.write_bytes(kept)
+    assert done.returncode == 1
+    summary = json.loads(done.stdout)
+    assert summary["sent"] == len(sent[study]["series"][series]) - 1
+    assert [f["sopInstanceUid"] for f in summary["failed"]] == [gone]
+    assert "missing" in summary["failed"][0]["reason"]
+    assert set(destination.received()) == set(sent[study]["series"][series]) - {gone}
+
+    unknown = imaging_scp_send(server, "--study", study, "--to", "NOBODY")
+    assert unknown.returncode == 2 and "peers" in unknown.stderr
