@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
 
 import pydicom
@@ -38,6 +39,7 @@ from tests.conftest import (
     send_files,
     start_server,
 )
+from tests.test_interop import Orthanc, requires_orthanc
 
 STORESCP = shutil.which("storescp") or "/usr/bin/storescp"
 MOVESCU = shutil.which("movescu") or "/usr/bin/movescu"
@@ -456,3 +458,38 @@ def test_send_pushes_a_study_or_a_series_and_exits_1_when_one_fails(archive, tmp
 
     unknown = imaging_scp_send(server, "--study", study, "--to", "NOBODY")
     assert unknown.returncode == 2 and "peers" in unknown.stderr
+
+
+@requires_orthanc
+def test_orthanc_pulls_a_study_into_itself_byte_exact(server_factory, tmp_path):
+    """Orthanc's REST `POST /modalities/{us}/move` with itself as the target."""
+    orthanc = Orthanc(tmp_path / "orthanc")
+    try:
+        orthanc.wait_ready()
+        server = server_factory("--peer", f"ORTHANC=127.0.0.1:{orthanc.dicom_port}")
+        orthanc.use_scp(server.port)
+        study, series = generate_uid(), generate_uid()
+        syntaxes = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+        paths = [
+            make_instance(tmp_path / "files", study_uid=study, series_uid=series,
+                          InstanceNumber=n + 1, transfer_syntax=syntaxes[n % 2])
+            for n in range(6)
+        ]  # fmt: skip
+        assert {s.status for s in send_files(server.port, paths)} == {0}
+        orthanc.request(
+            "/modalities/scp/move",
+            {"Level": "Study", "Resources": [{"StudyInstanceUID": study}],
+             "TargetAet": "ORTHANC", "Synchronous": True},
+        )  # fmt: skip
+        held = {}
+        for orthanc_id in orthanc.request("/instances"):
+            url = f"http://127.0.0.1:{orthanc.http_port}/instances/{orthanc_id}/file"
+            with urllib.request.urlopen(url, timeout=30) as reply:
+                held_file = tmp_path / f"{orthanc_id}.dcm"
+                held_file.write_bytes(reply.read())
+            held[split_dataset(held_file)[0].MediaStorageSOPInstanceUID] = dataset_bytes(held_file)
+        assert held == {pydicom.dcmread(p).SOPInstanceUID: dataset_bytes(p) for p in paths}
+        end = server.wait_for_event("move.end")[-1]
+        assert (end["destination"], end["completed"], end["failed"]) == ("ORTHANC", 6, 0)
+    finally:
+        orthanc.stop()
