@@ -5,6 +5,7 @@ back on their own association); every data set arrives byte-exact."""
 import json
 import shutil
 import subprocess
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -493,3 +494,62 @@ def test_orthanc_pulls_a_study_into_itself_byte_exact(server_factory, tmp_path):
         assert (end["destination"], end["completed"], end["failed"]) == ("ORTHANC", 6, 0)
     finally:
         orthanc.stop()
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+@pytest.mark.slow
+def test_a_1000_instance_move_beside_a_live_sender_keeps_the_server_rss_flat(
+    server_factory, tmp_path
+):
+    destination = Storescp(tmp_path / "dest")
+    try:
+        server = server_factory("--peer", f"{DEST}=127.0.0.1:{destination.port}")
+        study, series = generate_uid(), generate_uid()
+        paths = [make_instance(tmp_path / "files", study_uid=study, series_uid=series,
+                               InstanceNumber=n) for n in range(1000)]  # fmt: skip
+        assert {s.status for s in send_files(server.port, paths)} == {0}
+        other = [make_instance(tmp_path / "other", study_uid=generate_uid(),
+                               series_uid=generate_uid()) for _ in range(300)]  # fmt: skip
+        samples: list[tuple[int, int]] = []  # (files at the destination, server RSS KiB)
+        results: dict = {}
+        sender = threading.Thread(
+            target=lambda: results.update(sent=send_files(server.port, other))
+        )
+        moving = threading.Thread(
+            target=lambda: results.update(
+                moved=move(server.port, series_identifier(study, series), DEST)
+            )
+        )
+        sender.start()
+        moving.start()
+        while moving.is_alive():
+            samples.append(
+                (len(list(destination.directory.iterdir())), rss_kib(server.process.pid))
+            )
+            time.sleep(0.1)
+        moving.join()
+        sender.join(120)
+    finally:
+        destination.stop()
+    final = results["moved"][-1][0]
+    assert (final.Status, final.NumberOfCompletedSuboperations) == (0x0000, 1000)
+    assert {s.status for s in results["sent"]} == {0}
+    assert len(list(destination.directory.iterdir())) == 1000
+    # Memory once the move is under way, against its peak: no growth with the series.
+    early = [rss for files, rss in samples if 100 <= files <= 300]
+    assert early, samples
+    assert max(rss for _, rss in samples) - min(early) < 10 * 1024, samples
+
+
+def series_identifier(study_uid: str, series_uid: str) -> Dataset:
+    ds = Dataset()
+    ds.QueryRetrieveLevel = "SERIES"
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = series_uid
+    return ds
