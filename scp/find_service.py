@@ -20,7 +20,7 @@ import time
 from pydicom.datadict import keyword_for_tag
 
 from scp import dimse
-from scp.service import Conversation, Outbox
+from scp.service import Conversation, Identifier, Outbox, index_read_failed
 from scp.session import Session
 from storage.catalog import find
 from storage.catalog.engines import IndexLocation
@@ -95,23 +95,14 @@ class FindConversation(Conversation):
         return None
 
 
-class IncomingQuery:
+class IncomingQuery(Identifier):
     """A C-FIND-RQ's identifier on its way in, then the query it asks."""
 
     def __init__(self, service: FindService, session: Session, command, outbox: Outbox):
+        super().__init__(command, outbox)
         self.service = service
         self.session = session
-        self.command = command
-        self.outbox = outbox
         self.transfer_syntax = outbox.transfer_syntax
-        self._data = bytearray()
-
-    def write(self, fragment) -> None:
-        if len(self._data) < 1024 * 1024:  # an identifier is a few hundred bytes
-            self._data += fragment
-
-    def discard(self) -> None:
-        self._data = bytearray()
 
     def finish(self) -> None:
         """Answer with the query's responses, streamed; the first may be a failure."""
@@ -210,13 +201,11 @@ class RunningQuery:
         except find.QueryError as exc:
             return self._final(IDENTIFIER_DOES_NOT_MATCH, str(exc))
         except Exception as exc:
-            damage = self.service.location.corruption(exc)
-            if damage is not None:  # the admin's to repair: the reason says how
-                self.session.log.error("index.corrupt", reason=str(damage))
-                self.service.index_health.damaged(str(damage))
-                return self._final(UNABLE_TO_PROCESS, "receiver's index is damaged")
-            self.session.log.exception("find.failed")
-            return self._final(UNABLE_TO_PROCESS, f"query failed: {type(exc).__name__}")
+            service = self.service
+            why = index_read_failed(
+                self.session, service.location, service.index_health, exc, "find.failed", "query"
+            )
+            return self._final(UNABLE_TO_PROCESS, why)
         if match is None:
             return self._final(SUCCESS)
         if limit and self.matches >= limit:

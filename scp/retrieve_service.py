@@ -28,7 +28,14 @@ import time
 from scp import dimse
 from scp.config import peer_address
 from scp.requestor import AssociationError, Requestor
-from scp.service import Conversation, Outbox, Unserved, unrecognized
+from scp.service import (
+    Conversation,
+    Identifier,
+    Outbox,
+    Unserved,
+    index_read_failed,
+    unrecognized,
+)
 from scp.session import Session
 from scp.sub_operations import (
     Destination,
@@ -115,21 +122,14 @@ class RetrieveConversation(Conversation):
         return get.stored(command)
 
 
-class IncomingIdentifier:
+class IncomingIdentifier(Identifier):
     """A C-MOVE-RQ's or C-GET-RQ's identifier on its way in, then the retrieve."""
 
+    limit = 16 * 1024 * 1024  # a long list of UIDs
+
     def __init__(self, conversation: RetrieveConversation, command, outbox: Outbox):
+        super().__init__(command, outbox)
         self.conversation = conversation
-        self.command = command
-        self.outbox = outbox
-        self._data = bytearray()
-
-    def write(self, fragment) -> None:
-        if len(self._data) < 16 * 1024 * 1024:  # a long list of UIDs at most
-            self._data += fragment
-
-    def discard(self) -> None:
-        self._data = bytearray()
 
     def finish(self) -> None:
         kind = Move if self.command.field == dimse.C_MOVE_RQ else Get
@@ -301,15 +301,12 @@ class Retrieval:
         return self.tally.refusal(refused.status, refused.reason)
 
     def _index_failed(self, exc: Exception) -> tuple[bytes, bytes]:
-        damage = self.service.location.corruption(exc)
-        if damage is not None:  # the admin's to repair: the reason says how
-            self.session.log.error("index.corrupt", reason=str(damage))
-            self.service.index_health.damaged(str(damage))
-            return self._refused(RetrieveRefused(UNABLE_TO_PROCESS, "receiver's index is damaged"))
-        self.session.log.exception(f"{self.name}.failed")
-        return self._refused(
-            RetrieveRefused(UNABLE_TO_PROCESS, f"retrieve failed: {type(exc).__name__}")
-        )
+        service = self.service
+        why = index_read_failed(
+            self.session, service.location, service.index_health, exc, f"{self.name}.failed",
+            "retrieve",
+        )  # fmt: skip
+        return self._refused(RetrieveRefused(UNABLE_TO_PROCESS, why))
 
 
 class Move(Retrieval):

@@ -89,6 +89,44 @@ class Incoming(Protocol):
         ...
 
 
+class Identifier:
+    """The identifier of a C-FIND, C-MOVE or C-GET request on its way in (an
+    `Incoming`), kept up to `limit` bytes; `finish` answers the request."""
+
+    limit = 1024 * 1024  # an identifier is a few hundred bytes (a list of UIDs, more)
+
+    def __init__(self, command: dimse.Command, outbox: Outbox):
+        self.command = command
+        self.outbox = outbox
+        self._data = bytearray()
+
+    def write(self, fragment) -> None:
+        if len(self._data) < self.limit:
+            self._data += fragment
+
+    def discard(self) -> None:
+        self._data = bytearray()
+
+    def finish(self) -> None:
+        raise NotImplementedError
+
+
+def index_read_failed(
+    session: Session, location, health, exc: Exception, event: str, what: str
+) -> str:
+    """A read of the index for a `what` ("query", "retrieve") failed with `exc`:
+    damage is logged and told to `health` (the admin's to repair: the reason
+    says how), anything else is logged as `event` with its traceback. The
+    ErrorComment that says so."""
+    damage = location.corruption(exc)
+    if damage is not None:
+        session.log.error("index.corrupt", reason=str(damage))
+        health.damaged(str(damage))
+        return "receiver's index is damaged"
+    session.log.exception(event)
+    return f"{what} failed: {type(exc).__name__}"
+
+
 class Conversation:
     """A service's part in one association."""
 
