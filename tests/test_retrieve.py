@@ -175,14 +175,15 @@ def test_movescu_at_every_level_of_both_roots_delivers_byte_exact(archive):
         assert end["destination"] == DEST
 
 
-def move(port: int, identifier: Dataset, destination: str, model=None) -> list:
+def move(port: int, identifier: Dataset, destination: str, model=None, msg_id: int = 1) -> list:
     ae = AE("MOVER")
     model = model or StudyRootQueryRetrieveInformationModelMove
     ae.add_requested_context(model)
     assoc = ae.associate("127.0.0.1", port, ae_title="IMAGING_SCP")
     assert assoc.is_established
     try:
-        return [(status, ds) for status, ds in assoc.send_c_move(identifier, destination, model)]
+        moving = assoc.send_c_move(identifier, destination, model, msg_id=msg_id)
+        return [(status, ds) for status, ds in moving]
     finally:
         assoc.release()
 
@@ -365,10 +366,12 @@ def test_an_implicit_vr_destination_gets_conversions_and_no_compressed_object(ar
     assert any("accepts no JPEG 2000 Image Compression (Lossless Only)" in r for r in reasons)
 
 
-def test_a_cancel_in_the_middle_of_a_500_instance_move_ends_it_with_the_counts(
-    server_factory, tmp_path
+@pytest.mark.parametrize("kind", ["move", "get"])
+def test_a_cancel_in_the_middle_of_a_500_instance_retrieve_ends_it_with_the_counts(
+    server_factory, tmp_path, kind
 ):
     destination = Storescp(tmp_path / "dest")
+    got = []
     try:
         server = server_factory("--peer", f"{DEST}=127.0.0.1:{destination.port}")
         study = generate_uid()
@@ -378,17 +381,29 @@ def test_a_cancel_in_the_middle_of_a_500_instance_move_ends_it_with_the_counts(
         assert {s.status for s in send_files(server.port, paths)} == {0}
         ae = AE("MOVER")
         ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
-        assoc = ae.associate("127.0.0.1", server.port, ae_title="IMAGING_SCP")
+        ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+        ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+        assoc = ae.associate(
+            "127.0.0.1", server.port, ae_title="IMAGING_SCP",
+            ext_neg=[build_role(CTImageStorage, scp_role=True)],
+            evt_handlers=[(evt.EVT_C_STORE, lambda event: got.append(1) or 0x0000)],
+        )  # fmt: skip
         assert assoc.is_established
+        if kind == "move":
+            model = StudyRootQueryRetrieveInformationModelMove
+            retrieving = assoc.send_c_move(study_identifier(study), DEST, model, msg_id=9)
+        else:
+            model = StudyRootQueryRetrieveInformationModelGet
+            retrieving = assoc.send_c_get(study_identifier(study), model, msg_id=9)
+        context_id = next(
+            cx.context_id for cx in assoc.accepted_contexts if cx.abstract_syntax == model
+        )
         responses = []
         try:
-            for status, identifier in assoc.send_c_move(
-                study_identifier(study), DEST, StudyRootQueryRetrieveInformationModelMove,
-                msg_id=9,
-            ):  # fmt: skip
+            for status, identifier in retrieving:
                 responses.append((status, identifier))
                 if status.Status == 0xFF00 and len(responses) == 1:
-                    assoc.send_c_cancel(9, assoc.accepted_contexts[0].context_id)
+                    assoc.send_c_cancel(9, context_id)
         finally:
             assoc.release()
     finally:
@@ -401,12 +416,13 @@ def test_a_cancel_in_the_middle_of_a_500_instance_move_ends_it_with_the_counts(
     assert 0 < done < 500
     assert final.NumberOfFailedSuboperations == 0
     assert final.NumberOfRemainingSuboperations == 500 - done
-    assert len(list(destination.directory.iterdir())) == done
+    arrived = len(got) if kind == "get" else len(list(destination.directory.iterdir()))
+    assert arrived == done
     # One Pending at most per sub-operation, each with the counts so far.
     assert len(pending) <= done
     for status in pending:
         assert status.NumberOfRemainingSuboperations + status.NumberOfCompletedSuboperations == 500
-    end = server.wait_for_event("move.end")[-1]
+    end = server.wait_for_event(f"{kind}.end")[-1]
     assert (end["cancelled"], end["completed"], end["matches"]) == (True, done, 500)
 
 
@@ -553,3 +569,58 @@ def series_identifier(study_uid: str, series_uid: str) -> Dataset:
     ds.StudyInstanceUID = study_uid
     ds.SeriesInstanceUID = series_uid
     return ds
+
+
+def test_a_damaged_file_and_an_offline_series_are_failed_sub_operations(server_factory, tmp_path):
+    """Sent to a pynetdicom destination, which also sees the Move Originator fields."""
+    originators = []
+    received = {}
+
+    def on_store(event):
+        request = event.request
+        originators.append(
+            (request.MoveOriginatorApplicationEntityTitle, request.MoveOriginatorMessageID)
+        )
+        received[request.AffectedSOPInstanceUID] = bytes(request.DataSet.getvalue())
+        return 0x0000
+
+    dest_port = free_port()
+    scp = AE("PYDEST")
+    scp.add_supported_context(CTImageStorage, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    listener = scp.start_server(
+        ("127.0.0.1", dest_port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)]
+    )
+    try:
+        server = server_factory("--peer", f"PYDEST=127.0.0.1:{dest_port}")
+        study, kept_series, offline_series = generate_uid(), generate_uid(), generate_uid()
+        paths = {
+            series: [make_instance(tmp_path / series, study_uid=study, series_uid=series)
+                     for _ in range(3)]
+            for series in (kept_series, offline_series)
+        }  # fmt: skip
+        assert {s.status for s in send_files(server.port, sum(paths.values(), []))} == {0}
+        uid_of = {p: pydicom.dcmread(p).SOPInstanceUID for p in sum(paths.values(), [])}
+        damaged = uid_of[paths[kept_series][0]]
+        stored = next(server.data_dir.rglob(f"{damaged}.dcm"))
+        data = bytearray(stored.read_bytes())
+        data[-1] ^= 0xFF  # same size, another data set
+        stored.write_bytes(data)
+        offline = subprocess.run(
+            [IMAGING_SCP, "availability", "set", "--series", offline_series, "offline",
+             *server.index_flags], capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert offline.returncode == 0, offline.stderr
+        status, identifier = move(server.port, study_identifier(study), "PYDEST", msg_id=77)[-1]
+    finally:
+        listener.shutdown()
+    failed = {damaged} | {uid_of[p] for p in paths[offline_series]}
+    assert status.Status == 0xB000
+    assert (status.NumberOfCompletedSuboperations, status.NumberOfFailedSuboperations) == (2, 4)
+    assert set(identifier.FailedSOPInstanceUIDList) == failed
+    assert received == {
+        uid_of[p]: dataset_bytes(p) for p in paths[kept_series] if uid_of[p] not in failed
+    }
+    assert set(originators) == {("MOVER", 77)}
+    reasons = {e["sop_instance_uid"]: e["reason"] for e in server.events("retrieve.failed")}
+    assert "no longer holds the data set received" in reasons[damaged]
+    assert reasons[uid_of[paths[offline_series][0]]] == "its series is OFFLINE"
