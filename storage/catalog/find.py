@@ -3,7 +3,7 @@ DICOM query, as SQL on the index's maintained columns. Nothing is recounted:
 the counts and the modalities in a study are the index's own.
 
 A query is a level and a list of keys, each a DICOM keyword with the value the
-requester sent ("" for a return key). `find` yields one dict per match,
+requester sent ("" for a return key). `matches` yields one dict per match,
 keyword -> value (str, int or list of str), straight from the SQL cursor: the
 caller streams them, and memory does not grow with the number of matches.
 
@@ -54,7 +54,7 @@ class Key:
     tag: int
     vr: str
     level: str  # the level whose rows hold it
-    column: str  # SQL expression over the FROM clause of `find`
+    column: str  # SQL expression over the FROM clause of `matches`
     # PN: the column holding the name case folded, which matching reads.
     folded: str | None = None
 
@@ -191,8 +191,9 @@ def check_query(query: Query) -> None:
             )
 
 
-def find(conn: Database, query: Query) -> Iterator[dict]:
-    """The matches of a checked query, one dict per row as the cursor yields it."""
+def matches(conn: Database, query: Query) -> Iterator[dict]:
+    """The matches of a checked query, one dict per row as the cursor yields it
+    (`CatalogReader.find` is its door)."""
     level = query.level
     keys = {keyword: key_for(keyword, level) for keyword in query.keys}
     keys = {keyword: key for keyword, key in keys.items() if key is not None}
