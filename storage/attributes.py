@@ -78,7 +78,7 @@ ATTRIBUTES = (
       fhir="interpreter"),
     A("ProcedureCodeSequence", 0x00081032, "SQ", STUDY, "procedure_codes",
       fhir="procedureCode"),
-    A("ReasonForRequestedProcedure", 0x00401002, "LO", STUDY, "reason", fhir="reasonCode"),
+    A("ReasonForTheRequestedProcedure", 0x00401002, "LO", STUDY, "reason", fhir="reasonCode"),
     A("AdmittingDiagnosesDescription", 0x00081080, "LO", STUDY, "reason", fhir="reasonCode"),
     A("InstitutionName", 0x00080080, "LO", STUDY, "institution", fhir="location"),
     A("InstitutionalDepartmentName", 0x00081040, "LO", STUDY, "department", fhir="location"),

@@ -154,7 +154,8 @@ def _header_from(source) -> InstanceHeader:
             "referrer": text("ReferringPhysicianName"),
             "interpreter": text("NameOfPhysiciansReadingStudy"),
             "procedure_codes": _codes(items("ProcedureCodeSequence")),
-            "reason": text("ReasonForRequestedProcedure") or text("AdmittingDiagnosesDescription"),
+            "reason": text("ReasonForTheRequestedProcedure")
+            or text("AdmittingDiagnosesDescription"),
             "institution": text("InstitutionName"),
             "department": text("InstitutionalDepartmentName"),
         },
