@@ -2,8 +2,8 @@
 with `--json`: ImagingStudy element names where FHIR has one (`uid`,
 `numberOfSeries`, `series[].instance[]`, …), camelCase names of our own
 beside them (`state`, `incompleteReason`, `bytes`, …). Empty values are left out.
-The indexed attributes shown as the index holds them are those storage.attributes
-names in JSON.
+Which indexed attributes are shown as the index holds them, and by which name,
+is said in their list (storage.attributes, `json`).
 """
 
 import json

@@ -244,8 +244,7 @@ class CatalogReader:
         if with_instances and by_uid:
             # By series UID: instances are indexed by series, not by study.
             for row in self._db.rows_in(
-                "SELECT * FROM instances WHERE series_uid IN (?)"
-                " ORDER BY number IS NULL, number, received_at",
+                f"SELECT i.* FROM instances i WHERE i.series_uid IN (?) ORDER BY {_INSTANCE_ORDER}",
                 list(by_uid),
             ):
                 by_uid[row["series_uid"]]["instances"].append(dict(row))
