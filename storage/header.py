@@ -39,6 +39,7 @@ from pydicom.filereader import ENCODED_VR, read_dataset
 from pydicom.tag import BaseTag
 from pydicom.values import convert_string
 
+from storage.attributes import ATTRIBUTES
 from storage.codec.datasets import lenient_reading
 from storage.codec.dates import normal_date, normal_time
 from storage.codec.syntax import TransferSyntax
@@ -65,47 +66,8 @@ from storage.codec.walk import (
 MAX_INFLATED_HEADER_BYTES = 64 * 1024 * 1024
 _INFLATE_CHUNK = 1024 * 1024
 
-_TAGS = {
-    "SpecificCharacterSet": 0x00080005,
-    "SOPClassUID": 0x00080016,
-    "SOPInstanceUID": 0x00080018,
-    "StudyDate": 0x00080020,
-    "SeriesDate": 0x00080021,
-    "StudyTime": 0x00080030,
-    "SeriesTime": 0x00080031,
-    "AccessionNumber": 0x00080050,
-    "IssuerOfAccessionNumberSequence": 0x00080051,
-    "Modality": 0x00080060,
-    "InstitutionName": 0x00080080,
-    "ReferringPhysicianName": 0x00080090,
-    "TimezoneOffsetFromUTC": 0x00080201,
-    "StudyDescription": 0x00081030,
-    "ProcedureCodeSequence": 0x00081032,
-    "SeriesDescription": 0x0008103E,
-    "InstitutionalDepartmentName": 0x00081040,
-    "PerformingPhysicianName": 0x00081050,
-    "NameOfPhysiciansReadingStudy": 0x00081060,
-    "OperatorsName": 0x00081070,
-    "AdmittingDiagnosesDescription": 0x00081080,
-    "PatientName": 0x00100010,
-    "PatientID": 0x00100020,
-    "IssuerOfPatientID": 0x00100021,
-    "PatientBirthDate": 0x00100030,
-    "PatientSex": 0x00100040,
-    "BodyPartExamined": 0x00180015,
-    "StudyInstanceUID": 0x0020000D,
-    "SeriesInstanceUID": 0x0020000E,
-    "StudyID": 0x00200010,
-    "SeriesNumber": 0x00200011,
-    "InstanceNumber": 0x00200013,
-    "Laterality": 0x00200060,
-    "ImageLaterality": 0x00200062,
-    "NumberOfFrames": 0x00280008,
-    "ReasonForRequestedProcedure": 0x00401002,
-    "DocumentTitle": 0x00420010,
-    "ConceptNameCodeSequence": 0x0040A043,
-    "ContentLabel": 0x00700080,
-}
+# The elements read: the indexed attributes, and the character set of their text.
+_TAGS = {"SpecificCharacterSet": 0x00080005, **{a.keyword: a.tag for a in ATTRIBUTES}}
 _SPECIFIC_TAGS = list(_TAGS.values())
 
 
@@ -192,7 +154,8 @@ def _header_from(source) -> InstanceHeader:
             "referrer": text("ReferringPhysicianName"),
             "interpreter": text("NameOfPhysiciansReadingStudy"),
             "procedure_codes": _codes(items("ProcedureCodeSequence")),
-            "reason": text("ReasonForRequestedProcedure") or text("AdmittingDiagnosesDescription"),
+            "reason": text("ReasonForTheRequestedProcedure")
+            or text("AdmittingDiagnosesDescription"),
             "institution": text("InstitutionName"),
             "department": text("InstitutionalDepartmentName"),
         },

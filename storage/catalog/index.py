@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
+from storage.attributes import ATTRIBUTES, INSTANCE, PATIENT, SERIES, STUDY, columns
 from storage.catalog.engines import (
     POSTGRES_KEY_LOCK,
     SQLITE_FILENAME,
@@ -69,50 +70,14 @@ ONLINE, NEARLINE, OFFLINE, UNAVAILABLE = "ONLINE", "NEARLINE", "OFFLINE", "UNAVA
 # Best first: a study's availability is the worst one among its series.
 AVAILABILITIES = (ONLINE, NEARLINE, OFFLINE, UNAVAILABLE)
 
-STUDY_FIELDS = {
-    "patient_id": str,
-    "issuer_of_patient_id": str,
-    "patient_name": str,
-    "patient_birth_date": str,
-    "patient_sex": str,
-    "study_date": str,
-    "study_time": str,
-    # The values as sent, when they differ from the normalised ones above
-    # (storage.codec.dates.normal_date/normal_time).
-    "patient_birth_date_raw": str,
-    "study_date_raw": str,
-    "study_time_raw": str,
-    "timezone_offset": str,
-    "accession": str,
-    "accession_issuer": str,
-    "study_id": str,
-    "description": str,
-    "referrer": str,
-    "interpreter": str,
-    "procedure_codes": str,
-    "reason": str,
-    "institution": str,
-    "department": str,
-    # The person names as C-FIND and the admin filters match them (case folded):
-    # derived from the names above, so never reported as disagreeing.
-    "patient_name_folded": str,
-    "referrer_folded": str,
-}
+# The columns the indexed attributes fill in (storage.attributes), per table:
+# first values win (`_first_values_win`). The folded names are derived from the
+# names beside them, so never reported as disagreeing.
+STUDY_FIELDS = columns(PATIENT, STUDY)
+SERIES_FIELDS = columns(SERIES)
+INSTANCE_FIELDS = columns(INSTANCE)
 # Each folded name and the name it is derived from.
-FOLDED_NAMES = {"patient_name_folded": "patient_name", "referrer_folded": "referrer"}
-SERIES_FIELDS = {
-    "modality": str,
-    "number": int,
-    "description": str,
-    "body_part": str,
-    "laterality": str,
-    "series_date": str,
-    "series_time": str,
-    "series_date_raw": str,
-    "series_time_raw": str,
-    "performer": str,
-}
-INSTANCE_FIELDS = {"number": int, "title": str, "number_of_frames": int}
+FOLDED_NAMES = {f"{a.column}_folded": a.column for a in ATTRIBUTES if a.folded}
 
 # The schema, the same on SQLite and PostgreSQL: table -> (columns, primary key).
 TABLES = {
