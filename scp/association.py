@@ -106,7 +106,8 @@ class Association(ServiceUser):
             network_timeout=config.network_timeout,
         )
         self.outboxes: dict[int, _Outbox] = {}  # by accepted presentation context ID
-        # Each service's part in this association, by the Command Fields routed to it.
+        # The part in this association of each service it has used (a service
+        # joins at its first message), by the Command Fields routed to it.
         self.conversations: dict[int, Conversation] = {}
         self._command = bytearray()
         self._command_context: int | None = None
@@ -165,12 +166,6 @@ class Association(ServiceUser):
             context_id: _Outbox(self, context_id, str(cx.transfer_syntax[0]))
             for context_id, cx in agreement.contexts.items()
         }
-        # A service serving several Command Fields has one part in the association.
-        joined: dict[Service, Conversation] = {}
-        for field_, service in self.associations.services.items():
-            if service not in joined:
-                joined[service] = service.join(session)
-            self.conversations[field_] = joined[service]
         layer.accept(agreement.pdu, request.max_pdu)
         session.established = True
         session.log.info(
@@ -253,7 +248,7 @@ class Association(ServiceUser):
         field_ = command.field
         if field_ is None:
             raise ProtocolError("a command set without a Command Field")
-        conversation = self.conversations.get(field_)
+        conversation = self.conversations.get(field_) or self._join(field_)
         if field_ & 0x8000:  # a response: to one of our requests, or to nothing
             if command.has_dataset:
                 self._dataset_context = outbox.context_id
@@ -284,6 +279,22 @@ class Association(ServiceUser):
             incoming = None
         if incoming is not None:
             self._dataset, self._dataset_context = incoming, outbox.context_id
+
+    def _join(self, field_: int) -> Conversation | None:
+        """The part of the service serving `field_` in this association, once
+        it has one (None: no service serves it). A service serving several
+        Command Fields has one part."""
+        service = self.associations.services.get(field_)
+        if service is None:
+            return None
+        for other, service_of_other in self.associations.services.items():
+            if service_of_other is service and other in self.conversations:
+                conversation = self.conversations[other]
+                break
+        else:
+            conversation = service.join(self.session)
+        self.conversations[field_] = conversation
+        return conversation
 
     def stream(self, context_id: int, start: Callable[[], Responses]) -> None:
         """Send a request's responses one at a time, between reads (`send_output`)."""
