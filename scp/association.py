@@ -12,7 +12,7 @@ Each association has a `Session`: an id, a logger bound once with the id and
 the peer (and, once the request is read, the AE titles), and the totals its end
 reports.
 
-**The DIMSE service protocol.** The table (`Receiver` builds it) maps a Command
+**The DIMSE service protocol.** The table (`scp.server.Listeners` builds it) maps a Command
 Field to a `Service`. A service joins an association at its first message: its
 `Conversation` holds what the service keeps about that association. Each
 request goes to `Conversation.request` with the `Outbox` of its presentation
@@ -81,7 +81,7 @@ from scp.upper_layer import (
 from storage.catalog.index import Provenance
 from storage.store import InstanceStore
 
-# -- one association's record: its id, log and totals ---------------------------
+# -- one association's record: its id, log and totals ----------------------------------
 
 _association_numbers = itertools.count(1)
 _STARTED = int(time.time()) % 0x10000
@@ -89,6 +89,8 @@ _STARTED = int(time.time()) % 0x10000
 
 @dataclass
 class Session:
+    """What we know and count about one association, and how its end is logged."""
+
     id: str
     host: str
     peer: str
@@ -129,7 +131,7 @@ class Session:
         )
 
 
-# -- the DIMSE service protocol -------------------------------------------------
+# -- the DIMSE service protocol --------------------------------------------------------
 
 
 class Responses(Protocol):
@@ -239,7 +241,7 @@ class Unserved:
         self.outbox.send(unrecognized(self.session, self.command))
 
 
-# -- what we accept -------------------------------------------------------------
+# -- what we accept --------------------------------------------------------------------
 
 MAX_PRESENTATION_CONTEXTS = 128  # PS3.8 9.3.2.2: odd IDs 1 to 255
 
@@ -413,7 +415,7 @@ def agree(request: Request, max_pdu: int) -> Agreement:
     return Agreement(ac.encode(), accepted, len(results) - len(accepted))
 
 
-# -- the association ---------------------------------------------------------------
+# -- the association -------------------------------------------------------------------
 
 _COMMAND = 0x01
 _LAST = 0x02

@@ -277,17 +277,20 @@ def our_user_information(max_pdu: int) -> list:
     return [length, implementation, version]
 
 
+class ProtocolError(Exception):
+    """A P-DATA whose content breaks the rules of the DIMSE layer: the service
+    user raises it, the upper layer aborts (AA-8)."""
+
+
+# -- the acceptor ----------------------------------------------------------------------
+
+
 @dataclass(frozen=True)
 class Abort:
     """How an association was aborted, for the service user's log."""
 
     by: str  # "peer", "us" or "connection" (closed or failed without an A-ABORT)
     reason: str
-
-
-class ProtocolError(Exception):
-    """A P-DATA whose content breaks the rules of the DIMSE layer: the service
-    user raises it, the upper layer aborts (AA-8)."""
 
 
 class ServiceUser:
@@ -314,102 +317,6 @@ class ServiceUser:
 
     def send_output(self, layer: "AcceptorLayer") -> None:
         """Send the next of those messages (with layer.send_message)."""
-
-
-REQUESTOR_MAX_PDU = 65536  # the P-DATA-TF variable field we announce we receive as requestor
-
-# A-ASSOCIATE-RJ Result and (Source, Reason/Diag.), PS3.8 9.3.4
-REJECT_RESULTS = {1: "Rejected Permanent", 2: "Rejected Transient"}
-REJECT_REASONS = {
-    (1, 1): "No reason given",
-    (1, 2): "Application context name not supported",
-    (1, 3): "Calling AE title not recognised",
-    (1, 7): "Called AE title not recognised",
-    (2, 1): "No reason given",
-    (2, 2): "Protocol version not supported",
-    (3, 1): "Temporary congestion",
-    (3, 2): "Local limit exceeded",
-}
-# A-ABORT Source and Reason/Diag. (PS3.8 9.3.8)
-ABORT_SOURCES = {0: "service-user", 2: "service-provider"}
-ABORT_REASONS = {
-    0: "reason not specified",
-    1: "unrecognized PDU",
-    2: "unexpected PDU",
-    4: "unrecognized PDU parameter",
-    5: "unexpected PDU parameter",
-    6: "invalid PDU parameter value",
-}
-
-
-class AssociationError(Exception):
-    """An association of ours that could not be opened, or broke; the message
-    names the peer and what happened."""
-
-
-class ConnectFailed(AssociationError):
-    """No TCP connection: the name does not resolve, or nothing listens."""
-
-
-class NoAnswer(AssociationError):
-    """The peer did not answer within the timeout (we aborted)."""
-
-
-class Rejected(AssociationError):
-    """An A-ASSOCIATE-RJ."""
-
-    def __init__(self, peer: str, result: int, source: int, reason: int):
-        self.result, self.source, self.reason = result, source, reason
-        said = REJECT_RESULTS.get(result, f"result {result}")
-        why = REJECT_REASONS.get((source, reason), f"source {source}, reason {reason}")
-        super().__init__(f"{peer} rejected the association: {said}; {why}")
-
-
-class Aborted(AssociationError):
-    """An A-ABORT from the peer (`source`, `reason` as sent), or the connection
-    closed under the association (both None)."""
-
-    def __init__(self, message: str, source: int | None = None, reason: int | None = None):
-        self.source, self.reason = source, reason
-        super().__init__(message)
-
-
-class NotAccepted(AssociationError):
-    """The peer accepted no presentation context (in the role we asked for)
-    for an abstract syntax."""
-
-
-class ProtocolViolation(AssociationError):
-    """The peer sent what PS3.8 does not allow where it did (we aborted)."""
-
-
-@dataclass(frozen=True)
-class Proposal:
-    """One presentation context to propose; `scp_role`: ask to be its SCP
-    (SCP/SCU role selection, as a storage commitment report's sender is)."""
-
-    abstract_syntax: str
-    transfer_syntaxes: tuple[str, ...]
-    scp_role: bool = False
-
-
-@dataclass(frozen=True)
-class AcceptedContext:
-    context_id: int
-    abstract_syntax: str
-    transfer_syntax: str
-
-
-@dataclass(frozen=True)
-class Message:
-    """A DIMSE message received: its command set, and its dataset (None if it has none)."""
-
-    context_id: int
-    command: dimse.Command
-    dataset: bytes | None
-
-
-# -- the acceptor ------------------------------------------------------------------
 
 
 class AcceptorLayer:
@@ -696,7 +603,7 @@ class AcceptorLayer:
             self.sock.close()
 
 
-# -- both: P-DATA framing -----------------------------------------------------------
+# -- both: P-DATA framing --------------------------------------------------------------
 
 
 def pdvs(body):
@@ -733,7 +640,99 @@ def p_data_pdus(context_id: int, command: bytes, dataset: bytes, peer_max_pdu: i
     return bytes(out)
 
 
-# -- the requestor -------------------------------------------------------------------
+# -- the requestor ---------------------------------------------------------------------
+
+REQUESTOR_MAX_PDU = 65536  # the P-DATA-TF variable field we announce we receive as requestor
+
+# A-ASSOCIATE-RJ Result and (Source, Reason/Diag.), PS3.8 9.3.4
+REJECT_RESULTS = {1: "Rejected Permanent", 2: "Rejected Transient"}
+REJECT_REASONS = {
+    (1, 1): "No reason given",
+    (1, 2): "Application context name not supported",
+    (1, 3): "Calling AE title not recognised",
+    (1, 7): "Called AE title not recognised",
+    (2, 1): "No reason given",
+    (2, 2): "Protocol version not supported",
+    (3, 1): "Temporary congestion",
+    (3, 2): "Local limit exceeded",
+}
+# A-ABORT Source and Reason/Diag. (PS3.8 9.3.8)
+ABORT_SOURCES = {0: "service-user", 2: "service-provider"}
+ABORT_REASONS = {
+    0: "reason not specified",
+    1: "unrecognized PDU",
+    2: "unexpected PDU",
+    4: "unrecognized PDU parameter",
+    5: "unexpected PDU parameter",
+    6: "invalid PDU parameter value",
+}
+
+
+class AssociationError(Exception):
+    """An association of ours that could not be opened, or broke; the message
+    names the peer and what happened."""
+
+
+class ConnectFailed(AssociationError):
+    """No TCP connection: the name does not resolve, or nothing listens."""
+
+
+class NoAnswer(AssociationError):
+    """The peer did not answer within the timeout (we aborted)."""
+
+
+class Rejected(AssociationError):
+    """An A-ASSOCIATE-RJ."""
+
+    def __init__(self, peer: str, result: int, source: int, reason: int):
+        self.result, self.source, self.reason = result, source, reason
+        said = REJECT_RESULTS.get(result, f"result {result}")
+        why = REJECT_REASONS.get((source, reason), f"source {source}, reason {reason}")
+        super().__init__(f"{peer} rejected the association: {said}; {why}")
+
+
+class Aborted(AssociationError):
+    """An A-ABORT from the peer (`source`, `reason` as sent), or the connection
+    closed under the association (both None)."""
+
+    def __init__(self, message: str, source: int | None = None, reason: int | None = None):
+        self.source, self.reason = source, reason
+        super().__init__(message)
+
+
+class NotAccepted(AssociationError):
+    """The peer accepted no presentation context (in the role we asked for)
+    for an abstract syntax."""
+
+
+class ProtocolViolation(AssociationError):
+    """The peer sent what PS3.8 does not allow where it did (we aborted)."""
+
+
+@dataclass(frozen=True)
+class Proposal:
+    """One presentation context to propose; `scp_role`: ask to be its SCP
+    (SCP/SCU role selection, as a storage commitment report's sender is)."""
+
+    abstract_syntax: str
+    transfer_syntaxes: tuple[str, ...]
+    scp_role: bool = False
+
+
+@dataclass(frozen=True)
+class AcceptedContext:
+    context_id: int
+    abstract_syntax: str
+    transfer_syntax: str
+
+
+@dataclass(frozen=True)
+class Message:
+    """A DIMSE message received: its command set, and its dataset (None if it has none)."""
+
+    context_id: int
+    command: dimse.Command
+    dataset: bytes | None
 
 
 class Requestor:
