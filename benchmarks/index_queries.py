@@ -274,13 +274,14 @@ def kept_fill(data_dir: Path, instances: int, studies: int) -> dict | None:
 
 def fill(data_dir: Path, instances: int, studies: int) -> dict:
     """Build the index under a temporary name, then move it into place."""
+    from storage.catalog.engines import IndexLocation
     from storage.catalog.index import Catalog, IndexEntry
 
     partial = data_dir.with_name(data_dir.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     shutil.rmtree(data_dir, ignore_errors=True)
     partial.mkdir(parents=True)
-    index = Catalog.in_data_dir(partial)
+    index = Catalog.open(IndexLocation(partial))
     batches = []  # (instances in the batch, seconds inside Catalog.writing())
     started = time.perf_counter()
     rows = generate(instances, studies)
@@ -361,6 +362,7 @@ def probe_growth(data_dir: Path, probes: int = 3) -> dict:
     the filled one, in one transaction each time, rolled back so the filled index
     stays as it is. The best of `probes` tries, wall and CPU: the per-instance
     cost at 0 and at N instances, free of the fill's history."""
+    from storage.catalog.engines import IndexLocation
     from storage.catalog.index import Catalog, IndexEntry
 
     entries = [IndexEntry(*row) for row in generate(PROBE, PROBE // 100, seed=SEED + 1)]
@@ -369,7 +371,7 @@ def probe_growth(data_dir: Path, probes: int = 3) -> dict:
     empty_dir.mkdir(parents=True)
     result = {}
     for name, where in (("empty", empty_dir), ("filled", data_dir)):
-        index = Catalog.in_data_dir(where)
+        index = Catalog.open(IndexLocation(where))
         walls, cpus = [], []
         for _ in range(probes):
             wall, cpu = time.perf_counter(), time.process_time()

@@ -24,8 +24,7 @@ from pynetdicom.service_class import ServiceClass, StorageServiceClass
 from pynetdicom.sop_class import uid_to_service_class
 
 from scp import dimse
-from scp.service import Conversation, Outbox
-from scp.session import Session
+from scp.association import Conversation, Outbox, Session
 from storage import commitment
 from storage.catalog.index import Catalog
 from storage.codec.datasets import decode_dataset

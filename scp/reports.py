@@ -8,7 +8,7 @@ for what a worker process handed over. Retries back off from
 `report_retry_interval` (doubling, at most 15 minutes) for `report_attempts`
 attempts. What is pending survives a restart: it is in the index.
 
-The association out is our requestor (scp.requestor): we propose the Storage
+The association out is our requestor (scp.upper_layer): we propose the Storage
 Commitment Push Model with SCP/SCU role selection asking for the SCP role, as
 PS3.4 J.3.3 and IHE RAD-10 have it.
 """
@@ -28,7 +28,7 @@ from scp.commitment_service import (
     event_information,
 )
 from scp.config import Config, peer_address
-from scp.requestor import AssociationError, Proposal, Requestor
+from scp.upper_layer import AssociationError, Proposal, Requestor
 from storage import commitment
 
 log = structlog.get_logger("imaging_scp")

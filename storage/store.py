@@ -16,7 +16,6 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
 
 from storage import files
 from storage.catalog.engines import IndexTimedOut, database_errors, is_out_of_space
@@ -134,24 +133,6 @@ class InstanceStore:
         Feed its bytes to `write` as they arrive, then call `finish`."""
         return IncomingInstance(self, transfer_syntax, sop_class_uid, sop_instance_uid, provenance)
 
-    def store(
-        self,
-        dataset: BinaryIO,
-        transfer_syntax: str,
-        sop_class_uid: str | None,
-        sop_instance_uid: str | None,
-        provenance: Provenance,
-    ) -> StoreResult:
-        """Store a dataset that is all there already (its encoded bytes as sent).
-
-        Raises StoreRefused with the reason it was not stored.
-        """
-        incoming = self.receive(transfer_syntax, sop_class_uid, sop_instance_uid, provenance)
-        dataset.seek(0)
-        while chunk := dataset.read(1 << 20):
-            incoming.write(chunk)
-        return incoming.finish()
-
     def keep_received(self, incoming: "IncomingInstance", header: InstanceHeader) -> StoreResult:
         """Make a received, checked dataset durable and index it (or see that it is
         an identical resend). Called by `IncomingInstance.finish`."""
@@ -231,7 +212,7 @@ class InstanceStore:
             self._settle_lost(temp, entry, result, lost)
         except (IndexUnavailable, IndexTimedOut) as exc:  # nothing was sent
             self._undo_placing(temp, result)
-            raise StoreRefused(Refusal.WRITE_FAILED, str(exc), comment=_short(exc)) from exc
+            raise StoreRefused(Refusal.WRITE_FAILED, str(exc), comment=exc.comment) from exc
         except database_errors() as exc:
             self._undo_placing(temp, result)
             raise self.index_refusal(exc, "index write failed") from exc
@@ -299,13 +280,13 @@ class InstanceStore:
                 Refusal.WRITE_FAILED,
                 f"{lost}; whether the instance was indexed is read back once the index"
                 " answers again: send it again",
-                comment=_short(lost),
+                comment=lost.comment,
             ) from exc
         if not settle(known):
             raise StoreRefused(
                 Refusal.WRITE_FAILED,
                 f"{lost}; the instance was not indexed and nothing of it was kept: send it again",
-                comment=_short(lost),
+                comment=lost.comment,
             ) from lost
 
     def _settle(
@@ -570,15 +551,6 @@ def _check_request_uids(sop_class_uid: str | None, sop_instance_uid: str | None)
             raise StoreRefused(Refusal.MISSING_UID, f"request has no {name}")
         if not is_valid_uid(uid):
             raise StoreRefused(Refusal.INVALID_UID, f"invalid {name} {_shown(uid)}")
-
-
-def _short(exc: BaseException) -> str:
-    """An index failure for a sender's ErrorComment (64 characters)."""
-    if isinstance(exc, IndexTimedOut | IndexInterrupted) and "did not answer" in str(exc):
-        return str(exc).split(" (", 1)[0]  # "index did not answer within 10 s"
-    if isinstance(exc, IndexInterrupted):
-        return "index connection lost: send again"
-    return "index unavailable: send again later"
 
 
 def _ms_since(started: float) -> float:

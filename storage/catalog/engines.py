@@ -96,7 +96,11 @@ def is_corrupt(exc: BaseException) -> bool:
 
 class IndexTimedOut(Exception):
     """The index did not answer, or its write lock was not free, within the
-    bound (index_timeout)."""
+    bound (index_timeout) of `bound` seconds; `why` says what held it."""
+
+    def __init__(self, bound: float, why: str):
+        self.comment = f"index did not answer within {bound:g} s"  # for a sender's ErrorComment
+        super().__init__(f"{self.comment} ({why})")
 
 
 @dataclass(frozen=True)
@@ -476,9 +480,9 @@ class SQLiteDatabase(Database):
                     turn.given_up = True
                     self._given_up = waited
                     raise IndexTimedOut(
-                        f"index did not answer within {self.timeout:g} s (another process"
-                        f" holds the write lock of {self.path}: `fuser"
-                        f" {self.path}{WRITER_LOCK_SUFFIX}` names it)"
+                        self.timeout,
+                        f"another process holds the write lock of {self.path}: `fuser"
+                        f" {self.path}{WRITER_LOCK_SUFFIX}` names it",
                     ) from None
 
     def begin(self) -> None:

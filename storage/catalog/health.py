@@ -25,14 +25,19 @@ PROBE_INTERVAL = 1.0  # seconds between two probes while the index is unavailabl
 class IndexUnavailable(Exception):
     """Nothing was written: the index could not be reached within the bound."""
 
+    comment = "index unavailable: send again later"  # for a sender's ErrorComment
+
 
 class IndexInterrupted(Exception):
     """The connection was lost while a transaction was on its way: it may have
     committed or not. Read back, on a new connection, before answering."""
 
-    def __init__(self, reason: str, deadline: float):
+    def __init__(
+        self, reason: str, deadline: float, comment: str = "index connection lost: send again"
+    ):
         super().__init__(reason)
         self.deadline = deadline  # time.monotonic() by which the sender is answered
+        self.comment = comment  # for a sender's ErrorComment
 
 
 DAMAGED = "index damaged: run imaging-scp rebuild with serve stopped"  # fits an ErrorComment

@@ -31,7 +31,6 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 from storage.attributes import ATTRIBUTES, INSTANCE, PATIENT, SERIES, STUDY, columns
@@ -437,10 +436,6 @@ class Catalog:
         self._monitor = IndexMonitor(self.health, self.probe)
         self._monitor.start()
 
-    @classmethod
-    def in_data_dir(cls, data_dir: Path) -> "Catalog":
-        return cls.open(IndexLocation(Path(data_dir)))
-
     def close(self) -> None:
         if self._monitor is not None:
             self._monitor.stop()
@@ -461,7 +456,7 @@ class Catalog:
         (SQLite's lock). Called for every group commit: no round trip here."""
         left = _left(deadline)
         if not self._lock.acquire(timeout=-1 if left is None else left):
-            raise self._unavailable(IndexTimedOut(self._no_answer(_BEHIND)))
+            raise self._unavailable(self._no_answer(_BEHIND))
         try:
             self._deadlines.watch(self.conn, deadline)
             if self.conn.broken or self.conn.closed_by_server():
@@ -557,14 +552,15 @@ class Catalog:
         self.health.went(_text(exc))
         return exc
 
-    def _no_answer(self, why: str) -> str:
+    def _no_answer(self, why: str) -> IndexTimedOut:
         bound = self.timeout if self.timeout is not None else self.conn.timeout  # SQLite's busy
-        return f"index did not answer within {bound:g} s ({why})"
+        return IndexTimedOut(bound, why)
 
     def _lost(self, exc: BaseException, deadline: float) -> Exception:
         """The error for the tickets of a transaction whose connection was lost."""
         if self._deadlines.cut or _left(deadline) == 0:  # cut at its deadline
-            lost = IndexInterrupted(self._no_answer("connection cut"), deadline)
+            timed_out = self._no_answer("connection cut")
+            lost = IndexInterrupted(str(timed_out), deadline, timed_out.comment)
         else:
             lost = IndexInterrupted(f"connection to the index lost: {_text(exc)}", deadline)
         return self._unavailable(lost)
@@ -664,7 +660,7 @@ class Catalog:
                 left = None if ticket.taken else _left(ticket.deadline)
                 if left == 0:  # the leader is stuck: nothing of this one was sent
                     self._queue.remove(ticket)
-                    raise self._unavailable(IndexTimedOut(self._no_answer(_BEHIND)))
+                    raise self._unavailable(self._no_answer(_BEHIND))
                 self._group.wait(left)  # a taken one: its leader answers it by its deadline
             if ticket.done:  # another thread's transaction carried it
                 return ticket.outcome()
@@ -741,9 +737,7 @@ class Catalog:
                 if is_locked(exc):
                     where = self.location.describe() if self.location else "the index"
                     exc = self._unavailable(
-                        IndexTimedOut(
-                            self._no_answer(f"another process holds the write lock of {where}")
-                        )
+                        self._no_answer(f"another process holds the write lock of {where}")
                     )
                 if not is_retryable(exc) or attempt == COMMIT_ATTEMPTS:
                     for ticket in batch:
