@@ -1,4 +1,4 @@
-"""Questions admins ask the index (read-only: changes are in storage.changes).
+"""Questions admins ask the index (read-only).
 
 Reads use a connection of their own (`IndexLocation.open_reader`) that never
 blocks ingest: SQLite's index is in WAL mode, PostgreSQL's readers see committed
@@ -22,10 +22,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from storage.catalog.engines import Database
-from storage.catalog.index import AVAILABILITIES, TABLES
+from storage.catalog.index import TABLES
+from storage.catalog.lifecycle import state_of
 from storage.names import fold_name
-
-RECEIVING, STABLE, COMPLETE, INCOMPLETE = "receiving", "stable", "complete", "incomplete"
 
 
 class FilterError(ValueError):
@@ -103,19 +102,6 @@ def _since(value: str) -> str:
     return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def _state(
-    last_received: str | None, incomplete_reason: str | None, committed: bool, stable_after: float
-) -> str:
-    if incomplete_reason:
-        return INCOMPLETE
-    if committed:
-        return COMPLETE
-    if last_received is None:
-        return STABLE
-    age = datetime.now(UTC) - datetime.fromisoformat(last_received.replace("Z", "+00:00"))
-    return RECEIVING if age.total_seconds() < stable_after else STABLE
-
-
 _STUDY_COLUMNS = (
     "s.*, (SELECT x.incomplete_reason FROM series x WHERE x.study_uid = s.study_uid"
     " AND x.incomplete_reason IS NOT NULL LIMIT 1) AS incomplete_reason,"
@@ -126,7 +112,7 @@ _STUDY_COLUMNS = (
 
 def _study_dict(row, stable_after: float) -> dict:
     study = dict(row)
-    study["state"] = _state(
+    study["state"] = state_of(
         study["last_received"], study["incomplete_reason"], bool(study["committed"]), stable_after
     )
     return study
@@ -134,7 +120,7 @@ def _study_dict(row, stable_after: float) -> dict:
 
 def _series_dict(row, stable_after: float) -> dict:
     series = dict(row)
-    series["state"] = _state(
+    series["state"] = state_of(
         series["last_received"],
         series["incomplete_reason"],
         series["committed_at"] is not None,
@@ -321,8 +307,3 @@ def instances_in(
         f"SELECT number_of_instances FROM {table} WHERE {column} = ?", (uid,)
     ).fetchone()
     return row[0] if row else None
-
-
-def worst_availability(values: list[str]) -> str:
-    """A study's availability: the worst among its series (ONLINE when it has none)."""
-    return max(values, key=AVAILABILITIES.index, default=AVAILABILITIES[0])
