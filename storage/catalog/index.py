@@ -1098,14 +1098,21 @@ _ARRIVED = TRANSITIONS[Event.INSTANCE_ARRIVED].sets
 _REPLACED = TRANSITIONS[Event.COPY_REPLACED].sets
 
 
+_SERIES_COUNT = (
+    "UPDATE series SET number_of_instances = number_of_instances + 1, bytes = bytes + ?,"
+    f" {_ARRIVED} WHERE series_uid = ? AND study_uid = ?"
+    f" RETURNING {', '.join(SERIES_FIELDS)}"
+)
+
+
 def _series_count(entry: IndexEntry) -> tuple[str, tuple]:
     """The series' count goes up, its stored values come back (no row: a new
     series, or one of another study)."""
-    return (
-        "UPDATE series SET number_of_instances = number_of_instances + 1, bytes = bytes + ?,"
-        f" {_ARRIVED} WHERE series_uid = ? AND study_uid = ?"
-        f" RETURNING {', '.join(SERIES_FIELDS)}",
-        (entry.size, entry.received_at, entry.header.series_uid, entry.header.study_uid),
+    return _SERIES_COUNT, (
+        entry.size,
+        entry.received_at,
+        entry.header.series_uid,
+        entry.header.study_uid,
     )
 
 

@@ -54,51 +54,37 @@ class Transition:
     where: str | None = None  # the condition on the series' row; None: always
 
 
-# event: what it sets, and where. The reason for each condition is beside it.
+_CLEARED = "incomplete_reason = NULL, incomplete_since = NULL"
+
+# event: Transition(what it sets, where). The event's values fill the `?` in
+# order (after the comment's colon); why a condition is there is said above it.
 TRANSITIONS: dict[Event, Transition] = {
-    # A new instance supersedes an earlier aborted transfer's mark, and a
-    # commitment's "complete": (received_at).
-    Event.INSTANCE_ARRIVED: Transition(
-        "last_received = ?, incomplete_reason = NULL, incomplete_since = NULL, committed_at = NULL"
-    ),
+    # A new instance supersedes an aborted transfer's mark and a commitment's
+    # "complete": the series is receiving again. (received_at)
+    Event.INSTANCE_ARRIVED: Transition(f"last_received = ?, {_CLEARED}, committed_at = NULL"),
     # Nothing new arrived: the marks stay. (received_at)
     Event.COPY_REPLACED: Transition("last_received = ?"),
-    # A series a commitment has found complete since its last instance is left
-    # alone: the sender's own list said it was all there. (reason, now)
-    Event.ASSOCIATION_BROKE_OFF: Transition(
-        "incomplete_reason = ?, incomplete_since = ?", "committed_at IS NULL"
-    ),
+    # Incomplete, unless a commitment has found it complete since its last
+    # instance: the sender's own list said it was all there. (reason, now)
+    Event.ASSOCIATION_BROKE_OFF: Transition("incomplete_reason = ?, incomplete_since = ?", "committed_at IS NULL"),  # noqa: E501
     # Resends count: the sender finished sending the series. Only a marked
-    # series changes, so that the rows changed are those that had a mark.
-    Event.DELIVERED_AGAIN: Transition(
-        "incomplete_reason = NULL, incomplete_since = NULL", "incomplete_reason IS NOT NULL"
-    ),
-    Event.MARKED_COMPLETE: Transition(
-        "incomplete_reason = NULL, incomplete_since = NULL", "incomplete_reason IS NOT NULL"
-    ),
-    # (now)
-    Event.COMMITTED: Transition(
-        "committed_at = ?, incomplete_reason = NULL, incomplete_since = NULL"
-    ),
-    # (reason, now)
-    Event.NOT_COMMITTED: Transition(
-        "committed_at = NULL, incomplete_reason = ?, incomplete_since = ?"
-    ),
-    # The admin's word: nothing `verify` set is to be given back any more.
-    # (availability)
+    # series changes, so that those changed are those that had a mark.
+    Event.DELIVERED_AGAIN: Transition(_CLEARED, "incomplete_reason IS NOT NULL"),
+    # As DELIVERED_AGAIN: the mark goes, and the series is not `complete` for
+    # it (no commitment said so) but receiving or stable.
+    Event.MARKED_COMPLETE: Transition(_CLEARED, "incomplete_reason IS NOT NULL"),
+    # Complete. (now)
+    Event.COMMITTED: Transition(f"committed_at = ?, {_CLEARED}"),
+    # Incomplete, and no longer complete. (reason, now)
+    Event.NOT_COMMITTED: Transition("committed_at = NULL, incomplete_reason = ?, incomplete_since = ?"),  # noqa: E501
+    # The admin's word: nothing `verify` set is to be given back any more. (availability)
     Event.AVAILABILITY_SET: Transition("availability = ?, unavailable_by_verify = NULL"),
     # An admin's UNAVAILABLE stays the admin's: only another value is
     # remembered, to be given back once the files are.
-    Event.FILES_MISSING: Transition(
-        f"unavailable_by_verify = availability, availability = '{UNAVAILABLE}'",
-        f"availability != '{UNAVAILABLE}'",
-    ),
-    # Still marked: an admin's `availability set` since verify looked cleared
-    # the mark, and the admin's value stays.
-    Event.FILES_BACK: Transition(
-        "availability = unavailable_by_verify, unavailable_by_verify = NULL",
-        "unavailable_by_verify IS NOT NULL",
-    ),
+    Event.FILES_MISSING: Transition(f"unavailable_by_verify = availability, availability = '{UNAVAILABLE}'", f"availability != '{UNAVAILABLE}'"),  # noqa: E501
+    # Only while marked: an admin's `availability set` since verify looked
+    # cleared the mark, and the admin's value stays.
+    Event.FILES_BACK: Transition("availability = unavailable_by_verify, unavailable_by_verify = NULL", "unavailable_by_verify IS NOT NULL"),  # noqa: E501
 }  # fmt: skip
 
 

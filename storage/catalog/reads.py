@@ -5,7 +5,7 @@ blocks ingest: SQLite's index is in WAL mode, PostgreSQL's readers see committed
 rows without locks.
 
 Rows come back as dicts whose keys are the index's column names, plus:
-- ``state``: ``receiving`` until `stable_after` seconds pass with no new
+- ``state`` (`lifecycle.state_of`): ``receiving`` until `stable_after` seconds pass with no new
   instance, then ``stable``; ``complete`` once a storage commitment request
   covered the series and every instance it referenced there was committed
   (until a new instance arrives); ``incomplete`` when an association that

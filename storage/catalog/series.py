@@ -145,39 +145,27 @@ def delete_rows(
     `study_uid`. `before_commit(instance_files)` is called in that transaction,
     once the rows are gone and before its COMMIT."""
     conn = catalog.conn
+    table, column, uid = (
+        ("series", "series_uid", series_uid)
+        if series_uid is not None
+        else ("studies", "study_uid", study_uid)
+    )
     with catalog.writing(lock_keys=[study_uid]):
-        if series_uid is not None:
-            row = conn.execute(
-                "SELECT study_uid, number_of_instances, bytes FROM series WHERE series_uid = ?",
-                (series_uid,),
-            ).fetchone()
-            if row is None:
-                return Deletion(0, 0, [])
-            if row[0] != study_uid:
-                return None
-            _, instances, size = row
-            instance_files = _instance_files(conn, "series_uid", series_uid)
-            conn.execute("DELETE FROM instances WHERE series_uid = ?", (series_uid,))
-            conn.execute("DELETE FROM series WHERE series_uid = ?", (series_uid,))
-            remaining = conn.execute(
-                "SELECT count(*) FROM series WHERE study_uid = ?", (study_uid,)
-            ).fetchone()[0]
-            if remaining == 0:
-                conn.execute("DELETE FROM studies WHERE study_uid = ?", (study_uid,))
-            else:
-                _drop_series_from_study(catalog, study_uid, instances, size)
-        else:
-            row = conn.execute(
-                "SELECT number_of_instances, bytes FROM studies WHERE study_uid = ?",
-                (study_uid,),
-            ).fetchone()
-            if row is None:
-                return Deletion(0, 0, [])
-            instances, size = row
-            instance_files = _instance_files(conn, "study_uid", study_uid)
-            conn.execute("DELETE FROM instances WHERE study_uid = ?", (study_uid,))
-            conn.execute("DELETE FROM series WHERE study_uid = ?", (study_uid,))
+        row = conn.execute(
+            f"SELECT study_uid, number_of_instances, bytes FROM {table} WHERE {column} = ?", (uid,)
+        ).fetchone()
+        if row is None:
+            return Deletion(0, 0, [])
+        if row[0] != study_uid:  # deleted and received again under another study
+            return None
+        _, instances, size = row
+        instance_files = _instance_files(conn, column, uid)
+        conn.execute(f"DELETE FROM instances WHERE {column} = ?", (uid,))
+        conn.execute(f"DELETE FROM series WHERE {column} = ?", (uid,))
+        if series_uid is None or _series_left(conn, study_uid) == 0:
             conn.execute("DELETE FROM studies WHERE study_uid = ?", (study_uid,))
+        else:
+            _drop_series_from_study(catalog, study_uid, instances, size)
         before_commit(instance_files)
     return Deletion(instances, size, instance_files)
 
@@ -194,6 +182,12 @@ def indexed_files(catalog: Catalog, sop_instance_uids: Iterable[str]) -> set[tup
             ),
         )
     )
+
+
+def _series_left(conn: Database, study_uid: str) -> int:
+    return conn.execute("SELECT count(*) FROM series WHERE study_uid = ?", (study_uid,)).fetchone()[
+        0
+    ]
 
 
 def _instance_files(conn: Database, column: str, uid: str) -> list[tuple[str, str]]:
