@@ -96,8 +96,9 @@ def apply(
     series_uid: str | None = None,
     study_uid: str | None = None,
 ) -> int:
-    """Write `event` (its `values`) into the series `series_uid`, or into every
-    series of `study_uid`, inside a write transaction; how many it changed."""
+    """Write `event` (its `values`) into the series `series_uid`, or (None)
+    into every series of `study_uid`, inside a write transaction; how many
+    series it changed."""
     transition = TRANSITIONS[event]
     column, key = ("series_uid", series_uid) if series_uid is not None else ("study_uid", study_uid)
     condition = f" AND {transition.where}" if transition.where else ""
