@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 
 from storage import files
+from storage.catalog import series
 from storage.catalog.engines import (
     MAX_PARAMETERS,
     WRITER_LOCK_SUFFIX,
@@ -26,9 +27,7 @@ from storage.catalog.engines import (
 )
 from storage.catalog.index import (
     INDEX_FILENAME,
-    ONLINE,
     TABLES,
-    UNAVAILABLE,
     Catalog,
     IndexEntry,
     PatientConflict,
@@ -36,7 +35,8 @@ from storage.catalog.index import (
     SeriesStudyMismatch,
     replace_rows,
 )
-from storage.changes import files_being_deleted, refresh_study_availability
+from storage.catalog.lifecycle import ONLINE
+from storage.changes import files_being_deleted
 from storage.header import HeaderError, read_header
 from storage.uids import is_valid_uid
 
@@ -293,27 +293,12 @@ def verify(
                 else:
                     report.missing.remove(relpath)
             for series_uid, study_uid in damaged_series.items():
-                # An admin's UNAVAILABLE stays the admin's: only another value is
-                # remembered, to be given back once the files are.
-                index.conn.execute(
-                    "UPDATE series SET unavailable_by_verify = availability, availability = ?"
-                    " WHERE series_uid = ? AND availability != ?",
-                    (UNAVAILABLE, series_uid, UNAVAILABLE),
-                )
-                refresh_study_availability(index, study_uid)
+                series.mark_files_missing(index, series_uid, study_uid)
             for series_uid, study_uid in marked_by_verify.items():
                 if series_uid in damaged_series:
                     continue
-                # Still marked: an admin's `availability set` since the look
-                # above cleared the mark, and the admin's value stays.
-                if index.conn.execute(
-                    "UPDATE series SET availability = unavailable_by_verify,"
-                    " unavailable_by_verify = NULL"
-                    " WHERE series_uid = ? AND unavailable_by_verify IS NOT NULL",
-                    (series_uid,),
-                ).rowcount:
+                if series.give_availability_back(index, series_uid, study_uid):
                     recovered[series_uid] = study_uid
-                    refresh_study_availability(index, study_uid)
         report.unavailable_series = sorted(damaged_series)
         report.available_again = sorted(recovered)
     _find_unknown_files(index, data_dir, report, repair)
@@ -604,7 +589,7 @@ def _carry_over(
     for (study_uid,) in db.execute(
         "SELECT DISTINCT study_uid FROM series WHERE availability != ?", (ONLINE,)
     ).fetchall():
-        refresh_study_availability(scratch, study_uid)
+        series.refresh_study_availability(scratch, study_uid)
     # The overwrite history is in the index only; a copy kept aside while the
     # files were scanned has its file, but not yet its row.
     columns = [c for c in TABLES["conflicts"][0] if c != "id"]

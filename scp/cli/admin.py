@@ -204,7 +204,7 @@ def study(config_file, data_dir, index_url, study_uid, instances, mark_complete,
     """Show one study: its attributes and its series."""
     config = _config(config_file, data_dir, index_url)
     if mark_complete:
-        from storage.changes import mark_study_complete
+        from storage.catalog.series import mark_study_complete
 
         index = _open_index(config)
         cleared = mark_study_complete(index, study_uid)
@@ -449,7 +449,7 @@ def availability():
 def availability_set(config_file, data_dir, index_url, study_uid, series_uid, value):
     """Set series availability; the study's is derived: the worst of its series
     (ONLINE < NEARLINE < OFFLINE < UNAVAILABLE)."""
-    from storage.changes import set_availability
+    from storage.catalog.series import set_availability
 
     if (study_uid is None) == (series_uid is None):
         fail("give exactly one of --study UID or --series UID", EXIT_USAGE)

@@ -54,6 +54,7 @@ from storage.catalog.health import (
     IndexMonitor,
     IndexUnavailable,
 )
+from storage.catalog.lifecycle import ONLINE, TRANSITIONS, Event
 from storage.names import fold_name
 
 if TYPE_CHECKING:
@@ -64,10 +65,6 @@ INDEX_FILENAME = SQLITE_FILENAME
 # series.unavailable_by_verify, dates and times normalised with *_raw beside them
 # 3: studies.patient_name_folded and referrer_folded (storage.names.fold_name)
 SCHEMA_VERSION = 3
-
-ONLINE, NEARLINE, OFFLINE, UNAVAILABLE = "ONLINE", "NEARLINE", "OFFLINE", "UNAVAILABLE"
-# Best first: a study's availability is the worst one among its series.
-AVAILABILITIES = (ONLINE, NEARLINE, OFFLINE, UNAVAILABLE)
 
 # The columns the indexed attributes fill in (storage.attributes), per table:
 # first values win (`_first_values_win`). The folded names are derived from the
@@ -878,7 +875,7 @@ class Catalog:
         )
         delta = entry.size - old_size
         self.conn.execute(
-            "UPDATE series SET bytes = bytes + ?, last_received = ? WHERE series_uid = ?",
+            f"UPDATE series SET bytes = bytes + ?, {_REPLACED} WHERE series_uid = ?",
             (delta, entry.received_at, header.series_uid),
         )
         self.conn.execute(
@@ -1054,16 +1051,27 @@ def _instance_values(entry: IndexEntry) -> tuple:
     )
 
 
+# What an instance's arrival and a copy's replacement write of the series'
+# lifecycle (storage.catalog.lifecycle): the received_at is their value.
+_ARRIVED = TRANSITIONS[Event.INSTANCE_ARRIVED].sets
+_REPLACED = TRANSITIONS[Event.COPY_REPLACED].sets
+
+
+_SERIES_COUNT = (
+    "UPDATE series SET number_of_instances = number_of_instances + 1, bytes = bytes + ?,"
+    f" {_ARRIVED} WHERE series_uid = ? AND study_uid = ?"
+    f" RETURNING {', '.join(SERIES_FIELDS)}"
+)
+
+
 def _series_count(entry: IndexEntry) -> tuple[str, tuple]:
     """The series' count goes up, its stored values come back (no row: a new
-    series, or one of another study). A new instance supersedes an earlier
-    aborted transfer's "incomplete" mark, and a commitment's "complete"."""
-    return (
-        "UPDATE series SET number_of_instances = number_of_instances + 1, bytes = bytes + ?,"
-        " last_received = ?, incomplete_reason = NULL, incomplete_since = NULL,"
-        f" committed_at = NULL WHERE series_uid = ? AND study_uid = ?"
-        f" RETURNING {', '.join(SERIES_FIELDS)}",
-        (entry.size, entry.received_at, entry.header.series_uid, entry.header.study_uid),
+    series, or one of another study)."""
+    return _SERIES_COUNT, (
+        entry.size,
+        entry.received_at,
+        entry.header.series_uid,
+        entry.header.study_uid,
     )
 
 
@@ -1123,8 +1131,7 @@ _STUDY_ARRAYS, _STUDY_FILL = _fill_in_from_arrays(_STUDY_GROUPS, "study")
 _NEW_IN_KNOWN_SERIES = (
     f"WITH v AS (SELECT {', '.join(_SERIES_ARRAYS + _STUDY_ARRAYS)}),"
     " s AS (UPDATE series SET number_of_instances = number_of_instances + 1,"
-    " bytes = bytes + ?, last_received = ?, incomplete_reason = NULL,"
-    f" incomplete_since = NULL, committed_at = NULL, {', '.join(_SERIES_FILL)} FROM v"
+    f" bytes = bytes + ?, {_ARRIVED}, {', '.join(_SERIES_FILL)} FROM v"
     f" WHERE {POSTGRES_KEY_LOCK}"
     " AND series_uid = ? AND study_uid = ? AND (modality IS NOT NULL OR ?::text IS NULL)"
     " AND NOT EXISTS (SELECT 1 FROM instances WHERE sop_instance_uid = ?)"
