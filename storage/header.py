@@ -24,39 +24,23 @@ import io
 import json
 import mmap
 import os
-import re
-import struct
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
-from pydicom.charset import convert_encodings, default_encoding
-from pydicom.datadict import DicomDictionary, dictionary_VR
-from pydicom.dataelem import RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset
-from pydicom.filereader import ENCODED_VR, read_dataset
-from pydicom.tag import BaseTag
-from pydicom.values import convert_string
+from pydicom.filereader import read_dataset
 
-from storage.codec.datasets import lenient_reading
+from storage.codec.datasets import lenient_reading, value_text
 from storage.codec.dates import normal_date, normal_time
-from storage.codec.syntax import TransferSyntax
 from storage.codec.syntax import transfer_syntax as syntax_of
 from storage.codec.walk import (
-    ITEM,
-    ITEM_DELIMITER,
-    LONG_LENGTH_VR_BYTES,
-    SEQUENCE_DELIMITER,
-    UNDEFINED_LENGTH,
-    UNPACK_EXPLICIT_LE,
-    UNPACK_LONG_LE,
-    UNPACK_TAG_LENGTH_LE,
-    FragmentWalk,
+    PIXEL_DATA_TAGS,
+    ElementWalk,
     HeaderError,
-    StructureWalk,
     check_structure,
-    looks_implicit,
+    wanted_tags,
 )
 
 # Inflating a deflated dataset only to read its header: cap the work a hostile
@@ -107,6 +91,18 @@ _TAGS = {
     "ContentLabel": 0x00700080,
 }
 _SPECIFIC_TAGS = list(_TAGS.values())
+# What the walk keeps: the tags above, the items of these sequences, and of
+# those items the code (value, scheme, meaning), the issuer's entity IDs and
+# the character set.
+_WANTED = wanted_tags(
+    _SPECIFIC_TAGS,
+    (
+        _TAGS["IssuerOfAccessionNumberSequence"],
+        _TAGS["ProcedureCodeSequence"],
+        _TAGS["ConceptNameCodeSequence"],
+    ),
+    (0x00080100, 0x00080102, 0x00080104, 0x00400031, 0x00400032, 0x00080005),
+)
 
 
 @dataclass(frozen=True)
@@ -159,18 +155,25 @@ class _DatasetSource:
     def __init__(self, dataset: Dataset):
         self.dataset = dataset
 
-    def text(self, keyword: str) -> str | None:
-        return _text(self.dataset, keyword)
+    def text(self, tag: int) -> str | None:
+        return _text(self.dataset, tag)
 
-    def items(self, keyword: str) -> list:
-        return _items(self.dataset, keyword)
+    def items(self, tag: int) -> list:
+        return _items(self.dataset, tag)
 
 
 def _header_from(source) -> InstanceHeader:
-    """The InstanceHeader of a source of values: `source.text(keyword)` (see
-    `_text`) and `source.items(keyword)` (see `_items`). Shared by read_header
-    (a pydicom Dataset) and DatasetWalk (the elements the walk kept)."""
-    text, items = source.text, source.items
+    """The InstanceHeader of a source of values: `source.text(tag)` (see
+    `value_text`) and `source.items(tag)`. Shared by read_header (a pydicom
+    Dataset) and DatasetWalk (the elements the walk kept)."""
+    tags = _TAGS
+
+    def text(keyword: str) -> str | None:
+        return source.text(tags[keyword])
+
+    def items(keyword: str) -> list:
+        return source.items(tags[keyword])
+
     header = InstanceHeader(
         sop_class_uid=text("SOPClassUID"),
         sop_instance_uid=text("SOPInstanceUID"),
@@ -267,30 +270,20 @@ def _parse(stream: BinaryIO, implicit: bool, little: bool) -> Dataset:
 
 
 def _at_pixel_data(tag, vr, length) -> bool:
-    return tag in (0x7FE00010, 0x7FE00009, 0x7FE00008)
+    return tag in PIXEL_DATA_TAGS
 
 
-def _text(dataset: Dataset, keyword: str) -> str | None:
-    """Return the element's value as one string (multiple values joined by a
-    backslash, as DICOM writes them), or None when absent or empty."""
+def _text(dataset: Dataset, tag: int) -> str | None:
+    """The element's value as one string (see `value_text`), or None when
+    absent, empty or not convertible."""
     try:
-        element = dataset.get(_TAGS[keyword])
+        element = dataset.get(tag)
         if element is None:
             return None
         value = element.value
     except Exception:
         return None
-    return _value_text(value)
-
-
-def _value_text(value) -> str | None:
-    """`_text` of an element's converted value."""
-    if value is None:
-        return None
-    if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
-        value = "\\".join(str(item) for item in value)
-    text = str(value).strip().strip("\x00").strip()
-    return text or None
+    return value_text(value)
 
 
 def _integer(text_of, keyword: str) -> int | None:
@@ -306,9 +299,9 @@ def _integer(text_of, keyword: str) -> int | None:
     return value if -(2**63) <= value < 2**63 else None
 
 
-def _items(dataset: Dataset, keyword: str) -> list[Dataset]:
+def _items(dataset: Dataset, tag: int) -> list[Dataset]:
     try:
-        element = dataset.get(_TAGS[keyword])
+        element = dataset.get(tag)
         return list(element.value) if element is not None and element.value else []
     except Exception:
         return []
@@ -394,453 +387,11 @@ def _encoded_bytes(stream: BinaryIO) -> Iterator[tuple[object, int]]:
     yield data, 0
 
 
-# -- Incremental walk --------------------------------------------------------------
-#
-# `DatasetWalk` is fed the dataset bytes as they arrive and yields what
-# `read_header` yields, without pydicom's reader. It runs two walks over the same
-# bytes: the codec's `StructureWalk` (it decides "dataset is truncated"), and
-# `_ReaderWalk`, which reads the elements the way pydicom's `read_dataset` does
-# (with the same `specific_tags` and `stop_when`), so that it sees the same
-# elements as `read_header` even where the two readings of hostile bytes differ,
-# and fails where pydicom fails ("dataset does not parse"). Values are converted
-# with pydicom's own converters (`convert_raw_data_element`), or, for plain ASCII
-# text, with a shortcut that gives the same strings.
-
-_MAX_WANTED_VALUE = 1024 * 1024  # a wanted value longer than this is left out
-_MAX_UNDEFINED_VALUE = 4 * 1024 * 1024  # see _ReaderWalk: undefined-length non-SQ values
-# pydicom's recursive reader fails (RecursionError) at ~190 levels of undefined-
-# length sequences; we refuse sooner, at a depth no real object reaches.
-MAX_SEQUENCE_DEPTH = 128
-_STOP_TAGS = frozenset((0x7FE00010, 0x7FE00009, 0x7FE00008))
-_CHARSET = 0x00080005
-_WANTED_TOP = frozenset(_SPECIFIC_TAGS) | {_CHARSET}
-_SEQUENCE_KEYWORDS = (
-    "IssuerOfAccessionNumberSequence",
-    "ProcedureCodeSequence",
-    "ConceptNameCodeSequence",
-)
-_WANTED_SEQUENCES = frozenset(_TAGS[k] for k in _SEQUENCE_KEYWORDS)
-_WANTED_IN_ITEMS = frozenset((0x00080100, 0x00080102, 0x00080104, 0x00400031, 0x00400032, _CHARSET))
-# The 2-byte VRs pydicom's reader knows.
-_ENCODED_VR = frozenset(vr for vr in ENCODED_VR if len(vr) == 2)
-# VRs whose pydicom conversion of a plain ASCII value (printable, no backslash,
-# padded at most with spaces and NULs) is that value: the shortcut of `_WalkResult`.
-_PLAIN_VRS = frozenset(
-    ["AE", "AS", "CS", "DA", "DT", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UI", "UT"]
-)
-_PRINTABLE = bytes(range(0x20, 0x7F)).replace(b"\\", b"")
-_PLAIN_INTEGER = re.compile(rb" *[+-]?[0-9]{1,12} *\x00?")
-_ENCODINGS_CACHE: dict = {}
-
-
 def walkable(transfer_syntax: str) -> bool:
     """False for Explicit VR Big Endian and Deflated Explicit VR Little Endian: those are
     read with read_header (pydicom) from the stored file after arrival."""
-    return _walks(syntax_of(transfer_syntax))
-
-
-def _walks(syntax: TransferSyntax) -> bool:
+    syntax = syntax_of(transfer_syntax)
     return syntax.little_endian and not syntax.deflated
-
-
-def _does_not_parse(message: str) -> HeaderError:
-    return HeaderError(f"dataset does not parse: {message}")
-
-
-class _Frame:
-    """A dataset being read by `_ReaderWalk` (pydicom's read_dataset)."""
-
-    __slots__ = ("implicit", "end", "top", "store", "guess", "encoding", "charset")
-
-    def __init__(self, implicit, end, top, store, encoding):
-        self.implicit = implicit
-        self.end = end  # offset where a defined-length item ends, or None
-        self.top = top
-        self.store = store  # {tag: raw} of the elements kept, or None
-        self.guess = True  # the encoding is still to be guessed from the next bytes
-        self.encoding = encoding  # the generator's encoding (for its sequences)
-        self.charset = None  # the raw (0008,0005) of an item, to check it converts
-
-
-class _Sequence:
-    """An undefined-length sequence being read (pydicom's read_sequence)."""
-
-    __slots__ = ("tag", "implicit", "items", "encoding", "collect")
-
-    def __init__(self, tag, implicit, encoding, collect):
-        self.tag = tag
-        self.implicit = implicit
-        self.items = [] if collect else None
-        self.encoding = encoding  # the parent's encoding, for its items
-        self.collect = collect
-
-
-class _Undefined:
-    """An undefined-length value that is not a sequence: pydicom walks it as
-    encapsulated pixel data, and falls back to a scan for the delimiter."""
-
-    __slots__ = ("tag", "vr", "implicit", "start", "data", "walk", "found", "keep", "scanned")
-
-    def __init__(self, tag, vr, implicit, start, keep):
-        self.tag, self.vr, self.implicit, self.start, self.keep = tag, vr, implicit, start, keep
-        self.data = bytearray()
-        self.walk = 0  # offset in data of the next fragment header of the walk
-        self.found = -1  # offset of the first delimiter in data, -1: none yet
-        self.scanned = 0  # where the scan for it goes on
-
-
-_DELIMITER_BYTES = struct.pack("<HH", 0xFFFE, 0xE0DD)
-_ITEM_BYTES = struct.pack("<HH", 0xFFFE, 0xE000)
-
-
-class _ReaderWalk(FragmentWalk):
-    """pydicom's `read_dataset(stop_when=_at_pixel_data, specific_tags=_TAGS)`,
-    fed fragment by fragment, keeping only the elements the header needs.
-
-    Its errors are kept in `self.error` (read_header checks the structure first,
-    and a truncation is reported before anything pydicom says)."""
-
-    def __init__(self, implicit: bool):
-        super().__init__()
-        self.top = {}
-        self.stack: list = [_Frame(implicit, None, True, self.top, default_encoding)]
-        self.depth = 0
-        self.collecting = None  # (store, tag, vr, implicit, length, bytearray, left)
-        self.error: HeaderError | None = None
-
-    def _fail(self, error: HeaderError) -> None:
-        self.error = error
-        self.done = True
-
-    def _run(self, buffer, base: int, final: bool) -> None:
-        try:
-            self._read(buffer, base, final)
-        except HeaderError as error:
-            self._fail(error)
-
-    def _read(self, buffer, base: int, final: bool) -> None:  # noqa: C901
-        end = len(buffer)
-        pos = self.pos - base
-        stack = self.stack
-        recursed = False
-        try:
-            while not self.done:
-                if self.collecting is not None:
-                    store, tag, vr, implicit, length, value, left = self.collecting
-                    take = min(left, end - pos)
-                    if take > 0:
-                        value += buffer[pos : pos + take]
-                        pos += take
-                    if take < left and not final:
-                        self.collecting = (store, tag, vr, implicit, length, value, left - take)
-                        return
-                    self.collecting = None
-                    self._keep(store, tag, vr, implicit, length, bytes(value))
-                    continue
-                frame = stack[-1]
-                if isinstance(frame, _Undefined):
-                    take = end - pos
-                    if len(frame.data) + take > _MAX_UNDEFINED_VALUE:
-                        raise _does_not_parse(
-                            f"undefined-length value longer than {_MAX_UNDEFINED_VALUE} bytes"
-                        )
-                    frame.data += buffer[pos:end]
-                    pos = end
-                    resolved = self._resolve(frame, final)
-                    if resolved is None:
-                        return
-                    rest = bytes(frame.data[resolved - frame.start :])
-                    stack.pop()
-                    if frame.found == -2:  # EOFError: the dataset holding it ends
-                        self._dataset_read(stack.pop())
-                    self.pos = resolved
-                    recursed = True
-                    self._read(memoryview(rest), resolved, final)
-                    return
-                remaining = end - pos
-                if isinstance(frame, _Sequence):
-                    if remaining < 8:
-                        if final:
-                            raise _does_not_parse(f"No tag to read at file position {base + end:X}")
-                        return
-                    group, element, length = UNPACK_TAG_LENGTH_LE(buffer, pos)
-                    pos += 8
-                    if group << 16 | element == SEQUENCE_DELIMITER:
-                        stack.pop()
-                        self.depth -= 1
-                        self._sequence_read(frame)
-                        continue
-                    item_end = None if length == UNDEFINED_LENGTH else base + pos + length
-                    store = {} if frame.collect else None
-                    item = _Frame(frame.implicit, item_end, False, store, None)
-                    stack.append(item)
-                    continue
-                # A dataset: pydicom's data_element_generator.
-                if frame.guess:
-                    if remaining < 6 and not final:
-                        return
-                    implicit = frame.implicit
-                    if not (implicit and not frame.top):
-                        implicit = looks_implicit(buffer, pos, end, implicit)
-                    frame.implicit = implicit
-                    frame.guess = False
-                if frame.top:  # the fast path: skip what is not wanted
-                    pos = _skip_unwanted(buffer, pos, end, frame.implicit)
-                    remaining = end - pos
-                elif frame.end is not None and base + pos >= frame.end:
-                    self._dataset_read(stack.pop())
-                    continue
-                if remaining < 8:
-                    if not final:
-                        return
-                    pos = end
-                    self._dataset_read(stack.pop())
-                    continue
-                header = 8
-                if frame.implicit:
-                    group, element, length = UNPACK_TAG_LENGTH_LE(buffer, pos)
-                    vr = None
-                else:
-                    group, element, raw_vr, length = UNPACK_EXPLICIT_LE(buffer, pos)
-                    if raw_vr in _ENCODED_VR:
-                        vr = raw_vr.decode()
-                        if raw_vr in LONG_LENGTH_VR_BYTES:
-                            if remaining < 12:
-                                if not final:
-                                    return
-                                raise _does_not_parse("unpack requires a buffer of 4 bytes")
-                            length = UNPACK_LONG_LE(buffer, pos + 8)[0]
-                            header = 12
-                    elif not b"AA" <= raw_vr <= b"ZZ":
-                        vr = None
-                        length = UNPACK_LONG_LE(buffer, pos + 4)[0]
-                    else:
-                        vr = raw_vr.decode("latin-1")
-                tag = group << 16 | element
-                if tag == ITEM_DELIMITER:
-                    pos += header
-                    self._dataset_read(stack.pop())
-                    continue
-                if frame.top and tag in _STOP_TAGS:
-                    self.done = True
-                    return
-                store = frame.store
-                if length != UNDEFINED_LENGTH:
-                    keep = store is not None and (
-                        tag in _WANTED_TOP if frame.top else tag in _WANTED_IN_ITEMS
-                    )
-                    if not keep and tag == _CHARSET and not frame.top:
-                        keep = True  # pydicom converts an item's charset: it must convert
-                        store = None
-                    pos += header
-                    if not keep:
-                        pos += length
-                        continue
-                    if length > _MAX_WANTED_VALUE:
-                        if store is not None:
-                            store[tag] = None  # left out
-                        pos += length
-                        continue
-                    if length <= end - pos:  # all here: no need to collect it piece by piece
-                        self._keep(
-                            store,
-                            tag,
-                            vr,
-                            frame.implicit,
-                            length,
-                            bytes(buffer[pos : pos + length]),
-                        )
-                        pos += length
-                        continue
-                    self.collecting = (store, tag, vr, frame.implicit, length, bytearray(), length)
-                    continue
-                # Undefined length.
-                pos += header
-                if vr == "UN":
-                    vr = "SQ"
-                if vr is None:
-                    try:
-                        vr = _dictionary_vr(tag)
-                    except KeyError:
-                        if end - pos < 4:
-                            if not final:
-                                pos -= header
-                                return
-                            raise _does_not_parse("unpack requires a buffer of 4 bytes") from None
-                        next_group, next_element = struct.unpack_from("<HH", buffer, pos)
-                        if next_group << 16 | next_element == ITEM:
-                            vr = "SQ"
-                wanted = frame.top and tag in _WANTED_TOP
-                if vr == "SQ":
-                    self.depth += 1
-                    if self.depth > MAX_SEQUENCE_DEPTH:
-                        raise _does_not_parse(
-                            f"sequences nest deeper than {MAX_SEQUENCE_DEPTH} levels"
-                        )
-                    encoding = frame.encoding if frame.top else None
-                    stack.append(
-                        _Sequence(
-                            tag, frame.implicit, encoding, wanted and tag in _WANTED_SEQUENCES
-                        )
-                    )
-                    if wanted and tag not in _WANTED_SEQUENCES:
-                        self.top[tag] = None  # a sequence where we want text: left out
-                    continue
-                stack.append(_Undefined(tag, vr, frame.implicit, base + pos, wanted))
-        finally:
-            if not recursed:
-                self.pos = base + pos
-
-    def _keep(self, store, tag, vr, implicit, length, value) -> None:
-        frame = self.stack[-1]
-        if tag == _CHARSET:
-            if frame.top:
-                frame.encoding = _generator_encoding(value)
-            else:
-                frame.charset = (vr, implicit, length, value)
-        if store is not None:
-            store[tag] = (vr, implicit, length, value)
-
-    def _dataset_read(self, frame: _Frame) -> None:
-        if frame.top:
-            self.done = True
-            return
-        sequence = self.stack[-1]
-        if frame.charset is not None:
-            _dataset_encoding(frame.charset)  # raises as read_dataset does
-        if sequence.items is not None:
-            sequence.items.append(frame.store)
-
-    def _sequence_read(self, sequence: _Sequence) -> None:
-        frame = self.stack[-1]
-        if frame.top and sequence.collect:
-            self.top[sequence.tag] = ("items", sequence.items, sequence.encoding)
-
-    def _resolve(self, frame: _Undefined, final: bool) -> int | None:
-        """Where the undefined-length value ends (pydicom's
-        read_undefined_length_value), or None while that is not known yet."""
-        data = frame.data
-        size = len(data)
-        walk = frame.walk
-        while walk is not None:
-            if size - walk < 4:
-                if not final:
-                    frame.walk = walk
-                    return None
-                walk = None
-                break
-            marker = bytes(data[walk : walk + 4])
-            if marker == _DELIMITER_BYTES:
-                self._undefined_read(frame, bytes(data[:walk]))
-                return frame.start + walk + 8
-            if marker != _ITEM_BYTES:
-                walk = None
-                break
-            if size - walk < 8:
-                if not final:
-                    frame.walk = walk
-                    return None
-                walk = None
-                break
-            walk += 8 + UNPACK_LONG_LE(data, walk + 4)[0]
-        frame.walk = None
-        if frame.found == -1:
-            found = data.find(_DELIMITER_BYTES, frame.scanned)
-            if found < 0:
-                frame.scanned = max(size - 3, 0)
-                if not final:
-                    return None
-                frame.found = -2  # EOFError: pydicom rewinds to the value's start
-                return frame.start
-            frame.found = found
-        if frame.found == -2:
-            return frame.start
-        self._undefined_read(frame, bytes(data[: frame.found]))
-        return frame.start + frame.found + 8
-
-    def _undefined_read(self, frame: _Undefined, value: bytes) -> None:
-        if frame.keep:
-            self.top[frame.tag] = (
-                (frame.vr, frame.implicit, UNDEFINED_LENGTH, value)
-                if len(value) <= _MAX_WANTED_VALUE
-                else None
-            )
-
-
-def _skip_unwanted(buffer, pos: int, end: int, implicit: bool) -> int:
-    """The fast path of `_ReaderWalk` at the top level: skip whole elements of
-    defined length that are not wanted; return the offset of the first element
-    that needs more care."""
-    limit = end - 12
-    wanted = _WANTED_TOP
-    stop = _STOP_TAGS
-    if implicit:
-        while pos <= limit:
-            group, element, length = UNPACK_TAG_LENGTH_LE(buffer, pos)
-            if length == UNDEFINED_LENGTH or group == 0xFFFE:
-                return pos
-            tag = group << 16 | element
-            if tag in wanted or tag in stop:
-                return pos
-            pos += 8 + length
-        return pos
-    long_vrs = LONG_LENGTH_VR_BYTES
-    encoded = _ENCODED_VR
-    while pos <= limit:
-        group, element, vr, length = UNPACK_EXPLICIT_LE(buffer, pos)
-        if vr in long_vrs:
-            length = UNPACK_LONG_LE(buffer, pos + 8)[0]
-            if length == UNDEFINED_LENGTH:
-                return pos
-            header = 12
-        elif vr in encoded:
-            header = 8
-        else:
-            return pos
-        tag = group << 16 | element
-        if tag in wanted or tag in stop:
-            return pos
-        pos += header + length
-    return pos
-
-
-def _dictionary_vr(tag: int) -> str:
-    """pydicom's dictionary VR of a tag (KeyError when it has none); the public
-    `dictionary_VR` only for what the plain lookup misses (repeating groups)."""
-    entry = DicomDictionary.get(tag)
-    return entry[0] if entry is not None else dictionary_VR(tag)
-
-
-def _generator_encoding(value: bytes):
-    """The encoding pydicom's element generator takes up at a (0008,0005)."""
-    key = ("generator", value)
-    cached = _ENCODINGS_CACHE.get(key)
-    if cached is None:
-        try:
-            with lenient_reading:
-                cached = convert_encodings(convert_string(value or b"", True))
-        except Exception as exc:
-            raise _does_not_parse(str(exc)) from exc
-        if len(_ENCODINGS_CACHE) < 256:
-            _ENCODINGS_CACHE[key] = cached
-    return cached
-
-
-def _dataset_encoding(charset):
-    """The encoding read_dataset gives a dataset from its raw (0008,0005)."""
-    key = ("dataset", *charset)
-    cached = _ENCODINGS_CACHE.get(key)
-    if cached is None:
-        vr, implicit, length, value = charset
-        raw = RawDataElement(BaseTag(_CHARSET), vr, length, value, 0, implicit, True)
-        try:
-            with lenient_reading:
-                cached = convert_encodings(convert_raw_data_element(raw).value)
-        except Exception as exc:
-            raise _does_not_parse(str(exc)) from exc
-        if len(_ENCODINGS_CACHE) < 256:
-            _ENCODINGS_CACHE[key] = cached
-    return cached
 
 
 class DatasetWalk:
@@ -851,12 +402,9 @@ class DatasetWalk:
     """
 
     def __init__(self, transfer_syntax: str):
-        syntax = syntax_of(transfer_syntax)
-        if not _walks(syntax):
+        if not walkable(transfer_syntax):
             raise ValueError(f"{transfer_syntax} is read with read_header, not walked")
-        implicit = syntax.implicit
-        self._structure = StructureWalk(implicit)
-        self._reader = _ReaderWalk(implicit)
+        self._walk = ElementWalk(syntax_of(transfer_syntax).implicit, _WANTED)
         self._finished = False
 
     def feed(self, data) -> None:
@@ -868,8 +416,7 @@ class DatasetWalk:
         if view.format != "B" or view.ndim != 1:
             view = view.cast("B")
         try:
-            self._structure.feed(view)
-            self._reader.feed(view)
+            self._walk.feed(view)
         finally:
             view.release()
 
@@ -879,80 +426,6 @@ class DatasetWalk:
         if self._finished:
             raise RuntimeError("finish() was called already")
         self._finished = True
-        self._structure.finish()
-        reader = self._reader
-        reader.finish()
-        if reader.error is not None:
-            raise reader.error
+        elements = self._walk.finish()
         with lenient_reading:
-            return _header_from(_WalkResult(reader.top))
-
-
-class _WalkResult:
-    """The elements `_ReaderWalk` kept, read as read_header reads its Dataset."""
-
-    def __init__(self, top: dict):
-        self.top = top
-        charset = top.get(_CHARSET)
-        self.encoding = _dataset_encoding(charset) if charset else default_encoding
-
-    def text(self, keyword: str) -> str | None:
-        tag = _TAGS[keyword]
-        raw = self.top.get(tag)
-        if raw is None:
-            return None
-        vr, implicit, length, value = raw
-        if vr is None:
-            vr = _DICTIONARY_VRS.get(tag) or _dictionary_vr(tag)
-        elif vr == "UN" and len(value) < 0xFFFF:
-            vr = _DICTIONARY_VRS.get(tag) or vr
-        if vr in _PLAIN_VRS and length != UNDEFINED_LENGTH:
-            body = value.rstrip(b" \x00")
-            if not body.translate(None, _PRINTABLE):
-                return body.decode("ascii").strip() or None
-        elif vr == "IS" and _PLAIN_INTEGER.fullmatch(value):
-            # What pydicom's IS makes of it has the same value, which is all
-            # that is read of an IS (`_integer`).
-            return value.decode("ascii").strip(" \x00")
-        try:
-            element = self._convert(tag, raw)
-        except Exception:
-            return None
-        return _value_text(element.value)
-
-    def _convert(self, tag: int, raw):
-        vr, implicit, length, value = raw
-        encoding = default_encoding if tag == _CHARSET else self.encoding
-        element = RawDataElement(BaseTag(tag), vr, length, value, 0, implicit, True)
-        return convert_raw_data_element(element, encoding=encoding)
-
-    def items(self, keyword: str) -> list:
-        tag = _TAGS[keyword]
-        raw = self.top.get(tag)
-        if raw is None:
-            return []
-        if raw[0] == "items":
-            _, stores, encoding = raw
-            return [_item_dataset(store, encoding or default_encoding) for store in stores]
-        try:
-            value = self._convert(tag, raw).value
-            return list(value) if value else []
-        except Exception:
-            return []
-
-
-def _item_dataset(store: dict, parent_encoding) -> Dataset:
-    """An item as pydicom's read_dataset makes it (of the elements kept)."""
-    elements = {
-        BaseTag(tag): RawDataElement(BaseTag(tag), vr, length, value, 0, implicit, True)
-        for tag, (vr, implicit, length, value) in ((t, r) for t, r in store.items() if r)
-    }
-    dataset = Dataset(elements, parent_encoding=parent_encoding)
-    charset = store.get(_CHARSET)
-    encoding = _dataset_encoding(charset) if charset else parent_encoding
-    implicit = next((raw[1] for raw in store.values()), True)
-    dataset.set_original_encoding(implicit, True, encoding)
-    return dataset
-
-
-_DICTIONARY_VRS = {tag: _dictionary_vr(tag) for tag in _SPECIFIC_TAGS}
+            return _header_from(elements)
