@@ -1,31 +1,22 @@
-"""Read the header attributes the index needs from a dataset's encoded bytes.
+"""An instance's header: the attributes the index keeps of it, read from the
+dataset's encoded bytes (exactly as they came off the wire, no file meta).
 
-The bytes are the dataset exactly as it came off the wire (no file meta). Only the
-listed tags are decoded, and reading stops before the pixel data, so the cost does
-not depend on the size of the image.
-
-Before that, the structural walk of `storage.codec.walk` proves the whole
-encoded dataset complete (a dataset cut off in its pixel data must not be stored
-as if whole); it costs a few µs against ~400-800 µs for the pydicom header read
-that follows.
-
-On the receive path the header is read by `DatasetWalk` instead, fed fragment by
-fragment as the dataset arrives: a hand-written walk that reads elements as
-pydicom's reader does and converts only the indexed values (~30 µs for a 12 KB
-instance). pydicom (`read_header`) is only the fallback, for Explicit VR Big
-Endian and Deflated Explicit VR Little Endian (see `walkable`): those are rare
-on the wire, and a deflated dataset must be inflated before it can be walked,
-so they are read from the stored file after arrival, where their cost does not
-hold up the association.
+Only the listed tags are decoded (`_TAGS`), and reading stops before the pixel
+data, so the cost does not depend on the size of the image. The bytes are read
+by the codec's one walk (`storage.codec.walk.ElementWalk`), which proves the
+whole dataset complete as it reads (a dataset cut off in its pixel data must not
+be stored as if whole): fed fragment by fragment as the dataset arrives
+(`DatasetWalk`, ~30 µs for a 12 KB instance on a quiet machine), or given a
+stored file at once (`read_header`, for rebuild and verify), so that a file is
+read again as it was read when it arrived. pydicom reads what the walk does not
+(`read_header_with_pydicom`): Explicit VR Big Endian, and a deflated dataset
+that inflates past the cap. Big endian and deflated datasets are rare on the
+wire, and a deflated one must be inflated before it can be walked, so both are
+read from the stored file after arrival (see `walkable`), where their cost does
+not hold up the association.
 """
 
-import contextlib
-import io
 import json
-import mmap
-import os
-import zlib
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
@@ -34,12 +25,14 @@ from pydicom.filereader import read_dataset
 
 from storage.codec.datasets import lenient_reading, value_text
 from storage.codec.dates import normal_date, normal_time
+from storage.codec.streams import encoded_bytes, inflate
 from storage.codec.syntax import transfer_syntax as syntax_of
 from storage.codec.walk import (
     PIXEL_DATA_TAGS,
     ElementWalk,
     HeaderError,
     check_structure,
+    read_elements,
     wanted_tags,
 )
 
@@ -47,7 +40,6 @@ from storage.codec.walk import (
 # "zip bomb" can cause. A dataset that inflates past the cap is indexed from its
 # first MAX_INFLATED_HEADER_BYTES but not checked for completeness (see read_header).
 MAX_INFLATED_HEADER_BYTES = 64 * 1024 * 1024
-_INFLATE_CHUNK = 1024 * 1024
 
 _TAGS = {
     "SpecificCharacterSet": 0x00080005,
@@ -124,23 +116,43 @@ class InstanceHeader:
 
 def read_header(stream: BinaryIO, transfer_syntax: str) -> InstanceHeader:
     """Decode the indexed attributes of the encoded dataset that `stream` holds
-    from its current position (a BytesIO off the wire, or a file after its meta).
+    from its current position (a BytesIO off the wire, or a file after its meta),
+    with the walk that reads them as they arrive (see `DatasetWalk`), given all
+    the bytes at once; offsets in messages count from the start of the stream.
 
     Raises HeaderError when the bytes are not a dataset in `transfer_syntax`, or
     when they are a truncated one (see `check_structure`). A deflated dataset is
     inflated first (at most MAX_INFLATED_HEADER_BYTES of it); one whose deflate
     stream ends early is truncated, and one that inflates past the cap is indexed
-    without the structural check, which would need all of it.
+    by pydicom without the structural check, which would need all of it.
+    Explicit VR Big Endian, which the walk does not read, is read by pydicom
+    (`read_header_with_pydicom`).
 
     The stream's position is where it was when the call returns (or the dataset's
     end, for a deflated one).
     """
     syntax = syntax_of(transfer_syntax)
-    checked = True
     if syntax.deflated:
-        stream, checked = _inflate(stream)
+        stream, whole = inflate(stream, MAX_INFLATED_HEADER_BYTES)
+        if not whole:
+            return read_header_with_pydicom(stream, transfer_syntax, checked=False)
+    elif not syntax.little_endian:
+        return read_header_with_pydicom(stream, transfer_syntax)
+    with encoded_bytes(stream) as (buffer, start):
+        elements = read_elements(buffer, start, implicit=syntax.implicit, wanted=_WANTED)
+    with lenient_reading:
+        return _header_from(elements)
+
+
+def read_header_with_pydicom(
+    stream: BinaryIO, transfer_syntax: str, *, checked: bool = True
+) -> InstanceHeader:
+    """The header as pydicom's reader reads it, after `check_structure` when
+    `checked`: for what the walk does not read (see `read_header`), and the
+    reference the walk is tested against. A deflated dataset is given inflated."""
+    syntax = syntax_of(transfer_syntax)
     if checked:
-        with _encoded_bytes(stream) as (buffer, start):
+        with encoded_bytes(stream) as (buffer, start):
             check_structure(
                 buffer, start, implicit=syntax.implicit, little_endian=syntax.little_endian
             )
@@ -228,31 +240,6 @@ def _normalize_dates(values: dict, dates: tuple[str, ...], times: tuple[str, ...
             raw = values[name]
             values[name] = normal(raw) if raw is not None else None
             values[name + "_raw"] = raw if raw != values[name] else None
-
-
-def _inflate(stream: BinaryIO) -> tuple[io.BytesIO, bool]:
-    """The inflated dataset, and whether it is all of it (False: the cap was hit).
-
-    Raises HeaderError when the deflate stream is corrupt or ends before its
-    final block (the dataset is truncated).
-    """
-    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-    inflated = bytearray()
-    try:
-        while not inflater.eof:
-            room = MAX_INFLATED_HEADER_BYTES - len(inflated)
-            if room <= 0:
-                return io.BytesIO(inflated), False
-            data = inflater.unconsumed_tail or stream.read(_INFLATE_CHUNK)
-            if not data:
-                raise HeaderError(
-                    f"dataset is truncated: deflate stream ends early,"
-                    f" after {len(inflated)} inflated bytes"
-                )
-            inflated += inflater.decompress(data, room)
-    except zlib.error as exc:
-        raise HeaderError(f"deflated dataset does not inflate: {exc}") from exc
-    return io.BytesIO(inflated), True
 
 
 def _parse(stream: BinaryIO, implicit: bool, little: bool) -> Dataset:
@@ -349,42 +336,6 @@ def _title(text_of, items: list) -> str | None:
         if meaning:
             return str(meaning)
     return text_of("DocumentTitle")
-
-
-@contextlib.contextmanager
-def _encoded_bytes(stream: BinaryIO) -> Iterator[tuple[object, int]]:
-    """(buffer, start): bytes holding the dataset of `stream` from `start`, for
-    `check_structure`, without copying them. The stream's position is unchanged.
-
-    A BytesIO lends its buffer (released on exit, so the BytesIO may grow
-    again); a file is mapped, so a large object received to disk is not read
-    into memory; anything else is read and the position restored.
-    """
-    start = stream.tell()
-    if isinstance(stream, io.BytesIO):
-        with stream.getbuffer() as view:
-            yield view, start
-        return
-    try:
-        fileno = stream.fileno()
-    except (AttributeError, OSError, ValueError):
-        fileno = None
-    if fileno is not None:
-        flush = getattr(stream, "flush", None)
-        if flush is not None and getattr(stream, "writable", lambda: False)():
-            flush()  # a spool file still being written: map what it holds
-        if os.fstat(fileno).st_size <= start:
-            yield b"", 0  # nothing after the position (mmap refuses an empty file)
-            return
-        with (
-            mmap.mmap(fileno, 0, access=mmap.ACCESS_READ) as mapped,
-            memoryview(mapped) as view,
-        ):
-            yield view, start
-        return
-    data = stream.read()
-    stream.seek(start)
-    yield data, 0
 
 
 def walkable(transfer_syntax: str) -> bool:

@@ -1,6 +1,7 @@
-"""DatasetWalk (the incremental header walk) against read_header (pydicom): the
-same InstanceHeader, or HeaderError from both with the same kind of message,
-whatever the fragments the bytes arrive in."""
+"""DatasetWalk (the incremental header walk) and read_header (the same walk given
+all the bytes) against pydicom's reading (read_header_with_pydicom): the same
+InstanceHeader, or HeaderError from both with the same kind of message, whatever
+the fragments the bytes arrive in."""
 
 import io
 import random
@@ -17,6 +18,7 @@ from storage.header import (
     normal_date,
     normal_time,
     read_header,
+    read_header_with_pydicom,
     walkable,
 )
 from tests.conftest import bundled_test_files, dataset_bytes
@@ -63,9 +65,10 @@ def walk(data: bytes, syntax: str, cuts=()) -> object:
 
 
 def assert_same(data: bytes, syntax: str, cuts=()) -> None:
-    expected = _outcome(lambda: read_header(io.BytesIO(data), syntax))
+    expected = _outcome(lambda: read_header_with_pydicom(io.BytesIO(data), syntax))
     got = _outcome(lambda: walk(data, syntax, cuts))
     assert got == expected, (len(data), sorted(cuts)[:20])
+    assert _outcome(lambda: read_header(io.BytesIO(data), syntax)) == expected
 
 
 def _walkable_files():

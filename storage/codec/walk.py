@@ -1,21 +1,27 @@
-"""The structural walk of an encoded dataset: is it complete?
+"""The walk of an encoded dataset: it reads the elements asked for and proves
+the dataset complete, in one pass, fed fragment by fragment as P-DATA arrives or
+given a whole buffer.
 
-pydicom accepts a value shorter than its declared length, and the header read
-stops before the pixel data, so without this walk a dataset cut off in its pixel
-data would be stored as if whole. The walk proves, element by element, that
-every element's declared length fits in the bytes and every undefined-length
-element (sequence, item, encapsulated pixel data) has its delimiter. It reads
-tags and lengths only and skips defined-length values by their length, so it
-costs well under a microsecond per element whatever the size of the values
-(measured: ~10 µs for a 512x512 CT, whole or in 16 KiB fragments).
+Why the proof: pydicom accepts a value shorter than its declared length, and the
+header read stops before the pixel data, so without it a dataset cut off in its
+pixel data would be stored as if whole. The structure is proven element by
+element: every element's declared length fits in the bytes and every
+undefined-length element (sequence, item, encapsulated pixel data) has its
+delimiter. Values not asked for are skipped by their length, so the cost does
+not grow with their size (~10 µs for a 512x512 CT, whole or in 16 KiB fragments).
 
-One walk, `StructureWalk`, serves both uses: fed fragment by fragment as P-DATA
-arrives (`feed`, `finish`), or given a whole buffer (`check_structure`). The
-encoding is read as pydicom reads it (it decides what we index): the first
+The encoding is read as pydicom reads it (it decides what we index): the first
 element's VR bytes decide between explicit and implicit VR at the top level, an
 item of a sequence in an explicit-VR dataset may be in implicit VR (as the
 items of a UN of undefined length are), and an element whose VR bytes are not
 letters is read as implicit VR.
+
+- `ElementWalk` (and `read_elements`, a whole buffer): the one walk, reading
+  (as pydicom's `read_dataset` would) and proving (as `StructureWalk` would);
+  see the notes above it for where the two part.
+- `StructureWalk` (and `check_structure`, a whole buffer): the proof alone, for
+  Explicit VR Big Endian read by pydicom, and for the bytes where the reading
+  and the structure part.
 """
 
 import re
@@ -352,6 +358,7 @@ SPECIFIC_CHARACTER_SET = 0x00080005
 _ENCODED_VR = frozenset(vr for vr in ENCODED_VR if len(vr) == 2)
 _ENCODINGS_CACHE: dict = {}
 _NOTHING = frozenset()
+_WHOLE_BUFFER_FRAGMENT = 256 * 1024  # the receiver's largest P-DATA value, by default
 _DELIMITER_BYTES = struct.pack("<HH", 0xFFFE, 0xE0DD)
 _ITEM_BYTES = struct.pack("<HH", 0xFFFE, 0xE000)
 
@@ -453,30 +460,29 @@ class ElementWalk(FragmentWalk):
         self.checking = True
         self.structure: StructureWalk | None = None
         self.last_skip = None  # (tag, length, offset, header) of the value being skipped
-        # Where the fragment being fed starts; None once the last one is in (the
-        # structure walk then never pauses: the reading cannot rejoin it).
-        self._fragment_base: int | None = 0
+        # The fragment being fed and where it starts; None once the last one is
+        # in (the structure walk then never pauses: the reading cannot rejoin it).
+        self._fragment: tuple[memoryview, int] | None = None
 
     def feed(self, view: memoryview) -> None:
         """The next fragment (bytes or a 1-D byte memoryview, kept no longer than
         the call: the caller reuses its buffer)."""
-        base = self._fragment_base = self.received
+        base = self.received
+        self._fragment = (view, base)
         structure = self.structure
         if structure is not None:  # ahead of the reading, to pause where it may rejoin
             structure.pause_from = None if self.done else base
             structure.feed(view)
         super().feed(view)
+        self._fragment = None
         structure = self.structure
         if structure is not None:
             structure.pause_from = None
-            if structure.received < self.received:  # split off inside this fragment
-                structure.feed(view[structure.received - base :])
             if structure.paused:  # back at the top level where the reading is not
                 structure.paused = False
                 structure.walk_fragment(view, base)
 
     def finish(self) -> "WalkedElements":
-        self._fragment_base = None
         structure = self.structure
         if structure is not None:
             structure.finish()  # a truncation is reported before what pydicom says
@@ -492,11 +498,19 @@ class ElementWalk(FragmentWalk):
         structure = StructureWalk(self.stack[0].implicit)
         structure.guess = None
         structure.pos = structure.received = at
-        if not self.done and self._fragment_base is not None:
-            structure.pause_from = max(at, self._fragment_base)
         self.structure = structure
         self.checking = False
+        fragment = self._fragment
+        if fragment is None:  # the last bytes, in `finish`
+            structure.feed(buffer[at - base :])
+            return
+        view, fragment_base = fragment
+        if not self.done:
+            structure.pause_from = max(at, fragment_base)
         structure.feed(buffer[at - base :])
+        fragment_end = fragment_base + len(view)
+        if structure.received < fragment_end:  # `buffer` was the reading's carry
+            structure.feed(view[structure.received - fragment_base :])
 
     def _rejoin(self, at: int) -> None:
         """The reading is back at the top level at `at`: it takes the check over
@@ -807,6 +821,18 @@ class ElementWalk(FragmentWalk):
                 if len(value) <= _MAX_WANTED_VALUE
                 else None
             )
+
+
+def read_elements(buffer, start: int, *, implicit: bool, wanted: WantedTags) -> "WalkedElements":
+    """`ElementWalk` over the dataset in `buffer[start:]` (bytes, a BytesIO's
+    buffer, a mapped file), fed in fragments as P-DATA brings them, so that what
+    it copies stays bounded; offsets in messages count from the start of `buffer`."""
+    walk = ElementWalk(implicit, wanted)
+    walk.pos = walk.received = start
+    view = memoryview(buffer)
+    for offset in range(start, len(view), _WHOLE_BUFFER_FRAGMENT):
+        walk.feed(view[offset : offset + _WHOLE_BUFFER_FRAGMENT])
+    return walk.finish()
 
 
 def _skip_unwanted(
