@@ -20,17 +20,12 @@ import json
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
-from pydicom.dataset import Dataset
-from pydicom.filereader import read_dataset
-
-from storage.codec.datasets import lenient_reading, value_text
+from storage.codec.datasets import lenient_reading
 from storage.codec.dates import normal_date, normal_time
-from storage.codec.streams import encoded_bytes, inflate
+from storage.codec.streams import encoded_bytes, inflate, read_with_pydicom
 from storage.codec.syntax import transfer_syntax as syntax_of
 from storage.codec.walk import (
-    PIXEL_DATA_TAGS,
     ElementWalk,
-    HeaderError,
     check_structure,
     read_elements,
     wanted_tags,
@@ -157,27 +152,19 @@ def read_header_with_pydicom(
                 buffer, start, implicit=syntax.implicit, little_endian=syntax.little_endian
             )
     with lenient_reading:
-        dataset = _parse(stream, syntax.implicit, syntax.little_endian)
-        return _header_from(_DatasetSource(dataset))
-
-
-class _DatasetSource:
-    """The indexed values of a pydicom Dataset (what read_header reads)."""
-
-    def __init__(self, dataset: Dataset):
-        self.dataset = dataset
-
-    def text(self, tag: int) -> str | None:
-        return _text(self.dataset, tag)
-
-    def items(self, tag: int) -> list:
-        return _items(self.dataset, tag)
+        elements = read_with_pydicom(
+            stream,
+            implicit=syntax.implicit,
+            little_endian=syntax.little_endian,
+            tags=_SPECIFIC_TAGS,
+        )
+        return _header_from(elements)
 
 
 def _header_from(source) -> InstanceHeader:
-    """The InstanceHeader of a source of values: `source.text(tag)` (see
-    `value_text`) and `source.items(tag)`. Shared by read_header (a pydicom
-    Dataset) and DatasetWalk (the elements the walk kept)."""
+    """The InstanceHeader of the elements read: `source.text(tag)` and
+    `source.items(tag)` of the codec's walk (`WalkedElements`) or of pydicom's
+    reading (`DatasetElements`)."""
     tags = _TAGS
 
     def text(keyword: str) -> str | None:
@@ -242,37 +229,6 @@ def _normalize_dates(values: dict, dates: tuple[str, ...], times: tuple[str, ...
             values[name + "_raw"] = raw if raw != values[name] else None
 
 
-def _parse(stream: BinaryIO, implicit: bool, little: bool) -> Dataset:
-    try:
-        dataset = read_dataset(
-            stream,
-            is_implicit_VR=implicit,
-            is_little_endian=little,
-            stop_when=_at_pixel_data,
-            specific_tags=_SPECIFIC_TAGS,
-        )
-    except Exception as exc:  # pydicom raises many kinds on malformed input
-        raise HeaderError(f"dataset does not parse: {exc}") from exc
-    return dataset
-
-
-def _at_pixel_data(tag, vr, length) -> bool:
-    return tag in PIXEL_DATA_TAGS
-
-
-def _text(dataset: Dataset, tag: int) -> str | None:
-    """The element's value as one string (see `value_text`), or None when
-    absent, empty or not convertible."""
-    try:
-        element = dataset.get(tag)
-        if element is None:
-            return None
-        value = element.value
-    except Exception:
-        return None
-    return value_text(value)
-
-
 def _integer(text_of, keyword: str) -> int | None:
     text = text_of(keyword)
     if text is None:
@@ -284,14 +240,6 @@ def _integer(text_of, keyword: str) -> int | None:
     # An IS holds at most 12 characters: a value SQLite cannot store as an
     # INTEGER is no number of ours, and would fail the index write.
     return value if -(2**63) <= value < 2**63 else None
-
-
-def _items(dataset: Dataset, tag: int) -> list[Dataset]:
-    try:
-        element = dataset.get(tag)
-        return list(element.value) if element is not None and element.value else []
-    except Exception:
-        return []
 
 
 def _item_value(item, keyword: str):

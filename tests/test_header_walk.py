@@ -12,9 +12,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydicom.filereader import read_file_meta_info
 
+from storage.codec.walk import HeaderError
 from storage.header import (
     DatasetWalk,
-    HeaderError,
     normal_date,
     normal_time,
     read_header,

@@ -1,5 +1,6 @@
-"""A dataset's bytes from a stream (a BytesIO off the wire, a file after its
-meta): lent to a walk without a copy, or inflated."""
+"""A dataset in a stream (a BytesIO off the wire, a file after its meta): its
+bytes lent to a walk without a copy, or inflated; or the dataset read by
+pydicom, for what the walk does not read."""
 
 import contextlib
 import io
@@ -9,7 +10,11 @@ import zlib
 from collections.abc import Iterator
 from typing import BinaryIO
 
-from storage.codec.walk import HeaderError
+from pydicom.dataset import Dataset
+from pydicom.filereader import read_dataset
+
+from storage.codec.datasets import value_text
+from storage.codec.walk import PIXEL_DATA_TAGS, HeaderError
 
 _INFLATE_CHUNK = 1024 * 1024
 
@@ -75,3 +80,53 @@ def encoded_bytes(stream: BinaryIO) -> Iterator[tuple[object, int]]:
     data = stream.read()
     stream.seek(start)
     yield data, 0
+
+
+class DatasetElements:
+    """The elements of a Dataset read by pydicom, as `WalkedElements` gives
+    those of the walk: `text(tag)` and `items(tag)`."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def text(self, tag: int) -> str | None:
+        """The value as one string (see `value_text`), or None when absent,
+        empty or not convertible."""
+        try:
+            element = self.dataset.get(tag)
+            if element is None:
+                return None
+            value = element.value
+        except Exception:
+            return None
+        return value_text(value)
+
+    def items(self, tag: int) -> list[Dataset]:
+        try:
+            element = self.dataset.get(tag)
+            return list(element.value) if element is not None and element.value else []
+        except Exception:
+            return []
+
+
+def read_with_pydicom(
+    stream: BinaryIO, *, implicit: bool, little_endian: bool, tags: list[int]
+) -> DatasetElements:
+    """The elements `tags` of the dataset in `stream`, read by pydicom up to the
+    pixel data. Raises HeaderError("dataset does not parse: ...") where pydicom
+    fails (call it inside `with lenient_reading`)."""
+    try:
+        dataset = read_dataset(
+            stream,
+            is_implicit_VR=implicit,
+            is_little_endian=little_endian,
+            stop_when=_at_pixel_data,
+            specific_tags=tags,
+        )
+    except Exception as exc:  # pydicom raises many kinds on malformed input
+        raise HeaderError(f"dataset does not parse: {exc}") from exc
+    return DatasetElements(dataset)
+
+
+def _at_pixel_data(tag, vr, length) -> bool:
+    return tag in PIXEL_DATA_TAGS
