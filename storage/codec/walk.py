@@ -525,10 +525,7 @@ class ElementWalk(FragmentWalk):
             self.structure = None
             self.checking = True
 
-    def _run(self, buffer, base: int, final: bool) -> None:
-        self._read(buffer, base, final)
-
-    def _read(self, buffer, base: int, final: bool) -> None:  # noqa: C901
+    def _run(self, buffer, base: int, final: bool) -> None:  # noqa: C901
         end = len(buffer)
         pos = self.pos - base
         stack = self.stack
@@ -578,7 +575,7 @@ class ElementWalk(FragmentWalk):
                         checking = self.checking
                     self.pos = resolved
                     recursed = True
-                    self._read(memoryview(rest), resolved, final)
+                    self._run(memoryview(rest), resolved, final)
                     return
                 remaining = end - pos
                 if isinstance(frame, _Sequence):
