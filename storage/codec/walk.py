@@ -339,13 +339,15 @@ class StructureWalk(FragmentWalk):
 # `read_dataset` reads them (with `specific_tags` and `stop_when` at the pixel
 # data), so that it sees the same elements as pydicom even where two readings of
 # hostile bytes differ, and fails where pydicom fails ("dataset does not parse").
-# At the top level, before the pixel data, pydicom's reading and the structural
-# walk take the same steps, so there the one walk also proves the structure
-# (`checking`). From the first element where they can part (an undefined-length
-# element, an item tag in explicit VR, the pixel data, a failed reading) a
-# `StructureWalk` proves the rest; when it comes back to the top level where
-# the reading does too (the delimiter of a sequence, usually in the same
-# fragment), the reading takes the check over again.
+# At the top level pydicom's reading and the structural walk take the same
+# steps, so there the one walk also proves the structure (`checking`); past the
+# pixel data it only proves it (pydicom's reading stops there). From an element
+# where the two can part (one of undefined length: a sequence, encapsulated
+# pixel data; an item tag in explicit VR; a failed reading) a `StructureWalk`
+# proves the rest; when it comes back to the top level where the reading does
+# too (the delimiter of a sequence, usually in the same fragment), the reading
+# takes the check over again. A dataset without undefined-length elements is
+# thus walked once, and one with sequences twice only inside them.
 
 _MAX_WANTED_VALUE = 1024 * 1024  # a wanted value longer than this is left out
 _MAX_UNDEFINED_VALUE = 4 * 1024 * 1024  # see ElementWalk: undefined-length non-SQ values
