@@ -730,7 +730,10 @@ class ElementWalk(FragmentWalk):
                     continue
                 stack.append(_Undefined(tag, vr, frame.implicit, base + pos, keep))
         except _Unreadable as error:
-            self.error = error
+            # Kept as its message alone: its traceback and the exceptions chained
+            # to it hold the frames that read, and the views of the bytes in them
+            # (a view of a mapped file must not outlive the walk's reading).
+            self.error = _Unreadable(str(error))
             self.done = True
             if checking:  # the structure is still to be proven
                 self._split(buffer, base, base + pos)
@@ -828,9 +831,11 @@ def read_elements(buffer, start: int, *, implicit: bool, wanted: WantedTags) -> 
     it copies stays bounded; offsets in messages count from the start of `buffer`."""
     walk = ElementWalk(implicit, wanted)
     walk.pos = walk.received = start
-    view = memoryview(buffer)
-    for offset in range(start, len(view), _WHOLE_BUFFER_FRAGMENT):
-        walk.feed(view[offset : offset + _WHOLE_BUFFER_FRAGMENT])
+    # Released before `finish` may raise: a view of a mapped file that a
+    # traceback still holds would keep the file from being unmapped.
+    with memoryview(buffer) as view:
+        for offset in range(start, len(view), _WHOLE_BUFFER_FRAGMENT):
+            walk.feed(view[offset : offset + _WHOLE_BUFFER_FRAGMENT])
     return walk.finish()
 
 
