@@ -179,3 +179,19 @@ def test_dates_are_read_in_one_form(value, expected):
 )  # fmt: skip
 def test_times_are_read_in_one_form(value, expected):
     assert normal_time(value) == expected
+
+
+@pytest.mark.parametrize(
+    "data",
+    [TRUNCATED["header-inside-patient-name"][1]("1.2.3.4"), UNREADABLE["nested-2000-deep"]()],
+    ids=["truncated", "unreadable"],
+)
+def test_a_stored_file_that_fails_is_refused_and_let_go(tmp_path, data):
+    # rebuild and verify read a file mapped: a walk that fails must let go of the
+    # mapping, or its HeaderError would turn into "cannot close exported pointers".
+    path = tmp_path / "stored.dcm"
+    path.write_bytes(b"\0" * 132 + data)
+    with open(path, "rb") as handle:
+        handle.seek(132)
+        with pytest.raises(HeaderError, match="^dataset (is truncated|does not parse)"):
+            read_header(handle, "1.2.840.10008.1.2.1")
