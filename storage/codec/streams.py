@@ -117,11 +117,7 @@ def read_with_pydicom(
     fails (call it inside `with lenient_reading`)."""
     try:
         dataset = read_dataset(
-            stream,
-            is_implicit_VR=implicit,
-            is_little_endian=little_endian,
-            stop_when=_at_pixel_data,
-            specific_tags=tags,
+            stream, implicit, little_endian, stop_when=_at_pixel_data, specific_tags=tags
         )
     except Exception as exc:  # pydicom raises many kinds on malformed input
         raise HeaderError(f"dataset does not parse: {exc}") from exc
