@@ -37,7 +37,8 @@ from storage.catalog.index import (
 )
 from storage.catalog.lifecycle import ONLINE
 from storage.changes import files_being_deleted
-from storage.header import HeaderError, read_header
+from storage.codec.walk import HeaderError
+from storage.header import read_header
 from storage.uids import is_valid_uid
 
 Progress = Callable[[int], None]

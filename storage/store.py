@@ -30,7 +30,8 @@ from storage.catalog.index import (
     StoredDigest,
     utc_now,
 )
-from storage.header import DatasetWalk, HeaderError, InstanceHeader, read_header, walkable
+from storage.codec.walk import HeaderError
+from storage.header import DatasetWalk, InstanceHeader, read_header, walkable
 from storage.policy import DuplicatePolicy
 from storage.uids import MAX_UID_LENGTH, is_valid_uid
 
