@@ -27,7 +27,7 @@ from scp import dimse
 from scp.service import Conversation, Outbox
 from scp.session import Session
 from storage import commitment
-from storage.catalog.index import Catalog
+from storage.catalog import Catalog
 from storage.codec.datasets import decode_dataset
 from storage.codec.syntax import transfer_syntax as syntax_of
 from storage.commitment import CommitmentRequest, CommitmentResult, Recorded, Reference

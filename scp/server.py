@@ -32,8 +32,8 @@ from scp.logs import error_line
 from scp.reports import Reporter
 from scp.store_service import StoreService
 from scp.tls import server_context
+from storage.catalog import Catalog
 from storage.catalog.engines import IndexCorrupt, IndexUnreachable, SchemaTooNew, database_errors
-from storage.catalog.index import Catalog
 from storage.changes import finish_deletions
 from storage.maintenance import IndexBehindFiles, check_not_behind_files, recover_incoming
 from storage.store import InstanceStore

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from storage.catalog.index import Provenance
+from storage.catalog import Provenance
 
 _association_numbers = itertools.count(1)
 _STARTED = int(time.time()) % 0x10000

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from storage import files
+from storage.catalog import AVAILABILITIES, Catalog, utc_now
 from storage.catalog.engines import Database
-from storage.catalog.index import AVAILABILITIES, Catalog, utc_now
 from storage.catalog.reads import worst_availability
 
 

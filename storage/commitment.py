@@ -25,8 +25,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from storage import files
+from storage.catalog import Catalog, utc_now
 from storage.catalog.engines import Database, IndexLocation, IndexUnreachable
-from storage.catalog.index import Catalog, utc_now
 
 CHECKING, PENDING, DELIVERING = "checking", "pending", "delivering"
 DELIVERED, FAILED = "delivered", "failed"

@@ -14,6 +14,13 @@ from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 
 from storage import files
+from storage.catalog import (
+    Catalog,
+    IndexEntry,
+    PatientConflict,
+    Provenance,
+    SeriesStudyMismatch,
+)
 from storage.catalog.engines import (
     MAX_PARAMETERS,
     WRITER_LOCK_SUFFIX,
@@ -24,18 +31,8 @@ from storage.catalog.engines import (
     is_corrupt,
     open_in_another_process,
 )
-from storage.catalog.index import (
-    INDEX_FILENAME,
-    ONLINE,
-    TABLES,
-    UNAVAILABLE,
-    Catalog,
-    IndexEntry,
-    PatientConflict,
-    Provenance,
-    SeriesStudyMismatch,
-    replace_rows,
-)
+from storage.catalog.index import replace_rows
+from storage.catalog.schema import INDEX_FILENAME, ONLINE, TABLES, UNAVAILABLE
 from storage.changes import files_being_deleted, refresh_study_availability
 from storage.header import HeaderError, read_header
 from storage.uids import is_valid_uid

@@ -19,9 +19,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from storage import files
-from storage.catalog.engines import IndexTimedOut, database_errors, is_out_of_space
-from storage.catalog.health import IndexInterrupted, IndexUnavailable
-from storage.catalog.index import (
+from storage.catalog import (
     Catalog,
     IndexEntry,
     IndexOutcome,
@@ -31,6 +29,8 @@ from storage.catalog.index import (
     StoredDigest,
     utc_now,
 )
+from storage.catalog.engines import IndexTimedOut, database_errors, is_out_of_space
+from storage.catalog.health import IndexInterrupted, IndexUnavailable
 from storage.header import DatasetWalk, HeaderError, InstanceHeader, read_header, walkable
 from storage.policy import DuplicatePolicy
 from storage.uids import MAX_UID_LENGTH, is_valid_uid
@@ -170,7 +170,7 @@ class InstanceStore:
         # misses (its file gone, or of other content elsewhere) is told apart in
         # the transaction.
         known = None
-        if not self.index.conn.remote and (self.data_dir / relpath).exists():
+        if not self.index.shared_by_nodes and (self.data_dir / relpath).exists():
             known = self.index.digest_hint(uid)
             if self._identical(known, sha256):
                 temp_writer.discard()

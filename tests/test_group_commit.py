@@ -11,8 +11,8 @@ import time
 import pydicom
 import pytest
 
+from storage.catalog import Catalog, Provenance
 from storage.catalog.engines import IndexLocation, SQLiteDatabase
-from storage.catalog.index import Catalog, Provenance
 from storage.files import prepare_data_dir
 from storage.policy import DuplicatePolicy
 from storage.store import InstanceStore, Outcome, Refusal, StoreRefused

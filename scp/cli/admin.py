@@ -122,9 +122,7 @@ def _reader(config):
 
 
 def _open_index(config):
-    from storage.catalog.index import (
-        Catalog,
-    )  # the writer side: only the commands that change things
+    from storage.catalog import Catalog  # the writer side: only the commands that change things
 
     _reader(config).close()  # the same "no index" error as the read commands
     return Catalog.open(config.index_location)

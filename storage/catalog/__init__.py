@@ -9,5 +9,25 @@ the catalog is opened.
 """
 
 from storage.catalog.index import Catalog
+from storage.catalog.ingest import (
+    IndexEntry,
+    IndexOutcome,
+    PatientConflict,
+    Provenance,
+    SeriesStudyMismatch,
+    StoredDigest,
+    utc_now,
+)
+from storage.catalog.schema import AVAILABILITIES
 
-__all__ = ["Catalog"]
+__all__ = [
+    "AVAILABILITIES",
+    "Catalog",
+    "IndexEntry",
+    "IndexOutcome",
+    "PatientConflict",
+    "Provenance",
+    "SeriesStudyMismatch",
+    "StoredDigest",
+    "utc_now",
+]

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from storage.catalog.engines import Database
-from storage.catalog.index import AVAILABILITIES, TABLES
+from storage.catalog.schema import AVAILABILITIES, TABLES
 from storage.names import fold_name
 
 RECEIVING, STABLE, COMPLETE, INCOMPLETE = "receiving", "stable", "complete", "incomplete"
