@@ -487,7 +487,7 @@ class _Silent:
 @data_options
 def verify(config_file, data_dir, index_url, checksum, repair, as_json):
     """Check that every indexed file is on disk as recorded. Exit 1 if not."""
-    from storage.maintenance import count_instances
+    from storage.catalog import count_instances
     from storage.maintenance import verify as run_verify
 
     config = _config(config_file, data_dir, index_url)
@@ -592,9 +592,10 @@ def delete(config_file, data_dir, index_url, study_uid, series_uid, yes):
 @data_options
 def migrate_index(config_file, data_dir, index_url, target_url):
     """Copy the data dir's SQLite index into PostgreSQL (idempotent; counts checked)."""
+    from storage.catalog import count_instances
     from storage.catalog.engines import check_index_url
-    from storage.maintenance import MigrationRefused, count_instances
-    from storage.maintenance import migrate_index as run_migration
+    from storage.catalog.migrate import MigrationRefused
+    from storage.catalog.migrate import migrate_index as run_migration
 
     config = _config(config_file, data_dir, index_url)
     problem = check_index_url(target_url)

@@ -8,7 +8,7 @@ strategy stay inside it; the engine (SQLite or PostgreSQL) is chosen once, when
 the catalog is opened.
 """
 
-from storage.catalog.index import Catalog
+from storage.catalog.index import Catalog, count_instances
 from storage.catalog.ingest import (
     IndexEntry,
     IndexOutcome,
@@ -29,5 +29,6 @@ __all__ = [
     "Provenance",
     "SeriesStudyMismatch",
     "StoredDigest",
+    "count_instances",
     "utc_now",
 ]

@@ -18,7 +18,7 @@ from typing import TypeVar
 from storage.catalog.arrivals import arrivals_for
 from storage.catalog.engines import Database, IndexLocation
 from storage.catalog.ingest import IndexEntry, IndexOutcome, Ingest, StoredDigest
-from storage.catalog.schema import TABLES, create_schema
+from storage.catalog.schema import create_schema
 from storage.catalog.writer import Writer
 
 T = TypeVar("T")
@@ -99,33 +99,10 @@ class Catalog(Ingest):
         self._writer.settle_later(uid, settle)
 
 
-def replace_rows(
-    source: Database,
-    target: Database,
-    tables: list[str],
-    progress: Callable[[int], None] = lambda _: None,
-) -> dict[str, int]:
-    """Make `tables` of `target` hold exactly the rows of `source` (inside the
-    caller's transaction on `target`); returns the rows copied per table.
-    `progress(n)` after each n instance rows."""
-    copied = {}
-    for table in tables:
-        columns, pk = TABLES[table]
-        names = list(columns)
-        target.execute(f"DELETE FROM {table}")
-        rows = source.execute(f"SELECT {', '.join(names)} FROM {table}")
-        if table == "instances":
-            rows = _counted(rows, progress)
-        copied[table] = target.insert_rows(table, names, rows)
-        if pk == "id":
-            target.reset_identity(table, "id")
-    return copied
-
-
-def _counted(rows, progress: Callable[[int], None], every: int = 1000):
-    number = 0
-    for number, row in enumerate(rows, 1):
-        yield row
-        if number % every == 0:
-            progress(every)
-    progress(number % every)  # the last, partial batch
+def count_instances(location: IndexLocation) -> int:
+    """How many instances the index at `location` holds (for a progress bar)."""
+    db = location.open_reader()
+    try:
+        return db.execute("SELECT count(*) FROM instances").fetchone()[0]
+    finally:
+        db.close()
