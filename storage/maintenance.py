@@ -14,19 +14,14 @@ from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 
 from storage import files
-from storage.catalog import (
-    Catalog,
-    IndexEntry,
-    PatientConflict,
-    Provenance,
-    SeriesStudyMismatch,
-)
+from storage.catalog import Catalog, IndexEntry, Provenance
 from storage.catalog.engines import (
     WRITER_LOCK_SUFFIX,
     IndexCorrupt,
     IndexLocation,
     open_in_another_process,
 )
+from storage.catalog.ingest import PatientConflict, SeriesStudyMismatch
 from storage.catalog.rebuild import (
     carry_over_damaged,
     file_to_replace,

@@ -23,9 +23,10 @@ from scp.cli.options import (
 from storage.catalog.engines import (
     IndexBusy,
     IndexCorrupt,
+    IndexFailed,
     IndexLocation,
     IndexUnreachable,
-    database_errors,
+    engine_failures,
 )
 from storage.catalog.reads import (
     FilterError,
@@ -60,8 +61,9 @@ def data_options(command):
     @functools.wraps(run)
     def naming_damage(**kwargs):
         try:
-            return run(**kwargs)
-        except database_errors() as exc:
+            with engine_failures():
+                return run(**kwargs)
+        except IndexFailed as exc:
             config = _config(kwargs["config_file"], kwargs["data_dir"], kwargs["index_url"])
             damage = config.index_location.corruption(exc)
             if damage is None:
@@ -115,7 +117,7 @@ def _reader(config):
     except IndexUnreachable as exc:
         advice = (
             "check --index-url, and that PostgreSQL runs there and lets this user in"
-            if location.is_postgresql
+            if location.shared_by_nodes
             else "has `imaging-scp serve` received anything into this data dir?"
         )
         fail(f"{exc} ({advice})", EXIT_NOT_FOUND)
@@ -539,7 +541,7 @@ def rebuild(config_file, data_dir, index_url):
     config = _config(config_file, data_dir, index_url)
     location = config.index_location
     size = rebuild_size(config.data_dir)
-    if location.is_postgresql or not size:  # nothing to rebuild from: a wrong --data-dir?
+    if location.shared_by_nodes or not size:  # nothing to rebuild from: a wrong --data-dir?
         _reader(config).close()
     try:
         with _progress("rebuilding", size) as bar:

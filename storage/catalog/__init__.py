@@ -6,18 +6,13 @@ delete, rebuild, migrate, and every read) is a call into this package. SQL,
 the schema and its versions, the group commit and each engine's ingest
 strategy stay inside it; the engine (SQLite or PostgreSQL) is chosen once, when
 the catalog is opened.
+
+Here: the door and the records it takes and gives. The exceptions are the
+modules' that raise them (engines, health, ingest).
 """
 
 from storage.catalog.index import Catalog, count_instances
-from storage.catalog.ingest import (
-    IndexEntry,
-    IndexOutcome,
-    PatientConflict,
-    Provenance,
-    SeriesStudyMismatch,
-    StoredDigest,
-    utc_now,
-)
+from storage.catalog.ingest import IndexEntry, IndexOutcome, Provenance, StoredDigest, utc_now
 from storage.catalog.schema import AVAILABILITIES
 
 __all__ = [
@@ -25,9 +20,7 @@ __all__ = [
     "Catalog",
     "IndexEntry",
     "IndexOutcome",
-    "PatientConflict",
     "Provenance",
-    "SeriesStudyMismatch",
     "StoredDigest",
     "count_instances",
     "utc_now",

@@ -16,7 +16,13 @@ from pathlib import Path
 from typing import TypeVar
 
 from storage.catalog.arrivals import arrivals_for
-from storage.catalog.engines import Database, IndexLocation
+from storage.catalog.engines import (
+    Database,
+    IndexFailed,
+    IndexLocation,
+    database_errors,
+    engine_failures,
+)
 from storage.catalog.ingest import IndexEntry, IndexOutcome, Ingest, StoredDigest
 from storage.catalog.schema import create_schema
 from storage.catalog.writer import Writer
@@ -66,8 +72,12 @@ class Catalog(Ingest):
             yield self
 
     def commit_together(self, work: Callable[[], T], *, lock_key: str | None = None) -> T:
-        """`work` in a group commit (storage.catalog.writer.Writer.commit_together)."""
-        return self._writer.commit_together(work, lock_key=lock_key)
+        """`work` in a group commit (storage.catalog.writer.Writer.commit_together);
+        an error of the engine is raised as IndexFailed."""
+        try:  # costs nothing until something is raised: this is every instance's path
+            return self._writer.commit_together(work, lock_key=lock_key)
+        except database_errors() as exc:
+            raise IndexFailed(exc) from exc
 
     def index_new_instance(
         self, entry: IndexEntry, otherwise: Callable[[], T]
@@ -76,19 +86,25 @@ class Catalog(Ingest):
         group commit (as `commit_together`); when it is not — a resend, its
         series' first instance, a series of another study, a series learning its
         modality — run the work `otherwise` instead, and return what it returns.
-        How is the engine's (storage.catalog.arrivals)."""
-        return self._arrivals.index_new_instance(entry, otherwise)
+        How is the engine's (storage.catalog.arrivals); an error of the engine
+        is raised as IndexFailed."""
+        try:
+            return self._arrivals.index_new_instance(entry, otherwise)
+        except database_errors() as exc:
+            raise IndexFailed(exc) from exc
 
     def digest_hint(self, sop_instance_uid: str) -> StoredDigest | None:
         """`stored_digest` outside a transaction, of what is committed: lets an
         identical resend be answered without writing anything. Decisions are
         re-checked in `writing()`. It does not wait for a commit in progress."""
-        return self._arrivals.digest_hint(sop_instance_uid)
+        with engine_failures():
+            return self._arrivals.digest_hint(sop_instance_uid)
 
     def read_back(self, uid: str, deadline: float) -> StoredDigest | None:
         """What the index holds for `uid`, on a connection that replaced a lost
         one: whether a transaction whose answer was lost committed."""
-        return self._writer.read_back(uid, deadline)
+        with engine_failures():
+            return self._writer.read_back(uid, deadline)
 
     def holds_instances(self) -> bool:
         """Whether the index holds any instance (one row read)."""

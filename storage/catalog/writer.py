@@ -264,7 +264,7 @@ class Writer:
         synchronous_commit=on on PostgreSQL), rolls back on error. `lock_keys`:
         the studies it changes, locked first as ingest locks them
         (`Database.lock_keys`); a change that learns them by reading calls
-        `lock_studies` once, before its first write.
+        `Catalog.lock_studies` once, before its first write.
         """
         with self.connection(self.deadline()):
             self.conn.begin()
