@@ -25,9 +25,8 @@ from pynetdicom.sop_class import uid_to_service_class
 
 from scp import dimse
 from scp.association import Conversation, Outbox, Session
-from storage.catalog import commitments
+from storage.catalog import Catalog, commitments
 from storage.catalog.commitments import CommitmentRequest, CommitmentResult, Recorded, Reference
-from storage.catalog.index import Catalog
 from storage.codec.datasets import decode_dataset
 from storage.codec.syntax import transfer_syntax as syntax_of
 from storage.commitment import check_request

@@ -11,8 +11,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
 
 from storage import files
-from storage.catalog import series
-from storage.catalog.index import Catalog
+from storage.catalog import Catalog, series
 from storage.catalog.series import Deletion
 
 

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from storage import files
-from storage.catalog import commitments
+from storage.catalog import Catalog, commitments
 from storage.catalog.commitments import (
     CLASS_INSTANCE_CONFLICT,
     NO_SUCH_OBJECT_INSTANCE,
@@ -27,7 +27,6 @@ from storage.catalog.commitments import (
     Reference,
     failures_by_name,
 )
-from storage.catalog.index import Catalog
 
 
 def check_request(

@@ -22,7 +22,8 @@ from datetime import UTC, datetime, timedelta
 
 from storage.catalog import lifecycle
 from storage.catalog.engines import Database, IndexUnreachable
-from storage.catalog.index import Catalog, utc_now
+from storage.catalog.index import Catalog
+from storage.catalog.ingest import utc_now
 from storage.catalog.lifecycle import Event
 
 CHECKING, PENDING, DELIVERING = "checking", "pending", "delivering"

@@ -25,8 +25,8 @@ from datetime import UTC, datetime, timedelta
 
 from storage.catalog.engines import Database, IndexLocation
 from storage.catalog.find import Query, matches
-from storage.catalog.index import TABLES
 from storage.catalog.lifecycle import state_of
+from storage.catalog.schema import TABLES
 from storage.names import fold_name
 
 

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 from storage.catalog import lifecycle
 from storage.catalog.engines import Database
-from storage.catalog.index import Catalog, utc_now
+from storage.catalog.index import Catalog
+from storage.catalog.ingest import utc_now
 from storage.catalog.lifecycle import AVAILABILITIES, Event
 
 
