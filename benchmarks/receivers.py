@@ -349,6 +349,16 @@ def _percentile(ordered: list[float], p: float) -> float | None:
     return ordered[min(len(ordered) - 1, int(p * len(ordered)))]
 
 
+class ImagingScpEveryCore(ImagingScp):
+    """imaging-scp with one listener process per core (`--workers N`), beside the
+    default one in the same run: what the `workers` default gives up or gains."""
+
+    key = "imaging-scp-workers"
+
+    def command(self):
+        return [*super().command(), "--workers", str(os.cpu_count() or 1)]
+
+
 class DcmtkStorescp(Receiver):
     """dcmtk's storescp: `storescp -od OUT -ss st PORT`, plus +xa (every transfer syntax)."""
 
@@ -503,5 +513,6 @@ class Floor(Receiver):
 
 
 RECEIVERS = {
-    cls.key: cls for cls in (ImagingScp, DcmtkStorescp, Orthanc, PynetdicomStorescp, Floor)
+    cls.key: cls
+    for cls in (ImagingScp, ImagingScpEveryCore, DcmtkStorescp, Orthanc, PynetdicomStorescp, Floor)
 }

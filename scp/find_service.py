@@ -1,9 +1,9 @@
 """The Query/Retrieve FIND service as SCP: C-FIND over the index.
 
 A C-FIND-RQ's identifier is decoded (pydicom, in the request's character set)
-into a `storage.catalog.find.Query`; the matches come from the SQL cursor one at a
-time and each becomes a Pending response, encoded by hand (a response is a
-dozen short text elements and there may be thousands of them). The
+into a `storage.catalog.find.Query`; the matches come from the catalog's
+cursor one at a time and each becomes a Pending response, encoded by hand (a
+response is a dozen short text elements and there may be thousands of them). The
 association sends them one by one between its reads (`Outbox.stream`), so a
 C-CANCEL-RQ is seen before the next response: the query ends with Cancel
 (0xFE00) there.
@@ -20,11 +20,11 @@ import time
 from pydicom.datadict import keyword_for_tag
 
 from scp import dimse
-from scp.service import Conversation, Identifier, Outbox, index_read_failed
-from scp.session import Session
+from scp.association import Conversation, Identifier, Outbox, Session, index_read_failed
 from storage.catalog import find
 from storage.catalog.engines import IndexLocation
 from storage.catalog.health import IndexHealth
+from storage.catalog.reads import CatalogReader
 from storage.codec.datasets import decode_dataset
 from storage.codec.elements import encode_element, pad
 from storage.codec.syntax import transfer_syntax as syntax_of
@@ -126,7 +126,7 @@ class RunningQuery:
         self.cancelled = False
         self.matches = 0
         self._started = time.perf_counter()
-        self._conn = None
+        self._reader: CatalogReader | None = None
         self._rows = None
         self._failure: FindRefused | None = None
         try:
@@ -195,8 +195,8 @@ class RunningQuery:
         limit = self.service.find_limit
         try:
             if self._rows is None:
-                self._conn = self.service.location.open_reader()
-                self._rows = find.find(self._conn, self.query)
+                self._reader = CatalogReader.open(self.service.location, pooled=True)
+                self._rows = self._reader.find(self.query)
             match = next(self._rows, None)
         except find.QueryError as exc:
             return self._final(IDENTIFIER_DOES_NOT_MATCH, str(exc))
@@ -221,9 +221,9 @@ class RunningQuery:
 
     def close(self) -> None:
         """The association ended: let the cursor go."""
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
 
     def _final(self, status: int, comment: str | None = None) -> tuple[bytes, bytes]:
         self.done = True

@@ -26,17 +26,16 @@ requester's association, a move's outbound one lives within it.
 import time
 
 from scp import dimse
-from scp.config import peer_address
-from scp.requestor import AssociationError, Requestor
-from scp.service import (
+from scp.association import (
     Conversation,
     Identifier,
     Outbox,
+    Session,
     Unserved,
     index_read_failed,
     unrecognized,
 )
-from scp.session import Session
+from scp.config import peer_address
 from scp.sub_operations import (
     Destination,
     Tally,
@@ -46,10 +45,12 @@ from scp.sub_operations import (
     send_instance,
     store_failure,
 )
+from scp.upper_layer import AssociationError, Requestor
 from storage.catalog import find
 from storage.catalog.engines import IndexLocation
 from storage.catalog.health import IndexHealth
-from storage.codec.datasets import decode_dataset
+from storage.catalog.reads import CatalogReader
+from storage.codec.datasets import decode_dataset, value_text
 from storage.codec.syntax import transfer_syntax as syntax_of
 
 PATIENT_ROOT_MOVE = "1.2.840.10008.5.1.4.1.2.1.2"
@@ -160,7 +161,7 @@ class Retrieval:
         self.cancelled = False
         self.matches = 0
         self._started = time.perf_counter()
-        self._conn = None
+        self._reader: CatalogReader | None = None
         self._rows = None
         self._failure: RetrieveRefused | None = None
         try:
@@ -180,10 +181,10 @@ class Retrieval:
             find.check_level(level)
             keys = {}
             for keyword in find.retrieve_keywords(level):
-                value = dataset.get(keyword)
+                value = value_text(dataset.get(keyword))
                 if value is not None:
-                    keys[keyword] = "\\".join(map(str, value)) if _multiple(value) else str(value)
-            query = find.Query(root, level, {k: v.strip() for k, v in keys.items()})
+                    keys[keyword] = value
+            query = find.Query(root, level, keys)
             find.check_retrieve(query)
         except find.QueryError as exc:
             raise RetrieveRefused(IDENTIFIER_DOES_NOT_MATCH, str(exc)) from exc
@@ -211,8 +212,8 @@ class Retrieval:
     def _start(self) -> tuple[bytes, bytes] | None:
         """Count the matches, get ready to send them; the first response if
         there is nothing to send."""
-        self._conn = self.service.location.open_reader()
-        contents = find.retrieve_contents(self._conn, self.query)
+        self._reader = CatalogReader.open(self.service.location, pooled=True)
+        contents = self._reader.retrieve_contents(self.query)
         self.matches = self.tally.remaining = sum(contents.values())
         self.session.log.info(
             f"{self.name}.request",
@@ -227,7 +228,7 @@ class Retrieval:
             return refusal
         if not self.matches:
             return self._final()
-        self._rows = find.retrieve(self._conn, self.query)
+        self._rows = self._reader.retrieve(self.query)
         return None
 
     def _sub_operation(self, instance: find.StoredInstance) -> tuple[bytes, bytes] | None:
@@ -262,9 +263,9 @@ class Retrieval:
 
     def close(self) -> None:
         """The association ended, or the last response was given: let go."""
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
 
     def _fail_the_rest(self, reason: str) -> None:
         """Every match not sent yet is a failed sub-operation (the way to send is gone)."""
@@ -341,7 +342,7 @@ class Move(Retrieval):
                 address[0], address[1], self.destination_ae, proposals(contents)
             )
         except AssociationError as exc:
-            self._rows = find.retrieve(self._conn, self.query)
+            self._rows = self._reader.retrieve(self.query)
             self._fail_the_rest(str(exc))
             return self._final()
         originator = (self.session.provenance.calling_ae, self.message_id)
@@ -443,7 +444,3 @@ _RESPONSE = {
     PATIENT_ROOT_GET: dimse.C_GET_RSP,
     STUDY_ROOT_GET: dimse.C_GET_RSP,
 }
-
-
-def _multiple(value) -> bool:
-    return isinstance(value, list | tuple) or type(value).__name__ == "MultiValue"

@@ -1,7 +1,7 @@
 """The C-STORE sub-operations of a retrieve (C-MOVE, C-GET, `imaging-scp send`):
 stored instances sent as they were received.
 
-Each match comes from the index's cursor (`storage.catalog.find.retrieve`).
+Each match comes from the index's cursor (`CatalogReader.retrieve`).
 Its file is checked against the index before a byte goes out (its size, and
 the SHA-256 of its data set), then its data set (the bytes after the File Meta
 group) is streamed from the file a PDU at a time: memory does not grow with the
@@ -26,9 +26,9 @@ from typing import BinaryIO
 from pydicom.uid import UID
 
 from scp import dimse
-from scp.requestor import AssociationError, Proposal, RequestorAssociation
+from scp.upper_layer import AssociationError, Proposal, RequestorAssociation
 from storage.catalog.find import StoredInstance
-from storage.catalog.index import OFFLINE, UNAVAILABLE
+from storage.catalog.lifecycle import OFFLINE, UNAVAILABLE
 from storage.codec.datasets import reencode_dataset
 from storage.codec.elements import encode_element, pad
 from storage.codec.syntax import (

@@ -2,9 +2,17 @@
 with `--json`: ImagingStudy element names where FHIR has one (`uid`,
 `numberOfSeries`, `series[].instance[]`, …), camelCase names of our own
 beside them (`state`, `incompleteReason`, `bytes`, …). Empty values are left out.
+Which indexed attributes are shown as the index holds them, and by which name,
+is said in their list (storage.attributes, `json`).
 """
 
 import json
+
+from storage.attributes import INSTANCE, PATIENT, SERIES, STUDY, Attribute, shown
+
+_STUDY_SHOWN = shown(PATIENT, STUDY)
+_SERIES_SHOWN = shown(SERIES)
+_INSTANCE_SHOWN = shown(INSTANCE)
 
 
 def modalities_of(study: dict) -> list[str]:
@@ -16,15 +24,12 @@ def study_json(study: dict) -> dict:
     """A study in ImagingStudy element names, plus our own fields."""
     return _without_none(
         {
-            "uid": study["study_uid"],
-            "accession": study["accession"],
+            **_as_indexed(study, _STUDY_SHOWN),
             "patient": _without_none({"id": study["patient_id"], "name": study["patient_name"]})
             or None,
             "started": _joined(study["study_date"], study["study_time"]),
             "dateAsSent": study.get("study_date_raw"),
             "timeAsSent": study.get("study_time_raw"),
-            "description": study["description"],
-            "referrer": study["referrer"],
             "modality": modalities_of(study),
             "numberOfSeries": study["number_of_series"],
             "numberOfInstances": study["number_of_instances"],
@@ -42,12 +47,7 @@ def study_json(study: dict) -> dict:
 def series_json(series: dict) -> dict:
     return _without_none(
         {
-            "uid": series["series_uid"],
-            "number": series["number"],
-            "modality": series["modality"],
-            "description": series["description"],
-            "bodySite": series["body_part"],
-            "laterality": series["laterality"],
+            **_as_indexed(series, _SERIES_SHOWN),
             "started": _joined(series["series_date"], series["series_time"]),
             "dateAsSent": series.get("series_date_raw"),
             "timeAsSent": series.get("series_time_raw"),
@@ -69,10 +69,7 @@ def series_json(series: dict) -> dict:
 def instance_json(instance: dict) -> dict:
     return _without_none(
         {
-            "uid": instance["sop_instance_uid"],
-            "number": instance["number"],
-            "sopClass": instance["sop_class_uid"],
-            "title": instance["title"],
+            **_as_indexed(instance, _INSTANCE_SHOWN),
             "path": instance["path"],
             "size": instance["size"],
             "sha256": instance["sha256"],
@@ -83,6 +80,10 @@ def instance_json(instance: dict) -> dict:
             "association": instance["association_id"],
         }
     )
+
+
+def _as_indexed(row: dict, attributes: list[Attribute]) -> dict:
+    return {attribute.json: row[attribute.column] for attribute in attributes}
 
 
 def _joined(day: str | None, clock: str | None) -> str | None:

@@ -43,7 +43,7 @@ from zoneinfo import ZoneInfo
 
 from pydicom.uid import UID
 
-from storage.catalog.reads import get_study, iter_studies, series_of
+from storage.catalog.reads import CatalogReader, StudyFilter
 from storage.codec.dates import calendar_date, time_of_day
 
 VERSIONS = ("dstu2", "dstu2-ballot", "r4", "r5")
@@ -161,11 +161,11 @@ _BATCH = 500  # studies whose series are read in one query
 
 
 def imaging_study(
-    conn, study_uid: str, version: str, *, stable_after: float, **rendering
+    reader: CatalogReader, study_uid: str, version: str, *, stable_after: float, **rendering
 ) -> dict | None:
     """One study of the index as an ImagingStudy, instances included; None when
     the index does not know it. `rendering`: wado_base_url, site_timezone."""
-    found = get_study(conn, study_uid, stable_after, with_instances=True)
+    found = reader.study(study_uid, stable_after, with_instances=True)
     if found is None:
         return None
     instances = {s["series_uid"]: s["instances"] for s in found["series"]}
@@ -173,23 +173,31 @@ def imaging_study(
 
 
 def imaging_studies(
-    conn, filters, version: str, *, stable_after: float, with_instances: bool, **rendering
+    reader: CatalogReader,
+    filters: StudyFilter,
+    version: str,
+    *,
+    stable_after: float,
+    with_instances: bool,
+    **rendering,
 ) -> Iterator[dict]:
     """The studies `filters` selects as ImagingStudy resources, one at a time
     (their series read a batch of studies per query)."""
 
     batch: list[dict] = []
-    for found in iter_studies(conn, filters, stable_after):
+    for found in reader.studies(filters, stable_after):
         batch.append(found)
         if len(batch) == _BATCH:
-            yield from _render_batch(conn, batch, version, stable_after, with_instances, rendering)
+            yield from _render_batch(
+                reader, batch, version, stable_after, with_instances, rendering
+            )
             batch = []
-    yield from _render_batch(conn, batch, version, stable_after, with_instances, rendering)
+    yield from _render_batch(reader, batch, version, stable_after, with_instances, rendering)
 
 
-def _render_batch(conn, batch, version, stable_after, with_instances, rendering):
-    all_series = series_of(
-        conn, [s["study_uid"] for s in batch], stable_after, with_instances=with_instances
+def _render_batch(reader, batch, version, stable_after, with_instances, rendering):
+    all_series = reader.series_of(
+        [s["study_uid"] for s in batch], stable_after, with_instances=with_instances
     )
     for found in batch:
         series = all_series[found["study_uid"]]

@@ -1,7 +1,8 @@
-"""Admin commands over the index: a thin layer over `storage.catalog.reads` and
-`storage.maintenance`. Every command reads the index directly (it works while
-`serve` runs), prints a table for people and `--json` for scripts, and exits 0
-on success, 1 when something is not found, 2 on a usage error.
+"""Admin commands over the index: a thin layer over the catalog's reader
+(`storage.catalog.reads.CatalogReader`) and `storage.maintenance`. Every
+command reads the index directly (it works while `serve` runs), prints a table
+for people and `--json` for scripts, and exits 0 on success, 1 when something
+is not found, 2 on a usage error.
 """
 
 import dataclasses
@@ -23,22 +24,12 @@ from scp.cli.options import (
 from storage.catalog.engines import (
     IndexBusy,
     IndexCorrupt,
+    IndexFailed,
     IndexLocation,
     IndexUnreachable,
-    database_errors,
+    engine_failures,
 )
-from storage.catalog.reads import (
-    FilterError,
-    StudyFilter,
-    count_conflicts,
-    count_studies,
-    get_study,
-    instances_in,
-    iter_commitments,
-    iter_conflicts,
-    iter_studies,
-    stats,
-)
+from storage.catalog.reads import CatalogReader, FilterError, StudyFilter
 from storage.documents import (
     camel_keys,
     commitment_json,
@@ -60,8 +51,9 @@ def data_options(command):
     @functools.wraps(run)
     def naming_damage(**kwargs):
         try:
-            return run(**kwargs)
-        except database_errors() as exc:
+            with engine_failures():
+                return run(**kwargs)
+        except IndexFailed as exc:
             config = _config(kwargs["config_file"], kwargs["data_dir"], kwargs["index_url"])
             damage = config.index_location.corruption(exc)
             if damage is None:
@@ -108,23 +100,21 @@ def _filters(kwargs: dict) -> StudyFilter:
     return StudyFilter(**{name: kwargs.pop(name) for name in list(kwargs) if name in names})
 
 
-def _reader(config):
+def _reader(config) -> CatalogReader:
     location = config.index_location
     try:
-        return location.open()  # one command, one connection: no pool
+        return CatalogReader.open(location)  # one command, one connection: no pool
     except IndexUnreachable as exc:
         advice = (
             "check --index-url, and that PostgreSQL runs there and lets this user in"
-            if location.is_postgresql
+            if location.shared_by_nodes
             else "has `imaging-scp serve` received anything into this data dir?"
         )
         fail(f"{exc} ({advice})", EXIT_NOT_FOUND)
 
 
 def _open_index(config):
-    from storage.catalog.index import (
-        Catalog,
-    )  # the writer side: only the commands that change things
+    from storage.catalog import Catalog  # the writer side: only the commands that change things
 
     _reader(config).close()  # the same "no index" error as the read commands
     return Catalog.open(config.index_location)
@@ -178,14 +168,14 @@ def studies(config_file, data_dir, index_url, as_json, ndjson, **kwargs):
     config = _config(config_file, data_dir, index_url)
     kwargs_given = any(value is not None for value in kwargs.values())
     filters = _filters(kwargs)
-    conn = _reader(config)
     try:
-        found = iter_studies(conn, filters, config.stable_after)
-        if ndjson:
-            for study in found:
-                click.echo(json.dumps(study_json(study), ensure_ascii=False))
-            return
-        found = list(found)
+        with _reader(config) as reader:
+            found = reader.studies(filters, config.stable_after)
+            if ndjson:
+                for study in found:
+                    click.echo(json.dumps(study_json(study), ensure_ascii=False))
+                return
+            found = list(found)
     except FilterError as exc:
         fail(str(exc), EXIT_USAGE)
     if as_json:
@@ -214,17 +204,17 @@ def study(config_file, data_dir, index_url, study_uid, instances, mark_complete,
     """Show one study: its attributes and its series."""
     config = _config(config_file, data_dir, index_url)
     if mark_complete:
-        from storage.changes import mark_study_complete
+        from storage.catalog.series import mark_study_complete
 
         index = _open_index(config)
         cleared = mark_study_complete(index, study_uid)
         index.close()
         click.echo(f"marked complete: {cleared} series", err=True)
-    conn = _reader(config)
-    found = get_study(conn, study_uid, config.stable_after, with_instances=instances)
-    if found is None:
-        fail(f"no study {study_uid} in the index", EXIT_NOT_FOUND)
-    conflicts = count_conflicts(conn, study_uid)
+    with _reader(config) as reader:
+        found = reader.study(study_uid, config.stable_after, with_instances=instances)
+        if found is None:
+            fail(f"no study {study_uid} in the index", EXIT_NOT_FOUND)
+        conflicts = reader.count_conflicts(study_uid)
     if as_json:
         _dump({**study_json(found), "conflicts": conflicts})
         return
@@ -297,7 +287,8 @@ def fhir(config_file, data_dir, index_url, study_uid, fhir_version):
     from storage.fhir import imaging_study
 
     config = _config(config_file, data_dir, index_url)
-    resource = imaging_study(_reader(config), study_uid, fhir_version, **_rendering(config))
+    with _reader(config) as reader:
+        resource = imaging_study(reader, study_uid, fhir_version, **_rendering(config))
     if resource is None:
         fail(f"no study {study_uid} in the index", EXIT_NOT_FOUND)
     _dump(resource)
@@ -333,22 +324,25 @@ def export(
 
     config = _config(config_file, data_dir, index_url)
     filters = _filters(kwargs)
-    conn = _reader(config)
     try:
-        resources = imaging_studies(
-            conn, filters, fhir_version, with_instances=instances, **_rendering(config)
-        )
-        to_file = output is not sys.stdout and getattr(output, "name", "-") != "<stdout>"
-        with _progress("exporting", count_studies(conn, filters) if to_file else 0) as bar:
-            if output_format == "ndjson":
-                for resource in resources:
-                    output.write(json.dumps(resource, ensure_ascii=False, separators=(",", ":")))
+        with _reader(config) as reader:
+            resources = imaging_studies(
+                reader, filters, fhir_version, with_instances=instances, **_rendering(config)
+            )
+            to_file = output is not sys.stdout and getattr(output, "name", "-") != "<stdout>"
+            length = reader.count_studies(filters) if to_file else 0
+            with _progress("exporting", length) as bar:
+                if output_format == "ndjson":
+                    for resource in resources:
+                        output.write(
+                            json.dumps(resource, ensure_ascii=False, separators=(",", ":"))
+                        )
+                        output.write("\n")
+                        bar.update(1)
+                else:
+                    bundle = render_bundle(list(_counted(resources, bar)), fhir_version)
+                    json.dump(bundle, output, ensure_ascii=False)
                     output.write("\n")
-                    bar.update(1)
-            else:
-                bundle = render_bundle(list(_counted(resources, bar)), fhir_version)
-                json.dump(bundle, output, ensure_ascii=False)
-                output.write("\n")
     except FilterError as exc:
         fail(str(exc), EXIT_USAGE)
 
@@ -365,7 +359,8 @@ def _counted(items, bar):
 def stats_command(config_file, data_dir, index_url, as_json):
     """Totals: patients, studies, series, instances, bytes, per modality."""
     config = _config(config_file, data_dir, index_url)
-    totals = stats(_reader(config))
+    with _reader(config) as reader:
+        totals = reader.stats()
     if as_json:
         _dump(camel_keys(totals))
         return
@@ -399,7 +394,8 @@ def conflicts(config_file, data_dir, index_url, study_uid, as_json):
     replaced the indexed copy), or an instance refused because it named another
     patient than its study's (nothing of it kept; the reason names both)."""
     config = _config(config_file, data_dir, index_url)
-    found = list(iter_conflicts(_reader(config), study_uid=study_uid))
+    with _reader(config) as reader:
+        found = list(reader.conflicts(study_uid=study_uid))
     if as_json:
         _dump([conflict_json(c) for c in found])
         return
@@ -421,7 +417,8 @@ def commitments(config_file, data_dir, index_url, pending, study_uid, as_json):
     """Storage commitment requests, newest first: what was committed, and whether
     the report reached the requester."""
     config = _config(config_file, data_dir, index_url)
-    found = list(iter_commitments(_reader(config), pending=pending, study_uid=study_uid))
+    with _reader(config) as reader:
+        found = list(reader.commitments(pending=pending, study_uid=study_uid))
     if as_json:
         _dump([commitment_json(c) for c in found])
         return
@@ -452,7 +449,7 @@ def availability():
 def availability_set(config_file, data_dir, index_url, study_uid, series_uid, value):
     """Set series availability; the study's is derived: the worst of its series
     (ONLINE < NEARLINE < OFFLINE < UNAVAILABLE)."""
-    from storage.changes import set_availability
+    from storage.catalog.series import set_availability
 
     if (study_uid is None) == (series_uid is None):
         fail("give exactly one of --study UID or --series UID", EXIT_USAGE)
@@ -489,7 +486,7 @@ class _Silent:
 @data_options
 def verify(config_file, data_dir, index_url, checksum, repair, as_json):
     """Check that every indexed file is on disk as recorded. Exit 1 if not."""
-    from storage.maintenance import count_instances
+    from storage.catalog import count_instances
     from storage.maintenance import verify as run_verify
 
     config = _config(config_file, data_dir, index_url)
@@ -541,7 +538,7 @@ def rebuild(config_file, data_dir, index_url):
     config = _config(config_file, data_dir, index_url)
     location = config.index_location
     size = rebuild_size(config.data_dir)
-    if location.is_postgresql or not size:  # nothing to rebuild from: a wrong --data-dir?
+    if location.shared_by_nodes or not size:  # nothing to rebuild from: a wrong --data-dir?
         _reader(config).close()
     try:
         with _progress("rebuilding", size) as bar:
@@ -573,7 +570,8 @@ def delete(config_file, data_dir, index_url, study_uid, series_uid, yes):
         fail("give exactly one of --study UID or --series UID", EXIT_USAGE)
     config = _config(config_file, data_dir, index_url)
     what = f"series {series_uid}" if series_uid else f"study {study_uid}"
-    count = instances_in(_reader(config), study_uid=study_uid, series_uid=series_uid)
+    with _reader(config) as reader:
+        count = reader.instance_count(study_uid=study_uid, series_uid=series_uid)
     if count is None:
         fail(f"no {what} in the index", EXIT_NOT_FOUND)
     if not yes:
@@ -594,9 +592,10 @@ def delete(config_file, data_dir, index_url, study_uid, series_uid, yes):
 @data_options
 def migrate_index(config_file, data_dir, index_url, target_url):
     """Copy the data dir's SQLite index into PostgreSQL (idempotent; counts checked)."""
+    from storage.catalog import count_instances
     from storage.catalog.engines import check_index_url
-    from storage.maintenance import MigrationRefused, count_instances
-    from storage.maintenance import migrate_index as run_migration
+    from storage.catalog.migrate import MigrationRefused
+    from storage.catalog.migrate import migrate_index as run_migration
 
     config = _config(config_file, data_dir, index_url)
     problem = check_index_url(target_url)

@@ -32,8 +32,8 @@ def send(
     or ANY-SCP). Exit 0 when every instance was stored, 1 when any failed or
     nothing matched, 2 on a usage error.
     """
-    from scp.requestor import AssociationError, Requestor
     from scp.sub_operations import Destination, Unsendable, proposals, store_failure
+    from scp.upper_layer import AssociationError, Requestor
     from storage.catalog import find
 
     if (study_uid is None) == (series_uid is None):
@@ -56,11 +56,11 @@ def send(
         else (find.SERIES, "SeriesInstanceUID", series_uid)
     )
     query = find.Query(find.STUDY_ROOT, level, {keyword: uid})
-    conn = _reader(config)
+    reader = _reader(config)
     sent, warnings, failed = 0, 0, []
     started = time.monotonic()
     try:
-        contents = find.retrieve_contents(conn, query)
+        contents = reader.retrieve_contents(query)
         matches = sum(contents.values())
         if not matches:
             fail(f"no {level.lower()} {uid} in the index", EXIT_NOT_FOUND)
@@ -70,7 +70,7 @@ def send(
         except AssociationError as exc:
             fail(str(exc), EXIT_NOT_FOUND)
         destination = Destination(association)
-        rows = find.retrieve(conn, query)
+        rows = reader.retrieve(query)
         with association, _progress(f"{called_ae}@{host}:{port}", matches) as bar:
             for instance in rows:
                 try:
@@ -91,7 +91,7 @@ def send(
                         sent += 1
                 bar.update(1)
     finally:
-        conn.close()
+        reader.close()
     seconds = time.monotonic() - started
     if as_json:
         summary = {

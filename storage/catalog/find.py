@@ -3,7 +3,7 @@ DICOM query, as SQL on the index's maintained columns. Nothing is recounted:
 the counts and the modalities in a study are the index's own.
 
 A query is a level and a list of keys, each a DICOM keyword with the value the
-requester sent ("" for a return key). `find` yields one dict per match,
+requester sent ("" for a return key). `matches` yields one dict per match,
 keyword -> value (str, int or list of str), straight from the SQL cursor: the
 caller streams them, and memory does not grow with the number of matches.
 
@@ -35,6 +35,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from storage import attributes
 from storage.catalog.engines import Database
 from storage.names import fold_name
 
@@ -54,7 +55,7 @@ class Key:
     tag: int
     vr: str
     level: str  # the level whose rows hold it
-    column: str  # SQL expression over the FROM clause of `find`
+    column: str  # SQL expression over the FROM clause of `matches`
     # PN: the column holding the name case folded, which matching reads.
     folded: str | None = None
 
@@ -68,47 +69,35 @@ _A = "s"  # studies
 _X = "x"  # series
 _I = "i"  # instances
 
-# Patient attributes live in the studies table (first value wins per study).
+# The level of each attribute, and the table (its alias in `_FROM`) that holds
+# it: patient attributes live in the studies table (first value wins per study).
+_LEVELS = {attributes.PATIENT: (PATIENT, _A), attributes.STUDY: (STUDY, _A),
+           attributes.SERIES: (SERIES, _X), attributes.INSTANCE: (IMAGE, _I)}  # fmt: skip
+
+
+def _indexed(attribute: attributes.Attribute) -> Key:
+    level, table = _LEVELS[attribute.level]
+    column = f"{table}.{attribute.column}"
+    folded = f"{column}_folded" if attribute.folded else None
+    return Key(attribute.keyword, attribute.tag, attribute.vr, level, column, folded)
+
+
 KEYS = {
     key.keyword: key
     for key in [
-        Key("PatientName", 0x00100010, "PN", PATIENT, f"{_A}.patient_name",
-            f"{_A}.patient_name_folded"),
-        Key("PatientID", 0x00100020, "LO", PATIENT, f"{_A}.patient_id"),
-        Key("IssuerOfPatientID", 0x00100021, "LO", PATIENT, f"{_A}.issuer_of_patient_id"),
-        Key("PatientBirthDate", 0x00100030, "DA", PATIENT, f"{_A}.patient_birth_date"),
-        Key("PatientSex", 0x00100040, "CS", PATIENT, f"{_A}.patient_sex"),
+        *(_indexed(attribute) for attribute in attributes.ATTRIBUTES if attribute.key),
+        # What the index maintains itself: counts, and the study's modalities.
         Key("NumberOfPatientRelatedStudies", 0x00201200, "IS", PATIENT, "count(*)"),
         Key("NumberOfPatientRelatedSeries", 0x00201202, "IS", PATIENT,
             f"CAST(sum({_A}.number_of_series) AS BIGINT)"),
         Key("NumberOfPatientRelatedInstances", 0x00201204, "IS", PATIENT,
             f"CAST(sum({_A}.number_of_instances) AS BIGINT)"),
-        Key("StudyInstanceUID", 0x0020000D, "UI", STUDY, f"{_A}.study_uid"),
-        Key("StudyDate", 0x00080020, "DA", STUDY, f"{_A}.study_date"),
-        Key("StudyTime", 0x00080030, "TM", STUDY, f"{_A}.study_time"),
-        Key("AccessionNumber", 0x00080050, "SH", STUDY, f"{_A}.accession"),
-        Key("StudyID", 0x00200010, "SH", STUDY, f"{_A}.study_id"),
-        Key("StudyDescription", 0x00081030, "LO", STUDY, f"{_A}.description"),
-        Key("ReferringPhysicianName", 0x00080090, "PN", STUDY, f"{_A}.referrer",
-            f"{_A}.referrer_folded"),
         Key("ModalitiesInStudy", 0x00080061, "CS", STUDY, f"{_A}.modalities"),
         Key("NumberOfStudyRelatedSeries", 0x00201206, "IS", STUDY, f"{_A}.number_of_series"),
         Key("NumberOfStudyRelatedInstances", 0x00201208, "IS", STUDY,
             f"{_A}.number_of_instances"),
-        Key("SeriesInstanceUID", 0x0020000E, "UI", SERIES, f"{_X}.series_uid"),
-        Key("Modality", 0x00080060, "CS", SERIES, f"{_X}.modality"),
-        Key("SeriesNumber", 0x00200011, "IS", SERIES, f"{_X}.number"),
-        Key("SeriesDescription", 0x0008103E, "LO", SERIES, f"{_X}.description"),
-        Key("BodyPartExamined", 0x00180015, "CS", SERIES, f"{_X}.body_part"),
-        Key("Laterality", 0x00200060, "CS", SERIES, f"{_X}.laterality"),
-        Key("SeriesDate", 0x00080021, "DA", SERIES, f"{_X}.series_date"),
-        Key("SeriesTime", 0x00080031, "TM", SERIES, f"{_X}.series_time"),
         Key("NumberOfSeriesRelatedInstances", 0x00201209, "IS", SERIES,
             f"{_X}.number_of_instances"),
-        Key("SOPInstanceUID", 0x00080018, "UI", IMAGE, f"{_I}.sop_instance_uid"),
-        Key("SOPClassUID", 0x00080016, "UI", IMAGE, f"{_I}.sop_class_uid"),
-        Key("InstanceNumber", 0x00200013, "IS", IMAGE, f"{_I}.number"),
-        Key("NumberOfFrames", 0x00280008, "IS", IMAGE, f"{_I}.number_of_frames"),
     ]
 }  # fmt: skip
 # Instance Availability (0008,0056) exists at every level but PATIENT: the study's
@@ -191,8 +180,9 @@ def check_query(query: Query) -> None:
             )
 
 
-def find(conn: Database, query: Query) -> Iterator[dict]:
-    """The matches of a checked query, one dict per row as the cursor yields it."""
+def matches(conn: Database, query: Query) -> Iterator[dict]:
+    """The matches of a checked query, one dict per row as the cursor yields it
+    (`CatalogReader.find` is its door)."""
     level = query.level
     keys = {keyword: key_for(keyword, level) for keyword in query.keys}
     keys = {keyword: key for keyword, key in keys.items() if key is not None}
@@ -392,7 +382,8 @@ def retrieve_keywords(level: str) -> tuple[str, ...]:
 
 def retrieve_contents(conn: Database, query: Query) -> dict[tuple[str, str], int]:
     """How many instances a checked retrieve matches, by (SOP class, stored
-    transfer syntax): what the sub-operations' presentation contexts must carry."""
+    transfer syntax): what the sub-operations' presentation contexts must carry
+    (`CatalogReader.retrieve_contents` is its door)."""
     where, params = _retrieve_conditions(conn, query)
     rows = conn.execute(
         f"SELECT {_I}.sop_class_uid, {_I}.transfer_syntax, count(*) FROM {_FROM[IMAGE]}{where}"
@@ -404,7 +395,7 @@ def retrieve_contents(conn: Database, query: Query) -> dict[tuple[str, str], int
 
 def retrieve(conn: Database, query: Query) -> Iterator[StoredInstance]:
     """The instances a checked retrieve matches, as the cursor yields them, in
-    series and instance order."""
+    series and instance order (`CatalogReader.retrieve` is its door)."""
     where, params = _retrieve_conditions(conn, query)
     sql = (
         f"SELECT {_RETRIEVED} FROM {_FROM[IMAGE]}{where}"

@@ -1,11 +1,13 @@
-"""Questions admins ask the index (read-only: changes are in storage.changes).
+"""The catalog's reads: every question the rest of the program asks the index
+(the admin commands, C-FIND, the retrieves, FHIR rendering; read-only:
+changes are in storage.changes), as methods of `CatalogReader`.
 
-Reads use a connection of their own (`IndexLocation.open_reader`) that never
-blocks ingest: SQLite's index is in WAL mode, PostgreSQL's readers see committed
-rows without locks.
+A reader holds a connection of its own that never blocks ingest: SQLite's
+index is in WAL mode, PostgreSQL's readers see committed rows without locks.
+Its callers hold the reader, never the connection.
 
 Rows come back as dicts whose keys are the index's column names, plus:
-- ``state``: ``receiving`` until `stable_after` seconds pass with no new
+- ``state`` (`lifecycle.state_of`): ``receiving`` until `stable_after` seconds pass with no new
   instance, then ``stable``; ``complete`` once a storage commitment request
   covered the series and every instance it referenced there was committed
   (until a new instance arrives); ``incomplete`` when an association that
@@ -21,11 +23,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from storage.catalog.engines import Database
-from storage.catalog.index import AVAILABILITIES, TABLES
+from storage.catalog.engines import Database, IndexLocation
+from storage.catalog.find import Query, StoredInstance, matches, retrieve, retrieve_contents
+from storage.catalog.lifecycle import state_of
+from storage.catalog.schema import TABLES
 from storage.names import fold_name
-
-RECEIVING, STABLE, COMPLETE, INCOMPLETE = "receiving", "stable", "complete", "incomplete"
 
 
 class FilterError(ValueError):
@@ -103,19 +105,6 @@ def _since(value: str) -> str:
     return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def _state(
-    last_received: str | None, incomplete_reason: str | None, committed: bool, stable_after: float
-) -> str:
-    if incomplete_reason:
-        return INCOMPLETE
-    if committed:
-        return COMPLETE
-    if last_received is None:
-        return STABLE
-    age = datetime.now(UTC) - datetime.fromisoformat(last_received.replace("Z", "+00:00"))
-    return RECEIVING if age.total_seconds() < stable_after else STABLE
-
-
 _STUDY_COLUMNS = (
     "s.*, (SELECT x.incomplete_reason FROM series x WHERE x.study_uid = s.study_uid"
     " AND x.incomplete_reason IS NOT NULL LIMIT 1) AS incomplete_reason,"
@@ -126,7 +115,7 @@ _STUDY_COLUMNS = (
 
 def _study_dict(row, stable_after: float) -> dict:
     study = dict(row)
-    study["state"] = _state(
+    study["state"] = state_of(
         study["last_received"], study["incomplete_reason"], bool(study["committed"]), stable_after
     )
     return study
@@ -134,118 +123,13 @@ def _study_dict(row, stable_after: float) -> dict:
 
 def _series_dict(row, stable_after: float) -> dict:
     series = dict(row)
-    series["state"] = _state(
+    series["state"] = state_of(
         series["last_received"],
         series["incomplete_reason"],
         series["committed_at"] is not None,
         stable_after,
     )
     return series
-
-
-def iter_studies(conn: Database, filters: StudyFilter, stable_after: float) -> Iterator[dict]:
-    where, params = filters.where(conn)
-    sql = f"SELECT {_STUDY_COLUMNS} FROM studies s{where} ORDER BY s.last_received DESC"
-    if filters.limit is not None:
-        sql += " LIMIT ?"
-        params.append(filters.limit)
-    for row in conn.stream(sql, params):
-        yield _study_dict(row, stable_after)
-
-
-def count_studies(conn: Database, filters: StudyFilter) -> int:
-    where, params = filters.where(conn)
-    count = conn.execute(f"SELECT count(*) FROM studies s{where}", params).fetchone()[0]
-    return min(count, filters.limit) if filters.limit is not None else count
-
-
-def get_study(
-    conn: Database, study_uid: str, stable_after: float, *, with_instances: bool = False
-) -> dict | None:
-    """One study with its `series` (ordered by series number), each with its
-    `instances` when asked; None when the index does not know the study."""
-    row = conn.execute(
-        f"SELECT {_STUDY_COLUMNS} FROM studies s WHERE s.study_uid = ?", (study_uid,)
-    ).fetchone()
-    if row is None:
-        return None
-    study = _study_dict(row, stable_after)
-    study["series"] = series_of(conn, [study_uid], stable_after, with_instances=with_instances)[
-        study_uid
-    ]
-    return study
-
-
-def series_of(
-    conn: Database,
-    study_uids: list[str],
-    stable_after: float,
-    *,
-    with_instances: bool = False,
-) -> dict[str, list[dict]]:
-    """The series of several studies at once: study UID → series dicts."""
-    result: dict[str, list[dict]] = {uid: [] for uid in study_uids}
-    if not study_uids:
-        return result
-    marks = ",".join("?" * len(study_uids))
-    rows = conn.execute(
-        f"SELECT * FROM series WHERE study_uid IN ({marks})"
-        " ORDER BY number IS NULL, number, first_received",
-        study_uids,
-    ).fetchall()
-    by_uid = {}
-    for row in rows:
-        series = _series_dict(row, stable_after)
-        result[series["study_uid"]].append(series)
-        by_uid[series["series_uid"]] = series
-        if with_instances:
-            series["instances"] = []
-    if with_instances and by_uid:
-        # By series UID: instances are indexed by series, not by study.
-        for row in conn.rows_in(
-            "SELECT * FROM instances WHERE series_uid IN (?)"
-            " ORDER BY number IS NULL, number, received_at",
-            list(by_uid),
-        ):
-            by_uid[row["series_uid"]]["instances"].append(dict(row))
-    return result
-
-
-def stats(conn: Database) -> dict:
-    """Totals over the whole index, and per modality."""
-    totals = conn.execute(
-        "SELECT count(DISTINCT patient_id) AS patients, count(*) AS studies,"
-        " CAST(coalesce(sum(number_of_series), 0) AS BIGINT) AS series,"
-        " CAST(coalesce(sum(number_of_instances), 0) AS BIGINT) AS instances,"
-        " CAST(coalesce(sum(bytes), 0) AS BIGINT) AS bytes,"
-        " max(last_received) AS last_received FROM studies"
-    ).fetchone()
-    per_modality = conn.execute(
-        "SELECT coalesce(modality, '') AS modality, count(DISTINCT study_uid) AS studies,"
-        " count(*) AS series, CAST(sum(number_of_instances) AS BIGINT) AS instances,"
-        " CAST(sum(bytes) AS BIGINT) AS bytes"
-        " FROM series GROUP BY 1 ORDER BY instances DESC"
-    ).fetchall()
-    states = conn.execute(
-        "SELECT count(CASE WHEN committed_at IS NOT NULL AND incomplete_reason IS NULL"
-        " THEN 1 END), count(incomplete_reason) FROM series"
-    ).fetchone()
-    commitments = conn.execute(
-        "SELECT delivery_state, count(*) FROM commitments GROUP BY 1"
-    ).fetchall()
-    return {
-        **dict(totals),
-        **dict(
-            conn.execute(
-                "SELECT count(*) AS conflicts, count(CASE WHEN action = 'refused' THEN 1 END)"
-                " AS refused FROM conflicts"
-            ).fetchone()
-        ),
-        "complete_series": states[0] or 0,
-        "incomplete_series": states[1] or 0,
-        "commitments": {state: count for state, count in commitments},
-        "modalities": [dict(row) for row in per_modality],
-    }
 
 
 # A conflict's study and series: a refused instance's own (it has no instance
@@ -262,67 +146,224 @@ _CONFLICT_COLUMNS = ", ".join(
 )
 
 
-def iter_conflicts(conn: Database, *, study_uid: str | None = None) -> Iterator[dict]:
-    """Instances that conflicted with the index, newest first, and what was done:
-    a resend with other bytes kept aside under conflicts/ or that overwrote the
-    indexed copy; an instance refused, nothing of it kept (`reason`: whom it
-    named as its patient, and whom its study names)."""
-    for row in conn.execute(
-        f"SELECT {_CONFLICT_COLUMNS} {_CONFLICTS} ORDER BY c.received_at DESC",
-        (study_uid, study_uid),
-    ):
-        yield dict(row)
+_INSTANCE_ORDER = "i.number IS NULL, i.number, i.received_at"
 
 
-def count_conflicts(conn: Database, study_uid: str) -> int:
-    return conn.execute(f"SELECT count(*) {_CONFLICTS}", (study_uid, study_uid)).fetchone()[0]
+class CatalogReader:
+    """The index as its readers see it: one connection, the reads as methods.
+    Rows that stream (studies, instances, C-FIND's matches) come from the
+    cursor one at a time. The reads that give a state (see above) take
+    `stable_after`, the seconds without a new instance after which a series is
+    stable."""
 
+    def __init__(self, db: Database):
+        self._db = db
 
-def iter_commitments(
-    conn: Database, *, pending: bool = False, study_uid: str | None = None
-) -> Iterator[dict]:
-    """Storage commitment transactions, newest first, each with the studies its
-    instances were found in (`studies`). `pending`: report not yet delivered."""
-    clauses, params = [], []
-    if pending:
-        clauses.append("c.delivery_state IN ('checking', 'pending', 'delivering')")
-    if study_uid is not None:
-        clauses.append(
-            "EXISTS (SELECT 1 FROM commitment_items i WHERE i.transaction_uid = c.transaction_uid"
-            " AND i.study_uid = ?)"
-        )
-        params.append(study_uid)
-    where = " WHERE " + " AND ".join(clauses) if clauses else ""
-    for row in conn.execute(
-        f"SELECT c.* FROM commitments c{where} ORDER BY c.requested_at DESC", params
-    ):
-        found = dict(row)
-        found["studies"] = [
-            uid
-            for (uid,) in conn.execute(
-                "SELECT DISTINCT study_uid FROM commitment_items WHERE transaction_uid = ?"
-                " AND study_uid IS NOT NULL ORDER BY study_uid",
-                (found["transaction_uid"],),
-            )
+    @classmethod
+    def open(cls, location: IndexLocation, *, pooled: bool = False) -> "CatalogReader":
+        """A reader of the index at `location`. `pooled`: its connection lent by
+        this process's pool (PostgreSQL; the listener's queries), else one of its
+        own (one admin command, one connection). IndexUnreachable when the index
+        is not there: a reader never creates a SQLite index."""
+        return cls(location.open_reader() if pooled else location.open())
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> "CatalogReader":
+        return self
+
+    def __exit__(self, *_) -> None:
+        self.close()
+
+    def studies(self, filters: StudyFilter, stable_after: float) -> Iterator[dict]:
+        """The studies `filters` selects, most recently received first."""
+        where, params = filters.where(self._db)
+        sql = f"SELECT {_STUDY_COLUMNS} FROM studies s{where} ORDER BY s.last_received DESC"
+        if filters.limit is not None:
+            sql += " LIMIT ?"
+            params.append(filters.limit)
+        for row in self._db.stream(sql, params):
+            yield _study_dict(row, stable_after)
+
+    def count_studies(self, filters: StudyFilter) -> int:
+        where, params = filters.where(self._db)
+        count = self._db.execute(f"SELECT count(*) FROM studies s{where}", params).fetchone()[0]
+        return min(count, filters.limit) if filters.limit is not None else count
+
+    def study(
+        self, study_uid: str, stable_after: float, *, with_instances: bool = False
+    ) -> dict | None:
+        """One study with its `series` (ordered by series number), each with its
+        `instances` when asked; None when the index does not know the study."""
+        row = self._db.execute(
+            f"SELECT {_STUDY_COLUMNS} FROM studies s WHERE s.study_uid = ?", (study_uid,)
+        ).fetchone()
+        if row is None:
+            return None
+        study = _study_dict(row, stable_after)
+        study["series"] = self.series_of([study_uid], stable_after, with_instances=with_instances)[
+            study_uid
         ]
-        yield found
+        return study
 
+    def series_of(
+        self, study_uids: list[str], stable_after: float, *, with_instances: bool = False
+    ) -> dict[str, list[dict]]:
+        """The series of several studies at once: study UID → series dicts."""
+        result: dict[str, list[dict]] = {uid: [] for uid in study_uids}
+        if not study_uids:
+            return result
+        marks = ",".join("?" * len(study_uids))
+        rows = self._db.execute(
+            f"SELECT * FROM series WHERE study_uid IN ({marks})"
+            " ORDER BY number IS NULL, number, first_received",
+            study_uids,
+        ).fetchall()
+        by_uid = {}
+        for row in rows:
+            series = _series_dict(row, stable_after)
+            result[series["study_uid"]].append(series)
+            by_uid[series["series_uid"]] = series
+            if with_instances:
+                series["instances"] = []
+        if with_instances and by_uid:
+            # By series UID: instances are indexed by series, not by study.
+            for row in self._db.rows_in(
+                f"SELECT i.* FROM instances i WHERE i.series_uid IN (?) ORDER BY {_INSTANCE_ORDER}",
+                list(by_uid),
+            ):
+                by_uid[row["series_uid"]]["instances"].append(dict(row))
+        return result
 
-def instances_in(
-    conn: Database, *, study_uid: str | None = None, series_uid: str | None = None
-) -> int | None:
-    """How many instances a study or a series holds; None when it is not indexed."""
-    table, column, uid = (
-        ("series", "series_uid", series_uid)
-        if series_uid is not None
-        else ("studies", "study_uid", study_uid)
-    )
-    row = conn.execute(
-        f"SELECT number_of_instances FROM {table} WHERE {column} = ?", (uid,)
-    ).fetchone()
-    return row[0] if row else None
+    def instances(
+        self, *, study_uid: str | None = None, series_uid: str | None = None
+    ) -> Iterator[dict]:
+        """The instances of a series, or of a study (series by series, in the
+        series' order), each as the index holds it: `path` (under the data dir),
+        `size` (the file's), `sha256` (of its dataset, as received),
+        `transfer_syntax`, and how it was received: what a retrieve sends and
+        the web serves."""
+        if series_uid is not None:
+            sql = f"SELECT i.* FROM instances i WHERE i.series_uid = ? ORDER BY {_INSTANCE_ORDER}"
+            uid = series_uid
+        else:
+            # Through the series: instances are indexed by series, not by study.
+            sql = (
+                "SELECT i.* FROM series x JOIN instances i ON i.series_uid = x.series_uid"
+                " WHERE x.study_uid = ? ORDER BY x.number IS NULL, x.number,"
+                f" x.first_received, x.series_uid, {_INSTANCE_ORDER}"
+            )
+            uid = study_uid
+        for row in self._db.stream(sql, (uid,)):
+            yield dict(row)
 
+    def instance_count(
+        self, *, study_uid: str | None = None, series_uid: str | None = None
+    ) -> int | None:
+        """How many instances a study or a series holds; None when it is not indexed."""
+        table, column, uid = (
+            ("series", "series_uid", series_uid)
+            if series_uid is not None
+            else ("studies", "study_uid", study_uid)
+        )
+        row = self._db.execute(
+            f"SELECT number_of_instances FROM {table} WHERE {column} = ?", (uid,)
+        ).fetchone()
+        return row[0] if row else None
 
-def worst_availability(values: list[str]) -> str:
-    """A study's availability: the worst among its series (ONLINE when it has none)."""
-    return max(values, key=AVAILABILITIES.index, default=AVAILABILITIES[0])
+    def stats(self) -> dict:
+        """Totals over the whole index, and per modality."""
+        db = self._db
+        totals = db.execute(
+            "SELECT count(DISTINCT patient_id) AS patients, count(*) AS studies,"
+            " CAST(coalesce(sum(number_of_series), 0) AS BIGINT) AS series,"
+            " CAST(coalesce(sum(number_of_instances), 0) AS BIGINT) AS instances,"
+            " CAST(coalesce(sum(bytes), 0) AS BIGINT) AS bytes,"
+            " max(last_received) AS last_received FROM studies"
+        ).fetchone()
+        per_modality = db.execute(
+            "SELECT coalesce(modality, '') AS modality, count(DISTINCT study_uid) AS studies,"
+            " count(*) AS series, CAST(sum(number_of_instances) AS BIGINT) AS instances,"
+            " CAST(sum(bytes) AS BIGINT) AS bytes"
+            " FROM series GROUP BY 1 ORDER BY instances DESC"
+        ).fetchall()
+        states = db.execute(
+            "SELECT count(CASE WHEN committed_at IS NOT NULL AND incomplete_reason IS NULL"
+            " THEN 1 END), count(incomplete_reason) FROM series"
+        ).fetchone()
+        commitments = db.execute(
+            "SELECT delivery_state, count(*) FROM commitments GROUP BY 1"
+        ).fetchall()
+        return {
+            **dict(totals),
+            **dict(
+                db.execute(
+                    "SELECT count(*) AS conflicts, count(CASE WHEN action = 'refused' THEN 1 END)"
+                    " AS refused FROM conflicts"
+                ).fetchone()
+            ),
+            "complete_series": states[0] or 0,
+            "incomplete_series": states[1] or 0,
+            "commitments": {state: count for state, count in commitments},
+            "modalities": [dict(row) for row in per_modality],
+        }
+
+    def conflicts(self, *, study_uid: str | None = None) -> Iterator[dict]:
+        """Instances that conflicted with the index, newest first, and what was done:
+        a resend with other bytes kept aside under conflicts/ or that overwrote the
+        indexed copy; an instance refused, nothing of it kept (`reason`: whom it
+        named as its patient, and whom its study names)."""
+        for row in self._db.execute(
+            f"SELECT {_CONFLICT_COLUMNS} {_CONFLICTS} ORDER BY c.received_at DESC",
+            (study_uid, study_uid),
+        ):
+            yield dict(row)
+
+    def count_conflicts(self, study_uid: str) -> int:
+        return self._db.execute(f"SELECT count(*) {_CONFLICTS}", (study_uid, study_uid)).fetchone()[
+            0
+        ]
+
+    def commitments(self, *, pending: bool = False, study_uid: str | None = None) -> Iterator[dict]:
+        """Storage commitment transactions, newest first, each with the studies its
+        instances were found in (`studies`). `pending`: report not yet delivered."""
+        clauses, params = [], []
+        if pending:
+            clauses.append("c.delivery_state IN ('checking', 'pending', 'delivering')")
+        if study_uid is not None:
+            clauses.append(
+                "EXISTS (SELECT 1 FROM commitment_items i"
+                " WHERE i.transaction_uid = c.transaction_uid AND i.study_uid = ?)"
+            )
+            params.append(study_uid)
+        where = " WHERE " + " AND ".join(clauses) if clauses else ""
+        for row in self._db.execute(
+            f"SELECT c.* FROM commitments c{where} ORDER BY c.requested_at DESC", params
+        ):
+            found = dict(row)
+            found["studies"] = [
+                uid
+                for (uid,) in self._db.execute(
+                    "SELECT DISTINCT study_uid FROM commitment_items WHERE transaction_uid = ?"
+                    " AND study_uid IS NOT NULL ORDER BY study_uid",
+                    (found["transaction_uid"],),
+                )
+            ]
+            yield found
+
+    def find(self, query: Query) -> Iterator[dict]:
+        """C-FIND: the matches of a checked query (storage.catalog.find), one dict
+        per row as the cursor yields it."""
+        return matches(self._db, query)
+
+    def retrieve_contents(self, query: Query) -> dict[tuple[str, str], int]:
+        """C-MOVE, C-GET, `send`: how many instances a checked retrieve matches,
+        by (SOP class, stored transfer syntax)."""
+        return retrieve_contents(self._db, query)
+
+    def retrieve(self, query: Query) -> Iterator[StoredInstance]:
+        """C-MOVE, C-GET, `send`: the instances a checked retrieve matches, each
+        with its file as indexed (path, size, sha256, transfer syntax) and its
+        series' availability, as the cursor yields them."""
+        return retrieve(self._db, query)

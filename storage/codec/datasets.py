@@ -108,3 +108,14 @@ def reencode_dataset(data: bytes, from_uid: str, to_uid: str) -> bytes:
         out.is_implicit_VR = target.implicit
         write_dataset(out, dataset)
     return out.getvalue()
+
+
+def value_text(value) -> str | None:
+    """A converted value as one string (multiple values joined by a backslash,
+    as DICOM writes them), stripped of padding; None when empty."""
+    if value is None:
+        return None
+    if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
+        value = "\\".join(str(item) for item in value)
+    text = str(value).strip().strip("\x00").strip()
+    return text or None
