@@ -84,6 +84,7 @@ from scp.upper_layer import (
     our_user_information,
 )
 from storage.catalog import Provenance
+from storage.catalog.reads import CatalogReader
 from storage.store import InstanceStore
 
 # -- one association's record: its id, log and totals ----------------------------------
@@ -230,20 +231,66 @@ class Identifier:
         raise NotImplementedError
 
 
-def index_read_failed(
-    session: Session, location, health, exc: Exception, event: str, what: str
-) -> str:
-    """A read of the index for a `what` ("query", "retrieve") failed with `exc`:
-    damage is logged and told to `health` (the admin's to repair: the reason
-    says how), anything else is logged as `event` with its traceback. The
-    ErrorComment that says so."""
-    damage = location.corruption(exc)
-    if damage is not None:
-        session.log.error("index.corrupt", reason=str(damage))
-        health.damaged(str(damage))
-        return "receiver's index is damaged"
-    session.log.exception(event)
-    return f"{what} failed: {type(exc).__name__}"
+class Refused(Exception):
+    """A request answered by one failure: its `status`, and `reason`, its ErrorComment."""
+
+    def __init__(self, status: int, reason: str):
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+class IndexResponses:
+    """What the `Responses` of a request answered from the index share (a
+    C-FIND's matches, a retrieve's sub-operations): the request, the failure
+    found before any row (`_failure`), the catalog reader whose cursor gives the
+    rows, and the end. The service has the index's `location` and `index_health`."""
+
+    awaiting_response = False
+
+    def __init__(self, service, session: Session, command: dimse.Command):
+        self.service = service
+        self.session = session
+        self.command = command
+        self.message_id = command.message_id
+        self.done = False
+        self.cancelled = False
+        self.matches = 0
+        self._started = time.perf_counter()
+        self._reader: CatalogReader | None = None
+        self._rows = None
+        self._failure: Refused | None = None
+
+    def _open_reader(self) -> CatalogReader:
+        """A reader from this process's pool, held until `close`."""
+        self._reader = CatalogReader.open(self.service.location, pooled=True)
+        return self._reader
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def close(self) -> None:
+        """The association ended, or the last response was given: let the cursor go."""
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+
+    def _ms(self) -> float:
+        """Milliseconds since the request arrived, for its end's log line."""
+        return round((time.perf_counter() - self._started) * 1000, 1)
+
+    def _index_failed(self, exc: Exception, event: str, what: str) -> str:
+        """A read of the index for a `what` ("query", "retrieve") failed with
+        `exc`: damage is logged and told to the index's health (the admin's to
+        repair: the reason says how), anything else is logged as `event` with
+        its traceback. The ErrorComment that says so."""
+        damage = self.service.location.corruption(exc)
+        if damage is not None:
+            self.session.log.error("index.corrupt", reason=str(damage))
+            self.service.index_health.damaged(str(damage))
+            return "receiver's index is damaged"
+        self.session.log.exception(event)
+        return f"{what} failed: {type(exc).__name__}"
 
 
 class Conversation:
@@ -268,15 +315,22 @@ class Service(Protocol):
         ...
 
 
-def unrecognized(session: Session, command: dimse.Command) -> bytes:
-    """The response to a request no service of ours serves."""
-    session.log.warning("dimse.unrecognized", command_field=f"0x{command.field:04X}")
+def failure_response(command: dimse.Command, status: int, comment: str) -> bytes:
+    """The one response to a request that fails with `status` before anything else."""
     return dimse.response(
         dimse.response_field(command.field),
         command.message_id,
-        dimse.UNRECOGNIZED_OPERATION,
+        status,
         sop_class_uid=command.uid(dimse.AFFECTED_SOP_CLASS_UID),
-        error_comment="operation not served by this SCP",
+        error_comment=comment,
+    )
+
+
+def unrecognized(session: Session, command: dimse.Command) -> bytes:
+    """The response to a request no service of ours serves."""
+    session.log.warning("dimse.unrecognized", command_field=f"0x{command.field:04X}")
+    return failure_response(
+        command, dimse.UNRECOGNIZED_OPERATION, "operation not served by this SCP"
     )
 
 

@@ -15,16 +15,21 @@ that names no level or breaks the hierarchical rules, 0xC000 for one that
 does not decode or is missing, 0xA700 when more than `find_limit` matches were sent.
 """
 
-import time
-
 from pydicom.datadict import keyword_for_tag
 
 from scp import dimse
-from scp.association import Conversation, Identifier, Outbox, Session, index_read_failed
+from scp.association import (
+    Conversation,
+    Identifier,
+    IndexResponses,
+    Outbox,
+    Refused,
+    Session,
+    failure_response,
+)
 from storage.catalog import find
 from storage.catalog.engines import IndexLocation
 from storage.catalog.health import IndexHealth
-from storage.catalog.reads import CatalogReader
 from storage.codec.datasets import decode_dataset
 from storage.codec.elements import encode_element, pad
 from storage.codec.syntax import transfer_syntax as syntax_of
@@ -54,13 +59,6 @@ _UNIQUE_KEY = {
 }
 
 
-class FindRefused(Exception):
-    def __init__(self, status: int, reason: str):
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
-
-
 class FindService:
     def __init__(
         self, location: IndexLocation, aet: str, find_limit: int, index_health: IndexHealth
@@ -83,15 +81,7 @@ class FindConversation(Conversation):
         if command.has_dataset:
             return IncomingQuery(self.service, self.session, command, outbox)
         self.session.log.warning("find.refused", reason="C-FIND-RQ without an identifier")
-        outbox.send(
-            dimse.response(
-                dimse.C_FIND_RSP,
-                command.message_id,
-                UNABLE_TO_PROCESS,
-                sop_class_uid=command.uid(dimse.AFFECTED_SOP_CLASS_UID),
-                error_comment="C-FIND-RQ without an identifier",
-            )
-        )
+        outbox.send(failure_response(command, UNABLE_TO_PROCESS, "C-FIND-RQ without an identifier"))
         return None
 
 
@@ -109,34 +99,22 @@ class IncomingQuery(Identifier):
         self.outbox.stream(lambda: RunningQuery(self, bytes(self._data)))
 
 
-class RunningQuery:
+class RunningQuery(IndexResponses):
     """One C-FIND being answered: `next_response` gives one response at a time
     until `done`."""
 
-    awaiting_response = False
-
     def __init__(self, incoming: IncomingQuery, data: bytes):
-        self.service = incoming.service
-        self.session = incoming.session
-        self.command = incoming.command
-        self.message_id = incoming.command.message_id
+        super().__init__(incoming.service, incoming.session, incoming.command)
         syntax = syntax_of(incoming.transfer_syntax)
         self.explicit = not syntax.implicit
-        self.done = False
-        self.cancelled = False
-        self.matches = 0
-        self._started = time.perf_counter()
-        self._reader: CatalogReader | None = None
-        self._rows = None
-        self._failure: FindRefused | None = None
         try:
             if not syntax.little_endian:
-                raise FindRefused(UNABLE_TO_PROCESS, "big endian identifiers are not served")
+                raise Refused(UNABLE_TO_PROCESS, "big endian identifiers are not served")
             self.query, self.returned, self.unsupported = self._read(incoming, data)
             find.check_query(self.query)
         except find.QueryError as exc:
-            self._failure = FindRefused(IDENTIFIER_DOES_NOT_MATCH, str(exc))
-        except FindRefused as refused:
+            self._failure = Refused(IDENTIFIER_DOES_NOT_MATCH, str(exc))
+        except Refused as refused:
             self._failure = refused
         if self._failure is None:
             self.session.log.info(
@@ -150,7 +128,7 @@ class RunningQuery:
     def _read(self, incoming: IncomingQuery, data: bytes):
         root = ROOTS.get(self.command.uid(dimse.AFFECTED_SOP_CLASS_UID) or "")
         if root is None:
-            raise FindRefused(
+            raise Refused(
                 SOP_CLASS_NOT_SUPPORTED,
                 f"{self.command.uid(dimse.AFFECTED_SOP_CLASS_UID)} is no Patient or Study Root"
                 " FIND model",
@@ -173,10 +151,10 @@ class RunningQuery:
                     continue
                 keys[keyword] = _text(element.value)
                 returned.append((tag, keyword))
-        except (FindRefused, find.QueryError):
+        except (Refused, find.QueryError):
             raise
         except Exception as exc:  # pydicom raises many kinds on malformed data
-            raise FindRefused(UNABLE_TO_PROCESS, f"identifier does not decode: {exc}") from exc
+            raise Refused(UNABLE_TO_PROCESS, f"identifier does not decode: {exc}") from exc
         unique = _UNIQUE_KEY.get(level)
         if unique and unique not in keys:  # the level's unique key is always returned
             keys[unique] = ""
@@ -195,17 +173,12 @@ class RunningQuery:
         limit = self.service.find_limit
         try:
             if self._rows is None:
-                self._reader = CatalogReader.open(self.service.location, pooled=True)
-                self._rows = self._reader.find(self.query)
+                self._rows = self._open_reader().find(self.query)
             match = next(self._rows, None)
         except find.QueryError as exc:
             return self._final(IDENTIFIER_DOES_NOT_MATCH, str(exc))
         except Exception as exc:
-            service = self.service
-            why = index_read_failed(
-                self.session, service.location, service.index_health, exc, "find.failed", "query"
-            )
-            return self._final(UNABLE_TO_PROCESS, why)
+            return self._final(UNABLE_TO_PROCESS, self._index_failed(exc, "find.failed", "query"))
         if match is None:
             return self._final(SUCCESS)
         if limit and self.matches >= limit:
@@ -215,15 +188,6 @@ class RunningQuery:
         self.matches += 1
         status = PENDING_WITH_UNSUPPORTED_KEYS if self.unsupported else PENDING
         return self._response(status, with_dataset=True), self._identifier(match)
-
-    def cancel(self) -> None:
-        self.cancelled = True
-
-    def close(self) -> None:
-        """The association ended: let the cursor go."""
-        if self._reader is not None:
-            self._reader.close()
-            self._reader = None
 
     def _final(self, status: int, comment: str | None = None) -> tuple[bytes, bytes]:
         self.done = True
@@ -239,7 +203,7 @@ class RunningQuery:
             self.session.log.info(
                 "find.end",
                 matches=self.matches,
-                ms=round((time.perf_counter() - self._started) * 1000, 1),
+                ms=self._ms(),
                 cancelled=status == CANCEL,
             )
         return self._response(status, comment=comment), b""

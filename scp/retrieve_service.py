@@ -23,16 +23,16 @@ The moves and gets at once are bounded by `max_associations`: each runs on its
 requester's association, a move's outbound one lives within it.
 """
 
-import time
-
 from scp import dimse
 from scp.association import (
     Conversation,
     Identifier,
+    IndexResponses,
     Outbox,
+    Refused,
     Session,
     Unserved,
-    index_read_failed,
+    failure_response,
     unrecognized,
 )
 from scp.config import peer_address
@@ -49,7 +49,6 @@ from scp.upper_layer import AssociationError, Requestor
 from storage.catalog import find
 from storage.catalog.engines import IndexLocation
 from storage.catalog.health import IndexHealth
-from storage.catalog.reads import CatalogReader
 from storage.codec.datasets import decode_dataset, value_text
 from storage.codec.syntax import transfer_syntax as syntax_of
 
@@ -68,13 +67,6 @@ MOVE_DESTINATION_UNKNOWN = 0xA801
 IDENTIFIER_DOES_NOT_MATCH = 0xA900
 SOP_CLASS_NOT_SUPPORTED = 0x0122
 UNABLE_TO_PROCESS = 0xC000
-
-
-class RetrieveRefused(Exception):
-    def __init__(self, status: int, reason: str):
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
 
 
 class RetrieveService:
@@ -106,13 +98,7 @@ class RetrieveConversation(Conversation):
         if command.has_dataset:
             return IncomingIdentifier(self, command, outbox)
         outbox.send(
-            dimse.response(
-                dimse.response_field(command.field),
-                command.message_id,
-                UNABLE_TO_PROCESS,
-                sop_class_uid=command.uid(dimse.AFFECTED_SOP_CLASS_UID),
-                error_comment="retrieve request without an identifier",
-            )
+            failure_response(command, UNABLE_TO_PROCESS, "retrieve request without an identifier")
         )
         return None
 
@@ -137,42 +123,31 @@ class IncomingIdentifier(Identifier):
         self.outbox.stream(lambda: kind(self, bytes(self._data)))
 
 
-class Retrieval:
+class Retrieval(IndexResponses):
     """One retrieve being served: `next_response` runs one sub-operation at a
     time and gives a response when one is due (None otherwise) until `done`."""
 
     name = ""  # "move" or "get", for the log
-    awaiting_response = False
 
     def __init__(self, incoming: IncomingIdentifier, data: bytes):
         conversation = incoming.conversation
-        self.service = conversation.service
-        self.session = conversation.session
-        self.command = incoming.command
+        super().__init__(conversation.service, conversation.session, incoming.command)
         self.outbox = incoming.outbox
-        self.message_id = incoming.command.message_id
         syntax = syntax_of(self.outbox.transfer_syntax)
         sop_class = self.command.uid(dimse.AFFECTED_SOP_CLASS_UID) or ""
         self.tally = Tally(
             dimse.response_field(self.command.field), self.message_id, sop_class,
             explicit=not syntax.implicit,
         )  # fmt: skip
-        self.done = False
-        self.cancelled = False
-        self.matches = 0
-        self._started = time.perf_counter()
-        self._reader: CatalogReader | None = None
-        self._rows = None
-        self._failure: RetrieveRefused | None = None
         try:
             self.query = self._read(sop_class, data)
-        except RetrieveRefused as refused:
+        except Refused as refused:
             self._failure = refused
 
     def _read(self, sop_class: str, data: bytes) -> find.Query:
         root = ROOTS.get(sop_class)
         if root is None or dimse.response_field(self.command.field) != _RESPONSE[sop_class]:
-            raise RetrieveRefused(
+            raise Refused(
                 SOP_CLASS_NOT_SUPPORTED, f"{sop_class} is no Patient or Study Root {self.name}"
             )
         try:
@@ -187,9 +162,9 @@ class Retrieval:
             query = find.Query(root, level, keys)
             find.check_retrieve(query)
         except find.QueryError as exc:
-            raise RetrieveRefused(IDENTIFIER_DOES_NOT_MATCH, str(exc)) from exc
+            raise Refused(IDENTIFIER_DOES_NOT_MATCH, str(exc)) from exc
         except Exception as exc:  # pydicom raises many kinds on malformed data
-            raise RetrieveRefused(UNABLE_TO_PROCESS, f"identifier does not decode: {exc}") from exc
+            raise Refused(UNABLE_TO_PROCESS, f"identifier does not decode: {exc}") from exc
         return query
 
     # -- the responses -----------------------------------------------------------------
@@ -204,7 +179,7 @@ class Retrieval:
                 return self._final(cancelled=True)
             instance = next(self._rows, None)
         except Exception as exc:
-            return self._index_failed(exc)
+            return self._index_unread(exc)
         if instance is None:
             return self._final()
         return self._sub_operation(instance)
@@ -212,8 +187,7 @@ class Retrieval:
     def _start(self) -> tuple[bytes, bytes] | None:
         """Count the matches, get ready to send them; the first response if
         there is nothing to send."""
-        self._reader = CatalogReader.open(self.service.location, pooled=True)
-        contents = self._reader.retrieve_contents(self.query)
+        contents = self._open_reader().retrieve_contents(self.query)
         self.matches = self.tally.remaining = sum(contents.values())
         self.session.log.info(
             f"{self.name}.request",
@@ -258,15 +232,6 @@ class Retrieval:
         else:
             self.tally.succeeded(warned=status != 0)
 
-    def cancel(self) -> None:
-        self.cancelled = True
-
-    def close(self) -> None:
-        """The association ended, or the last response was given: let go."""
-        if self._reader is not None:
-            self._reader.close()
-            self._reader = None
-
     def _fail_the_rest(self, reason: str) -> None:
         """Every match not sent yet is a failed sub-operation (the way to send is gone)."""
         for instance in self._rows or ():
@@ -285,12 +250,12 @@ class Retrieval:
             failed=tally.failed,
             warning=tally.warning,
             cancelled=cancelled,
-            ms=round((time.perf_counter() - self._started) * 1000, 1),
+            ms=self._ms(),
             **self._describe(),
         )
         return response
 
-    def _refused(self, refused: RetrieveRefused) -> tuple[bytes, bytes]:
+    def _refused(self, refused: Refused) -> tuple[bytes, bytes]:
         self.done = True
         self.close()
         self.session.log.warning(
@@ -301,13 +266,9 @@ class Retrieval:
         )
         return self.tally.refusal(refused.status, refused.reason)
 
-    def _index_failed(self, exc: Exception) -> tuple[bytes, bytes]:
-        service = self.service
-        why = index_read_failed(
-            self.session, service.location, service.index_health, exc, f"{self.name}.failed",
-            "retrieve",
-        )  # fmt: skip
-        return self._refused(RetrieveRefused(UNABLE_TO_PROCESS, why))
+    def _index_unread(self, exc: Exception) -> tuple[bytes, bytes]:
+        why = self._index_failed(exc, f"{self.name}.failed", "retrieve")
+        return self._refused(Refused(UNABLE_TO_PROCESS, why))
 
 
 class Move(Retrieval):
@@ -328,7 +289,7 @@ class Move(Retrieval):
         address = peer_address(config, self.destination_ae)
         if address is None:
             return self._refused(
-                RetrieveRefused(
+                Refused(
                     MOVE_DESTINATION_UNKNOWN,
                     f"move destination {self.destination_ae!r} unknown: add it to peers"
                     " (AE = HOST:PORT)",
