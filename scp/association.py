@@ -13,7 +13,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from scp import dimse, negotiation
+from scp import dimse, metrics, negotiation
 from scp.access import CallerPolicy
 from scp.config import Config
 from scp.service import Conversation, Incoming, Responses, Service, Unserved, unrecognized
@@ -158,6 +158,8 @@ class Association(ServiceUser):
         if reason is not None:
             session.outcome, session.reason = "rejected", reason
             session.log.warning("association.rejected", reason=reason, permanent=rejection[0] == 1)
+            if metrics.recorder is not None:
+                metrics.recorder.association_rejected(rejection)
             layer.reject(*rejection)
             return
         agreement = negotiation.agree(request, config.max_pdu)

@@ -19,7 +19,7 @@ import time
 
 from pydicom.datadict import keyword_for_tag
 
-from scp import dimse
+from scp import dimse, metrics
 from scp.service import Conversation, Outbox
 from scp.session import Session
 from storage.catalog import find
@@ -239,8 +239,9 @@ class RunningQuery:
         self.done = True
         self.close()
         if self._failure is not None or status not in (SUCCESS, CANCEL):
+            outcome = "refused" if self._failure else "failed"
             self.session.log.warning(
-                "find.refused" if self._failure else "find.failed",
+                "find." + outcome,
                 status=f"0x{status:04X}",
                 reason=comment,
                 matches=self.matches,
@@ -252,6 +253,9 @@ class RunningQuery:
                 ms=round((time.perf_counter() - self._started) * 1000, 1),
                 cancelled=status == CANCEL,
             )
+            outcome = "cancelled" if status == CANCEL else "success"
+        if metrics.recorder is not None:
+            metrics.recorder.find_ended(outcome, self.matches)
         return self._response(status, comment=comment), b""
 
     def _response(self, status: int, *, comment=None, with_dataset=False) -> bytes:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import structlog
 
+from scp import metrics
 from storage.catalog.index import Provenance
 
 _association_numbers = itertools.count(1)
@@ -41,6 +42,8 @@ class Session:
         session_id = f"{os.getpid():x}-{_STARTED:04x}-{next(_association_numbers)}"
         peer = f"{host}:{port}"
         log = structlog.get_logger("imaging_scp").bind(assoc=session_id, peer=peer)
+        if metrics.recorder is not None:
+            metrics.recorder.association_started()
         return cls(id=session_id, host=host, peer=peer, log=log)
 
     def requested(self, calling_ae: str, called_ae: str) -> None:
@@ -59,3 +62,5 @@ class Session:
             refused=self.refused,
             seconds=round(time.monotonic() - self.started, 3),
         )
+        if metrics.recorder is not None:
+            metrics.recorder.association_ended(self.outcome)
