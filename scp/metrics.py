@@ -161,6 +161,10 @@ def start(config: Config) -> None:
     """Make this process's `recorder` (before the workers fork: they inherit it).
     With several workers, their values go to files in a new directory."""
     global recorder
+    # A directory of our own, new and empty as the client's multiprocess mode
+    # needs, whatever the environment named (Endpoint removes it at stop).
+    for name in ("PROMETHEUS_MULTIPROC_DIR", "prometheus_multiproc_dir"):  # the old spelling
+        os.environ.pop(name, None)
     if config.workers > 1:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="imaging-scp-metrics-")
     recorder = Recorder()
@@ -188,9 +192,13 @@ class Endpoint:
         else:
             registry = REGISTRY  # with the client's process, platform and GC collectors
         registry.register(_Holdings(config, store))
-        self._server, _ = start_http_server(
-            config.metrics_port, config.metrics_host, registry=registry
-        )
+        try:
+            self._server, _ = start_http_server(
+                config.metrics_port, config.metrics_host, registry=registry
+            )
+        except OSError:  # the service does not start: nothing will write there
+            self._remove_directory()
+            raise
         self.port = self._server.server_port
 
     def worker_ended(self, pid: int) -> None:
@@ -202,6 +210,9 @@ class Endpoint:
     def stop(self) -> None:
         self._server.shutdown()
         self._server.server_close()
+        self._remove_directory()
+
+    def _remove_directory(self) -> None:
         if self.directory:
             shutil.rmtree(self.directory, ignore_errors=True)
 

@@ -1,6 +1,7 @@
 """The Prometheus endpoint (metrics_port), scraped around real associations:
 dcmtk's storescu, echoscu and findscu, a storage commitment, and two workers."""
 
+import socket
 import subprocess
 import time
 import urllib.request
@@ -14,6 +15,7 @@ from scp.config import ConfigError, load_config
 from tests.conftest import (
     CT_IMAGE_STORAGE,
     ECHOSCU,
+    IMAGING_SCP,
     STORESCU,
     association_rejection,
     both_indexes,
@@ -202,3 +204,17 @@ def test_the_metrics_port_is_off_by_default_and_checked():
         load_config(port=11112, metrics_port=11112)
     with pytest.raises(ConfigError, match="key 'metrics_port'"):
         load_config(metrics_port=70000)
+
+
+def test_a_metrics_port_in_use_stops_the_start(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        result = subprocess.run(
+            [IMAGING_SCP, "serve", "--host", "127.0.0.1", "--port", str(free_port()),
+             "--data-dir", str(tmp_path / "data"), "--metrics-port", str(busy)],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    assert result.returncode == 2
+    assert f"cannot listen on 127.0.0.1:{busy}" in result.stderr
