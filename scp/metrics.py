@@ -17,10 +17,9 @@ import os
 import shutil
 import tempfile
 
-from scp import negotiation
 from scp.config import Config
+from storage.catalog.commitments import CHECKING, DELIVERED, DELIVERING, FAILED, PENDING
 from storage.catalog.reads import CatalogReader
-from storage.commitment import CHECKING, DELIVERED, DELIVERING, FAILED, PENDING
 from storage.store import InstanceStore, Outcome, StoreResult
 
 # This process's recorder, set by `start`; None when metrics are off.
@@ -31,14 +30,6 @@ _PREFIX = "imaging_scp_"
 _STAGE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
                   0.25, 0.5, 1.0, 2.5, 5.0, 10.0)  # fmt: skip
 _STAGES = ("receive", "check", "fsync", "place", "index")
-# Why an association was rejected, as PS3.8 names its A-ASSOCIATE-RJ reasons.
-_REJECTION_REASONS = {
-    negotiation.REJECT_NO_REASON: "no-reason-given",
-    negotiation.REJECT_APPLICATION_CONTEXT: "application-context-name-not-supported",
-    negotiation.REJECT_CALLING_AE: "calling-ae-title-not-recognized",
-    negotiation.REJECT_CALLED_AE: "called-ae-title-not-recognized",
-    negotiation.REJECT_BUSY: "local-limit-exceeded",
-}
 
 
 class Recorder:
@@ -131,8 +122,8 @@ class Recorder:
         self._active.dec()
         self._associations.labels(outcome).inc()
 
-    def association_rejected(self, rejection: tuple[int, int, int]) -> None:
-        self._rejected.labels(_REJECTION_REASONS[rejection]).inc()
+    def association_rejected(self, reason: str) -> None:
+        self._rejected.labels(reason).inc()
 
     def find_ended(self, outcome: str, matches: int) -> None:
         self._find_queries.labels(outcome).inc()
