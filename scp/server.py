@@ -389,12 +389,14 @@ def serve(config: Config, reload_config: Callable[[], Config] | None = None) -> 
     listeners = Listeners(config, store, callers)
     endpoint = None
     try:
-        listeners.start(tls_context)
         if config.metrics_port and workers is not None:  # one endpoint: the main process's
             endpoint = expose_metrics(config, store)
+        listeners.start(tls_context)
     except ListenError as exc:
         _signal_workers(workers or [], signal.SIGTERM)
         _wait_for_workers(workers or [], 5)
+        if endpoint is not None:  # its multiprocess directory goes with it
+            endpoint.stop()
         return _cannot_start(_address_problem(exc))
     # One process delivers reports on new associations: the main one.
     reporter = Reporter(config, listeners.commitment) if workers is not None else None

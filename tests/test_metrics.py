@@ -1,6 +1,7 @@
 """The Prometheus endpoint (metrics_port), scraped around real associations:
 dcmtk's storescu, echoscu and findscu, a storage commitment, and two workers."""
 
+import os
 import socket
 import subprocess
 import time
@@ -206,15 +207,21 @@ def test_the_metrics_port_is_off_by_default_and_checked():
         load_config(metrics_port=70000)
 
 
-def test_a_metrics_port_in_use_stops_the_start(tmp_path):
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        busy = taken.getsockname()[1]
+@pytest.mark.parametrize("taken", ["metrics", "dicom"])
+def test_a_port_in_use_stops_the_start_and_leaves_no_metrics_directory(tmp_path, taken):
+    temp = tmp_path / "tmp"  # where the multiprocess directory is made (two workers)
+    temp.mkdir()
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        busy = held.getsockname()[1]
+        ports = {"metrics": free_port(), "dicom": free_port(), taken: busy}
         result = subprocess.run(
-            [IMAGING_SCP, "serve", "--host", "127.0.0.1", "--port", str(free_port()),
-             "--data-dir", str(tmp_path / "data"), "--metrics-port", str(busy)],
-            capture_output=True, text=True, timeout=60,
+            [IMAGING_SCP, "serve", "--host", "127.0.0.1", "--port", str(ports["dicom"]),
+             "--data-dir", str(tmp_path / "data"), "--metrics-port", str(ports["metrics"]),
+             "--workers", "2"],
+            capture_output=True, text=True, timeout=60, env={**os.environ, "TMPDIR": str(temp)},
         )  # fmt: skip
     assert result.returncode == 2
     assert f"cannot listen on 127.0.0.1:{busy}" in result.stderr
+    assert list(temp.iterdir()) == []
