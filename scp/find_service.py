@@ -83,6 +83,8 @@ class FindConversation(Conversation):
         if command.has_dataset:
             return IncomingQuery(self.service, self.session, command, outbox)
         self.session.log.warning("find.refused", reason="C-FIND-RQ without an identifier")
+        if metrics.recorder is not None:
+            metrics.recorder.find_ended("refused", 0)
         outbox.send(
             dimse.response(
                 dimse.C_FIND_RSP,

@@ -3,6 +3,7 @@ dcmtk's storescu, echoscu and findscu, a storage commitment, and two workers."""
 
 import os
 import socket
+import struct
 import subprocess
 import time
 import urllib.request
@@ -26,7 +27,8 @@ from tests.conftest import (
     send_files,
 )
 from tests.test_commitment import Reports, references, request_commitment
-from tests.test_find import findscu, requires_findscu
+from tests.test_find import RAW_CONTEXTS, STUDY_ROOT_FIND, findscu, raw_find, requires_findscu
+from tests.test_hostile import RawAssociation, _uid, command_set, p_data
 
 pytestmark = [both_indexes, requires_dcmtk(), requires_findscu]
 
@@ -105,7 +107,19 @@ def test_a_scrape_counts_what_the_associations_did_exactly(server_factory, tmp_p
     assert association_rejection(server.port, called="SOMEONE_ELSE") is not None
     responses, _ = findscu(server.port, "STUDY", f"StudyInstanceUID={study_uid}")
     assert len(responses) == 1
-    now = after(metrics_port, before, associations=5)
+    with RawAssociation(server.port, RAW_CONTEXTS) as assoc:  # two queries refused
+        assoc.sock.sendall(raw_find(assoc, b"\x20\x00\x0d\x00UI\x00\x00"))  # no level
+        assert assoc.next_response().status == 0xA900
+        no_identifier = command_set({
+            0x0002: _uid(STUDY_ROOT_FIND),
+            0x0100: struct.pack("<H", 0x0020),  # C-FIND-RQ
+            0x0110: struct.pack("<H", 8),
+            0x0800: struct.pack("<H", 0x0101),  # no data set
+        })  # fmt: skip
+        assoc.sock.sendall(p_data(1, no_identifier, command=True))
+        assert assoc.next_response().status == 0xC000
+        assoc.release()
+    now = after(metrics_port, before, associations=6)
 
     def moved(name: str, **labels) -> float:
         return now(name, **labels) - before(name, **labels)
@@ -125,7 +139,7 @@ def test_a_scrape_counts_what_the_associations_did_exactly(server_factory, tmp_p
         )
     # An identical resend is known before it is written: no stages timed.
     assert moved("imaging_scp_store_stage_seconds_count", stage="fsync") == 3
-    assert moved("imaging_scp_associations_total", outcome="released") == 4
+    assert moved("imaging_scp_associations_total", outcome="released") == 5
     assert moved("imaging_scp_associations_total", outcome="rejected") == 1
     assert (
         moved("imaging_scp_associations_rejected_total", reason="called-ae-title-not-recognized")
@@ -133,6 +147,7 @@ def test_a_scrape_counts_what_the_associations_did_exactly(server_factory, tmp_p
     )
     assert now("imaging_scp_associations_active") == 0
     assert moved("imaging_scp_find_queries_total", outcome="success") == 1
+    assert moved("imaging_scp_find_queries_total", outcome="refused") == 2
     assert moved("imaging_scp_find_matches_total") == 1
     # The index's size from its maintained counts; the disk against its floor.
     assert now("imaging_scp_index_studies") == 1
