@@ -1,10 +1,12 @@
 """CPU time and system calls per instance of one receiver, robust to a busy machine.
 
     .venv/bin/python -m benchmarks.cpu_per_instance [--receiver imaging-scp|floor]
-        [--corpus small|ct] [--count N] [--no-strace] [--py-spy PATH]
+        [--corpus small|ct] [--count N] [--no-strace] [--profile PSTATS]
 
 Wall-clock rates mean little on a shared machine; the CPU a receiver spends per
-instance, and the system calls it makes, do not depend on who else runs. One
+instance, and the system calls it makes, depend less on who else runs (CPU
+time still swells by ~20 % when the machine is busy: compare runs made side by
+side, several times). One
 dcmtk storescu (TCP_NODELAY=1 on both ends, as the benchmark's `nodelay` mode)
 sends the first N files of a benchmark corpus over one association to a fresh
 receiver (benchmarks/receivers.py), which is then checked to hold all N.
@@ -16,10 +18,14 @@ receiver (benchmarks/receivers.py), which is then checked to hold all N.
 - System calls: a second run, under `strace -c -f` attached to every thread of
   the fresh receiver, counts each call over the send (strace slows the receiver:
   its times are not used).
-- With `--py-spy PATH` (a py-spy binary), a third run is sampled by
-  `py-spy record` and the samples are grouped by what the innermost frame of
-  ours (or of the library under it) does: network+PDU, DIMSE, header walk,
-  digest, file write+fsync, link+dir fsync, index transaction, logging, other.
+- With `--profile PSTATS`, a third run has every thread under cProfile with
+  the thread's CPU clock (stats written to PSTATS, for `python -m pstats`).
+  Each function's own time is counted in a group, by the first rule of GROUPS
+  its name matches, else by its caller's (a builtin's time by each caller's):
+  network+PDU, DIMSE, header walk, digest, file write, durability syscalls
+  (open, fsync, close, link, unlink, mkdir of file and directory), index
+  transaction, store checks, logging, other. cProfile slows Python code more
+  than system calls: the shares are scaled to the CPU above, a rough split.
 
 The corpora are the benchmark's own (benchmarks/corpus.py, cached under
 benchmarks/work/); "ct" here is 200 instances of 512x512 (2 series of 100).
@@ -58,7 +64,9 @@ GROUPS = [
     ("header walk", re.compile(r"storage/header\.py|storage/codec/")),
     ("digest", re.compile(r"_hashlib|hexdigest")),
     ("file write", re.compile(r"storage/files\.py|posix\.(write|writev|pwrite)\b|Received")),
-    ("DIMSE", re.compile(r"scp/dimse\.py|store_service\.py|scp/service\.py|storage/store\.py")),
+    ("DIMSE", re.compile(r"scp/dimse\.py|store_service\.py|scp/service\.py")),
+    # the request's checks, the resend's look, the free-space floor, the temp file's start
+    ("store checks", re.compile(r"storage/store\.py|storage/uids\.py|pathlib")),
     (
         "network+PDU",
         re.compile(r"upper_layer\.py|scp/association\.py|_socket|floor\.py.*\((read|run)\)"),
