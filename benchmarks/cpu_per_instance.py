@@ -196,7 +196,8 @@ def measure_profile(key: str, paths: list[Path], env: dict, work: Path, output: 
     hook = work / "profile-hook"
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(_SITECUSTOMIZE)
-    env = dict(env, PYTHONPATH=str(hook), CPU_PER_INSTANCE_PROFILE=str(output))
+    path = os.pathsep.join(filter(None, [str(hook), env.get("PYTHONPATH")]))
+    env = dict(env, PYTHONPATH=path, CPU_PER_INSTANCE_PROFILE=str(output))
     receiver = started(key, work, env, "profile")
     try:
         time.sleep(0.5)  # the receiver's threads are started
