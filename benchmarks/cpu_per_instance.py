@@ -18,6 +18,8 @@ receiver (benchmarks/receivers.py), which is then checked to hold all N.
 - System calls: a second run, under `strace -c -f` attached to every thread of
   the fresh receiver, counts each call over the send (strace slows the receiver:
   its times are not used).
+- With `--store-path`, only the storage side runs, in this process, on tmpfs
+  (see `store_path_cpu`): the least noisy measure of a change there.
 - With `--profile PSTATS`, a third run has every thread under cProfile with
   the thread's CPU clock (stats written to PSTATS, for `python -m pstats`).
   Each function's own time is counted in a group, by the first rule of GROUPS
@@ -238,6 +240,54 @@ def _group(function: tuple, stats: dict, depth: int = 0) -> str:
     return "other"
 
 
+def store_path_cpu(key: str, paths: list[Path], directory: Path) -> float:
+    """CPU ms per instance of the storage side alone, in this process, into
+    `directory` (tmpfs: no disk wait, fsync nearly free): imaging-scp's
+    `InstanceStore.receive` … `finish`, or the floor's `Received` and `keep`,
+    given each dataset in fragments as a 256 KiB PDU carries them. Far less
+    noisy than a whole receiver's CPU: for an A/B of a change on that path."""
+    from storage import files
+
+    datasets = []
+    for path in paths:
+        meta = files.read_file_meta(path)
+        datasets.append((path.read_bytes()[meta.dataset_offset :], meta))
+    fragment = 256 * 1024 - 6
+    if key == "floor":
+        from benchmarks import floor
+
+        receiver = floor.Floor(directory)
+
+        def store(view, meta):
+            received = floor.Received(receiver, meta.transfer_syntax, {})
+            for start in range(0, len(view), fragment):
+                received.write(view[start : start + fragment])
+            receiver.keep(received)
+    else:
+        from storage.catalog.engines import IndexLocation
+        from storage.catalog.index import Catalog, Provenance
+        from storage.policy import DuplicatePolicy
+        from storage.store import InstanceStore
+
+        files.prepare_data_dir(directory, "bench")
+        catalog = Catalog.open(IndexLocation(directory), timeout=10)
+        instances = InstanceStore(directory, catalog, DuplicatePolicy.KEEP_FIRST, node="bench")
+        provenance = Provenance("STORESCU", "IMAGING_SCP", "127.0.0.1:1", "bench-1")
+
+        def store(view, meta):
+            incoming = instances.receive(
+                meta.transfer_syntax, meta.sop_class_uid, meta.sop_instance_uid, provenance
+            )
+            for start in range(0, len(view), fragment):
+                incoming.write(view[start : start + fragment])
+            incoming.finish()
+
+    started = time.process_time()
+    for data, meta in datasets:
+        store(memoryview(data), meta)
+    return (time.process_time() - started) * 1000 / len(datasets)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--receiver", choices=sorted(RECEIVERS), default="imaging-scp")
@@ -247,8 +297,23 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--profile", metavar="PSTATS", help="CPU by group (cProfile); keep its stats here"
     )
+    parser.add_argument(
+        "--store-path",
+        action="store_true",
+        help="only the storage side, in this process, on tmpfs (/dev/shm): 3 runs",
+    )
     args = parser.parse_args(argv)
     paths = corpus_files(args.corpus, args.count)
+    if args.store_path:
+        runs = []
+        for _ in range(3):
+            with tempfile.TemporaryDirectory(prefix="cpu-per-instance-", dir="/dev/shm") as temp:
+                runs.append(store_path_cpu(args.receiver, paths, Path(temp)))
+        print(
+            f"{args.receiver} store path, {len(paths)} {args.corpus} instances on tmpfs:"
+            f" CPU {' / '.join(f'{run:.3f}' for run in runs)} ms/instance"
+        )
+        return 0
     env = environment(nodelay=True)
     n = len(paths)
     print(f"{args.receiver}, {n} {args.corpus} instances, one storescu (TCP_NODELAY=1)")
