@@ -158,8 +158,10 @@ class InstanceStore:
         temp_writer = incoming.temp
         sha256 = incoming.digest.hexdigest()
         uid = header.sop_instance_uid
-        relpath = files.instance_relpath(
-            header.study_uid, header.series_uid, header.sop_instance_uid
+        # A string, not a Path: this runs for every instance, and building and
+        # joining Paths cost more than the stat below.
+        relpath = str(
+            files.instance_relpath(header.study_uid, header.series_uid, header.sop_instance_uid)
         )
         # An identical resend has the same study and series, so its file is at
         # this place. In-process (SQLite, a local disk) the index is asked only
@@ -170,7 +172,7 @@ class InstanceStore:
         # misses (its file gone, or of other content elsewhere) is told apart in
         # the transaction.
         known = None
-        if not self.index.conn.remote and (self.data_dir / relpath).exists():
+        if not self.index.conn.remote and os.path.exists(os.path.join(self.data_dir, relpath)):
             known = self.index.digest_hint(uid)
             if self._identical(known, sha256):
                 temp_writer.discard()
@@ -186,7 +188,7 @@ class InstanceStore:
             )
         entry = IndexEntry(
             header=header,
-            path=str(relpath),
+            path=relpath,
             size=size,
             sha256=sha256,
             transfer_syntax=incoming.transfer_syntax,
