@@ -1,7 +1,8 @@
 """CPU time and system calls per instance of one receiver, robust to a busy machine.
 
     .venv/bin/python -m benchmarks.cpu_per_instance [--receiver imaging-scp|floor]
-        [--corpus small|ct] [--count N] [--no-strace] [--profile PSTATS]
+        [--corpus small|ct] [--count N] [--rounds R] [--beside-floor]
+        [--no-strace] [--profile PSTATS] [--store-path]
 
 Wall-clock rates mean little on a shared machine; the CPU a receiver spends per
 instance, and the system calls it makes, depend less on who else runs (CPU
@@ -14,7 +15,9 @@ receiver (benchmarks/receivers.py), which is then checked to hold all N.
 - CPU: utime + stime of the receiver's process tree (/proc, clock ticks) from
   just before the sender starts until it has exited, less what the receiver
   spends idle over as long (measured for 2 s before the send: imaging-scp's
-  accept loop wakes twice a second).
+  accept loop wakes twice a second). `--rounds R` runs it R times, each on a
+  fresh receiver, and keeps the median; `--beside-floor` runs the floor after
+  each and prints the median ratio.
 - System calls: a second run, under `strace -c -f` attached to every thread of
   the fresh receiver, counts each call over the send (strace slows the receiver:
   its times are not used).
@@ -39,6 +42,7 @@ import os
 import pstats
 import re
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -104,8 +108,8 @@ def stopped(receiver, expected: int) -> None:
         raise SystemExit(f"{receiver.key}: exit {status}; {'; '.join(problems)}")
 
 
-def measure_cpu(key: str, paths: list[Path], work: Path, env: dict) -> dict:
-    receiver = started(key, work, env, "cpu")
+def measure_cpu(key: str, paths: list[Path], work: Path, env: dict, tag: str) -> dict:
+    receiver = started(key, work, env, tag)
     try:
         meter = procs.CpuMeter(receiver.process.pid)
         before_idle = meter.sample()
@@ -302,6 +306,12 @@ def main(argv=None) -> int:
         action="store_true",
         help="only the storage side, in this process, on tmpfs (/dev/shm): 3 runs",
     )
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="CPU runs, each of a fresh receiver (median)"
+    )
+    parser.add_argument(
+        "--beside-floor", action="store_true", help="each CPU run followed by the floor's"
+    )
     args = parser.parse_args(argv)
     paths = corpus_files(args.corpus, args.count)
     if args.store_path:
@@ -319,11 +329,21 @@ def main(argv=None) -> int:
     print(f"{args.receiver}, {n} {args.corpus} instances, one storescu (TCP_NODELAY=1)")
     with tempfile.TemporaryDirectory(prefix="cpu-per-instance-") as temp:
         work = Path(temp)
-        cpu = measure_cpu(args.receiver, paths, work, env)
-        print(
-            f"CPU {cpu['ms_per_instance']:.3f} ms/instance"
-            f" ({cpu['cpu_s']:.2f} s, of it {cpu['idle_s']:.2f} s idle rate subtracted)"
-        )
+        keys = [args.receiver] + (["floor"] if args.beside_floor else [])
+        runs: dict[str, list[float]] = {key: [] for key in keys}
+        for round_ in range(args.rounds):  # interleaved: a burst of load hits both
+            for key in keys:
+                cpu = measure_cpu(key, paths, work, env, f"cpu-{key}-{round_}")
+                runs[key].append(cpu["ms_per_instance"])
+        for key in keys:
+            print(
+                f"{key}: CPU {statistics.median(runs[key]):.3f} ms/instance (median of"
+                f" {' / '.join(f'{run:.3f}' for run in runs[key])}; idle rate subtracted)"
+            )
+        if args.beside_floor:
+            ratios = [ours / floor for ours, floor in zip(*runs.values(), strict=True)]
+            print(f"{args.receiver} / floor, CPU per instance: {statistics.median(ratios):.2f}")
+        cpu = {"ms_per_instance": statistics.median(runs[args.receiver])}
         if not args.no_strace:
             calls = measure_syscalls(args.receiver, paths, work, env)
             total = sum(calls.values())
