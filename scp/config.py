@@ -87,7 +87,9 @@ class Config:
         "a resent SOP Instance UID with different bytes: keep-first, overwrite or reject",
     )
     require_called_aet: bool = _key(True, "refuse associations addressed to another AE title")
-    network_timeout: float = _key(60.0, "seconds a connection may stay silent before it is closed")
+    network_timeout: float = _key(
+        60.0, "seconds a connection may stay silent (idle, or stalled mid-PDU) before it is closed"
+    )
     drain_timeout: float = _key(30.0, "seconds SIGTERM waits for associations in flight")
     log_level: str = _key("info", "debug, info, warning or error")
     stable_after: float = _key(
