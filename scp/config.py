@@ -87,7 +87,9 @@ class Config:
         "a resent SOP Instance UID with different bytes: keep-first, overwrite or reject",
     )
     require_called_aet: bool = _key(True, "refuse associations addressed to another AE title")
-    network_timeout: float = _key(60.0, "seconds a connection may stay silent before it is closed")
+    network_timeout: float = _key(
+        60.0, "seconds a connection may stay silent (idle, or stalled mid-PDU) before it is closed"
+    )
     drain_timeout: float = _key(30.0, "seconds SIGTERM waits for associations in flight")
     log_level: str = _key("info", "debug, info, warning or error")
     stable_after: float = _key(
@@ -127,8 +129,9 @@ class Config:
     peers: dict = field(
         default_factory=dict,
         metadata={
-            "help": "where storage commitment reports go when the requester has released:"
-            " AE title = HOST:PORT (TOML table; flag --peer AE=HOST:PORT, repeatable)",
+            "help": "where storage commitment reports go when the requester has released,"
+            " and C-MOVE destinations: AE title = HOST:PORT (TOML table; flag --peer"
+            " AE=HOST:PORT, repeatable)",
             "flag": "--peer",
         },
     )
@@ -156,6 +159,13 @@ class Config:
     node_name: str = _key(
         "",
         "this node's name: its temp files are in data_dir/.incoming/<node_name> (empty: host name)",
+    )
+
+    metrics_port: int = _key(
+        0, "TCP port of the Prometheus metrics endpoint, /metrics over HTTP (0: none)"
+    )
+    metrics_host: str = _key(
+        "127.0.0.1", "address of the metrics endpoint (0.0.0.0: every interface)"
     )
 
     @property
@@ -325,6 +335,10 @@ def _check_ranges(config: Config) -> None:
     if not 0 <= config.port <= 65535:
         raise ConfigError(f"key 'port': must be 0..65535, got {config.port}")
     _check_tls(config)
+    if not 0 <= config.metrics_port <= 65535:
+        raise ConfigError(f"key 'metrics_port': must be 0..65535, got {config.metrics_port}")
+    if config.metrics_port and config.metrics_port in (config.port, config.tls_port):
+        raise ConfigError(f"key 'metrics_port': {config.metrics_port} is already a DICOM port")
     if not 1 <= config.workers <= 64:
         raise ConfigError(f"key 'workers': must be 1..64, got {config.workers}")
     if not 4096 <= config.max_pdu <= 16 * 1024 * 1024:

@@ -17,7 +17,7 @@ does not decode or is missing, 0xA700 when more than `find_limit` matches were s
 
 from pydicom.datadict import keyword_for_tag
 
-from scp import dimse
+from scp import dimse, metrics
 from scp.association import (
     Conversation,
     Identifier,
@@ -81,6 +81,8 @@ class FindConversation(Conversation):
         if command.has_dataset:
             return IncomingQuery(self.service, self.session, command, outbox)
         self.session.log.warning("find.refused", reason="C-FIND-RQ without an identifier")
+        if metrics.recorder is not None:
+            metrics.recorder.find_ended("refused", 0)
         outbox.send(failure_response(command, UNABLE_TO_PROCESS, "C-FIND-RQ without an identifier"))
         return None
 
@@ -193,8 +195,9 @@ class RunningQuery(IndexResponses):
         self.done = True
         self.close()
         if self._failure is not None or status not in (SUCCESS, CANCEL):
+            outcome = "refused" if self._failure else "failed"
             self.session.log.warning(
-                "find.refused" if self._failure else "find.failed",
+                "find." + outcome,
                 status=f"0x{status:04X}",
                 reason=comment,
                 matches=self.matches,
@@ -206,6 +209,9 @@ class RunningQuery(IndexResponses):
                 ms=self._ms(),
                 cancelled=status == CANCEL,
             )
+            outcome = "cancelled" if status == CANCEL else "success"
+        if metrics.recorder is not None:
+            metrics.recorder.find_ended(outcome, self.matches)
         return self._response(status, comment=comment), b""
 
     def _response(self, status: int, *, comment=None, with_dataset=False) -> bytes:
