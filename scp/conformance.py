@@ -56,6 +56,12 @@ class Accepted:
     def service(self) -> str:
         return uid_to_service_class(self.sop_class).__name__
 
+    @property
+    def is_storage(self) -> bool:
+        """A storage class, or one pynetdicom has no service for (retired storage
+        classes): the negotiation takes both as storage."""
+        return self.service in ("StorageServiceClass", "ServiceClass")
+
 
 def known_sop_classes() -> list[str]:
     """Every SOP class pynetdicom has a presentation context list for (its
@@ -124,12 +130,6 @@ def accepted_contexts() -> tuple[Accepted, ...]:
     )
 
 
-def _is_storage(accepted: Accepted) -> bool:
-    """A storage class, or one pynetdicom has no service for (retired storage
-    classes): the negotiation takes both as storage."""
-    return accepted.service in ("StorageServiceClass", "ServiceClass")
-
-
 # --- Markdown -----------------------------------------------------------------------
 
 
@@ -172,9 +172,9 @@ def _network_services() -> str:
     rows = [
         (_name(a.sop_class), f"`{a.sop_class}`", _scu(ours.get(a.sop_class)), "Yes")
         for a in accepted
-        if not _is_storage(a)
+        if not a.is_storage
     ]
-    storage = sum(1 for a in accepted if _is_storage(a))
+    storage = sum(1 for a in accepted if a.is_storage)
     rows.append(
         (f"Every storage SOP class ({storage}, Table 4.2-4), private and unknown ones too",
          "", "No", "Yes")
@@ -193,7 +193,7 @@ def _grouped() -> list[tuple[tuple[str, ...], bool, bool, list[Accepted]]]:
     are accepted with."""
     groups: dict[tuple, list[Accepted]] = {}
     for a in accepted_contexts():
-        if not _is_storage(a):
+        if not a.is_storage:
             groups.setdefault((a.transfer_syntaxes, a.as_scu, a.as_scp), []).append(a)
     return [(*key, classes) for key, classes in groups.items()]
 
@@ -221,13 +221,13 @@ def _role(as_scu: bool, as_scp: bool) -> str:
 
 
 def _storage_classes() -> str:
-    storage = [a for a in accepted_contexts() if _is_storage(a)]
+    storage = [a for a in accepted_contexts() if a.is_storage]
     rows = [(_name(a.sop_class), f"`{a.sop_class}`") for a in storage]
     return _table(("Storage SOP Class", "UID"), sorted(rows))
 
 
 def _storage_syntaxes() -> str:
-    storage = [a for a in accepted_contexts() if _is_storage(a)]
+    storage = [a for a in accepted_contexts() if a.is_storage]
     every = {a.transfer_syntaxes for a in storage}
     if len(every) != 1:  # the statement says one table holds for every storage class
         raise ValueError("storage classes are accepted in different transfer syntaxes")
@@ -242,7 +242,7 @@ def _storage_syntaxes() -> str:
 
 
 def _storage_roles() -> str:
-    roles = {(a.as_scu, a.as_scp) for a in accepted_contexts() if _is_storage(a)}
+    roles = {(a.as_scu, a.as_scp) for a in accepted_contexts() if a.is_storage}
     return ", ".join(sorted(_role(*pair) for pair in roles))
 
 
@@ -513,7 +513,7 @@ def _retrieve() -> str:
 def statement() -> str:
     """The conformance statement, in Markdown."""
     version = importlib.metadata.version("imaging-scp")
-    storage_count = sum(1 for a in accepted_contexts() if _is_storage(a))
+    storage_count = sum(1 for a in accepted_contexts() if a.is_storage)
     max_pdu = Config.max_pdu
     parts = [
         f"# DICOM Conformance Statement: imaging-scp {version}",
