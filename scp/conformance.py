@@ -382,7 +382,8 @@ def _find_statuses() -> str:
          "no Query/Retrieve Level, PATIENT level in the Study Root model, a unique key missing"
          " above the level, a value that cannot be matched (the ErrorComment says which)"),
         (s.UNABLE_TO_PROCESS, "Failed: Unable to Process",
-         "the identifier is missing or does not decode; the index is unavailable"),
+         "the identifier is missing, does not decode or is big endian; the index is damaged or"
+         " the query failed"),
         (s.SOP_CLASS_NOT_SUPPORTED, "Failed: SOP Class Not Supported",
          "a C-FIND for a SOP class that is no FIND model"),
     ])  # fmt: skip
@@ -455,7 +456,14 @@ def _matching(key: find.Key) -> str:
     if key.vr == "UI":
         return "universal, single value, list of UIDs"
     if key.vr in ("DA", "TM"):
-        return "universal, single value, range; with its date or time, one date-time range"
+        paired = (
+            key.keyword.replace("Date", "Time")
+            if key.vr == "DA"
+            else key.keyword.replace("Time", "Date")
+        )
+        if paired in find.KEYS:
+            return f"universal, single value, range; with {paired}, one date-time range"
+        return "universal, single value, range"
     if key.vr == "PN":
         return "universal, single value, wildcard; case-insensitive in every script"
     if key.keyword == "ModalitiesInStudy":
@@ -501,7 +509,8 @@ def _retrieve() -> str:
     if not retrieve:
         return (
             "Not supported: no C-MOVE or C-GET SOP class is accepted (the negotiation's tables"
-            " hold none), so a C-MOVE-RQ or C-GET-RQ is refused with its presentation context."
+            " hold none): their presentation contexts are refused (abstract syntax not"
+            " supported)."
         )
     rows = [(_name(a.sop_class), f"`{a.sop_class}`") for a in retrieve]
     return "Accepted (Table 4.2-4):\n\n" + _table(("SOP Class", "UID"), rows)
@@ -708,8 +717,8 @@ def statement() -> str:
         "###### 4.2.1.4.5 Query/Retrieve MOVE and GET",
         _retrieve(),
         "### 4.3 Network Interfaces",
-        "TCP/IP over whatever the host provides (IPv4 and IPv6: `host` is the address listened"
-        " on, every address by default). DICOM's upper layer directly over TCP on `port`, and"
+        "TCP/IP: `host` is the address listened on (`0.0.0.0` by default: every IPv4"
+        " address). DICOM's upper layer directly over TCP on `port`, and"
         " over TLS on `tls_port` when set (both may listen at once). TCP_NODELAY is set on"
         " every connection. No other protocol (DHCP, DNS-based AE lookup, LDAP) is used; host"
         " names in `allowed_callers` and `peers` are resolved by the system's resolver.",
