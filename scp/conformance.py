@@ -27,7 +27,7 @@ from scp import commitment_service, dimse, echo_service, find_service, negotiati
 from scp.config import Config
 from scp.echo import ECHO_PROPOSAL
 from scp.reports import REPORT_PROPOSAL
-from scp.requestor import Proposal
+from scp.requestor import REJECT_REASONS, REJECT_RESULTS, Proposal
 from storage import attributes, commitment
 from storage.catalog import find
 from storage.files import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
@@ -188,35 +188,22 @@ def _scu(proposal: Proposal | None) -> str:
     return "No (SCP role, on an association we open)" if proposal.scp_role else "Yes"
 
 
-def _grouped() -> list[tuple[tuple[str, ...], bool, bool, list[Accepted]]]:
-    """The non-storage classes, grouped by the transfer syntaxes and roles they
-    are accepted with."""
-    groups: dict[tuple, list[Accepted]] = {}
-    for a in accepted_contexts():
-        if not a.is_storage:
-            groups.setdefault((a.transfer_syntaxes, a.as_scu, a.as_scp), []).append(a)
-    return [(*key, classes) for key, classes in groups.items()]
-
-
 def _service_contexts() -> str:
-    rows = []
-    for syntaxes, as_scu, as_scp, classes in _grouped():
-        for a in classes:
-            rows.append(
-                (
-                    _name(a.sop_class),
-                    "<br>".join(f"{_name(s)} `{s}`" for s in syntaxes),
-                    _role(as_scu, as_scp),
-                    "None",
-                )
-            )
+    rows = [
+        (_name(a.sop_class), "<br>".join(f"{_name(s)} `{s}`" for s in a.transfer_syntaxes),
+         _role(a.as_scu, a.as_scp), "None")
+        for a in accepted_contexts()
+        if not a.is_storage
+    ]  # fmt: skip
     return _table(("Abstract Syntax", "Transfer Syntaxes, in order of preference", "Role",
                    "Extended Negotiation"), rows)  # fmt: skip
 
 
 def _role(as_scu: bool, as_scp: bool) -> str:
     if as_scu and as_scp:
-        return "SCP (SCU too, when the requestor proposes it)"
+        # A requestor's SCP/SCU role selection is answered as proposed; we never
+        # send requests on such a context ourselves.
+        return "SCP (role selection accepted as proposed)"
     return "SCP" if as_scp else "SCU"
 
 
@@ -285,20 +272,21 @@ def _rejections() -> str:
     return _table(("Result", "Source", "Reason/Diag.", "When"), rows)
 
 
-_RESULTS = {1: "1 rejected-permanent", 2: "2 rejected-transient"}
-_SOURCES = {1: "1 DICOM UL service-user", 3: "3 DICOM UL service-provider (presentation)"}
-_DIAGNOSTICS = {
-    (1, 1): "1 no reason given",
-    (1, 2): "2 application context name not supported",
-    (1, 3): "3 calling AE title not recognized",
-    (1, 7): "7 called AE title not recognized",
-    (3, 2): "2 local limit exceeded",
+# A-ASSOCIATE-RJ Source (PS3.8 9.3.4)
+_SOURCES = {
+    1: "DICOM UL service-user",
+    2: "DICOM UL service-provider (ACSE)",
+    3: "DICOM UL service-provider (presentation)",
 }
 
 
 def _codes(rejection: tuple[int, int, int]) -> tuple[str, str, str]:
     result, source, diagnostic = rejection
-    return _RESULTS[result], _SOURCES[source], _DIAGNOSTICS[source, diagnostic]
+    return (
+        f"{result} {REJECT_RESULTS[result]}",
+        f"{source} {_SOURCES[source]}",
+        f"{diagnostic} {REJECT_REASONS[source, diagnostic]}",
+    )
 
 
 def _statuses(rows) -> str:
