@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from scp import negotiation  # noqa: E402  (the association's negotiation only)
+from scp import association  # noqa: E402  (the association's negotiation only)
 from storage.header import DatasetWalk  # noqa: E402
 
 _PDU_HEADER = struct.Struct(">BxI")
@@ -187,8 +187,8 @@ class Association:
             if body is None:
                 return
             if kind == 0x01:
-                request = negotiation.read_request(bytes(header) + bytes(body))
-                agreement = negotiation.agree(request, _MAX_PDU)
+                request = association.read_request(bytes(header) + bytes(body))
+                agreement = association.agree(request, _MAX_PDU)
                 self.contexts = {
                     cid: str(cx.transfer_syntax[0]) for cid, cx in agreement.contexts.items()
                 }

@@ -1,30 +1,425 @@
 """One association, from its A-ASSOCIATE-RQ to its end, in its connection's thread.
 
-`Association` is the service user of the upper layer: it decides whether to
-accept (who calls, from where, whether there is room), assembles DIMSE
-messages from P-DATA fragments, and routes each by its Command Field through
-the table of services (scp/service.py), which answer through the `Outbox` of
-the request's presentation context. A dataset's fragments go straight to the
-service that receives it; nothing of a message is kept beyond its command set.
+`Association` is the service user of the upper layer (scp/upper_layer.py): it
+decides whether to accept (who calls, from where, whether there is room) and
+what (the presentation contexts, below), assembles DIMSE messages from P-DATA
+fragments, and routes each by its Command Field through the table of services,
+which answer through the `Outbox` of the request's presentation context. A
+dataset's fragments go straight to the service that receives it; nothing of a
+message is kept beyond its command set.
+
+Each association has a `Session`: an id, a logger bound once with the id and
+the peer (and, once the request is read, the AE titles), and the totals its end
+reports.
+
+**The DIMSE service protocol.** The table (`scp.server.Listeners` builds it) maps a Command
+Field to a `Service`. A service joins an association at its first message: its
+`Conversation` holds what the service keeps about that association. Each
+request goes to `Conversation.request` with the `Outbox` of its presentation
+context; a request that announces a data set is answered once that data set
+has arrived (`Incoming.finish`). A response to one of our own requests goes to
+`Conversation.response`. A service never sees the upper layer: the outbox is
+all it can do on the association. A new service is one module with a
+`Service` and one line in the table.
+
+**What we accept.** pynetdicom decodes the A-ASSOCIATE-RQ, negotiates the
+presentation contexts (with SCP/SCU role selection) and encodes the
+A-ASSOCIATE-AC; `agree` decides. Every storage SOP class is accepted, private
+and unknown ones included, with Verification, Storage Commitment Push Model and
+Patient/Study Root FIND beside them. When a sender proposes several syntaxes
+for a storage context, we take the one that lets it send its object as it is:
+compressed before uncompressed, so a JPEG 2000 image is never decompressed on
+the way (and dcmtk's storescu, which cannot convert, does not fail). Among the
+uncompressed ones the proposal says nothing about the object: dcmtk's storescu
+proposes [explicit LE] and [big endian, implicit LE] for every object (with -R
+too), dcmsend all three in one context. Implicit VR before big endian, then, so
+that what is common (implicit VR) goes as it is and what is retired (big
+endian) is converted; a sender keeps a big-endian object as it is by proposing
+big endian alone (storescu -xb).
 """
 
+import itertools
+import os
 import socket
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
-from scp import dimse, negotiation
+import structlog
+from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import sop_class
+from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
+from pynetdicom.pdu_primitives import (
+    A_ASSOCIATE,
+    AsynchronousOperationsWindowNegotiation,
+    MaximumLengthNotification,
+    SCP_SCU_RoleSelectionNegotiation,
+)
+from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
+from pynetdicom.service_class import ServiceClass, StorageServiceClass
+from pynetdicom.sop_class import (
+    PatientRootQueryRetrieveInformationModelFind,
+    StorageCommitmentPushModel,
+    StudyRootQueryRetrieveInformationModelFind,
+    Verification,
+)
+
+from scp import dimse
 from scp.access import CallerPolicy
 from scp.config import Config
-from scp.service import Conversation, Incoming, Responses, Service, Unserved, unrecognized
-from scp.session import Session
-from scp.upper_layer import Abort, ProtocolError, ServiceUser, State, UpperLayer
+from scp.upper_layer import (
+    APPLICATION_CONTEXT_NAME,
+    Abort,
+    AcceptorLayer,
+    ProtocolError,
+    ServiceUser,
+    State,
+    our_user_information,
+)
+from storage.catalog import Provenance
 from storage.store import InstanceStore
+
+# -- one association's record: its id, log and totals ----------------------------------
+
+_association_numbers = itertools.count(1)
+_STARTED = int(time.time()) % 0x10000
+
+
+@dataclass
+class Session:
+    """What we know and count about one association, and how its end is logged."""
+
+    id: str
+    host: str
+    peer: str
+    log: structlog.typing.FilteringBoundLogger
+    provenance: Provenance = field(default_factory=Provenance)
+    started: float = field(default_factory=time.monotonic)
+    instances: int = 0
+    bytes: int = 0
+    refused: int = 0
+    outcome: str = "closed"  # closed (no association), rejected, released or aborted
+    reason: str | None = None  # why it was rejected or aborted
+    established: bool = False
+
+    @classmethod
+    def open(cls, host: str, port: int) -> "Session":
+        # The pid and start time tell apart the associations of listener processes
+        # (workers fork after this module is imported) and of restarts.
+        session_id = f"{os.getpid():x}-{_STARTED:04x}-{next(_association_numbers)}"
+        peer = f"{host}:{port}"
+        log = structlog.get_logger("imaging_scp").bind(assoc=session_id, peer=peer)
+        return cls(id=session_id, host=host, peer=peer, log=log)
+
+    def requested(self, calling_ae: str, called_ae: str) -> None:
+        self.provenance = Provenance(calling_ae, called_ae, self.peer, self.id)
+        self.log = self.log.bind(calling_ae=calling_ae, called_ae=called_ae)
+
+    def ended(self) -> None:
+        """Log the end, with the association's totals."""
+        log = self.log.warning if self.outcome == "aborted" else self.log.info
+        log(
+            "association.end",
+            outcome=self.outcome,
+            **({"reason": self.reason} if self.reason and self.outcome == "aborted" else {}),
+            instances=self.instances,
+            bytes=self.bytes,
+            refused=self.refused,
+            seconds=round(time.monotonic() - self.started, 3),
+        )
+
+
+# -- the DIMSE service protocol --------------------------------------------------------
+
+
+class Responses(Protocol):
+    """A request answered by several responses over time (a C-FIND's): the
+    association sends them one at a time between its reads, so that a
+    C-CANCEL-RQ naming `message_id` is seen before the next one."""
+
+    message_id: int
+    done: bool  # the last response was given
+
+    def next_response(self) -> tuple[bytes, bytes]:
+        """The next (command set, data set) to send."""
+        ...
+
+    def cancel(self) -> None: ...
+
+    def close(self) -> None:
+        """The association ended, or the last response was given: let go."""
+        ...
+
+
+class Outbox(Protocol):
+    """The way back to the requester, on the presentation context the request came on."""
+
+    transfer_syntax: str  # of that context, for the data sets sent on it
+
+    def send(self, command: bytes, dataset: bytes = b"") -> None: ...
+
+    def stream(self, start: Callable[[], Responses]) -> None:
+        """Send the responses `start()` gives, one at a time between reads,
+        until done. A request whose responses are to be streamed while another
+        one's are still going out breaks the asynchronous operations window we
+        negotiated (1/1): `start` is not called, the association is aborted."""
+        ...
+
+    def peer_is_leaving(self, wait: float) -> bool:
+        """Whether the requester's next PDU, within `wait` seconds, releases or aborts."""
+        ...
+
+
+class Incoming(Protocol):
+    """The data set of one request, on its way in."""
+
+    def write(self, fragment) -> None:
+        """One P-DATA fragment of it (a memoryview valid until the call returns)."""
+        ...
+
+    def discard(self) -> None:
+        """The association ended before the last fragment."""
+        ...
+
+    def finish(self) -> None:
+        """The last fragment arrived: answer through the outbox."""
+        ...
+
+
+class Conversation:
+    """A service's part in one association."""
+
+    def request(self, command: dimse.Command, outbox: Outbox) -> Incoming | None:
+        """A request of this service: the receiver of its data set when the
+        command announces one, else None (answered already)."""
+        raise NotImplementedError
+
+    def response(self, command: dimse.Command) -> bool:
+        """A response: True when it answers one of this service's requests."""
+        return False
+
+    def ended(self, session: Session) -> None:
+        """The association ended (its outcome is in `session`)."""
+
+
+class Service(Protocol):
+    def join(self, session: Session) -> Conversation:
+        """This service's part in a newly established association."""
+        ...
+
+
+def unrecognized(session: Session, command: dimse.Command) -> bytes:
+    """The response to a request no service of ours serves."""
+    session.log.warning("dimse.unrecognized", command_field=f"0x{command.field:04X}")
+    return dimse.response(
+        dimse.response_field(command.field),
+        command.message_id,
+        dimse.UNRECOGNIZED_OPERATION,
+        sop_class_uid=command.uid(dimse.AFFECTED_SOP_CLASS_UID),
+        error_comment="operation not served by this SCP",
+    )
+
+
+class Unserved:
+    """The data set of a request we do not serve: read and dropped, then the
+    request is answered as unrecognized."""
+
+    def __init__(self, session: Session, command: dimse.Command, outbox: Outbox):
+        self.session = session
+        self.command = command
+        self.outbox = outbox
+
+    def write(self, fragment) -> None:
+        pass
+
+    def discard(self) -> None:
+        pass
+
+    def finish(self) -> None:
+        self.outbox.send(unrecognized(self.session, self.command))
+
+
+# -- what we accept --------------------------------------------------------------------
+
+MAX_PRESENTATION_CONTEXTS = 128  # PS3.8 9.3.2.2: odd IDs 1 to 255
+
+# A-ASSOCIATE-RJ (result, source, diagnostic), PS3.8 9.3.4
+REJECT_NO_REASON = (0x01, 0x01, 0x01)
+REJECT_APPLICATION_CONTEXT = (0x01, 0x01, 0x02)
+REJECT_CALLING_AE = (0x01, 0x01, 0x03)
+REJECT_CALLED_AE = (0x01, 0x01, 0x07)
+REJECT_BUSY = (0x02, 0x03, 0x02)  # transient: local limit exceeded
+
+
+class RequestError(ValueError):
+    """An A-ASSOCIATE-RQ that does not decode."""
+
+
+@dataclass(frozen=True)
+class Request:
+    """What an A-ASSOCIATE-RQ asks."""
+
+    calling_ae: str
+    called_ae: str
+    application_context: str
+    contexts: list[PresentationContext]
+    max_pdu: int  # what the requestor receives: 0 = no limit
+    roles: dict[str, tuple[bool, bool]]  # SOP class: (SCU role, SCP role)
+    async_ops: tuple[int, int] | None
+
+
+@dataclass
+class Agreement:
+    """The accepted contexts, by ID, and the A-ASSOCIATE-AC that says so."""
+
+    pdu: bytes
+    contexts: dict[int, PresentationContext] = field(default_factory=dict)
+    rejected: int = 0
+
+
+def read_request(pdu: bytes) -> Request:
+    """Decode an A-ASSOCIATE-RQ PDU; RequestError for one pynetdicom cannot take
+    apart or whose contents make no sense (an even context ID, say)."""
+    try:
+        rq = A_ASSOCIATE_RQ()
+        rq.decode(pdu)
+        primitive = rq.to_primitive()
+        contexts = list(primitive.presentation_context_definition_list)
+        roles, async_ops, max_pdu = {}, None, 0
+        for item in primitive.user_information:
+            if isinstance(item, MaximumLengthNotification):
+                max_pdu = item.maximum_length_received or 0
+            elif isinstance(item, SCP_SCU_RoleSelectionNegotiation):
+                roles[str(item.sop_class_uid)] = (bool(item.scu_role), bool(item.scp_role))
+            elif isinstance(item, AsynchronousOperationsWindowNegotiation):
+                async_ops = (
+                    item.maximum_number_operations_invoked,
+                    item.maximum_number_operations_performed,
+                )
+        request = Request(
+            calling_ae=str(primitive.calling_ae_title).strip(),
+            called_ae=str(primitive.called_ae_title).strip(),
+            application_context=str(primitive.application_context_name or ""),
+            contexts=contexts,
+            max_pdu=max_pdu,
+            roles=roles,
+            async_ops=async_ops,
+        )
+    except Exception as exc:  # pynetdicom raises many kinds on malformed input
+        raise RequestError(f"A-ASSOCIATE-RQ does not decode: {type(exc).__name__}: {exc}") from exc
+    for cx in contexts:
+        if cx.context_id is None or cx.context_id % 2 == 0:
+            raise RequestError(f"even presentation context ID {cx.context_id}")
+    return request
+
+
+def transfer_syntax_preference(uid: str) -> int:
+    """Rank of a proposed transfer syntax, lowest preferred."""
+    syntax = UID(uid)
+    if not syntax.is_transfer_syntax:
+        # A private syntax: DICOM requires it to encode the dataset in explicit
+        # VR little endian, which we can read; but a known syntax is safer.
+        return 5
+    if syntax.is_compressed:
+        return 0
+    if syntax.is_deflated:
+        return 1
+    return {ExplicitVRLittleEndian: 2, ImplicitVRLittleEndian: 3, ExplicitVRBigEndian: 4}.get(
+        syntax, 5
+    )
+
+
+def _service_context(abstract_syntax: str) -> PresentationContext:
+    """A non-storage service we serve, in the uncompressed syntaxes (little
+    endian only for queries: their responses are encoded by hand)."""
+    context = PresentationContext()
+    context.abstract_syntax = abstract_syntax
+    context.transfer_syntax = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+    if abstract_syntax not in _FIND:
+        context.transfer_syntax.append(ExplicitVRBigEndian)
+    return context
+
+
+def _storage_contexts(proposed: list[PresentationContext]) -> list[PresentationContext]:
+    """Acceptor contexts for the proposed storage-like abstract syntaxes (a
+    storage SOP class, a private one, or one pynetdicom does not know): each in
+    every transfer syntax proposed for it, as SCU and SCP, in the order of
+    `transfer_syntax_preference` — the acceptor's order is the one
+    `negotiate_as_acceptor` chooses by."""
+    syntaxes: dict[str, list[str]] = {}
+    for cx in proposed:
+        uid = UID(cx.abstract_syntax)
+        service = sop_class.uid_to_service_class(uid)
+        # Not by keyword alone: pynetdicom names some classes unlike pydicom
+        # (Modality Worklist FIND), and those are not storage.
+        storage_like = (
+            uid.is_private
+            or service is StorageServiceClass
+            or (service is ServiceClass and not hasattr(sop_class, uid.keyword))
+        )
+        if storage_like and uid not in _SERVICES:
+            offered = syntaxes.setdefault(uid, [])
+            offered += [ts for ts in cx.transfer_syntax if ts not in offered]
+    contexts = []
+    for uid, offered in syntaxes.items():
+        context = PresentationContext()
+        context.abstract_syntax = uid
+        context.transfer_syntax = sorted(offered, key=transfer_syntax_preference)
+        context.scu_role = context.scp_role = True
+        contexts.append(context)
+    return contexts
+
+
+_FIND = (PatientRootQueryRetrieveInformationModelFind, StudyRootQueryRetrieveInformationModelFind)
+# Verification, Storage Commitment Push Model (scp.commitment_service) and the
+# FIND models (scp.find_service), as SCP.
+_SERVICES = (Verification, StorageCommitmentPushModel, *_FIND)
+
+
+def agree(request: Request, max_pdu: int) -> Agreement:
+    """Negotiate the proposed contexts and encode the A-ASSOCIATE-AC."""
+    proposed = [cx for cx in request.contexts if cx.transfer_syntax]
+    supported = [_service_context(uid) for uid in _SERVICES] + _storage_contexts(proposed)
+    results, roles = negotiate_as_acceptor(proposed, supported, request.roles)
+    for rq in request.contexts:
+        if not rq.transfer_syntax:  # nothing to choose from
+            empty = PresentationContext()
+            empty.context_id = rq.context_id
+            empty.abstract_syntax = rq.abstract_syntax
+            empty.transfer_syntax = [ImplicitVRLittleEndian]
+            empty.result = 0x04  # transfer syntaxes not supported
+            results.append(empty)
+    results.sort(key=lambda cx: cx.context_id)
+
+    primitive = A_ASSOCIATE()
+    primitive.application_context_name = APPLICATION_CONTEXT_NAME
+    primitive.calling_ae_title = request.calling_ae or "UNKNOWN"
+    primitive.called_ae_title = request.called_ae
+    primitive.result = 0x00
+    primitive.result_source = 0x01
+    primitive.presentation_context_definition_results_list = results
+    information = our_user_information(max_pdu)
+    if request.async_ops is not None:
+        # One operation at a time, each way: what we serve (PS3.7 D.3.3.3).
+        window = AsynchronousOperationsWindowNegotiation()
+        window.maximum_number_operations_invoked = 1
+        window.maximum_number_operations_performed = 1
+        information.append(window)
+    information.extend(roles)
+    primitive.user_information = information
+    ac = A_ASSOCIATE_AC()
+    ac.from_primitive(primitive)
+    accepted = {cx.context_id: cx for cx in results if cx.result == 0x00}
+    return Agreement(ac.encode(), accepted, len(results) - len(accepted))
+
+
+# -- the association -------------------------------------------------------------------
 
 _COMMAND = 0x01
 _LAST = 0x02
 _MAX_COMMAND_SET = 64 * 1024  # a command set is a few hundred bytes
-VERIFICATION = "1.2.840.10008.1.1"
 
 
 @dataclass
@@ -54,8 +449,8 @@ class Associations:
             return list(self.live)
 
 
-def _verification_only(request: negotiation.Request) -> bool:
-    return all(str(cx.abstract_syntax) == VERIFICATION for cx in request.contexts)
+def _verification_only(request: Request) -> bool:
+    return all(cx.abstract_syntax == Verification for cx in request.contexts)
 
 
 class _DiscardedDataset:
@@ -96,7 +491,7 @@ class Association(ServiceUser):
         config = associations.config
         self.associations = associations
         self.session = session
-        self.layer = UpperLayer(
+        self.layer = AcceptorLayer(
             sock,
             self,
             max_pdu=config.max_pdu,
@@ -106,7 +501,8 @@ class Association(ServiceUser):
             network_timeout=config.network_timeout,
         )
         self.outboxes: dict[int, _Outbox] = {}  # by accepted presentation context ID
-        # Each service's part in this association, by the Command Fields routed to it.
+        # The part in this association of each service it has used (a service
+        # joins at its first message), by the Command Fields routed to it.
         self.conversations: dict[int, Conversation] = {}
         self._command = bytearray()
         self._command_context: int | None = None
@@ -143,11 +539,11 @@ class Association(ServiceUser):
 
     # -- association establishment -----------------------------------------------
 
-    def associate_requested(self, layer: UpperLayer, pdu: bytes) -> None:
+    def associate_requested(self, layer: AcceptorLayer, pdu: bytes) -> None:
         session = self.session
         try:
-            request = negotiation.read_request(pdu)
-        except negotiation.RequestError as exc:
+            request = read_request(pdu)
+        except RequestError as exc:
             session.outcome, session.reason = "aborted", str(exc)
             session.log.warning("association.aborted", reason=str(exc))
             layer.abort(str(exc))
@@ -160,17 +556,11 @@ class Association(ServiceUser):
             session.log.warning("association.rejected", reason=reason, permanent=rejection[0] == 1)
             layer.reject(*rejection)
             return
-        agreement = negotiation.agree(request, config.max_pdu)
+        agreement = agree(request, config.max_pdu)
         self.outboxes = {
             context_id: _Outbox(self, context_id, str(cx.transfer_syntax[0]))
             for context_id, cx in agreement.contexts.items()
         }
-        # A service serving several Command Fields has one part in the association.
-        joined: dict[Service, Conversation] = {}
-        for field_, service in self.associations.services.items():
-            if service not in joined:
-                joined[service] = service.join(session)
-            self.conversations[field_] = joined[service]
         layer.accept(agreement.pdu, request.max_pdu)
         session.established = True
         session.log.info(
@@ -179,45 +569,45 @@ class Association(ServiceUser):
             rejected_contexts=agreement.rejected,
         )
 
-    def _refusal(self, request: negotiation.Request) -> tuple[str | None, tuple[int, int, int]]:
+    def _refusal(self, request: Request) -> tuple[str | None, tuple[int, int, int]]:
         """Why the request is refused and the A-ASSOCIATE-RJ that says so, or (None, ())."""
         config = self.associations.config
         context_ids = [cx.context_id for cx in request.contexts]
-        if len(context_ids) > negotiation.MAX_PRESENTATION_CONTEXTS or len(set(context_ids)) != len(
+        if len(context_ids) > MAX_PRESENTATION_CONTEXTS or len(set(context_ids)) != len(
             context_ids
         ):
             # PS3.8 allows 128 contexts with distinct odd IDs; more is an attack or a bug.
-            return f"{len(context_ids)} presentation contexts", negotiation.REJECT_NO_REASON
-        if request.application_context != negotiation.APPLICATION_CONTEXT_NAME:
+            return f"{len(context_ids)} presentation contexts", REJECT_NO_REASON
+        if request.application_context != APPLICATION_CONTEXT_NAME:
             return (
                 f"application context {request.application_context!r} is not DICOM's",
-                negotiation.REJECT_APPLICATION_CONTEXT,
+                REJECT_APPLICATION_CONTEXT,
             )
         if config.require_called_aet and request.called_ae != config.aet:
             return (
                 f"called AE title {request.called_ae!r} is not ours ({config.aet})",
-                negotiation.REJECT_CALLED_AE,
+                REJECT_CALLED_AE,
             )
         if not self.associations.callers.permits(request.calling_ae, self.session.host):
-            return "calling AE title not allowed from this address", negotiation.REJECT_CALLING_AE
+            return "calling AE title not allowed from this address", REJECT_CALLING_AE
         if len(self.associations.active()) > config.max_associations:
             return (
                 f"{config.max_associations} associations already in progress",
-                negotiation.REJECT_BUSY,
+                REJECT_BUSY,
             )
         if not self.associations.store.has_room():
             # Transient: the sender may retry once an admin has made room.
-            return "receiver's disk is below its free-space floor", negotiation.REJECT_BUSY
+            return "receiver's disk is below its free-space floor", REJECT_BUSY
         health = self.associations.store.index.health
         if not health.available and not _verification_only(request):
             # Transient, as for a full disk; a C-ECHO alone is let in, for its
             # failure status to say why (`imaging-scp echo` prints it).
-            return health.describe(), negotiation.REJECT_BUSY
+            return health.describe(), REJECT_BUSY
         return None, ()
 
     # -- DIMSE messages ----------------------------------------------------------------
 
-    def p_data(self, layer: UpperLayer, context_id: int, control: int, fragment) -> None:
+    def p_data(self, layer: AcceptorLayer, context_id: int, control: int, fragment) -> None:
         outbox = self.outboxes.get(context_id)
         if outbox is None:
             raise ProtocolError(f"P-DATA on presentation context {context_id}, not accepted")
@@ -245,7 +635,7 @@ class Association(ServiceUser):
             dataset, self._dataset = self._dataset, None
             dataset.finish()
 
-    def _command_received(self, layer: UpperLayer, outbox: _Outbox, data: bytes) -> None:
+    def _command_received(self, layer: AcceptorLayer, outbox: _Outbox, data: bytes) -> None:
         try:
             command = dimse.read_command(data)
         except dimse.CommandError as exc:
@@ -253,7 +643,7 @@ class Association(ServiceUser):
         field_ = command.field
         if field_ is None:
             raise ProtocolError("a command set without a Command Field")
-        conversation = self.conversations.get(field_)
+        conversation = self.conversations.get(field_) or self._join(field_)
         if field_ & 0x8000:  # a response: to one of our requests, or to nothing
             if command.has_dataset:
                 self._dataset_context = outbox.context_id
@@ -285,6 +675,22 @@ class Association(ServiceUser):
         if incoming is not None:
             self._dataset, self._dataset_context = incoming, outbox.context_id
 
+    def _join(self, field_: int) -> Conversation | None:
+        """The part of the service serving `field_` in this association, once
+        it has one (None: no service serves it). A service serving several
+        Command Fields has one part."""
+        service = self.associations.services.get(field_)
+        if service is None:
+            return None
+        for other, service_of_other in self.associations.services.items():
+            if service_of_other is service and other in self.conversations:
+                conversation = self.conversations[other]
+                break
+        else:
+            conversation = service.join(self.session)
+        self.conversations[field_] = conversation
+        return conversation
+
     def stream(self, context_id: int, start: Callable[[], Responses]) -> None:
         """Send a request's responses one at a time, between reads (`send_output`)."""
         if self._streaming is not None:  # beyond the 1/1 window we answered
@@ -297,7 +703,7 @@ class Association(ServiceUser):
     def has_output(self) -> bool:
         return self._streaming is not None
 
-    def send_output(self, layer: UpperLayer) -> None:
+    def send_output(self, layer: AcceptorLayer) -> None:
         streaming = self._streaming
         command, dataset = streaming.next_response()
         if streaming.done:

@@ -2,7 +2,7 @@
 
 The prose is written here; every table is read from the code that does what
 it says. What we accept is not copied from a list: every SOP class pynetdicom
-knows is proposed to `scp.negotiation.agree` (the acceptor's own decision, as
+knows is proposed to `scp.association.agree` (the acceptor's own decision, as
 a live association gets it) in every transfer syntax pydicom knows, and what
 it accepts, in which order of preference and with which roles, is the table.
 A service added to the negotiation (C-MOVE, C-GET) appears in the statement
@@ -23,13 +23,13 @@ from pynetdicom import presentation, sop_class
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import uid_to_service_class
 
-from scp import commitment_service, dimse, echo_service, find_service, negotiation, store_service
+from scp import association, commitment_service, dimse, echo_service, find_service, store_service
 from scp.config import Config
 from scp.echo import ECHO_PROPOSAL
 from scp.reports import REPORT_PROPOSAL
-from scp.requestor import REJECT_REASONS, REJECT_RESULTS, Proposal
-from storage import attributes, commitment
-from storage.catalog import find
+from scp.upper_layer import APPLICATION_CONTEXT_NAME, REJECT_REASONS, REJECT_RESULTS, Proposal
+from storage import attributes
+from storage.catalog import commitments, find
 from storage.files import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from storage.store import Outcome, Refusal
 
@@ -81,9 +81,9 @@ def _uid_order(uid: str) -> tuple[int, ...]:
 def _negotiate(
     proposed: list[tuple[str, list[str]]], roles: dict[str, tuple[bool, bool]] | None = None
 ) -> list[PresentationContext]:
-    """The contexts `scp.negotiation.agree` accepts of `proposed` (abstract
+    """The contexts `scp.association.agree` accepts of `proposed` (abstract
     syntax, transfer syntaxes), in as many requests as it takes."""
-    limit = negotiation.MAX_PRESENTATION_CONTEXTS
+    limit = association.MAX_PRESENTATION_CONTEXTS
     accepted = []
     for start in range(0, len(proposed), limit):
         contexts = []
@@ -93,16 +93,16 @@ def _negotiate(
             context.abstract_syntax = abstract_syntax
             context.transfer_syntax = syntaxes
             contexts.append(context)
-        request = negotiation.Request(
+        request = association.Request(
             calling_ae="CONFORMANCE",
             called_ae=AE_TITLE,
-            application_context=negotiation.APPLICATION_CONTEXT_NAME,
+            application_context=APPLICATION_CONTEXT_NAME,
             contexts=contexts,
             max_pdu=0,
             roles=roles or {},
             async_ops=None,
         )
-        accepted += negotiation.agree(request, Config.max_pdu).contexts.values()
+        accepted += association.agree(request, Config.max_pdu).contexts.values()
     return accepted
 
 
@@ -123,7 +123,7 @@ def accepted_contexts() -> tuple[Accepted, ...]:
     return tuple(
         Accepted(
             uid,
-            tuple(sorted(taken[uid], key=negotiation.transfer_syntax_preference)),
+            tuple(sorted(taken[uid], key=association.transfer_syntax_preference)),
             *roles[uid],
         )
         for uid in classes
@@ -220,7 +220,7 @@ def _storage_syntaxes() -> str:
         raise ValueError("storage classes are accepted in different transfer syntaxes")
     (syntaxes,) = every
     rows = [
-        (negotiation.transfer_syntax_preference(s), _name(s), f"`{s}`",
+        (association.transfer_syntax_preference(s), _name(s), f"`{s}`",
          "compressed" if UID(s).is_compressed else "deflated" if UID(s).is_deflated
          else "uncompressed")
         for s in syntaxes
@@ -254,17 +254,17 @@ _PROPOSALS = {
 
 def _rejections() -> str:
     rows = [
-        (*_codes(negotiation.REJECT_NO_REASON),
-         f"more than {negotiation.MAX_PRESENTATION_CONTEXTS} presentation contexts, or two with"
+        (*_codes(association.REJECT_NO_REASON),
+         f"more than {association.MAX_PRESENTATION_CONTEXTS} presentation contexts, or two with"
          " one ID"),
-        (*_codes(negotiation.REJECT_APPLICATION_CONTEXT),
-         f"an application context other than DICOM's (`{negotiation.APPLICATION_CONTEXT_NAME}`)"),
-        (*_codes(negotiation.REJECT_CALLED_AE),
+        (*_codes(association.REJECT_APPLICATION_CONTEXT),
+         f"an application context other than DICOM's (`{APPLICATION_CONTEXT_NAME}`)"),
+        (*_codes(association.REJECT_CALLED_AE),
          "the called AE title is not ours (`require_called_aet`, on by default)"),
-        (*_codes(negotiation.REJECT_CALLING_AE),
+        (*_codes(association.REJECT_CALLING_AE),
          "the calling AE title is not in `allowed_callers`, or calls from a host not listed"
          " for it"),
-        (*_codes(negotiation.REJECT_BUSY),
+        (*_codes(association.REJECT_BUSY),
          "`max_associations` associations in progress; the data filesystem below"
          " `min_free_space`; the index unavailable (an association proposing Verification"
          " only is still accepted, for its C-ECHO to say why)"),
@@ -398,17 +398,20 @@ def _commitment_statuses() -> str:
 
 # Failure Reason (0008,1197) of a reference that is not committed.
 _FAILURES = {
-    commitment.NO_SUCH_OBJECT_INSTANCE: "not in the index",
-    commitment.CLASS_INSTANCE_CONFLICT: "indexed under another SOP class",
-    commitment.PROCESSING_FAILURE: "its file is missing, or its dataset's bytes no longer hash"
+    commitments.NO_SUCH_OBJECT_INSTANCE: "not in the index",
+    commitments.CLASS_INSTANCE_CONFLICT: "indexed under another SOP class",
+    commitments.PROCESSING_FAILURE: "its file is missing, or its dataset's bytes no longer hash"
     " to the SHA-256 recorded when it arrived",
-    commitment.SOP_CLASS_NOT_SUPPORTED: "the SOP class is one of another service"
+    commitments.SOP_CLASS_NOT_SUPPORTED: "the SOP class is one of another service"
     " (Verification, Query/Retrieve...), not a storage class",
 }
 
 
 def _failure_reasons() -> str:
-    rows = [(_hex(code), commitment.FAILURE_NAMES[code], _FAILURES[code]) for code in _FAILURES]
+    rows = []
+    for code, when in _FAILURES.items():
+        (shown_as,) = commitments.failures_by_name([code])
+        rows.append((_hex(code), shown_as, when))
     return _table(("Failure Reason", "Shown as", "When"), rows)
 
 
@@ -596,10 +599,10 @@ def statement() -> str:
         _service_contexts(),
         "##### 4.2.1.2 Association Policies",
         "- **General**: the application context name is"
-        f" `{negotiation.APPLICATION_CONTEXT_NAME}`. The largest PDU we receive is `max_pdu`"
+        f" `{APPLICATION_CONTEXT_NAME}`. The largest PDU we receive is `max_pdu`"
         f" ({max_pdu} bytes by default), announced in the A-ASSOCIATE-AC; the PDUs we send are"
         " no larger than the requestor announces. A request may carry up to"
-        f" {negotiation.MAX_PRESENTATION_CONTEXTS} presentation contexts.\n"
+        f" {association.MAX_PRESENTATION_CONTEXTS} presentation contexts.\n"
         f"- **Number of associations**: `max_associations` ({Config.max_associations} by"
         " default) at once; more are rejected as transient (Table 4.2-3). Each association has"
         " its own thread.\n"

@@ -1,12 +1,12 @@
 """One C-ECHO, for `imaging-scp echo`: associate (Verification, Implicit VR
-Little Endian) through our requestor (scp.requestor), C-ECHO-RQ, release —
+Little Endian) through our requestor (scp.upper_layer), C-ECHO-RQ, release —
 each step within `timeout`, with a reason for every way it can fail."""
 
 import time
 from dataclasses import dataclass
 
 from scp import dimse
-from scp.requestor import AssociationError, NoAnswer, NotAccepted, Proposal, Requestor
+from scp.upper_layer import AssociationError, NoAnswer, NotAccepted, Proposal, Requestor
 
 VERIFICATION = "1.2.840.10008.1.1"
 IMPLICIT_LE = "1.2.840.10008.1.2"

@@ -6,8 +6,7 @@ log), which `imaging-scp echo` prints.
 """
 
 from scp import dimse
-from scp.service import Conversation, Outbox, Unserved
-from scp.session import Session
+from scp.association import Conversation, Outbox, Session, Unserved
 from storage.catalog.health import IndexHealth
 
 SUCCESS = 0x0000

@@ -20,8 +20,7 @@ import time
 from pydicom.datadict import keyword_for_tag
 
 from scp import dimse
-from scp.service import Conversation, Outbox
-from scp.session import Session
+from scp.association import Conversation, Outbox, Session
 from storage.catalog import find
 from storage.catalog.engines import IndexLocation
 from storage.catalog.health import IndexHealth

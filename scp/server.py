@@ -32,8 +32,14 @@ from scp.logs import error_line
 from scp.reports import Reporter
 from scp.store_service import StoreService
 from scp.tls import server_context
-from storage.catalog.engines import IndexCorrupt, IndexUnreachable, SchemaTooNew, database_errors
-from storage.catalog.index import Catalog
+from storage.catalog import Catalog
+from storage.catalog.engines import (
+    IndexCorrupt,
+    IndexFailed,
+    IndexUnreachable,
+    SchemaTooNew,
+    engine_failures,
+)
 from storage.changes import finish_deletions
 from storage.maintenance import IndexBehindFiles, check_not_behind_files, recover_incoming
 from storage.store import InstanceStore
@@ -133,54 +139,55 @@ class Listener:
         self._thread.join(_ACCEPT_WAKEUP * 4)
 
 
-class Receiver:
-    """The listeners of one process and what their associations share."""
+class Listeners:
+    """The listening sockets of one process (plain DICOM, DICOM over TLS), the
+    associations they serve and the services those share."""
 
     def __init__(self, config: Config, store: InstanceStore, callers: CallerPolicy):
         self.config = config
-        self.storage = StoreService(store)
+        self.store_service = StoreService(store)
         self.commitment = CommitmentService(
             store.index, config.aet, config.peers, config.network_timeout
         )
         find = FindService(config.index_location, config.aet, config.find_limit, store.index.health)
         services = {  # Command Field -> the service its messages go to
             dimse.C_ECHO_RQ: EchoService(store.index.health),
-            dimse.C_STORE_RQ: self.storage,
+            dimse.C_STORE_RQ: self.store_service,
             dimse.C_FIND_RQ: find,
             dimse.N_ACTION_RQ: self.commitment,
             dimse.N_EVENT_REPORT_RSP: self.commitment,  # the answers to its reports
         }
         self.associations = Associations(config, store, services, callers)
-        self.server: Listener | None = None  # plain DICOM; None with port = 0
-        self.tls_server: Listener | None = None  # DICOM over TLS, on tls_port
+        self.plain: Listener | None = None  # plain DICOM; None with port = 0
+        self.tls: Listener | None = None  # DICOM over TLS, on tls_port
 
     def start(self, tls_context=None) -> None:
         """Bind and listen; returns once connections are being accepted."""
         if self.config.port:
-            self.server = Listener(self.config, self.associations, self.config.port)
+            self.plain = Listener(self.config, self.associations, self.config.port)
         if self.config.tls_port:
-            self.tls_server = Listener(
+            self.tls = Listener(
                 self.config,
                 self.associations,
                 self.config.tls_port,
                 tls_context or server_context(self.config),
             )
-        for listener in (self.server, self.tls_server):
+        for listener in (self.plain, self.tls):
             if listener is not None:
                 listener.start()
 
     @property
     def port(self) -> int | None:
-        return self.server.port if self.server else None
+        return self.plain.port if self.plain else None
 
     @property
     def tls_port(self) -> int | None:
-        return self.tls_server.port if self.tls_server else None
+        return self.tls.port if self.tls else None
 
     def stop(self, drain_timeout: float) -> int:
         """Stop accepting, let established associations finish for up to
         `drain_timeout` seconds, then abort the rest. Returns how many were aborted."""
-        for listener in (self.server, self.tls_server):
+        for listener in (self.plain, self.tls):
             if listener is not None:
                 listener.stop_accepting()
         for association in self.associations.active():
@@ -347,7 +354,8 @@ def serve(config: Config, reload_config: Callable[[], Config] | None = None) -> 
     signal.signal(signal.SIGHUP, lambda signum, _frame: reload_requested.append(signum))
 
     try:
-        recover(config)
+        with engine_failures():
+            recover(config)
     except IndexCorrupt as exc:
         return _index_damaged(exc)
     except IndexBehindFiles as exc:
@@ -360,13 +368,13 @@ def serve(config: Config, reload_config: Callable[[], Config] | None = None) -> 
         )
     except OSError as exc:
         return _cannot_start(_data_dir_problem(config.data_dir, exc))
-    except database_errors() as exc:
+    except IndexFailed as exc:
         damage = config.index_location.corruption(exc)
         if (
             damage is not None
         ):  # e.g. an index out of step with its table: quick_check does not compare them
             return _index_damaged(damage)
-        if not config.index_location.is_postgresql:
+        if not config.index_location.shared_by_nodes:
             return _cannot_start(_data_dir_problem(config.data_dir, exc))
         return _cannot_start(
             f"cannot use the index at {config.index_location.describe()} ({exc}): the user of"
@@ -374,18 +382,18 @@ def serve(config: Config, reload_config: Callable[[], Config] | None = None) -> 
         )
     workers = fork_workers(config.workers - 1)
     store = open_store(config)
-    receiver = Receiver(config, store, callers)
+    listeners = Listeners(config, store, callers)
     try:
-        receiver.start(tls_context)
+        listeners.start(tls_context)
     except ListenError as exc:
         _signal_workers(workers or [], signal.SIGTERM)
         _wait_for_workers(workers or [], 5)
         return _cannot_start(_address_problem(exc))
     # One process delivers reports on new associations: the main one.
-    reporter = Reporter(config, receiver.commitment) if workers is not None else None
+    reporter = Reporter(config, listeners.commitment) if workers is not None else None
     if reporter is not None:
         reporter.start()
-    for port, over_tls in ((receiver.port, False), (receiver.tls_port, True)):
+    for port, over_tls in ((listeners.port, False), (listeners.tls_port, True)):
         if port is None:
             continue
         log.info(
@@ -401,16 +409,16 @@ def serve(config: Config, reload_config: Callable[[], Config] | None = None) -> 
             duplicates=str(config.duplicates),
             max_pdu=config.max_pdu,
         )
-    # The port accepts connections since receiver.start(): tell systemd.
-    status = notify.ServiceStatus(config.host, receiver.port or receiver.tls_port)
-    status.ready(0, receiver.storage.stored)
+    # The port accepts connections since listeners.start(): tell systemd.
+    status = notify.ServiceStatus(config.host, listeners.port or listeners.tls_port)
+    status.ready(0, listeners.store_service.stored)
     index_health = store.index.health
     exit_code = 0
     while not stop_requested:
         time.sleep(0.25)
         if reload_requested:
             reload_requested.clear()
-            _reload_callers(receiver, reload_config)
+            _reload_callers(listeners, reload_config)
             _signal_workers(workers or [], signal.SIGHUP)
         if workers and (died := _a_worker_died(workers)) is not None:
             # One worker gone means a degraded service: stop, and let systemd
@@ -421,13 +429,13 @@ def serve(config: Config, reload_config: Callable[[], Config] | None = None) -> 
         # The watchdog goes on being fed while the index is out (restarting this
         # service brings no database back): STATUS= says it instead.
         problem = None if index_health.available else index_health.describe()
-        status.update(len(receiver.associations.active()), receiver.storage.stored, problem)
+        status.update(len(listeners.associations.active()), listeners.store_service.stored, problem)
     if stop_requested:
         log.info("shutdown.requested", signal=signal.Signals(stop_requested[0]).name)
     _signal_workers(workers or [], signal.SIGTERM)
-    in_flight = len(receiver.associations.active())
+    in_flight = len(listeners.associations.active())
     notify.stopping(f"stopping: draining {in_flight} association(s)")
-    aborted = receiver.stop(config.drain_timeout)
+    aborted = listeners.stop(config.drain_timeout)
     if reporter is not None:
         reporter.stop()
     store.index.close()
@@ -479,15 +487,15 @@ def _address_problem(exc: ListenError) -> str:
     return f"cannot listen on {exc.host}:{exc.port} ({exc.error.strerror or exc.error}): {advice}"
 
 
-def _reload_callers(receiver: Receiver, reload_config: Callable[[], Config] | None) -> None:
+def _reload_callers(listeners: Listeners, reload_config: Callable[[], Config] | None) -> None:
     if reload_config is None:
         log.warning("reload.skipped", reason="no --config file to reload")
         return
     try:
         new = reload_config()
-        if receiver.tls_server is not None and new.tls_port:  # renewed certificate, CAs
-            receiver.tls_server.tls_context = server_context(new)
-        receiver.associations.callers = allowed_callers(new)
+        if listeners.tls is not None and new.tls_port:  # renewed certificate, CAs
+            listeners.tls.tls_context = server_context(new)
+        listeners.associations.callers = allowed_callers(new)
     except (ConfigError, ValueError) as exc:
         log.error("reload.failed", reason=str(exc))
         return

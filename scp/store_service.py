@@ -11,9 +11,8 @@ import threading
 import time
 
 from scp import dimse
-from scp.service import Conversation, Outbox
-from scp.session import Session
-from storage.changes import clear_incomplete, mark_incomplete
+from scp.association import Conversation, Outbox, Session
+from storage.catalog.series import clear_incomplete, mark_incomplete
 from storage.store import InstanceStore, Outcome, Refusal, StoreRefused, StoreResult
 
 SUCCESS = 0x0000

@@ -16,22 +16,21 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
 
 from storage import files
-from storage.catalog.engines import IndexTimedOut, database_errors, is_out_of_space
-from storage.catalog.health import IndexInterrupted, IndexUnavailable
-from storage.catalog.index import (
+from storage.catalog import (
     Catalog,
     IndexEntry,
     IndexOutcome,
-    PatientConflict,
     Provenance,
-    SeriesStudyMismatch,
     StoredDigest,
     utc_now,
 )
-from storage.header import DatasetWalk, HeaderError, InstanceHeader, read_header, walkable
+from storage.catalog.engines import IndexFailed, IndexTimedOut
+from storage.catalog.health import IndexInterrupted, IndexUnavailable
+from storage.catalog.ingest import PatientConflict, SeriesStudyMismatch
+from storage.codec.walk import HeaderError
+from storage.header import DatasetWalk, InstanceHeader, read_header, walkable
 from storage.policy import DuplicatePolicy
 from storage.uids import MAX_UID_LENGTH, is_valid_uid
 
@@ -134,24 +133,6 @@ class InstanceStore:
         Feed its bytes to `write` as they arrive, then call `finish`."""
         return IncomingInstance(self, transfer_syntax, sop_class_uid, sop_instance_uid, provenance)
 
-    def store(
-        self,
-        dataset: BinaryIO,
-        transfer_syntax: str,
-        sop_class_uid: str | None,
-        sop_instance_uid: str | None,
-        provenance: Provenance,
-    ) -> StoreResult:
-        """Store a dataset that is all there already (its encoded bytes as sent).
-
-        Raises StoreRefused with the reason it was not stored.
-        """
-        incoming = self.receive(transfer_syntax, sop_class_uid, sop_instance_uid, provenance)
-        dataset.seek(0)
-        while chunk := dataset.read(1 << 20):
-            incoming.write(chunk)
-        return incoming.finish()
-
     def keep_received(self, incoming: "IncomingInstance", header: InstanceHeader) -> StoreResult:
         """Make a received, checked dataset durable and index it (or see that it is
         an identical resend). Called by `IncomingInstance.finish`."""
@@ -170,7 +151,7 @@ class InstanceStore:
         # misses (its file gone, or of other content elsewhere) is told apart in
         # the transaction.
         known = None
-        if not self.index.conn.remote and (self.data_dir / relpath).exists():
+        if not self.index.shared_by_nodes and (self.data_dir / relpath).exists():
             known = self.index.digest_hint(uid)
             if self._identical(known, sha256):
                 temp_writer.discard()
@@ -231,8 +212,8 @@ class InstanceStore:
             self._settle_lost(temp, entry, result, lost)
         except (IndexUnavailable, IndexTimedOut) as exc:  # nothing was sent
             self._undo_placing(temp, result)
-            raise StoreRefused(Refusal.WRITE_FAILED, str(exc), comment=_short(exc)) from exc
-        except database_errors() as exc:
+            raise StoreRefused(Refusal.WRITE_FAILED, str(exc), comment=exc.comment) from exc
+        except IndexFailed as exc:
             self._undo_placing(temp, result)
             raise self.index_refusal(exc, "index write failed") from exc
         except OSError as exc:
@@ -262,15 +243,15 @@ class InstanceStore:
                 functools.partial(self.index.record_refusal, entry, refused.reason),
                 lock_key=entry.header.study_uid,
             )
-        except database_errors() as exc:
+        except IndexFailed as exc:
             refused.reason += f"; not listed in conflicts: {exc}"
 
-    def index_refusal(self, exc: BaseException, failed: str) -> StoreRefused:
+    def index_refusal(self, exc: IndexFailed, failed: str) -> StoreRefused:
         """Why the index failed an instance: a full disk, a damaged SQLite file
         (the admin must rebuild it), or the error itself after `failed`."""
-        if is_out_of_space(exc):
+        if exc.out_of_space:
             return StoreRefused(Refusal.OUT_OF_SPACE, "index: no space left on disk")
-        damage = self.index.conn.corruption(exc)
+        damage = self.index.location.corruption(exc)
         if damage is not None:
             return StoreRefused(
                 Refusal.INDEX_CORRUPT,
@@ -293,19 +274,19 @@ class InstanceStore:
         settle = functools.partial(self._settle, temp, result, entry.sha256)
         try:
             known = self.index.read_back(uid, lost.deadline)
-        except (IndexUnavailable, IndexTimedOut, *database_errors()) as exc:
+        except (IndexUnavailable, IndexTimedOut, IndexFailed) as exc:
             self.index.settle_later(uid, settle)
             raise StoreRefused(
                 Refusal.WRITE_FAILED,
                 f"{lost}; whether the instance was indexed is read back once the index"
                 " answers again: send it again",
-                comment=_short(lost),
+                comment=lost.comment,
             ) from exc
         if not settle(known):
             raise StoreRefused(
                 Refusal.WRITE_FAILED,
                 f"{lost}; the instance was not indexed and nothing of it was kept: send it again",
-                comment=_short(lost),
+                comment=lost.comment,
             ) from lost
 
     def _settle(
@@ -512,7 +493,7 @@ class IncomingInstance:
         self.timings["check"] = _ms_since(started)
         try:
             return self.store.keep_received(self, header)
-        except database_errors() as exc:  # a look at the index before its transaction
+        except IndexFailed as exc:  # a look at the index before its transaction
             self.temp.discard()
             raise self.store.index_refusal(exc, "index read failed") from exc
 
@@ -570,15 +551,6 @@ def _check_request_uids(sop_class_uid: str | None, sop_instance_uid: str | None)
             raise StoreRefused(Refusal.MISSING_UID, f"request has no {name}")
         if not is_valid_uid(uid):
             raise StoreRefused(Refusal.INVALID_UID, f"invalid {name} {_shown(uid)}")
-
-
-def _short(exc: BaseException) -> str:
-    """An index failure for a sender's ErrorComment (64 characters)."""
-    if isinstance(exc, IndexTimedOut | IndexInterrupted) and "did not answer" in str(exc):
-        return str(exc).split(" (", 1)[0]  # "index did not answer within 10 s"
-    if isinstance(exc, IndexInterrupted):
-        return "index connection lost: send again"
-    return "index unavailable: send again later"
 
 
 def _ms_since(started: float) -> float:

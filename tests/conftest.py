@@ -19,7 +19,9 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, _config
 from pynetdicom.dsutils import split_dataset
 
+from storage.catalog import Provenance
 from storage.catalog.engines import Database, IndexLocation
+from storage.store import InstanceStore
 
 # Send files' dataset bytes exactly as they are on disk (no decode/re-encode), so
 # a byte-for-byte comparison of what the server stored is meaningful.
@@ -330,6 +332,20 @@ def dataset_bytes(path: Path) -> bytes:
     """The encoded dataset of a DICOM file: everything after its file meta group."""
     _, offset = split_dataset(path)
     return Path(path).read_bytes()[offset:]
+
+
+def receive_file(store: InstanceStore, path: Path, provenance: Provenance | None = None):
+    """The StoreResult of `path` received through `store` as a C-STORE's data
+    set is (StoreRefused when refused): announced with its UIDs, written, finished."""
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    incoming = store.receive(
+        str(ds.file_meta.TransferSyntaxUID),
+        ds.get("SOPClassUID"),
+        ds.get("SOPInstanceUID"),
+        provenance or Provenance(),
+    )
+    incoming.write(dataset_bytes(path))
+    return incoming.finish()
 
 
 def make_instance(

@@ -8,7 +8,8 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 
 from scp.cli import main
-from storage.catalog.index import Catalog
+from storage.catalog import Catalog
+from storage.catalog.engines import IndexLocation
 from tests.conftest import (
     CT_IMAGE_STORAGE,
     IMAGING_SCP,
@@ -90,7 +91,7 @@ def test_host_names_are_resolved_by_serve_only(tmp_path):
     config.write_text('[allowed_callers]\nCT_1 = ["ct-1.no-such-host.invalid"]\n')
     data = tmp_path / "data"
     data.mkdir()
-    Catalog.in_data_dir(data).close()  # an empty index
+    Catalog.open(IndexLocation(data)).close()  # an empty index
 
     studies = CliRunner().invoke(main, ["studies", "--config", str(config), "--data-dir",
                                         str(data)])  # fmt: skip

@@ -1,18 +1,17 @@
 """The catalog's reader: what retrieve and the web read an instance's file by."""
 
 import hashlib
-import io
 
 import pydicom
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 
+from storage.catalog import Catalog, Provenance
 from storage.catalog.engines import IndexLocation, IndexUnreachable
-from storage.catalog.index import Catalog, Provenance
 from storage.catalog.reads import CatalogReader
 from storage.files import prepare_data_dir
 from storage.store import DuplicatePolicy, InstanceStore
-from tests.conftest import both_indexes, dataset_bytes, index_url_for, make_instance
+from tests.conftest import both_indexes, dataset_bytes, index_url_for, make_instance, receive_file
 
 pytestmark = both_indexes
 
@@ -27,19 +26,13 @@ def location(tmp_path):
 def receive(location: IndexLocation, sources, **attributes) -> str:
     """Store one made instance as the receiver does; its SOP Instance UID."""
     path = make_instance(sources, **attributes)
-    ds = pydicom.dcmread(path, stop_before_pixels=True)
     catalog = Catalog.open(location)
     try:
-        InstanceStore(location.data_dir, catalog, DuplicatePolicy.KEEP_FIRST, node="test").store(
-            io.BytesIO(dataset_bytes(path)),
-            str(ds.file_meta.TransferSyntaxUID),
-            ds.SOPClassUID,
-            ds.SOPInstanceUID,
-            Provenance("TEST"),
-        )
+        store = InstanceStore(location.data_dir, catalog, DuplicatePolicy.KEEP_FIRST, node="test")
+        receive_file(store, path, Provenance("TEST"))
     finally:
         catalog.close()
-    return ds.SOPInstanceUID
+    return pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID
 
 
 def test_instances_give_each_file_as_the_index_holds_it(location, tmp_path):

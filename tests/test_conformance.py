@@ -15,7 +15,7 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, build_context
 
-from scp import conformance, negotiation
+from scp import association, conformance
 from tests.conftest import ECHOSCU, IMAGING_SCP, STORESCU, make_instance, requires_dcmtk
 from tests.test_find import findscu, requires_findscu
 
@@ -54,7 +54,7 @@ def _negotiated(port: int, proposed: list[tuple[str, list[str]]]) -> list[tuple[
     """(abstract syntax, transfer syntax) of every context the server accepts
     of `proposed`, proposed by pynetdicom in associations of at most 128 contexts."""
     accepted = []
-    limit = negotiation.MAX_PRESENTATION_CONTEXTS
+    limit = association.MAX_PRESENTATION_CONTEXTS
     for start in range(0, len(proposed), limit):
         contexts = [
             build_context(uid, syntaxes) for uid, syntaxes in proposed[start : start + limit]
@@ -96,7 +96,7 @@ def test_the_listed_order_of_preference_is_the_one_negotiated(server):
     accepted = dict(_negotiated(server.port, proposed))
     assert accepted.keys() == listed.keys()
     for uid, syntaxes in proposed:
-        assert accepted[uid] == min(syntaxes, key=negotiation.transfer_syntax_preference), uid
+        assert accepted[uid] == min(syntaxes, key=association.transfer_syntax_preference), uid
 
 
 def _storescu_profile(path: Path, sop_classes: list[str], syntaxes: tuple[str, ...]) -> Path:

@@ -2,11 +2,9 @@
 storage code (files and SQLite), then the rows are rendered and checked against the
 FHIR models (R4 via R4B, R5) and against the DSTU2 ballot's element list."""
 
-import io
 import logging
 from pathlib import Path
 
-import pydicom
 import pytest
 from fhir.resources.bundle import Bundle as R5Bundle
 from fhir.resources.imagingstudy import ImagingStudy as R5ImagingStudy
@@ -15,8 +13,8 @@ from fhir.resources.R4B.imagingstudy import ImagingStudy as R4ImagingStudy
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
+from storage.catalog import Catalog, Provenance
 from storage.catalog.engines import IndexLocation
-from storage.catalog.index import Catalog, Provenance
 from storage.fhir import (
     AVAILABILITY_EXTENSION_URL,
     DATA_ABSENT_REASON_URL,
@@ -31,9 +29,9 @@ from storage.store import DuplicatePolicy, InstanceStore, StoreRefused
 from tests.conftest import (
     both_indexes,
     bundled_test_files,
-    dataset_bytes,
     index_url_for,
     make_instance,
+    receive_file,
 )
 
 pytestmark = both_indexes
@@ -99,14 +97,7 @@ class Receiver:
         )
 
     def receive_file(self, path: Path) -> None:
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-        self.store.store(
-            io.BytesIO(dataset_bytes(path)),
-            str(ds.file_meta.TransferSyntaxUID),
-            ds.get("SOPClassUID"),
-            ds.get("SOPInstanceUID"),
-            Provenance("TEST"),
-        )
+        receive_file(self.store, path, Provenance("TEST"))
 
     def receive(self, **attributes) -> None:
         self.receive_file(make_instance(self.sources, **attributes))

@@ -4,19 +4,17 @@ one that fails takes nobody else down."""
 
 import errno
 import fcntl
-import io
 import threading
 import time
 
-import pydicom
 import pytest
 
+from storage.catalog import Catalog
 from storage.catalog.engines import IndexLocation, SQLiteDatabase
-from storage.catalog.index import Catalog, Provenance
 from storage.files import prepare_data_dir
 from storage.policy import DuplicatePolicy
 from storage.store import InstanceStore, Outcome, Refusal, StoreRefused
-from tests.conftest import both_indexes, dataset_bytes, index_url_for, make_instance
+from tests.conftest import both_indexes, index_url_for, make_instance, receive_file
 
 pytestmark = both_indexes
 
@@ -108,14 +106,12 @@ def test_an_identical_resend_is_answered_while_another_commit_is_in_progress(tmp
         pytest.skip("on PostgreSQL a resend is told apart inside the transaction")
     data_dir = tmp_path / "data"
     prepare_data_dir(data_dir, "test")
-    index = Catalog.in_data_dir(data_dir)
+    index = Catalog.open(IndexLocation(data_dir))
     store = InstanceStore(data_dir, index, DuplicatePolicy.REJECT, node="test")
     path = make_instance(tmp_path / "src", study_uid="1.2.3", series_uid="1.2.3.4")
-    ds = pydicom.dcmread(path, stop_before_pixels=True)
-    request = (str(ds.file_meta.TransferSyntaxUID), ds.SOPClassUID, ds.SOPInstanceUID)
 
     def receive():
-        return store.store(io.BytesIO(dataset_bytes(path)), *request, Provenance())
+        return receive_file(store, path)
 
     assert receive().outcome is Outcome.STORED
     committing, release = threading.Event(), threading.Event()
@@ -151,9 +147,7 @@ def test_a_series_of_another_study_is_refused_alone_inside_a_shared_commit(tmp_p
     store = InstanceStore(data_dir, index, DuplicatePolicy.KEEP_FIRST, node="test")
 
     def receive(path):
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-        request = (str(ds.file_meta.TransferSyntaxUID), ds.SOPClassUID, ds.SOPInstanceUID)
-        return store.store(io.BytesIO(dataset_bytes(path)), *request, Provenance())
+        return receive_file(store, path)
 
     def instance(name, study_uid):
         return make_instance(tmp_path / name, study_uid=study_uid, series_uid="1.2.3.4")
@@ -212,9 +206,7 @@ def _receiver(tmp_path):
         path = make_instance(
             tmp_path / f"src{next(names)}", study_uid=study_uid, series_uid=series_uid
         )
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-        request = (str(ds.file_meta.TransferSyntaxUID), ds.SOPClassUID, ds.SOPInstanceUID)
-        return store.store(io.BytesIO(dataset_bytes(path)), *request, Provenance()).outcome
+        return receive_file(store, path).outcome
 
     return location, store, receive
 

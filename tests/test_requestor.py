@@ -1,4 +1,4 @@
-"""Our requestor (scp.requestor) against real peers: dcmtk's dcmqrscp and
+"""Our requestor (scp.upper_layer's) against real peers: dcmtk's dcmqrscp and
 storescp, a port nobody listens on, and a listener that never answers. Each
 way an association fails has its own error and a message naming the peer."""
 
@@ -13,8 +13,11 @@ import pytest
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 
 from scp import dimse
-from scp.negotiation import agree, read_request
-from scp.requestor import (
+from scp.association import agree, read_request
+from scp.upper_layer import (
+    ABORT_SOURCE_PROVIDER,
+    PDU_HEADER,
+    REASON_INVALID_PARAMETER,
     Aborted,
     ConnectFailed,
     NoAnswer,
@@ -23,11 +26,6 @@ from scp.requestor import (
     ProtocolViolation,
     Rejected,
     Requestor,
-)
-from scp.upper_layer import (
-    ABORT_SOURCE_PROVIDER,
-    PDU_HEADER,
-    REASON_INVALID_PARAMETER,
     State,
     abort_pdu,
     p_data_pdus,

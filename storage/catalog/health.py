@@ -1,10 +1,10 @@
 """Whether this process can write its index, known without asking the database.
 
-The writer (storage.catalog.index.Catalog) says when a write failed for want of the index
+The writer (storage.catalog.writer.Writer) says when a write failed for want of the index
 (its connection lost, no answer within index_timeout, another process holding
 SQLite's write lock) and when one succeeds again; the listener reads the state
 for each new association and for a C-ECHO at the cost of an attribute read.
-While the index is unavailable a probe (`Catalog.probe`, from `IndexMonitor`)
+While the index is unavailable a probe (`Writer.probe`, from `IndexMonitor`)
 reconnects and tries a write transaction once a second: that is what clears
 the state when no sender is let in to find out. A damaged SQLite file is out
 for good: nothing but `imaging-scp rebuild`, with serve stopped, repairs it.
@@ -25,14 +25,19 @@ PROBE_INTERVAL = 1.0  # seconds between two probes while the index is unavailabl
 class IndexUnavailable(Exception):
     """Nothing was written: the index could not be reached within the bound."""
 
+    comment = "index unavailable: send again later"  # for a sender's ErrorComment
+
 
 class IndexInterrupted(Exception):
     """The connection was lost while a transaction was on its way: it may have
     committed or not. Read back, on a new connection, before answering."""
 
-    def __init__(self, reason: str, deadline: float):
+    def __init__(
+        self, reason: str, deadline: float, comment: str = "index connection lost: send again"
+    ):
         super().__init__(reason)
         self.deadline = deadline  # time.monotonic() by which the sender is answered
+        self.comment = comment  # for a sender's ErrorComment
 
 
 DAMAGED = "index damaged: run imaging-scp rebuild with serve stopped"  # fits an ErrorComment
