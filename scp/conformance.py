@@ -5,25 +5,44 @@ it says. What we accept is not copied from a list: every SOP class pynetdicom
 knows is proposed to `scp.association.agree` (the acceptor's own decision, as
 a live association gets it) in every transfer syntax pydicom knows, and what
 it accepts, in which order of preference and with which roles, is the table.
-A service added to the negotiation (C-MOVE, C-GET) appears in the statement
-the next time `imaging-scp conformance --output docs/conformance-statement.md`
-is run; tests/test_conformance.py fails until it is. The statuses come from
-the services' constants, the C-FIND keys from storage.catalog.find, the
+A service added to the negotiation appears in the statement the next time
+`imaging-scp conformance --output docs/conformance-statement.md` is run;
+tests/test_conformance.py fails until it is. The statuses come from the
+services' constants, the C-FIND keys from storage.catalog.find, the
 configuration from scp.config.Config, what we propose as a requestor from the
 proposals scp.echo and scp.reports send.
+
+C-MOVE and C-GET have no prose of their own here: once the negotiation accepts
+their SOP classes, their section is read from the service module whose ROOTS
+names them (its information models and levels) and from its constants and its
+parts' (the statuses PS3.4 lists for the operation, with PS3.4's meaning).
 """
 
 import dataclasses
+import importlib
 import importlib.metadata
+import inspect
+import pkgutil
 from dataclasses import dataclass
 from functools import cache
+from types import ModuleType
 
 from pydicom.uid import UID, AllTransferSyntaxes
-from pynetdicom import presentation, sop_class
+from pynetdicom import presentation, sop_class, status
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import uid_to_service_class
 
-from scp import association, commitment_service, dimse, echo_service, find_service, store_service
+import scp
+from scp import (
+    association,
+    commitment_service,
+    config,
+    dimse,
+    echo_service,
+    find_service,
+    store_service,
+    upper_layer,
+)
 from scp.config import Config
 from scp.echo import ECHO_PROPOSAL
 from scp.reports import REPORT_PROPOSAL
@@ -177,9 +196,15 @@ def _network_services() -> str:
     storage = sum(1 for a in accepted if a.is_storage)
     rows.append(
         (f"Every storage SOP class ({storage}, Table 4.2-4), private and unknown ones too",
-         "", "No", "Yes")
+         "", _storage_scu(), "Yes")
     )  # fmt: skip
     return _table(("SOP Class", "UID", "User of Service (SCU)", "Provider of Service (SCP)"), rows)
+
+
+def _storage_scu() -> str:
+    """We send C-STOREs as the sub-operations of the retrieves we serve."""
+    operations = sorted({_RETRIEVES[_operation(a.sop_class)] for a in _retrieve_contexts()})
+    return f"Yes: the sub-operations of {' and '.join(operations)}" if operations else "No"
 
 
 def _scu(proposal: Proposal | None) -> str:
@@ -415,11 +440,9 @@ def _failure_reasons() -> str:
     return _table(("Failure Reason", "Shown as", "When"), rows)
 
 
-def _find_models() -> str:
-    rows = [
-        (_name(uid), f"`{uid}`", ", ".join(_levels(root)))
-        for uid, root in find_service.ROOTS.items()
-    ]
+def _models(roots: dict[str, str]) -> str:
+    """Query/retrieve information models (SOP class UID: its root) and their levels."""
+    rows = [(_name(uid), f"`{uid}`", ", ".join(_levels(root))) for uid, root in roots.items()]
     return _table(("Information Model", "UID", "Levels"), rows)
 
 
@@ -493,18 +516,90 @@ def _indexed_attributes() -> str:
     return _table(("Attribute", "Tag", "VR", "Level", "C-FIND key", "ImagingStudy element"), rows)
 
 
+# The retrieve operations, by the last word of their SOP classes' keywords: the
+# DIMSE operation, and PS3.4's statuses for it (pynetdicom's table).
+_RETRIEVES = {"Move": "C-MOVE", "Get": "C-GET"}
+_RETRIEVE_STATUSES = {
+    "Move": status.QR_MOVE_SERVICE_CLASS_STATUS,
+    "Get": status.QR_GET_SERVICE_CLASS_STATUS,
+}
+
+
+def _operation(uid: str) -> str:
+    return UID(uid).keyword.rsplit("Model", 1)[-1]
+
+
+def _retrieve_contexts() -> list[Accepted]:
+    return [a for a in accepted_contexts() if _operation(a.sop_class) in _RETRIEVES]
+
+
+def service_modules() -> list[ModuleType]:
+    """The DIMSE services, one module each: scp/*_service.py (scp.server's
+    table routes each Command Field to one of them)."""
+    names = [m.name for m in pkgutil.iter_modules(scp.__path__) if m.name.endswith("_service")]
+    return [importlib.import_module(f"scp.{name}") for name in names]
+
+
+def serving(sop_class_uid: str) -> ModuleType:
+    """The service whose information models (its ROOTS: SOP class UID -> root) name the class."""
+    (module,) = [m for m in service_modules() if sop_class_uid in getattr(m, "ROOTS", {})]
+    return module
+
+
+# The modules every service speaks through: their numbers (command fields, tags,
+# PDU codes, defaults) are no statuses, though some equal one.
+_PROTOCOL = {module.__name__ for module in (dimse, association, upper_layer, config)}
+_CATEGORIES = ("Pending", "Success", "Warning", "Cancel", "Failure")
+
+
+def service_statuses(modules: set[ModuleType], statuses: dict[int, tuple[str, str]]) -> list[int]:
+    """The statuses services answer with: the public integer constants that
+    `statuses` (PS3.4's for their operation) lists, of their modules and of the
+    modules of scp they take their parts from; Pending first, failures last."""
+    parts = {inspect.getmodule(value) for module in modules for value in vars(module).values()}
+    modules = modules | {
+        m
+        for m in parts
+        if m is not None and m.__name__.startswith("scp.") and m.__name__ not in _PROTOCOL
+    }
+    codes = {
+        value
+        for m in modules
+        for name, value in vars(m).items()
+        if not name.startswith("_") and name.isupper() and type(value) is int and value in statuses
+    }
+    return sorted(codes, key=lambda code: (_CATEGORIES.index(statuses[code][0]), code))
+
+
 def _retrieve() -> str:
-    retrieve = [
-        a for a in accepted_contexts() if UID(a.sop_class).keyword.endswith(("Move", "Get"))
-    ]
+    retrieve = _retrieve_contexts()
     if not retrieve:
         return (
             "Not supported: no C-MOVE or C-GET SOP class is accepted (the negotiation's tables"
             " hold none): their presentation contexts are refused (abstract syntax not"
             " supported)."
         )
-    rows = [(_name(a.sop_class), f"`{a.sop_class}`") for a in retrieve]
-    return "Accepted (Table 4.2-4):\n\n" + _table(("SOP Class", "UID"), rows)
+    roots = {a.sop_class: serving(a.sop_class).ROOTS[a.sop_class] for a in retrieve}
+    parts = [
+        "Accepted as SCP (Table 4.2-1), in these information models:",
+        _models(roots),
+    ]
+    for last_word, operation in _RETRIEVES.items():
+        classes = [a.sop_class for a in retrieve if _operation(a.sop_class) == last_word]
+        if not classes:
+            continue
+        statuses = _RETRIEVE_STATUSES[last_word]
+        codes = service_statuses({serving(uid) for uid in classes}, statuses)
+        # PS3.4 gives Success and Cancel no meaning beyond their name.
+        rows = [(code, statuses[code][0], statuses[code][1] or "—") for code in codes]
+        parts += [f"{operation} response statuses:", _statuses(rows)]
+    if any(_operation(a.sop_class) == "Get" for a in retrieve):
+        parts.append(
+            "A C-GET's sub-operations go back on the requester's association, on the storage"
+            " contexts for which it proposed the SCP role (SCP/SCU role selection, answered as"
+            " 4.2.1.4.2 says)."
+        )
+    return "\n\n".join(parts)
 
 
 # --- the statement ------------------------------------------------------------------
@@ -692,7 +787,7 @@ def statement() -> str:
         "Table 4.2-8: Failure Reasons in a report",
         _failure_reasons(),
         "###### 4.2.1.4.4 Query/Retrieve FIND",
-        _find_models(),
+        _models(find_service.ROOTS),
         "Hierarchical queries only: below its root, a query gives the unique key of every level"
         " above its own with a single value (no wildcard). Relational queries are not supported."
         " Keys not listed are returned empty, with the Pending status that says so. Matches come"

@@ -13,9 +13,9 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
     generate_uid,
 )
-from pynetdicom import AE, build_context
+from pynetdicom import AE, build_context, status
 
-from scp import association, conformance
+from scp import association, conformance, echo_service, find_service
 from tests.conftest import ECHOSCU, IMAGING_SCP, STORESCU, make_instance, requires_dcmtk
 from tests.test_find import findscu, requires_findscu
 
@@ -44,6 +44,30 @@ def test_the_command_prints_it_or_writes_it(tmp_path):
     written = tmp_path / "statement.md"
     subprocess.run([IMAGING_SCP, "conformance", "--output", str(written)], check=True, timeout=60)
     assert written.read_text(encoding="utf-8") == printed.stdout
+
+
+def test_a_services_statuses_are_read_from_its_constants_as_its_table_lists_them():
+    # The read retrieve's section is made of (no C-MOVE or C-GET is served yet):
+    # for FIND and Verification, it finds what their written tables list.
+    for module, statuses, table in (
+        (find_service, status.QR_FIND_SERVICE_CLASS_STATUS, conformance._find_statuses()),
+        (echo_service, status.VERIFICATION_SERVICE_CLASS_STATUS, conformance._echo_statuses()),
+    ):
+        listed = {int(code, 16) for code in re.findall(r"`([0-9A-F]{4})H`", table)}
+        found = conformance.service_statuses({module}, statuses)
+        assert sorted(found) == sorted(listed), module.__name__
+    found = conformance.service_statuses({find_service}, status.QR_FIND_SERVICE_CLASS_STATUS)
+    order = [find_service.PENDING, find_service.SUCCESS, find_service.CANCEL]
+    assert [code for code in found if code in order] == order  # failures come last
+    assert found[-1] == find_service.UNABLE_TO_PROCESS
+
+
+def test_services_are_found_by_the_information_models_they_serve():
+    for uid in find_service.ROOTS:
+        assert conformance.serving(uid) is find_service
+    assert {m.__name__ for m in conformance.service_modules()} >= {
+        "scp.echo_service", "scp.store_service", "scp.find_service", "scp.commitment_service"
+    }  # fmt: skip
 
 
 def _listed() -> dict[str, tuple[str, ...]]:
