@@ -203,7 +203,7 @@ def _network_services() -> str:
 
 def _storage_scu() -> str:
     """We send C-STOREs as the sub-operations of the retrieves we serve."""
-    operations = sorted({_RETRIEVES[_operation(a.sop_class)] for a in _retrieve_contexts()})
+    operations = sorted({_RETRIEVES[_retrieve_kind(a.sop_class)] for a in _retrieve_contexts()})
     return f"Yes: the sub-operations of {' and '.join(operations)}" if operations else "No"
 
 
@@ -517,7 +517,7 @@ def _indexed_attributes() -> str:
 
 
 # The retrieve operations, by the last word of their SOP classes' keywords: the
-# DIMSE operation, and PS3.4's statuses for it (pynetdicom's table).
+# DIMSE operation, and PS3.4's statuses for it (pynetdicom's tables).
 _RETRIEVES = {"Move": "C-MOVE", "Get": "C-GET"}
 _RETRIEVE_STATUSES = {
     "Move": status.QR_MOVE_SERVICE_CLASS_STATUS,
@@ -525,12 +525,14 @@ _RETRIEVE_STATUSES = {
 }
 
 
-def _operation(uid: str) -> str:
-    return UID(uid).keyword.rsplit("Model", 1)[-1]
+def _retrieve_kind(uid: str) -> str | None:
+    """ "Move" or "Get" for a query/retrieve MOVE or GET SOP class, else None."""
+    keyword = UID(uid).keyword
+    return next((kind for kind in _RETRIEVES if keyword.endswith(f"InformationModel{kind}")), None)
 
 
 def _retrieve_contexts() -> list[Accepted]:
-    return [a for a in accepted_contexts() if _operation(a.sop_class) in _RETRIEVES]
+    return [a for a in accepted_contexts() if _retrieve_kind(a.sop_class) is not None]
 
 
 def service_modules() -> list[ModuleType]:
@@ -584,16 +586,16 @@ def _retrieve() -> str:
         "Accepted as SCP (Table 4.2-1), in these information models:",
         _models(roots),
     ]
-    for last_word, operation in _RETRIEVES.items():
-        classes = [a.sop_class for a in retrieve if _operation(a.sop_class) == last_word]
+    for kind, operation in _RETRIEVES.items():
+        classes = [a.sop_class for a in retrieve if _retrieve_kind(a.sop_class) == kind]
         if not classes:
             continue
-        statuses = _RETRIEVE_STATUSES[last_word]
+        statuses = _RETRIEVE_STATUSES[kind]
         codes = service_statuses({serving(uid) for uid in classes}, statuses)
         # PS3.4 gives Success and Cancel no meaning beyond their name.
         rows = [(code, statuses[code][0], statuses[code][1] or "—") for code in codes]
         parts += [f"{operation} response statuses:", _statuses(rows)]
-    if any(_operation(a.sop_class) == "Get" for a in retrieve):
+    if any(_retrieve_kind(a.sop_class) == "Get" for a in retrieve):
         parts.append(
             "A C-GET's sub-operations go back on the requester's association, on the storage"
             " contexts for which it proposed the SCP role (SCP/SCU role selection, answered as"
