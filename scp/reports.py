@@ -34,12 +34,12 @@ from storage.catalog import commitments
 log = structlog.get_logger("imaging_scp")
 
 _MAX_BACKOFF = 15 * 60.0
+_LOOK_FOR_OTHERS = 5.0  # seconds: reports handed over by worker processes
 # A report on a new association: we ask for the SCP role of the commitment class
 # (PS3.4 J.3.3), the one that sends N-EVENT-REPORTs.
 REPORT_PROPOSAL = Proposal(
     STORAGE_COMMITMENT_PUSH_MODEL, (ExplicitVRLittleEndian, ImplicitVRLittleEndian), scp_role=True
 )
-_LOOK_FOR_OTHERS = 5.0  # seconds: reports handed over by worker processes
 
 
 class DeliveryError(Exception):
