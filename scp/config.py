@@ -158,6 +158,13 @@ class Config:
         "this node's name: its temp files are in data_dir/.incoming/<node_name> (empty: host name)",
     )
 
+    metrics_port: int = _key(
+        0, "TCP port of the Prometheus metrics endpoint, /metrics over HTTP (0: none)"
+    )
+    metrics_host: str = _key(
+        "127.0.0.1", "address of the metrics endpoint (0.0.0.0: every interface)"
+    )
+
     @property
     def index_location(self) -> IndexLocation:
         return IndexLocation(self.data_dir, self.index_url)
@@ -325,6 +332,10 @@ def _check_ranges(config: Config) -> None:
     if not 0 <= config.port <= 65535:
         raise ConfigError(f"key 'port': must be 0..65535, got {config.port}")
     _check_tls(config)
+    if not 0 <= config.metrics_port <= 65535:
+        raise ConfigError(f"key 'metrics_port': must be 0..65535, got {config.metrics_port}")
+    if config.metrics_port and config.metrics_port in (config.port, config.tls_port):
+        raise ConfigError(f"key 'metrics_port': {config.metrics_port} is already a DICOM port")
     if not 1 <= config.workers <= 64:
         raise ConfigError(f"key 'workers': must be 1..64, got {config.workers}")
     if not 4096 <= config.max_pdu <= 16 * 1024 * 1024:

@@ -18,7 +18,7 @@ import threading
 import structlog
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from scp import dimse
+from scp import dimse, metrics
 from scp.commitment_service import (
     NEW_ASSOCIATION,
     STORAGE_COMMITMENT_INSTANCE,
@@ -127,6 +127,8 @@ class Reporter:
             error = f"no address for AE {due.requester_ae!r} in peers"
             commitments.delivery_failed(index, uid, error, retry_in=None)
             bound.warning("commitment.delivery_failed", reason=error, gave_up=True)
+            if metrics.recorder is not None:
+                metrics.recorder.report_failed(gave_up=True)
             return
         attempt = due.attempts + 1
         event_type, info = event_information(result, self.config.aet)
@@ -147,6 +149,8 @@ class Reporter:
                 gave_up=gave_up,
                 **({} if retry_in is None else {"retry_in": retry_in}),
             )
+            if metrics.recorder is not None:
+                metrics.recorder.report_failed(gave_up)
             return
         commitments.delivered(index, uid, NEW_ASSOCIATION)
         bound.info(
@@ -156,3 +160,5 @@ class Reporter:
             to=f"{address[0]}:{address[1]}",
             event_type=event_type,
         )
+        if metrics.recorder is not None:
+            metrics.recorder.report_delivered()
