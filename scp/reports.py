@@ -35,6 +35,11 @@ log = structlog.get_logger("imaging_scp")
 
 _MAX_BACKOFF = 15 * 60.0
 _LOOK_FOR_OTHERS = 5.0  # seconds: reports handed over by worker processes
+# A report on a new association: we ask for the SCP role of the commitment class
+# (PS3.4 J.3.3), the one that sends N-EVENT-REPORTs.
+REPORT_PROPOSAL = Proposal(
+    STORAGE_COMMITMENT_PUSH_MODEL, (ExplicitVRLittleEndian, ImplicitVRLittleEndian), scp_role=True
+)
 
 
 class DeliveryError(Exception):
@@ -46,13 +51,8 @@ def send_report(config: Config, called_ae: str, address: tuple[str, int], event_
     host, port = address
     peer = f"{called_ae}@{host}:{port}"
     requestor = Requestor(config.aet, timeout=min(config.network_timeout, 30.0))
-    proposal = Proposal(
-        STORAGE_COMMITMENT_PUSH_MODEL,
-        (ExplicitVRLittleEndian, ImplicitVRLittleEndian),
-        scp_role=True,
-    )
     try:
-        with requestor.associate(host, port, called_ae, [proposal]) as association:
+        with requestor.associate(host, port, called_ae, [REPORT_PROPOSAL]) as association:
             context = association.context(STORAGE_COMMITMENT_PUSH_MODEL)
             request = dimse.event_report_request(
                 1, STORAGE_COMMITMENT_PUSH_MODEL, STORAGE_COMMITMENT_INSTANCE, event_type

@@ -1,11 +1,12 @@
-"""The `imaging-scp` command: `serve`, `echo`, `check-config`, `send` (scp.cli.send),
-and the admin commands over the index (scp.cli.admin)."""
+"""The `imaging-scp` command: `serve`, `echo`, `check-config`, `conformance`, `send`
+(scp.cli.send), and the admin commands over the index (scp.cli.admin)."""
 
 import sys
 
 import click
 
 from scp.cli import admin
+from scp.cli.conformance import conformance
 from scp.cli.options import EXIT_NOT_FOUND, config_options, effective_config, fail
 from scp.cli.send import send
 from scp.cli.service import check_config, echo
@@ -50,5 +51,5 @@ def serve(config_file, **flags):
     sys.exit(run(config, reload_config=lambda: load_config(config_file, **flags)))
 
 
-for command in (echo, check_config, send, *admin.COMMANDS):
+for command in (echo, check_config, conformance, send, *admin.COMMANDS):
     main.add_command(command)
