@@ -25,8 +25,9 @@ all it can do on the association. A new service is one module with a
 **What we accept.** pynetdicom decodes the A-ASSOCIATE-RQ, negotiates the
 presentation contexts (with SCP/SCU role selection) and encodes the
 A-ASSOCIATE-AC; `agree` decides. Every storage SOP class is accepted, private
-and unknown ones included, with Verification, Storage Commitment Push Model and
-Patient/Study Root FIND beside them. When a sender proposes several syntaxes
+and unknown ones included (in both roles: a C-GET's requester takes the SCP
+role for them), with Verification, Storage Commitment Push Model and
+Patient/Study Root FIND, MOVE and GET beside them. When a sender proposes several syntaxes
 for a storage context, we take the one that lets it send its object as it is:
 compressed before uncompressed, so a JPEG 2000 image is never decompressed on
 the way (and dcmtk's storescu, which cannot convert, does not fail). Among the
@@ -61,8 +62,12 @@ from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
 from pynetdicom.service_class import ServiceClass, StorageServiceClass
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
     StorageCommitmentPushModel,
     StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
     Verification,
 )
 
@@ -79,6 +84,7 @@ from scp.upper_layer import (
     our_user_information,
 )
 from storage.catalog import Provenance
+from storage.catalog.reads import CatalogReader
 from storage.store import InstanceStore
 
 # -- one association's record: its id, log and totals ----------------------------------
@@ -139,15 +145,19 @@ class Session:
 
 
 class Responses(Protocol):
-    """A request answered by several responses over time (a C-FIND's): the
-    association sends them one at a time between its reads, so that a
-    C-CANCEL-RQ naming `message_id` is seen before the next one."""
+    """A request answered by several responses over time (a C-FIND's, a
+    C-MOVE's): the association asks for them one at a time between its reads,
+    so that a C-CANCEL-RQ naming `message_id` is seen before the next one."""
 
     message_id: int
     done: bool  # the last response was given
+    # Asked for nothing while True: a response from the peer is awaited (a
+    # C-GET's C-STORE-RSP), which the association's reads bring in.
+    awaiting_response: bool
 
-    def next_response(self) -> tuple[bytes, bytes]:
-        """The next (command set, data set) to send."""
+    def next_response(self) -> tuple[bytes, bytes] | None:
+        """The next (command set, data set) to send; None: nothing this turn
+        (a retrieve's sub-operation went out instead)."""
         ...
 
     def cancel(self) -> None: ...
@@ -160,9 +170,20 @@ class Responses(Protocol):
 class Outbox(Protocol):
     """The way back to the requester, on the presentation context the request came on."""
 
+    abstract_syntax: str
     transfer_syntax: str  # of that context, for the data sets sent on it
 
     def send(self, command: bytes, dataset: bytes = b"") -> None: ...
+
+    def send_from(self, command: bytes, source, length: int) -> None:
+        """A message whose data set is the next `length` bytes of the binary
+        file `source`, read and sent a PDU at a time."""
+        ...
+
+    def requests_back(self) -> "list[Outbox]":
+        """The association's contexts on which we may send requests to the
+        requester (it took the SCP role there: a C-GET's storage contexts)."""
+        ...
 
     def stream(self, start: Callable[[], Responses]) -> None:
         """Send the responses `start()` gives, one at a time between reads,
@@ -192,6 +213,90 @@ class Incoming(Protocol):
         ...
 
 
+class Identifier:
+    """The identifier of a C-FIND, C-MOVE or C-GET request on its way in (an
+    `Incoming`), kept up to `limit` bytes; `finish` answers the request."""
+
+    limit = 1024 * 1024  # an identifier is a few hundred bytes (a list of UIDs, more)
+
+    def __init__(self, command: dimse.Command, outbox: Outbox):
+        self.command = command
+        self.outbox = outbox
+        self._data = bytearray()
+
+    def write(self, fragment) -> None:
+        if len(self._data) < self.limit:
+            self._data += fragment
+
+    def discard(self) -> None:
+        self._data = bytearray()
+
+    def finish(self) -> None:
+        raise NotImplementedError
+
+
+class Refused(Exception):
+    """A request answered by one failure: its `status`, and `reason`, its ErrorComment."""
+
+    def __init__(self, status: int, reason: str):
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+class IndexResponses:
+    """What the `Responses` of a request answered from the index share (a
+    C-FIND's matches, a retrieve's sub-operations): the request, the failure
+    found before any row (`_failure`), the catalog reader whose cursor gives the
+    rows, and the end. The service has the index's `location` and `index_health`."""
+
+    awaiting_response = False
+
+    def __init__(self, service, session: Session, command: dimse.Command):
+        self.service = service
+        self.session = session
+        self.command = command
+        self.message_id = command.message_id
+        self.done = False
+        self.cancelled = False
+        self.matches = 0
+        self._started = time.perf_counter()
+        self._reader: CatalogReader | None = None
+        self._rows = None
+        self._failure: Refused | None = None
+
+    def _open_reader(self) -> CatalogReader:
+        """A reader from this process's pool, held until `close`."""
+        self._reader = CatalogReader.open(self.service.location, pooled=True)
+        return self._reader
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def close(self) -> None:
+        """The association ended, or the last response was given: let the cursor go."""
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+
+    def _ms(self) -> float:
+        """Milliseconds since the request arrived, for its end's log line."""
+        return round((time.perf_counter() - self._started) * 1000, 1)
+
+    def _index_failed(self, exc: Exception, event: str, what: str) -> str:
+        """A read of the index for a `what` ("query", "retrieve") failed with
+        `exc`: damage is logged and told to the index's health (the admin's to
+        repair: the reason says how), anything else is logged as `event` with
+        its traceback. The ErrorComment that says so."""
+        damage = self.service.location.corruption(exc)
+        if damage is not None:
+            self.session.log.error("index.corrupt", reason=str(damage))
+            self.service.index_health.damaged(str(damage))
+            return "receiver's index is damaged"
+        self.session.log.exception(event)
+        return f"{what} failed: {type(exc).__name__}"
+
+
 class Conversation:
     """A service's part in one association."""
 
@@ -214,15 +319,22 @@ class Service(Protocol):
         ...
 
 
-def unrecognized(session: Session, command: dimse.Command) -> bytes:
-    """The response to a request no service of ours serves."""
-    session.log.warning("dimse.unrecognized", command_field=f"0x{command.field:04X}")
+def failure_response(command: dimse.Command, status: int, comment: str) -> bytes:
+    """The one response to a request that fails with `status` before anything else."""
     return dimse.response(
         dimse.response_field(command.field),
         command.message_id,
-        dimse.UNRECOGNIZED_OPERATION,
+        status,
         sop_class_uid=command.uid(dimse.AFFECTED_SOP_CLASS_UID),
-        error_comment="operation not served by this SCP",
+        error_comment=comment,
+    )
+
+
+def unrecognized(session: Session, command: dimse.Command) -> bytes:
+    """The response to a request no service of ours serves."""
+    session.log.warning("dimse.unrecognized", command_field=f"0x{command.field:04X}")
+    return failure_response(
+        command, dimse.UNRECOGNIZED_OPERATION, "operation not served by this SCP"
     )
 
 
@@ -349,7 +461,7 @@ def _service_context(abstract_syntax: str) -> PresentationContext:
     context = PresentationContext()
     context.abstract_syntax = abstract_syntax
     context.transfer_syntax = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
-    if abstract_syntax not in _FIND:
+    if abstract_syntax not in _QUERY_RETRIEVE:
         context.transfer_syntax.append(ExplicitVRBigEndian)
     return context
 
@@ -384,10 +496,18 @@ def _storage_contexts(proposed: list[PresentationContext]) -> list[PresentationC
     return contexts
 
 
-_FIND = (PatientRootQueryRetrieveInformationModelFind, StudyRootQueryRetrieveInformationModelFind)
-# Verification, Storage Commitment Push Model (scp.commitment_service) and the
-# FIND models (scp.find_service), as SCP.
-_SERVICES = (Verification, StorageCommitmentPushModel, *_FIND)
+_QUERY_RETRIEVE = (
+    PatientRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelMove,
+    PatientRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelGet,
+)
+# Verification, Storage Commitment Push Model (scp.commitment_service), the
+# FIND models (scp.find_service) and the MOVE and GET ones
+# (scp.retrieve_service), as SCP.
+_SERVICES = (Verification, StorageCommitmentPushModel, *_QUERY_RETRIEVE)
 
 
 def agree(request: Request, max_pdu: int) -> Agreement:
@@ -481,15 +601,23 @@ class _DiscardedDataset:
 class _Outbox:
     """One accepted presentation context, as the services' way back to the requester."""
 
-    __slots__ = ("association", "context_id", "transfer_syntax")
+    __slots__ = ("association", "context_id", "abstract_syntax", "transfer_syntax", "as_scu")
 
-    def __init__(self, association: "Association", context_id: int, transfer_syntax: str):
+    def __init__(self, association: "Association", context_id: int, cx: PresentationContext):
         self.association = association
         self.context_id = context_id
-        self.transfer_syntax = transfer_syntax
+        self.abstract_syntax = str(cx.abstract_syntax)
+        self.transfer_syntax = str(cx.transfer_syntax[0])
+        self.as_scu = bool(cx.as_scu)  # we may send requests on it (role selection)
 
     def send(self, command: bytes, dataset: bytes = b"") -> None:
         self.association.layer.send_message(self.context_id, command, dataset)
+
+    def send_from(self, command: bytes, source, length: int) -> None:
+        self.association.layer.send_message_from(self.context_id, command, source, length)
+
+    def requests_back(self) -> list["_Outbox"]:
+        return [outbox for outbox in self.association.outboxes.values() if outbox.as_scu]
 
     def stream(self, start: Callable[[], Responses]) -> None:
         self.association.stream(self.context_id, start)
@@ -572,7 +700,7 @@ class Association(ServiceUser):
             return
         agreement = agree(request, config.max_pdu)
         self.outboxes = {
-            context_id: _Outbox(self, context_id, str(cx.transfer_syntax[0]))
+            context_id: _Outbox(self, context_id, cx)
             for context_id, cx in agreement.contexts.items()
         }
         layer.accept(agreement.pdu, request.max_pdu)
@@ -715,14 +843,15 @@ class Association(ServiceUser):
         self._streaming, self._streaming_context = start(), context_id
 
     def has_output(self) -> bool:
-        return self._streaming is not None
+        return self._streaming is not None and not self._streaming.awaiting_response
 
     def send_output(self, layer: AcceptorLayer) -> None:
         streaming = self._streaming
-        command, dataset = streaming.next_response()
+        response = streaming.next_response()
         if streaming.done:
             self._streaming = None
-        layer.send_message(self._streaming_context, command, dataset)
+        if response is not None:
+            layer.send_message(self._streaming_context, *response)
 
     # -- the end -------------------------------------------------------------------
 

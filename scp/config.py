@@ -129,8 +129,9 @@ class Config:
     peers: dict = field(
         default_factory=dict,
         metadata={
-            "help": "where storage commitment reports go when the requester has released:"
-            " AE title = HOST:PORT (TOML table; flag --peer AE=HOST:PORT, repeatable)",
+            "help": "where storage commitment reports go when the requester has released,"
+            " and C-MOVE destinations: AE title = HOST:PORT (TOML table; flag --peer"
+            " AE=HOST:PORT, repeatable)",
             "flag": "--peer",
         },
     )

@@ -18,6 +18,10 @@ C_ECHO_RQ = 0x0030
 C_ECHO_RSP = 0x8030
 C_FIND_RQ = 0x0020
 C_FIND_RSP = 0x8020
+C_GET_RQ = 0x0010
+C_GET_RSP = 0x8010
+C_MOVE_RQ = 0x0021
+C_MOVE_RSP = 0x8021
 C_CANCEL_RQ = 0x0FFF
 N_EVENT_REPORT_RQ = 0x0100
 N_EVENT_REPORT_RSP = 0x8100
@@ -32,6 +36,8 @@ REQUESTED_SOP_CLASS_UID = 0x0003
 COMMAND_FIELD = 0x0100
 MESSAGE_ID = 0x0110
 MESSAGE_ID_BEING_RESPONDED_TO = 0x0120
+MOVE_DESTINATION = 0x0600
+PRIORITY = 0x0700
 COMMAND_DATA_SET_TYPE = 0x0800
 STATUS = 0x0900
 ERROR_COMMENT = 0x0902
@@ -39,6 +45,12 @@ AFFECTED_SOP_INSTANCE_UID = 0x1000
 REQUESTED_SOP_INSTANCE_UID = 0x1001
 EVENT_TYPE_ID = 0x1002
 ACTION_TYPE_ID = 0x1008
+REMAINING_SUB_OPERATIONS = 0x1020
+COMPLETED_SUB_OPERATIONS = 0x1021
+FAILED_SUB_OPERATIONS = 0x1022
+WARNING_SUB_OPERATIONS = 0x1023
+MOVE_ORIGINATOR_AE_TITLE = 0x1030
+MOVE_ORIGINATOR_MESSAGE_ID = 0x1031
 
 UNRECOGNIZED_OPERATION = 0x0211
 _ERROR_COMMENT_LENGTH = 64  # LO
@@ -161,9 +173,12 @@ def response(
     sop_instance_uid: str | None = None,
     error_comment: str | None = None,
     action_type: int | None = None,
+    sub_operations: tuple[int | None, int, int, int] | None = None,
     with_dataset: bool = False,
 ) -> bytes:
-    """A response command set; `with_dataset`: a dataset follows it."""
+    """A response command set; `with_dataset`: a dataset follows it.
+    `sub_operations`: a retrieve's (remaining, completed, failed, warning)
+    counts, remaining None where it is not sent (a final response)."""
     elements = []
     if sop_class_uid:
         elements.append((AFFECTED_SOP_CLASS_UID, _uid_value(sop_class_uid)))
@@ -179,6 +194,19 @@ def response(
         elements.append((AFFECTED_SOP_INSTANCE_UID, _uid_value(sop_instance_uid)))
     if action_type is not None:
         elements.append((ACTION_TYPE_ID, _US.pack(action_type)))
+    if sub_operations is not None:
+        for element, count in zip(
+            (
+                REMAINING_SUB_OPERATIONS,
+                COMPLETED_SUB_OPERATIONS,
+                FAILED_SUB_OPERATIONS,
+                WARNING_SUB_OPERATIONS,
+            ),
+            sub_operations,
+            strict=True,
+        ):
+            if count is not None:
+                elements.append((element, _US.pack(min(count, 0xFFFF))))
     return encode_command(elements)
 
 
@@ -208,6 +236,31 @@ def event_report_request(
             (EVENT_TYPE_ID, _US.pack(event_type)),
         ]
     )
+
+
+def store_request(
+    message_id: int,
+    sop_class_uid: str,
+    sop_instance_uid: str,
+    *,
+    move_originator: tuple[str, int] | None = None,
+) -> bytes:
+    """A C-STORE-RQ command set (medium priority) announcing its data set; a
+    C-MOVE's sub-operation names the move's originator (AE title, Message ID)."""
+    elements = [
+        (AFFECTED_SOP_CLASS_UID, _uid_value(sop_class_uid)),
+        (COMMAND_FIELD, _US.pack(C_STORE_RQ)),
+        (MESSAGE_ID, _US.pack(message_id)),
+        (PRIORITY, _US.pack(0)),
+        (COMMAND_DATA_SET_TYPE, _US.pack(WITH_DATASET)),
+        (AFFECTED_SOP_INSTANCE_UID, _uid_value(sop_instance_uid)),
+    ]
+    if move_originator is not None:
+        title, originator_id = move_originator
+        title_bytes = title.encode("ascii", "replace")
+        elements.append((MOVE_ORIGINATOR_AE_TITLE, title_bytes + b" " * (len(title_bytes) % 2)))
+        elements.append((MOVE_ORIGINATOR_MESSAGE_ID, _US.pack(originator_id)))
+    return encode_command(elements)
 
 
 def response_field(request_field: int) -> int:

@@ -15,16 +15,21 @@ that names no level or breaks the hierarchical rules, 0xC000 for one that
 does not decode or is missing, 0xA700 when more than `find_limit` matches were sent.
 """
 
-import time
-
 from pydicom.datadict import keyword_for_tag
 
 from scp import dimse, metrics
-from scp.association import Conversation, Outbox, Session
+from scp.association import (
+    Conversation,
+    Identifier,
+    IndexResponses,
+    Outbox,
+    Refused,
+    Session,
+    failure_response,
+)
 from storage.catalog import find
 from storage.catalog.engines import IndexLocation
 from storage.catalog.health import IndexHealth
-from storage.catalog.reads import CatalogReader
 from storage.codec.datasets import decode_dataset
 from storage.codec.elements import encode_element, pad
 from storage.codec.syntax import transfer_syntax as syntax_of
@@ -54,13 +59,6 @@ _UNIQUE_KEY = {
 }
 
 
-class FindRefused(Exception):
-    def __init__(self, status: int, reason: str):
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
-
-
 class FindService:
     def __init__(
         self, location: IndexLocation, aet: str, find_limit: int, index_health: IndexHealth
@@ -85,67 +83,40 @@ class FindConversation(Conversation):
         self.session.log.warning("find.refused", reason="C-FIND-RQ without an identifier")
         if metrics.recorder is not None:
             metrics.recorder.find_ended("refused", 0)
-        outbox.send(
-            dimse.response(
-                dimse.C_FIND_RSP,
-                command.message_id,
-                UNABLE_TO_PROCESS,
-                sop_class_uid=command.uid(dimse.AFFECTED_SOP_CLASS_UID),
-                error_comment="C-FIND-RQ without an identifier",
-            )
-        )
+        outbox.send(failure_response(command, UNABLE_TO_PROCESS, "C-FIND-RQ without an identifier"))
         return None
 
 
-class IncomingQuery:
+class IncomingQuery(Identifier):
     """A C-FIND-RQ's identifier on its way in, then the query it asks."""
 
     def __init__(self, service: FindService, session: Session, command, outbox: Outbox):
+        super().__init__(command, outbox)
         self.service = service
         self.session = session
-        self.command = command
-        self.outbox = outbox
         self.transfer_syntax = outbox.transfer_syntax
-        self._data = bytearray()
-
-    def write(self, fragment) -> None:
-        if len(self._data) < 1024 * 1024:  # an identifier is a few hundred bytes
-            self._data += fragment
-
-    def discard(self) -> None:
-        self._data = bytearray()
 
     def finish(self) -> None:
         """Answer with the query's responses, streamed; the first may be a failure."""
         self.outbox.stream(lambda: RunningQuery(self, bytes(self._data)))
 
 
-class RunningQuery:
+class RunningQuery(IndexResponses):
     """One C-FIND being answered: `next_response` gives one response at a time
     until `done`."""
 
     def __init__(self, incoming: IncomingQuery, data: bytes):
-        self.service = incoming.service
-        self.session = incoming.session
-        self.command = incoming.command
-        self.message_id = incoming.command.message_id
+        super().__init__(incoming.service, incoming.session, incoming.command)
         syntax = syntax_of(incoming.transfer_syntax)
         self.explicit = not syntax.implicit
-        self.done = False
-        self.cancelled = False
-        self.matches = 0
-        self._started = time.perf_counter()
-        self._reader: CatalogReader | None = None
-        self._rows = None
-        self._failure: FindRefused | None = None
         try:
             if not syntax.little_endian:
-                raise FindRefused(UNABLE_TO_PROCESS, "big endian identifiers are not served")
+                raise Refused(UNABLE_TO_PROCESS, "big endian identifiers are not served")
             self.query, self.returned, self.unsupported = self._read(incoming, data)
             find.check_query(self.query)
         except find.QueryError as exc:
-            self._failure = FindRefused(IDENTIFIER_DOES_NOT_MATCH, str(exc))
-        except FindRefused as refused:
+            self._failure = Refused(IDENTIFIER_DOES_NOT_MATCH, str(exc))
+        except Refused as refused:
             self._failure = refused
         if self._failure is None:
             self.session.log.info(
@@ -159,7 +130,7 @@ class RunningQuery:
     def _read(self, incoming: IncomingQuery, data: bytes):
         root = ROOTS.get(self.command.uid(dimse.AFFECTED_SOP_CLASS_UID) or "")
         if root is None:
-            raise FindRefused(
+            raise Refused(
                 SOP_CLASS_NOT_SUPPORTED,
                 f"{self.command.uid(dimse.AFFECTED_SOP_CLASS_UID)} is no Patient or Study Root"
                 " FIND model",
@@ -182,10 +153,10 @@ class RunningQuery:
                     continue
                 keys[keyword] = _text(element.value)
                 returned.append((tag, keyword))
-        except (FindRefused, find.QueryError):
+        except (Refused, find.QueryError):
             raise
         except Exception as exc:  # pydicom raises many kinds on malformed data
-            raise FindRefused(UNABLE_TO_PROCESS, f"identifier does not decode: {exc}") from exc
+            raise Refused(UNABLE_TO_PROCESS, f"identifier does not decode: {exc}") from exc
         unique = _UNIQUE_KEY.get(level)
         if unique and unique not in keys:  # the level's unique key is always returned
             keys[unique] = ""
@@ -204,19 +175,12 @@ class RunningQuery:
         limit = self.service.find_limit
         try:
             if self._rows is None:
-                self._reader = CatalogReader.open(self.service.location, pooled=True)
-                self._rows = self._reader.find(self.query)
+                self._rows = self._open_reader().find(self.query)
             match = next(self._rows, None)
         except find.QueryError as exc:
             return self._final(IDENTIFIER_DOES_NOT_MATCH, str(exc))
         except Exception as exc:
-            damage = self.service.location.corruption(exc)
-            if damage is not None:  # the admin's to repair: the reason says how
-                self.session.log.error("index.corrupt", reason=str(damage))
-                self.service.index_health.damaged(str(damage))
-                return self._final(UNABLE_TO_PROCESS, "receiver's index is damaged")
-            self.session.log.exception("find.failed")
-            return self._final(UNABLE_TO_PROCESS, f"query failed: {type(exc).__name__}")
+            return self._final(UNABLE_TO_PROCESS, self._index_failed(exc, "find.failed", "query"))
         if match is None:
             return self._final(SUCCESS)
         if limit and self.matches >= limit:
@@ -226,15 +190,6 @@ class RunningQuery:
         self.matches += 1
         status = PENDING_WITH_UNSUPPORTED_KEYS if self.unsupported else PENDING
         return self._response(status, with_dataset=True), self._identifier(match)
-
-    def cancel(self) -> None:
-        self.cancelled = True
-
-    def close(self) -> None:
-        """The association ended: let the cursor go."""
-        if self._reader is not None:
-            self._reader.close()
-            self._reader = None
 
     def _final(self, status: int, comment: str | None = None) -> tuple[bytes, bytes]:
         self.done = True
@@ -251,7 +206,7 @@ class RunningQuery:
             self.session.log.info(
                 "find.end",
                 matches=self.matches,
-                ms=round((time.perf_counter() - self._started) * 1000, 1),
+                ms=self._ms(),
                 cancelled=status == CANCEL,
             )
             outcome = "cancelled" if status == CANCEL else "success"

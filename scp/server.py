@@ -30,6 +30,7 @@ from scp.echo_service import EchoService
 from scp.find_service import FindService
 from scp.logs import error_line
 from scp.reports import Reporter
+from scp.retrieve_service import RetrieveService
 from scp.store_service import StoreService
 from scp.tls import server_context
 from storage.catalog import Catalog
@@ -150,10 +151,14 @@ class Listeners:
             store.index, config.aet, config.peers, config.network_timeout
         )
         find = FindService(config.index_location, config.aet, config.find_limit, store.index.health)
+        retrieve = RetrieveService(config, store.index.health)
         services = {  # Command Field -> the service its messages go to
             dimse.C_ECHO_RQ: EchoService(store.index.health),
             dimse.C_STORE_RQ: self.store_service,
             dimse.C_FIND_RQ: find,
+            dimse.C_MOVE_RQ: retrieve,
+            dimse.C_GET_RQ: retrieve,
+            dimse.C_STORE_RSP: retrieve,  # the answers to a C-GET's sub-operations
             dimse.N_ACTION_RQ: self.commitment,
             dimse.N_EVENT_REPORT_RSP: self.commitment,  # the answers to its reports
         }

@@ -535,6 +535,14 @@ class AcceptorLayer:
             Event.LOCAL_P_DATA, p_data_pdus(context_id, command, dataset, self.peer_max_pdu)
         )
 
+    def send_message_from(self, context_id: int, command: bytes, source, length: int) -> None:
+        """A DIMSE message whose data set is the next `length` bytes of the file
+        `source`, streamed a PDU at a time (`streamed_p_data_pdus`)."""
+        for pdu in streamed_p_data_pdus(context_id, command, source, length, self.peer_max_pdu):
+            self.handle(Event.LOCAL_P_DATA, pdu)
+            if self.state is not State.ESTABLISHED:
+                return
+
     def _input_waiting(self) -> bool:
         return self._end > self._start or self._stop_requested or self._arrives_within(0)
 
@@ -638,6 +646,42 @@ def p_data_pdus(context_id: int, command: bytes, dataset: bytes, peer_max_pdu: i
             out += _PDV_HEADER.pack(len(piece) + 2, context_id, command_bit | last)
             out += piece
     return bytes(out)
+
+
+# The piece of a streamed data set read at a time when the peer takes PDUs of
+# any length: what `p_data_pdus` would put in one PDU stays bounded.
+_STREAM_PIECE = 256 * 1024
+
+
+def streamed_p_data_pdus(context_id: int, command: bytes, source, length: int, peer_max_pdu: int):
+    """The P-DATA-TF PDUs of one DIMSE message whose data set is the next
+    `length` bytes of the binary file `source`, read a PDU at a time: each PDU
+    yielded (a memoryview of one reused buffer, valid until the next) is
+    within the peer's maximum length; the command's PDUs go with the first.
+    OSError when the file ends early."""
+    chunk = max(peer_max_pdu - 6, 256) if peer_max_pdu else _STREAM_PIECE
+    head = p_data_pdus(context_id, command, b"", peer_max_pdu)
+    buffer = bytearray(len(head) + 12 + min(chunk, max(length, 0)))
+    view = memoryview(buffer)
+    view[: len(head)] = head
+    start = len(head)
+    left = length
+    while left > 0:
+        piece = min(chunk, left)
+        left -= piece
+        PDU_HEADER.pack_into(buffer, start, 0x04, piece + 6)
+        _PDV_HEADER.pack_into(buffer, start + 6, piece + 2, context_id, 0 if left else 2)
+        body = view[start + 12 : start + 12 + piece]
+        got = source.readinto(body)
+        while got < piece:
+            more = source.readinto(body[got:])
+            if not more:
+                raise OSError(f"the file ends {piece - got + left} bytes early")
+            got += more
+        yield view[: start + 12 + piece]
+        start = 0
+    if length <= 0:  # no data set PDV: only the command
+        yield view[: len(head)]
 
 
 # -- the requestor ---------------------------------------------------------------------
@@ -802,6 +846,14 @@ class RequestorAssociation:
             Event.LOCAL_P_DATA,
             p_data_pdus(context.context_id, command, dataset, self.peer_max_pdu),
         )
+
+    def send_from(self, context: AcceptedContext, command: bytes, source, length: int) -> None:
+        """One DIMSE message whose data set is the next `length` bytes of the
+        binary file `source`, read and sent a PDU at a time."""
+        for pdu in streamed_p_data_pdus(
+            context.context_id, command, source, length, self.peer_max_pdu
+        ):
+            self.handle(Event.LOCAL_P_DATA, pdu)
 
     def receive(self) -> Message:
         """The next whole DIMSE message from the peer."""

@@ -348,8 +348,9 @@ def _store_all(assoc, paths: list[Path]) -> list[int]:
 def test_storage_contexts_get_the_syntax_we_prefer_and_others_are_rejected(server):
     # Any storage-like SOP class (private ones too) in whichever syntax is
     # proposed: a compressed one as sent, else Explicit VR Little Endian; a
-    # service we do not offer (C-MOVE) is rejected, "abstract syntax not supported".
-    move = "1.2.840.10008.5.1.4.1.2.1.2"
+    # service we do not offer (Composite Instance Root Retrieve - MOVE) is
+    # rejected, "abstract syntax not supported".
+    move = "1.2.840.10008.5.1.4.1.2.4.2"
     assoc = _associate(
         server.port,
         [

@@ -1,5 +1,5 @@
-"""The `imaging-scp` command: `serve`, `echo`, `check-config`, `conformance`, and
-the admin commands over the index (scp.cli.admin)."""
+"""The `imaging-scp` command: `serve`, `echo`, `check-config`, `conformance`, `send`
+(scp.cli.send), and the admin commands over the index (scp.cli.admin)."""
 
 import sys
 
@@ -8,6 +8,7 @@ import click
 from scp.cli import admin
 from scp.cli.conformance import conformance
 from scp.cli.options import EXIT_NOT_FOUND, config_options, effective_config, fail
+from scp.cli.send import send
 from scp.cli.service import check_config, echo
 from scp.config import load_config
 from storage.catalog.engines import IndexFailed, SchemaTooNew, engine_failures
@@ -50,5 +51,5 @@ def serve(config_file, **flags):
     sys.exit(run(config, reload_config=lambda: load_config(config_file, **flags)))
 
 
-for command in (echo, check_config, conformance, *admin.COMMANDS):
+for command in (echo, check_config, conformance, send, *admin.COMMANDS):
     main.add_command(command)

@@ -335,3 +335,78 @@ def _normal(value: str, keyword: str) -> str:
 
 def _json_list(value: str | None) -> list[str]:
     return json.loads(value or "[]")
+
+
+# -- retrieve (C-MOVE, C-GET, `imaging-scp send`) ---------------------------------------
+# A retrieve's identifier holds unique keys only (PS3.4 C.4.2.2.1): the ones of
+# the levels above its own, and a UID, or a list of them, at its own.
+_RETRIEVE_KEYS = {
+    PATIENT: ("PatientID",),
+    STUDY: ("PatientID", "StudyInstanceUID"),
+    SERIES: ("PatientID", "StudyInstanceUID", "SeriesInstanceUID"),
+    IMAGE: ("PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"),
+}
+_RETRIEVED = (
+    f"{_I}.path, {_I}.size, {_I}.sha256, {_I}.transfer_syntax, {_I}.sop_class_uid,"
+    f" {_I}.sop_instance_uid, {_X}.availability"
+)
+
+
+@dataclass(frozen=True)
+class StoredInstance:
+    """What a retrieve needs of one matching instance."""
+
+    path: str  # relative to the data directory
+    size: int
+    sha256: str  # of the dataset (the bytes after the file meta group)
+    transfer_syntax: str
+    sop_class_uid: str
+    sop_instance_uid: str
+    series_availability: str
+
+
+def check_retrieve(query: Query) -> None:
+    """Raise QueryError for a retrieve identifier that breaks the model's rules:
+    the hierarchical ones, and a value for the unique key of its level."""
+    check_query(query)
+    unique = _RETRIEVE_KEYS[query.level][-1]
+    value = query.keys.get(unique, "")
+    if not value or any(c in value for c in "*?"):
+        raise QueryError(f"{unique} is required, with a value, at {query.level} level (retrieve)")
+
+
+def retrieve_keywords(level: str) -> tuple[str, ...]:
+    """The keys a retrieve identifier may hold at `level`."""
+    return _RETRIEVE_KEYS[level]
+
+
+def retrieve_contents(conn: Database, query: Query) -> dict[tuple[str, str], int]:
+    """How many instances a checked retrieve matches, by (SOP class, stored
+    transfer syntax): what the sub-operations' presentation contexts must carry
+    (`CatalogReader.retrieve_contents` is its door)."""
+    where, params = _retrieve_conditions(conn, query)
+    rows = conn.execute(
+        f"SELECT {_I}.sop_class_uid, {_I}.transfer_syntax, count(*) FROM {_FROM[IMAGE]}{where}"
+        f" GROUP BY {_I}.sop_class_uid, {_I}.transfer_syntax",
+        params,
+    )
+    return {(sop_class, syntax): count for sop_class, syntax, count in rows}
+
+
+def retrieve(conn: Database, query: Query) -> Iterator[StoredInstance]:
+    """The instances a checked retrieve matches, as the cursor yields them, in
+    series and instance order (`CatalogReader.retrieve` is its door)."""
+    where, params = _retrieve_conditions(conn, query)
+    sql = (
+        f"SELECT {_RETRIEVED} FROM {_FROM[IMAGE]}{where}"
+        f" ORDER BY {_X}.study_uid, {_X}.first_received, {_X}.series_uid, {_ORDER[IMAGE]}"
+    )
+    for row in conn.stream(sql, params):
+        yield StoredInstance(*row)
+
+
+def _retrieve_conditions(conn: Database, query: Query) -> tuple[str, list]:
+    keys = {keyword: KEYS[keyword] for keyword in _RETRIEVE_KEYS[query.level]}
+    values = {keyword: query.keys.get(keyword, "") for keyword in keys}
+    where, params = _conditions(conn, Query(query.root, IMAGE, values), keys, IMAGE)
+    return (" WHERE " + " AND ".join(where) if where else ""), params

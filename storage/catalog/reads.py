@@ -1,6 +1,6 @@
 """The catalog's reads: every question the rest of the program asks the index
-(the admin commands, C-FIND, FHIR rendering; read-only: changes are in
-storage.changes), as methods of `CatalogReader`.
+(the admin commands, C-FIND, the retrieves, FHIR rendering; read-only:
+changes are in storage.changes), as methods of `CatalogReader`.
 
 A reader holds a connection of its own that never blocks ingest: SQLite's
 index is in WAL mode, PostgreSQL's readers see committed rows without locks.
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from storage.catalog.engines import Database, IndexLocation
-from storage.catalog.find import Query, matches
+from storage.catalog.find import Query, StoredInstance, matches, retrieve, retrieve_contents
 from storage.catalog.lifecycle import state_of
 from storage.catalog.schema import TABLES
 from storage.names import fold_name
@@ -370,3 +370,14 @@ class CatalogReader:
         """C-FIND: the matches of a checked query (storage.catalog.find), one dict
         per row as the cursor yields it."""
         return matches(self._db, query)
+
+    def retrieve_contents(self, query: Query) -> dict[tuple[str, str], int]:
+        """C-MOVE, C-GET, `send`: how many instances a checked retrieve matches,
+        by (SOP class, stored transfer syntax)."""
+        return retrieve_contents(self._db, query)
+
+    def retrieve(self, query: Query) -> Iterator[StoredInstance]:
+        """C-MOVE, C-GET, `send`: the instances a checked retrieve matches, each
+        with its file as indexed (path, size, sha256, transfer syntax) and its
+        series' availability, as the cursor yields them."""
+        return retrieve(self._db, query)

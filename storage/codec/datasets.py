@@ -17,7 +17,9 @@ import zlib
 
 from pydicom import config
 from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
+from pydicom.filewriter import correct_ambiguous_vr, write_dataset
 
 from storage.codec.syntax import transfer_syntax
 
@@ -91,6 +93,26 @@ def _convert_values(dataset: Dataset) -> None:
         if element.VR == "SQ":
             for item in element.value:
                 _convert_values(item)
+
+
+def reencode_dataset(data: bytes, from_uid: str, to_uid: str) -> bytes:
+    """A data set in `from_uid` encoded again in `to_uid`, both native little
+    endian syntaxes (explicit or implicit VR, deflated only as the source):
+    the values' bytes as they were, the VRs from the dictionary when they were
+    implicit (UN for an unknown private element)."""
+    source, target = transfer_syntax(from_uid), transfer_syntax(to_uid)
+    if source.encapsulated or target.encapsulated or target.deflated:
+        raise ValueError(f"no conversion from {from_uid} to {to_uid}")
+    if source.deflated:
+        data = zlib.decompress(data, -zlib.MAX_WBITS)
+    with lenient_reading:
+        dataset = read_dataset(io.BytesIO(data), source.implicit, source.little_endian)
+        correct_ambiguous_vr(dataset, True)
+        out = DicomBytesIO()
+        out.is_little_endian = True
+        out.is_implicit_VR = target.implicit
+        write_dataset(out, dataset)
+    return out.getvalue()
 
 
 def value_text(value) -> str | None:

@@ -1,0 +1,294 @@
+"""The C-STORE sub-operations of a retrieve (C-MOVE, C-GET, `imaging-scp send`):
+stored instances sent as they were received.
+
+Each match comes from the index's cursor (`CatalogReader.retrieve`).
+Its file is checked against the index before a byte goes out (its size, and
+the SHA-256 of its data set), then its data set (the bytes after the File Meta
+group) is streamed from the file a PDU at a time: memory does not grow with the
+object, nor with the number of matches. A match that cannot be sent (its
+series OFFLINE or UNAVAILABLE, its file missing or not as indexed, no context
+the destination accepted for it) is a failed sub-operation with the reason
+logged (`retrieve.failed`) and its UID in the Failed SOP Instance UID List.
+
+`Tally` counts the sub-operations and encodes the retrieve's responses;
+`Destination` sends sub-operations on an association of ours (C-MOVE, `send`).
+"""
+
+import functools
+import hashlib
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+from pydicom.uid import UID
+
+from scp import dimse
+from scp.upper_layer import AssociationError, Proposal, RequestorAssociation
+from storage.catalog.find import StoredInstance
+from storage.catalog.lifecycle import OFFLINE, UNAVAILABLE
+from storage.codec.datasets import reencode_dataset
+from storage.codec.elements import encode_element, pad
+from storage.codec.syntax import (
+    EXPLICIT_VR_LITTLE_ENDIAN,
+    IMPLICIT_VR_LITTLE_ENDIAN,
+)
+from storage.codec.syntax import transfer_syntax as syntax_of
+from storage.files import dataset_offset
+
+SUCCESS = 0x0000
+PENDING = 0xFF00
+CANCEL = 0xFE00
+WARNING = 0xB000  # some sub-operations failed or warned
+UNABLE_TO_PERFORM_SUB_OPERATIONS = 0xA702  # none could be sent
+# A Pending response at most this long after the previous response, when a
+# sub-operation ends then (and never more than one per sub-operation).
+PENDING_INTERVAL = 0.5
+
+_FAILED_SOP_INSTANCE_UID_LIST = 0x00080058
+_HEAD = 128 + 4 + 12  # preamble, DICM, File Meta Information Group Length
+_HASH_PIECE = 1 << 20
+
+
+class Unsendable(Exception):
+    """A match that cannot be sent; the message says why."""
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A stored data set, checked and ready to be read from `source`."""
+
+    source: BinaryIO  # positioned at the data set's first byte
+    length: int
+
+    def converted(self, instance: StoredInstance, syntax: str) -> bytes:
+        """The data set encoded in `syntax` (read whole: a conversion is the
+        exception, for a destination that does not take the stored syntax)."""
+        try:
+            return reencode_dataset(self.source.read(self.length), instance.transfer_syntax, syntax)
+        except Exception as exc:  # pydicom raises many kinds on a malformed value
+            raise Unsendable(f"it does not convert to {UID(syntax).name}: {exc}") from exc
+
+
+def open_dataset(data_dir: Path, instance: StoredInstance) -> Dataset:
+    """The data set of a stored instance, its file checked against the index
+    (size, SHA-256 of the data set); Unsendable when it is not to be sent."""
+    if instance.series_availability in (OFFLINE, UNAVAILABLE):
+        raise Unsendable(f"its series is {instance.series_availability}")
+    try:
+        source = open(data_dir / instance.path, "rb")  # noqa: SIM115 (closed by the caller)
+    except FileNotFoundError as exc:
+        raise Unsendable(f"its file {instance.path} is missing") from exc
+    except OSError as exc:
+        raise Unsendable(f"its file {instance.path} cannot be read: {exc.strerror}") from exc
+    try:
+        size = os.fstat(source.fileno()).st_size
+        if size != instance.size:
+            raise Unsendable(
+                f"its file {instance.path} is {size} bytes, {instance.size} were stored"
+            )
+        offset = dataset_offset(source.read(_HEAD))
+        source.seek(offset)
+        digest = hashlib.sha256()
+        buffer = bytearray(_HASH_PIECE)
+        view = memoryview(buffer)
+        while got := source.readinto(buffer):
+            digest.update(view[:got])
+        if digest.hexdigest() != instance.sha256:
+            raise Unsendable(f"its file {instance.path} no longer holds the data set received")
+        source.seek(offset)
+    except (OSError, ValueError) as exc:
+        source.close()
+        raise Unsendable(f"its file {instance.path} cannot be read: {exc}") from exc
+    except Unsendable:
+        source.close()
+        raise
+    return Dataset(source, size - offset)
+
+
+def choose_syntax(instance: StoredInstance, accepted: Iterable[str]) -> str:
+    """The transfer syntax to send `instance` in, among those accepted for its
+    SOP class: the stored one, else for an uncompressed little endian object
+    Explicit or Implicit VR Little Endian (converted). Never a compressed one
+    for another: Unsendable then, as when there is none."""
+    accepted = set(accepted)
+    stored = instance.transfer_syntax
+    if stored in accepted:
+        return stored
+    syntax = syntax_of(stored)
+    if not syntax.encapsulated and syntax.little_endian:
+        for convertible in (EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN):
+            if convertible in accepted:
+                return convertible
+    offered = ", ".join(UID(uid).name for uid in sorted(accepted)) or "nothing"
+    raise Unsendable(
+        f"the destination accepts no {UID(instance.transfer_syntax).name}"
+        f" for the {UID(instance.sop_class_uid).name} (only {offered})"
+    )
+
+
+def send_instance(
+    send: Callable[[bytes, bytes], None],
+    send_from: Callable[[bytes, BinaryIO, int], None],
+    data_dir: Path,
+    instance: StoredInstance,
+    syntax: str,
+    command: bytes,
+) -> None:
+    """Send the C-STORE-RQ `command` with `instance`'s data set in `syntax`
+    (`choose_syntax`'s): streamed from its file (`send_from`) when that is
+    the stored syntax, else converted (`send`). Unsendable when it is not to
+    be sent; OSError when its file fails while being read."""
+    dataset = open_dataset(data_dir, instance)
+    with dataset.source:
+        if syntax == instance.transfer_syntax:
+            send_from(command, dataset.source, dataset.length)
+        else:
+            send(command, dataset.converted(instance, syntax))
+
+
+def proposals(contents: Iterable[tuple[str, str]]) -> list[Proposal]:
+    """Presentation contexts for the (SOP class, stored transfer syntax) pairs a
+    retrieve's matches hold: each class in each of its stored syntaxes, the
+    uncompressed ones in Explicit and Implicit VR Little Endian beside."""
+    wanted: dict[str, list[str]] = {}
+    for sop_class, syntax in sorted(contents):
+        syntaxes = wanted.setdefault(sop_class, [])
+        if syntax not in syntaxes:
+            syntaxes.append(syntax)
+    found = []
+    for sop_class, syntaxes in wanted.items():
+        for syntax in syntaxes:
+            found.append(Proposal(sop_class, (syntax,)))
+        if any(not syntax_of(s).encapsulated for s in syntaxes):
+            found.append(
+                Proposal(sop_class, (EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN))
+            )
+    return found
+
+
+@dataclass
+class Tally:
+    """The sub-operations of one retrieve, counted; its responses encoded."""
+
+    response_field: int  # C-MOVE-RSP or C-GET-RSP
+    message_id: int
+    sop_class_uid: str
+    explicit: bool  # the identifier's VR encoding (the request's context)
+    remaining: int = 0
+    completed: int = 0
+    failed: int = 0
+    warning: int = 0
+    failed_uids: list[str] = field(default_factory=list)
+    last_response: float = field(default_factory=time.monotonic)
+
+    def succeeded(self, warned: bool = False) -> None:
+        self.remaining -= 1
+        if warned:
+            self.warning += 1
+        else:
+            self.completed += 1
+
+    def did_fail(self, sop_instance_uid: str) -> None:
+        self.remaining -= 1
+        self.failed += 1
+        self.failed_uids.append(sop_instance_uid)
+
+    def pending_due(self) -> tuple[bytes, bytes] | None:
+        """A Pending response when the last response is PENDING_INTERVAL old."""
+        now = time.monotonic()
+        if now - self.last_response < PENDING_INTERVAL or self.remaining <= 0:
+            return None
+        self.last_response = now
+        return self._response(PENDING, self.remaining), b""
+
+    def final(self, cancelled: bool = False) -> tuple[int, tuple[bytes, bytes]]:
+        """The final status, and the response that says it with the counts (and
+        the Failed SOP Instance UID List when some failed)."""
+        if cancelled:
+            status = CANCEL
+        elif self.failed == 0 and self.warning == 0:
+            status = SUCCESS
+        elif self.completed == 0 and self.warning == 0:
+            status = UNABLE_TO_PERFORM_SUB_OPERATIONS
+        else:
+            status = WARNING
+        identifier = b""
+        if self.failed_uids and status != SUCCESS:
+            value = pad("\\".join(self.failed_uids).encode("ascii"), b"\0")
+            identifier = encode_element(
+                _FAILED_SOP_INSTANCE_UID_LIST, "UI", value, explicit=self.explicit
+            )
+        remaining = self.remaining if cancelled else None
+        return status, (self._response(status, remaining, bool(identifier)), identifier)
+
+    def refusal(self, status: int, comment: str) -> tuple[bytes, bytes]:
+        """The one response to a retrieve refused before any sub-operation."""
+        return (
+            dimse.response(
+                self.response_field,
+                self.message_id,
+                status,
+                sop_class_uid=self.sop_class_uid,
+                error_comment=comment,
+            ),
+            b"",
+        )
+
+    def _response(self, status: int, remaining: int | None, with_dataset=False) -> bytes:
+        return dimse.response(
+            self.response_field,
+            self.message_id,
+            status,
+            sop_class_uid=self.sop_class_uid,
+            sub_operations=(remaining, self.completed, self.failed, self.warning),
+            with_dataset=with_dataset,
+        )
+
+
+class Destination:
+    """Sub-operations sent on one association of ours (a C-MOVE's, `send`'s)."""
+
+    def __init__(self, association: RequestorAssociation, move_originator=None):
+        self.association = association
+        self.move_originator = move_originator  # (AE title, Message ID) of a C-MOVE
+        self._message_ids = 0
+
+    def store(self, data_dir: Path, instance: StoredInstance) -> tuple[int, str]:
+        """Send one stored instance; its C-STORE-RSP status and comment.
+        Unsendable when it is not to be sent or the destination accepts it in
+        no syntax we can send; AssociationError when the association broke."""
+        accepted = [
+            cx for cx in self.association.contexts if cx.abstract_syntax == instance.sop_class_uid
+        ]
+        syntax = choose_syntax(instance, (cx.transfer_syntax for cx in accepted))
+        context = next(cx for cx in accepted if cx.transfer_syntax == syntax)
+        self._message_ids = self._message_ids % 0xFFFF + 1
+        command = dimse.store_request(
+            self._message_ids,
+            instance.sop_class_uid,
+            instance.sop_instance_uid,
+            move_originator=self.move_originator,
+        )
+        try:
+            send_instance(
+                functools.partial(self.association.send, context),
+                functools.partial(self.association.send_from, context),
+                data_dir, instance, syntax, command,
+            )  # fmt: skip
+        except OSError as exc:  # the file, read while sending: the message is cut short
+            self.association.abort()
+            raise AssociationError(f"reading {instance.path} failed while sending: {exc}") from exc
+        response = self.association.receive().command
+        status = response.status if response.status is not None else 0xC000
+        return status, response.text(dimse.ERROR_COMMENT)
+
+
+def store_failure(status: int, comment: str) -> str | None:
+    """Why a C-STORE-RSP status is a failure (PS3.4 B.2.3), or None for a
+    success or a warning (0x0001, 0xBxxx)."""
+    if status == SUCCESS or status == 0x0001 or (status & 0xF000) == 0xB000:
+        return None
+    return f"C-STORE status 0x{status:04X}" + (f": {comment}" if comment else "")
