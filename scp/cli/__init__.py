@@ -1,4 +1,4 @@
-"""The `imaging-scp` command: `serve`, `echo`, `check-config`, and the admin
+"""The `imaging-scp` command: `serve`, `web`, `echo`, `check-config`, and the admin
 commands over the index (scp.cli.admin)."""
 
 import sys
@@ -8,6 +8,7 @@ import click
 from scp.cli import admin
 from scp.cli.options import EXIT_NOT_FOUND, config_options, effective_config, fail
 from scp.cli.service import check_config, echo
+from scp.cli.web import web
 from scp.config import load_config
 from storage.catalog.engines import SchemaTooNew, database_errors
 from storage.codec.datasets import lenient_reading
@@ -46,5 +47,5 @@ def serve(config_file, **flags):
     sys.exit(run(config, reload_config=lambda: load_config(config_file, **flags)))
 
 
-for command in (echo, check_config, *admin.COMMANDS):
+for command in (echo, check_config, web, *admin.COMMANDS):
     main.add_command(command)
