@@ -1,4 +1,4 @@
-"""`imaging-scp web`: FHIR REST (and DICOMweb) over the index (scp.web)."""
+"""`imaging-scp web`: FHIR REST and DICOMweb over the index (scp.web)."""
 
 import sys
 
@@ -10,7 +10,7 @@ from scp.cli.options import EXIT_USAGE, config_options, effective_config, fail
 @click.command()
 @config_options
 def web(config_file, **flags):
-    """Serve the index over HTTP: FHIR ImagingStudy at /fhir/r4 and /fhir/r5."""
+    """Serve the index over HTTP: FHIR ImagingStudy (/fhir/r4, /fhir/r5), DICOMweb (/dicomweb)."""
     from scp.logs import configure_logging
     from scp.web.access import TokenFileError
     from scp.web.server import serve

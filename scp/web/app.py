@@ -5,14 +5,14 @@ from starlette.applications import Starlette
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from scp.config import Config
-from scp.web import fhir_api
+from scp.web import dicomweb, fhir_api
 from scp.web.access import BearerTokens
 
 log = structlog.get_logger("imaging_scp")
 
 
 def web_app(config: Config, tokens: BearerTokens) -> Starlette:
-    app = Starlette(routes=fhir_api.routes(config))
+    app = Starlette(routes=[*fhir_api.routes(config), *dicomweb.routes(config)])
     app.add_middleware(_RequireToken, tokens=tokens)
     return app
 

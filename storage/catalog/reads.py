@@ -330,6 +330,13 @@ class CatalogReader:
         for row in self._db.stream(sql, (uid,)):
             yield dict(row)
 
+    def instance(self, sop_instance_uid: str) -> dict | None:
+        """One instance's row, as `instances` gives it; None when not indexed."""
+        row = self._db.execute(
+            "SELECT * FROM instances WHERE sop_instance_uid = ?", (sop_instance_uid,)
+        ).fetchone()
+        return dict(row) if row else None
+
     def instance_count(
         self, *, study_uid: str | None = None, series_uid: str | None = None
     ) -> int | None:

@@ -1,0 +1,360 @@
+"""DICOMweb (PS3.18) over the index, at /dicomweb: QIDO-RS searches with the
+C-FIND matching code (CatalogReader.find), WADO-RS retrieves of the stored
+files as stored, their metadata and frames, and WADO-URI.
+
+Retrieves read the file paths from the index and stream each file from disk in
+chunks: memory does not grow with the study. Every file is checked before the
+first byte is sent, so a missing one is a 500 (and a `web.file_missing` event),
+never a body that looks complete; a file that vanishes mid-stream ends the
+connection without the closing boundary.
+"""
+
+import re
+import uuid
+from collections.abc import Iterator
+from itertools import islice
+from pathlib import Path
+
+import pydicom
+import structlog
+from pydicom.datadict import keyword_for_tag, tag_for_keyword
+from pydicom.encaps import generate_frames
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from scp.config import Config
+from storage.catalog import find
+from storage.catalog.index import OFFLINE, UNAVAILABLE
+from storage.catalog.reads import CatalogReader
+from storage.documents import dicom_json
+
+log = structlog.get_logger("imaging_scp")
+
+DICOM_JSON = "application/dicom+json"
+_UID = re.compile(r"[0-9.]{1,64}")
+_CHUNK = 1 << 20
+# PS3.18 Table 10.6.3-3 to -5: what a search returns without includefield, as far
+# as the index holds it (key_for drops the rest).
+_DEFAULT_KEYS = {
+    find.STUDY: ["StudyDate", "StudyTime", "AccessionNumber", "InstanceAvailability",
+                 "ModalitiesInStudy", "ReferringPhysicianName", "PatientName", "PatientID",
+                 "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyID",
+                 "NumberOfStudyRelatedSeries", "NumberOfStudyRelatedInstances"],
+    find.SERIES: ["Modality", "SeriesInstanceUID", "SeriesNumber", "SeriesDescription",
+                  "NumberOfSeriesRelatedInstances", "InstanceAvailability", "StudyInstanceUID"],
+    find.IMAGE: ["SOPClassUID", "SOPInstanceUID", "InstanceAvailability", "InstanceNumber",
+                 "Rows", "Columns", "BitsAllocated", "NumberOfFrames", "StudyInstanceUID",
+                 "SeriesInstanceUID"],
+}  # fmt: skip
+_CONTROL = {"includefield", "limit", "offset", "fuzzymatching"}
+_AS_STORED = ("*", None)
+
+
+class _Refused(Exception):
+    def __init__(self, status: int, reason: str):
+        super().__init__(reason)
+        self.status = status
+
+
+def routes(config: Config) -> list[Route]:
+    api = _DicomWeb(config)
+    study, series = "/dicomweb/studies/{study}", "/dicomweb/studies/{study}/series/{series}"
+    instance = series + "/instances/{instance}"
+    return [
+        Route("/dicomweb/studies", api.search, methods=["GET"]),
+        Route(study + "/series", api.search, methods=["GET"]),
+        Route(series + "/instances", api.search, methods=["GET"]),
+        Route("/dicomweb/series", api.search, methods=["GET"]),
+        Route(study + "/instances", api.search, methods=["GET"]),
+        Route("/dicomweb/instances", api.search, methods=["GET"]),
+        Route(study, api.retrieve, methods=["GET"]),
+        Route(series, api.retrieve, methods=["GET"]),
+        Route(instance, api.retrieve, methods=["GET"]),
+        Route(study + "/metadata", api.metadata, methods=["GET"]),
+        Route(series + "/metadata", api.metadata, methods=["GET"]),
+        Route(instance + "/metadata", api.metadata, methods=["GET"]),
+        Route(instance + "/frames/{frames}", api.frames, methods=["GET"]),
+        Route(instance + "/bulkdata/{tag}", api.bulkdata, methods=["GET"]),
+        Route("/wado", api.wado_uri, methods=["GET"]),
+    ]
+
+
+def _error(status: int, reason: str) -> Response:
+    return JSONResponse({"error": reason}, status)
+
+
+class _DicomWeb:
+    def __init__(self, config: Config):
+        self._config = config
+        self._root = config.data_dir.resolve()
+
+    def _reader(self) -> CatalogReader:
+        return CatalogReader.open(self._config.index_location, pooled=True)
+
+    # --- QIDO-RS -----------------------------------------------------------------------
+
+    def search(self, request: Request) -> Response:
+        params = request.path_params
+        path = request.url.path
+        level = (
+            find.IMAGE
+            if path.endswith("/instances")
+            else find.SERIES
+            if path.endswith("/series")
+            else find.STUDY
+        )
+        keys: dict[str, str] = {}
+        for name in ("study", "series"):
+            if name in params:
+                if not _UID.fullmatch(params[name]):
+                    return _error(400, f"not a UID: {params[name]!r}")
+                keys["StudyInstanceUID" if name == "study" else "SeriesInstanceUID"] = params[name]
+        returned = list(_DEFAULT_KEYS[level])
+        if level != find.STUDY and "study" not in params:  # relational: the study's too
+            returned += _DEFAULT_KEYS[find.STUDY]
+        limit, offset = None, 0
+        try:
+            for name, value in request.query_params.multi_items():
+                if name == "includefield":
+                    for field in value.split(","):
+                        if field == "all":
+                            returned += [k for k in find.KEYS if find.key_for(k, level)]
+                        else:
+                            returned.append(_keyword(field))
+                elif name == "limit":
+                    limit = _count(name, value)
+                elif name == "offset":
+                    offset = _count(name, value)
+                elif name not in _CONTROL:
+                    keys[_keyword(name)] = value
+            query = {k: "" for k in returned} | keys
+            query = {k: v for k, v in query.items() if find.key_for(k, level)}
+            unsupported = sorted(set(keys) - set(query))
+            if unsupported:
+                raise _Refused(400, f"cannot match on {', '.join(unsupported)} here")
+        except _Refused as exc:
+            return _error(exc.status, str(exc))
+        vrs = {k: (find.key_for(k, level).tag, find.key_for(k, level).vr) for k in query}
+        vrs["RetrieveURL"] = (0x00081190, "UR")
+        base = self._config.web_url + "/dicomweb"
+        with self._reader() as reader:
+            rows = islice(
+                reader.find(find.Query(find.STUDY_ROOT, level, query)),
+                offset,
+                None if limit is None else offset + limit,
+            )
+            documents = []
+            for match in rows:
+                if level != find.IMAGE:
+                    url = f"{base}/studies/{match.get('StudyInstanceUID', '')}"
+                    if level == find.SERIES:
+                        url += f"/series/{match['SeriesInstanceUID']}"
+                    match["RetrieveURL"] = url
+                documents.append(dicom_json(match, vrs))
+        return JSONResponse(documents, media_type=DICOM_JSON)
+
+    # --- WADO-RS -----------------------------------------------------------------------
+
+    def _files(self, study: str, series: str | None, instance: str | None) -> list[dict]:
+        """The instances a retrieve sends, their files checked; _Refused when the
+        study, series or instance is unknown, not available or a file is missing."""
+        for uid in (study, series, instance):
+            if uid is not None and not _UID.fullmatch(uid):
+                raise _Refused(400, f"not a UID: {uid!r}")
+        with self._reader() as reader:
+            found = reader.study(study, self._config.stable_after)
+            if found is None:
+                raise _Refused(404, f"study {study} is not in the index")
+            selected = [s for s in found["series"] if series is None or s["series_uid"] == series]
+            if not selected:
+                raise _Refused(404, f"series {series} is not in study {study}")
+            for row in selected:
+                if row["availability"] in (OFFLINE, UNAVAILABLE):
+                    status = 404 if row["availability"] == OFFLINE else 410
+                    raise _Refused(status, f"series {row['series_uid']} is {row['availability']}")
+            if instance is not None:
+                row = reader.instance(instance)
+                if row is None or row["series_uid"] != series or row["study_uid"] != study:
+                    raise _Refused(404, f"instance {instance} is not in series {series}")
+                instances = [row]
+            elif series is not None:
+                instances = list(reader.instances(series_uid=series))
+            else:
+                instances = list(reader.instances(study_uid=study))
+        for row in instances:
+            row["file"] = self._file(row)
+        return instances
+
+    def _file(self, row: dict) -> Path:
+        path = (self._root / row["path"]).resolve()
+        if not path.is_relative_to(self._root) or not path.is_file():
+            log.error(
+                "web.file_missing", sop_instance_uid=row["sop_instance_uid"], path=row["path"]
+            )
+            raise _Refused(500, f"the file of instance {row['sop_instance_uid']} is missing")
+        return path
+
+    def retrieve(self, request: Request) -> Response:
+        p = request.path_params
+        try:
+            wanted = _accepted_syntax(request.headers.get("accept"), "application/dicom")
+            instances = self._files(p["study"], p.get("series"), p.get("instance"))
+            if wanted not in _AS_STORED:
+                stored = {row["transfer_syntax"] for row in instances}
+                if stored != {wanted}:
+                    raise _Refused(406, f"stored as {', '.join(sorted(stored))}, not {wanted}")
+        except _Refused as exc:
+            return _error(exc.status, str(exc))
+        boundary = uuid.uuid4().hex
+        parts = (
+            (f"application/dicom; transfer-syntax={row['transfer_syntax']}", row["file"])
+            for row in instances
+        )
+        return StreamingResponse(
+            _multipart(parts, boundary),
+            media_type=f'multipart/related; type="application/dicom"; boundary={boundary}',
+        )
+
+    def metadata(self, request: Request) -> Response:
+        p = request.path_params
+        try:
+            instances = self._files(p["study"], p.get("series"), p.get("instance"))
+        except _Refused as exc:
+            return _error(exc.status, str(exc))
+        base = self._config.web_url + f"/dicomweb/studies/{p['study']}"
+
+        def document(row: dict) -> dict:
+            url = f"{base}/series/{row['series_uid']}/instances/{row['sop_instance_uid']}"
+            dataset = pydicom.dcmread(row["file"], stop_before_pixels=True)
+            return dataset.to_json_dict(
+                bulk_data_threshold=4096,
+                bulk_data_element_handler=lambda e: f"{url}/bulkdata/{int(e.tag):08X}",
+            ) | _pixel_data_uri(dataset, url)
+
+        return JSONResponse([document(row) for row in instances], media_type=DICOM_JSON)
+
+    def bulkdata(self, request: Request) -> Response:
+        p = request.path_params
+        try:
+            (row,) = self._files(p["study"], p["series"], p["instance"])
+            tag = int(p["tag"], 16) if re.fullmatch(r"[0-9A-Fa-f]{8}", p["tag"]) else None
+            dataset = pydicom.dcmread(row["file"])
+            if tag is None or tag not in dataset:
+                raise _Refused(404, f"no bulk data {p['tag']} in this instance")
+            value = dataset[tag].value
+        except _Refused as exc:
+            return _error(exc.status, str(exc))
+        return _octets([value])
+
+    def frames(self, request: Request) -> Response:
+        p = request.path_params
+        try:
+            numbers = [int(n) for n in p["frames"].split(",") if n.strip().isdigit()]
+            if not numbers or len(numbers) != len(p["frames"].split(",")) or 0 in numbers:
+                raise _Refused(400, f"frame numbers start at 1: {p['frames']!r}")
+            (row,) = self._files(p["study"], p["series"], p["instance"])
+            dataset = pydicom.dcmread(row["file"])
+            if "PixelData" not in dataset:
+                raise _Refused(404, "this instance has no pixel data")
+            all_frames = _frames(dataset)
+            if max(numbers) > len(all_frames):
+                raise _Refused(404, f"this instance has {len(all_frames)} frame(s)")
+        except _Refused as exc:
+            return _error(exc.status, str(exc))
+        return _octets([all_frames[n - 1] for n in numbers], row["transfer_syntax"])
+
+    # --- WADO-URI ----------------------------------------------------------------------
+
+    def wado_uri(self, request: Request) -> Response:
+        q = request.query_params
+        try:
+            if q.get("requestType") != "WADO":
+                raise _Refused(400, "requestType=WADO is required")
+            content = q.get("contentType", "application/dicom")
+            if content != "application/dicom":
+                raise _Refused(406, f"contentType {content}: application/dicom only")
+            uids = [q.get(k) for k in ("studyUID", "seriesUID", "objectUID")]
+            if not all(uids):
+                raise _Refused(400, "studyUID, seriesUID and objectUID are required")
+            (row,) = self._files(*uids)
+        except _Refused as exc:
+            return _error(exc.status, str(exc))
+        return StreamingResponse(_chunks(row["file"]), media_type="application/dicom")
+
+
+def _keyword(name: str) -> str:
+    """A query key (a keyword or 8 hex digits) as its keyword."""
+    if re.fullmatch(r"[0-9A-Fa-f]{8}", name):
+        keyword = keyword_for_tag(int(name, 16))
+    else:
+        keyword = name if tag_for_keyword(name) is not None else ""
+    if not keyword:
+        raise _Refused(400, f"{name!r} is not a DICOM attribute")
+    return keyword
+
+
+def _count(name: str, value: str) -> int:
+    if not value.isdigit():
+        raise _Refused(400, f"{name}: a number, got {value!r}")
+    return int(value)
+
+
+def _accepted_syntax(accept: str | None, media_type: str) -> str | None:
+    """The transfer syntax an Accept header asks for (None: none named); _Refused
+    (406) when it accepts no `media_type` at all."""
+    if not accept or "*/*" in accept:
+        return None
+    for choice in accept.split(","):
+        if media_type in choice or "multipart/related" in choice and "type=" not in choice:
+            match = re.search(r"transfer-syntax=\"?([0-9.*]+)", choice)
+            return match.group(1) if match else None
+    raise _Refused(406, f'Accept: {accept}: only multipart/related; type="{media_type}"')
+
+
+def _chunks(path: Path) -> Iterator[bytes]:
+    with path.open("rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            yield chunk
+
+
+def _multipart(parts, boundary: str) -> Iterator[bytes]:
+    for content_type, path in parts:
+        yield f"--{boundary}\r\nContent-Type: {content_type}\r\n\r\n".encode()
+        yield from _chunks(path)
+        yield b"\r\n"
+    yield f"--{boundary}--\r\n".encode()
+
+
+def _octets(values: list[bytes], transfer_syntax: str | None = None) -> Response:
+    boundary = uuid.uuid4().hex
+    part_type = "application/octet-stream"
+    if transfer_syntax:
+        part_type += f"; transfer-syntax={transfer_syntax}"
+    body = b"".join(
+        f"--{boundary}\r\nContent-Type: {part_type}\r\n\r\n".encode() + value + b"\r\n"
+        for value in values
+    )
+    body += f"--{boundary}--\r\n".encode()
+    return Response(
+        body,
+        media_type=f'multipart/related; type="application/octet-stream"; boundary={boundary}',
+    )
+
+
+def _pixel_data_uri(dataset, url: str) -> dict:
+    """The Pixel Data a metadata request leaves out, as its BulkDataURI."""
+    if not {"Rows", "Columns"} <= set(dataset.dir()):
+        return {}
+    vr = "OB" if dataset.file_meta.TransferSyntaxUID.is_encapsulated else "OW"
+    return {"7FE00010": {"vr": vr, "BulkDataURI": f"{url}/bulkdata/7FE00010"}}
+
+
+def _frames(dataset) -> list[bytes]:
+    """The frames of the Pixel Data as stored: slices of native pixels, or the
+    encapsulated fragments of each frame."""
+    count = int(dataset.get("NumberOfFrames", 1) or 1)
+    if dataset.file_meta.TransferSyntaxUID.is_encapsulated:
+        return list(generate_frames(dataset.PixelData, number_of_frames=count))
+    size = dataset.Rows * dataset.Columns * dataset.SamplesPerPixel * dataset.BitsAllocated // 8
+    return [dataset.PixelData[n * size : (n + 1) * size] for n in range(count)]

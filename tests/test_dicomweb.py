@@ -1,0 +1,184 @@
+"""DICOMweb at /dicomweb, read by dicomweb-client (a client nobody here wrote):
+QIDO-RS as `imaging-scp studies` answers, WADO-RS byte-exact, metadata, frames,
+WADO-URI."""
+
+import json
+import subprocess
+
+import httpx
+import pydicom
+import pytest
+from dicomweb_client.api import DICOMwebClient
+from pydicom.encaps import encapsulate
+from pydicom.uid import JPEGBaseline8Bit, generate_uid
+
+from storage.catalog.index import Catalog
+from storage.changes import set_availability
+from tests.conftest import IMAGING_SCP, both_indexes
+from tests.test_web import start_web
+
+pytestmark = both_indexes
+
+
+@pytest.fixture
+def web(tmp_path):
+    server = start_web(tmp_path)
+    yield server
+    server.process.terminate()
+    server.process.wait(10)
+
+
+def client(web) -> DICOMwebClient:
+    return DICOMwebClient(f"{web.url}/dicomweb")
+
+
+def stored(web, sop_instance_uid: str) -> bytes:
+    """The file the index holds for an instance, as stored."""
+    with web.location.open() as db:
+        (path,) = db.execute(
+            "SELECT path FROM instances WHERE sop_instance_uid = ?", (sop_instance_uid,)
+        ).fetchone()
+    return (web.location.data_dir / path).read_bytes()
+
+
+def studies_json(web, *flags: str) -> set[str]:
+    index = ["--index-url", web.location.url] if web.location.url else []
+    command = [IMAGING_SCP, "studies", "--json", "--data-dir", str(web.location.data_dir)]
+    output = subprocess.run([*command, *index, *flags], capture_output=True, text=True, check=True)
+    return {study["uid"] for study in json.loads(output.stdout)}
+
+
+def test_qido_rs_finds_what_the_studies_command_lists(web):
+    mine = [
+        web.receive(PatientID="Q-1", StudyDate="20240105", modality="CT", PatientName="Doe^Jane"),
+        web.receive(PatientID="Q-1", StudyDate="20240620", modality="MR", PatientName="Doe^Jane"),
+    ]
+    series = generate_uid()
+    web.receive(study_uid=mine[0], series_uid=series, PatientID="Q-1", PatientName="Doe^Jane")
+    web.receive(PatientID="Q-2", StudyDate="20240105", modality="CT", PatientName="Roe^Rick")
+    dw = client(web)
+
+    def uids(found, keyword="StudyInstanceUID"):
+        return {pydicom.Dataset.from_json(d).get(keyword) for d in found}
+
+    assert uids(dw.search_for_studies(search_filters={"PatientID": "Q-1"})) == studies_json(
+        web, "--patient-id", "Q-1"
+    )
+    assert uids(dw.search_for_studies(search_filters={"PatientName": "doe*"})) == set(mine)
+    ranged = dw.search_for_studies(search_filters={"StudyDate": "20240101-20240131"})
+    assert uids(ranged) == studies_json(web, "--from", "2024-01-01", "--to", "2024-01-31")
+    assert uids(dw.search_for_studies(search_filters={"ModalitiesInStudy": "MR"})) == {mine[1]}
+    assert uids(dw.search_for_studies(search_filters={"00100020": "Q-2"})) == studies_json(
+        web, "--patient-id", "Q-2"
+    )
+    (first,) = dw.search_for_studies(search_filters={"StudyInstanceUID": mine[0]})
+    study = pydicom.Dataset.from_json(first)
+    assert study.NumberOfStudyRelatedInstances == 2
+    assert study.NumberOfStudyRelatedSeries == 2
+    assert study.InstanceAvailability == "ONLINE"
+    assert str(study.PatientName) == "Doe^Jane"
+    assert first["00081190"]["Value"] == [f"{web.url}/dicomweb/studies/{mine[0]}"]
+
+    assert len(dw.search_for_series(mine[0])) == 2
+    (only,) = dw.search_for_series(search_filters={"SeriesInstanceUID": series})
+    assert pydicom.Dataset.from_json(only).NumberOfSeriesRelatedInstances == 1
+    assert len(dw.search_for_instances(mine[0], series)) == 1
+    assert len(dw.search_for_instances(search_filters={"PatientID": "Q-1"})) == 3
+    assert len(dw.search_for_studies(limit=2)) == 2
+    assert len(dw.search_for_studies(offset=2)) == 1
+    fields = dw.search_for_studies(search_filters={"PatientID": "Q-2"}, fields=["all"])
+    assert "00100030" in fields[0] or "00080020" in fields[0]
+    assert httpx.get(f"{web.url}/dicomweb/studies?NotAKeyword=1").status_code == 400
+
+
+def test_wado_rs_sends_the_stored_files_as_stored(web):
+    study, series = generate_uid(), generate_uid()
+    sops = [generate_uid() for _ in range(3)]
+    for number, sop in enumerate(sops, 1):
+        web.receive(study_uid=study, series_uid=series, sop_instance_uid=sop,
+                    InstanceNumber=number)  # fmt: skip
+    other = web.receive(study_uid=study, modality="SR", sop_instance_uid=None)
+    dw = client(web)
+
+    retrieved = dw.retrieve_study(study)
+    assert len(retrieved) == 4 and other
+    by_uid = {ds.SOPInstanceUID: ds for ds in retrieved}
+    answer = httpx.get(
+        f"{web.url}/dicomweb/studies/{study}/series/{series}/instances/{sops[1]}",
+        headers={"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'},
+    )
+    boundary = answer.headers["content-type"].split("boundary=")[1]
+    body = answer.content
+    part = body.split(b"\r\n\r\n", 1)[1].rsplit(f"\r\n--{boundary}--".encode(), 1)[0]
+    assert part == stored(web, sops[1])  # byte-exact
+    assert [ds.SOPInstanceUID for ds in dw.retrieve_series(study, series)] == sops
+    instance = dw.retrieve_instance(study, series, sops[2])
+    assert instance.PixelData == by_uid[sops[2]].PixelData
+
+    metadata = dw.retrieve_instance_metadata(study, series, sops[0])
+    assert metadata["00080018"]["Value"] == [sops[0]]
+    assert "BulkDataURI" in metadata["7FE00010"]
+    pixels = httpx.get(metadata["7FE00010"]["BulkDataURI"])
+    assert pixels.status_code == 200
+    assert len(dw.retrieve_study_metadata(study)) == 4
+
+    (frame,) = dw.retrieve_instance_frames(study, series, sops[0], frame_numbers=[1])
+    assert frame == by_uid[sops[0]].PixelData
+
+    wado = httpx.get(
+        f"{web.url}/wado",
+        params={
+            "requestType": "WADO",
+            "studyUID": study,
+            "seriesUID": series,
+            "objectUID": sops[0],
+            "contentType": "application/dicom",
+        },  # fmt: skip
+    )
+    assert wado.status_code == 200 and wado.content == stored(web, sops[0])
+
+
+def test_frames_of_an_encapsulated_multiframe_object(web):
+    study, series, sop = generate_uid(), generate_uid(), generate_uid()
+    fragments = [b"\xff\xd8frame-one\xff\xd9", b"\xff\xd8frame-two!\xff\xd9"]
+    web.receive(study_uid=study, series_uid=series, sop_instance_uid=sop,
+                transfer_syntax=JPEGBaseline8Bit, NumberOfFrames=2,
+                PixelData=encapsulate(fragments), BitsAllocated=8, BitsStored=8,
+                HighBit=7)  # fmt: skip
+    url = f"{web.url}/dicomweb/studies/{study}/series/{series}/instances/{sop}/frames/2,1"
+    answer = httpx.get(url)
+    assert answer.status_code == 200
+    assert fragments[1] in answer.content and fragments[0] in answer.content
+    assert answer.content.index(fragments[1]) < answer.content.index(fragments[0])
+    assert httpx.get(url.replace("2,1", "3")).status_code == 404
+
+
+def test_unknown_unavailable_and_missing_never_look_complete(web):
+    study, series, sop = generate_uid(), generate_uid(), generate_uid()
+    web.receive(study_uid=study, series_uid=series, sop_instance_uid=sop)
+    base = f"{web.url}/dicomweb/studies"
+    assert httpx.get(f"{base}/{generate_uid()}").status_code == 404
+    assert httpx.get(f"{base}/..%2F..%2Fetc").status_code in (400, 404)
+    assert httpx.get(f"{base}/{study}/series/{series}/instances/1.2.3").status_code == 404
+    demanding = {"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=1.2.3'}
+    assert httpx.get(f"{base}/{study}", headers=demanding).status_code == 406
+    assert httpx.get(f"{base}/{study}", headers={"Accept": "image/png"}).status_code == 406
+
+    stored_path = web.location.data_dir / next(
+        row[0] for row in web.location.open().execute("SELECT path FROM instances")
+    )
+    stored_path.rename(stored_path.with_suffix(".gone"))
+    missing = httpx.get(f"{base}/{study}")
+    assert missing.status_code == 500
+    assert "web.file_missing" in web.log_path.read_text()
+    stored_path.with_suffix(".gone").rename(stored_path)
+
+    catalog = Catalog.open(web.location)
+    try:
+        set_availability(catalog, "OFFLINE", study_uid=study)
+        assert httpx.get(f"{base}/{study}").status_code == 404
+        set_availability(catalog, "UNAVAILABLE", study_uid=study)
+    finally:
+        catalog.close()
+    gone = httpx.get(f"{base}/{study}")
+    assert gone.status_code == 410 and "UNAVAILABLE" in gone.text
