@@ -14,7 +14,7 @@ from pydicom.uid import JPEGBaseline8Bit, generate_uid
 
 from storage.catalog.index import Catalog
 from storage.changes import set_availability
-from tests.conftest import IMAGING_SCP, both_indexes
+from tests.conftest import IMAGING_SCP, both_indexes, dataset_bytes, make_instance
 from tests.test_web import start_web
 
 pytestmark = both_indexes
@@ -95,8 +95,7 @@ def test_wado_rs_sends_the_stored_files_as_stored(web):
     study, series = generate_uid(), generate_uid()
     sops = [generate_uid() for _ in range(3)]
     for number, sop in enumerate(sops, 1):
-        web.receive(study_uid=study, series_uid=series, sop_instance_uid=sop,
-                    InstanceNumber=number)  # fmt: skip
+        web.receive(study_uid=study, series_uid=series, sop_instance_uid=sop, InstanceNumber=number)
     other = web.receive(study_uid=study, modality="SR", sop_instance_uid=None)
     dw = client(web)
 
@@ -133,7 +132,7 @@ def test_wado_rs_sends_the_stored_files_as_stored(web):
             "seriesUID": series,
             "objectUID": sops[0],
             "contentType": "application/dicom",
-        },  # fmt: skip
+        },
     )
     assert wado.status_code == 200 and wado.content == stored(web, sops[0])
 
@@ -141,10 +140,17 @@ def test_wado_rs_sends_the_stored_files_as_stored(web):
 def test_frames_of_an_encapsulated_multiframe_object(web):
     study, series, sop = generate_uid(), generate_uid(), generate_uid()
     fragments = [b"\xff\xd8frame-one\xff\xd9", b"\xff\xd8frame-two!\xff\xd9"]
-    web.receive(study_uid=study, series_uid=series, sop_instance_uid=sop,
-                transfer_syntax=JPEGBaseline8Bit, NumberOfFrames=2,
-                PixelData=encapsulate(fragments), BitsAllocated=8, BitsStored=8,
-                HighBit=7)  # fmt: skip
+    web.receive(
+        study_uid=study,
+        series_uid=series,
+        sop_instance_uid=sop,
+        transfer_syntax=JPEGBaseline8Bit,
+        NumberOfFrames=2,
+        PixelData=encapsulate(fragments),
+        BitsAllocated=8,
+        BitsStored=8,
+        HighBit=7,
+    )
     url = f"{web.url}/dicomweb/studies/{study}/series/{series}/instances/{sop}/frames/2,1"
     answer = httpx.get(url)
     assert answer.status_code == 200
@@ -182,3 +188,105 @@ def test_unknown_unavailable_and_missing_never_look_complete(web):
         catalog.close()
     gone = httpx.get(f"{base}/{study}")
     assert gone.status_code == 410 and "UNAVAILABLE" in gone.text
+
+
+def multipart(files: list[bytes], boundary: str = "stow-boundary") -> bytes:
+    body = b"".join(
+        f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + data + b"\r\n"
+        for data in files
+    )
+    return body + f"--{boundary}--\r\n".encode()
+
+
+STOW_TYPE = 'multipart/related; type="application/dicom"; boundary=stow-boundary'
+
+
+def test_stow_rs_stores_as_a_c_store_does(web, tmp_path):
+    study, series = generate_uid(), generate_uid()
+    paths = [
+        make_instance(tmp_path / "stow", study_uid=study, series_uid=series, InstanceNumber=n)
+        for n in range(1, 4)
+    ]
+    datasets = [pydicom.dcmread(path) for path in paths]
+    dw = client(web)
+    answer = dw.store_instances(datasets)
+    assert len(answer.ReferencedSOPSequence) == 3
+    assert "FailedSOPSequence" not in answer
+    for path in paths:  # stored as received: the dataset byte for byte
+        sop = pydicom.dcmread(path).SOPInstanceUID
+        assert stored(web, sop).endswith(dataset_bytes(path))
+    (found,) = dw.search_for_studies(search_filters={"StudyInstanceUID": study})
+    assert pydicom.Dataset.from_json(found).NumberOfStudyRelatedInstances == 3
+    assert studies_json(web, "--patient-id", "PAT-1") >= {study}
+    events = [
+        json.loads(line)
+        for line in web.log_path.read_text().splitlines()
+        if '"instance.stored"' in line
+    ]
+    assert len(events) == 3 and {e["origin"] for e in events} == {"stow-rs"}
+    assert events[0]["peer"] == "127.0.0.1"
+
+    # An identical resend is stored again (200); another patient in the study is refused.
+    resend = httpx.post(
+        f"{web.url}/dicomweb/studies",
+        content=multipart([paths[0].read_bytes()]),
+        headers={"Content-Type": STOW_TYPE},
+    )
+    assert resend.status_code == 200
+    intruder = make_instance(
+        tmp_path / "stow", study_uid=study, series_uid=series, PatientID="SOMEONE-ELSE"
+    )
+    fresh = make_instance(tmp_path / "stow", study_uid=study, series_uid=series)
+    mixed = httpx.post(
+        f"{web.url}/dicomweb/studies/{study}",
+        content=multipart([intruder.read_bytes(), fresh.read_bytes()]),
+        headers={"Content-Type": STOW_TYPE},
+    )
+    assert mixed.status_code == 202
+    failure = mixed.json()["00081198"]["Value"][0]
+    assert failure["00081197"]["Value"] == [0xC005]
+    assert failure["00081155"]["Value"] == [pydicom.dcmread(intruder).SOPInstanceUID]
+    refused = httpx.post(
+        f"{web.url}/dicomweb/studies",
+        content=multipart([intruder.read_bytes()]),
+        headers={"Content-Type": STOW_TYPE},
+    )
+    assert refused.status_code == 409
+    assert (
+        web.location.open()
+        .execute("SELECT number_of_instances FROM studies WHERE study_uid = ?", (study,))
+        .fetchone()[0]
+        == 4
+    )
+
+
+def test_stow_rs_keeps_nothing_of_a_cut_or_lying_body(web, tmp_path):
+    study = generate_uid()
+    whole, cut = (
+        make_instance(tmp_path / "stow", study_uid=study, series_uid=generate_uid(), pixels=256)
+        for _ in range(2)
+    )
+    body = multipart([whole.read_bytes(), cut.read_bytes()])
+    truncated = body[: len(body) - 4000]  # inside the second part
+    answer = httpx.post(
+        f"{web.url}/dicomweb/studies", content=truncated, headers={"Content-Type": STOW_TYPE}
+    )
+    assert answer.status_code == 400
+    assert len(answer.json()["00081199"]["Value"]) == 1  # the whole part, durable
+    sops = {row[0] for row in web.location.open().execute("SELECT sop_instance_uid FROM instances")}
+    assert sops == {pydicom.dcmread(whole).SOPInstanceUID}
+    assert not any((web.location.data_dir / ".incoming").rglob("*.tmp*"))
+
+    other_boundary = STOW_TYPE.replace("stow-boundary", "other")
+    lying = httpx.post(
+        f"{web.url}/dicomweb/studies", content=body, headers={"Content-Type": other_boundary}
+    )
+    assert lying.status_code == 400
+    not_dicom = httpx.post(
+        f"{web.url}/dicomweb/studies",
+        content=multipart([b"x" * 500]),
+        headers={"Content-Type": STOW_TYPE},
+    )
+    assert not_dicom.status_code == 409
+    assert not_dicom.json()["00081198"]["Value"][0]["00081197"]["Value"] == [0xC000]
+    assert httpx.post(f"{web.url}/dicomweb/studies", content=b"{}").status_code == 415

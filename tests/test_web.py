@@ -88,7 +88,7 @@ def start_web(tmp_path: Path, *flags: str) -> Web:
             str(data_dir),
             *index,
             *flags,
-        ],  # fmt: skip
+        ],
         stdout=log_path.open("w"),
         stderr=subprocess.STDOUT,
     )
@@ -228,8 +228,12 @@ def test_fhirpy_searches_by_patient_date_and_modality(web):
     read = client.reference("ImagingStudy", mine[0]).to_resource()
     assert read["subject"]["identifier"]["value"] == "P-7"
     count = httpx.get(f"{web.fhir()}/ImagingStudy?patient:identifier=P-7&_summary=count").json()
-    assert count == {"resourceType": "Bundle", "type": "searchset", "total": 3,
-                     "link": count["link"]}  # fmt: skip
+    assert count == {
+        "resourceType": "Bundle",
+        "type": "searchset",
+        "total": 3,
+        "link": count["link"],
+    }
     subset = httpx.get(f"{web.fhir()}/ImagingStudy?_id={mine[0]}&_elements=modality").json()
     assert set(subset["entry"][0]["resource"]) == {
         "resourceType",
@@ -320,7 +324,7 @@ def test_config_asks_for_tokens_off_loopback_and_renders_the_web_endpoint(tmp_pa
             "--data-dir",
             str(web_server.location.data_dir),
             *index,
-        ],  # fmt: skip
+        ],
         capture_output=True,
         text=True,
         check=True,

@@ -1,6 +1,7 @@
 """DICOMweb (PS3.18) over the index, at /dicomweb: QIDO-RS searches with the
 C-FIND matching code (CatalogReader.find), WADO-RS retrieves of the stored
-files as stored, their metadata and frames, and WADO-URI.
+files as stored, their metadata and frames, WADO-URI, and STOW-RS
+(scp.web.stow).
 
 Retrieves read the file paths from the index and stream each file from disk in
 chunks: memory does not grow with the study. Every file is checked before the
@@ -24,10 +25,14 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from scp.config import Config
+from scp.server import open_store
+from scp.web.stow import StowRs
 from storage.catalog import find
 from storage.catalog.index import OFFLINE, UNAVAILABLE
 from storage.catalog.reads import CatalogReader
 from storage.documents import dicom_json
+from storage.files import prepare_data_dir
+from storage.store import InstanceStore
 
 log = structlog.get_logger("imaging_scp")
 
@@ -37,16 +42,44 @@ _CHUNK = 1 << 20
 # PS3.18 Table 10.6.3-3 to -5: what a search returns without includefield, as far
 # as the index holds it (key_for drops the rest).
 _DEFAULT_KEYS = {
-    find.STUDY: ["StudyDate", "StudyTime", "AccessionNumber", "InstanceAvailability",
-                 "ModalitiesInStudy", "ReferringPhysicianName", "PatientName", "PatientID",
-                 "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyID",
-                 "NumberOfStudyRelatedSeries", "NumberOfStudyRelatedInstances"],
-    find.SERIES: ["Modality", "SeriesInstanceUID", "SeriesNumber", "SeriesDescription",
-                  "NumberOfSeriesRelatedInstances", "InstanceAvailability", "StudyInstanceUID"],
-    find.IMAGE: ["SOPClassUID", "SOPInstanceUID", "InstanceAvailability", "InstanceNumber",
-                 "Rows", "Columns", "BitsAllocated", "NumberOfFrames", "StudyInstanceUID",
-                 "SeriesInstanceUID"],
-}  # fmt: skip
+    find.STUDY: [
+        "StudyDate",
+        "StudyTime",
+        "AccessionNumber",
+        "InstanceAvailability",
+        "ModalitiesInStudy",
+        "ReferringPhysicianName",
+        "PatientName",
+        "PatientID",
+        "PatientBirthDate",
+        "PatientSex",
+        "StudyInstanceUID",
+        "StudyID",
+        "NumberOfStudyRelatedSeries",
+        "NumberOfStudyRelatedInstances",
+    ],
+    find.SERIES: [
+        "Modality",
+        "SeriesInstanceUID",
+        "SeriesNumber",
+        "SeriesDescription",
+        "NumberOfSeriesRelatedInstances",
+        "InstanceAvailability",
+        "StudyInstanceUID",
+    ],
+    find.IMAGE: [
+        "SOPClassUID",
+        "SOPInstanceUID",
+        "InstanceAvailability",
+        "InstanceNumber",
+        "Rows",
+        "Columns",
+        "BitsAllocated",
+        "NumberOfFrames",
+        "StudyInstanceUID",
+        "SeriesInstanceUID",
+    ],
+}
 _CONTROL = {"includefield", "limit", "offset", "fuzzymatching"}
 _AS_STORED = ("*", None)
 
@@ -59,10 +92,13 @@ class _Refused(Exception):
 
 def routes(config: Config) -> list[Route]:
     api = _DicomWeb(config)
+    stow = StowRs(lambda: _open_store(config), config.web_url)
     study, series = "/dicomweb/studies/{study}", "/dicomweb/studies/{study}/series/{series}"
     instance = series + "/instances/{instance}"
     return [
         Route("/dicomweb/studies", api.search, methods=["GET"]),
+        Route("/dicomweb/studies", stow.store, methods=["POST"]),
+        Route(study, stow.store, methods=["POST"]),
         Route(study + "/series", api.search, methods=["GET"]),
         Route(series + "/instances", api.search, methods=["GET"]),
         Route("/dicomweb/series", api.search, methods=["GET"]),
@@ -78,6 +114,14 @@ def routes(config: Config) -> list[Route]:
         Route(instance + "/bulkdata/{tag}", api.bulkdata, methods=["GET"]),
         Route("/wado", api.wado_uri, methods=["GET"]),
     ]
+
+
+def _open_store(config: Config) -> InstanceStore:
+    """The listener's own store setup (index timeout, health monitor). Temp files
+    go to this node's .incoming directory, which the listener's start recovers
+    (scp.server.recover): the web leaves them alone, a STOW-RS may be writing."""
+    prepare_data_dir(config.data_dir, config.node)
+    return open_store(config)
 
 
 def _error(status: int, reason: str) -> Response:

@@ -144,8 +144,12 @@ class _FhirApi:
         meta = {"versionId": version_id, "lastUpdated": last_updated}
         if not with_instances:
             meta["tag"] = [SUBSETTED]
-        return {"resourceType": resource.pop("resourceType"), "id": resource.pop("id"),
-                "meta": meta, **resource}  # fmt: skip
+        return {
+            "resourceType": resource.pop("resourceType"),
+            "id": resource.pop("id"),
+            "meta": meta,
+            **resource,
+        }
 
     def metadata(self, request: Request) -> Response:
         refused = _refusal(request)
@@ -206,7 +210,7 @@ class _FhirApi:
                     "fullUrl": f"{base}/{study['study_uid']}",
                     "resource": resource,
                     "search": {"mode": "match"},
-                }  # fmt: skip
+                }
             )
         if terms.ignored:
             entries.append(
@@ -218,7 +222,7 @@ class _FhirApi:
                                 "severity": "warning",
                                 "code": "not-supported",
                                 "diagnostics": f"ignored: {name}",
-                            }  # fmt: skip
+                            }
                             for name in terms.ignored
                         ],
                     },
@@ -288,8 +292,17 @@ def study_version(found: dict) -> tuple[str, str]:
         for name in ("last_received", "number_of_instances", "availability", "state")
     ]
     for row in series:
-        moved += [row.get(name) for name in ("series_uid", "availability", "state",
-                  "committed_at", "incomplete_since", "incomplete_reason")]  # fmt: skip
+        moved += [
+            row.get(name)
+            for name in (
+                "series_uid",
+                "availability",
+                "state",
+                "committed_at",
+                "incomplete_since",
+                "incomplete_reason",
+            )
+        ]
     version_id = hashlib.sha256(json.dumps(moved, default=str).encode()).hexdigest()[:16]
     marks = [found.get("last_received")]
     marks += [row.get(key) for row in series for key in ("committed_at", "incomplete_since")]
@@ -299,8 +312,10 @@ def study_version(found: dict) -> tuple[str, str]:
 def _tags(header: str | None) -> set[str]:
     if not header:
         return set()
-    return {tag.strip() if tag.strip().startswith("W/") else "W/" + tag.strip()
-            for tag in header.split(",")}  # fmt: skip
+    return {
+        tag.strip() if tag.strip().startswith("W/") else "W/" + tag.strip()
+        for tag in header.split(",")
+    }
 
 
 def _http_date(moment: str) -> str:
@@ -422,8 +437,14 @@ def _prefixed_range(name: str, value: str) -> tuple[str, datetime, datetime]:
         raise SearchError(f"{name}: prefix {prefix!r} is not supported (eq, ge, le, gt, lt)")
     year, month, day, hour, minute, second, offset = parts.groups()
     try:
-        start = datetime(int(year), int(month or 1), int(day or 1), int(hour or 0),
-                         int(minute or 0), int(second or 0))  # fmt: skip
+        start = datetime(
+            int(year),
+            int(month or 1),
+            int(day or 1),
+            int(hour or 0),
+            int(minute or 0),
+            int(second or 0),
+        )
         if offset and offset != "Z":
             start = datetime.fromisoformat(start.isoformat() + offset)
     except ValueError as exc:
