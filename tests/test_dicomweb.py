@@ -15,17 +15,12 @@ from pydicom.uid import JPEGBaseline8Bit, generate_uid
 from storage.catalog.index import Catalog
 from storage.changes import set_availability
 from tests.conftest import IMAGING_SCP, both_indexes, dataset_bytes, make_instance
-from tests.test_web import start_web
+from tests.test_web import running_web
 
 pytestmark = both_indexes
 
 
-@pytest.fixture
-def web(tmp_path):
-    server = start_web(tmp_path)
-    yield server
-    server.process.terminate()
-    server.process.wait(10)
+web = pytest.fixture(running_web, name="web")
 
 
 def client(web) -> DICOMwebClient:

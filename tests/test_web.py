@@ -103,12 +103,15 @@ def start_web(tmp_path: Path, *flags: str) -> Web:
     return Web(f"http://127.0.0.1:{port}", location, process, log_path, tmp_path / "sources")
 
 
-@pytest.fixture
-def web(tmp_path):
+def running_web(tmp_path):
+    """`imaging-scp web` on an empty index, for the test's duration."""
     server = start_web(tmp_path)
     yield server
     server.process.terminate()
     server.process.wait(10)
+
+
+web = pytest.fixture(running_web, name="web")
 
 
 def cli_fhir(web: Web, study_uid: str, version: str) -> dict:
@@ -181,6 +184,15 @@ def test_errors_are_operation_outcomes_and_writes_are_refused(web):
         headers={"Prefer": "handling=strict"},
     )
     assert strict.status_code == 400
+
+
+def test_oversized_headers_are_refused_and_the_service_goes_on(web):
+    try:  # a head larger than the server buffers: refused, or the connection closed
+        answer = httpx.get(f"{web.fhir()}/metadata", headers={"X-Big": "a" * 1024 * 1024})
+        assert answer.status_code in (400, 431)
+    except httpx.TransportError:
+        pass
+    assert httpx.get(f"{web.fhir()}/metadata").status_code == 200
 
 
 def test_capability_statement_says_what_is_served(web):
@@ -283,6 +295,9 @@ def test_tokens_are_required_and_reloaded_on_sighup(tmp_path):
             assert refused.headers["www-authenticate"].startswith("Bearer")
             assert study not in refused.text
         assert httpx.get(url, headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
+        for path in (f"/dicomweb/studies/{study}", "/dicomweb/studies", "/wado"):
+            assert httpx.get(web.url + path).status_code == 401
+        assert httpx.post(web.url + "/dicomweb/studies", content=b"x").status_code == 401
 
         other = "another-token"
         tokens.write_text(f"{hashlib.sha256(other.encode()).hexdigest()} pacs\n")

@@ -124,36 +124,23 @@ class StowRs:
         def data(chunk, start, end):
             current[-1].write(chunk[start:end])
 
+        part_log = log.bind(origin="stow-rs", peer=client, token=token)
+
         def end_part():
             part = current.pop()
             try:
                 result = part.finish()
             except StoreRefused as refused:
                 failed.append((part, refused))
-                log.warning(
+                part_log.warning(
                     "instance.refused",
-                    origin="stow-rs",
-                    peer=client,
-                    token=token,
                     request_sop_instance_uid=part.sop_instance_uid,
                     reason=refused.reason,
                     **refused.details,
                 )
                 return
             stored.append(result)
-            header = result.header
-            log.info(
-                "instance.stored",
-                origin="stow-rs",
-                peer=client,
-                token=token,
-                study_uid=header.study_uid,
-                series_uid=header.series_uid,
-                sop_instance_uid=header.sop_instance_uid,
-                outcome=str(result.outcome),
-                bytes=result.size,
-                timings=result.timings,
-            )
+            part_log.info("instance.stored", **result.log_fields())
 
         ended = []
         parser = MultipartParser(
@@ -177,9 +164,7 @@ class StowRs:
             for part in current:  # cut off inside a part: nothing of it stays
                 part.discard()
         if not ended:
-            log.warning(
-                "stow.incomplete", peer=client, token=token, stored=len(stored), reason=problem
-            )
+            part_log.warning("stow.incomplete", stored=len(stored), reason=problem)
             return JSONResponse({"error": problem} | self._answer(stored, failed), 400)
         status = 200 if not failed else 409 if not stored else 202
         return JSONResponse(self._answer(stored, failed), status, media_type=DICOM_JSON)
