@@ -104,7 +104,7 @@ def fill(location: IndexLocation, studies: int = 10_000, per_study: int = 100) -
         (studies * per_study - 1, per_study, per_study, CT_IMAGE_STORAGE),
     )
     db.execute("COMMIT")
-    db.execute("VACUUM ANALYZE" if location.is_postgresql else "ANALYZE")
+    db.execute("VACUUM ANALYZE" if location.url else "ANALYZE")
     db.close()
 
 

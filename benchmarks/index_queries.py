@@ -121,7 +121,7 @@ def _uid(rng: random.Random) -> str:
 
 
 def _iso(moment: datetime.datetime) -> str:
-    """As storage.catalog.index.utc_now writes received times."""
+    """As storage.catalog.ingest.utc_now writes received times."""
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
@@ -134,7 +134,7 @@ def generate(instances: int, studies: int, seed: int = SEED):
     """Yield (header, path, size, sha256, transfer_syntax, received_at, provenance),
     study after study and series after series, as a modality sends them.
     Deterministic for a given (instances, studies)."""
-    from storage.catalog.index import Provenance
+    from storage.catalog import Provenance
     from storage.files import instance_relpath
     from storage.header import InstanceHeader
 
@@ -274,8 +274,8 @@ def kept_fill(data_dir: Path, instances: int, studies: int) -> dict | None:
 
 def fill(data_dir: Path, instances: int, studies: int) -> dict:
     """Build the index under a temporary name, then move it into place."""
+    from storage.catalog import Catalog, IndexEntry
     from storage.catalog.engines import IndexLocation
-    from storage.catalog.index import Catalog, IndexEntry
 
     partial = data_dir.with_name(data_dir.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
@@ -362,8 +362,8 @@ def probe_growth(data_dir: Path, probes: int = 3) -> dict:
     the filled one, in one transaction each time, rolled back so the filled index
     stays as it is. The best of `probes` tries, wall and CPU: the per-instance
     cost at 0 and at N instances, free of the fill's history."""
+    from storage.catalog import Catalog, IndexEntry
     from storage.catalog.engines import IndexLocation
-    from storage.catalog.index import Catalog, IndexEntry
 
     entries = [IndexEntry(*row) for row in generate(PROBE, PROBE // 100, seed=SEED + 1)]
     empty_dir = WORK / "index-probe-empty"

@@ -15,6 +15,10 @@ accepted connection, which serves it to the end), with their lengths:
   is this count.
 - **whole association**: the same, through the release and the association's
   end (the series' marks, the end's log).
+- **call chain**: the files on the thread's stack at the three moments a
+  reader follows one C-STORE through: the fsync of its file, the COMMIT of its
+  row, and the send of its C-STORE-RSP; the helpers they call on the way
+  (a UID check, a date parser, the element walk's byte work) are left out.
 
 Code that runs at import or at startup is not counted, nor other threads'
 (the accept loop's watchdog, the index's deadline ticks).
@@ -39,6 +43,7 @@ _TRACE_FLAG = "--traced-server"
 class PathFiles:
     to_response: list[str]  # relative to the repository, in the order first run
     whole_association: list[str]
+    call_chain: list[str]
 
     @staticmethod
     def lines(files: list[str]) -> int:
@@ -74,7 +79,7 @@ def measure(work_dir: Path) -> PathFiles:
     # The association's thread is the one that sent on a connection.
     (association,) = [thread for thread in threads if thread["sends"]]
     to_response = [name for name, sends_before in association["files"] if sends_before < 2]
-    return PathFiles(to_response, [name for name, _ in association["files"]])
+    return PathFiles(to_response, [name for name, _ in association["files"]], association["chain"])
 
 
 def _run_traced(trace: Path, argv: list[str]) -> None:
@@ -83,20 +88,45 @@ def _run_traced(trace: Path, argv: list[str]) -> None:
     sends the thread had made when each first ran; written to `trace` at exit."""
     threads: dict[int, dict] = {}
 
+    def record_of() -> dict:
+        return threads.setdefault(threading.get_ident(), {"files": {}, "sends": 0, "chain": {}})
+
+    def on_stack(frame) -> None:
+        """Note the files of ours on the stack (before the response is sent)."""
+        record = record_of()
+        if record["sends"] >= 2:
+            return
+        while frame is not None:
+            filename = frame.f_code.co_filename
+            if filename.startswith(_OURS):
+                record["chain"].setdefault(str(Path(filename).relative_to(ROOT)), None)
+            frame = frame.f_back
+
     def profile(frame, event, arg):
         if event == "call":
             filename = frame.f_code.co_filename
             if filename.startswith(_OURS):
-                record = threads.setdefault(threading.get_ident(), {"files": {}, "sends": 0})
+                record = record_of()
                 record["files"].setdefault(str(Path(filename).relative_to(ROOT)), record["sends"])
-        elif event == "c_call" and getattr(arg, "__name__", "") == "sendall":
-            record = threads.setdefault(threading.get_ident(), {"files": {}, "sends": 0})
-            record["sends"] += 1
+                if frame.f_locals.get("sql") == "COMMIT":
+                    on_stack(frame)
+        elif event == "c_call":
+            name = getattr(arg, "__name__", "")
+            if name == "sendall":
+                if record_of()["sends"] == 1:  # the C-STORE-RSP, after the A-ASSOCIATE-AC
+                    on_stack(frame)
+                record_of()["sends"] += 1
+            elif name == "fsync":
+                on_stack(frame)
 
     def write_trace():
         threading.setprofile(None)
         records = [
-            {"files": list(record["files"].items()), "sends": record["sends"]}
+            {
+                "files": list(record["files"].items()),
+                "sends": record["sends"],
+                "chain": list(record["chain"]),
+            }
             for record in list(threads.values())
         ]
         trace.write_text(json.dumps(records))
@@ -116,6 +146,7 @@ def main() -> None:
     for title, files in (
         ("to the response", found.to_response),
         ("whole association", found.whole_association),
+        ("call chain", found.call_chain),
     ):
         scp_side = [name for name in files if name.startswith("scp/")]
         print(

@@ -78,7 +78,7 @@ from scp.upper_layer import (
     State,
     our_user_information,
 )
-from storage.catalog.index import Provenance
+from storage.catalog import Provenance
 from storage.store import InstanceStore
 
 # -- one association's record: its id, log and totals ----------------------------------

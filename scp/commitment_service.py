@@ -25,11 +25,11 @@ from pynetdicom.sop_class import uid_to_service_class
 
 from scp import dimse
 from scp.association import Conversation, Outbox, Session
-from storage import commitment
-from storage.catalog.index import Catalog
+from storage.catalog import Catalog, commitments
+from storage.catalog.commitments import CommitmentRequest, CommitmentResult, Recorded, Reference
 from storage.codec.datasets import decode_dataset
 from storage.codec.syntax import transfer_syntax as syntax_of
-from storage.commitment import CommitmentRequest, CommitmentResult, Recorded, Reference
+from storage.commitment import check_request
 from storage.uids import is_valid_uid
 
 STORAGE_COMMITMENT_PUSH_MODEL = "1.2.840.10008.1.20.1"
@@ -131,7 +131,7 @@ class CommitmentService:
         try:
             request = self._read_request(session, command, transfer_syntax, data)
             try:
-                recorded = commitment.record_request(self.index, request, hold=self.hold)
+                recorded = commitments.record_request(self.index, request, hold=self.hold)
             except Exception as exc:
                 session.log.exception("commitment.record_failed")
                 raise ActionRefused(
@@ -145,7 +145,7 @@ class CommitmentService:
         except ActionRefused as refused:
             return self.refusal(session, command, refused), None
         if recorded is Recorded.REPEATED:
-            commitment.reopen(self.index, request.transaction_uid, hold=self.hold)
+            commitments.reopen(self.index, request.transaction_uid, hold=self.hold)
         session.log.info(
             "commitment.requested",
             transaction_uid=request.transaction_uid,
@@ -213,7 +213,7 @@ class CommitmentService:
         (the Reporter checks it again later)."""
         started = time.perf_counter()
         try:
-            result = commitment.check_request(
+            result = check_request(
                 self.index,
                 transaction_uid,
                 is_storage_class,
@@ -237,7 +237,7 @@ class CommitmentService:
         will, if we know where the requester listens."""
         calling_ae = session.provenance.calling_ae
         if calling_ae in self.peers:
-            commitment.delivery_failed(
+            commitments.delivery_failed(
                 self.index, transaction_uid, reason, retry_in=0.0, attempt=False
             )
             session.log.info(
@@ -249,7 +249,7 @@ class CommitmentService:
             self.wake_reporter()
             return
         error = f"{reason}; no address for AE {calling_ae!r} in peers"
-        commitment.delivery_failed(self.index, transaction_uid, error, retry_in=None)
+        commitments.delivery_failed(self.index, transaction_uid, error, retry_in=None)
         session.log.warning(
             "commitment.delivery_failed",
             transaction_uid=transaction_uid,
@@ -310,7 +310,7 @@ class CommitmentConversation(Conversation):
                 session, transaction_uid, f"N-EVENT-REPORT-RSP status 0x{status or 0:04X}"
             )
             return True
-        commitment.delivered(service.index, transaction_uid, SAME_ASSOCIATION)
+        commitments.delivered(service.index, transaction_uid, SAME_ASSOCIATION)
         session.log.info(
             "commitment.reported",
             transaction_uid=transaction_uid,

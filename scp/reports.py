@@ -29,7 +29,7 @@ from scp.commitment_service import (
 )
 from scp.config import Config, peer_address
 from scp.upper_layer import AssociationError, Proposal, Requestor
-from storage import commitment
+from storage.catalog import commitments
 
 log = structlog.get_logger("imaging_scp")
 
@@ -96,11 +96,11 @@ class Reporter:
         starting = True
         while not self._stopping:
             try:
-                for due in commitment.due_reports(self.config.index_location, starting=starting):
+                for due in commitments.due_reports(self.service.index, starting=starting):
                     if self._stopping:
                         return
                     self._deliver(due)
-                wait = commitment.next_attempt_in(self.config.index_location)
+                wait = commitments.next_attempt_in(self.service.index)
             except Exception:  # a bug or a broken index: log, and try again later
                 log.exception("commitment.reporter_failed")
                 wait = None
@@ -108,19 +108,15 @@ class Reporter:
             self._wake.wait(_LOOK_FOR_OTHERS if wait is None else min(wait, _LOOK_FOR_OTHERS))
             self._wake.clear()
 
-    def _deliver(self, due: commitment.DueReport) -> None:
+    def _deliver(self, due: commitments.DueReport) -> None:
         uid = due.transaction_uid
         bound = log.bind(transaction_uid=uid, requester_ae=due.requester_ae)
         # Covers the attempt (its connect and its exchange, each within
         # network_timeout): another node's reporter takes it only after that.
-        if not commitment.claim(self.service.index, uid, 3 * self.config.network_timeout):
+        if not commitments.claim(self.service.index, uid, 3 * self.config.network_timeout):
             return  # another node's reporter has it
         if due.checked:
-            reader = self.config.index_location.open_reader()
-            try:
-                result = commitment.load_result(reader, uid)
-            finally:
-                reader.close()
+            result = commitments.load_result(self.service.index, uid)
         else:
             result = self.service.check(bound, uid)
             if result is None:
@@ -129,7 +125,7 @@ class Reporter:
         index = self.service.index
         if address is None:
             error = f"no address for AE {due.requester_ae!r} in peers"
-            commitment.delivery_failed(index, uid, error, retry_in=None)
+            commitments.delivery_failed(index, uid, error, retry_in=None)
             bound.warning("commitment.delivery_failed", reason=error, gave_up=True)
             return
         attempt = due.attempts + 1
@@ -143,7 +139,7 @@ class Reporter:
                 if gave_up
                 else min(self.config.report_retry_interval * 2 ** (attempt - 1), _MAX_BACKOFF)
             )
-            commitment.delivery_failed(index, uid, str(exc), retry_in=retry_in)
+            commitments.delivery_failed(index, uid, str(exc), retry_in=retry_in)
             bound.warning(
                 "commitment.delivery_failed",
                 reason=str(exc),
@@ -152,7 +148,7 @@ class Reporter:
                 **({} if retry_in is None else {"retry_in": retry_in}),
             )
             return
-        commitment.delivered(index, uid, NEW_ASSOCIATION)
+        commitments.delivered(index, uid, NEW_ASSOCIATION)
         bound.info(
             "commitment.reported",
             delivery=NEW_ASSOCIATION,

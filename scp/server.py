@@ -32,8 +32,14 @@ from scp.logs import error_line
 from scp.reports import Reporter
 from scp.store_service import StoreService
 from scp.tls import server_context
-from storage.catalog.engines import IndexCorrupt, IndexUnreachable, SchemaTooNew, database_errors
-from storage.catalog.index import Catalog
+from storage.catalog import Catalog
+from storage.catalog.engines import (
+    IndexCorrupt,
+    IndexFailed,
+    IndexUnreachable,
+    SchemaTooNew,
+    engine_failures,
+)
 from storage.changes import finish_deletions
 from storage.maintenance import IndexBehindFiles, check_not_behind_files, recover_incoming
 from storage.store import InstanceStore
@@ -348,7 +354,8 @@ def serve(config: Config, reload_config: Callable[[], Config] | None = None) -> 
     signal.signal(signal.SIGHUP, lambda signum, _frame: reload_requested.append(signum))
 
     try:
-        recover(config)
+        with engine_failures():
+            recover(config)
     except IndexCorrupt as exc:
         return _index_damaged(exc)
     except IndexBehindFiles as exc:
@@ -361,13 +368,13 @@ def serve(config: Config, reload_config: Callable[[], Config] | None = None) -> 
         )
     except OSError as exc:
         return _cannot_start(_data_dir_problem(config.data_dir, exc))
-    except database_errors() as exc:
+    except IndexFailed as exc:
         damage = config.index_location.corruption(exc)
         if (
             damage is not None
         ):  # e.g. an index out of step with its table: quick_check does not compare them
             return _index_damaged(damage)
-        if not config.index_location.is_postgresql:
+        if not config.index_location.shared_by_nodes:
             return _cannot_start(_data_dir_problem(config.data_dir, exc))
         return _cannot_start(
             f"cannot use the index at {config.index_location.describe()} ({exc}): the user of"

@@ -12,7 +12,7 @@ import time
 
 from scp import dimse
 from scp.association import Conversation, Outbox, Session
-from storage.changes import clear_incomplete, mark_incomplete
+from storage.catalog.series import clear_incomplete, mark_incomplete
 from storage.store import InstanceStore, Outcome, Refusal, StoreRefused, StoreResult
 
 SUCCESS = 0x0000

@@ -1,8 +1,6 @@
-"""The changes admins and associations make to the index besides ingest:
-availability, completeness marks, deletion. Each goes through
-`Catalog.writing()`, the single writer path ingest uses too; a deletion removes
-the files only once the index commit that forgot them is done, so a crash
-never leaves rows pointing at nothing.
+"""Deleting a study or a series: its rows go in the catalog
+(`storage.catalog.series.delete_rows`), its files only once the index commit
+that forgot them is done, so a crash never leaves rows pointing at nothing.
 """
 
 import errno
@@ -10,123 +8,11 @@ import json
 import os
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from storage import files
-from storage.catalog.engines import Database
-from storage.catalog.index import AVAILABILITIES, Catalog, utc_now
-from storage.catalog.reads import worst_availability
-
-
-@dataclass(frozen=True)
-class Deletion:
-    instances: int
-    bytes: int
-    instance_files: list[tuple[str, str]]  # (SOP Instance UID, path)
-
-
-def set_availability(
-    index: Catalog,
-    availability: str,
-    *,
-    study_uid: str | None = None,
-    series_uid: str | None = None,
-) -> int:
-    """Set the availability of one series, or of every series of a study; the
-    study's is derived again. Returns how many series changed (0: not found)."""
-    availability = availability.upper()
-    if availability not in AVAILABILITIES:
-        raise ValueError(f"availability must be one of {', '.join(AVAILABILITIES)}")
-    conn = index.conn
-    with index.writing():
-        if series_uid is not None:
-            row = conn.execute(
-                "SELECT study_uid FROM series WHERE series_uid = ?", (series_uid,)
-            ).fetchone()
-            if row is None:
-                return 0
-            study_uid = row[0]
-        conn.lock_keys([study_uid])
-        if series_uid is not None:
-            # The admin's word: nothing `verify` set is to be given back any more.
-            changed = conn.execute(
-                "UPDATE series SET availability = ?, unavailable_by_verify = NULL"
-                " WHERE series_uid = ?",
-                (availability, series_uid),
-            ).rowcount
-        else:
-            changed = conn.execute(
-                "UPDATE series SET availability = ?, unavailable_by_verify = NULL"
-                " WHERE study_uid = ?",
-                (availability, study_uid),
-            ).rowcount
-        if changed:
-            refresh_study_availability(index, study_uid)
-    return changed
-
-
-def refresh_study_availability(index: Catalog, study_uid: str) -> None:
-    """Derive a study's availability from its series. Inside `writing()`."""
-    values = [
-        row[0]
-        for row in index.conn.execute(
-            "SELECT DISTINCT availability FROM series WHERE study_uid = ?", (study_uid,)
-        )
-    ]
-    index.conn.execute(
-        "UPDATE studies SET availability = ? WHERE study_uid = ?",
-        (worst_availability(values), study_uid),
-    )
-
-
-def mark_incomplete(index: Catalog, series_uids: list[str], reason: str) -> list[str]:
-    """Mark series delivered into by an association that broke off; returns
-    those marked. A series a storage commitment has found complete since its
-    last instance is left alone: the sender's own list said it was all there."""
-    return _update_each_series(
-        index,
-        series_uids,
-        "UPDATE series SET incomplete_reason = ?, incomplete_since = ?"
-        " WHERE series_uid = ? AND committed_at IS NULL",
-        (reason, utc_now()),
-    )
-
-
-def clear_incomplete(index: Catalog, series_uids: list[str]) -> list[str]:
-    """Clear the incomplete mark of series a released association delivered
-    instances of (new ones or resends); returns those that had one."""
-    return _update_each_series(
-        index,
-        series_uids,
-        "UPDATE series SET incomplete_reason = NULL, incomplete_since = NULL"
-        " WHERE series_uid = ? AND incomplete_reason IS NOT NULL",
-        (),
-    )
-
-
-def _update_each_series(
-    index: Catalog, series_uids: list[str], sql: str, values: tuple
-) -> list[str]:
-    """`sql` (`values`, then the series UID) for each series, in one transaction;
-    the series it changed."""
-    changed = []
-    with index.writing():
-        index.lock_studies(series_uids)
-        for uid in series_uids:
-            if index.conn.execute(sql, (*values, uid)).rowcount:
-                changed.append(uid)
-    return changed
-
-
-def mark_study_complete(index: Catalog, study_uid: str) -> int:
-    """Clear the incomplete mark of a study's series; returns how many were marked."""
-    with index.writing(lock_keys=[study_uid]):
-        return index.conn.execute(
-            "UPDATE series SET incomplete_reason = NULL, incomplete_since = NULL"
-            " WHERE study_uid = ? AND incomplete_reason IS NOT NULL",
-            (study_uid,),
-        ).rowcount
+from storage.catalog import Catalog, series
+from storage.catalog.series import Deletion
 
 
 def delete(
@@ -150,7 +36,7 @@ def delete(
     data_dir = Path(data_dir)
     finish_deletions(index, data_dir)
     while True:
-        study = study_uid if series_uid is None else _study_of(index, series_uid)
+        study = study_uid if series_uid is None else series.study_of(index, series_uid)
         if study is None:
             return Deletion(0, 0, [])
         deletion, journal = _delete_rows(index, data_dir, study_uid=study, series_uid=series_uid)
@@ -267,16 +153,7 @@ def _remove_files(
     while pending:
         with index.writing(lock_keys=[study_uid]):
             checked = pending[:_CHECKED_AT_ONCE]
-            indexed = set(
-                map(
-                    tuple,
-                    index.conn.rows_in(
-                        "SELECT sop_instance_uid, path FROM instances"
-                        " WHERE sop_instance_uid IN (?)",
-                        [uid for uid, _ in checked],
-                    ),
-                )
-            )
+            indexed = series.indexed_files(index, [uid for uid, _ in checked])
             turn_ends = time.monotonic() + _TURN_SECONDS
             removed = 0
             for uid, relpath in checked:
@@ -310,86 +187,24 @@ def _remove_empty(data_dir: Path, directories: set[Path]) -> None:
                 raise
 
 
-def _study_of(index: Catalog, series_uid: str) -> str | None:
-    with index.writing():
-        row = index.conn.execute(
-            "SELECT study_uid FROM series WHERE series_uid = ?", (series_uid,)
-        ).fetchone()
-    return row[0] if row else None
-
-
 def _delete_rows(
     index: Catalog, data_dir: Path, *, study_uid: str, series_uid: str | None
 ) -> tuple[Deletion | None, Path | None]:
     """The deletion of the rows and, when it had files, its journal; (None,
     None) when the series is no longer of `study_uid`."""
-    conn = index.conn
     journal = None
+
+    def write_journal(instance_files: list[tuple[str, str]]) -> None:
+        nonlocal journal
+        if instance_files:
+            journal = _write_journal(data_dir, study_uid, instance_files)
+
     try:
-        with index.writing(lock_keys=[study_uid]):
-            if series_uid is not None:
-                row = conn.execute(
-                    "SELECT study_uid, number_of_instances, bytes FROM series WHERE series_uid = ?",
-                    (series_uid,),
-                ).fetchone()
-                if row is None:
-                    return Deletion(0, 0, []), None
-                if row[0] != study_uid:
-                    return None, None
-                _, instances, size = row
-                instance_files = _instance_files(conn, "series_uid", series_uid)
-                conn.execute("DELETE FROM instances WHERE series_uid = ?", (series_uid,))
-                conn.execute("DELETE FROM series WHERE series_uid = ?", (series_uid,))
-                remaining = conn.execute(
-                    "SELECT count(*) FROM series WHERE study_uid = ?", (study_uid,)
-                ).fetchone()[0]
-                if remaining == 0:
-                    conn.execute("DELETE FROM studies WHERE study_uid = ?", (study_uid,))
-                else:
-                    _drop_series_from_study(index, study_uid, instances, size)
-            else:
-                row = conn.execute(
-                    "SELECT number_of_instances, bytes FROM studies WHERE study_uid = ?",
-                    (study_uid,),
-                ).fetchone()
-                if row is None:
-                    return Deletion(0, 0, []), None
-                instances, size = row
-                instance_files = _instance_files(conn, "study_uid", study_uid)
-                conn.execute("DELETE FROM instances WHERE study_uid = ?", (study_uid,))
-                conn.execute("DELETE FROM series WHERE study_uid = ?", (study_uid,))
-                conn.execute("DELETE FROM studies WHERE study_uid = ?", (study_uid,))
-            if instance_files:
-                journal = _write_journal(data_dir, study_uid, instance_files)
+        deletion = series.delete_rows(
+            index, study_uid=study_uid, series_uid=series_uid, before_commit=write_journal
+        )
     except BaseException:
         if journal is not None:  # the rows are still there
             journal.unlink(missing_ok=True)
         raise
-    return Deletion(instances, size, instance_files), journal
-
-
-def _instance_files(conn: Database, column: str, uid: str) -> list[tuple[str, str]]:
-    return [
-        (row[0], row[1])
-        for row in conn.execute(
-            f"SELECT sop_instance_uid, path FROM instances WHERE {column} = ?", (uid,)
-        )
-    ]
-
-
-def _drop_series_from_study(index: Catalog, study_uid: str, instances: int, size: int) -> None:
-    modalities = [
-        row[0]
-        for row in index.conn.execute(
-            "SELECT modality FROM series WHERE study_uid = ? AND modality IS NOT NULL"
-            " GROUP BY modality ORDER BY min(first_received)",
-            (study_uid,),
-        )
-    ]
-    index.conn.execute(
-        "UPDATE studies SET number_of_series = number_of_series - 1,"
-        " number_of_instances = number_of_instances - ?, bytes = bytes - ?, modalities = ?"
-        " WHERE study_uid = ?",
-        (instances, size, json.dumps(modalities), study_uid),
-    )
-    refresh_study_availability(index, study_uid)
+    return deletion, journal

@@ -1,151 +1,36 @@
-"""Storage commitment: what a requester asked us to keep, and what we promise.
+"""Checking a storage commitment request: what we promise.
 
-A request (a transaction UID and the instances it references) is recorded
-before it is acknowledged. Checking it decides, once and for good, which
-instances are committed: indexed, of the SOP class the requester names, and
-their file present with the dataset's bytes still hashing to the SHA-256
-recorded at receipt. The result, kept per instance in `commitment_items`, is
-what every delivery of the report sends, so a report sent twice says the same.
+The check decides, once and for good, which of the instances a recorded
+request references are committed: indexed, of the SOP class the requester
+names, and their file present with the dataset's bytes still hashing to the
+SHA-256 recorded at receipt. The index (storage.catalog.commitments) gives the
+indexed copies and keeps the result; the files are read here, outside it.
 
-The check also tells the index what the request says about completeness: a
-series whose referenced instances are all committed is `complete`, one with
-failures `incomplete`, with the reason.
-
-Delivery state (`commitments.delivery_state`): ``checking`` (recorded, not yet
-checked), ``pending`` (checked, report not yet acknowledged; retried at
-`next_attempt_at`), ``delivering`` (a reporter took it, until `next_attempt_at`:
-the nodes sharing an index deliver each report once), ``delivered``, ``failed``
-(given up, or nowhere to send it).
+The result also says what the request says about completeness: a series whose
+referenced instances are all committed is `complete`, one with failures
+`incomplete`, with the reason.
 """
 
-import enum
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from storage import files
-from storage.catalog.engines import Database, IndexLocation, IndexUnreachable
-from storage.catalog.index import Catalog, utc_now
-
-CHECKING, PENDING, DELIVERING = "checking", "pending", "delivering"
-DELIVERED, FAILED = "delivered", "failed"
-
-# Failure Reason (0008,1197) values, PS3.4 J.3.3.1.1
-PROCESSING_FAILURE = 0x0110  # the file is missing or its bytes changed
-NO_SUCH_OBJECT_INSTANCE = 0x0112
-CLASS_INSTANCE_CONFLICT = 0x0119
-SOP_CLASS_NOT_SUPPORTED = 0x0122
-
-FAILURE_NAMES = {
-    PROCESSING_FAILURE: "damaged",
-    NO_SUCH_OBJECT_INSTANCE: "missing",
-    CLASS_INSTANCE_CONFLICT: "class conflict",
-    SOP_CLASS_NOT_SUPPORTED: "class not supported",
-}
-
-
-class Recorded(enum.Enum):
-    NEW = "new"
-    REPEATED = "repeated"  # the same transaction UID with the same references
-    CONFLICTING = "conflicting"  # the same transaction UID with other references
-
-
-@dataclass(frozen=True)
-class Reference:
-    sop_class_uid: str
-    sop_instance_uid: str
-
-
-@dataclass(frozen=True)
-class CommitmentRequest:
-    transaction_uid: str
-    references: list[Reference]
-    requester_ae: str | None
-    requester_peer: str | None
-    association_id: str | None
-
-
-@dataclass(frozen=True)
-class Failure:
-    reference: Reference
-    reason: int
-
-
-@dataclass
-class CommitmentResult:
-    """What the report of one transaction says."""
-
-    transaction_uid: str
-    requester_ae: str | None
-    committed: list[Reference] = field(default_factory=list)
-    failed: list[Failure] = field(default_factory=list)
-
-    @property
-    def all_committed(self) -> bool:
-        return not self.failed
-
-    def failures_by_reason(self) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for failure in self.failed:
-            name = FAILURE_NAMES.get(failure.reason, f"0x{failure.reason:04X}")
-            counts[name] = counts.get(name, 0) + 1
-        return counts
-
-
-def record_request(index: Catalog, request: CommitmentRequest, *, hold: float = 0.0) -> Recorded:
-    """Record a request durably (the commit is synchronous=FULL), or tell a
-    repeat of a recorded one apart from a different request under its UID.
-    `hold`: seconds during which the caller has it to check and report."""
-    conn = index.conn
-    with index.writing():
-        existing = conn.execute(
-            "SELECT sop_class_uid, sop_instance_uid FROM commitment_items"
-            " WHERE transaction_uid = ? ORDER BY position",
-            (request.transaction_uid,),
-        ).fetchall()
-        if existing or _is_recorded(conn, request.transaction_uid):
-            same = [tuple(row) for row in existing] == [
-                (r.sop_class_uid, r.sop_instance_uid) for r in request.references
-            ]
-            return Recorded.REPEATED if same else Recorded.CONFLICTING
-        conn.execute(
-            "INSERT INTO commitments (transaction_uid, requester_ae, requester_peer,"
-            " association_id, requested_at, instances, delivery_state, attempts, next_attempt_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?)",
-            (
-                request.transaction_uid,
-                request.requester_ae,
-                request.requester_peer,
-                request.association_id,
-                utc_now(),
-                len(request.references),
-                CHECKING,
-                _moment(hold),
-            ),
-        )
-        conn.executemany(
-            "INSERT INTO commitment_items (transaction_uid, position, sop_class_uid,"
-            " sop_instance_uid) VALUES (?, ?, ?, ?)",
-            [
-                (request.transaction_uid, position, r.sop_class_uid, r.sop_instance_uid)
-                for position, r in enumerate(request.references)
-            ],
-        )
-    return Recorded.NEW
-
-
-def _is_recorded(conn: Database, transaction_uid: str) -> bool:
-    return (
-        conn.execute(
-            "SELECT 1 FROM commitments WHERE transaction_uid = ?", (transaction_uid,)
-        ).fetchone()
-        is not None
-    )
+from storage.catalog import Catalog, commitments
+from storage.catalog.commitments import (
+    CLASS_INSTANCE_CONFLICT,
+    NO_SUCH_OBJECT_INSTANCE,
+    PROCESSING_FAILURE,
+    SOP_CLASS_NOT_SUPPORTED,
+    CommitmentResult,
+    IndexedCopy,
+    Outcome,
+    Reference,
+    failures_by_name,
+)
 
 
 def check_request(
-    index: Catalog,
+    catalog: Catalog,
     transaction_uid: str,
     is_storage_class: Callable[[str], bool],
     *,
@@ -159,268 +44,59 @@ def check_request(
     `hold`: seconds during which retries leave the report to the caller (who
     delivers it on the requester's association).
     """
-    location = index.location
-    reader = location.open_reader()
-    try:
-        if _checked(reader, transaction_uid):
-            return load_result(reader, transaction_uid)
-        items = reader.execute(
-            "SELECT position, sop_class_uid, sop_instance_uid FROM commitment_items"
-            " WHERE transaction_uid = ? ORDER BY position",
-            (transaction_uid,),
-        ).fetchall()
+    referenced = commitments.referenced_copies(catalog, transaction_uid)
+    if referenced is not None:
+        data_dir = catalog.location.data_dir
         outcomes = [
-            (
-                position,
-                *_check_instance(reader, location.data_dir, Reference(cls, uid), is_storage_class),
-            )  # fmt: skip
-            for position, cls, uid in items
+            (position, *_check_instance(data_dir, reference, copy, is_storage_class))
+            for position, reference, copy in referenced
         ]
-    finally:
-        reader.close()
-    _record_result(index, transaction_uid, outcomes, hold)
+        commitments.record_result(
+            catalog, transaction_uid, outcomes, _completeness(transaction_uid, outcomes), hold
+        )
     # Read back what was recorded: ours, or the result of a checker that got
     # there first, which is the one every report must carry.
-    reader = location.open_reader()
-    try:
-        return load_result(reader, transaction_uid)
-    finally:
-        reader.close()
-
-
-def _checked(conn: Database, transaction_uid: str) -> bool:
-    row = conn.execute(
-        "SELECT checked_at FROM commitments WHERE transaction_uid = ?", (transaction_uid,)
-    ).fetchone()
-    return row is not None and row[0] is not None
+    return commitments.load_result(catalog, transaction_uid)
 
 
 def _check_instance(
-    conn: Database,
     data_dir: Path,
     reference: Reference,
+    copy: IndexedCopy | None,
     is_storage_class: Callable[[str], bool],
 ) -> tuple[int | None, str | None, str | None]:
-    """(failure reason or None, study UID, series UID) of one referenced instance.
-
-    Only the indexed copy counts: a copy kept aside under conflicts/ is not
-    what the index serves, so it commits nothing.
-    """
-    row = conn.execute(
-        "SELECT sop_class_uid, path, sha256, study_uid, series_uid FROM instances"
-        " WHERE sop_instance_uid = ?",
-        (reference.sop_instance_uid,),
-    ).fetchone()
-    if row is None:
+    """(failure reason or None, study UID, series UID) of one referenced instance."""
+    if copy is None:
         if not is_storage_class(reference.sop_class_uid):
             return SOP_CLASS_NOT_SUPPORTED, None, None
         return NO_SUCH_OBJECT_INSTANCE, None, None
-    sop_class_uid, path, sha256, study_uid, series_uid = row
-    if sop_class_uid != reference.sop_class_uid:
-        return CLASS_INSTANCE_CONFLICT, study_uid, series_uid
-    intact = files.holds_dataset(data_dir / path, sha256)
-    return (None if intact else PROCESSING_FAILURE), study_uid, series_uid
+    if copy.sop_class_uid != reference.sop_class_uid:
+        return CLASS_INSTANCE_CONFLICT, copy.study_uid, copy.series_uid
+    intact = files.holds_dataset(data_dir / copy.path, copy.sha256)
+    return (None if intact else PROCESSING_FAILURE), copy.study_uid, copy.series_uid
 
 
-def _record_result(
-    index: Catalog,
-    transaction_uid: str,
-    outcomes: list[tuple[int, int | None, str, str]],
-    hold: float,
-) -> None:
-    conn = index.conn
-    now = utc_now()
-    failed = sum(1 for _, reason, _, _ in outcomes if reason is not None)
-    studies = {study for _, _, study, _ in outcomes if study}
-    with index.writing(lock_keys=studies):
-        if _checked(conn, transaction_uid):  # another thread or process got there first
-            return
-        conn.executemany(
-            "UPDATE commitment_items SET failure_reason = ?, study_uid = ?, series_uid = ?"
-            " WHERE transaction_uid = ? AND position = ?",
-            [
-                (reason, study, series, transaction_uid, position)
-                for position, reason, study, series in outcomes
-            ],
-        )
-        conn.execute(
-            "UPDATE commitments SET checked_at = ?, committed = ?, failed = ?,"
-            " delivery_state = ?, next_attempt_at = ? WHERE transaction_uid = ?",
-            (now, len(outcomes) - failed, failed, PENDING, _moment(hold), transaction_uid),
-        )
-        _mark_completeness(conn, transaction_uid, outcomes, now)
-
-
-def _mark_completeness(conn: Database, transaction_uid: str, outcomes: list, now: str) -> None:
-    """A series all of whose referenced instances are committed is complete; a
-    series with a failure is incomplete. A failure we cannot place in a series
-    (an instance never received) makes every series of the request incomplete:
-    any of them may be the one it belongs to."""
+def _completeness(transaction_uid: str, outcomes: list[Outcome]) -> dict[str, str | None]:
+    """Each series of the request: None when complete, else why it is
+    incomplete. A series all of whose referenced instances are committed is
+    complete; a series with a failure is incomplete. A failure we cannot place
+    in a series (an instance never received) makes every series of the request
+    incomplete: any of them may be the one it belongs to."""
     unplaced = [reason for _, reason, _, series in outcomes if reason is not None and not series]
     per_series: dict[str, list[int | None]] = {}
     for _, reason, _, series in outcomes:
         if series:
             per_series.setdefault(series, []).append(reason)
+    completeness: dict[str, str | None] = {}
     for series_uid, reasons in per_series.items():
         failures = [reason for reason in reasons if reason is not None] + unplaced
         if not failures:
-            conn.execute(
-                "UPDATE series SET committed_at = ?, incomplete_reason = NULL,"
-                " incomplete_since = NULL WHERE series_uid = ?",
-                (now, series_uid),
-            )
+            completeness[series_uid] = None
             continue
         total = len(reasons) + len(unplaced)
-        kinds = {}
-        for reason in failures:
-            name = FAILURE_NAMES.get(reason, f"0x{reason:04X}")
-            kinds[name] = kinds.get(name, 0) + 1
+        kinds = failures_by_name(failures)
         detail = ", ".join(f"{count} {name}" for name, count in kinds.items())
-        conn.execute(
-            "UPDATE series SET committed_at = NULL, incomplete_reason = ?, incomplete_since = ?"
-            " WHERE series_uid = ?",
-            (
-                f"commitment {transaction_uid}: {len(failures)} of {total} not committed"
-                f" ({detail})",
-                now,
-                series_uid,
-            ),
+        completeness[series_uid] = (
+            f"commitment {transaction_uid}: {len(failures)} of {total} not committed ({detail})"
         )
-
-
-def load_result(conn: Database, transaction_uid: str) -> CommitmentResult:
-    """The recorded result of a checked transaction."""
-    requester = conn.execute(
-        "SELECT requester_ae FROM commitments WHERE transaction_uid = ?", (transaction_uid,)
-    ).fetchone()
-    result = CommitmentResult(transaction_uid, requester[0] if requester else None)
-    for cls, uid, reason in conn.execute(
-        "SELECT sop_class_uid, sop_instance_uid, failure_reason FROM commitment_items"
-        " WHERE transaction_uid = ? ORDER BY position",
-        (transaction_uid,),
-    ):
-        reference = Reference(cls, uid)
-        if reason is None:
-            result.committed.append(reference)
-        else:
-            result.failed.append(Failure(reference, reason))
-    return result
-
-
-# -- delivery ---------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class DueReport:
-    transaction_uid: str
-    requester_ae: str | None
-    attempts: int
-    checked: bool
-
-
-def claim(index: Catalog, transaction_uid: str, lease: float) -> bool:
-    """Take a due report for this process to deliver: the reporters of several
-    nodes sharing an index all see it, and one of them wins (the row's update
-    is atomic). Held for `lease` seconds; a node that dies holding it leaves it
-    to the others after that."""
-    with index.writing():
-        return (
-            index.conn.execute(
-                "UPDATE commitments SET delivery_state = ?, next_attempt_at = ?"
-                " WHERE transaction_uid = ? AND (delivery_state IN (?, ?)"
-                " OR (delivery_state = ? AND next_attempt_at <= ?))",
-                (DELIVERING, _moment(lease), transaction_uid, PENDING, CHECKING, DELIVERING,
-                 utc_now()),
-            ).rowcount
-            == 1
-        )  # fmt: skip
-
-
-def reopen(index: Catalog, transaction_uid: str, *, hold: float = 0.0) -> None:
-    """A repeated request: its (unchanged) report is owed again."""
-    with index.writing():
-        index.conn.execute(
-            "UPDATE commitments SET delivery_state = ?, attempts = 0, next_attempt_at = ?"
-            " WHERE transaction_uid = ? AND delivery_state != ?",
-            (PENDING, _moment(hold), transaction_uid, CHECKING),
-        )
-
-
-def delivered(index: Catalog, transaction_uid: str, by: str) -> None:
-    with index.writing():
-        index.conn.execute(
-            "UPDATE commitments SET delivery_state = ?, delivered_at = ?, delivered_by = ?,"
-            " attempts = attempts + 1, last_error = NULL WHERE transaction_uid = ?",
-            (DELIVERED, utc_now(), by, transaction_uid),
-        )
-
-
-def delivery_failed(
-    index: Catalog,
-    transaction_uid: str,
-    error: str,
-    retry_in: float | None,
-    *,
-    attempt: bool = True,
-) -> None:
-    """An attempt failed: retry in `retry_in` seconds, or (None) give up."""
-    with index.writing():
-        index.conn.execute(
-            "UPDATE commitments SET delivery_state = ?, next_attempt_at = ?, last_error = ?,"
-            " attempts = attempts + ? WHERE transaction_uid = ?",
-            (
-                PENDING if retry_in is not None else FAILED,
-                _moment(retry_in) if retry_in is not None else None,
-                error,
-                int(attempt),
-                transaction_uid,
-            ),
-        )
-
-
-def due_reports(location: IndexLocation, *, starting: bool = False) -> list[DueReport]:
-    """Transactions whose report is owed now, oldest first: checked ones whose
-    retry time has come, and those still unchecked whose association's hold
-    has passed (a check that failed), and those a reporter took and did not
-    finish within its lease (its node died). `starting`: the service has just
-    started and no association of its own holds anything: every pending and
-    unchecked one."""
-    try:
-        conn = location.open_reader()
-    except IndexUnreachable:
-        return []
-    try:
-        rows = conn.execute(
-            "SELECT transaction_uid, requester_ae, attempts, checked_at IS NOT NULL"
-            " FROM commitments WHERE (delivery_state IN (?, ?)"
-            " AND (? OR coalesce(next_attempt_at, requested_at) <= ?))"
-            " OR (delivery_state = ? AND next_attempt_at <= ?) ORDER BY requested_at",
-            (PENDING, CHECKING, starting, now := utc_now(), DELIVERING, now),
-        ).fetchall()
-        return [DueReport(uid, ae, attempts, bool(checked)) for uid, ae, attempts, checked in rows]
-    finally:
-        conn.close()
-
-
-def next_attempt_in(location: IndexLocation) -> float | None:
-    """Seconds until the earliest retry of a pending report (None: none pending)."""
-    try:
-        conn = location.open_reader()
-    except IndexUnreachable:
-        return None
-    try:
-        row = conn.execute(
-            "SELECT min(next_attempt_at) FROM commitments WHERE delivery_state IN (?, ?)",
-            (PENDING, DELIVERING),
-        ).fetchone()
-    finally:
-        conn.close()
-    if row[0] is None:
-        return None
-    moment = datetime.fromisoformat(row[0].replace("Z", "+00:00"))
-    return max(0.0, (moment - datetime.now(UTC)).total_seconds())
-
-
-def _moment(seconds: float) -> str:
-    moment = datetime.now(UTC) + timedelta(seconds=seconds)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return completeness

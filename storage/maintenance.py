@@ -6,38 +6,33 @@ rows that live ingest produced when it arrived.
 """
 
 import contextlib
+import functools
 import os
-import sqlite3
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 
 from storage import files
+from storage.catalog import Catalog, IndexEntry, Provenance, series
 from storage.catalog.engines import (
-    MAX_PARAMETERS,
     WRITER_LOCK_SUFFIX,
-    Database,
     IndexCorrupt,
     IndexLocation,
-    SQLiteDatabase,
-    is_corrupt,
     open_in_another_process,
 )
-from storage.catalog.index import (
-    INDEX_FILENAME,
-    ONLINE,
-    TABLES,
-    UNAVAILABLE,
-    Catalog,
-    IndexEntry,
-    PatientConflict,
-    Provenance,
-    SeriesStudyMismatch,
-    replace_rows,
+from storage.catalog.ingest import PatientConflict, SeriesStudyMismatch
+from storage.catalog.rebuild import (
+    carry_over_damaged,
+    file_to_replace,
+    replace_live_rows,
+    scratch_catalog,
 )
-from storage.changes import files_being_deleted, refresh_study_availability
-from storage.header import HeaderError, read_header
+from storage.catalog.schema import INDEX_FILENAME
+from storage.catalog.verification import RecordedFiles
+from storage.changes import files_being_deleted
+from storage.codec.walk import HeaderError
+from storage.header import read_header
 from storage.uids import is_valid_uid
 
 Progress = Callable[[int], None]
@@ -140,7 +135,7 @@ def recover_incoming(index: Catalog, node: str) -> Recovery:
     location = index.location
     data_dir = Path(location.data_dir)
     recovery = Recovery()
-    temps = files.prepare_data_dir(data_dir, node, every_node=not location.is_postgresql)
+    temps = files.prepare_data_dir(data_dir, node, every_node=not index.shared_by_nodes)
     for temp in temps:
         relpath = _final_name(data_dir, temp) if temp.stat().st_nlink > 1 else None
         if relpath is None:
@@ -164,7 +159,7 @@ def check_not_behind_files(index: Catalog) -> None:
     """IndexBehindFiles when the index holds no instance while the data
     directory holds instance files. Reads one row; walks the directory only
     for an empty index, down to the first file."""
-    if index.conn.execute("SELECT 1 FROM instances LIMIT 1").fetchone():
+    if index.holds_instances():
         return
     location = index.location
     found = next(instance_files(Path(location.data_dir)), None)
@@ -193,9 +188,7 @@ def _finish_placing(
 ) -> bool:
     """Record a placed file as ingest would have; False if it already was."""
     if relpath.parts[0] == files.CONFLICTS_DIR:
-        known = index.conn.execute(
-            "SELECT 1 FROM conflicts WHERE path = ?", (str(relpath),)
-        ).fetchone()
+        known = index.has_conflict_at(str(relpath))
         if not known:
             index.record_conflict(entry, "kept-aside")
         return not known
@@ -234,14 +227,6 @@ class VerifyReport:
         return not any(problems) and not unknown
 
 
-def count_instances(location: IndexLocation) -> int:
-    db = location.open_reader()
-    try:
-        return db.execute("SELECT count(*) FROM instances").fetchone()[0]
-    finally:
-        db.close()
-
-
 def verify(
     index: Catalog,
     data_dir: Path,
@@ -257,28 +242,19 @@ def verify(
     and indexed when `repair`."""
     data_dir = Path(data_dir)
     report = VerifyReport()
-    reader = index.conn.another()
     missing: list[tuple[str, str, str, str]] = []  # path, SOP Instance UID, series, study
-    for relpath, size, sha256, uid, series_uid, study_uid in reader.execute(
-        "SELECT path, size, sha256, sop_instance_uid, series_uid, study_uid FROM instances"
-    ):
-        report.checked += 1
-        progress(1)
-        if not _check_file(data_dir, relpath, size, sha256, checksum, report):
-            missing.append((relpath, uid, series_uid, study_uid))
-    # Copies kept aside are the only copy of what a sender sent the second time:
-    # each must be where the index says, as it arrived.
-    for relpath, size, sha256 in reader.execute(
-        "SELECT path, size, sha256 FROM conflicts WHERE action = 'kept-aside'"
-    ):
-        report.checked_kept_aside += 1
-        _check_file(data_dir, relpath, size, sha256, checksum, report)
-    marked_by_verify = dict(
-        reader.execute(
-            "SELECT series_uid, study_uid FROM series WHERE unavailable_by_verify IS NOT NULL"
-        ).fetchall()
-    )
-    reader.close()
+    with RecordedFiles(index) as recorded:
+        for relpath, size, sha256, uid, series_uid, study_uid in recorded.instances():
+            report.checked += 1
+            progress(1)
+            if not _check_file(data_dir, relpath, size, sha256, checksum, report):
+                missing.append((relpath, uid, series_uid, study_uid))
+        # Copies kept aside are the only copy of what a sender sent the second
+        # time: each must be where the index says, as it arrived.
+        for relpath, size, sha256 in recorded.kept_aside():
+            report.checked_kept_aside += 1
+            _check_file(data_dir, relpath, size, sha256, checksum, report)
+        marked_by_verify = recorded.marked_by_verify()
     studies = {*(study for *_, study in missing), *marked_by_verify.values()}
     damaged_series: dict[str, str] = {}
     recovered: dict[str, str] = {}
@@ -293,27 +269,12 @@ def verify(
                 else:
                     report.missing.remove(relpath)
             for series_uid, study_uid in damaged_series.items():
-                # An admin's UNAVAILABLE stays the admin's: only another value is
-                # remembered, to be given back once the files are.
-                index.conn.execute(
-                    "UPDATE series SET unavailable_by_verify = availability, availability = ?"
-                    " WHERE series_uid = ? AND availability != ?",
-                    (UNAVAILABLE, series_uid, UNAVAILABLE),
-                )
-                refresh_study_availability(index, study_uid)
+                series.mark_files_missing(index, series_uid, study_uid)
             for series_uid, study_uid in marked_by_verify.items():
                 if series_uid in damaged_series:
                     continue
-                # Still marked: an admin's `availability set` since the look
-                # above cleared the mark, and the admin's value stays.
-                if index.conn.execute(
-                    "UPDATE series SET availability = unavailable_by_verify,"
-                    " unavailable_by_verify = NULL"
-                    " WHERE series_uid = ? AND unavailable_by_verify IS NOT NULL",
-                    (series_uid,),
-                ).rowcount:
+                if series.give_availability_back(index, series_uid, study_uid):
                     recovered[series_uid] = study_uid
-                    refresh_study_availability(index, study_uid)
         report.unavailable_series = sorted(damaged_series)
         report.available_again = sorted(recovered)
     _find_unknown_files(index, data_dir, report, repair)
@@ -396,15 +357,6 @@ class RebuildRefused(Exception):
 REBUILD_SUFFIX = ".rebuild"
 CORRUPT_SUFFIX = ".corrupt-"  # + the UTC time the damaged index was set aside
 _REBUILD_BATCH = 2000
-# What the files cannot tell about a series: an admin's availability, what
-# `verify` marked, the incomplete and committed marks.
-_SERIES_STATE = [
-    "availability",
-    "unavailable_by_verify",
-    "incomplete_reason",
-    "incomplete_since",
-    "committed_at",
-]
 
 
 def rebuild(location: IndexLocation, *, progress: Progress = _no_progress) -> RebuildReport:
@@ -425,15 +377,13 @@ def rebuild(location: IndexLocation, *, progress: Progress = _no_progress) -> Re
     """
     data_dir = Path(location.data_dir)
     damage = _damage(location)
-    replace_file = not location.is_postgresql and (
-        damage is not None or not location.sqlite_path.exists()
-    )
-    if replace_file:
-        _refuse_if_open(location.sqlite_path)
+    replace_file = file_to_replace(location, damage)
+    if replace_file is not None:
+        _refuse_if_open(replace_file)
     scratch_path = data_dir / (INDEX_FILENAME + REBUILD_SUFFIX)
     _remove_database(scratch_path)
     report = RebuildReport()
-    scratch = Catalog(SQLiteDatabase(scratch_path))
+    scratch = scratch_catalog(scratch_path)
     built = False
     try:
         order = _arrival_order(data_dir, report)
@@ -447,13 +397,17 @@ def rebuild(location: IndexLocation, *, progress: Progress = _no_progress) -> Re
                         report.unindexable.append(str(exc))
                     progress(1)
         report.conflicts = _rebuild_conflicts(scratch, data_dir, report)
-        if not replace_file:
-            _replace_live_rows(location, scratch, report)
+        if replace_file is None:
+            replace_live_rows(
+                location, scratch, report.carried_over, functools.partial(_index_again, report)
+            )
         elif damage is not None:
-            _carry_over_damaged(location.sqlite_path, scratch, data_dir, report)
+            report.not_carried_over += carry_over_damaged(
+                replace_file, scratch, data_dir, report.carried_over
+            )
         else:
             report.not_carried_over.append(
-                f"no index was at {location.sqlite_path}: availability set by an admin,"
+                f"no index was at {replace_file}: availability set by an admin,"
                 " incomplete and complete marks, the overwrite history and storage"
                 " commitments start afresh"
             )
@@ -462,11 +416,11 @@ def rebuild(location: IndexLocation, *, progress: Progress = _no_progress) -> Re
         scratch.close()  # the last connection: its WAL goes into the file
         if not built:
             _remove_database(scratch_path)
-    if replace_file:
+    if replace_file is not None:
         if damage is not None:
-            _refuse_if_open(location.sqlite_path)  # opened since the start? Then it stays.
-            report.kept_aside = str(_set_aside(location.sqlite_path))
-        _put_in_place(scratch_path, location.sqlite_path)
+            _refuse_if_open(replace_file)  # opened since the start? Then it stays.
+            report.kept_aside = str(_set_aside(replace_file))
+        _put_in_place(scratch_path, replace_file)
     _remove_database(scratch_path)
     return report
 
@@ -527,154 +481,16 @@ def _rebuild_conflicts(scratch: Catalog, data_dir: Path, report: RebuildReport) 
     return count
 
 
-_TABLES = ["studies", "series", "instances", "conflicts"]
-
-
-def _replace_live_rows(location: IndexLocation, scratch: Catalog, report: RebuildReport) -> None:
-    live = Catalog.open(location)
+def _index_again(report: RebuildReport, live: Catalog, relpath: str) -> None:
+    """Index into the live index, while its rows are replaced, an instance it
+    received after the scan of the files passed its place."""
     try:
-        with live.writing():
-            # Ingest waits from here to the COMMIT, so every instance answered
-            # Success before it is in the live rows read now.
-            live.conn.exclude_writers(_TABLES)
-            indexed_meanwhile = _indexed_since_scan(live.conn, scratch.conn)
-
-            def rows(table: str, columns: list[str]):
-                return live.conn.execute(f"SELECT {', '.join(columns)} FROM {table}")
-
-            with scratch.writing():
-                _carry_over(rows, scratch, Path(location.data_dir), report, commitments=False)
-            replace_rows(scratch.conn, live.conn, _TABLES)
-            for relpath in indexed_meanwhile:
-                try:
-                    index_file(live, entry_for_file(location.data_dir, PurePosixPath(relpath)))
-                    report.instances += 1
-                except FileNotFoundError:  # deleted since: neither file nor row
-                    pass
-                except UnindexableFile as exc:
-                    report.unindexable.append(str(exc))
-    finally:
-        live.close()
-
-
-def _indexed_since_scan(live: Database, scratch: Database) -> list[str]:
-    """The paths of the instances the live index holds and the scratch one
-    lacks, in the order they arrived: stored after the scan of the files passed
-    their place (or in flight when it began)."""
-    missing: list[tuple[str, str]] = []
-
-    def look_up(batch: list) -> None:
-        known = {
-            row[0]
-            for row in scratch.rows_in(
-                "SELECT sop_instance_uid FROM instances WHERE sop_instance_uid IN (?)",
-                [uid for uid, _, _ in batch],
-            )
-        }
-        missing.extend((received, path) for uid, path, received in batch if uid not in known)
-
-    batch = []
-    for row in live.stream("SELECT sop_instance_uid, path, received_at FROM instances"):
-        batch.append(tuple(row))
-        if len(batch) == MAX_PARAMETERS:
-            look_up(batch)
-            batch = []
-    look_up(batch)
-    return [path for _, path in sorted(missing)]
-
-
-def _carry_over(
-    rows: Callable[[str, list[str]], Iterable],
-    scratch: Catalog,
-    data_dir: Path,
-    report: RebuildReport,
-    *,
-    commitments: bool,
-) -> None:
-    """Into the scratch index (inside its `writing()`), from the old index's
-    rows (`rows(table, columns)`): what the files cannot tell."""
-    db = scratch.conn
-    carried = report.carried_over
-    states = [(*row[1:], row[0]) for row in rows("series", ["series_uid", *_SERIES_STATE])]
-    db.executemany(
-        f"UPDATE series SET {', '.join(f'{c} = ?' for c in _SERIES_STATE)} WHERE series_uid = ?",
-        states,
-    )
-    carried["series"] = len(states)
-    for (study_uid,) in db.execute(
-        "SELECT DISTINCT study_uid FROM series WHERE availability != ?", (ONLINE,)
-    ).fetchall():
-        refresh_study_availability(scratch, study_uid)
-    # The overwrite history is in the index only; a copy kept aside while the
-    # files were scanned has its file, but not yet its row.
-    columns = [c for c in TABLES["conflicts"][0] if c != "id"]
-    kept = {row[0] for row in db.execute("SELECT path FROM conflicts")}
-    history = [
-        row
-        for row in rows("conflicts", columns)
-        if row[1] != "kept-aside" or (row[2] not in kept and (data_dir / row[2]).exists())
-    ]
-    carried["conflicts"] = db.insert_rows("conflicts", columns, history)
-    if commitments:
-        for table in ("commitments", "commitment_items"):
-            carried[table] = db.insert_rows(
-                table, list(TABLES[table][0]), rows(table, list(TABLES[table][0]))
-            )
-
-
-def _carry_over_damaged(
-    path: Path, scratch: Catalog, data_dir: Path, report: RebuildReport
-) -> None:
-    """`_carry_over` from a damaged SQLite file: every row that can still be
-    read; what cannot is reported."""
-    unreadable: dict[str, str] = {}
-    old = SQLiteDatabase(path, read_only=True)
-    try:
-
-        def rows(table: str, columns: list[str]):
-            return _readable_rows(old, table, columns, unreadable)
-
-        with scratch.writing():
-            _carry_over(rows, scratch, data_dir, report, commitments=True)
-            carried_series = {row[0] for row in _readable_rows(old, "series", ["series_uid"], {})}
-            unknown = [
-                uid
-                for (uid,) in scratch.conn.execute("SELECT series_uid FROM series")
-                if uid not in carried_series
-            ]
-    finally:
-        old.close()
-    what = {
-        "series": "availability set by an admin or by verify, incomplete and complete marks",
-        "conflicts": "the history of overwrite resends",
-        "commitments": "storage commitment requests and their results",
-        "commitment_items": "the instances of storage commitment requests",
-    }
-    for table, problem in unreadable.items():
-        lost = what.get(table, table)
-        if table == "series" and unknown:
-            lost += f" of {len(unknown)} series (now ONLINE, unmarked), e.g. {unknown[0]}"
-        report.not_carried_over.append(f"{table}: {lost}: partly unreadable ({problem})")
-
-
-def _readable_rows(db: Database, table: str, columns: list[str], unreadable: dict[str, str]):
-    """The rows of `table` that a damaged SQLite file still gives, in rowid
-    order: past a damaged page, reading goes on at a rowid further on (twice as
-    far at each failure), so the rows of the pages after it come back too.
-    `unreadable[table]` says why rows were skipped."""
-    sql = f"SELECT rowid, {', '.join(columns)} FROM {table} WHERE rowid > ? ORDER BY rowid"
-    after, skip = 0, 1
-    while skip < 1 << 40:
-        try:
-            for row in db.execute(sql, (after,)):
-                after, skip = row[0], 1
-                yield tuple(row[1:])
-            return
-        except sqlite3.DatabaseError as exc:
-            unreadable.setdefault(table, str(exc))
-            if not is_corrupt(exc):  # not there at all (an index of an older version)
-                return
-            after, skip = after + skip, skip * 2
+        index_file(live, entry_for_file(live.location.data_dir, PurePosixPath(relpath)))
+        report.instances += 1
+    except FileNotFoundError:  # deleted since: neither file nor row
+        pass
+    except UnindexableFile as exc:
+        report.unindexable.append(str(exc))
 
 
 def _set_aside(path: Path) -> Path:
@@ -698,61 +514,3 @@ def _put_in_place(scratch_path: Path, path: Path) -> None:
             " stop it and run rebuild again"
         ) from exc
     files.fsync_directory(path.parent)
-
-
-class MigrationRefused(Exception):
-    """migrate-index would lose or mix rows; the message says which and why."""
-
-
-def migrate_index(
-    data_dir: Path, target_url: str, *, progress: Progress = _no_progress
-) -> dict[str, int]:
-    """Copy the SQLite index of `data_dir` into the index at `target_url`, in one
-    transaction there: afterwards every table of the target holds exactly the
-    source's rows (run it again and nothing changes). Refused when the target
-    holds instances the source does not (another archive's). Returns the rows
-    per table, checked against the source's counts."""
-    source_location = IndexLocation(Path(data_dir))
-    target_location = IndexLocation(Path(data_dir), target_url)
-    # An index of an older schema version is brought to this one first (as
-    # `serve` does at start): the copy reads every column of this version.
-    Catalog(source_location.open()).close()
-    source = source_location.open()
-    target = Catalog.open(target_location)
-    try:
-        source.execute("BEGIN")  # one snapshot of the source, even while serve writes
-        _refuse_foreign_rows(source, target, source_location, target_location)
-        with target.writing():
-            copied = replace_rows(source, target.conn, list(TABLES), progress)
-        for table, count in copied.items():
-            expected = source.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
-            found = target.conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
-            if not expected == found == count:
-                raise MigrationRefused(
-                    f"{table}: {expected} rows in {source_location.describe()},"
-                    f" {found} in {target_location.describe()} after the copy: run it again"
-                )
-        source.execute("COMMIT")
-        return copied
-    finally:
-        source.close()
-        target.close()
-
-
-def _refuse_foreign_rows(
-    source, target: Catalog, source_location: IndexLocation, target_location: IndexLocation
-) -> None:
-    uids = [row[0] for row in target.conn.execute("SELECT sop_instance_uid FROM instances")]
-    known = {
-        row[0]
-        for row in source.rows_in(
-            "SELECT sop_instance_uid FROM instances WHERE sop_instance_uid IN (?)", uids
-        )
-    }
-    foreign = [uid for uid in uids if uid not in known]
-    if foreign:
-        raise MigrationRefused(
-            f"{target_location.describe()} already holds instances that"
-            f" {source_location.describe()} does not (SOP Instance UID {foreign[0]}):"
-            " migrate-index fills an empty index, or one it filled from this one before"
-        )

@@ -18,19 +18,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from storage import files
-from storage.catalog.engines import IndexTimedOut, database_errors, is_out_of_space
-from storage.catalog.health import IndexInterrupted, IndexUnavailable
-from storage.catalog.index import (
+from storage.catalog import (
     Catalog,
     IndexEntry,
     IndexOutcome,
-    PatientConflict,
     Provenance,
-    SeriesStudyMismatch,
     StoredDigest,
     utc_now,
 )
-from storage.header import DatasetWalk, HeaderError, InstanceHeader, read_header, walkable
+from storage.catalog.engines import IndexFailed, IndexTimedOut
+from storage.catalog.health import IndexInterrupted, IndexUnavailable
+from storage.catalog.ingest import PatientConflict, SeriesStudyMismatch
+from storage.codec.walk import HeaderError
+from storage.header import DatasetWalk, InstanceHeader, read_header, walkable
 from storage.policy import DuplicatePolicy
 from storage.uids import MAX_UID_LENGTH, is_valid_uid
 
@@ -163,7 +163,7 @@ class InstanceStore:
         # misses (its file gone, or of other content elsewhere) is told apart in
         # the transaction.
         known = None
-        if not self.index.conn.remote and (self.data_dir / relpath).exists():
+        if not self.index.shared_by_nodes and (self.data_dir / relpath).exists():
             known = self.index.digest_hint(uid)
             if self._identical(known, sha256):
                 temp_writer.discard()
@@ -225,7 +225,7 @@ class InstanceStore:
         except (IndexUnavailable, IndexTimedOut) as exc:  # nothing was sent
             self._undo_placing(temp, result)
             raise StoreRefused(Refusal.WRITE_FAILED, str(exc), comment=exc.comment) from exc
-        except database_errors() as exc:
+        except IndexFailed as exc:
             self._undo_placing(temp, result)
             raise self.index_refusal(exc, "index write failed") from exc
         except OSError as exc:
@@ -255,15 +255,15 @@ class InstanceStore:
                 functools.partial(self.index.record_refusal, entry, refused.reason),
                 lock_key=entry.header.study_uid,
             )
-        except database_errors() as exc:
+        except IndexFailed as exc:
             refused.reason += f"; not listed in conflicts: {exc}"
 
-    def index_refusal(self, exc: BaseException, failed: str) -> StoreRefused:
+    def index_refusal(self, exc: IndexFailed, failed: str) -> StoreRefused:
         """Why the index failed an instance: a full disk, a damaged SQLite file
         (the admin must rebuild it), or the error itself after `failed`."""
-        if is_out_of_space(exc):
+        if exc.out_of_space:
             return StoreRefused(Refusal.OUT_OF_SPACE, "index: no space left on disk")
-        damage = self.index.conn.corruption(exc)
+        damage = self.index.location.corruption(exc)
         if damage is not None:
             return StoreRefused(
                 Refusal.INDEX_CORRUPT,
@@ -286,7 +286,7 @@ class InstanceStore:
         settle = functools.partial(self._settle, temp, result, entry.sha256)
         try:
             known = self.index.read_back(uid, lost.deadline)
-        except (IndexUnavailable, IndexTimedOut, *database_errors()) as exc:
+        except (IndexUnavailable, IndexTimedOut, IndexFailed) as exc:
             self.index.settle_later(uid, settle)
             raise StoreRefused(
                 Refusal.WRITE_FAILED,
@@ -505,7 +505,7 @@ class IncomingInstance:
         self.timings["check"] = _ms_since(started)
         try:
             return self.store.keep_received(self, header)
-        except database_errors() as exc:  # a look at the index before its transaction
+        except IndexFailed as exc:  # a look at the index before its transaction
             self.temp.discard()
             raise self.store.index_refusal(exc, "index read failed") from exc
 

@@ -19,8 +19,8 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, _config
 from pynetdicom.dsutils import split_dataset
 
+from storage.catalog import Provenance
 from storage.catalog.engines import Database, IndexLocation
-from storage.catalog.index import Provenance
 from storage.store import InstanceStore
 
 # Send files' dataset bytes exactly as they are on disk (no decode/re-encode), so

@@ -8,8 +8,8 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 
 from scp.cli import main
+from storage.catalog import Catalog
 from storage.catalog.engines import IndexLocation
-from storage.catalog.index import Catalog
 from tests.conftest import (
     CT_IMAGE_STORAGE,
     IMAGING_SCP,

@@ -3,7 +3,7 @@
 from pydicom.datadict import dictionary_VR, keyword_for_tag
 
 from storage.attributes import ATTRIBUTES, PATIENT, STUDY, columns
-from storage.catalog.index import TABLES
+from storage.catalog.schema import TABLES
 
 
 def test_each_attribute_is_named_as_the_dicom_dictionary_names_its_tag():

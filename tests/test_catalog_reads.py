@@ -6,8 +6,8 @@ import pydicom
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 
+from storage.catalog import Catalog, Provenance
 from storage.catalog.engines import IndexLocation, IndexUnreachable
-from storage.catalog.index import Catalog, Provenance
 from storage.catalog.reads import CatalogReader
 from storage.files import prepare_data_dir
 from storage.store import DuplicatePolicy, InstanceStore

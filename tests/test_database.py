@@ -4,8 +4,8 @@ import time
 
 import pytest
 
+from storage.catalog import Catalog
 from storage.catalog.engines import IndexLocation
-from storage.catalog.index import Catalog
 from tests.conftest import both_indexes, index_url_for
 
 pytestmark = both_indexes

@@ -13,7 +13,7 @@ from pydicom.encaps import encapsulate
 from pydicom.uid import JPEGBaseline8Bit, generate_uid
 
 from storage.catalog.index import Catalog
-from storage.changes import set_availability
+from storage.catalog.series import set_availability
 from tests.conftest import IMAGING_SCP, both_indexes, dataset_bytes, make_instance
 from tests.test_web import running_web
 

@@ -13,8 +13,8 @@ from fhir.resources.R4B.imagingstudy import ImagingStudy as R4ImagingStudy
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
+from storage.catalog import Catalog, Provenance
 from storage.catalog.engines import IndexLocation
-from storage.catalog.index import Catalog, Provenance
 from storage.fhir import (
     AVAILABILITY_EXTENSION_URL,
     DATA_ABSENT_REASON_URL,

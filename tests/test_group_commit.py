@@ -9,8 +9,8 @@ import time
 
 import pytest
 
+from storage.catalog import Catalog
 from storage.catalog.engines import IndexLocation, SQLiteDatabase
-from storage.catalog.index import Catalog
 from storage.files import prepare_data_dir
 from storage.policy import DuplicatePolicy
 from storage.store import InstanceStore, Outcome, Refusal, StoreRefused

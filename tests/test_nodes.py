@@ -294,7 +294,7 @@ def test_a_pending_report_is_delivered_once_by_two_nodes_starting_together(tmp_p
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_an_index_of_a_newer_schema_is_refused_at_start(tmp_path, postgres_cluster, backend):
-    from storage.catalog.index import Catalog
+    from storage.catalog import Catalog
 
     data = tmp_path / "data"
     data.mkdir()

@@ -8,7 +8,7 @@ import pydicom
 from pydicom.uid import generate_uid
 
 from storage import files
-from storage.catalog.index import Provenance, utc_now
+from storage.catalog import Provenance, utc_now
 from storage.header import read_header
 from tests.conftest import (
     both_indexes,

@@ -24,8 +24,8 @@ from fhirpy import SyncFHIRClient
 from pydicom.uid import generate_uid
 
 from scp.config import ConfigError, load_config
+from storage.catalog import Catalog, Provenance
 from storage.catalog.engines import IndexLocation
-from storage.catalog.index import Catalog, Provenance
 from storage.files import prepare_data_dir
 from storage.store import DuplicatePolicy, InstanceStore
 from tests.conftest import (

@@ -10,7 +10,7 @@ from scp.cli.options import EXIT_NOT_FOUND, config_options, effective_config, fa
 from scp.cli.service import check_config, echo
 from scp.cli.web import web
 from scp.config import load_config
-from storage.catalog.engines import SchemaTooNew, database_errors
+from storage.catalog.engines import IndexFailed, SchemaTooNew, engine_failures
 from storage.codec.datasets import lenient_reading
 
 
@@ -23,15 +23,18 @@ def main():
 def run() -> None:
     """The console entry point: click's own usage errors become one line too."""
     try:
-        code = main.main(standalone_mode=False)
+        with engine_failures():
+            code = main.main(standalone_mode=False)
     except click.exceptions.Abort:
         fail("aborted", EXIT_NOT_FOUND)
     except click.ClickException as exc:
         fail(exc.format_message(), exc.exit_code)
     except SchemaTooNew as exc:
         fail(str(exc), EXIT_NOT_FOUND)
-    except (OSError, *database_errors()) as exc:  # e.g. the index's disk is full
+    except OSError as exc:
         fail(f"{type(exc).__name__}: {exc}", EXIT_NOT_FOUND)
+    except IndexFailed as exc:  # e.g. the index's disk is full
+        fail(f"{exc.kind}: {exc}", EXIT_NOT_FOUND)
     sys.exit(code or 0)
 
 

@@ -24,9 +24,10 @@ from scp.cli.options import (
 from storage.catalog.engines import (
     IndexBusy,
     IndexCorrupt,
+    IndexFailed,
     IndexLocation,
     IndexUnreachable,
-    database_errors,
+    engine_failures,
 )
 from storage.catalog.reads import CatalogReader, FilterError, StudyFilter
 from storage.documents import (
@@ -50,8 +51,9 @@ def data_options(command):
     @functools.wraps(run)
     def naming_damage(**kwargs):
         try:
-            return run(**kwargs)
-        except database_errors() as exc:
+            with engine_failures():
+                return run(**kwargs)
+        except IndexFailed as exc:
             config = _config(kwargs["config_file"], kwargs["data_dir"], kwargs["index_url"])
             damage = config.index_location.corruption(exc)
             if damage is None:
@@ -105,16 +107,14 @@ def _reader(config) -> CatalogReader:
     except IndexUnreachable as exc:
         advice = (
             "check --index-url, and that PostgreSQL runs there and lets this user in"
-            if location.is_postgresql
+            if location.shared_by_nodes
             else "has `imaging-scp serve` received anything into this data dir?"
         )
         fail(f"{exc} ({advice})", EXIT_NOT_FOUND)
 
 
 def _open_index(config):
-    from storage.catalog.index import (
-        Catalog,
-    )  # the writer side: only the commands that change things
+    from storage.catalog import Catalog  # the writer side: only the commands that change things
 
     _reader(config).close()  # the same "no index" error as the read commands
     return Catalog.open(config.index_location)
@@ -204,7 +204,7 @@ def study(config_file, data_dir, index_url, study_uid, instances, mark_complete,
     """Show one study: its attributes and its series."""
     config = _config(config_file, data_dir, index_url)
     if mark_complete:
-        from storage.changes import mark_study_complete
+        from storage.catalog.series import mark_study_complete
 
         index = _open_index(config)
         cleared = mark_study_complete(index, study_uid)
@@ -449,7 +449,7 @@ def availability():
 def availability_set(config_file, data_dir, index_url, study_uid, series_uid, value):
     """Set series availability; the study's is derived: the worst of its series
     (ONLINE < NEARLINE < OFFLINE < UNAVAILABLE)."""
-    from storage.changes import set_availability
+    from storage.catalog.series import set_availability
 
     if (study_uid is None) == (series_uid is None):
         fail("give exactly one of --study UID or --series UID", EXIT_USAGE)
@@ -486,7 +486,7 @@ class _Silent:
 @data_options
 def verify(config_file, data_dir, index_url, checksum, repair, as_json):
     """Check that every indexed file is on disk as recorded. Exit 1 if not."""
-    from storage.maintenance import count_instances
+    from storage.catalog import count_instances
     from storage.maintenance import verify as run_verify
 
     config = _config(config_file, data_dir, index_url)
@@ -538,7 +538,7 @@ def rebuild(config_file, data_dir, index_url):
     config = _config(config_file, data_dir, index_url)
     location = config.index_location
     size = rebuild_size(config.data_dir)
-    if location.is_postgresql or not size:  # nothing to rebuild from: a wrong --data-dir?
+    if location.shared_by_nodes or not size:  # nothing to rebuild from: a wrong --data-dir?
         _reader(config).close()
     try:
         with _progress("rebuilding", size) as bar:
@@ -592,9 +592,10 @@ def delete(config_file, data_dir, index_url, study_uid, series_uid, yes):
 @data_options
 def migrate_index(config_file, data_dir, index_url, target_url):
     """Copy the data dir's SQLite index into PostgreSQL (idempotent; counts checked)."""
+    from storage.catalog import count_instances
     from storage.catalog.engines import check_index_url
-    from storage.maintenance import MigrationRefused, count_instances
-    from storage.maintenance import migrate_index as run_migration
+    from storage.catalog.migrate import MigrationRefused
+    from storage.catalog.migrate import migrate_index as run_migration
 
     config = _config(config_file, data_dir, index_url)
     problem = check_index_url(target_url)

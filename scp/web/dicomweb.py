@@ -28,7 +28,7 @@ from scp.config import Config
 from scp.server import open_store
 from scp.web.stow import StowRs
 from storage.catalog import find
-from storage.catalog.index import OFFLINE, UNAVAILABLE
+from storage.catalog.lifecycle import OFFLINE, UNAVAILABLE
 from storage.catalog.reads import CatalogReader
 from storage.documents import dicom_json
 from storage.files import prepare_data_dir

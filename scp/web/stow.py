@@ -26,7 +26,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
 from scp.store_service import REFUSAL_STATUS
-from storage.catalog.index import Provenance
+from storage.catalog import Provenance
 from storage.store import InstanceStore, Refusal, StoreRefused
 
 log = structlog.get_logger("imaging_scp")

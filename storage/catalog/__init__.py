@@ -6,8 +6,22 @@ delete, rebuild, migrate, and every read) is a call into this package. SQL,
 the schema and its versions, the group commit and each engine's ingest
 strategy stay inside it; the engine (SQLite or PostgreSQL) is chosen once, when
 the catalog is opened.
+
+Here: the door and the records it takes and gives. The exceptions are the
+modules' that raise them (engines, health, ingest).
 """
 
-from storage.catalog.index import Catalog
+from storage.catalog.index import Catalog, count_instances
+from storage.catalog.ingest import IndexEntry, IndexOutcome, Provenance, StoredDigest, utc_now
+from storage.catalog.lifecycle import AVAILABILITIES
 
-__all__ = ["Catalog"]
+__all__ = [
+    "AVAILABILITIES",
+    "Catalog",
+    "IndexEntry",
+    "IndexOutcome",
+    "Provenance",
+    "StoredDigest",
+    "count_instances",
+    "utc_now",
+]

@@ -94,6 +94,27 @@ def is_corrupt(exc: BaseException) -> bool:
     )
 
 
+class IndexFailed(Exception):
+    """The engine failed what was asked of the index (a full disk, an I/O
+    error, a damaged file, a permission the server refused): its message, and
+    what it means for whoever tells the user (`engine_failures`)."""
+
+    def __init__(self, exc: BaseException):
+        super().__init__(str(exc))
+        self.kind = type(exc).__name__  # the engine's name for it, as users were shown
+        self.out_of_space = is_out_of_space(exc)
+        self.corrupt = is_corrupt(exc)
+
+
+@contextlib.contextmanager
+def engine_failures() -> Iterator[None]:
+    """Around what uses the index: an error of its engine raised as IndexFailed."""
+    try:
+        yield
+    except database_errors() as exc:
+        raise IndexFailed(exc) from exc
+
+
 class IndexTimedOut(Exception):
     """The index did not answer, or its write lock was not free, within the
     bound (index_timeout) of `bound` seconds; `why` says what held it."""
@@ -112,7 +133,10 @@ class IndexLocation:
     url: str = ""
 
     @property
-    def is_postgresql(self) -> bool:
+    def shared_by_nodes(self) -> bool:
+        """On a PostgreSQL server that several listener nodes may share, as they
+        share the data directory; else the SQLite file of this machine's data
+        directory."""
         return bool(self.url)
 
     @property
@@ -134,8 +158,10 @@ class IndexLocation:
         return SQLiteDatabase(self.sqlite_path, timeout=timeout or 30)
 
     def corruption(self, exc: BaseException) -> IndexCorrupt | None:
-        """`exc` as IndexCorrupt when it says that the SQLite index is damaged."""
-        if self.is_postgresql or not is_corrupt(exc):
+        """`exc` (IndexFailed, or the engine's own error where a reader meets
+        it) as IndexCorrupt when it says that the SQLite index is damaged."""
+        corrupt = exc.corrupt if isinstance(exc, IndexFailed) else is_corrupt(exc)
+        if self.url or not corrupt:
             return None
         return IndexCorrupt(self.sqlite_path, str(exc))
 
@@ -145,7 +171,7 @@ class IndexLocation:
         quick_check (every page's structure and every row's format, read once)
         rather than integrity_check (also each table's indexes against its rows:
         a sort of every index, several times as long)."""
-        if self.is_postgresql or not self.sqlite_path.is_file():
+        if self.url or not self.sqlite_path.is_file():
             return
         pragma = "quick_check" if quick else "integrity_check"
         try:

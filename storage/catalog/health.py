@@ -1,10 +1,10 @@
 """Whether this process can write its index, known without asking the database.
 
-The writer (storage.catalog.index.Catalog) says when a write failed for want of the index
+The writer (storage.catalog.writer.Writer) says when a write failed for want of the index
 (its connection lost, no answer within index_timeout, another process holding
 SQLite's write lock) and when one succeeds again; the listener reads the state
 for each new association and for a C-ECHO at the cost of an attribute read.
-While the index is unavailable a probe (`Catalog.probe`, from `IndexMonitor`)
+While the index is unavailable a probe (`Writer.probe`, from `IndexMonitor`)
 reconnects and tries a write transaction once a second: that is what clears
 the state when no sender is let in to find out. A damaged SQLite file is out
 for good: nothing but `imaging-scp rebuild`, with serve stopped, repairs it.

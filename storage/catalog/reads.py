@@ -7,7 +7,7 @@ index is in WAL mode, PostgreSQL's readers see committed rows without locks.
 Its callers hold the reader, never the connection.
 
 Rows come back as dicts whose keys are the index's column names, plus:
-- ``state``: ``receiving`` until `stable_after` seconds pass with no new
+- ``state`` (`lifecycle.state_of`): ``receiving`` until `stable_after` seconds pass with no new
   instance, then ``stable``; ``complete`` once a storage commitment request
   covered the series and every instance it referenced there was committed
   (until a new instance arrives); ``incomplete`` when an association that
@@ -25,10 +25,9 @@ from datetime import UTC, datetime, timedelta
 
 from storage.catalog.engines import Database, IndexLocation
 from storage.catalog.find import Query, matches
-from storage.catalog.index import AVAILABILITIES, TABLES
+from storage.catalog.lifecycle import state_of
+from storage.catalog.schema import TABLES
 from storage.names import fold_name
-
-RECEIVING, STABLE, COMPLETE, INCOMPLETE = "receiving", "stable", "complete", "incomplete"
 
 
 class FilterError(ValueError):
@@ -128,19 +127,6 @@ def _since(value: str) -> str:
     return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def _state(
-    last_received: str | None, incomplete_reason: str | None, committed: bool, stable_after: float
-) -> str:
-    if incomplete_reason:
-        return INCOMPLETE
-    if committed:
-        return COMPLETE
-    if last_received is None:
-        return STABLE
-    age = datetime.now(UTC) - datetime.fromisoformat(last_received.replace("Z", "+00:00"))
-    return RECEIVING if age.total_seconds() < stable_after else STABLE
-
-
 _STUDY_COLUMNS = (
     "s.*, (SELECT x.incomplete_reason FROM series x WHERE x.study_uid = s.study_uid"
     " AND x.incomplete_reason IS NOT NULL LIMIT 1) AS incomplete_reason,"
@@ -151,7 +137,7 @@ _STUDY_COLUMNS = (
 
 def _study_dict(row, stable_after: float) -> dict:
     study = dict(row)
-    study["state"] = _state(
+    study["state"] = state_of(
         study["last_received"], study["incomplete_reason"], bool(study["committed"]), stable_after
     )
     return study
@@ -159,7 +145,7 @@ def _study_dict(row, stable_after: float) -> dict:
 
 def _series_dict(row, stable_after: float) -> dict:
     series = dict(row)
-    series["state"] = _state(
+    series["state"] = state_of(
         series["last_received"],
         series["incomplete_reason"],
         series["committed_at"] is not None,
@@ -435,8 +421,3 @@ class CatalogReader:
         """C-FIND: the matches of a checked query (storage.catalog.find), one dict
         per row as the cursor yields it."""
         return matches(self._db, query)
-
-
-def worst_availability(values: list[str]) -> str:
-    """A study's availability: the worst among its series (ONLINE when it has none)."""
-    return max(values, key=AVAILABILITIES.index, default=AVAILABILITIES[0])

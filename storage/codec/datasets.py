@@ -86,3 +86,14 @@ def _convert_values(dataset: Dataset) -> None:
         if element.VR == "SQ":
             for item in element.value:
                 _convert_values(item)
+
+
+def value_text(value) -> str | None:
+    """A converted value as one string (multiple values joined by a backslash,
+    as DICOM writes them), stripped of padding; None when empty."""
+    if value is None:
+        return None
+    if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
+        value = "\\".join(str(item) for item in value)
+    text = str(value).strip().strip("\x00").strip()
+    return text or None
