@@ -4,6 +4,8 @@ WADO-URI."""
 
 import json
 import subprocess
+import urllib.request
+from pathlib import Path
 
 import httpx
 import pydicom
@@ -15,12 +17,15 @@ from pydicom.uid import JPEGBaseline8Bit, generate_uid
 from storage.catalog.index import Catalog
 from storage.catalog.series import set_availability
 from tests.conftest import IMAGING_SCP, both_indexes, dataset_bytes, make_instance
+from tests.test_interop import Orthanc, requires_orthanc, two_series_study
 from tests.test_web import running_web
 
 pytestmark = both_indexes
 
 
 web = pytest.fixture(running_web, name="web")
+
+ORTHANC_DICOMWEB = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 
 
 def client(web) -> DICOMwebClient:
@@ -285,3 +290,42 @@ def test_stow_rs_keeps_nothing_of_a_cut_or_lying_body(web, tmp_path):
     assert not_dicom.status_code == 409
     assert not_dicom.json()["00081198"]["Value"][0]["00081197"]["Value"] == [0xC000]
     assert httpx.post(f"{web.url}/dicomweb/studies", content=b"{}").status_code == 415
+
+
+@requires_orthanc
+@pytest.mark.skipif(not ORTHANC_DICOMWEB.exists(), reason="apt-get install orthanc-dicomweb")
+def test_orthancs_dicomweb_client_pulls_from_us_and_stores_to_us(web, tmp_path):
+    ours, series = generate_uid(), generate_uid()
+    sops = [generate_uid() for _ in range(3)]
+    for number, sop in enumerate(sops, 1):
+        web.receive(study_uid=ours, series_uid=series, sop_instance_uid=sop, InstanceNumber=number)
+    theirs = two_series_study(tmp_path / "orthanc-study", 4)
+    orthanc = Orthanc(
+        tmp_path / "orthanc",
+        Plugins=[str(ORTHANC_DICOMWEB)],
+        DicomWeb={"Enable": True, "Servers": {"us": [f"{web.url}/dicomweb/"]}},
+    )
+    try:
+        orthanc.wait_ready()
+        pulled = orthanc.request("/dicom-web/servers/us/retrieve", {"Resources": [{"Study": ours}]})
+        assert pulled["ReceivedInstancesCount"] == "3"
+        pulled_ids = orthanc.request("/instances")
+        assert len(pulled_ids) == 3
+        for orthanc_id in pulled_ids:  # Orthanc keeps what it was sent: our files, byte-exact
+            sop = orthanc.request(f"/instances/{orthanc_id}/simplified-tags")["SOPInstanceUID"]
+            url = f"http://127.0.0.1:{orthanc.http_port}/instances/{orthanc_id}/file"
+            with urllib.request.urlopen(url, timeout=30) as file:
+                assert file.read() == stored(web, sop)
+        body = {"Resources": orthanc.upload(theirs), "Synchronous": True}
+        pushed = orthanc.request("/dicom-web/servers/us/stow", body)
+        assert pushed["InstancesCount"] == "4"
+    finally:
+        orthanc.stop()
+    for path in theirs:
+        assert stored(web, pydicom.dcmread(path).SOPInstanceUID).endswith(dataset_bytes(path))
+    their_study = pydicom.dcmread(theirs[0]).StudyInstanceUID
+    (found,) = client(web).search_for_studies(search_filters={"StudyInstanceUID": their_study})
+    study = pydicom.Dataset.from_json(found)
+    assert (study.NumberOfStudyRelatedInstances, study.NumberOfStudyRelatedSeries) == (4, 2)
+    stow_events = [line for line in web.log_path.read_text().splitlines() if "stow-rs" in line]
+    assert sum('"instance.stored"' in line for line in stow_events) == 4
