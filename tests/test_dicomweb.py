@@ -3,6 +3,7 @@ QIDO-RS as `imaging-scp studies` answers, WADO-RS byte-exact, metadata, frames,
 WADO-URI."""
 
 import json
+import socket
 import subprocess
 import urllib.request
 from pathlib import Path
@@ -16,7 +17,13 @@ from pydicom.uid import JPEGBaseline8Bit, generate_uid
 
 from storage.catalog.index import Catalog
 from storage.catalog.series import set_availability
-from tests.conftest import IMAGING_SCP, both_indexes, dataset_bytes, make_instance
+from tests.conftest import (
+    IMAGING_SCP,
+    both_indexes,
+    dataset_bytes,
+    make_instance,
+    send_files,
+)
 from tests.test_interop import Orthanc, requires_orthanc, two_series_study
 from tests.test_web import running_web
 
@@ -165,6 +172,11 @@ def test_unknown_unavailable_and_missing_never_look_complete(web):
     base = f"{web.url}/dicomweb/studies"
     assert httpx.get(f"{base}/{generate_uid()}").status_code == 404
     assert httpx.get(f"{base}/..%2F..%2Fetc").status_code in (400, 404)
+    traversal = {"studyUID": study, "seriesUID": series, "objectUID": "../../../etc/passwd"}
+    wado = httpx.get(f"{web.url}/wado", params={"requestType": "WADO", **traversal})
+    assert wado.status_code in (400, 404) and b"root:" not in wado.content
+    bulk = f"{base}/{study}/series/{series}/instances/{sop}/bulkdata/..%2F..%2Fetc%2Fpasswd"
+    assert httpx.get(bulk).status_code in (400, 404)
     assert httpx.get(f"{base}/{study}/series/{series}/instances/1.2.3").status_code == 404
     demanding = {"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=1.2.3'}
     assert httpx.get(f"{base}/{study}", headers=demanding).status_code == 406
@@ -329,3 +341,41 @@ def test_orthancs_dicomweb_client_pulls_from_us_and_stores_to_us(web, tmp_path):
     assert (study.NumberOfStudyRelatedInstances, study.NumberOfStudyRelatedSeries) == (4, 2)
     stow_events = [line for line in web.log_path.read_text().splitlines() if "stow-rs" in line]
     assert sum('"instance.stored"' in line for line in stow_events) == 4
+
+
+SLOW_CLIENTS = 1000
+
+
+def test_a_thousand_slow_clients_starve_neither_the_web_nor_the_listener(
+    web, server_factory, tmp_path
+):
+    """Slow-header clients (each holding a request head open, a line at a time) do not
+    keep the web from answering others, nor the listener from storing."""
+    listener = server_factory(data_dir=web.location.data_dir)
+    study, series = generate_uid(), generate_uid()
+    paths = [make_instance(tmp_path / "sent", study_uid=study, series_uid=series) for _ in range(5)]
+    slow = []
+    try:
+        for _ in range(SLOW_CLIENTS):
+            connection = socket.create_connection(
+                ("127.0.0.1", int(web.url.rpartition(":")[2])), timeout=10
+            )
+            connection.sendall(b"GET /fhir/r4/metadata HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+            slow.append(connection)
+        assert [s.status for s in send_files(listener.port, paths)] == [0] * len(paths)
+        for connection in slow:  # still coming, a line at a time
+            connection.sendall(b"X-Slow: 1\r\n")
+        (found,) = client(web).search_for_studies(search_filters={"StudyInstanceUID": study})
+        assert pydicom.Dataset.from_json(found).NumberOfStudyRelatedInstances == len(paths)
+        retrieved = client(web).retrieve_study(study)
+        assert {ds.SOPInstanceUID for ds in retrieved} == {
+            pydicom.dcmread(path).SOPInstanceUID for path in paths
+        }
+        for connection in slow:  # each slow client, once its head is complete, is served
+            connection.sendall(b"\r\n")
+        for connection in slow:
+            assert connection.recv(64).startswith(b"HTTP/1.1 200 ")
+    finally:
+        for connection in slow:
+            connection.close()
+    assert httpx.get(f"{web.url}/fhir/r4/metadata").status_code == 200
