@@ -24,6 +24,8 @@ from tests.conftest import (
     make_instance,
     send_files,
 )
+from tests.test_find import findscu
+from tests.test_find import uids as find_uids
 from tests.test_interop import Orthanc, requires_orthanc, two_series_study
 from tests.test_web import running_web
 
@@ -55,7 +57,7 @@ def studies_json(web, *flags: str) -> set[str]:
     return {study["uid"] for study in json.loads(output.stdout)}
 
 
-def test_qido_rs_finds_what_the_studies_command_lists(web):
+def test_qido_rs_finds_what_the_studies_command_lists(web, server_factory):
     mine = [
         web.receive(PatientID="Q-1", StudyDate="20240105", modality="CT", PatientName="Doe^Jane"),
         web.receive(PatientID="Q-1", StudyDate="20240620", modality="MR", PatientName="Doe^Jane"),
@@ -96,6 +98,18 @@ def test_qido_rs_finds_what_the_studies_command_lists(web):
     fields = dw.search_for_studies(search_filters={"PatientID": "Q-2"}, fields=["all"])
     assert "00100030" in fields[0] or "00080020" in fields[0]
     assert httpx.get(f"{web.url}/dicomweb/studies?NotAKeyword=1").status_code == 400
+
+    # The same filters asked by C-FIND (dcmtk's findscu) of a listener on the same index.
+    listener = server_factory(data_dir=web.location.data_dir)
+    for qido, keys in (
+        ({"PatientID": "Q-1"}, ["PatientID=Q-1"]),
+        ({"PatientName": "doe*"}, ["PatientName=doe*"]),
+        ({"StudyDate": "20240101-20240131"}, ["StudyDate=20240101-20240131"]),
+        ({"ModalitiesInStudy": "MR"}, ["ModalitiesInStudy=MR"]),
+        ({}, []),
+    ):
+        answers, _ = findscu(listener.port, "STUDY", "StudyInstanceUID", *keys)
+        assert uids(dw.search_for_studies(search_filters=qido)) == find_uids(answers), qido
 
 
 def test_wado_rs_sends_the_stored_files_as_stored(web):
@@ -213,7 +227,7 @@ def multipart(files: list[bytes], boundary: str = "stow-boundary") -> bytes:
 STOW_TYPE = 'multipart/related; type="application/dicom"; boundary=stow-boundary'
 
 
-def test_stow_rs_stores_as_a_c_store_does(web, tmp_path):
+def test_stow_rs_stores_as_a_c_store_does(web, tmp_path, server_factory):
     study, series = generate_uid(), generate_uid()
     paths = [
         make_instance(tmp_path / "stow", study_uid=study, series_uid=series, InstanceNumber=n)
@@ -230,6 +244,11 @@ def test_stow_rs_stores_as_a_c_store_does(web, tmp_path):
     (found,) = dw.search_for_studies(search_filters={"StudyInstanceUID": study})
     assert pydicom.Dataset.from_json(found).NumberOfStudyRelatedInstances == 3
     assert studies_json(web, "--patient-id", "PAT-1") >= {study}
+    listener = server_factory(data_dir=web.location.data_dir)
+    (by_c_find,), _ = findscu(
+        listener.port, "STUDY", f"StudyInstanceUID={study}", "NumberOfStudyRelatedInstances"
+    )
+    assert by_c_find.NumberOfStudyRelatedInstances == 3
     events = [
         json.loads(line)
         for line in web.log_path.read_text().splitlines()
