@@ -2,8 +2,10 @@
 QIDO-RS as `imaging-scp studies` answers, WADO-RS byte-exact, metadata, frames,
 WADO-URI."""
 
+import hashlib
 import json
 import socket
+import struct
 import subprocess
 import urllib.request
 from pathlib import Path
@@ -14,6 +16,7 @@ import pytest
 from dicomweb_client.api import DICOMwebClient
 from pydicom.encaps import encapsulate
 from pydicom.uid import JPEGBaseline8Bit, generate_uid
+from pynetdicom.dsutils import split_dataset
 
 from storage.catalog.index import Catalog
 from storage.catalog.series import set_availability
@@ -398,3 +401,70 @@ def test_a_thousand_slow_clients_starve_neither_the_web_nor_the_listener(
         for connection in slow:
             connection.close()
     assert httpx.get(f"{web.url}/fhir/r4/metadata").status_code == 200
+
+
+def peak_memory_mib(pid: int) -> float:
+    """The process's resident set at its highest so far (VmHWM)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+LARGE_PIXELS = 256 * 2**20  # 8192 x 16384 16-bit pixels
+
+
+def test_a_large_upload_and_retrieve_stay_within_bounded_memory(web, tmp_path):
+    """STOW-RS streams each part to .incoming as it arrives and WADO-RS streams the
+    file from disk: the web's peak memory grows by far less than the object."""
+    study, series = generate_uid(), generate_uid()
+    warm_up = make_instance(tmp_path / "stow", study_uid=study, series_uid=series)
+    assert client(web).store_instances([pydicom.dcmread(warm_up)]).ReferencedSOPSequence
+    client(web).retrieve_study(study)
+    before = peak_memory_mib(web.process.pid)
+
+    template = make_instance(
+        tmp_path / "stow", study_uid=study, series_uid=series, Rows=8192, Columns=16384
+    )
+    encoded = template.read_bytes()  # Pixel Data last: 512 bytes of pixels after its length
+    head = encoded[:-516] + struct.pack("<I", LARGE_PIXELS)
+    chunk = bytes(range(256)) * 4096  # 1 MiB
+    expected = hashlib.sha256(head[len(encoded) - len(dataset_bytes(template)) :])
+    for _ in range(LARGE_PIXELS // len(chunk)):
+        expected.update(chunk)
+
+    def body():
+        yield b"--stow-boundary\r\nContent-Type: application/dicom\r\n\r\n" + head
+        for _ in range(LARGE_PIXELS // len(chunk)):
+            yield chunk
+        yield b"\r\n--stow-boundary--\r\n"
+
+    stow = httpx.post(
+        f"{web.url}/dicomweb/studies",
+        content=body(),
+        headers={"Content-Type": STOW_TYPE},
+        timeout=300,
+    )
+    assert stow.status_code == 200, stow.text
+    sop = pydicom.dcmread(template, stop_before_pixels=True).SOPInstanceUID
+    with web.location.open() as db:
+        (path,) = db.execute(
+            "SELECT path FROM instances WHERE sop_instance_uid = ?", (sop,)
+        ).fetchone()
+    _, dataset_offset = split_dataset(web.location.data_dir / path)
+    stored_hash = hashlib.sha256()
+    with (web.location.data_dir / path).open("rb") as file:
+        file.seek(dataset_offset)
+        while block := file.read(2**20):
+            stored_hash.update(block)
+    assert stored_hash.hexdigest() == expected.hexdigest()  # the dataset as sent
+
+    sent = 0
+    url = f"{web.url}/dicomweb/studies/{study}/series/{series}/instances/{sop}"
+    with httpx.stream("GET", url, timeout=300) as retrieved:
+        assert retrieved.status_code == 200
+        for block in retrieved.iter_raw():
+            sent += len(block)
+    assert sent > LARGE_PIXELS
+    grown = peak_memory_mib(web.process.pid) - before
+    assert grown < 64, f"the web's peak memory grew by {grown:.0f} MiB"
