@@ -15,7 +15,14 @@ import pydicom
 import pytest
 from dicomweb_client.api import DICOMwebClient
 from pydicom.encaps import encapsulate
-from pydicom.uid import JPEGBaseline8Bit, generate_uid
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+    generate_uid,
+)
 from pynetdicom.dsutils import split_dataset
 
 from storage.catalog.index import Catalog
@@ -228,6 +235,7 @@ def multipart(files: list[bytes], boundary: str = "stow-boundary") -> bytes:
 
 
 STOW_TYPE = 'multipart/related; type="application/dicom"; boundary=stow-boundary'
+RETRIEVE_TYPE = 'multipart/related; type="application/dicom"'
 
 
 def test_stow_rs_stores_as_a_c_store_does(web, tmp_path, server_factory):
@@ -468,3 +476,54 @@ def test_a_large_upload_and_retrieve_stay_within_bounded_memory(web, tmp_path):
     assert sent > LARGE_PIXELS
     grown = peak_memory_mib(web.process.pid) - before
     assert grown < 64, f"the web's peak memory grew by {grown:.0f} MiB"
+
+
+def test_a_demanded_little_endian_syntax_is_converted_and_any_other_is_406(web):
+    study, native, jpeg, big = generate_uid(), generate_uid(), generate_uid(), generate_uid()
+    sops = {}
+    for syntax in (ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian):
+        sops[syntax] = generate_uid()
+        web.receive(
+            study_uid=study,
+            series_uid=native,
+            sop_instance_uid=sops[syntax],
+            transfer_syntax=syntax,
+            PatientName="Conversion^Test",
+        )
+    dw = client(web)
+    as_stored = {ds.SOPInstanceUID: ds for ds in dw.retrieve_series(study, native)}
+    url = f"{web.url}/dicomweb/studies/{study}/series/{native}"
+    demanding = {"Accept": f"{RETRIEVE_TYPE}; transfer-syntax={ExplicitVRLittleEndian}"}
+    answer = httpx.get(url, headers=demanding)
+    assert answer.status_code == 200
+    assert stored(web, sops[ExplicitVRLittleEndian]) in answer.content  # as stored
+    explicit = (("application/dicom", ExplicitVRLittleEndian),)
+    converted = dw.retrieve_series(study, native, media_types=explicit)
+    assert len(converted) == 3
+    for dataset in converted:
+        assert dataset.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+        original = as_stored[dataset.SOPInstanceUID]
+        assert dataset.PixelData == original.PixelData
+        assert dataset.PatientName == original.PatientName == "Conversion^Test"
+    implicit = {"Accept": f"{RETRIEVE_TYPE}; transfer-syntax={ImplicitVRLittleEndian}"}
+    assert httpx.get(url, headers=implicit).status_code == 406  # not a PS3.18 syntax
+
+    web.receive(
+        study_uid=study,
+        series_uid=jpeg,
+        transfer_syntax=JPEGBaseline8Bit,
+        PixelData=encapsulate([b"\xff\xd8jpeg\xff\xd9"]),
+        BitsAllocated=8,
+        BitsStored=8,
+        HighBit=7,
+    )
+    web.receive(study_uid=study, series_uid=big, transfer_syntax=ExplicitVRBigEndian)
+    for series in (jpeg, big):
+        refused = httpx.get(
+            f"{web.url}/dicomweb/studies/{study}/series/{series}", headers=demanding
+        )
+        assert refused.status_code == 406
+    whole_study = httpx.get(f"{web.url}/dicomweb/studies/{study}", headers=demanding)
+    assert whole_study.status_code == 406  # never a study with some of its instances left out
+    jpeg_as_stored = {"Accept": f"{RETRIEVE_TYPE}; transfer-syntax={JPEGBaseline8Bit}"}
+    assert httpx.get(f"{url[: -len(native)]}{jpeg}", headers=jpeg_as_stored).status_code == 200

@@ -7,9 +7,12 @@ Retrieves read the file paths from the index and stream each file from disk in
 chunks: memory does not grow with the study. Every file is checked before the
 first byte is sent, so a missing one is a 500 (and a `web.file_missing` event),
 never a body that looks complete; a file that vanishes mid-stream ends the
-connection without the closing boundary.
+connection without the closing boundary. A client that demands Explicit VR
+Little Endian gets each file stored in another uncompressed little-endian syntax
+converted (one instance in memory at a time); any other demand is a 406.
 """
 
+import io
 import re
 import uuid
 from collections.abc import Iterator
@@ -30,6 +33,7 @@ from scp.web.stow import StowRs
 from storage.catalog import find
 from storage.catalog.lifecycle import OFFLINE, UNAVAILABLE
 from storage.catalog.reads import CatalogReader
+from storage.codec.syntax import EXPLICIT_VR_LITTLE_ENDIAN, transfer_syntax
 from storage.documents import dicom_json
 from storage.files import prepare_data_dir
 from storage.store import InstanceStore
@@ -245,14 +249,25 @@ class _DicomWeb:
             wanted = _accepted_syntax(request.headers.get("accept"), "application/dicom")
             instances = self._files(p["study"], p.get("series"), p.get("instance"))
             if wanted not in _AS_STORED:
-                stored = {row["transfer_syntax"] for row in instances}
-                if stored != {wanted}:
-                    raise _Refused(406, f"stored as {', '.join(sorted(stored))}, not {wanted}")
+                unconvertible = {
+                    row["transfer_syntax"]
+                    for row in instances
+                    if not _converts(row["transfer_syntax"], wanted)
+                }
+                if unconvertible:
+                    raise _Refused(
+                        406, f"stored as {', '.join(sorted(unconvertible))}, not {wanted}"
+                    )
         except _Refused as exc:
             return _error(exc.status, str(exc))
         boundary = uuid.uuid4().hex
         parts = (
-            (f"application/dicom; transfer-syntax={row['transfer_syntax']}", row["file"])
+            (
+                f"application/dicom; transfer-syntax={row['transfer_syntax']}",
+                _chunks(row["file"]),
+            )
+            if wanted in _AS_STORED or row["transfer_syntax"] == wanted
+            else (f"application/dicom; transfer-syntax={wanted}", _converted(row["file"], wanted))
             for row in instances
         )
         return StreamingResponse(
@@ -362,10 +377,29 @@ def _chunks(path: Path) -> Iterator[bytes]:
             yield chunk
 
 
+def _converts(stored: str, wanted: str) -> bool:
+    """Whether a file stored as `stored` is sent as `wanted`: as it is, or converted
+    from an uncompressed little-endian syntax to Explicit VR Little Endian, PS3.18's
+    default for native pixel data (Implicit VR is not among its syntaxes)."""
+    if stored == wanted:
+        return True
+    syntax = transfer_syntax(stored)
+    return wanted == EXPLICIT_VR_LITTLE_ENDIAN and syntax.little_endian and not syntax.encapsulated
+
+
+def _converted(path: Path, wanted: str) -> Iterator[bytes]:
+    """The stored file re-encoded in `wanted`, read when its part is due."""
+    dataset = pydicom.dcmread(path)
+    dataset.file_meta.TransferSyntaxUID = wanted
+    encoded = io.BytesIO()
+    dataset.save_as(encoded, enforce_file_format=True)
+    yield encoded.getvalue()
+
+
 def _multipart(parts, boundary: str) -> Iterator[bytes]:
-    for content_type, path in parts:
+    for content_type, chunks in parts:
         yield f"--{boundary}\r\nContent-Type: {content_type}\r\n\r\n".encode()
-        yield from _chunks(path)
+        yield from chunks
         yield b"\r\n"
     yield f"--{boundary}--\r\n".encode()
 
