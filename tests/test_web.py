@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import time
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from tests.conftest import (
     make_instance,
     receive_file,
 )
+from tests.test_tls import pki  # noqa: F401 (the test CA and its certificates)
 
 pytestmark = both_indexes
 
@@ -308,6 +310,30 @@ def test_tokens_are_required_and_reloaded_on_sighup(tmp_path):
             time.sleep(0.1)
         assert httpx.get(url, headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 401
         assert "web.unauthorized" in web.log_path.read_text()
+    finally:
+        web.process.terminate()
+        web.process.wait(10)
+
+
+def test_https_with_the_configured_certificate(tmp_path, pki):  # noqa: F811 (the fixture)
+    web = start_web(
+        tmp_path,
+        "--web-tls-certificate",
+        str(pki.server_cert),
+        "--web-tls-private-key",
+        str(pki.server_key),
+    )
+    try:
+        study = web.receive()
+        https = web.url.replace("http://", "https://")
+        trusting = ssl.create_default_context(cafile=str(pki.ca))
+        answer = httpx.get(f"{https}/fhir/r4/ImagingStudy/{study}", verify=trusting)
+        assert answer.status_code == 200
+        assert answer.json()["contained"][0]["address"] == f"{https}/dicomweb"
+        with pytest.raises(httpx.ConnectError):  # a certificate nobody vouched for
+            httpx.get(f"{https}/fhir/r4/metadata")
+        with pytest.raises(httpx.TransportError):  # no plain HTTP beside it
+            httpx.get(f"{web.url}/fhir/r4/ImagingStudy/{study}")
     finally:
         web.process.terminate()
         web.process.wait(10)
