@@ -300,6 +300,24 @@ def test_tokens_are_required_and_reloaded_on_sighup(tmp_path):
         for path in (f"/dicomweb/studies/{study}", "/dicomweb/studies", "/wado"):
             assert httpx.get(web.url + path).status_code == 401
         assert httpx.post(web.url + "/dicomweb/studies", content=b"x").status_code == 401
+        sent = make_instance(web.sources, study_uid=generate_uid(), series_uid=generate_uid())
+        stow = httpx.post(
+            web.url + "/dicomweb/studies",
+            content=b"--b\r\nContent-Type: application/dicom\r\n\r\n"
+            + sent.read_bytes()
+            + b"\r\n--b--\r\n",
+            headers={
+                "Authorization": f"Bearer {TOKEN}",
+                "Content-Type": 'multipart/related; type="application/dicom"; boundary=b',
+            },
+        )
+        assert stow.status_code == 200
+        (stored,) = [
+            json.loads(line)
+            for line in web.log_path.read_text().splitlines()
+            if '"instance.stored"' in line
+        ]
+        assert (stored["origin"], stored["token"]) == ("stow-rs", "ris-1")  # the token's name
 
         other = "another-token"
         tokens.write_text(f"{hashlib.sha256(other.encode()).hexdigest()} pacs\n")
