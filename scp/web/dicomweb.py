@@ -313,15 +313,10 @@ class _DicomWeb:
             if not numbers or len(numbers) != len(p["frames"].split(",")) or 0 in numbers:
                 raise _Refused(400, f"frame numbers start at 1: {p['frames']!r}")
             (row,) = self._files(p["study"], p["series"], p["instance"])
-            dataset = pydicom.dcmread(row["file"])
-            if "PixelData" not in dataset:
-                raise _Refused(404, "this instance has no pixel data")
-            all_frames = _frames(dataset)
-            if max(numbers) > len(all_frames):
-                raise _Refused(404, f"this instance has {len(all_frames)} frame(s)")
+            frames = _frames(row["file"], row["transfer_syntax"], numbers)
         except _Refused as exc:
             return _error(exc.status, str(exc))
-        return _octets([all_frames[n - 1] for n in numbers], row["transfer_syntax"])
+        return _octets(frames, row["transfer_syntax"])
 
     # --- WADO-URI ----------------------------------------------------------------------
 
@@ -428,11 +423,30 @@ def _pixel_data_uri(dataset, url: str) -> dict:
     return {"7FE00010": {"vr": vr, "BulkDataURI": f"{url}/bulkdata/7FE00010"}}
 
 
-def _frames(dataset) -> list[bytes]:
-    """The frames of the Pixel Data as stored: slices of native pixels, or the
-    encapsulated fragments of each frame."""
+def _frames(path: Path, syntax_uid: str, numbers: list[int]) -> list[bytes]:
+    """Frames `numbers` (from 1) of the Pixel Data as stored: slices of native
+    pixels, read from the file alone (a large multi-frame object is not loaded),
+    or the encapsulated fragments of each frame."""
+    syntax = transfer_syntax(syntax_uid)
+    # A deflated file has no offsets to seek to, and pydicom reads encapsulated
+    # Pixel Data (undefined length) whole: those are read into memory.
+    in_memory = syntax.deflated or syntax.encapsulated
+    dataset = pydicom.dcmread(path, defer_size=None if in_memory else _CHUNK)
+    if "PixelData" not in dataset:
+        raise _Refused(404, "this instance has no pixel data")
     count = int(dataset.get("NumberOfFrames", 1) or 1)
-    if dataset.file_meta.TransferSyntaxUID.is_encapsulated:
-        return list(generate_frames(dataset.PixelData, number_of_frames=count))
+    if max(numbers) > count:
+        raise _Refused(404, f"this instance has {count} frame(s)")
+    if syntax.encapsulated:
+        frames = list(generate_frames(dataset.PixelData, number_of_frames=count))
+        return [frames[n - 1] for n in numbers]
     size = dataset.Rows * dataset.Columns * dataset.SamplesPerPixel * dataset.BitsAllocated // 8
-    return [dataset.PixelData[n * size : (n + 1) * size] for n in range(count)]
+    pixels = dataset.get_item(0x7FE00010, keep_deferred=True)
+    if pixels.value is not None:  # not deferred: small, or deflated
+        return [pixels.value[(n - 1) * size : n * size] for n in numbers]
+    with path.open("rb") as handle:
+        frames = []
+        for n in numbers:
+            handle.seek(pixels.value_tell + (n - 1) * size)
+            frames.append(handle.read(size))
+        return frames
