@@ -150,6 +150,7 @@ def test_wado_rs_sends_the_stored_files_as_stored(web):
     assert "BulkDataURI" in metadata["7FE00010"]
     pixels = httpx.get(metadata["7FE00010"]["BulkDataURI"])
     assert pixels.status_code == 200
+    assert by_uid[sops[0]].PixelData in pixels.content
     assert len(dw.retrieve_study_metadata(study)) == 4
 
     (frame,) = dw.retrieve_instance_frames(study, series, sops[0], frame_numbers=[1])
@@ -482,6 +483,20 @@ def test_a_large_upload_and_retrieve_stay_within_bounded_memory(web, tmp_path):
     assert sent > LARGE_PIXELS
     first, last = client(web).retrieve_instance_frames(study, series, sop, frame_numbers=[1, 512])
     assert (first, last) == (chunk[: 2**19], chunk[2**19 :])  # two frames per 1 MiB chunk
+    metadata = client(web).retrieve_instance_metadata(study, series, sop)
+    body = hashlib.sha256()
+    with httpx.stream("GET", metadata["7FE00010"]["BulkDataURI"], timeout=300) as bulk:
+        assert bulk.status_code == 200
+        for block in bulk.iter_raw():
+            body.update(block)
+    boundary = bulk.headers["content-type"].split("boundary=")[1]
+    whole_body = hashlib.sha256(
+        f"--{boundary}\r\nContent-Type: application/octet-stream\r\n\r\n".encode()
+    )
+    for _ in range(LARGE_PIXELS // len(chunk)):
+        whole_body.update(chunk)
+    whole_body.update(f"\r\n--{boundary}--\r\n".encode())
+    assert body.hexdigest() == whole_body.hexdigest()  # the Pixel Data, as stored
     grown = peak_memory_mib(web.process.pid) - before
     assert grown < 64, f"the web's peak memory grew by {grown:.0f} MiB"
 

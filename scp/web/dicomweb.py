@@ -298,13 +298,18 @@ class _DicomWeb:
         try:
             (row,) = self._files(p["study"], p["series"], p["instance"])
             tag = int(p["tag"], 16) if re.fullmatch(r"[0-9A-Fa-f]{8}", p["tag"]) else None
-            dataset = pydicom.dcmread(row["file"])
+            # A large value is left unread (deferred) and streamed from its offset in
+            # the file; a deflated file has no offsets, so it is read whole.
+            deflated = transfer_syntax(row["transfer_syntax"]).deflated
+            dataset = pydicom.dcmread(row["file"], defer_size=None if deflated else _CHUNK)
             if tag is None or tag not in dataset:
                 raise _Refused(404, f"no bulk data {p['tag']} in this instance")
-            value = dataset[tag].value
+            element = dataset.get_item(tag, keep_deferred=True)
         except _Refused as exc:
             return _error(exc.status, str(exc))
-        return _octets([value])
+        if element.value is None:
+            return _octets([_chunks(row["file"], element.value_tell, element.length)])
+        return _octets([[dataset[tag].value]])
 
     def frames(self, request: Request) -> Response:
         p = request.path_params
@@ -316,7 +321,7 @@ class _DicomWeb:
             frames = _frames(row["file"], row["transfer_syntax"], numbers)
         except _Refused as exc:
             return _error(exc.status, str(exc))
-        return _octets(frames, row["transfer_syntax"])
+        return _octets([[frame] for frame in frames], row["transfer_syntax"])
 
     # --- WADO-URI ----------------------------------------------------------------------
 
@@ -366,9 +371,19 @@ def _accepted_syntax(accept: str | None, media_type: str) -> str | None:
     raise _Refused(406, f'Accept: {accept}: only multipart/related; type="{media_type}"')
 
 
-def _chunks(path: Path) -> Iterator[bytes]:
+def _chunks(path: Path, start: int = 0, length: int | None = None) -> Iterator[bytes]:
+    """The file's bytes from `start`, `length` of them or up to its end. A file
+    shorter than `length` raises: the response ends without its closing boundary."""
     with path.open("rb") as handle:
-        while chunk := handle.read(_CHUNK):
+        handle.seek(start)
+        while length is None or length > 0:
+            chunk = handle.read(_CHUNK if length is None else min(_CHUNK, length))
+            if not chunk:
+                if length is not None:
+                    raise OSError(f"{path}: {length} bytes missing at its end")
+                return
+            if length is not None:
+                length -= len(chunk)
             yield chunk
 
 
@@ -399,18 +414,14 @@ def _multipart(parts, boundary: str) -> Iterator[bytes]:
     yield f"--{boundary}--\r\n".encode()
 
 
-def _octets(values: list[bytes], transfer_syntax: str | None = None) -> Response:
+def _octets(values, syntax_uid: str | None = None) -> Response:
+    """Bulk data or frames, each value given as its chunks, one part each."""
     boundary = uuid.uuid4().hex
     part_type = "application/octet-stream"
-    if transfer_syntax:
-        part_type += f"; transfer-syntax={transfer_syntax}"
-    body = b"".join(
-        f"--{boundary}\r\nContent-Type: {part_type}\r\n\r\n".encode() + value + b"\r\n"
-        for value in values
-    )
-    body += f"--{boundary}--\r\n".encode()
-    return Response(
-        body,
+    if syntax_uid:
+        part_type += f"; transfer-syntax={syntax_uid}"
+    return StreamingResponse(
+        _multipart(((part_type, chunks) for chunks in values), boundary),
         media_type=f'multipart/related; type="application/octet-stream"; boundary={boundary}',
     )
 
