@@ -5,15 +5,20 @@ BIN := $(VENV)/bin
 
 .PHONY: serve test bench lint format clean
 
+# pip is quiet (its output is pages long): these lines say what is going on meanwhile.
 $(BIN)/imaging-scp: pyproject.toml
-	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "Python >= 3.11 is required")'
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
-	touch $@
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "Python >= 3.11 is required")'
+	@echo "make: creating the virtual environment $(VENV) with $$($(PYTHON) --version)"
+	@$(PYTHON) -m venv $(VENV)
+	@echo "make: installing imaging-scp and its dependencies into $(VENV) with pip (once; a minute or more on a slow network)"
+	@$(BIN)/python -m pip install --quiet --upgrade pip
+	@$(BIN)/python -m pip install --quiet -e '.[test]'
+	@touch $@
+	@echo "make: installed $(BIN)/imaging-scp"
 
 serve: $(BIN)/imaging-scp
-	$(BIN)/imaging-scp serve $(ARGS)
+	@echo "make: $(BIN)/imaging-scp serve $(ARGS) (Ctrl-C stops it)"
+	@$(BIN)/imaging-scp serve $(ARGS)
 
 test: $(BIN)/imaging-scp
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -66,7 +66,7 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
-from scp import dimse
+from scp import dimse, metrics
 from scp.access import CallerPolicy
 from scp.config import Config
 from scp.upper_layer import (
@@ -111,6 +111,8 @@ class Session:
         session_id = f"{os.getpid():x}-{_STARTED:04x}-{next(_association_numbers)}"
         peer = f"{host}:{port}"
         log = structlog.get_logger("imaging_scp").bind(assoc=session_id, peer=peer)
+        if metrics.recorder is not None:
+            metrics.recorder.association_started()
         return cls(id=session_id, host=host, peer=peer, log=log)
 
     def requested(self, calling_ae: str, called_ae: str) -> None:
@@ -129,6 +131,8 @@ class Session:
             refused=self.refused,
             seconds=round(time.monotonic() - self.started, 3),
         )
+        if metrics.recorder is not None:
+            metrics.recorder.association_ended(self.outcome)
 
 
 # -- the DIMSE service protocol --------------------------------------------------------
@@ -251,6 +255,14 @@ REJECT_APPLICATION_CONTEXT = (0x01, 0x01, 0x02)
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)
 REJECT_CALLED_AE = (0x01, 0x01, 0x07)
 REJECT_BUSY = (0x02, 0x03, 0x02)  # transient: local limit exceeded
+# Each one's name in PS3.8's table, for the metrics.
+REJECTION_NAMES = {
+    REJECT_NO_REASON: "no-reason-given",
+    REJECT_APPLICATION_CONTEXT: "application-context-name-not-supported",
+    REJECT_CALLING_AE: "calling-ae-title-not-recognized",
+    REJECT_CALLED_AE: "called-ae-title-not-recognized",
+    REJECT_BUSY: "local-limit-exceeded",
+}
 
 
 class RequestError(ValueError):
@@ -554,6 +566,8 @@ class Association(ServiceUser):
         if reason is not None:
             session.outcome, session.reason = "rejected", reason
             session.log.warning("association.rejected", reason=reason, permanent=rejection[0] == 1)
+            if metrics.recorder is not None:
+                metrics.recorder.association_rejected(REJECTION_NAMES[rejection])
             layer.reject(*rejection)
             return
         agreement = agree(request, config.max_pdu)

@@ -23,7 +23,7 @@ from pynetdicom import dsutils
 from pynetdicom.service_class import ServiceClass, StorageServiceClass
 from pynetdicom.sop_class import uid_to_service_class
 
-from scp import dimse
+from scp import dimse, metrics
 from scp.association import Conversation, Outbox, Session
 from storage.catalog import Catalog, commitments
 from storage.catalog.commitments import CommitmentRequest, CommitmentResult, Recorded, Reference
@@ -118,6 +118,8 @@ class CommitmentService:
         session.log.warning(
             "commitment.refused", status=f"0x{refused.status:04X}", reason=refused.reason
         )
+        if metrics.recorder is not None:
+            metrics.recorder.commitment_refused(refused.status)
         return action_response(command, refused.status, refused.reason)
 
     # -- an N-ACTION's dataset has arrived ---------------------------------------------
@@ -152,6 +154,8 @@ class CommitmentService:
             instances=len(request.references),
             repeated=recorded is Recorded.REPEATED,
         )
+        if metrics.recorder is not None:
+            metrics.recorder.commitment_requested()
         return action_response(command, SUCCESS), request.transaction_uid
 
     def _read_request(
@@ -230,6 +234,8 @@ class CommitmentService:
             by_reason=result.failures_by_reason(),
             ms=round((time.perf_counter() - started) * 1000, 1),
         )
+        if metrics.recorder is not None:
+            metrics.recorder.commitment_checked(len(result.committed), len(result.failed))
         return result
 
     def not_answered(self, session: Session, transaction_uid: str, reason: str) -> None:
@@ -256,6 +262,8 @@ class CommitmentService:
             reason=error,
             gave_up=True,
         )
+        if metrics.recorder is not None:
+            metrics.recorder.report_failed(gave_up=True)
 
 
 class CommitmentConversation(Conversation):
@@ -317,6 +325,8 @@ class CommitmentConversation(Conversation):
             delivery=SAME_ASSOCIATION,
             attempts=1,
         )
+        if metrics.recorder is not None:
+            metrics.recorder.report_delivered()
         return True
 
     def ended(self, session: Session) -> None:

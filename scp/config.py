@@ -90,7 +90,9 @@ class Config:
         "a resent SOP Instance UID with different bytes: keep-first, overwrite or reject",
     )
     require_called_aet: bool = _key(True, "refuse associations addressed to another AE title")
-    network_timeout: float = _key(60.0, "seconds a connection may stay silent before it is closed")
+    network_timeout: float = _key(
+        60.0, "seconds a connection may stay silent (idle, or stalled mid-PDU) before it is closed"
+    )
     drain_timeout: float = _key(30.0, "seconds SIGTERM waits for associations in flight")
     log_level: str = _key("info", "debug, info, warning or error")
     stable_after: float = _key(
@@ -175,6 +177,13 @@ class Config:
         "",
         "file of the web's bearer tokens, one SHA-256 hex digest and a name per line (SIGHUP"
         " re-reads it); empty: no token, allowed only with a loopback web_host",
+    )
+
+    metrics_port: int = _key(
+        0, "TCP port of the Prometheus metrics endpoint, /metrics over HTTP (0: none)"
+    )
+    metrics_host: str = _key(
+        "127.0.0.1", "address of the metrics endpoint (0.0.0.0: every interface)"
     )
 
     @property
@@ -365,6 +374,10 @@ def _check_ranges(config: Config) -> None:
     if not 0 <= config.port <= 65535:
         raise ConfigError(f"key 'port': must be 0..65535, got {config.port}")
     _check_tls(config)
+    if not 0 <= config.metrics_port <= 65535:
+        raise ConfigError(f"key 'metrics_port': must be 0..65535, got {config.metrics_port}")
+    if config.metrics_port and config.metrics_port in (config.port, config.tls_port):
+        raise ConfigError(f"key 'metrics_port': {config.metrics_port} is already a DICOM port")
     if not 1 <= config.workers <= 64:
         raise ConfigError(f"key 'workers': must be 1..64, got {config.workers}")
     if not 4096 <= config.max_pdu <= 16 * 1024 * 1024:

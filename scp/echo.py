@@ -10,6 +10,8 @@ from scp.upper_layer import AssociationError, NoAnswer, NotAccepted, Proposal, R
 
 VERIFICATION = "1.2.840.10008.1.1"
 IMPLICIT_LE = "1.2.840.10008.1.2"
+# What `imaging-scp echo` proposes (the conformance statement lists it).
+ECHO_PROPOSAL = Proposal(VERIFICATION, (IMPLICIT_LE,))
 
 
 class EchoFailed(Exception):
@@ -29,7 +31,7 @@ def echo(host: str, port: int, *, calling: str, called: str, timeout: float) -> 
     started = time.perf_counter()
     try:
         with Requestor(calling, timeout=timeout).associate(
-            host, port, called, [Proposal(VERIFICATION, (IMPLICIT_LE,))]
+            host, port, called, [ECHO_PROPOSAL]
         ) as association:
             associated = time.perf_counter()
             try:

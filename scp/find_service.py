@@ -19,7 +19,7 @@ import time
 
 from pydicom.datadict import keyword_for_tag
 
-from scp import dimse
+from scp import dimse, metrics
 from scp.association import Conversation, Outbox, Session
 from storage.catalog import find
 from storage.catalog.engines import IndexLocation
@@ -83,6 +83,8 @@ class FindConversation(Conversation):
         if command.has_dataset:
             return IncomingQuery(self.service, self.session, command, outbox)
         self.session.log.warning("find.refused", reason="C-FIND-RQ without an identifier")
+        if metrics.recorder is not None:
+            metrics.recorder.find_ended("refused", 0)
         outbox.send(
             dimse.response(
                 dimse.C_FIND_RSP,
@@ -238,8 +240,9 @@ class RunningQuery:
         self.done = True
         self.close()
         if self._failure is not None or status not in (SUCCESS, CANCEL):
+            outcome = "refused" if self._failure else "failed"
             self.session.log.warning(
-                "find.refused" if self._failure else "find.failed",
+                "find." + outcome,
                 status=f"0x{status:04X}",
                 reason=comment,
                 matches=self.matches,
@@ -251,6 +254,9 @@ class RunningQuery:
                 ms=round((time.perf_counter() - self._started) * 1000, 1),
                 cancelled=status == CANCEL,
             )
+            outcome = "cancelled" if status == CANCEL else "success"
+        if metrics.recorder is not None:
+            metrics.recorder.find_ended(outcome, self.matches)
         return self._response(status, comment=comment), b""
 
     def _response(self, status: int, *, comment=None, with_dataset=False) -> bytes:

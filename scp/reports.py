@@ -18,7 +18,7 @@ import threading
 import structlog
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from scp import dimse
+from scp import dimse, metrics
 from scp.commitment_service import (
     NEW_ASSOCIATION,
     STORAGE_COMMITMENT_INSTANCE,
@@ -35,6 +35,11 @@ log = structlog.get_logger("imaging_scp")
 
 _MAX_BACKOFF = 15 * 60.0
 _LOOK_FOR_OTHERS = 5.0  # seconds: reports handed over by worker processes
+# A report on a new association: we ask for the SCP role of the commitment class
+# (PS3.4 J.3.3), the one that sends N-EVENT-REPORTs.
+REPORT_PROPOSAL = Proposal(
+    STORAGE_COMMITMENT_PUSH_MODEL, (ExplicitVRLittleEndian, ImplicitVRLittleEndian), scp_role=True
+)
 
 
 class DeliveryError(Exception):
@@ -46,13 +51,8 @@ def send_report(config: Config, called_ae: str, address: tuple[str, int], event_
     host, port = address
     peer = f"{called_ae}@{host}:{port}"
     requestor = Requestor(config.aet, timeout=min(config.network_timeout, 30.0))
-    proposal = Proposal(
-        STORAGE_COMMITMENT_PUSH_MODEL,
-        (ExplicitVRLittleEndian, ImplicitVRLittleEndian),
-        scp_role=True,
-    )
     try:
-        with requestor.associate(host, port, called_ae, [proposal]) as association:
+        with requestor.associate(host, port, called_ae, [REPORT_PROPOSAL]) as association:
             context = association.context(STORAGE_COMMITMENT_PUSH_MODEL)
             request = dimse.event_report_request(
                 1, STORAGE_COMMITMENT_PUSH_MODEL, STORAGE_COMMITMENT_INSTANCE, event_type
@@ -127,6 +127,8 @@ class Reporter:
             error = f"no address for AE {due.requester_ae!r} in peers"
             commitments.delivery_failed(index, uid, error, retry_in=None)
             bound.warning("commitment.delivery_failed", reason=error, gave_up=True)
+            if metrics.recorder is not None:
+                metrics.recorder.report_failed(gave_up=True)
             return
         attempt = due.attempts + 1
         event_type, info = event_information(result, self.config.aet)
@@ -147,6 +149,8 @@ class Reporter:
                 gave_up=gave_up,
                 **({} if retry_in is None else {"retry_in": retry_in}),
             )
+            if metrics.recorder is not None:
+                metrics.recorder.report_failed(gave_up)
             return
         commitments.delivered(index, uid, NEW_ASSOCIATION)
         bound.info(
@@ -156,3 +160,5 @@ class Reporter:
             to=f"{address[0]}:{address[1]}",
             event_type=event_type,
         )
+        if metrics.recorder is not None:
+            metrics.recorder.report_delivered()

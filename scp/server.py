@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 import structlog
 
-from scp import dimse, notify, tls
+from scp import dimse, metrics, notify, tls
 from scp.access import CallerPolicy
 from scp.association import Associations
 from scp.commitment_service import CommitmentService
@@ -307,11 +307,13 @@ def _signal_workers(pids: list[int], signum: int) -> None:
             os.kill(pid, signum)
 
 
-def _a_worker_died(pids: list[int]) -> int | None:
+def _a_worker_died(pids: list[int], endpoint: metrics.Endpoint | None = None) -> int | None:
     for pid in pids:
         done, status = os.waitpid(pid, os.WNOHANG)
         if done:
             pids.remove(pid)
+            if endpoint is not None:
+                endpoint.worker_ended(pid)
             return os.waitstatus_to_exitcode(status)
     return None
 
@@ -380,14 +382,21 @@ def serve(config: Config, reload_config: Callable[[], Config] | None = None) -> 
             f"cannot use the index at {config.index_location.describe()} ({exc}): the user of"
             " index_url must be allowed to create tables in that database"
         )
+    if config.metrics_port:
+        metrics.start(config)  # before the fork: each worker counts into the same place
     workers = fork_workers(config.workers - 1)
     store = open_store(config)
     listeners = Listeners(config, store, callers)
+    endpoint = None
     try:
+        if config.metrics_port and workers is not None:  # one endpoint: the main process's
+            endpoint = expose_metrics(config, store)
         listeners.start(tls_context)
     except ListenError as exc:
         _signal_workers(workers or [], signal.SIGTERM)
         _wait_for_workers(workers or [], 5)
+        if endpoint is not None:  # its multiprocess directory goes with it
+            endpoint.stop()
         return _cannot_start(_address_problem(exc))
     # One process delivers reports on new associations: the main one.
     reporter = Reporter(config, listeners.commitment) if workers is not None else None
@@ -420,7 +429,7 @@ def serve(config: Config, reload_config: Callable[[], Config] | None = None) -> 
             reload_requested.clear()
             _reload_callers(listeners, reload_config)
             _signal_workers(workers or [], signal.SIGHUP)
-        if workers and (died := _a_worker_died(workers)) is not None:
+        if workers and (died := _a_worker_died(workers, endpoint)) is not None:
             # One worker gone means a degraded service: stop, and let systemd
             # (Restart=on-failure) start all of it again.
             log.error("worker.died", exit_code=died)
@@ -440,8 +449,20 @@ def serve(config: Config, reload_config: Callable[[], Config] | None = None) -> 
         reporter.stop()
     store.index.close()
     _wait_for_workers(workers or [], config.drain_timeout + 5)
+    if endpoint is not None:
+        endpoint.stop()
     log.info("stopped", aborted_associations=aborted)
     return exit_code
+
+
+def expose_metrics(config: Config, store: InstanceStore) -> metrics.Endpoint:
+    """The metrics endpoint, listening (ListenError when its port cannot be bound)."""
+    try:
+        endpoint = metrics.Endpoint(config, store)
+    except OSError as exc:
+        raise ListenError(config.metrics_host, config.metrics_port, exc) from exc
+    log.info("metrics.listening", host=config.metrics_host, port=endpoint.port)
+    return endpoint
 
 
 def allowed_callers(config: Config) -> CallerPolicy:

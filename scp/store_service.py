@@ -10,7 +10,7 @@ series it delivered.
 import threading
 import time
 
-from scp import dimse
+from scp import dimse, metrics
 from scp.association import Conversation, Outbox, Session
 from storage.catalog.series import clear_incomplete, mark_incomplete
 from storage.store import InstanceStore, Outcome, Refusal, StoreRefused, StoreResult
@@ -76,6 +76,8 @@ class StoreConversation(Conversation):
         session.refused += 1
         reason = "C-STORE-RQ announces no data set"
         session.log.warning("instance.refused", status=f"0x{NO_DATASET_STATUS:04X}", reason=reason)
+        if metrics.recorder is not None:
+            metrics.recorder.refused(NO_DATASET_STATUS)
         outbox.send(store_response(command, NO_DATASET_STATUS, reason))
         return None
 
@@ -187,11 +189,15 @@ class IncomingStore:
                 refused.refusal is Refusal.INDEX_CORRUPT
             ):  # the admin's to repair: the reason says how
                 session.log.error("index.corrupt", reason=refused.reason)
+            if metrics.recorder is not None:
+                metrics.recorder.refused(code)
             return store_response(self.command, code, refused.comment)
         except Exception as exc:
             session.refused += 1
             session.log.exception("instance.failed", request_sop_instance_uid=self.sop_instance_uid)
             self.discard()
+            if metrics.recorder is not None:
+                metrics.recorder.refused(INTERNAL_ERROR_STATUS)
             return store_response(
                 self.command, INTERNAL_ERROR_STATUS, f"internal error: {type(exc).__name__}"
             )
@@ -213,6 +219,8 @@ class IncomingStore:
             conversation.written_into.add(result.header.series_uid)
         session.bytes += result.size
         conversation.service.count_stored()
+        if metrics.recorder is not None:
+            metrics.recorder.stored(result)
         header = result.header
         session.log.info("instance.stored", **result.log_fields(), ms=self.elapsed)
         for level, name, kept, incoming in result.disagreements:

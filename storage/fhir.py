@@ -12,7 +12,7 @@ the R4B model, identical for ImagingStudy) and R5 is 5.0.0.
 The output is plain JSON-ready dicts; empty values are left out because FHIR
 rejects empty strings, arrays and objects.
 
-Extensions this module defines (the README lists them):
+Extensions this module defines (docs/admin.md lists them):
 
 ``AVAILABILITY_EXTENSION_URL``
     ``valueCode`` ONLINE | NEARLINE | OFFLINE | UNAVAILABLE (DICOM Instance

@@ -129,10 +129,14 @@ class InstanceStore:
         Checked for each new association and for each object once it is written
         to its temp file, so ingest resumes by itself once space is back.
         """
-        fs = os.statvfs(self.data_dir)
-        free = fs.f_bavail * fs.f_frsize
-        floor = max(self.min_free_bytes, fs.f_blocks * fs.f_frsize * self.min_free_percent / 100)
+        free, floor = self.free_space()
         return free >= floor
+
+    def free_space(self) -> tuple[int, float]:
+        """The data filesystem's free bytes (for this user), and the floor in bytes."""
+        fs = os.statvfs(self.data_dir)
+        floor = max(self.min_free_bytes, fs.f_blocks * fs.f_frsize * self.min_free_percent / 100)
+        return fs.f_bavail * fs.f_frsize, floor
 
     def receive(
         self,

@@ -647,6 +647,35 @@ def _has_schema(path: Path) -> bool:
         return False
 
 
+def test_a_character_set_pydicom_does_not_know_is_logged_not_printed(server, tmp_path):
+    """pydicom both logs and warns about a Specific Character Set it does not know:
+    serve's log has it as one of its JSON events, and rebuild, whose terminal is
+    the admin's, prints nothing of it (a raw Python warning per file before)."""
+    import subprocess
+
+    from tests.conftest import IMAGING_SCP
+
+    odd = make_instance(
+        tmp_path, study_uid=generate_uid(), series_uid=generate_uid(),
+        SpecificCharacterSet="ISO_IR 999", PatientName="Odd^Charset",
+    )  # fmt: skip
+    assert [s.status for s in send_files(server.port, [odd])] == [0x0000]
+    warning = "Unknown encoding 'ISO_IR 999' - using default encoding instead"
+    assert [e["event"] for e in server.events() if e.get("logger") == "pydicom"] == [warning] * 2
+    raw = [line for line in server.log_path.read_text().splitlines() if not line.startswith("{")]
+    assert raw == []
+
+    rebuild = subprocess.run(
+        [IMAGING_SCP, "rebuild", *server.index_flags],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert rebuild.returncode == 0, rebuild.stderr
+    assert "indexed 1 instances" in rebuild.stdout
+    assert rebuild.stderr == ""
+
+
 def test_rebuild_keeps_the_availability_an_admin_set(server, tmp_path):
     """The files cannot tell it: rebuild takes it from the index it replaces."""
     study = generate_uid()

@@ -1,11 +1,12 @@
-"""The `imaging-scp` command: `serve`, `web`, `echo`, `check-config`, and the admin
-commands over the index (scp.cli.admin)."""
+"""The `imaging-scp` command: `serve`, `web`, `echo`, `check-config`, `conformance`,
+and the admin commands over the index (scp.cli.admin)."""
 
 import sys
 
 import click
 
 from scp.cli import admin
+from scp.cli.conformance import conformance
 from scp.cli.options import EXIT_NOT_FOUND, config_options, effective_config, fail
 from scp.cli.service import check_config, echo
 from scp.cli.web import web
@@ -50,5 +51,5 @@ def serve(config_file, **flags):
     sys.exit(run(config, reload_config=lambda: load_config(config_file, **flags)))
 
 
-for command in (echo, check_config, web, *admin.COMMANDS):
+for command in (echo, check_config, web, conformance, *admin.COMMANDS):
     main.add_command(command)

@@ -24,7 +24,7 @@ _CLICK_TYPES = {
 def config_options(command):
     """Add `--config FILE` and one flag per configuration key to a command."""
     for item in reversed(dataclasses.fields(Config)):
-        flag = item.metadata.get("flag") or "--" + item.name.replace("_", "-")
+        flag = flag_of(item)
         if item.type is dict:  # allowed_callers, peers: repeatable
             option = click.option(flag, item.name, multiple=True, default=None, help=_help(item))
         elif item.type is bool:
@@ -44,6 +44,11 @@ def config_options(command):
             )
         command = option(command)
     return config_file_option("TOML file with any of the keys below; flags win over it.")(command)
+
+
+def flag_of(item: dataclasses.Field) -> str:
+    """The command-line flag of a Config field (`data_dir` -> `--data-dir`)."""
+    return item.metadata.get("flag") or "--" + item.name.replace("_", "-")
 
 
 def config_file_option(help: str):

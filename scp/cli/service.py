@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from scp.cli.options import fail
+from scp.cli.options import fail, flag_of
 from scp.config import Config, ConfigError, FreeSpace, is_ae_title, load_config
 from storage.catalog.engines import redact
 
@@ -177,4 +177,78 @@ def example_config(data_dir: str = "/var/lib/imaging-scp") -> str:
             comment += f"; {_SERVICE_NOTES[item.name]}"
         value = data_dir if item.name == "data_dir" else default
         lines += ["", comment, f"{item.name} = {_toml_value(value)}"]
+    return "\n".join(lines) + "\n"
+
+
+# --- the configuration reference --------------------------------------------
+
+# Where the docs say more about a key than its one line of help.
+_SUBJECTS = {
+    "data_dir": "receiving.md",
+    "max_pdu": "receiving.md",
+    "duplicates": "receiving.md",
+    "network_timeout": "receiving.md",
+    "drain_timeout": "receiving.md",
+    "log_level": "logs.md",
+    "stable_after": "the-index.md",
+    "wado_base_url": "admin.md",
+    "site_timezone": "admin.md",
+    "allowed_callers": "receiving.md",
+    "min_free_space": "receiving.md",
+    "tls_port": "tls.md",
+    "tls_certificate": "tls.md",
+    "tls_private_key": "tls.md",
+    "tls_client_ca": "tls.md",
+    "tls_handshake_timeout": "tls.md",
+    "workers": "performance.md",
+    "peers": "commitment.md",
+    "report_retry_interval": "commitment.md",
+    "report_attempts": "commitment.md",
+    "find_limit": "find.md",
+    "index_url": "nodes.md",
+    "index_timeout": "nodes.md",
+    "node_name": "nodes.md",
+}
+
+CONFIG_REFERENCE_COMMAND = (
+    ".venv/bin/python -c 'from scp.cli.service import config_reference;"
+    ' print(config_reference(), end="")\' > docs/configuration.md'
+)
+
+
+def config_reference() -> str:
+    """The text of docs/configuration.md: every key of Config with its flag, its
+    default and its help, as `serve --help` has them. tests/test_docs.py checks
+    the file against this."""
+    lines = [
+        "# Configuration reference",
+        "",
+        "<!-- Generated from scp/config.py (the Config dataclass, as the flags are): do not",
+        f"     edit. After changing a key: {CONFIG_REFERENCE_COMMAND} -->",
+        "",
+        "`imaging-scp serve --config FILE` reads a TOML file; every key is also a flag",
+        "(`data_dir` ↔ `--data-dir`). A flag wins over the file, the file over the defaults.",
+        "`imaging-scp serve --help` lists them all with their defaults.",
+        "",
+        "A bad key or value stops the command with one line naming the key and exit code 2.",
+        "`imaging-scp check-config FILE` checks a file and prints every effective value",
+        "(`--json` too); `systemd/config.toml` is an example with every key, its default and",
+        "what it does.",
+        "",
+        "| key | flag | default | meaning | more |",
+        "|---|---|---|---|---|",
+    ]
+    for item in dataclasses.fields(Config):
+        flag = flag_of(item)
+        if item.type is bool:
+            flag = f"`{flag}` / `--no-{flag[2:]}`"
+        elif item.type is dict:
+            flag = f"`{flag}` (repeatable)"
+        else:
+            flag = f"`{flag}`"
+        subject = _SUBJECTS.get(item.name)
+        more = f"[{subject}]({subject})" if subject else ""
+        default = _toml_value(default_value(item))
+        meaning = item.metadata["help"].replace("<", "&lt;").replace(">", "&gt;")  # not HTML
+        lines.append(f"| `{item.name}` | {flag} | `{default}` | {meaning} | {more} |")
     return "\n".join(lines) + "\n"

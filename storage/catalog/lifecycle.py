@@ -13,7 +13,7 @@ Besides its counts, what the index says of a series is six columns of
   files missing, to be given back once they are there again (NULL: the
   availability is the admin's, or the arrival's).
 
-The state a reader sees is derived from them (`state_of`), as the README's
+The state a reader sees is derived from them (`state_of`), as docs/the-index.md's
 "Is the study complete?" describes it: ``incomplete`` while a reason is
 recorded, else ``complete`` once a commitment completed it, else
 ``receiving`` until `stable_after` seconds pass without a new instance, then

@@ -357,9 +357,6 @@ class CatalogReader:
             "SELECT count(CASE WHEN committed_at IS NOT NULL AND incomplete_reason IS NULL"
             " THEN 1 END), count(incomplete_reason) FROM series"
         ).fetchone()
-        commitments = db.execute(
-            "SELECT delivery_state, count(*) FROM commitments GROUP BY 1"
-        ).fetchall()
         return {
             **dict(totals),
             **dict(
@@ -370,9 +367,26 @@ class CatalogReader:
             ),
             "complete_series": states[0] or 0,
             "incomplete_series": states[1] or 0,
-            "commitments": {state: count for state, count in commitments},
+            "commitments": self.commitment_states(),
             "modalities": [dict(row) for row in per_modality],
         }
+
+    def size(self) -> dict:
+        """Studies, series, instances and bytes: the studies' maintained counts
+        summed, the instances table never counted."""
+        return dict(
+            self._db.execute(
+                "SELECT count(*) AS studies,"
+                " CAST(coalesce(sum(number_of_series), 0) AS BIGINT) AS series,"
+                " CAST(coalesce(sum(number_of_instances), 0) AS BIGINT) AS instances,"
+                " CAST(coalesce(sum(bytes), 0) AS BIGINT) AS bytes FROM studies"
+            ).fetchone()
+        )
+
+    def commitment_states(self) -> dict[str, int]:
+        """How many commitment requests are in each delivery state (storage.commitment)."""
+        rows = self._db.execute("SELECT delivery_state, count(*) FROM commitments GROUP BY 1")
+        return {state: count for state, count in rows}
 
     def conflicts(self, *, study_uid: str | None = None) -> Iterator[dict]:
         """Instances that conflicted with the index, newest first, and what was done:

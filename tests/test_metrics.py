@@ -1,0 +1,242 @@
+"""The Prometheus endpoint (metrics_port), scraped around real associations:
+dcmtk's storescu, echoscu and findscu, a storage commitment, and two workers."""
+
+import os
+import socket
+import struct
+import subprocess
+import time
+import urllib.request
+
+import pydicom
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from pydicom.uid import generate_uid
+
+from scp.config import ConfigError, load_config
+from tests.conftest import (
+    CT_IMAGE_STORAGE,
+    ECHOSCU,
+    IMAGING_SCP,
+    STORESCU,
+    association_rejection,
+    both_indexes,
+    free_port,
+    make_instance,
+    requires_dcmtk,
+    send_files,
+)
+from tests.test_commitment import Reports, references, request_commitment
+from tests.test_find import RAW_CONTEXTS, STUDY_ROOT_FIND, findscu, raw_find, requires_findscu
+from tests.test_hostile import RawAssociation, _uid, command_set, p_data
+
+pytestmark = [both_indexes, requires_dcmtk(), requires_findscu]
+
+
+class Scrape(dict):
+    """One scrape: (sample name, sorted labels) -> value."""
+
+    def __call__(self, name: str, **labels) -> float:
+        return self.get((name, tuple(sorted(labels.items()))), 0.0)
+
+    def total(self, name: str) -> float:
+        return sum(value for (sample, _), value in self.items() if sample == name)
+
+
+def scrape(port: int) -> Scrape:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return Scrape(
+        ((sample.name, tuple(sorted(sample.labels.items()))), sample.value)
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    )
+
+
+def after(port: int, before: Scrape, associations: int, timeout: float = 10) -> Scrape:
+    """The scrape once `associations` more have ended (a sender returns from its
+    release before the server has counted it)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        now = scrape(port)
+        ended = now.total("imaging_scp_associations_total")
+        if ended - before.total("imaging_scp_associations_total") >= associations:
+            return now
+        assert time.monotonic() < deadline, f"{ended} associations ended"
+        time.sleep(0.05)
+
+
+def storescu(port: int, *paths) -> None:
+    subprocess.run(
+        [STORESCU, "-aec", "IMAGING_SCP", "127.0.0.1", str(port), *map(str, paths)],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+
+
+def echoscu(port: int, called: str = "IMAGING_SCP") -> int:
+    return subprocess.run(
+        [ECHOSCU, "-aec", called, "127.0.0.1", str(port)], capture_output=True, timeout=30
+    ).returncode
+
+
+def test_a_scrape_counts_what_the_associations_did_exactly(server_factory, tmp_path):
+    metrics_port = free_port()
+    server = server_factory(
+        "--metrics-port", str(metrics_port), "--duplicates", "reject", "--min-free-space", "5MB"
+    )
+    study_uid, series_uid = generate_uid(), generate_uid()
+    paths = [
+        make_instance(tmp_path / "files", study_uid=study_uid, series_uid=series_uid)
+        for _ in range(3)
+    ]
+    resent_uid = pydicom.dcmread(paths[0]).SOPInstanceUID
+    other_bytes = make_instance(
+        tmp_path / "other",
+        study_uid=study_uid,
+        series_uid=series_uid,
+        sop_instance_uid=resent_uid,
+        pixels=32,
+    )
+    before = scrape(metrics_port)
+
+    storescu(server.port, *paths)  # 3 stored
+    assert [s.status for s in send_files(server.port, [paths[0], other_bytes])] == [0, 0xC004]
+    assert echoscu(server.port) == 0
+    assert association_rejection(server.port, called="SOMEONE_ELSE") is not None
+    responses, _ = findscu(server.port, "STUDY", f"StudyInstanceUID={study_uid}")
+    assert len(responses) == 1
+    with RawAssociation(server.port, RAW_CONTEXTS) as assoc:  # two queries refused
+        assoc.sock.sendall(raw_find(assoc, b"\x20\x00\x0d\x00UI\x00\x00"))  # no level
+        assert assoc.next_response().status == 0xA900
+        no_identifier = command_set({
+            0x0002: _uid(STUDY_ROOT_FIND),
+            0x0100: struct.pack("<H", 0x0020),  # C-FIND-RQ
+            0x0110: struct.pack("<H", 8),
+            0x0800: struct.pack("<H", 0x0101),  # no data set
+        })  # fmt: skip
+        assoc.sock.sendall(p_data(1, no_identifier, command=True))
+        assert assoc.next_response().status == 0xC000
+        assoc.release()
+    now = after(metrics_port, before, associations=6)
+
+    def moved(name: str, **labels) -> float:
+        return now(name, **labels) - before(name, **labels)
+
+    assert moved("imaging_scp_instances_stored_total", outcome="stored") == 3
+    assert moved("imaging_scp_instances_stored_total", outcome="identical-resend") == 1
+    assert now.total("imaging_scp_instances_stored_total") == 4
+    assert moved("imaging_scp_instances_refused_total", status="0xC004") == 1
+    assert now.total("imaging_scp_instances_refused_total") == 1
+    stored = server.events("instance.stored")
+    assert moved("imaging_scp_received_bytes_total") == sum(e["bytes"] for e in stored)
+    for stage in ("receive", "check", "fsync", "place", "index"):
+        timed = [e["timings"][stage] / 1000 for e in stored if stage in e["timings"]]
+        assert moved("imaging_scp_store_stage_seconds_count", stage=stage) == len(timed), stage
+        assert moved("imaging_scp_store_stage_seconds_sum", stage=stage) == pytest.approx(
+            sum(timed)
+        )
+    # An identical resend is known before it is written: no stages timed.
+    assert moved("imaging_scp_store_stage_seconds_count", stage="fsync") == 3
+    assert moved("imaging_scp_associations_total", outcome="released") == 5
+    assert moved("imaging_scp_associations_total", outcome="rejected") == 1
+    assert (
+        moved("imaging_scp_associations_rejected_total", reason="called-ae-title-not-recognized")
+        == 1
+    )
+    assert now("imaging_scp_associations_active") == 0
+    assert moved("imaging_scp_find_queries_total", outcome="success") == 1
+    assert moved("imaging_scp_find_queries_total", outcome="refused") == 2
+    assert moved("imaging_scp_find_matches_total") == 1
+    # The index's size from its maintained counts; the disk against its floor.
+    assert now("imaging_scp_index_studies") == 1
+    assert now("imaging_scp_index_series") == 1
+    assert now("imaging_scp_index_instances") == 3
+    assert now("imaging_scp_index_bytes") == sum(
+        e["bytes"] for e in stored if e["outcome"] == "stored"
+    )
+    assert now("imaging_scp_index_available") == 1
+    assert now("imaging_scp_data_free_floor_bytes") == 5_000_000
+    assert now("imaging_scp_data_free_bytes") > 0
+    assert now("process_resident_memory_bytes") > 0  # the client's default collectors
+    assert server.events("metrics.listening")[0]["port"] == metrics_port
+
+
+def test_a_storage_commitment_is_counted_by_result_and_report(server_factory, tmp_path):
+    metrics_port = free_port()
+    server = server_factory("--metrics-port", str(metrics_port))
+    study_uid, series_uid = generate_uid(), generate_uid()
+    paths = [
+        make_instance(tmp_path / "files", study_uid=study_uid, series_uid=series_uid)
+        for _ in range(2)
+    ]
+    storescu(server.port, *paths)
+    refs = [*references(paths), (CT_IMAGE_STORAGE, generate_uid())]  # one never sent
+
+    status = request_commitment(server, generate_uid(), refs, reports=Reports())
+    now = after(metrics_port, Scrape(), associations=2)  # storescu's, the commitment's
+
+    assert status == 0x0000
+    assert now("imaging_scp_commitment_requests_total") == 1
+    assert now("imaging_scp_commitment_instances_total", result="committed") == 2
+    assert now("imaging_scp_commitment_instances_total", result="failed") == 1
+    assert now("imaging_scp_commitment_reports_ended_total", outcome="delivered") == 1
+    assert now("imaging_scp_commitment_report_failures_total") == 0
+    assert now("imaging_scp_commitment_reports", state="delivered") == 1
+    assert now("imaging_scp_commitment_reports", state="pending") == 0
+
+
+def test_two_workers_are_summed_on_one_endpoint(server_factory, tmp_path):
+    metrics_port = free_port()
+    server = server_factory("--workers", "2", "--metrics-port", str(metrics_port))
+    before = scrape(metrics_port)
+    study_uid = generate_uid()
+    sent = 0
+    for _ in range(6):  # each on its own association: the kernel spreads them
+        path = make_instance(tmp_path / "files", study_uid=study_uid, series_uid=generate_uid())
+        storescu(server.port, path)
+        sent += 1
+    for _ in range(16):
+        assert echoscu(server.port) == 0
+    now = after(metrics_port, before, associations=22)
+
+    # 22 connections spread by the kernel: both workers served some (all on
+    # one: a chance of 2 in 4 million).
+    assert len({event["assoc"].split("-")[0] for event in server.events("association.end")}) == 2
+    assert now("imaging_scp_instances_stored_total", outcome="stored") == sent
+    assert now("imaging_scp_associations_total", outcome="released") == 22
+    assert now("imaging_scp_associations_active") == 0
+    assert now("imaging_scp_store_stage_seconds_count", stage="fsync") == sent
+    assert now("imaging_scp_index_instances") == sent
+    assert now("imaging_scp_index_series") == sent
+    assert now("process_cpu_seconds_total") > 0
+
+
+def test_the_metrics_port_is_off_by_default_and_checked():
+    config = load_config()
+    assert (config.metrics_port, config.metrics_host) == (0, "127.0.0.1")
+    with pytest.raises(ConfigError, match="key 'metrics_port'"):
+        load_config(port=11112, metrics_port=11112)
+    with pytest.raises(ConfigError, match="key 'metrics_port'"):
+        load_config(metrics_port=70000)
+
+
+@pytest.mark.parametrize("taken", ["metrics", "dicom"])
+def test_a_port_in_use_stops_the_start_and_leaves_no_metrics_directory(tmp_path, taken):
+    temp = tmp_path / "tmp"  # where the multiprocess directory is made (two workers)
+    temp.mkdir()
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        busy = held.getsockname()[1]
+        ports = {"metrics": free_port(), "dicom": free_port(), taken: busy}
+        result = subprocess.run(
+            [IMAGING_SCP, "serve", "--host", "127.0.0.1", "--port", str(ports["dicom"]),
+             "--data-dir", str(tmp_path / "data"), "--metrics-port", str(ports["metrics"]),
+             "--workers", "2"],
+            capture_output=True, text=True, timeout=60, env={**os.environ, "TMPDIR": str(temp)},
+        )  # fmt: skip
+    assert result.returncode == 2
+    assert f"cannot listen on 127.0.0.1:{busy}" in result.stderr
+    assert list(temp.iterdir()) == []
