@@ -6,6 +6,7 @@ the defaults. Every key of the file is also a flag (``data_dir`` ↔ ``--data-di
 
 import dataclasses
 import difflib
+import ipaddress
 import re
 import socket
 import tomllib
@@ -17,6 +18,8 @@ from scp.access import check_callers, parse_caller_flag
 from storage.catalog.engines import IndexLocation, check_index_url
 from storage.files import NODE_NAME
 from storage.policy import DuplicatePolicy
+
+WEB_HOST, WEB_PORT = "127.0.0.1", 8080
 
 
 class ConfigError(ValueError):
@@ -160,6 +163,22 @@ class Config:
         "",
         "this node's name: its temp files are in data_dir/.incoming/<node_name> (empty: host name)",
     )
+    web_host: str = _key(WEB_HOST, "address `imaging-scp web` (FHIR REST, DICOMweb) listens on")
+    web_port: int = _key(WEB_PORT, "TCP port of `imaging-scp web`")
+    web_base_url: str = _key(
+        "",
+        "the web service's URL as clients reach it, written into ImagingStudy endpoint/url"
+        " (empty: from web_host and web_port)",
+    )
+    web_tls_certificate: str = _key(
+        "", "PEM file with the web service's certificate (and intermediates): HTTPS"
+    )
+    web_tls_private_key: str = _key("", "PEM file with that certificate's private key")
+    web_tokens: str = _key(
+        "",
+        "file of the web's bearer tokens, one SHA-256 hex digest and a name per line (SIGHUP"
+        " re-reads it); empty: no token, allowed only with a loopback web_host",
+    )
 
     metrics_port: int = _key(
         0, "TCP port of the Prometheus metrics endpoint, /metrics over HTTP (0: none)"
@@ -175,6 +194,27 @@ class Config:
     @property
     def node(self) -> str:
         return self.node_name or socket.gethostname()
+
+    @property
+    def web_url(self) -> str:
+        """Where clients reach `imaging-scp web`: web_base_url, else its address."""
+        if self.web_base_url:
+            return self.web_base_url.rstrip("/")
+        scheme = "https" if self.web_tls_certificate else "http"
+        host = socket.getfqdn() if self.web_host in ("0.0.0.0", "::", "") else self.web_host
+        host = f"[{host}]" if ":" in host else host
+        return f"{scheme}://{host}:{self.web_port}"
+
+    @property
+    def wado_url(self) -> str:
+        """The WADO-RS base rendered ImagingStudy resources point at: wado_base_url,
+        else this web service's DICOMweb root once a web key is set, else none."""
+        if self.wado_base_url:
+            return self.wado_base_url
+        web_keys = [item for item in dataclasses.fields(self) if item.name.startswith("web_")]
+        if all(getattr(self, item.name) == item.default for item in web_keys):
+            return ""
+        return self.web_url + "/dicomweb"
 
 
 _LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -382,6 +422,7 @@ def _check_ranges(config: Config) -> None:
             f"key 'node_name': {config.node!r} cannot name a directory: use letters, digits,"
             " '.', '_' or '-' (up to 64)"
         )
+    _check_web(config)
     if config.log_level not in _LOG_LEVELS:
         raise ConfigError(
             f"key 'log_level': one of {', '.join(_LOG_LEVELS)}, got {config.log_level!r}"
@@ -407,3 +448,31 @@ def _check_tls(config: Config) -> None:
         for key in files:
             if getattr(config, key):
                 raise ConfigError(f"key 'tls_port': {key} is set but tls_port is 0 (no TLS)")
+
+
+def _check_web(config: Config) -> None:
+    if not 1 <= config.web_port <= 65535:
+        raise ConfigError(f"key 'web_port': must be 1..65535, got {config.web_port}")
+    if bool(config.web_tls_certificate) != bool(config.web_tls_private_key):
+        raise ConfigError(
+            "key 'web_tls_certificate': web_tls_certificate and web_tls_private_key go together"
+        )
+    if config.web_base_url and not re.match(r"https?://[^/]", config.web_base_url):
+        raise ConfigError(
+            f"key 'web_base_url': expected an http:// or https:// URL, got {config.web_base_url!r}"
+        )
+    if not config.web_tokens and not is_loopback(config.web_host):
+        raise ConfigError(
+            f"key 'web_tokens': required when web_host ({config.web_host}) is not a loopback"
+            " address: without tokens, the index would be open to the network"
+        )
+
+
+def is_loopback(host: str) -> bool:
+    """`localhost` or a loopback address (127.0.0.0/8, ::1)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

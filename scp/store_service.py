@@ -222,16 +222,7 @@ class IncomingStore:
         if metrics.recorder is not None:
             metrics.recorder.stored(result)
         header = result.header
-        session.log.info(
-            "instance.stored",
-            study_uid=header.study_uid,
-            series_uid=header.series_uid,
-            sop_instance_uid=header.sop_instance_uid,
-            outcome=str(result.outcome),
-            bytes=result.size,
-            ms=self.elapsed,
-            timings=result.timings,
-        )
+        session.log.info("instance.stored", **result.log_fields(), ms=self.elapsed)
         for level, name, kept, incoming in result.disagreements:
             session.log.warning(
                 "index.disagreement",

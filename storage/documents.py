@@ -82,6 +82,24 @@ def instance_json(instance: dict) -> dict:
     )
 
 
+def dicom_json(match: dict, vrs: dict[str, tuple[int, str]]) -> dict:
+    """A C-FIND match (keyword -> value, storage.catalog.find) as a PS3.18 F.2
+    DICOM JSON object; `vrs`: keyword -> (tag, VR). Empty values keep their VR."""
+    document = {}
+    for keyword, value in sorted(match.items(), key=lambda item: vrs[item[0]][0]):
+        tag, vr = vrs[keyword]
+        element = {"vr": vr}
+        values = value if isinstance(value, list) else [] if value in (None, "") else [value]
+        if vr == "PN":
+            values = [{"Alphabetic": name} for name in values]
+        elif vr == "IS":
+            values = [int(number) for number in values]
+        if values:
+            element["Value"] = values
+        document[f"{tag:08X}"] = element
+    return document
+
+
 def _as_indexed(row: dict, attributes: list[Attribute]) -> dict:
     return {attribute.json: row[attribute.column] for attribute in attributes}
 

@@ -108,7 +108,8 @@ def two_series_study(directory: Path, count: int) -> list[Path]:
 class Orthanc:
     """An Orthanc process on free ports; `use_scp` points its modality "scp" at a server."""
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, **settings):
+        """`settings` join Orthanc's configuration (plugins, DICOMweb servers)."""
         self.http_port = free_port()
         self.dicom_port = free_port()
         config = {
@@ -124,7 +125,7 @@ class Orthanc:
             "DicomModalities": {},
             "DicomAlwaysAllowStore": True,
             "DicomCheckCalledAet": False,
-        }
+        } | settings
         directory.mkdir(parents=True, exist_ok=True)
         (directory / "orthanc.json").write_text(json.dumps(config))
         self.log_path = directory / "orthanc.log"

@@ -1,4 +1,4 @@
-"""The `imaging-scp` command: `serve`, `echo`, `check-config`, `conformance`, `send`
+"""The `imaging-scp` command: `serve`, `web`, `echo`, `check-config`, `conformance`, `send`
 (scp.cli.send), and the admin commands over the index (scp.cli.admin)."""
 
 import sys
@@ -10,6 +10,7 @@ from scp.cli.conformance import conformance
 from scp.cli.options import EXIT_NOT_FOUND, config_options, effective_config, fail
 from scp.cli.send import send
 from scp.cli.service import check_config, echo
+from scp.cli.web import web
 from scp.config import load_config
 from storage.catalog.engines import IndexFailed, SchemaTooNew, engine_failures
 from storage.codec.datasets import lenient_reading
@@ -51,5 +52,5 @@ def serve(config_file, **flags):
     sys.exit(run(config, reload_config=lambda: load_config(config_file, **flags)))
 
 
-for command in (echo, check_config, conformance, send, *admin.COMMANDS):
+for command in (echo, check_config, web, conformance, send, *admin.COMMANDS):
     main.add_command(command)

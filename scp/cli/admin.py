@@ -297,7 +297,7 @@ def fhir(config_file, data_dir, index_url, study_uid, fhir_version):
 def _rendering(config) -> dict:
     return {
         "stable_after": config.stable_after,
-        "wado_base_url": config.wado_base_url,
+        "wado_base_url": config.wado_url,
         "site_timezone": config.site_timezone,
     }
 

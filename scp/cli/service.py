@@ -149,6 +149,8 @@ _SERVICE_NOTES = {
     "allowed_callers": 'e.g. { CT_1 = ["10.20.1.15"], PACS = ["10.20.0.0/16"], ANYWHERE = [] }',
     "index_timeout": "keep it below the senders' DIMSE timeout (often 30 to 60 s)",
     "peers": 'e.g. { CT_1 = "10.20.1.15:104", ORTHANC = "10.20.0.5:4242" }',
+    "web_host": "read by systemd/imaging-scp-web.service (imaging-scp web), not by `serve`",
+    "web_tokens": "e.g. /etc/imaging-scp/web-tokens; re-read on `systemctl reload imaging-scp-web`",
 }
 
 

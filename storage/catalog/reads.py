@@ -46,6 +46,12 @@ class StudyFilter:
     accession: str | None = None
     received_since: str | None = None  # ISO date/time, or an age: 30m, 2h, 7d
     limit: int | None = None
+    # The web's FHIR search parameters (scp.web.fhir_search).
+    study_uids: tuple[str, ...] | None = None
+    other_identifier: str | None = None  # an accession number or a Study ID
+    series_uid: str | None = None  # studies holding this series
+    availabilities: tuple[str, ...] | None = None
+    received_before: str | None = None  # ISO date/time, exclusive
 
     def where(self, db: Database) -> tuple[str, list]:
         """The SQL condition on `studies` and its parameters."""
@@ -73,6 +79,22 @@ class StudyFilter:
         if self.received_since is not None:
             clauses.append("last_received >= ?")
             params.append(_since(self.received_since))
+        if self.received_before is not None:
+            clauses.append("last_received < ?")
+            params.append(_since(self.received_before))
+        for column, values in (
+            ("study_uid", self.study_uids),
+            ("availability", self.availabilities),
+        ):
+            if values is not None:
+                clauses.append(f"{column} IN ({','.join('?' * len(values))})" if values else "0=1")
+                params.extend(values)
+        if self.other_identifier is not None:
+            clauses.append("(accession = ? OR study_id = ?)")
+            params += [self.other_identifier, self.other_identifier]
+        if self.series_uid is not None:
+            clauses.append("study_uid IN (SELECT study_uid FROM series WHERE series_uid = ?)")
+            params.append(self.series_uid)
         return (" WHERE " + " AND ".join(clauses) if clauses else ""), params
 
 
@@ -186,6 +208,42 @@ class CatalogReader:
         for row in self._db.stream(sql, params):
             yield _study_dict(row, stable_after)
 
+    def study_page(
+        self,
+        filters: StudyFilter,
+        stable_after: float,
+        *,
+        order: str,
+        descending: bool,
+        after: tuple[str, str] | None,
+        count: int,
+    ) -> list[dict]:
+        """One page of the studies `filters` selects, each with its `series`
+        (no instances), ordered by `order` (study_uid, study_date or
+        last_received; a missing value as "") then by study UID. `after`: the
+        (order value, study UID) of the row before the page: a keyset, so a
+        page stays right while studies arrive."""
+        if order not in ("study_uid", "study_date", "last_received"):
+            raise ValueError(f"cannot order studies by {order!r}")
+        where, params = filters.where(self._db)
+        key = f"coalesce(s.{order}, '')"
+        direction = "DESC" if descending else "ASC"
+        if after is not None:
+            comparison = "<" if descending else ">"
+            where += " AND " if where else " WHERE "
+            where += f"({key}, s.study_uid) {comparison} (?, ?)"
+            params += list(after)
+        rows = self._db.execute(
+            f"SELECT {_STUDY_COLUMNS} FROM studies s{where}"
+            f" ORDER BY {key} {direction}, s.study_uid {direction} LIMIT ?",
+            [*params, count],
+        ).fetchall()
+        studies = [_study_dict(row, stable_after) for row in rows]
+        all_series = self.series_of([s["study_uid"] for s in studies], stable_after)
+        for study in studies:
+            study["series"] = all_series[study["study_uid"]]
+        return studies
+
     def count_studies(self, filters: StudyFilter) -> int:
         where, params = filters.where(self._db)
         count = self._db.execute(f"SELECT count(*) FROM studies s{where}", params).fetchone()[0]
@@ -257,6 +315,13 @@ class CatalogReader:
             uid = study_uid
         for row in self._db.stream(sql, (uid,)):
             yield dict(row)
+
+    def instance(self, sop_instance_uid: str) -> dict | None:
+        """One instance's row, as `instances` gives it; None when not indexed."""
+        row = self._db.execute(
+            "SELECT * FROM instances WHERE sop_instance_uid = ?", (sop_instance_uid,)
+        ).fetchone()
+        return dict(row) if row else None
 
     def instance_count(
         self, *, study_uid: str | None = None, series_uid: str | None = None
