@@ -23,13 +23,14 @@ from benchmarks import procs
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 DCMTK_STORESCP = "/usr/bin/storescp"
+DCMTK_STORESCU = "/usr/bin/storescu"  # not the venv's: pynetdicom installs its own `storescu`
 ORTHANC_CANDIDATES = ["/usr/sbin/Orthanc", "/usr/bin/Orthanc"]
 
 START_TIMEOUT = 60.0
 PACKAGES = ("scp", "storage")  # imaging-scp's packages, as pyproject.toml lists them
 
 
-def _first_line(command: list[str]) -> str:
+def first_line(command: list[str]) -> str:
     try:
         result = subprocess.run(command, capture_output=True, text=True, timeout=20)
     except (OSError, subprocess.TimeoutExpired):
@@ -110,11 +111,12 @@ class Receiver:
         return None
 
     # -- common ------------------------------------------------------------------------
-    def start(self, out_dir: Path, env: dict, log_path: Path) -> None:
+    def start(self, out_dir: Path, env: dict, log_path: Path, port: int | None = None) -> None:
+        """Start in `out_dir` (created), on `port` or a free one."""
         self.out_dir = out_dir
         self.log_path = log_path
         out_dir.mkdir(parents=True)
-        self.port = procs.free_port()
+        self.port = port or procs.free_port()
         self.prepare()
         self._log_handle = log_path.open("wb")
         self.process = subprocess.Popen(
@@ -197,7 +199,7 @@ class ImagingScp(Receiver):
     def version(self):
         from importlib.metadata import version
 
-        commit = _first_line(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])
+        commit = first_line(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])
         dirty = subprocess.run(
             ["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
             capture_output=True,
@@ -217,13 +219,13 @@ class ImagingScp(Receiver):
         where = "snapshot" if self.snapshot else "live tree"
         return f"src:{digest.hexdigest()[:12]} ({where})"
 
-    def start(self, out_dir, env, log_path):
+    def start(self, out_dir, env, log_path, port=None):
         if self.snapshot is not None:
             env = dict(env)
             env["PYTHONPATH"] = os.pathsep.join(
                 [str(self.snapshot), *filter(None, [env.get("PYTHONPATH")])]
             )
-        super().start(out_dir, env, log_path)
+        super().start(out_dir, env, log_path, port)
 
     @property
     def data_dir(self) -> Path:
@@ -374,7 +376,7 @@ class DcmtkStorescp(Receiver):
         return None
 
     def version(self):
-        return _first_line([DCMTK_STORESCP, "--version"]).strip("$ ")
+        return first_line([DCMTK_STORESCP, "--version"]).strip("$ ")
 
     def command(self):
         return [
@@ -450,7 +452,7 @@ class Orthanc(Receiver):
         return None
 
     def version(self):
-        return _first_line([self.binary, "--version"])
+        return first_line([self.binary, "--version"])
 
     def prepare(self):
         self.http_port = procs.free_port()

@@ -4,10 +4,13 @@
         [--receivers imaging-scp,storescp,orthanc,pynetdicom,floor]
         [--modes default,nodelay,parallel4] [--repeats N]
         [--imaging-scp-flags "--workers 2"]
+    .venv/bin/python -m benchmarks.run --retrieve [--quick] [--corpus small,ct] [--repeats N]
 
 Every cell (corpus x sender mode x receiver) starts the receiver fresh on loopback,
 sends the corpus with dcmtk's /usr/bin/storescu, checks that every instance arrived,
-and stops the receiver. See benchmarks/README.md.
+and stops the receiver. With --retrieve, C-MOVE and C-GET of the corpus from
+imaging-scp, Orthanc and dcmqrscp instead (benchmarks/retrieve.py). See
+benchmarks/README.md.
 """
 
 import argparse
@@ -23,14 +26,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks import procs
+from benchmarks import procs, retrieve
 from benchmarks.corpus import FULL_SPECS, QUICK_SPECS, Corpus, ensure_corpus
+from benchmarks.receivers import DCMTK_STORESCU as STORESCU
 from benchmarks.receivers import RECEIVERS, ImagingScp, Receiver
 
 HERE = Path(__file__).resolve().parent
 WORK = HERE / "work"
 RESULTS = HERE / "results"
-STORESCU = "/usr/bin/storescu"  # not the venv's: pynetdicom installs its own `storescu`
 MB = 1_000_000  # figures are in decimal megabytes (10^6 bytes)
 REFERENCE = "orthanc"
 PROGRESS_EVERY = 10.0
@@ -96,6 +99,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         description="DICOM ingest benchmark: imaging-scp vs dcmtk storescp, Orthanc, pynetdicom.",
     )
     parser.add_argument("--quick", action="store_true", help="tiny corpora, 1 repeat (smoke test)")
+    parser.add_argument(
+        "--retrieve",
+        action="store_true",
+        help="measure C-MOVE and C-GET of the small and ct corpora from imaging-scp, Orthanc"
+        " and dcmqrscp, beside storescu's push (benchmarks/retrieve.py)",
+    )
     parser.add_argument(
         "--corpus",
         type=lambda v: _list(v, list(FULL_SPECS)),
@@ -652,6 +661,8 @@ def main(argv=None) -> int:
     if not Path(STORESCU).exists():
         say(f"the sender {STORESCU} (dcmtk) is missing; install it with: apt-get install -y dcmtk")
         return 2
+    if args.retrieve:
+        return retrieve.run(args, WORK, say)
     started_at = datetime.datetime.now(datetime.UTC)
     stamp = started_at.strftime("%Y%m%dT%H%M%SZ")
     log_dir = WORK / "logs" / stamp

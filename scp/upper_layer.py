@@ -950,6 +950,10 @@ class RequestorAssociation:
         except OSError as exc:
             self.state = State.IDLE
             raise ConnectFailed(f"cannot connect to {self.host}:{self.port}: {exc}") from exc
+        # As on the connections we accept: a data set's last, short PDU goes out
+        # at once instead of waiting for the ACK of the one before (a move's
+        # sub-operations are a stream of such messages).
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.handle(Event.TRANSPORT_CONFIRM, self._associate_request())
 
     def _associate_request(self) -> bytes:
