@@ -85,6 +85,18 @@ def echoscu(port: int, called: str = "IMAGING_SCP") -> int:
     ).returncode
 
 
+def without_identifier(assoc: RawAssociation, sop_class: str, field: int) -> int:
+    """Send a request of `field` on context 1 announcing no data set; the status answered."""
+    command = command_set({
+        0x0002: _uid(sop_class),
+        0x0100: struct.pack("<H", field),
+        0x0110: struct.pack("<H", 8),
+        0x0800: struct.pack("<H", 0x0101),  # no data set
+    })  # fmt: skip
+    assoc.sock.sendall(p_data(1, command, command=True))
+    return assoc.next_response().status
+
+
 def test_a_scrape_counts_what_the_associations_did_exactly(server_factory, tmp_path):
     metrics_port = free_port()
     server = server_factory(
@@ -114,14 +126,7 @@ def test_a_scrape_counts_what_the_associations_did_exactly(server_factory, tmp_p
     with RawAssociation(server.port, RAW_CONTEXTS) as assoc:  # two queries refused
         assoc.sock.sendall(raw_find(assoc, b"\x20\x00\x0d\x00UI\x00\x00"))  # no level
         assert assoc.next_response().status == 0xA900
-        no_identifier = command_set({
-            0x0002: _uid(STUDY_ROOT_FIND),
-            0x0100: struct.pack("<H", 0x0020),  # C-FIND-RQ
-            0x0110: struct.pack("<H", 8),
-            0x0800: struct.pack("<H", 0x0101),  # no data set
-        })  # fmt: skip
-        assoc.sock.sendall(p_data(1, no_identifier, command=True))
-        assert assoc.next_response().status == 0xC000
+        assert without_identifier(assoc, STUDY_ROOT_FIND, 0x0020) == 0xC000  # C-FIND-RQ
         assoc.release()
     now = after(metrics_port, before, associations=6)
 
@@ -238,14 +243,8 @@ def test_retrieves_and_their_sub_operations_are_counted_exactly(server_factory, 
         assert move(server.port, study_identifier(study_uid), "NOBODY")[-1][0].Status == 0xA801
         get_context = [(1, StudyRootQueryRetrieveInformationModelGet, [ExplicitVRLittleEndian])]
         with RawAssociation(server.port, get_context) as assoc:
-            no_identifier = command_set({
-                0x0002: _uid(StudyRootQueryRetrieveInformationModelGet),
-                0x0100: struct.pack("<H", 0x0010),  # C-GET-RQ
-                0x0110: struct.pack("<H", 1),
-                0x0800: struct.pack("<H", 0x0101),  # no data set
-            })  # fmt: skip
-            assoc.sock.sendall(p_data(1, no_identifier, command=True))
-            assert assoc.next_response().status == 0xC000
+            get = StudyRootQueryRetrieveInformationModelGet
+            assert without_identifier(assoc, get, 0x0010) == 0xC000  # C-GET-RQ
             assoc.release()
         now = after(metrics_port, before, associations=6)
     finally:
