@@ -273,8 +273,8 @@ class Retrieval(IndexResponses):
         return response
 
     def _refused(self, refused: Refused, outcome: str = "refused") -> tuple[bytes, bytes]:
-        """The one response to a retrieve that ends before its sub-operations;
-        `outcome` is "failed" when the index could not be read."""
+        """The one response, without counts, to a retrieve refused before its
+        sub-operations, or whose index could not be read ("failed")."""
         self.done = True
         self.close()
         self.session.log.warning(
