@@ -30,6 +30,8 @@ _PREFIX = "imaging_scp_"
 _STAGE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
                   0.25, 0.5, 1.0, 2.5, 5.0, 10.0)  # fmt: skip
 _STAGES = ("receive", "check", "fsync", "place", "index")
+_RETRIEVE_OPERATIONS = ("move", "get")
+_SUB_OPERATION_RESULTS = ("completed", "failed", "warning")
 
 
 class Recorder:
@@ -74,6 +76,23 @@ class Recorder:
             ["outcome"],
         )
         self._find_matches = Counter(_PREFIX + "find_matches", "C-FIND pending responses sent")
+        self._retrieve_requests = Counter(
+            _PREFIX + "retrieve_requests",
+            "C-MOVE and C-GET requests ended, by operation (move, get) and outcome"
+            " (success, warning, failed, cancelled, refused)",
+            ["operation", "outcome"],
+        )
+        sub_operations = Counter(
+            _PREFIX + "retrieve_suboperations",
+            "C-STORE sub-operations of C-MOVE and C-GET ended, by operation and result"
+            " (completed, failed, warning)",
+            ["operation", "result"],
+        )
+        self._sub_operations = {
+            (operation, result): sub_operations.labels(operation, result)
+            for operation in _RETRIEVE_OPERATIONS
+            for result in _SUB_OPERATION_RESULTS
+        }
         self._commitment_requests = Counter(
             _PREFIX + "commitment_requests", "Storage commitment requests (N-ACTION) accepted"
         )
@@ -128,6 +147,12 @@ class Recorder:
     def find_ended(self, outcome: str, matches: int) -> None:
         self._find_queries.labels(outcome).inc()
         self._find_matches.inc(matches)
+
+    def retrieve_ended(self, operation: str, outcome: str) -> None:
+        self._retrieve_requests.labels(operation, outcome).inc()
+
+    def sub_operation_ended(self, operation: str, result: str) -> None:
+        self._sub_operations[operation, result].inc()
 
     def commitment_requested(self) -> None:
         self._commitment_requests.inc()

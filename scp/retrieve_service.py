@@ -23,7 +23,7 @@ The moves and gets at once are bounded by `max_associations`: each runs on its
 requester's association, a move's outbound one lives within it.
 """
 
-from scp import dimse
+from scp import dimse, metrics
 from scp.association import (
     Conversation,
     Identifier,
@@ -37,6 +37,10 @@ from scp.association import (
 )
 from scp.config import peer_address
 from scp.sub_operations import (
+    CANCEL,
+    SUCCESS,
+    UNABLE_TO_PERFORM_SUB_OPERATIONS,
+    WARNING,
     Destination,
     Tally,
     Unsendable,
@@ -97,9 +101,14 @@ class RetrieveConversation(Conversation):
             return None
         if command.has_dataset:
             return IncomingIdentifier(self, command, outbox)
-        outbox.send(
-            failure_response(command, UNABLE_TO_PROCESS, "retrieve request without an identifier")
+        reason = "retrieve request without an identifier"
+        operation = _kind(command).name
+        self.session.log.warning(
+            f"{operation}.refused", status=f"0x{UNABLE_TO_PROCESS:04X}", reason=reason
         )
+        if metrics.recorder is not None:
+            metrics.recorder.retrieve_ended(operation, "refused")
+        outbox.send(failure_response(command, UNABLE_TO_PROCESS, reason))
         return None
 
     def response(self, command: dimse.Command) -> bool:
@@ -119,7 +128,7 @@ class IncomingIdentifier(Identifier):
         self.conversation = conversation
 
     def finish(self) -> None:
-        kind = Move if self.command.field == dimse.C_MOVE_RQ else Get
+        kind = _kind(self.command)
         self.outbox.stream(lambda: kind(self, bytes(self._data)))
 
 
@@ -217,6 +226,8 @@ class Retrieval(IndexResponses):
 
     def _failed(self, instance: find.StoredInstance, reason: str) -> None:
         self.tally.did_fail(instance.sop_instance_uid)
+        if metrics.recorder is not None:
+            metrics.recorder.sub_operation_ended(self.name, "failed")
         self.session.log.warning(
             "retrieve.failed",
             sop_instance_uid=instance.sop_instance_uid,
@@ -231,6 +242,10 @@ class Retrieval(IndexResponses):
             self._failed(instance, why)
         else:
             self.tally.succeeded(warned=status != 0)
+            if metrics.recorder is not None:
+                metrics.recorder.sub_operation_ended(
+                    self.name, "warning" if status != 0 else "completed"
+                )
 
     def _fail_the_rest(self, reason: str) -> None:
         """Every match not sent yet is a failed sub-operation (the way to send is gone)."""
@@ -253,9 +268,13 @@ class Retrieval(IndexResponses):
             ms=self._ms(),
             **self._describe(),
         )
+        if metrics.recorder is not None:
+            metrics.recorder.retrieve_ended(self.name, _OUTCOMES[status])
         return response
 
-    def _refused(self, refused: Refused) -> tuple[bytes, bytes]:
+    def _refused(self, refused: Refused, outcome: str = "refused") -> tuple[bytes, bytes]:
+        """The one response, without counts, to a retrieve refused before its
+        sub-operations, or whose index could not be read ("failed")."""
         self.done = True
         self.close()
         self.session.log.warning(
@@ -264,11 +283,13 @@ class Retrieval(IndexResponses):
             reason=refused.reason,
             **self._describe(),
         )
+        if metrics.recorder is not None:
+            metrics.recorder.retrieve_ended(self.name, outcome)
         return self.tally.refusal(refused.status, refused.reason)
 
     def _index_unread(self, exc: Exception) -> tuple[bytes, bytes]:
         why = self._index_failed(exc, f"{self.name}.failed", "retrieve")
-        return self._refused(Refused(UNABLE_TO_PROCESS, why))
+        return self._refused(Refused(UNABLE_TO_PROCESS, why), outcome="failed")
 
 
 class Move(Retrieval):
@@ -405,3 +426,15 @@ _RESPONSE = {
     PATIENT_ROOT_GET: dimse.C_GET_RSP,
     STUDY_ROOT_GET: dimse.C_GET_RSP,
 }
+# A retrieve's final status, as its outcome in the metrics.
+_OUTCOMES = {
+    SUCCESS: "success",
+    WARNING: "warning",
+    UNABLE_TO_PERFORM_SUB_OPERATIONS: "failed",
+    CANCEL: "cancelled",
+}
+
+
+def _kind(command: dimse.Command) -> type[Retrieval]:
+    """The retrieve a C-MOVE-RQ or C-GET-RQ asks for."""
+    return Move if command.field == dimse.C_MOVE_RQ else Get

@@ -1,5 +1,6 @@
 """The Prometheus endpoint (metrics_port), scraped around real associations:
-dcmtk's storescu, echoscu and findscu, a storage commitment, and two workers."""
+dcmtk's storescu, echoscu, findscu, movescu and getscu, pynetdicom's C-MOVE and
+C-GET, a storage commitment, and two workers."""
 
 import os
 import socket
@@ -11,7 +12,9 @@ import urllib.request
 import pydicom
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from pydicom.uid import generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE, build_role, evt
+from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelGet
 
 from scp.config import ConfigError, load_config
 from tests.conftest import (
@@ -29,6 +32,7 @@ from tests.conftest import (
 from tests.test_commitment import Reports, references, request_commitment
 from tests.test_find import RAW_CONTEXTS, STUDY_ROOT_FIND, findscu, raw_find, requires_findscu
 from tests.test_hostile import RawAssociation, _uid, command_set, p_data
+from tests.test_retrieve import DEST, Storescp, getscu, move, movescu, study_identifier
 
 pytestmark = [both_indexes, requires_dcmtk(), requires_findscu]
 
@@ -81,6 +85,18 @@ def echoscu(port: int, called: str = "IMAGING_SCP") -> int:
     ).returncode
 
 
+def without_identifier(assoc: RawAssociation, sop_class: str, field: int) -> int:
+    """Send a request of `field` on context 1 announcing no data set; the status answered."""
+    command = command_set({
+        0x0002: _uid(sop_class),
+        0x0100: struct.pack("<H", field),
+        0x0110: struct.pack("<H", 8),
+        0x0800: struct.pack("<H", 0x0101),  # no data set
+    })  # fmt: skip
+    assoc.sock.sendall(p_data(1, command, command=True))
+    return assoc.next_response().status
+
+
 def test_a_scrape_counts_what_the_associations_did_exactly(server_factory, tmp_path):
     metrics_port = free_port()
     server = server_factory(
@@ -110,14 +126,7 @@ def test_a_scrape_counts_what_the_associations_did_exactly(server_factory, tmp_p
     with RawAssociation(server.port, RAW_CONTEXTS) as assoc:  # two queries refused
         assoc.sock.sendall(raw_find(assoc, b"\x20\x00\x0d\x00UI\x00\x00"))  # no level
         assert assoc.next_response().status == 0xA900
-        no_identifier = command_set({
-            0x0002: _uid(STUDY_ROOT_FIND),
-            0x0100: struct.pack("<H", 0x0020),  # C-FIND-RQ
-            0x0110: struct.pack("<H", 8),
-            0x0800: struct.pack("<H", 0x0101),  # no data set
-        })  # fmt: skip
-        assoc.sock.sendall(p_data(1, no_identifier, command=True))
-        assert assoc.next_response().status == 0xC000
+        assert without_identifier(assoc, STUDY_ROOT_FIND, 0x0020) == 0xC000  # C-FIND-RQ
         assoc.release()
     now = after(metrics_port, before, associations=6)
 
@@ -185,6 +194,87 @@ def test_a_storage_commitment_is_counted_by_result_and_report(server_factory, tm
     assert now("imaging_scp_commitment_report_failures_total") == 0
     assert now("imaging_scp_commitment_reports", state="delivered") == 1
     assert now("imaging_scp_commitment_reports", state="pending") == 0
+
+
+def get_answering_warnings(port: int, study_uid: str) -> int:
+    """A pynetdicom C-GET of a study whose every C-STORE it answers with a
+    warning (0xB000, coercion of data elements); the final status."""
+    ae = AE("GETTER")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate(
+        "127.0.0.1", port, ae_title="IMAGING_SCP",
+        ext_neg=[build_role(CTImageStorage, scp_role=True)],
+        evt_handlers=[(evt.EVT_C_STORE, lambda event: 0xB000)],
+    )  # fmt: skip
+    assert assoc.is_established
+    try:
+        responses = list(
+            assoc.send_c_get(study_identifier(study_uid), StudyRootQueryRetrieveInformationModelGet)
+        )
+    finally:
+        assoc.release()
+    return responses[-1][0].Status
+
+
+def test_retrieves_and_their_sub_operations_are_counted_exactly(server_factory, tmp_path):
+    destination = Storescp(tmp_path / "dest")
+    try:
+        metrics_port = free_port()
+        server = server_factory(
+            "--metrics-port", str(metrics_port), "--peer", f"{DEST}=127.0.0.1:{destination.port}"
+        )
+        study_uid, series_uid = generate_uid(), generate_uid()
+        paths = [
+            make_instance(tmp_path / "files", study_uid=study_uid, series_uid=series_uid)
+            for _ in range(3)
+        ]
+        storescu(server.port, *paths)
+        before = after(metrics_port, Scrape(), associations=1)
+        study = f"StudyInstanceUID={study_uid}"
+
+        assert movescu(server.port, "STUDY", study).returncode == 0  # 3 completed
+        assert getscu(server.port, tmp_path / "got", "STUDY", study).returncode == 0  # 3 completed
+        assert get_answering_warnings(server.port, study_uid) == 0xB000  # 3 warnings
+        gone = pydicom.dcmread(paths[0]).SOPInstanceUID
+        next(server.data_dir.rglob(f"{gone}.dcm")).unlink()  # deleted behind the index
+        status, identifier = move(server.port, study_identifier(study_uid), DEST)[-1]
+        assert (status.Status, identifier.FailedSOPInstanceUIDList) == (0xB000, gone)
+        assert move(server.port, study_identifier(study_uid), "NOBODY")[-1][0].Status == 0xA801
+        get_context = [(1, StudyRootQueryRetrieveInformationModelGet, [ExplicitVRLittleEndian])]
+        with RawAssociation(server.port, get_context) as assoc:
+            get = StudyRootQueryRetrieveInformationModelGet
+            assert without_identifier(assoc, get, 0x0010) == 0xC000  # C-GET-RQ
+            assoc.release()
+        now = after(metrics_port, before, associations=6)
+    finally:
+        destination.stop()
+
+    def moved(name: str, **labels) -> float:
+        return now(name, **labels) - before(name, **labels)
+
+    requests = "imaging_scp_retrieve_requests_total"
+    assert moved(requests, operation="move", outcome="success") == 1
+    assert moved(requests, operation="move", outcome="warning") == 1  # one failed of three
+    assert moved(requests, operation="move", outcome="refused") == 1  # no such destination
+    assert moved(requests, operation="get", outcome="success") == 1
+    assert moved(requests, operation="get", outcome="warning") == 1  # all three warned
+    assert moved(requests, operation="get", outcome="refused") == 1  # no identifier
+    assert now.total(requests) == 6
+    sub_operations = "imaging_scp_retrieve_suboperations_total"
+    assert moved(sub_operations, operation="move", result="completed") == 5
+    assert moved(sub_operations, operation="move", result="failed") == 1
+    assert moved(sub_operations, operation="get", result="completed") == 3
+    assert moved(sub_operations, operation="get", result="warning") == 3
+    assert now.total(sub_operations) == 12
+    # The same numbers as the log's end events and failures.
+    ends = server.events("move.end") + server.events("get.end")
+    for result in ("completed", "failed", "warning"):
+        assert sum(e[result] for e in ends) == sum(
+            now(sub_operations, operation=operation, result=result) for operation in ("move", "get")
+        )
+    assert len(server.events("retrieve.failed")) == 1
+    assert now("imaging_scp_associations_active") == 0
 
 
 def test_two_workers_are_summed_on_one_endpoint(server_factory, tmp_path):
