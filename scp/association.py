@@ -466,12 +466,25 @@ def _service_context(abstract_syntax: str) -> PresentationContext:
     return context
 
 
-def _storage_contexts(proposed: list[PresentationContext]) -> list[PresentationContext]:
+def sending_preference(uid: str) -> int:
+    """Rank of a transfer syntax for a context we only send on (the C-STOREs of
+    a C-GET), lowest preferred: the syntaxes every uncompressed stored object can
+    be sent in (scp.sub_operations converts within little endian) before the
+    rest, which fit only the objects stored in them."""
+    return {ExplicitVRLittleEndian: 0, ImplicitVRLittleEndian: 1}.get(
+        uid, 2 + transfer_syntax_preference(uid)
+    )
+
+
+def _storage_contexts(
+    proposed: list[PresentationContext], roles: dict[str, tuple[bool, bool]]
+) -> list[PresentationContext]:
     """Acceptor contexts for the proposed storage-like abstract syntaxes (a
     storage SOP class, a private one, or one pynetdicom does not know): each in
     every transfer syntax proposed for it, as SCU and SCP, in the order of
     `transfer_syntax_preference` — the acceptor's order is the one
-    `negotiate_as_acceptor` chooses by."""
+    `negotiate_as_acceptor` chooses by — or of `sending_preference` for a class
+    the requester takes only the SCP role of: we only send on its contexts."""
     syntaxes: dict[str, list[str]] = {}
     for cx in proposed:
         uid = UID(cx.abstract_syntax)
@@ -490,7 +503,9 @@ def _storage_contexts(proposed: list[PresentationContext]) -> list[PresentationC
     for uid, offered in syntaxes.items():
         context = PresentationContext()
         context.abstract_syntax = uid
-        context.transfer_syntax = sorted(offered, key=transfer_syntax_preference)
+        only_sent = roles.get(uid) == (False, True)
+        preference = sending_preference if only_sent else transfer_syntax_preference
+        context.transfer_syntax = sorted(offered, key=preference)
         context.scu_role = context.scp_role = True
         contexts.append(context)
     return contexts
@@ -513,7 +528,9 @@ _SERVICES = (Verification, StorageCommitmentPushModel, *_QUERY_RETRIEVE)
 def agree(request: Request, max_pdu: int) -> Agreement:
     """Negotiate the proposed contexts and encode the A-ASSOCIATE-AC."""
     proposed = [cx for cx in request.contexts if cx.transfer_syntax]
-    supported = [_service_context(uid) for uid in _SERVICES] + _storage_contexts(proposed)
+    supported = [_service_context(uid) for uid in _SERVICES] + _storage_contexts(
+        proposed, request.roles
+    )
     results, roles = negotiate_as_acceptor(proposed, supported, request.roles)
     for rq in request.contexts:
         if not rq.transfer_syntax:  # nothing to choose from

@@ -749,7 +749,11 @@ def statement() -> str:
         " does not fail). Among uncompressed syntaxes, explicit VR little endian, then implicit,"
         " then big endian: a sender that proposes big endian beside implicit VR for every object"
         " (dcmtk's `storescu`, with `-R` too) converts a big-endian object to little endian; it"
-        " keeps it as it is by proposing big endian alone (`storescu -xb`).",
+        " keeps it as it is by proposing big endian alone (`storescu -xb`). A class whose"
+        " SCP role alone the requester takes (the contexts a C-GET's objects come back on) is"
+        " one we only send on: there explicit VR little endian, then implicit, come first,"
+        " since every uncompressed stored object can be sent in them; the others fit only the"
+        " objects stored in them.",
         "Table 4.2-4: Storage SOP classes accepted",
         _storage_classes(),
         "Table 4.2-5: Transfer syntaxes accepted for storage, in order of preference",

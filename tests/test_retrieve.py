@@ -330,6 +330,23 @@ def test_pynetdicom_get_on_several_contexts_and_on_none_that_fits(archive):
     assert received == {}
 
 
+def test_a_get_context_in_pynetdicoms_default_syntaxes_takes_every_stored_object(archive):
+    # One context for the class, in pynetdicom's default syntaxes (Deflated and
+    # Explicit VR Big Endian among them): the syntax accepted is one that every
+    # uncompressed stored object can be sent in, not the one we prefer to receive.
+    server, _, sent = archive
+    study = next(iter(sent))
+    expected = instances_of(sent, study)
+    responses, received = get(server.port, study_identifier(study), [None])
+    status = responses[-1][0]
+    assert status.Status == 0x0000
+    assert (status.NumberOfCompletedSuboperations, status.NumberOfFailedSuboperations) == (
+        len(expected),
+        0,
+    )
+    assert set(received) == set(expected)
+
+
 def test_patient_root_models_are_accepted(archive):
     # Patient Root MOVE at PATIENT level without a PatientID is refused (0xA900).
     server, _, sent = archive
