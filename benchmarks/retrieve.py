@@ -329,13 +329,18 @@ def run(args, work: Path, say) -> int:
         "cells": summary,
         "table": _table(summary),
     }
+    write_results(args, f"retrieve-{stamp}.json", document, root, say)
+    return 0 if all(cell["ok_runs"] == cell["runs"] for cell in summary) else 1
+
+
+def write_results(args, name: str, document: dict, root: Path, say) -> None:
+    """Write a mode's JSON into --results-dir; remove its work directory unless --keep-data."""
     args.results_dir.mkdir(parents=True, exist_ok=True)
-    path = args.results_dir / f"retrieve-{stamp}.json"
+    path = args.results_dir / name
     path.write_text(json.dumps(document, indent=2) + "\n")
     say(f"\nresults: {path}")
     if not args.keep_data:
         procs.delete_directories([root])
-    return 0 if all(cell["ok_runs"] == cell["runs"] for cell in summary) else 1
 
 
 def _summarise(cells: dict) -> list[dict]:

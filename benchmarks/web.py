@@ -36,7 +36,7 @@ from pathlib import Path
 from benchmarks import index_queries, procs
 from benchmarks.corpus import FULL_SPECS, QUICK_SPECS, Corpus, ensure_corpus, files_by_study
 from benchmarks.receivers import DCMTK_STORESCU, ImagingScp, Orthanc, first_line
-from benchmarks.retrieve import load, run_tool
+from benchmarks.retrieve import load, run_tool, write_results
 
 CURL = "/usr/bin/curl"
 ORTHANC_DICOMWEB = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
@@ -488,12 +488,7 @@ def run(args, work: Path, say) -> int:
         runs={"wado": wado, "stow": stow, "ingest": ingest}, figures=figures, targets=targets,
         table=text,
     )  # fmt: skip
-    args.results_dir.mkdir(parents=True, exist_ok=True)
-    path = args.results_dir / f"web-{stamp}.json"
-    path.write_text(json.dumps(document, indent=2) + "\n")
-    say(f"\nresults: {path}")
-    if not args.keep_data:
-        procs.delete_directories([root])
+    write_results(args, f"web-{stamp}.json", document, root, say)
     every = [r for runs in (*wado.values(), *stow.values(), *ingest.values()) for r in runs]
     ok = all(r["ok"] for r in every) and queries["qido"]["ok"] and queries["fhir"]["ok"]
     return 0 if ok else 1
