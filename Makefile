@@ -20,7 +20,18 @@ serve: $(BIN)/imaging-scp
 	@echo "make: $(BIN)/imaging-scp serve $(ARGS) (Ctrl-C stops it)"
 	@$(BIN)/imaging-scp serve $(ARGS)
 
-test: $(BIN)/imaging-scp
+# fhirclient's R4 release for tests/test_web.py. It has the import name of the DSTU2 release
+# the test extra pins (tests/test_fhir.py), so it goes into a directory of its own, which that
+# test puts on the path of the process it runs it in.
+FHIRCLIENT_R4 := $(VENV)/fhirclient-r4
+
+$(FHIRCLIENT_R4): $(BIN)/imaging-scp
+	@echo "make: installing fhirclient's R4 release into $@"
+	@rm -rf $@ $@.partial
+	@$(BIN)/python -m pip install --quiet --target $@.partial 'fhirclient==4.4.0'
+	@mv $@.partial $@
+
+test: $(BIN)/imaging-scp $(FHIRCLIENT_R4)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: $(BIN)/imaging-scp

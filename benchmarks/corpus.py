@@ -28,7 +28,7 @@ from array import array
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydicom import dcmwrite
+from pydicom import dcmread, dcmwrite
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
@@ -150,6 +150,15 @@ def _corpus(key: str, spec: CorpusSpec, root: Path, stamp: dict) -> Corpus:
     if stamp["instances"] != spec.instances:
         raise RuntimeError(f"corpus {root}: {stamp['instances']} files, expected {spec.instances}")
     return Corpus(key, spec, root, parts, stamp["instances"], stamp["bytes"])
+
+
+def files_by_study(corpus: Corpus) -> dict[str, list[Path]]:
+    """The corpus's files by Study Instance UID, each study's in name order."""
+    studies: dict[str, list[Path]] = {}
+    for path in sorted(corpus.root.rglob("*.dcm")):
+        header = dcmread(path, stop_before_pixels=True, specific_tags=["StudyInstanceUID"])
+        studies.setdefault(str(header.StudyInstanceUID), []).append(path)
+    return studies
 
 
 def _self_max_rss_mib() -> float:

@@ -28,11 +28,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from benchmarks import procs
-from benchmarks.corpus import FULL_SPECS, QUICK_SPECS, Corpus, ensure_corpus
+from benchmarks.corpus import FULL_SPECS, QUICK_SPECS, Corpus, ensure_corpus, files_by_study
 from benchmarks.receivers import (
     DCMTK_STORESCU,
     DcmtkStorescp,
@@ -144,16 +143,7 @@ def study_query(corpus: Corpus, path: Path) -> int:
     """Write the C-MOVE/C-GET identifier of every study of the corpus (STUDY level,
     the list of their UIDs: one request, as getscu 3.6.7 crashes after a second
     query file); the number of studies."""
-    studies = sorted(
-        {
-            str(
-                dcmread(
-                    path, stop_before_pixels=True, specific_tags=["StudyInstanceUID"]
-                ).StudyInstanceUID
-            )  # fmt: skip
-            for path in corpus.root.rglob("*.dcm")
-        }
-    )
+    studies = sorted(files_by_study(corpus))
     query = Dataset()
     query.QueryRetrieveLevel = "STUDY"
     query.StudyInstanceUID = studies
@@ -171,6 +161,24 @@ def run_tool(command: list[str], env: dict, log: Path, timeout: float) -> tuple[
             timeout=timeout,
         )  # fmt: skip
     return time.perf_counter() - started, done.returncode
+
+
+def load(source, directory: Path, expected: int, env: dict, log: Path, timeout: float) -> None:
+    """Store the files under `directory` into a source (a Receiver with `holds()`)
+    with storescu; RuntimeError unless it then holds `expected` instances."""
+    command = [
+        DCMTK_STORESCU, "+sd", "+r", "-aec", source.aet, "127.0.0.1", str(source.port),
+        str(directory),
+    ]  # fmt: skip
+    _, status = run_tool(command, env, log, timeout)
+    deadline = time.monotonic() + 30
+    while source.holds() < expected and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if status != 0 or source.holds() != expected:
+        raise RuntimeError(
+            f"loading {source.key}: storescu status {status}, it holds {source.holds()}"
+            f" of {expected} (see {log})"
+        )
 
 
 def count_files(directory: Path) -> int:
@@ -249,23 +257,6 @@ class Bench:
             "127.0.0.1", str(source.port), str(self.query),
         ]  # fmt: skip
 
-    def load(self, source: Receiver, log: Path) -> None:
-        """Store the corpus into a source with storescu; RuntimeError unless it
-        then holds all of it."""
-        command = [
-            DCMTK_STORESCU, "+sd", "+r", "-aec", source.aet, "127.0.0.1", str(source.port),
-            str(self.corpus.root),
-        ]  # fmt: skip
-        _, status = run_tool(command, self.env, log, self.timeout)
-        deadline = time.monotonic() + 30
-        while source.holds() < self.corpus.instances and time.monotonic() < deadline:
-            time.sleep(0.1)
-        if status != 0 or source.holds() != self.corpus.instances:
-            raise RuntimeError(
-                f"loading {source.key}: storescu status {status}, it holds {source.holds()}"
-                f" of {self.corpus.instances} (see {log})"
-            )
-
 
 # -- the run -----------------------------------------------------------------------------
 
@@ -305,7 +296,10 @@ def run(args, work: Path, say) -> int:
             source_dir = root / corpus.key / key
             try:
                 source.start(source_dir / "source", env, source_dir / "source.log")
-                bench.load(source, source_dir / "load.log")
+                load(
+                    source, corpus.root, corpus.instances, env, source_dir / "load.log",
+                    args.run_timeout,
+                )  # fmt: skip
                 for rep in range(1, args.repeats + 1):
                     for operation in ("move", "get"):
                         record = bench.measure(
@@ -335,13 +329,18 @@ def run(args, work: Path, say) -> int:
         "cells": summary,
         "table": _table(summary),
     }
+    write_results(args, f"retrieve-{stamp}.json", document, root, say)
+    return 0 if all(cell["ok_runs"] == cell["runs"] for cell in summary) else 1
+
+
+def write_results(args, name: str, document: dict, root: Path, say) -> None:
+    """Write a mode's JSON into --results-dir; remove its work directory unless --keep-data."""
     args.results_dir.mkdir(parents=True, exist_ok=True)
-    path = args.results_dir / f"retrieve-{stamp}.json"
+    path = args.results_dir / name
     path.write_text(json.dumps(document, indent=2) + "\n")
     say(f"\nresults: {path}")
     if not args.keep_data:
         procs.delete_directories([root])
-    return 0 if all(cell["ok_runs"] == cell["runs"] for cell in summary) else 1
 
 
 def _summarise(cells: dict) -> list[dict]:

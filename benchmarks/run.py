@@ -5,11 +5,13 @@
         [--modes default,nodelay,parallel4] [--repeats N]
         [--imaging-scp-flags "--workers 2"]
     .venv/bin/python -m benchmarks.run --retrieve [--quick] [--corpus small,ct] [--repeats N]
+    .venv/bin/python -m benchmarks.run --web [--quick] [--repeats N]
 
 Every cell (corpus x sender mode x receiver) starts the receiver fresh on loopback,
 sends the corpus with dcmtk's /usr/bin/storescu, checks that every instance arrived,
 and stops the receiver. With --retrieve, C-MOVE and C-GET of the corpus from
-imaging-scp, Orthanc and dcmqrscp instead (benchmarks/retrieve.py). See
+imaging-scp, Orthanc and dcmqrscp instead (benchmarks/retrieve.py); with --web,
+`imaging-scp web` beside Orthanc's DICOMweb plugin (benchmarks/web.py). See
 benchmarks/README.md.
 """
 
@@ -26,7 +28,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks import procs, retrieve
+from benchmarks import procs, retrieve, web
 from benchmarks.corpus import FULL_SPECS, QUICK_SPECS, Corpus, ensure_corpus
 from benchmarks.receivers import DCMTK_STORESCU as STORESCU
 from benchmarks.receivers import RECEIVERS, ImagingScp, Receiver
@@ -104,6 +106,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         action="store_true",
         help="measure C-MOVE and C-GET of the small and ct corpora from imaging-scp, Orthanc"
         " and dcmqrscp, beside storescu's push (benchmarks/retrieve.py)",
+    )
+    parser.add_argument(
+        "--web",
+        action="store_true",
+        help="measure `imaging-scp web` beside Orthanc's DICOMweb plugin: WADO-RS, QIDO-RS and"
+        " FHIR search on the 1,000,000-instance index, STOW-RS, ingest beside WADO-RS"
+        " (benchmarks/web.py)",
     )
     parser.add_argument(
         "--corpus",
@@ -663,6 +672,8 @@ def main(argv=None) -> int:
         return 2
     if args.retrieve:
         return retrieve.run(args, WORK, say)
+    if args.web:
+        return web.run(args, WORK, say)
     started_at = datetime.datetime.now(datetime.UTC)
     stamp = started_at.strftime("%Y%m%dT%H%M%SZ")
     log_dir = WORK / "logs" / stamp

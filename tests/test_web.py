@@ -1,5 +1,5 @@
 """`imaging-scp web`: FHIR REST over the index, read by clients written elsewhere
-(fhirpy, httpx) and validated with fhir.resources."""
+(fhirpy, fhirclient's R4 release, httpx) and validated with fhir.resources."""
 
 import hashlib
 import json
@@ -9,6 +9,7 @@ import signal
 import socket
 import ssl
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -257,6 +258,61 @@ def test_fhirpy_searches_by_patient_date_and_modality(web):
         "subject",
         "modality",
     }
+
+
+# fhirclient's R4 release, which `make test` installs into a directory of its own: it has the
+# import name of the DSTU2 release the venv pins for tests/test_fhir.py, so it runs in a
+# process of its own with that directory first on its path.
+FHIRCLIENT_R4 = Path(sys.prefix) / "fhirclient-r4"
+FHIRCLIENT_R4_CLIENT = """
+import json, sys
+import fhirclient
+from fhirclient import client
+from fhirclient.models.imagingstudy import ImagingStudy
+
+base, searches, study = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
+server = client.FHIRClient(settings={"app_id": "imaging-scp-test", "api_base": base}).server
+found = [
+    sorted(resource.id for resource in ImagingStudy.where(search).perform_resources(server))
+    for search in searches
+]
+read = ImagingStudy.read(study, server)
+print(json.dumps({"version": fhirclient.__version__, "found": found, "read": read.as_json()}))
+"""
+
+
+def test_fhirclient_r4_searches_and_reads_by_patient_date_and_modality(web):
+    assert FHIRCLIENT_R4.is_dir(), f"no {FHIRCLIENT_R4}: `make test` installs fhirclient's R4 there"
+    mine = [
+        web.receive(PatientID="P-9", StudyDate="20240105", modality="CT"),
+        web.receive(PatientID="P-9", StudyDate="20240620", modality="MR"),
+        web.receive(PatientID="P-9", StudyDate="20250101", modality="CT"),
+    ]
+    web.receive(PatientID="P-10", StudyDate="20240105", modality="CT")
+    searches = {
+        "patient": ({"patient:identifier": "P-9"}, mine),
+        "subject, paged by 2": ({"subject:identifier": "P-9", "_count": "2"}, mine),
+        "date range": (
+            {"patient:identifier": "P-9", "started": {"$and": ["ge2024-01", "lt2024-07"]}},
+            mine[:2],
+        ),
+        "modality": ({"patient:identifier": "P-9", "modality": "CT"}, [mine[0], mine[2]]),
+        "all three": (
+            {"patient:identifier": "P-9", "started": "2024", "modality": "MR"},
+            [mine[1]],
+        ),
+    }
+    answer = subprocess.run(
+        [sys.executable, "-c", FHIRCLIENT_R4_CLIENT, web.fhir("r4"),
+         json.dumps([search for search, _ in searches.values()]), mine[0]],
+        env=dict(os.environ, PYTHONPATH=str(FHIRCLIENT_R4)),
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    result = json.loads(answer.stdout)
+    assert result["version"].startswith("4."), result["version"]  # the R4 release, not DSTU2
+    for name, found in zip(searches, result["found"], strict=True):
+        assert found == sorted(searches[name][1]), name
+    assert result["read"] == httpx.get(f"{web.fhir()}/ImagingStudy/{mine[0]}").json()
 
 
 def test_paging_loses_and_repeats_none_while_studies_arrive(web):
