@@ -361,6 +361,32 @@ class ImagingScpEveryCore(ImagingScp):
         return [*super().command(), "--workers", str(os.cpu_count() or 1)]
 
 
+class ImagingScpBefore(ImagingScp):
+    """imaging-scp as it was at another commit ($IMAGING_SCP_BEFORE, by default
+    the tree before issue 30's restructuring), beside the current one in the
+    same run: an interleaved A/B of a change."""
+
+    key = "imaging-scp-before"
+    revision = os.environ.get("IMAGING_SCP_BEFORE", "c1a130d")
+
+    def pin(self, snapshot: Path) -> None:
+        """The snapshot is the revision's `scp` and `storage`, not the working tree's."""
+        snapshot = snapshot.with_name(f"{snapshot.name}-before")
+        if snapshot.exists():
+            shutil.rmtree(snapshot)
+        snapshot.mkdir(parents=True)
+        archive = subprocess.run(
+            ["git", "-C", str(REPO), "archive", self.revision, "scp", "storage"],
+            capture_output=True,
+            check=True,
+        ).stdout
+        subprocess.run(["tar", "-x", "-C", str(snapshot)], input=archive, check=True)
+        self.snapshot = snapshot
+
+    def version(self):
+        return f"imaging-scp at {self.revision}"
+
+
 class DcmtkStorescp(Receiver):
     """dcmtk's storescp: `storescp -od OUT -ss st PORT`, plus +xa (every transfer syntax)."""
 
@@ -516,5 +542,13 @@ class Floor(Receiver):
 
 RECEIVERS = {
     cls.key: cls
-    for cls in (ImagingScp, ImagingScpEveryCore, DcmtkStorescp, Orthanc, PynetdicomStorescp, Floor)
+    for cls in (
+        ImagingScp,
+        ImagingScpBefore,
+        ImagingScpEveryCore,
+        DcmtkStorescp,
+        Orthanc,
+        PynetdicomStorescp,
+        Floor,
+    )
 }

@@ -911,6 +911,7 @@ def mixed_code(cells: list[dict]) -> dict:
     runs = sorted(
         (
             run["started_at"],
+            cell["receiver"],
             run["receiver_code"],
             f"{cell['corpus']}/{cell['mode']} rep {run['rep']}",
         )
@@ -918,10 +919,12 @@ def mixed_code(cells: list[dict]) -> dict:
         for run in cell["runs"]
         if run.get("receiver_code")
     )
-    seen: dict[str, list[str]] = {}
-    for started_at, code, tag in runs:
-        seen.setdefault(code, []).append(f"{tag} ({started_at})")
-    return seen if len(seen) > 1 else {}
+    by_receiver: dict[str, dict[str, list[str]]] = {}
+    for started_at, receiver, code, tag in runs:
+        by_receiver.setdefault(receiver, {}).setdefault(code, []).append(f"{tag} ({started_at})")
+    return {
+        code: tags for seen in by_receiver.values() if len(seen) > 1 for code, tags in seen.items()
+    }
 
 
 def imaging_scp_notes(cells: list[dict]) -> list[str]:
