@@ -927,6 +927,12 @@ class RequestorAssociation:
         view = memoryview(data)
         got = 0
         while got < count:
+            if _TCP_QUICKACK is not None:
+                # As the acceptor does (AcceptorLayer._read_exactly): a peer
+                # with Nagle on (dcmtk's storescp by default) that writes its
+                # C-STORE-RSP in two pieces would wait for our delayed ACK,
+                # 40 ms per sub-operation of a move.
+                self.sock.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
             received = self.sock.recv_into(view[got:])
             if received == 0:
                 raise ConnectionError("connection closed")
