@@ -622,9 +622,11 @@ def statement() -> str:
         "imaging-scp is a DICOM receiver: it accepts associations, stores every object it is"
         " sent exactly as received (the dataset's bytes are never decoded and re-encoded), keeps"
         " an index of them shaped like a FHIR ImagingStudy, answers C-FIND queries over that"
-        " index, and answers storage commitment requests with a check of each file against the"
+        " index, sends what it holds back with C-MOVE and C-GET (each object as it was received),"
+        " and answers storage commitment requests with a check of each file against the"
         " SHA-256 recorded when it arrived. It is one Application Entity, as SCP of the services"
-        f" below; as SCU it verifies peers (`imaging-scp echo`). It accepts {storage_count}"
+        " below; as SCU it verifies peers (`imaging-scp echo`), sends a retrieve's objects"
+        f" (C-STORE sub-operations) and pushes with `imaging-scp send`. It accepts {storage_count}"
         " storage SOP classes by name, every one in every transfer syntax, and any private or"
         " unknown storage SOP class as well. It creates no SOP instances and supports no media.",
         "Table 1-1: Network services",
@@ -663,6 +665,10 @@ def statement() -> str:
         "  N-ACTION       ------------>   Commit           -> request recorded, files checked\n"
         "  N-EVENT-REPORT <------------   Report           -> same or new association\n"
         "  C-FIND         ------------>   Query            -> matches from the index\n"
+        "  C-MOVE         ------------>   Retrieve         -> C-STORE on a new association\n"
+        "                                                     to the Move Destination (`peers`)\n"
+        "  C-GET          ------------>   Retrieve         -> C-STORE on the same association\n"
+        "                                 Send             -> `imaging-scp send` (C-STORE SCU)\n"
         "                                 Verify a peer    -> `imaging-scp echo` (C-ECHO SCU)\n"
         "```",
         "#### 4.1.2 Functional Definitions of AE Activities",
@@ -681,7 +687,12 @@ def statement() -> str:
         "- **Verify** (Verification SCP): C-ECHO is answered Success while the node can store,"
         " a failure saying why when its index is unavailable.\n"
         "- **Verify a peer** (Verification SCU): `imaging-scp echo HOST PORT`.\n"
-        "- **Retrieve** (C-MOVE, C-GET): see 4.2.1.4.5.",
+        "- **Retrieve** (Q/R MOVE and GET SCP, Storage SCU): the matches stream from the index;"
+        " each file is checked against the size and SHA-256 the index holds, then its data set"
+        " is sent as stored, on a new association to the Move Destination's address in `peers`"
+        " (C-MOVE) or back on the requester's association (C-GET); see 4.2.1.4.5.\n"
+        "- **Send** (Storage SCU): `imaging-scp send --study|--series` pushes what the index"
+        " holds to a peer with the same sub-operations.",
         "#### 4.1.3 Sequencing of Real-World Activities",
         "An instance must be stored (its C-STORE answered Success) before a commitment request"
         " naming it can succeed and before a C-FIND can return it: the index row a query reads"
