@@ -92,7 +92,9 @@ def open_dataset(data_dir: Path, instance: StoredInstance) -> Dataset:
         offset = dataset_offset(source.read(_HEAD))
         source.seek(offset)
         digest = hashlib.sha256()
-        buffer = bytearray(_HASH_PIECE)
+        # No larger than the data set: a fresh megabyte per sub-operation (its
+        # pages faulted in each time) cost more than hashing a small one.
+        buffer = bytearray(min(size - offset, _HASH_PIECE))
         view = memoryview(buffer)
         while got := source.readinto(buffer):
             digest.update(view[:got])
