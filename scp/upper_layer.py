@@ -319,6 +319,16 @@ class ServiceUser:
         """Send the next of those messages (with layer.send_message)."""
 
 
+def _ack_at_once(sock: socket.socket) -> None:
+    """Before each read, in both roles. Linux turns quick ACKs off again by
+    itself; re-armed before each read, the kernel ACKs what arrives at once,
+    while the reading thread is still waking: a Nagle-on peer (a modality's
+    storescu, dcmtk's storescp writing a C-STORE-RSP in two pieces) never waits
+    40 ms for our delayed ACK to send its next segment."""
+    if _TCP_QUICKACK is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
+
+
 class AcceptorLayer:
     """The upper layer of one accepted connection."""
 
@@ -433,12 +443,7 @@ class AcceptorLayer:
                 start, self._end = 0, left
             sock = self.sock
             while self._end - start < count:
-                if _TCP_QUICKACK is not None:
-                    # Linux turns quick ACKs off again by itself. Re-armed before
-                    # each read, the kernel ACKs what arrives at once, while this
-                    # thread is still waking: a Nagle-on sender never waits 40 ms
-                    # for our ACK, nor for this thread, to send its next segment.
-                    sock.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
+                _ack_at_once(sock)
                 got = sock.recv_into(self._view[self._end :])
                 if got == 0:
                     return None
@@ -927,12 +932,7 @@ class RequestorAssociation:
         view = memoryview(data)
         got = 0
         while got < count:
-            if _TCP_QUICKACK is not None:
-                # As the acceptor does (AcceptorLayer._read_exactly): a peer
-                # with Nagle on (dcmtk's storescp by default) that writes its
-                # C-STORE-RSP in two pieces would wait for our delayed ACK,
-                # 40 ms per sub-operation of a move.
-                self.sock.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
+            _ack_at_once(self.sock)
             received = self.sock.recv_into(view[got:])
             if received == 0:
                 raise ConnectionError("connection closed")
