@@ -578,7 +578,7 @@ def test_a_1000_instance_move_beside_a_live_sender_keeps_the_server_rss_flat(
             samples.append(
                 (len(list(destination.directory.iterdir())), rss_kib(server.process.pid))
             )
-            time.sleep(0.1)
+            time.sleep(0.02)
         moving.join()
         sender.join(120)
     finally:
@@ -587,10 +587,12 @@ def test_a_1000_instance_move_beside_a_live_sender_keeps_the_server_rss_flat(
     assert (final.Status, final.NumberOfCompletedSuboperations) == (0x0000, 1000)
     assert {s.status for s in results["sent"]} == {0}
     assert len(list(destination.directory.iterdir())) == 1000
-    # Memory once the move is under way, against its peak: no growth with the series.
-    early = [rss for files, rss in samples if 100 <= files <= 300]
-    assert early, samples
-    assert max(rss for _, rss in samples) - min(early) < 10 * 1024, samples
+    # Memory once the move is under way, against its peak: no growth with the series. The
+    # first sample past 100 files is the baseline wherever it falls (a fast move passes
+    # 100-300 files between two samples), and later samples must span most of the series.
+    under_way = [(files, rss) for files, rss in samples if files >= 100]
+    assert len(under_way) >= 3 and under_way[-1][0] - under_way[0][0] >= 500, samples
+    assert max(rss for _, rss in under_way) - under_way[0][1] < 10 * 1024, samples
 
 
 def series_identifier(study_uid: str, series_uid: str) -> Dataset:
