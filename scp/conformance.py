@@ -27,7 +27,14 @@ from dataclasses import dataclass
 from functools import cache
 from types import ModuleType
 
-from pydicom.uid import UID, AllTransferSyntaxes
+from pydicom.uid import (
+    UID,
+    AllTransferSyntaxes,
+    CTImageStorage,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+)
 from pynetdicom import presentation, sop_class, status
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import uid_to_service_class
@@ -46,6 +53,7 @@ from scp import (
 from scp.config import Config
 from scp.echo import ECHO_PROPOSAL
 from scp.reports import REPORT_PROPOSAL
+from scp.sub_operations import proposals
 from scp.upper_layer import APPLICATION_CONTEXT_NAME, REJECT_REASONS, REJECT_RESULTS, Proposal
 from storage import attributes
 from storage.catalog import commitments, find
@@ -266,8 +274,28 @@ def _proposed() -> str:
          "SCP/SCU Role Selection" if p.scp_role else "None")
         for activity, p in _PROPOSALS.items()
     ]  # fmt: skip
+    rows.append((
+        "Send a C-MOVE's objects to its Move Destination; push files (`imaging-scp send`)",
+        "Each storage SOP class among the objects",
+        "Each transfer syntax the objects are stored in, one context each; for uncompressed"
+        f" ones also a context with {_name(ExplicitVRLittleEndian)} and"
+        f" {_name(ImplicitVRLittleEndian)}",
+        "SCU", "None",
+    ))  # fmt: skip
     return _table(("Activity", "Abstract Syntax", "Transfer Syntaxes", "Role",
                    "Extended Negotiation"), rows)  # fmt: skip
+
+
+def _storage_proposal_example() -> str:
+    stored = [(CTImageStorage, JPEG2000Lossless), (CTImageStorage, ExplicitVRLittleEndian)]
+    rows = [
+        (_name(p.abstract_syntax), "<br>".join(f"{_name(s)} `{s}`" for s in p.transfer_syntaxes))
+        for p in proposals(stored)
+    ]
+    objects = " and ".join(f"{_name(c)} in {_name(s)}" for c, s in stored)
+    return f"Contexts proposed to send {objects}:\n\n" + _table(
+        ("Abstract Syntax", "Transfer Syntaxes"), rows
+    )
 
 
 # What we propose as a requestor, by activity.
@@ -725,12 +753,19 @@ def statement() -> str:
         " by default) is closed; on SIGTERM associations in flight get `drain_timeout`"
         f" ({Config.drain_timeout:g} s) to finish.",
         "##### 4.2.1.3 Association Initiation Policy",
-        "We open associations for two activities only, with these presentation contexts"
+        "We open associations for four activities, with these presentation contexts"
         " (Table 4.2-2); no other extended negotiation is proposed, and the Asynchronous"
         " Operations Window is not proposed (1/1). A report's association carries one"
-        " N-EVENT-REPORT and is released.",
+        " N-EVENT-REPORT and is released. A C-MOVE's association to its Move Destination"
+        " (the AE title's address in `peers`) lives within the requester's association, so"
+        " `max_associations` bounds those too; it carries the move's C-STORE sub-operations,"
+        " one at a time, each with the Move Originator AE Title and Message ID, and is"
+        " released when the move ends.",
         "Table 4.2-2: Presentation contexts proposed",
         _proposed(),
+        "The storage contexts are proposed for what the objects need, as in this example of"
+        " objects stored in two syntaxes:",
+        _storage_proposal_example(),
         "##### 4.2.1.4 Association Acceptance Policy",
         "An association is accepted unless one of these holds (checked in this order); then it"
         " is rejected with the A-ASSOCIATE-RJ below, and the log's `association.rejected` says"
