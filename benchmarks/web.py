@@ -19,6 +19,9 @@ DICOMweb plugin, on issue 32's targets.
   against the same with the web service idle; each run on a fresh data directory holding
   a quarter of the ct corpus (what the loop fetches). Target: >= 0.9x the rate alone.
 
+`imaging-scp web` runs at its unit's niceness (WEB_NICE, the unit's Nice=) throughout; the
+unit's CPUWeight= has no equivalent outside systemd.
+
 Every process has TCP_NODELAY=1 (dcmtk and Orthanc read it from the environment).
 """
 
@@ -44,6 +47,8 @@ AS_STORED = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 BOUNDARY = b"imaging-scp-web-benchmark-7d1f0c"
 STOW_TYPE = f'multipart/related; type="application/dicom"; boundary={BOUNDARY.decode()}'
 MB = 1_000_000
+# The niceness systemd/imaging-scp-web.service gives the web (Nice=): started as deployed.
+WEB_NICE = 10
 INDEX_SIZE = {False: (1_000_000, 10_000), True: (20_000, 200)}  # instances, studies (--quick)
 PATIENTS = 50  # queried in turn
 ROUNDS = {False: 4, True: 1}  # timed rounds over the patients (--quick)
@@ -60,7 +65,8 @@ TARGETS = {
 
 
 class ImagingScpWeb(ImagingScp):
-    """`imaging-scp web` on a data directory (a listener's, or an index alone)."""
+    """`imaging-scp web` on a data directory (a listener's, or an index alone), at the
+    unit's niceness."""
 
     key = "imaging-scp web"
 
@@ -75,8 +81,8 @@ class ImagingScpWeb(ImagingScp):
 
     def command(self):
         return [
-            str(self.script), "web", "--web-port", str(self.port), "--data-dir",
-            str(self.data_dir),
+            "nice", "-n", str(WEB_NICE), str(self.script), "web", "--web-port", str(self.port),
+            "--data-dir", str(self.data_dir),
         ]  # fmt: skip
 
 

@@ -25,6 +25,7 @@ from pydicom.uid import (
 )
 from pynetdicom.dsutils import split_dataset
 
+from scp.web import dicomweb
 from storage.catalog.index import Catalog
 from storage.catalog.series import set_availability
 from tests.conftest import (
@@ -167,6 +168,35 @@ def test_wado_rs_sends_the_stored_files_as_stored(web):
         },
     )
     assert wado.status_code == 200 and wado.content == stored(web, sops[0])
+
+
+def test_a_study_longer_than_a_block_comes_whole_with_each_part_exact(web):
+    """The body goes out in blocks that end inside files and begin inside others:
+    every part is still its stored file, framed exactly."""
+    study, series = generate_uid(), generate_uid()
+    sops = [generate_uid() for _ in range(3)]
+    for number, sop in enumerate(sops, 1):  # 2.4 MB each
+        web.receive(
+            study_uid=study, series_uid=series, sop_instance_uid=sop, InstanceNumber=number,
+            pixels=1100,
+        )  # fmt: skip
+    answer = httpx.get(
+        f"{web.url}/dicomweb/studies/{study}",
+        headers={"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'},
+    )
+    assert answer.status_code == 200 and len(answer.content) > dicomweb._BLOCK
+    delimiter = b"--" + answer.headers["content-type"].split("boundary=")[1].encode()
+    assert answer.content.endswith(b"\r\n" + delimiter + b"--\r\n")
+    parts = answer.content[: -len(delimiter) - 4].split(delimiter + b"\r\n")
+    assert parts[0] == b"" and len(parts) == 1 + len(sops)
+    syntax = ExplicitVRLittleEndian
+    expected = {
+        f"Content-Type: application/dicom; transfer-syntax={syntax}\r\n\r\n".encode()
+        + stored(web, sop)
+        + b"\r\n"
+        for sop in sops
+    }
+    assert set(parts[1:]) == expected
 
 
 def test_frames_of_an_encapsulated_multiframe_object(web):

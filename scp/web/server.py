@@ -12,7 +12,9 @@ from scp.web.app import web_app
 
 log = structlog.get_logger("imaging_scp")
 
-# A request head larger than this is refused (uvicorn's h11 limit), with 400.
+# A request head larger than this is refused (uvicorn's h11 limit), with 400;
+# h11 is named, not left to "auto", which would take httptools if it were
+# installed, and uvicorn sets that limit for h11 alone.
 MAX_HEADER_BYTES = 16 * 1024
 
 
@@ -31,6 +33,8 @@ def serve(config: Config) -> int:
             web_app(config, tokens),
             host=config.web_host,
             port=config.web_port,
+            loop="uvloop",
+            http="h11",
             ssl_certfile=config.web_tls_certificate or None,
             ssl_keyfile=config.web_tls_private_key or None,
             log_config=None,  # ours (scp.logs): JSON lines under systemd
