@@ -42,6 +42,7 @@ from scp.sub_operations import (
     UNABLE_TO_PERFORM_SUB_OPERATIONS,
     WARNING,
     Destination,
+    ReadBuffer,
     Tally,
     Unsendable,
     choose_syntax,
@@ -367,6 +368,7 @@ class Get(Retrieval):
         self._sending: find.StoredInstance | None = None
         self._message_ids = 0
         self._settled = False
+        self._buffer = ReadBuffer()
         super().__init__(incoming, data)
 
     def _prepare(self, contents: dict) -> tuple[bytes, bytes] | None:
@@ -385,8 +387,9 @@ class Get(Retrieval):
             syntax = choose_syntax(instance, (o.transfer_syntax for o in backs))
             back = next(o for o in backs if o.transfer_syntax == syntax)
             send_instance(
-                back.send, back.send_from, self.service.data_dir, instance, syntax, command
-            )
+                back.send, back.send_from, self.service.data_dir, self._buffer, instance, syntax,
+                command,
+            )  # fmt: skip
         except Unsendable as exc:
             self._failed(instance, str(exc))
             return self.tally.pending_due()

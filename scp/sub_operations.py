@@ -49,36 +49,65 @@ PENDING_INTERVAL = 0.5
 
 _FAILED_SOP_INSTANCE_UID_LIST = 0x00080058
 _HEAD = 128 + 4 + 12  # preamble, DICM, File Meta Information Group Length
-_HASH_PIECE = 1 << 20
+# The buffer a retrieve reads its data sets through (`ReadBuffer`).
+_READ_BUFFER = 1 << 20
 
 
 class Unsendable(Exception):
     """A match that cannot be sent; the message says why."""
 
 
+class ReadBuffer:
+    """The one buffer a retrieve's data sets are read through, kept for all of
+    them: a fresh megabyte per sub-operation had its pages faulted in each
+    time. Its pages are touched only as far as the data sets reach."""
+
+    def __init__(self):
+        self.view = memoryview(bytearray(_READ_BUFFER))
+
+
 @dataclass(frozen=True)
 class Dataset:
-    """A stored data set, checked and ready to be read from `source`."""
+    """A stored data set, checked and ready to be sent: held in the read
+    buffer when it fits (read once), else read again from `source`."""
 
     source: BinaryIO  # positioned at the data set's first byte
     length: int
+    held: memoryview | None  # the whole data set, when it fits the read buffer
+    buffer: ReadBuffer
+
+    def pieces(self):
+        """The data set's bytes in order, as views of the read buffer (each
+        valid until the next is taken); OSError when the file fails."""
+        if self.held is not None:
+            yield self.held
+            return
+        left = self.length
+        while left > 0:
+            got = self.source.readinto(self.buffer.view[: min(left, _READ_BUFFER)])
+            if not got:
+                raise OSError(f"the file ends {left} bytes early")
+            left -= got
+            yield self.buffer.view[:got]
 
     def converted(self, instance: StoredInstance, syntax: str) -> bytes:
         """The data set encoded in `syntax` (read whole: a conversion is the
         exception, for a destination that does not take the stored syntax)."""
+        data = bytes(self.held) if self.held is not None else self.source.read(self.length)
         try:
-            return reencode_dataset(self.source.read(self.length), instance.transfer_syntax, syntax)
+            return reencode_dataset(data, instance.transfer_syntax, syntax)
         except Exception as exc:  # pydicom raises many kinds on a malformed value
             raise Unsendable(f"it does not convert to {UID(syntax).name}: {exc}") from exc
 
 
-def open_dataset(data_dir: Path, instance: StoredInstance) -> Dataset:
+def open_dataset(data_dir: Path, instance: StoredInstance, buffer: ReadBuffer) -> Dataset:
     """The data set of a stored instance, its file checked against the index
     (size, SHA-256 of the data set); Unsendable when it is not to be sent."""
     if instance.series_availability in (OFFLINE, UNAVAILABLE):
         raise Unsendable(f"its series is {instance.series_availability}")
     try:
-        source = open(data_dir / instance.path, "rb")  # noqa: SIM115 (closed by the caller)
+        # Unbuffered: the data set is read into the read buffer directly.
+        source = open(data_dir / instance.path, "rb", buffering=0)  # noqa: SIM115 (closed by the caller)
     except FileNotFoundError as exc:
         raise Unsendable(f"its file {instance.path} is missing") from exc
     except OSError as exc:
@@ -91,13 +120,15 @@ def open_dataset(data_dir: Path, instance: StoredInstance) -> Dataset:
             )
         offset = dataset_offset(source.read(_HEAD))
         source.seek(offset)
+        length = size - offset
+        view = buffer.view
+        fits = length <= len(view)
         digest = hashlib.sha256()
-        # No larger than the data set: a fresh megabyte per sub-operation (its
-        # pages faulted in each time) cost more than hashing a small one.
-        buffer = bytearray(min(size - offset, _HASH_PIECE))
-        view = memoryview(buffer)
-        while got := source.readinto(buffer):
-            digest.update(view[:got])
+        held = 0  # what the buffer holds already, when the data set fits
+        while got := source.readinto(view[held:] if fits else view):
+            digest.update(view[held : held + got])
+            if fits:
+                held += got
         if digest.hexdigest() != instance.sha256:
             raise Unsendable(f"its file {instance.path} no longer holds the data set received")
         source.seek(offset)
@@ -107,7 +138,7 @@ def open_dataset(data_dir: Path, instance: StoredInstance) -> Dataset:
     except Unsendable:
         source.close()
         raise
-    return Dataset(source, size - offset)
+    return Dataset(source, length, view[:length] if fits else None, buffer)
 
 
 def choose_syntax(instance: StoredInstance, accepted: Iterable[str]) -> str:
@@ -133,20 +164,21 @@ def choose_syntax(instance: StoredInstance, accepted: Iterable[str]) -> str:
 
 def send_instance(
     send: Callable[[bytes, bytes], None],
-    send_from: Callable[[bytes, BinaryIO, int], None],
+    send_from: Callable[[bytes, Iterable[memoryview], int], None],
     data_dir: Path,
+    buffer: ReadBuffer,
     instance: StoredInstance,
     syntax: str,
     command: bytes,
 ) -> None:
     """Send the C-STORE-RQ `command` with `instance`'s data set in `syntax`
-    (`choose_syntax`'s): streamed from its file (`send_from`) when that is
-    the stored syntax, else converted (`send`). Unsendable when it is not to
-    be sent; OSError when its file fails while being read."""
-    dataset = open_dataset(data_dir, instance)
+    (`choose_syntax`'s): as stored (`send_from`, its pieces) when that is the
+    syntax, else converted (`send`). Unsendable when it is not to be sent;
+    OSError when its file fails while being read."""
+    dataset = open_dataset(data_dir, instance, buffer)
     with dataset.source:
         if syntax == instance.transfer_syntax:
-            send_from(command, dataset.source, dataset.length)
+            send_from(command, dataset.pieces(), dataset.length)
         else:
             send(command, dataset.converted(instance, syntax))
 
@@ -257,6 +289,7 @@ class Destination:
         self.association = association
         self.move_originator = move_originator  # (AE title, Message ID) of a C-MOVE
         self._message_ids = 0
+        self._buffer = ReadBuffer()
 
     def store(self, data_dir: Path, instance: StoredInstance) -> tuple[int, str]:
         """Send one stored instance; its C-STORE-RSP status and comment.
@@ -278,7 +311,7 @@ class Destination:
             send_instance(
                 functools.partial(self.association.send, context),
                 functools.partial(self.association.send_from, context),
-                data_dir, instance, syntax, command,
+                data_dir, self._buffer, instance, syntax, command,
             )  # fmt: skip
         except OSError as exc:  # the file, read while sending: the message is cut short
             self.association.abort()
