@@ -18,7 +18,8 @@ import functools
 import hashlib
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -162,25 +163,91 @@ def choose_syntax(instance: StoredInstance, accepted: Iterable[str]) -> str:
     )
 
 
+class Match:
+    """One match of a retrieve, and the check of its file (`open_dataset`),
+    started ahead (`Matches`)."""
+
+    def __init__(self, instance: StoredInstance, checked: Future):
+        self.instance = instance
+        self._checked = checked
+
+    def dataset(self) -> Dataset:
+        """Its data set, checked; Unsendable when it is not to be sent."""
+        return self._checked.result()
+
+    def close(self) -> None:
+        if self._checked.exception() is None:  # waits for the check
+            self._checked.result().source.close()
+
+
+class Matches:
+    """A retrieve's matches, from the index's cursor, each one's file checked
+    one match ahead in a thread of the retrieve's own: the next file is read
+    and hashed (hashlib lets go of the GIL) while the current one is sent and
+    its C-STORE-RSP awaited. Two read buffers take turns; a match's own is
+    free again when the next match is taken."""
+
+    def __init__(self, data_dir: Path, rows: Iterator[StoredInstance]):
+        self.data_dir = data_dir
+        self._rows = rows
+        self._buffers = (ReadBuffer(), ReadBuffer())
+        self._turn = 0
+        self._checker = ThreadPoolExecutor(1, thread_name_prefix="imaging-scp-check")
+        self._current: Match | None = None
+        self._ahead: Match | None = None
+
+    def __iter__(self) -> "Matches":
+        return self
+
+    def __next__(self) -> Match:
+        if self._current is not None:  # sent, or failed: its buffer is free
+            self._current.close()
+            self._current = None
+        if self._ahead is None:  # the first (StopIteration after the last)
+            self._ahead = self._check(next(self._rows))
+        self._current, self._ahead = self._ahead, None
+        following = next(self._rows, None)
+        if following is not None:
+            self._ahead = self._check(following)
+        return self._current
+
+    def unsent(self) -> Iterator[StoredInstance]:
+        """The matches not taken yet, unchecked (they are not to be sent)."""
+        if self._ahead is not None:
+            self._ahead.close()
+            yield self._ahead.instance
+            self._ahead = None
+        yield from self._rows
+
+    def close(self) -> None:
+        for match in (self._current, self._ahead):
+            if match is not None:
+                match.close()
+        self._current = self._ahead = None
+        self._checker.shutdown()
+
+    def _check(self, instance: StoredInstance) -> Match:
+        buffer = self._buffers[self._turn]
+        self._turn = 1 - self._turn
+        return Match(instance, self._checker.submit(open_dataset, self.data_dir, instance, buffer))
+
+
 def send_instance(
     send: Callable[[bytes, bytes], None],
     send_from: Callable[[bytes, Iterable[memoryview], int], None],
-    data_dir: Path,
-    buffer: ReadBuffer,
-    instance: StoredInstance,
+    match: Match,
     syntax: str,
     command: bytes,
 ) -> None:
-    """Send the C-STORE-RQ `command` with `instance`'s data set in `syntax`
+    """Send the C-STORE-RQ `command` with the match's data set in `syntax`
     (`choose_syntax`'s): as stored (`send_from`, its pieces) when that is the
     syntax, else converted (`send`). Unsendable when it is not to be sent;
     OSError when its file fails while being read."""
-    dataset = open_dataset(data_dir, instance, buffer)
-    with dataset.source:
-        if syntax == instance.transfer_syntax:
-            send_from(command, dataset.pieces(), dataset.length)
-        else:
-            send(command, dataset.converted(instance, syntax))
+    dataset = match.dataset()
+    if syntax == match.instance.transfer_syntax:
+        send_from(command, dataset.pieces(), dataset.length)
+    else:
+        send(command, dataset.converted(match.instance, syntax))
 
 
 def proposals(contents: Iterable[tuple[str, str]]) -> list[Proposal]:
@@ -289,12 +356,12 @@ class Destination:
         self.association = association
         self.move_originator = move_originator  # (AE title, Message ID) of a C-MOVE
         self._message_ids = 0
-        self._buffer = ReadBuffer()
 
-    def store(self, data_dir: Path, instance: StoredInstance) -> tuple[int, str]:
-        """Send one stored instance; its C-STORE-RSP status and comment.
-        Unsendable when it is not to be sent or the destination accepts it in
-        no syntax we can send; AssociationError when the association broke."""
+    def store(self, match: Match) -> tuple[int, str]:
+        """Send one match; its C-STORE-RSP status and comment. Unsendable when
+        it is not to be sent or the destination accepts it in no syntax we
+        can send; AssociationError when the association broke."""
+        instance = match.instance
         accepted = [
             cx for cx in self.association.contexts if cx.abstract_syntax == instance.sop_class_uid
         ]
@@ -311,7 +378,7 @@ class Destination:
             send_instance(
                 functools.partial(self.association.send, context),
                 functools.partial(self.association.send_from, context),
-                data_dir, self._buffer, instance, syntax, command,
+                match, syntax, command,
             )  # fmt: skip
         except OSError as exc:  # the file, read while sending: the message is cut short
             self.association.abort()
