@@ -199,6 +199,7 @@ class Matches:
         self._checker = ThreadPoolExecutor(1, thread_name_prefix="imaging-scp-check")
         self._current: Match | None = None
         self._ahead: Match | None = None
+        self._unread: Exception | None = None  # the cursor failed reading the next row
 
     def __iter__(self) -> "Matches":
         return self
@@ -208,11 +209,17 @@ class Matches:
             self._current.close()
             self._current = None
         if self._ahead is None:  # the first (StopIteration after the last)
+            if self._unread is not None:
+                raise self._unread
             self._ahead = self._check(next(self._rows))
         self._current, self._ahead = self._ahead, None
-        following = next(self._rows, None)
-        if following is not None:
-            self._ahead = self._check(following)
+        try:
+            following = next(self._rows, None)
+        except Exception as exc:  # the index's: raised in its turn, after this match
+            self._unread = exc
+        else:
+            if following is not None:
+                self._ahead = self._check(following)
         return self._current
 
     def unsent(self) -> Iterator[StoredInstance]:

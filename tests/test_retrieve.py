@@ -30,6 +30,8 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelMove,
 )
 
+from scp.sub_operations import Matches, Unsendable
+from storage.catalog.find import StoredInstance
 from storage.codec.datasets import reencode_dataset
 from tests.conftest import (
     IMAGING_SCP,
@@ -704,6 +706,27 @@ def test_large_files_checked_ahead_are_sent_whole_and_a_damaged_one_fails_alone(
     assert received == {uid_of[p]: dataset_bytes(p) for p in paths if uid_of[p] not in damaged}
     reasons = {e["sop_instance_uid"]: e["reason"] for e in server.events("retrieve.failed")}
     assert all("no longer holds the data set received" in reasons[uid] for uid in damaged)
+
+
+def test_an_index_failure_comes_in_its_turn_after_the_matches_checked_ahead(tmp_path):
+    """The cursor is read one match ahead: its failure is raised when the
+    match after the last one read is asked for, as without the look-ahead."""
+
+    def rows():
+        for size in (100, 1 << 20):  # checked here, and in the checker thread
+            yield StoredInstance(f"{size}.dcm", size, "0" * 64, "1.2.840.10008.1.2.1",
+                                 CTImageStorage, generate_uid(), "ONLINE")  # fmt: skip
+        raise RuntimeError("database disk image is malformed")
+
+    matches = Matches(tmp_path, rows())
+    try:
+        for _ in range(2):
+            with pytest.raises(Unsendable, match="is missing"):
+                next(matches).dataset()
+        with pytest.raises(RuntimeError, match="malformed"):
+            next(matches)
+    finally:
+        matches.close()
 
 
 def test_a_nagle_on_destination_does_not_stall_each_sub_operation(server_factory, tmp_path):
