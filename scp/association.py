@@ -175,9 +175,9 @@ class Outbox(Protocol):
 
     def send(self, command: bytes, dataset: bytes = b"") -> None: ...
 
-    def send_from(self, command: bytes, source, length: int) -> None:
-        """A message whose data set is the next `length` bytes of the binary
-        file `source`, read and sent a PDU at a time."""
+    def send_from(self, command: bytes, pieces, length: int) -> None:
+        """A message whose `length`-byte data set comes as `pieces` (buffers
+        in order, each valid until the next is taken), sent a piece at a time."""
         ...
 
     def requests_back(self) -> "list[Outbox]":
@@ -630,8 +630,8 @@ class _Outbox:
     def send(self, command: bytes, dataset: bytes = b"") -> None:
         self.association.layer.send_message(self.context_id, command, dataset)
 
-    def send_from(self, command: bytes, source, length: int) -> None:
-        self.association.layer.send_message_from(self.context_id, command, source, length)
+    def send_from(self, command: bytes, pieces, length: int) -> None:
+        self.association.layer.send_message_from(self.context_id, command, pieces, length)
 
     def requests_back(self) -> list["_Outbox"]:
         return [outbox for outbox in self.association.outboxes.values() if outbox.as_scu]

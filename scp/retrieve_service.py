@@ -42,6 +42,8 @@ from scp.sub_operations import (
     UNABLE_TO_PERFORM_SUB_OPERATIONS,
     WARNING,
     Destination,
+    Match,
+    Matches,
     Tally,
     Unsendable,
     choose_syntax,
@@ -186,12 +188,12 @@ class Retrieval(IndexResponses):
                 return self._start()
             if self.cancelled:
                 return self._final(cancelled=True)
-            instance = next(self._rows, None)
+            match = next(self._rows, None)
         except Exception as exc:
             return self._index_unread(exc)
-        if instance is None:
+        if match is None:
             return self._final()
-        return self._sub_operation(instance)
+        return self._sub_operation(match)
 
     def _start(self) -> tuple[bytes, bytes] | None:
         """Count the matches, get ready to send them; the first response if
@@ -211,10 +213,10 @@ class Retrieval(IndexResponses):
             return refusal
         if not self.matches:
             return self._final()
-        self._rows = self._reader.retrieve(self.query)
+        self._rows = Matches(self.service.data_dir, self._reader.retrieve(self.query))
         return None
 
-    def _sub_operation(self, instance: find.StoredInstance) -> tuple[bytes, bytes] | None:
+    def _sub_operation(self, match: Match) -> tuple[bytes, bytes] | None:
         raise NotImplementedError
 
     def _prepare(self, contents: dict) -> tuple[bytes, bytes] | None:
@@ -249,7 +251,7 @@ class Retrieval(IndexResponses):
 
     def _fail_the_rest(self, reason: str) -> None:
         """Every match not sent yet is a failed sub-operation (the way to send is gone)."""
-        for instance in self._rows or ():
+        for instance in self._rows.unsent():
             self._failed(instance, reason)
 
     def _final(self, cancelled: bool = False) -> tuple[bytes, bytes]:
@@ -286,6 +288,11 @@ class Retrieval(IndexResponses):
         if metrics.recorder is not None:
             metrics.recorder.retrieve_ended(self.name, outcome)
         return self.tally.refusal(refused.status, refused.reason)
+
+    def close(self) -> None:
+        if self._rows is not None:  # the check ahead ends, its file is closed
+            self._rows.close()
+        super().close()
 
     def _index_unread(self, exc: Exception) -> tuple[bytes, bytes]:
         why = self._index_failed(exc, f"{self.name}.failed", "retrieve")
@@ -324,24 +331,24 @@ class Move(Retrieval):
                 address[0], address[1], self.destination_ae, proposals(contents)
             )
         except AssociationError as exc:
-            self._rows = self._reader.retrieve(self.query)
+            self._rows = Matches(self.service.data_dir, self._reader.retrieve(self.query))
             self._fail_the_rest(str(exc))
             return self._final()
         originator = (self.session.provenance.calling_ae, self.message_id)
         self.destination = Destination(association, originator)
         return None
 
-    def _sub_operation(self, instance: find.StoredInstance) -> tuple[bytes, bytes] | None:
+    def _sub_operation(self, match: Match) -> tuple[bytes, bytes] | None:
         try:
-            status, comment = self.destination.store(self.service.data_dir, instance)
+            status, comment = self.destination.store(match)
         except Unsendable as exc:
-            self._failed(instance, str(exc))
+            self._failed(match.instance, str(exc))
         except AssociationError as exc:
-            self._failed(instance, str(exc))
+            self._failed(match.instance, str(exc))
             self._fail_the_rest(str(exc))
             return self._final()
         else:
-            self._stored(instance, status, comment)
+            self._stored(match.instance, status, comment)
         return self.tally.pending_due()
 
     def _final(self, cancelled: bool = False) -> tuple[bytes, bytes]:
@@ -373,7 +380,8 @@ class Get(Retrieval):
         self.conversation.get = self
         return None
 
-    def _sub_operation(self, instance: find.StoredInstance) -> tuple[bytes, bytes] | None:
+    def _sub_operation(self, match: Match) -> tuple[bytes, bytes] | None:
+        instance = match.instance
         backs = [
             o for o in self.outbox.requests_back() if o.abstract_syntax == instance.sop_class_uid
         ]
@@ -384,9 +392,7 @@ class Get(Retrieval):
         try:
             syntax = choose_syntax(instance, (o.transfer_syntax for o in backs))
             back = next(o for o in backs if o.transfer_syntax == syntax)
-            send_instance(
-                back.send, back.send_from, self.service.data_dir, instance, syntax, command
-            )
+            send_instance(back.send, back.send_from, match, syntax, command)
         except Unsendable as exc:
             self._failed(instance, str(exc))
             return self.tally.pending_due()

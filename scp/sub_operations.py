@@ -18,7 +18,8 @@ import functools
 import hashlib
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -49,36 +50,69 @@ PENDING_INTERVAL = 0.5
 
 _FAILED_SOP_INSTANCE_UID_LIST = 0x00080058
 _HEAD = 128 + 4 + 12  # preamble, DICM, File Meta Information Group Length
-_HASH_PIECE = 1 << 20
+# The buffer a retrieve reads its data sets through (`ReadBuffer`).
+_READ_BUFFER = 1 << 20
+# The size from which a file is checked in the checker thread (`Matches`):
+# handing a check over costs ~0.1 ms of CPU, what reading and hashing 128 KiB
+# takes. A smaller one is checked in the retrieve's thread.
+_CHECK_AHEAD_FROM = 128 * 1024
 
 
 class Unsendable(Exception):
     """A match that cannot be sent; the message says why."""
 
 
+class ReadBuffer:
+    """The one buffer a retrieve's data sets are read through, kept for all of
+    them: a fresh megabyte per sub-operation had its pages faulted in each
+    time. Its pages are touched only as far as the data sets reach."""
+
+    def __init__(self):
+        self.view = memoryview(bytearray(_READ_BUFFER))
+
+
 @dataclass(frozen=True)
 class Dataset:
-    """A stored data set, checked and ready to be read from `source`."""
+    """A stored data set, checked and ready to be sent: held in the read
+    buffer when it fits (read once), else read again from `source`."""
 
     source: BinaryIO  # positioned at the data set's first byte
     length: int
+    held: memoryview | None  # the whole data set, when it fits the read buffer
+    buffer: ReadBuffer
+
+    def pieces(self):
+        """The data set's bytes in order, as views of the read buffer (each
+        valid until the next is taken); OSError when the file fails."""
+        if self.held is not None:
+            yield self.held
+            return
+        left = self.length
+        while left > 0:
+            got = self.source.readinto(self.buffer.view[: min(left, _READ_BUFFER)])
+            if not got:
+                raise OSError(f"the file ends {left} bytes early")
+            left -= got
+            yield self.buffer.view[:got]
 
     def converted(self, instance: StoredInstance, syntax: str) -> bytes:
         """The data set encoded in `syntax` (read whole: a conversion is the
         exception, for a destination that does not take the stored syntax)."""
+        data = bytes(self.held) if self.held is not None else self.source.read(self.length)
         try:
-            return reencode_dataset(self.source.read(self.length), instance.transfer_syntax, syntax)
+            return reencode_dataset(data, instance.transfer_syntax, syntax)
         except Exception as exc:  # pydicom raises many kinds on a malformed value
             raise Unsendable(f"it does not convert to {UID(syntax).name}: {exc}") from exc
 
 
-def open_dataset(data_dir: Path, instance: StoredInstance) -> Dataset:
+def open_dataset(data_dir: Path, instance: StoredInstance, buffer: ReadBuffer) -> Dataset:
     """The data set of a stored instance, its file checked against the index
     (size, SHA-256 of the data set); Unsendable when it is not to be sent."""
     if instance.series_availability in (OFFLINE, UNAVAILABLE):
         raise Unsendable(f"its series is {instance.series_availability}")
     try:
-        source = open(data_dir / instance.path, "rb")  # noqa: SIM115 (closed by the caller)
+        # Unbuffered: the data set is read into the read buffer directly.
+        source = open(data_dir / instance.path, "rb", buffering=0)  # noqa: SIM115 (closed by the caller)
     except FileNotFoundError as exc:
         raise Unsendable(f"its file {instance.path} is missing") from exc
     except OSError as exc:
@@ -91,13 +125,15 @@ def open_dataset(data_dir: Path, instance: StoredInstance) -> Dataset:
             )
         offset = dataset_offset(source.read(_HEAD))
         source.seek(offset)
+        length = size - offset
+        view = buffer.view
+        fits = length <= len(view)
         digest = hashlib.sha256()
-        # No larger than the data set: a fresh megabyte per sub-operation (its
-        # pages faulted in each time) cost more than hashing a small one.
-        buffer = bytearray(min(size - offset, _HASH_PIECE))
-        view = memoryview(buffer)
-        while got := source.readinto(buffer):
-            digest.update(view[:got])
+        held = 0  # what the buffer holds already, when the data set fits
+        while got := source.readinto(view[held:] if fits else view):
+            digest.update(view[held : held + got])
+            if fits:
+                held += got
         if digest.hexdigest() != instance.sha256:
             raise Unsendable(f"its file {instance.path} no longer holds the data set received")
         source.seek(offset)
@@ -107,7 +143,7 @@ def open_dataset(data_dir: Path, instance: StoredInstance) -> Dataset:
     except Unsendable:
         source.close()
         raise
-    return Dataset(source, size - offset)
+    return Dataset(source, length, view[:length] if fits else None, buffer)
 
 
 def choose_syntax(instance: StoredInstance, accepted: Iterable[str]) -> str:
@@ -131,24 +167,107 @@ def choose_syntax(instance: StoredInstance, accepted: Iterable[str]) -> str:
     )
 
 
+class Match:
+    """One match of a retrieve, and the check of its file (`open_dataset`),
+    started ahead (`Matches`)."""
+
+    def __init__(self, instance: StoredInstance, checked: Future):
+        self.instance = instance
+        self._checked = checked
+
+    def dataset(self) -> Dataset:
+        """Its data set, checked; Unsendable when it is not to be sent."""
+        return self._checked.result()
+
+    def close(self) -> None:
+        if self._checked.exception() is None:  # waits for the check
+            self._checked.result().source.close()
+
+
+class Matches:
+    """A retrieve's matches, from the index's cursor, each one's file checked
+    one match ahead, a large one in a thread of the retrieve's own: the next
+    file is read and hashed (hashlib lets go of the GIL) while the current one
+    is sent and its C-STORE-RSP awaited. Two read buffers take turns; a
+    match's own is free again when the next match is taken."""
+
+    def __init__(self, data_dir: Path, rows: Iterator[StoredInstance]):
+        self.data_dir = data_dir
+        self._rows = rows
+        self._buffers = (ReadBuffer(), ReadBuffer())
+        self._turn = 0
+        self._checker = ThreadPoolExecutor(1, thread_name_prefix="imaging-scp-check")
+        self._current: Match | None = None
+        self._ahead: Match | None = None
+        self._unread: Exception | None = None  # the cursor failed reading the next row
+
+    def __iter__(self) -> "Matches":
+        return self
+
+    def __next__(self) -> Match:
+        if self._current is not None:  # sent, or failed: its buffer is free
+            self._current.close()
+            self._current = None
+        if self._ahead is None:  # the first (StopIteration after the last)
+            if self._unread is not None:
+                raise self._unread
+            self._ahead = self._check(next(self._rows))
+        self._current, self._ahead = self._ahead, None
+        try:
+            following = next(self._rows, None)
+        except Exception as exc:  # the index's: raised in its turn, after this match
+            self._unread = exc
+        else:
+            if following is not None:
+                self._ahead = self._check(following)
+        return self._current
+
+    def unsent(self) -> Iterator[StoredInstance]:
+        """The matches not taken yet, unchecked (they are not to be sent)."""
+        if self._ahead is not None:
+            self._ahead.close()
+            yield self._ahead.instance
+            self._ahead = None
+        yield from self._rows
+
+    def close(self) -> None:
+        for match in (self._current, self._ahead):
+            if match is not None:
+                match.close()
+        self._current = self._ahead = None
+        self._checker.shutdown()
+
+    def _check(self, instance: StoredInstance) -> Match:
+        buffer = self._buffers[self._turn]
+        self._turn = 1 - self._turn
+        if instance.size >= _CHECK_AHEAD_FROM:
+            return Match(
+                instance, self._checker.submit(open_dataset, self.data_dir, instance, buffer)
+            )
+        checked = Future()  # checked here and now, its outcome given in its turn as the thread's
+        try:
+            checked.set_result(open_dataset(self.data_dir, instance, buffer))
+        except Exception as exc:
+            checked.set_exception(exc)
+        return Match(instance, checked)
+
+
 def send_instance(
     send: Callable[[bytes, bytes], None],
-    send_from: Callable[[bytes, BinaryIO, int], None],
-    data_dir: Path,
-    instance: StoredInstance,
+    send_from: Callable[[bytes, Iterable[memoryview], int], None],
+    match: Match,
     syntax: str,
     command: bytes,
 ) -> None:
-    """Send the C-STORE-RQ `command` with `instance`'s data set in `syntax`
-    (`choose_syntax`'s): streamed from its file (`send_from`) when that is
-    the stored syntax, else converted (`send`). Unsendable when it is not to
-    be sent; OSError when its file fails while being read."""
-    dataset = open_dataset(data_dir, instance)
-    with dataset.source:
-        if syntax == instance.transfer_syntax:
-            send_from(command, dataset.source, dataset.length)
-        else:
-            send(command, dataset.converted(instance, syntax))
+    """Send the C-STORE-RQ `command` with the match's data set in `syntax`
+    (`choose_syntax`'s): as stored (`send_from`, its pieces) when that is the
+    syntax, else converted (`send`). Unsendable when it is not to be sent;
+    OSError when its file fails while being read."""
+    dataset = match.dataset()
+    if syntax == match.instance.transfer_syntax:
+        send_from(command, dataset.pieces(), dataset.length)
+    else:
+        send(command, dataset.converted(match.instance, syntax))
 
 
 def proposals(contents: Iterable[tuple[str, str]]) -> list[Proposal]:
@@ -258,10 +377,11 @@ class Destination:
         self.move_originator = move_originator  # (AE title, Message ID) of a C-MOVE
         self._message_ids = 0
 
-    def store(self, data_dir: Path, instance: StoredInstance) -> tuple[int, str]:
-        """Send one stored instance; its C-STORE-RSP status and comment.
-        Unsendable when it is not to be sent or the destination accepts it in
-        no syntax we can send; AssociationError when the association broke."""
+    def store(self, match: Match) -> tuple[int, str]:
+        """Send one match; its C-STORE-RSP status and comment. Unsendable when
+        it is not to be sent or the destination accepts it in no syntax we
+        can send; AssociationError when the association broke."""
+        instance = match.instance
         accepted = [
             cx for cx in self.association.contexts if cx.abstract_syntax == instance.sop_class_uid
         ]
@@ -278,7 +398,7 @@ class Destination:
             send_instance(
                 functools.partial(self.association.send, context),
                 functools.partial(self.association.send_from, context),
-                data_dir, instance, syntax, command,
+                match, syntax, command,
             )  # fmt: skip
         except OSError as exc:  # the file, read while sending: the message is cut short
             self.association.abort()

@@ -46,6 +46,7 @@ classes, on both sides.
 
 import contextlib
 import enum
+import os
 import select
 import socket
 import ssl
@@ -83,6 +84,7 @@ APPLICATION_CONTEXT_NAME = "1.2.840.10008.3.1.1.1"  # DICOM's, PS3.7 A.2.1
 
 PDU_HEADER = struct.Struct(">BxI")
 _PDV_HEADER = struct.Struct(">IBB")
+_P_DATA_HEADER = struct.Struct(">BxIIBB")  # a P-DATA-TF's PDU header and its one PDV's
 
 
 class State(enum.Enum):
@@ -157,7 +159,7 @@ def ends_by_abort_or_close(state: State) -> Transitions:
 # A-ABORT. Each side adds how a release goes in Sta6.
 SHARED_TRANSITIONS: Transitions = {
     (S.ESTABLISHED, E.P_DATA_PDU): ("DT-2", "indicate_p_data", S.ESTABLISHED),
-    (S.ESTABLISHED, E.LOCAL_P_DATA): ("DT-1", "send_pdu", S.ESTABLISHED),
+    (S.ESTABLISHED, E.LOCAL_P_DATA): ("DT-1", "send_p_data", S.ESTABLISHED),
     **provider_aborts(S.ESTABLISHED, E.ASSOCIATE_RQ_PDU, E.ASSOCIATE_AC_PDU, E.ASSOCIATE_RJ_PDU, E.RELEASE_RP_PDU, E.INVALID_PDU),  # noqa: E501
     **ends_by_abort_or_close(S.ESTABLISHED),
     (S.AWAITING_CLOSE, E.ASSOCIATE_AC_PDU): ("AA-6", "ignore", S.AWAITING_CLOSE),
@@ -196,7 +198,7 @@ ACCEPTOR_TRANSITIONS: Transitions = {
     (S.ESTABLISHED, E.RELEASE_RQ_PDU): ("AR-2", "indicate_release", S.AWAITING_LOCAL_RELEASE_RESPONSE),  # noqa: E501
     # Sta8: release requested by the peer, awaiting the local A-RELEASE response
     (S.AWAITING_LOCAL_RELEASE_RESPONSE, E.LOCAL_RELEASE_RESPONSE): ("AR-4", "send_pdu", S.AWAITING_CLOSE),  # noqa: E501
-    (S.AWAITING_LOCAL_RELEASE_RESPONSE, E.LOCAL_P_DATA): ("AR-7", "send_pdu", S.AWAITING_LOCAL_RELEASE_RESPONSE),  # noqa: E501
+    (S.AWAITING_LOCAL_RELEASE_RESPONSE, E.LOCAL_P_DATA): ("AR-7", "send_p_data", S.AWAITING_LOCAL_RELEASE_RESPONSE),  # noqa: E501
     (S.AWAITING_LOCAL_RELEASE_RESPONSE, E.LOCAL_ABORT): ("AA-1", "send_abort", S.AWAITING_CLOSE),
     # Sta13 (and SHARED_TRANSITIONS)
     (S.AWAITING_CLOSE, E.LOCAL_ABORT): ("AA-2", "close", S.IDLE),  # a stop: already ending
@@ -515,6 +517,11 @@ class AcceptorLayer:
         if self.state is State.AWAITING_CLOSE:  # our RJ or RP: ARTIM started
             self._set_timeout(min(self.network_timeout, CLOSE_TIMEOUT))
 
+    def send_p_data(self, previous, event, buffers) -> None:
+        # The peer may be gone: the next read tells the state machine.
+        with contextlib.suppress(OSError):
+            send_buffers(self.sock, buffers)
+
     def ignore(self, previous, event, pdu) -> None:
         pass
 
@@ -537,14 +544,14 @@ class AcceptorLayer:
     def send_message(self, context_id: int, command: bytes, dataset: bytes = b"") -> None:
         """A DIMSE message as P-DATA-TF PDUs within the peer's maximum length."""
         self.handle(
-            Event.LOCAL_P_DATA, p_data_pdus(context_id, command, dataset, self.peer_max_pdu)
+            Event.LOCAL_P_DATA, [p_data_pdus(context_id, command, dataset, self.peer_max_pdu)]
         )
 
-    def send_message_from(self, context_id: int, command: bytes, source, length: int) -> None:
-        """A DIMSE message whose data set is the next `length` bytes of the file
-        `source`, streamed a PDU at a time (`streamed_p_data_pdus`)."""
-        for pdu in streamed_p_data_pdus(context_id, command, source, length, self.peer_max_pdu):
-            self.handle(Event.LOCAL_P_DATA, pdu)
+    def send_message_from(self, context_id: int, command: bytes, pieces, length: int) -> None:
+        """A DIMSE message whose `length`-byte data set comes as `pieces`, sent
+        a piece at a time (`streamed_p_data_pdus`)."""
+        for buffers in streamed_p_data_pdus(context_id, command, pieces, length, self.peer_max_pdu):
+            self.handle(Event.LOCAL_P_DATA, buffers)
             if self.state is not State.ESTABLISHED:
                 return
 
@@ -653,40 +660,54 @@ def p_data_pdus(context_id: int, command: bytes, dataset: bytes, peer_max_pdu: i
     return bytes(out)
 
 
-# The piece of a streamed data set read at a time when the peer takes PDUs of
-# any length: what `p_data_pdus` would put in one PDU stays bounded.
-_STREAM_PIECE = 256 * 1024
+# The largest PDU we send when the peer takes PDUs of any length.
+_UNLIMITED_PDU = 256 * 1024
+# How many buffers one sendmsg takes (Linux's UIO_MAXIOV).
+_IOV_MAX = os.sysconf("SC_IOV_MAX")
 
 
-def streamed_p_data_pdus(context_id: int, command: bytes, source, length: int, peer_max_pdu: int):
-    """The P-DATA-TF PDUs of one DIMSE message whose data set is the next
-    `length` bytes of the binary file `source`, read a PDU at a time: each PDU
-    yielded (a memoryview of one reused buffer, valid until the next) is
-    within the peer's maximum length; the command's PDUs go with the first.
-    OSError when the file ends early."""
-    chunk = max(peer_max_pdu - 6, 256) if peer_max_pdu else _STREAM_PIECE
-    head = p_data_pdus(context_id, command, b"", peer_max_pdu)
-    buffer = bytearray(len(head) + 12 + min(chunk, max(length, 0)))
-    view = memoryview(buffer)
-    view[: len(head)] = head
-    start = len(head)
+def streamed_p_data_pdus(context_id: int, command: bytes, pieces, length: int, peer_max_pdu: int):
+    """The P-DATA-TF PDUs of one DIMSE message whose data set is `length`
+    bytes that come as `pieces` (buffers, in order, each valid until the next
+    is taken): per piece, the buffers that make up its PDUs, each within the
+    peer's maximum length: headers and slices of the piece, nothing copied, to
+    go out together (`send_buffers`). The command's PDUs go with the first.
+    OSError when the pieces end early."""
+    chunk = max(peer_max_pdu - 6, 256) if peer_max_pdu else _UNLIMITED_PDU
+    buffers = [p_data_pdus(context_id, command, b"", peer_max_pdu)]
     left = length
-    while left > 0:
-        piece = min(chunk, left)
-        left -= piece
-        PDU_HEADER.pack_into(buffer, start, 0x04, piece + 6)
-        _PDV_HEADER.pack_into(buffer, start + 6, piece + 2, context_id, 0 if left else 2)
-        body = view[start + 12 : start + 12 + piece]
-        got = source.readinto(body)
-        while got < piece:
-            more = source.readinto(body[got:])
-            if not more:
-                raise OSError(f"the file ends {piece - got + left} bytes early")
-            got += more
-        yield view[: start + 12 + piece]
-        start = 0
-    if length <= 0:  # no data set PDV: only the command
-        yield view[: len(head)]
+    for piece in pieces:
+        for start in range(0, len(piece), chunk):
+            part = piece[start : start + chunk]
+            left -= len(part)
+            buffers.append(
+                _P_DATA_HEADER.pack(
+                    0x04, len(part) + 6, len(part) + 2, context_id, 0 if left else 2
+                )
+            )
+            buffers.append(part)
+        yield buffers
+        buffers = []
+    if left > 0:
+        raise OSError(f"the file ends {left} bytes early")
+    if buffers:  # no piece came (no data set): the command alone
+        yield buffers
+
+
+def send_buffers(sock: socket.socket, buffers: list) -> None:
+    """sendall of the buffers one after the other: gathered by sendmsg, as
+    many at a time as it takes (TLS has no sendmsg: joined there)."""
+    if isinstance(sock, ssl.SSLSocket):
+        sock.sendall(b"".join(buffers))
+        return
+    first, end = 0, len(buffers)
+    while first < end:
+        sent = sock.sendmsg(buffers[first : first + _IOV_MAX])
+        while first < end and sent >= len(buffers[first]):
+            sent -= len(buffers[first])
+            first += 1
+        if sent:  # the rest of a buffer sent in part (a timeout, a signal)
+            buffers[first] = memoryview(buffers[first])[sent:]
 
 
 # -- the requestor ---------------------------------------------------------------------
@@ -849,16 +870,16 @@ class RequestorAssociation:
         """One DIMSE message as P-DATA-TF PDUs within the peer's maximum length."""
         self.handle(
             Event.LOCAL_P_DATA,
-            p_data_pdus(context.context_id, command, dataset, self.peer_max_pdu),
+            [p_data_pdus(context.context_id, command, dataset, self.peer_max_pdu)],
         )
 
-    def send_from(self, context: AcceptedContext, command: bytes, source, length: int) -> None:
-        """One DIMSE message whose data set is the next `length` bytes of the
-        binary file `source`, read and sent a PDU at a time."""
-        for pdu in streamed_p_data_pdus(
-            context.context_id, command, source, length, self.peer_max_pdu
+    def send_from(self, context: AcceptedContext, command: bytes, pieces, length: int) -> None:
+        """One DIMSE message whose `length`-byte data set comes as `pieces`,
+        sent a piece at a time (`streamed_p_data_pdus`)."""
+        for buffers in streamed_p_data_pdus(
+            context.context_id, command, pieces, length, self.peer_max_pdu
         ):
-            self.handle(Event.LOCAL_P_DATA, pdu)
+            self.handle(Event.LOCAL_P_DATA, buffers)
 
     def receive(self) -> Message:
         """The next whole DIMSE message from the peer."""
@@ -1027,8 +1048,11 @@ class RequestorAssociation:
         raise Rejected(self.peer, body[1], body[2], body[3])
 
     def send_pdu(self, previous, event, pdu: bytes) -> None:
+        self.send_p_data(previous, event, [pdu])
+
+    def send_p_data(self, previous, event, buffers: list) -> None:
         try:
-            self.sock.sendall(pdu)
+            send_buffers(self.sock, buffers)
         except OSError as exc:  # the peer reset or closed the connection
             self.state = State.IDLE
             self._close()

@@ -29,6 +29,8 @@ from scp.upper_layer import (
     State,
     abort_pdu,
     p_data_pdus,
+    send_buffers,
+    streamed_p_data_pdus,
 )
 from tests.conftest import (
     CT_IMAGE_STORAGE,
@@ -307,3 +309,31 @@ def test_a_response_that_breaks_dimse_is_a_protocol_violation_and_an_abort():
         " a dataset PDV before its command"
     )
     assert b"".join(received) == abort_pdu(ABORT_SOURCE_PROVIDER, REASON_INVALID_PARAMETER)
+
+
+def test_buffers_are_sent_whole_and_in_order_past_a_full_socket_and_iov_max():
+    """More buffers than one sendmsg takes, more bytes than the socket buffers
+    hold (a timeout socket's sendmsg then sends part of them): what arrives is
+    every buffer, in order, and the PDUs framing them are the peer's size."""
+    sender, receiver = socket.socketpair()
+    sender.settimeout(10)  # as the requestor's: sendmsg may return having sent part
+    sender.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+    data = bytes(range(256)) * 12_000  # 3 MB, in pieces of 1 MiB at most
+    pieces = [memoryview(data)[i : i + (1 << 20)] for i in range(0, len(data), 1 << 20)]
+    received = bytearray()
+
+    def read_slowly():
+        while chunk := receiver.recv(65536):
+            received.extend(chunk)
+            time.sleep(0.001)
+
+    reader = threading.Thread(target=read_slowly)
+    reader.start()
+    with sender:
+        for buffers in streamed_p_data_pdus(1, b"CMD", pieces, len(data), 1030):
+            send_buffers(sender, buffers)
+    reader.join()
+    receiver.close()
+    command_pdu = p_data_pdus(1, b"CMD", b"", 1030)
+    dataset_pdus = p_data_pdus(1, b"", data, 1030)  # no command: its data set's PDUs alone
+    assert bytes(received) == command_pdu + dataset_pdus

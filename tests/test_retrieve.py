@@ -30,6 +30,8 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelMove,
 )
 
+from scp.sub_operations import Matches, Unsendable
+from storage.catalog.find import StoredInstance
 from storage.codec.datasets import reencode_dataset
 from tests.conftest import (
     IMAGING_SCP,
@@ -656,6 +658,75 @@ def test_a_damaged_file_and_an_offline_series_are_failed_sub_operations(server_f
     reasons = {e["sop_instance_uid"]: e["reason"] for e in server.events("retrieve.failed")}
     assert "no longer holds the data set received" in reasons[damaged]
     assert reasons[uid_of[paths[offline_series][0]]] == "its series is OFFLINE"
+
+
+def test_large_files_checked_ahead_are_sent_whole_and_a_damaged_one_fails_alone(
+    server_factory, tmp_path
+):
+    """Data sets from 128 KiB up are checked one match ahead in the retrieve's
+    checker thread; from 1 MiB up (more than the read buffer) they are read
+    again to be sent. Each arrives byte-exact; one damaged of each size fails
+    in its turn, and the match after it is still sent."""
+    received = {}
+
+    def on_store(event):
+        received[event.request.AffectedSOPInstanceUID] = bytes(event.request.DataSet.getvalue())
+        return 0x0000
+
+    dest_port = free_port()
+    scp = AE("PYDEST")
+    scp.maximum_pdu_size = 16384  # as dcmtk's: many PDUs per data set
+    scp.add_supported_context(CTImageStorage, [ExplicitVRLittleEndian])
+    listener = scp.start_server(
+        ("127.0.0.1", dest_port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)]
+    )
+    try:
+        server = server_factory("--peer", f"PYDEST=127.0.0.1:{dest_port}")
+        study, series = generate_uid(), generate_uid()
+        # 320 KB (held in the read buffer) and 1.3 MB (streamed), alternating
+        paths = [
+            make_instance(tmp_path, study_uid=study, series_uid=series, pixels=pixels,
+                          InstanceNumber=number)
+            for number, pixels in enumerate((400, 800) * 4, start=1)
+        ]  # fmt: skip
+        assert {s.status for s in send_files(server.port, paths)} == {0}
+        uid_of = {p: pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in paths}
+        damaged = {uid_of[paths[2]], uid_of[paths[5]]}
+        for uid in damaged:
+            stored = next(server.data_dir.rglob(f"{uid}.dcm"))
+            data = bytearray(stored.read_bytes())
+            data[-1] ^= 0xFF  # same size, another data set
+            stored.write_bytes(data)
+        status, identifier = move(server.port, study_identifier(study), "PYDEST")[-1]
+    finally:
+        listener.shutdown()
+    assert status.Status == 0xB000
+    assert (status.NumberOfCompletedSuboperations, status.NumberOfFailedSuboperations) == (6, 2)
+    assert set(identifier.FailedSOPInstanceUIDList) == damaged
+    assert received == {uid_of[p]: dataset_bytes(p) for p in paths if uid_of[p] not in damaged}
+    reasons = {e["sop_instance_uid"]: e["reason"] for e in server.events("retrieve.failed")}
+    assert all("no longer holds the data set received" in reasons[uid] for uid in damaged)
+
+
+def test_an_index_failure_comes_in_its_turn_after_the_matches_checked_ahead(tmp_path):
+    """The cursor is read one match ahead: its failure is raised when the
+    match after the last one read is asked for, as without the look-ahead."""
+
+    def rows():
+        for size in (100, 1 << 20):  # checked here, and in the checker thread
+            yield StoredInstance(f"{size}.dcm", size, "0" * 64, "1.2.840.10008.1.2.1",
+                                 CTImageStorage, generate_uid(), "ONLINE")  # fmt: skip
+        raise RuntimeError("database disk image is malformed")
+
+    matches = Matches(tmp_path, rows())
+    try:
+        for _ in range(2):
+            with pytest.raises(Unsendable, match="is missing"):
+                next(matches).dataset()
+        with pytest.raises(RuntimeError, match="malformed"):
+            next(matches)
+    finally:
+        matches.close()
 
 
 def test_a_nagle_on_destination_does_not_stall_each_sub_operation(server_factory, tmp_path):

@@ -1,6 +1,7 @@
 """`imaging-scp send`: push a study or a series the index holds to a DICOM peer,
 with the requestor and the sub-operations of C-MOVE (scp.sub_operations)."""
 
+import contextlib
 import json
 import time
 
@@ -32,7 +33,7 @@ def send(
     or ANY-SCP). Exit 0 when every instance was stored, 1 when any failed or
     nothing matched, 2 on a usage error.
     """
-    from scp.sub_operations import Destination, Unsendable, proposals, store_failure
+    from scp.sub_operations import Destination, Matches, Unsendable, proposals, store_failure
     from scp.upper_layer import AssociationError, Requestor
     from storage.catalog import find
 
@@ -70,16 +71,21 @@ def send(
         except AssociationError as exc:
             fail(str(exc), EXIT_NOT_FOUND)
         destination = Destination(association)
-        rows = reader.retrieve(query)
-        with association, _progress(f"{called_ae}@{host}:{port}", matches) as bar:
-            for instance in rows:
+        rows = Matches(config.data_dir, reader.retrieve(query))
+        with (
+            association,
+            contextlib.closing(rows),
+            _progress(f"{called_ae}@{host}:{port}", matches) as bar,
+        ):
+            for match in rows:
+                instance = match.instance
                 try:
-                    status, comment = destination.store(config.data_dir, instance)
+                    status, comment = destination.store(match)
                 except Unsendable as exc:
                     failed.append((instance.sop_instance_uid, str(exc)))
                 except AssociationError as exc:
                     failed.append((instance.sop_instance_uid, str(exc)))
-                    failed += [(left.sop_instance_uid, str(exc)) for left in rows]
+                    failed += [(left.sop_instance_uid, str(exc)) for left in rows.unsent()]
                     break
                 else:
                     why = store_failure(status, comment)
