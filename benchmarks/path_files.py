@@ -116,7 +116,7 @@ def _run_traced(trace: Path, argv: list[str]) -> None:
                 if record_of()["sends"] == 1:  # the C-STORE-RSP, after the A-ASSOCIATE-AC
                     on_stack(frame)
                 record_of()["sends"] += 1
-            elif name == "fsync":
+            elif name in ("fsync", "commit"):  # sqlite3's COMMIT, called by the writer
                 on_stack(frame)
 
     def write_trace():

@@ -50,14 +50,13 @@ def _row_writer(index: Catalog, key: str, seen_committed: list):
 
 def test_concurrent_writers_share_commits_and_each_returns_after_its_own(index):
     commits = []
-    execute = index.conn.execute
+    commit = index.conn.commit
 
-    def counting_execute(sql, params=()):  # a spy on the one writer connection
-        if sql == "COMMIT":
-            commits.append(sql)
-        return execute(sql, params)
+    def counting_commit():  # a spy on the one writer connection
+        commits.append(1)
+        commit()
 
-    index.conn.execute = counting_execute
+    index.conn.commit = counting_commit
     seen: list[int] = []
     threads = [threading.Thread(target=_row_writer(index, f"1.2.{n}", seen)) for n in range(12)]
     for thread in threads:

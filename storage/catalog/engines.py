@@ -287,6 +287,10 @@ class Database:
     def begin(self) -> None:
         raise NotImplementedError
 
+    def commit(self) -> None:
+        """End the transaction `begin` opened, durably (`prepare_writer`)."""
+        self.execute("COMMIT")
+
     def take_turn(self, timeout: float | None = None) -> None:
         """Before one write transaction (`prepare_writer` first): wait while
         another process writes to this database, IndexTimedOut after `timeout`
@@ -425,6 +429,9 @@ class SQLiteDatabase(Database):
             target, check_same_thread=False, isolation_level=None, timeout=timeout, uri=read_only
         )
         self.conn.row_factory = sqlite3.Row
+        # The driver's own COMMIT, called by the writer for every transaction:
+        # no cursor made for it, nothing of ours between.
+        self.commit = self.conn.commit
         self._writer_lock: int | None = None  # a descriptor of its WRITER_LOCK_SUFFIX file
         # Waits for another process's turn (only then: a free lock is taken at
         # once), in a thread of its own so that the wait can be given up.

@@ -272,7 +272,7 @@ class Writer:
             self.conn.lock_keys(list(lock_keys))
             try:
                 yield
-                self.conn.execute("COMMIT")
+                self.conn.commit()
             except BaseException as exc:
                 # Also after a failed COMMIT (SQLITE_FULL, I/O error): the shared
                 # connection must not stay inside a transaction.
@@ -430,4 +430,4 @@ class Writer:
                     ticket.error = exc
                     conn.execute("ROLLBACK TO instance")
                 conn.execute("RELEASE instance")
-        conn.execute("COMMIT")
+        conn.commit()
