@@ -39,6 +39,7 @@ endian) is converted; a sender keeps a big-endian object as it is by proposing
 big endian alone (storescu -xb).
 """
 
+import functools
 import itertools
 import os
 import socket
@@ -46,7 +47,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import structlog
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -439,8 +440,10 @@ def read_request(pdu: bytes) -> Request:
     return request
 
 
+@functools.lru_cache(maxsize=1024)
 def transfer_syntax_preference(uid: str) -> int:
-    """Rank of a proposed transfer syntax, lowest preferred."""
+    """Rank of a proposed transfer syntax, lowest preferred. Kept per UID: a
+    C-GET's requester proposes the same few syntaxes for each of ~120 classes."""
     syntax = UID(uid)
     if not syntax.is_transfer_syntax:
         # A private syntax: DICOM requires it to encode the dataset in explicit
@@ -455,17 +458,6 @@ def transfer_syntax_preference(uid: str) -> int:
     )
 
 
-def _service_context(abstract_syntax: str) -> PresentationContext:
-    """A non-storage service we serve, in the uncompressed syntaxes (little
-    endian only for queries: their responses are encoded by hand)."""
-    context = PresentationContext()
-    context.abstract_syntax = abstract_syntax
-    context.transfer_syntax = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
-    if abstract_syntax not in _QUERY_RETRIEVE:
-        context.transfer_syntax.append(ExplicitVRBigEndian)
-    return context
-
-
 def sending_preference(uid: str) -> int:
     """Rank of a transfer syntax for a context we only send on (the C-STOREs of
     a C-GET), lowest preferred: the syntaxes every uncompressed stored object can
@@ -476,38 +468,51 @@ def sending_preference(uid: str) -> int:
     )
 
 
+class _Supported(NamedTuple):
+    """A context we accept, as `negotiate_as_acceptor` reads it on the
+    acceptor's side. Not a pynetdicom PresentationContext: that one validates
+    each UID again when set, and these are the requester's, validated as its
+    A-ASSOCIATE-RQ was decoded (or our own constants)."""
+
+    abstract_syntax: str
+    transfer_syntax: tuple[str, ...]  # in our order of preference
+    scu_role: bool | None = None  # None: no role selection for it
+    scp_role: bool | None = None
+
+
+@functools.lru_cache(maxsize=1024)
+def _storage_like(uid: UID) -> bool:
+    """Whether an abstract syntax is accepted as storage: a storage SOP class,
+    a private one, or one pynetdicom does not know (kept per UID, as above)."""
+    service = sop_class.uid_to_service_class(uid)
+    # Not by keyword alone: pynetdicom names some classes unlike pydicom
+    # (Modality Worklist FIND), and those are not storage.
+    storage_like = (
+        uid.is_private
+        or service is StorageServiceClass
+        or (service is ServiceClass and not hasattr(sop_class, uid.keyword))
+    )
+    return storage_like and uid not in _SERVICES
+
+
 def _storage_contexts(
     proposed: list[PresentationContext], roles: dict[str, tuple[bool, bool]]
-) -> list[PresentationContext]:
-    """Acceptor contexts for the proposed storage-like abstract syntaxes (a
-    storage SOP class, a private one, or one pynetdicom does not know): each in
-    every transfer syntax proposed for it, as SCU and SCP, in the order of
+) -> list[_Supported]:
+    """Acceptor contexts for the proposed storage-like abstract syntaxes: each
+    in every transfer syntax proposed for it, as SCU and SCP, in the order of
     `transfer_syntax_preference` — the acceptor's order is the one
     `negotiate_as_acceptor` chooses by — or of `sending_preference` for a class
     the requester takes only the SCP role of: we only send on its contexts."""
     syntaxes: dict[str, list[str]] = {}
     for cx in proposed:
-        uid = UID(cx.abstract_syntax)
-        service = sop_class.uid_to_service_class(uid)
-        # Not by keyword alone: pynetdicom names some classes unlike pydicom
-        # (Modality Worklist FIND), and those are not storage.
-        storage_like = (
-            uid.is_private
-            or service is StorageServiceClass
-            or (service is ServiceClass and not hasattr(sop_class, uid.keyword))
-        )
-        if storage_like and uid not in _SERVICES:
-            offered = syntaxes.setdefault(uid, [])
+        if _storage_like(cx.abstract_syntax):
+            offered = syntaxes.setdefault(cx.abstract_syntax, [])
             offered += [ts for ts in cx.transfer_syntax if ts not in offered]
     contexts = []
     for uid, offered in syntaxes.items():
-        context = PresentationContext()
-        context.abstract_syntax = uid
         only_sent = roles.get(uid) == (False, True)
         preference = sending_preference if only_sent else transfer_syntax_preference
-        context.transfer_syntax = sorted(offered, key=preference)
-        context.scu_role = context.scp_role = True
-        contexts.append(context)
+        contexts.append(_Supported(uid, tuple(sorted(offered, key=preference)), True, True))
     return contexts
 
 
@@ -523,14 +528,22 @@ _QUERY_RETRIEVE = (
 # FIND models (scp.find_service) and the MOVE and GET ones
 # (scp.retrieve_service), as SCP.
 _SERVICES = (Verification, StorageCommitmentPushModel, *_QUERY_RETRIEVE)
+# Each in the uncompressed syntaxes (little endian only for queries: their
+# responses are encoded by hand).
+_SERVICE_CONTEXTS = [
+    _Supported(
+        uid,
+        (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+        + (() if uid in _QUERY_RETRIEVE else (ExplicitVRBigEndian,)),
+    )
+    for uid in _SERVICES
+]
 
 
 def agree(request: Request, max_pdu: int) -> Agreement:
     """Negotiate the proposed contexts and encode the A-ASSOCIATE-AC."""
     proposed = [cx for cx in request.contexts if cx.transfer_syntax]
-    supported = [_service_context(uid) for uid in _SERVICES] + _storage_contexts(
-        proposed, request.roles
-    )
+    supported = _SERVICE_CONTEXTS + _storage_contexts(proposed, request.roles)
     results, roles = negotiate_as_acceptor(proposed, supported, request.roles)
     for rq in request.contexts:
         if not rq.transfer_syntax:  # nothing to choose from
