@@ -53,6 +53,12 @@ import structlog
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import sop_class
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
+from pynetdicom.pdu_items import (
+    AbstractSyntaxSubItem,
+    PresentationContextItemRQ,
+    TransferSyntaxSubItem,
+    UserInformationItem,
+)
 from pynetdicom.pdu_primitives import (
     A_ASSOCIATE,
     AsynchronousOperationsWindowNegotiation,
@@ -382,6 +388,14 @@ class RequestError(ValueError):
     """An A-ASSOCIATE-RQ that does not decode."""
 
 
+class Proposed(NamedTuple):
+    """A presentation context the requester proposes."""
+
+    context_id: int
+    abstract_syntax: UID | None
+    transfer_syntax: list[UID]  # in the requester's order
+
+
 @dataclass(frozen=True)
 class Request:
     """What an A-ASSOCIATE-RQ asks."""
@@ -389,7 +403,7 @@ class Request:
     calling_ae: str
     called_ae: str
     application_context: str
-    contexts: list[PresentationContext]
+    contexts: list[Proposed]
     max_pdu: int  # what the requestor receives: 0 = no limit
     roles: dict[str, tuple[bool, bool]]  # SOP class: (SCU role, SCP role)
     async_ops: tuple[int, int] | None
@@ -410,8 +424,17 @@ def read_request(pdu: bytes) -> Request:
     try:
         rq = A_ASSOCIATE_RQ()
         rq.decode(pdu)
-        primitive = rq.to_primitive()
-        contexts = list(primitive.presentation_context_definition_list)
+        # As rq.to_primitive(), but for the presentation contexts (`_proposed`).
+        primitive = A_ASSOCIATE()
+        primitive.calling_ae_title = rq.calling_ae_title
+        primitive.called_ae_title = rq.called_ae_title
+        primitive.application_context_name = rq.application_context_name
+        contexts = []
+        for item in rq.variable_items:
+            if isinstance(item, PresentationContextItemRQ):
+                contexts.append(_proposed(item))
+            elif isinstance(item, UserInformationItem):
+                primitive.user_information = item.to_primitive()
         roles, async_ops, max_pdu = {}, None, 0
         for item in primitive.user_information:
             if isinstance(item, MaximumLengthNotification):
@@ -423,7 +446,7 @@ def read_request(pdu: bytes) -> Request:
                     item.maximum_number_operations_invoked,
                     item.maximum_number_operations_performed,
                 )
-        request = Request(
+        return Request(
             calling_ae=str(primitive.calling_ae_title).strip(),
             called_ae=str(primitive.called_ae_title).strip(),
             application_context=str(primitive.application_context_name or ""),
@@ -434,10 +457,25 @@ def read_request(pdu: bytes) -> Request:
         )
     except Exception as exc:  # pynetdicom raises many kinds on malformed input
         raise RequestError(f"A-ASSOCIATE-RQ does not decode: {type(exc).__name__}: {exc}") from exc
-    for cx in contexts:
-        if cx.context_id is None or cx.context_id % 2 == 0:
-            raise RequestError(f"even presentation context ID {cx.context_id}")
-    return request
+
+
+def _proposed(item: PresentationContextItemRQ) -> Proposed:
+    """A decoded presentation context item, read as pynetdicom's to_primitive
+    reads it (the last abstract syntax; each transfer syntax once, empty ones
+    left out) without building a PresentationContext: that validates again
+    every UID the decoding validated (~500 for dcmtk getscu's request)."""
+    context_id = item.presentation_context_id
+    if context_id % 2 == 0:  # one byte: 0 to 255
+        raise ValueError(f"even presentation context ID {context_id}")
+    abstract_syntax, syntaxes = None, []
+    for sub_item in item.abstract_transfer_syntax_sub_items:
+        if isinstance(sub_item, TransferSyntaxSubItem):
+            syntax = sub_item.transfer_syntax_name
+            if syntax and syntax not in syntaxes:
+                syntaxes.append(syntax)
+        elif isinstance(sub_item, AbstractSyntaxSubItem):
+            abstract_syntax = sub_item.abstract_syntax_name
+    return Proposed(context_id, abstract_syntax, syntaxes)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -496,7 +534,7 @@ def _storage_like(uid: UID) -> bool:
 
 
 def _storage_contexts(
-    proposed: list[PresentationContext], roles: dict[str, tuple[bool, bool]]
+    proposed: list[Proposed], roles: dict[str, tuple[bool, bool]]
 ) -> list[_Supported]:
     """Acceptor contexts for the proposed storage-like abstract syntaxes: each
     in every transfer syntax proposed for it, as SCU and SCP, in the order of
