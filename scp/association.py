@@ -39,6 +39,7 @@ endian) is converted; a sender keeps a big-endian object as it is by proposing
 big endian alone (storescu -xb).
 """
 
+import functools
 import itertools
 import os
 import socket
@@ -46,12 +47,18 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import structlog
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import sop_class
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
+from pynetdicom.pdu_items import (
+    AbstractSyntaxSubItem,
+    PresentationContextItemRQ,
+    TransferSyntaxSubItem,
+    UserInformationItem,
+)
 from pynetdicom.pdu_primitives import (
     A_ASSOCIATE,
     AsynchronousOperationsWindowNegotiation,
@@ -381,6 +388,14 @@ class RequestError(ValueError):
     """An A-ASSOCIATE-RQ that does not decode."""
 
 
+class Proposed(NamedTuple):
+    """A presentation context the requester proposes."""
+
+    context_id: int
+    abstract_syntax: UID | None
+    transfer_syntax: list[UID]  # in the requester's order
+
+
 @dataclass(frozen=True)
 class Request:
     """What an A-ASSOCIATE-RQ asks."""
@@ -388,7 +403,7 @@ class Request:
     calling_ae: str
     called_ae: str
     application_context: str
-    contexts: list[PresentationContext]
+    contexts: list[Proposed]
     max_pdu: int  # what the requestor receives: 0 = no limit
     roles: dict[str, tuple[bool, bool]]  # SOP class: (SCU role, SCP role)
     async_ops: tuple[int, int] | None
@@ -409,8 +424,17 @@ def read_request(pdu: bytes) -> Request:
     try:
         rq = A_ASSOCIATE_RQ()
         rq.decode(pdu)
-        primitive = rq.to_primitive()
-        contexts = list(primitive.presentation_context_definition_list)
+        # As rq.to_primitive(), but for the presentation contexts (`_proposed`).
+        primitive = A_ASSOCIATE()
+        primitive.calling_ae_title = rq.calling_ae_title
+        primitive.called_ae_title = rq.called_ae_title
+        primitive.application_context_name = rq.application_context_name
+        contexts = []
+        for item in rq.variable_items:
+            if isinstance(item, PresentationContextItemRQ):
+                contexts.append(_proposed(item))
+            elif isinstance(item, UserInformationItem):
+                primitive.user_information = item.to_primitive()
         roles, async_ops, max_pdu = {}, None, 0
         for item in primitive.user_information:
             if isinstance(item, MaximumLengthNotification):
@@ -422,7 +446,7 @@ def read_request(pdu: bytes) -> Request:
                     item.maximum_number_operations_invoked,
                     item.maximum_number_operations_performed,
                 )
-        request = Request(
+        return Request(
             calling_ae=str(primitive.calling_ae_title).strip(),
             called_ae=str(primitive.called_ae_title).strip(),
             application_context=str(primitive.application_context_name or ""),
@@ -433,14 +457,31 @@ def read_request(pdu: bytes) -> Request:
         )
     except Exception as exc:  # pynetdicom raises many kinds on malformed input
         raise RequestError(f"A-ASSOCIATE-RQ does not decode: {type(exc).__name__}: {exc}") from exc
-    for cx in contexts:
-        if cx.context_id is None or cx.context_id % 2 == 0:
-            raise RequestError(f"even presentation context ID {cx.context_id}")
-    return request
 
 
+def _proposed(item: PresentationContextItemRQ) -> Proposed:
+    """A decoded presentation context item, read as pynetdicom's to_primitive
+    reads it (the last abstract syntax; each transfer syntax once, empty ones
+    left out) without building a PresentationContext: that validates again
+    every UID the decoding validated (~500 for dcmtk getscu's request)."""
+    context_id = item.presentation_context_id
+    if context_id % 2 == 0:  # one byte: 0 to 255
+        raise ValueError(f"even presentation context ID {context_id}")
+    abstract_syntax, syntaxes = None, []
+    for sub_item in item.abstract_transfer_syntax_sub_items:
+        if isinstance(sub_item, TransferSyntaxSubItem):
+            syntax = sub_item.transfer_syntax_name
+            if syntax and syntax not in syntaxes:
+                syntaxes.append(syntax)
+        elif isinstance(sub_item, AbstractSyntaxSubItem):
+            abstract_syntax = sub_item.abstract_syntax_name
+    return Proposed(context_id, abstract_syntax, syntaxes)
+
+
+@functools.lru_cache(maxsize=1024)
 def transfer_syntax_preference(uid: str) -> int:
-    """Rank of a proposed transfer syntax, lowest preferred."""
+    """Rank of a proposed transfer syntax, lowest preferred. Kept per UID: a
+    C-GET's requester proposes the same few syntaxes for each of ~120 classes."""
     syntax = UID(uid)
     if not syntax.is_transfer_syntax:
         # A private syntax: DICOM requires it to encode the dataset in explicit
@@ -455,17 +496,6 @@ def transfer_syntax_preference(uid: str) -> int:
     )
 
 
-def _service_context(abstract_syntax: str) -> PresentationContext:
-    """A non-storage service we serve, in the uncompressed syntaxes (little
-    endian only for queries: their responses are encoded by hand)."""
-    context = PresentationContext()
-    context.abstract_syntax = abstract_syntax
-    context.transfer_syntax = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
-    if abstract_syntax not in _QUERY_RETRIEVE:
-        context.transfer_syntax.append(ExplicitVRBigEndian)
-    return context
-
-
 def sending_preference(uid: str) -> int:
     """Rank of a transfer syntax for a context we only send on (the C-STOREs of
     a C-GET), lowest preferred: the syntaxes every uncompressed stored object can
@@ -476,38 +506,51 @@ def sending_preference(uid: str) -> int:
     )
 
 
+class _Supported(NamedTuple):
+    """A context we accept, as `negotiate_as_acceptor` reads it on the
+    acceptor's side. Not a pynetdicom PresentationContext: that one validates
+    each UID again when set, and these are the requester's, validated as its
+    A-ASSOCIATE-RQ was decoded (or our own constants)."""
+
+    abstract_syntax: str
+    transfer_syntax: tuple[str, ...]  # in our order of preference
+    scu_role: bool | None = None  # None: no role selection for it
+    scp_role: bool | None = None
+
+
+@functools.lru_cache(maxsize=1024)
+def _storage_like(uid: UID) -> bool:
+    """Whether an abstract syntax is accepted as storage: a storage SOP class,
+    a private one, or one pynetdicom does not know (kept per UID, as above)."""
+    service = sop_class.uid_to_service_class(uid)
+    # Not by keyword alone: pynetdicom names some classes unlike pydicom
+    # (Modality Worklist FIND), and those are not storage.
+    storage_like = (
+        uid.is_private
+        or service is StorageServiceClass
+        or (service is ServiceClass and not hasattr(sop_class, uid.keyword))
+    )
+    return storage_like and uid not in _SERVICES
+
+
 def _storage_contexts(
-    proposed: list[PresentationContext], roles: dict[str, tuple[bool, bool]]
-) -> list[PresentationContext]:
-    """Acceptor contexts for the proposed storage-like abstract syntaxes (a
-    storage SOP class, a private one, or one pynetdicom does not know): each in
-    every transfer syntax proposed for it, as SCU and SCP, in the order of
+    proposed: list[Proposed], roles: dict[str, tuple[bool, bool]]
+) -> list[_Supported]:
+    """Acceptor contexts for the proposed storage-like abstract syntaxes: each
+    in every transfer syntax proposed for it, as SCU and SCP, in the order of
     `transfer_syntax_preference` — the acceptor's order is the one
     `negotiate_as_acceptor` chooses by — or of `sending_preference` for a class
     the requester takes only the SCP role of: we only send on its contexts."""
     syntaxes: dict[str, list[str]] = {}
     for cx in proposed:
-        uid = UID(cx.abstract_syntax)
-        service = sop_class.uid_to_service_class(uid)
-        # Not by keyword alone: pynetdicom names some classes unlike pydicom
-        # (Modality Worklist FIND), and those are not storage.
-        storage_like = (
-            uid.is_private
-            or service is StorageServiceClass
-            or (service is ServiceClass and not hasattr(sop_class, uid.keyword))
-        )
-        if storage_like and uid not in _SERVICES:
-            offered = syntaxes.setdefault(uid, [])
+        if _storage_like(cx.abstract_syntax):
+            offered = syntaxes.setdefault(cx.abstract_syntax, [])
             offered += [ts for ts in cx.transfer_syntax if ts not in offered]
     contexts = []
     for uid, offered in syntaxes.items():
-        context = PresentationContext()
-        context.abstract_syntax = uid
         only_sent = roles.get(uid) == (False, True)
         preference = sending_preference if only_sent else transfer_syntax_preference
-        context.transfer_syntax = sorted(offered, key=preference)
-        context.scu_role = context.scp_role = True
-        contexts.append(context)
+        contexts.append(_Supported(uid, tuple(sorted(offered, key=preference)), True, True))
     return contexts
 
 
@@ -523,14 +566,22 @@ _QUERY_RETRIEVE = (
 # FIND models (scp.find_service) and the MOVE and GET ones
 # (scp.retrieve_service), as SCP.
 _SERVICES = (Verification, StorageCommitmentPushModel, *_QUERY_RETRIEVE)
+# Each in the uncompressed syntaxes (little endian only for queries: their
+# responses are encoded by hand).
+_SERVICE_CONTEXTS = [
+    _Supported(
+        uid,
+        (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+        + (() if uid in _QUERY_RETRIEVE else (ExplicitVRBigEndian,)),
+    )
+    for uid in _SERVICES
+]
 
 
 def agree(request: Request, max_pdu: int) -> Agreement:
     """Negotiate the proposed contexts and encode the A-ASSOCIATE-AC."""
     proposed = [cx for cx in request.contexts if cx.transfer_syntax]
-    supported = [_service_context(uid) for uid in _SERVICES] + _storage_contexts(
-        proposed, request.roles
-    )
+    supported = _SERVICE_CONTEXTS + _storage_contexts(proposed, request.roles)
     results, roles = negotiate_as_acceptor(proposed, supported, request.roles)
     for rq in request.contexts:
         if not rq.transfer_syntax:  # nothing to choose from

@@ -113,13 +113,10 @@ def _negotiate(
     limit = association.MAX_PRESENTATION_CONTEXTS
     accepted = []
     for start in range(0, len(proposed), limit):
-        contexts = []
-        for number, (abstract_syntax, syntaxes) in enumerate(proposed[start : start + limit]):
-            context = PresentationContext()
-            context.context_id = 2 * number + 1
-            context.abstract_syntax = abstract_syntax
-            context.transfer_syntax = syntaxes
-            contexts.append(context)
+        contexts = [
+            association.Proposed(2 * number + 1, UID(abstract_syntax), [UID(s) for s in syntaxes])
+            for number, (abstract_syntax, syntaxes) in enumerate(proposed[start : start + limit])
+        ]
         request = association.Request(
             calling_ae="CONFORMANCE",
             called_ae=AE_TITLE,

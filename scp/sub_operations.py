@@ -27,7 +27,7 @@ from typing import BinaryIO
 from pydicom.uid import UID
 
 from scp import dimse
-from scp.upper_layer import AssociationError, Proposal, RequestorAssociation
+from scp.upper_layer import AssociationError, Proposal, RequestorAssociation, lazily_mapped
 from storage.catalog.find import StoredInstance
 from storage.catalog.lifecycle import OFFLINE, UNAVAILABLE
 from storage.codec.datasets import reencode_dataset
@@ -65,10 +65,10 @@ class Unsendable(Exception):
 class ReadBuffer:
     """The one buffer a retrieve's data sets are read through, kept for all of
     them: a fresh megabyte per sub-operation had its pages faulted in each
-    time. Its pages are touched only as far as the data sets reach."""
+    time. Its pages are mapped only as far as the data sets reach."""
 
     def __init__(self):
-        self.view = memoryview(bytearray(_READ_BUFFER))
+        self.view = memoryview(lazily_mapped(_READ_BUFFER))
 
 
 @dataclass(frozen=True)
