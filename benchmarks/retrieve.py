@@ -3,14 +3,15 @@ from imaging-scp, Orthanc and dcmtk's dcmqrscp, beside the limit.
 
 A retrieve is bounded by its destination, so the limit is dcmtk's storescu pushing
 the same files to the same destination (a dcmtk storescp) in the same run. Each
-source is started fresh and loaded with the corpus by storescu (not measured);
-then, per repeat:
+source is started fresh and loaded with the corpus by storescu (not measured),
+all of them before the first measurement; then the rounds are interleaved, each
+round measuring every source in turn and then the push:
 
 - move: dcmtk movescu asks the source to C-MOVE every study of the corpus (one
   request, STUDY level, the list of their UIDs) to a fresh storescp;
 - get: dcmtk getscu asks for the same studies with C-GET and writes what
   arrives on its own association;
-- push (the limit, once per repeat): storescu sends the corpus's files to a
+- push (the limit, once per round): storescu sends the corpus's files to a
   fresh storescp.
 
 Every DICOM process of the run has TCP_NODELAY=1 (dcmtk reads it from the
@@ -19,6 +20,7 @@ the source's CPU per instance and its peak RSS during the retrieve (its
 process tree, sampled), and the ratios to Orthanc and to the push.
 """
 
+import contextlib
 import datetime
 import json
 import os
@@ -281,39 +283,43 @@ def run(args, work: Path, say) -> int:
         studies = study_query(corpus, query)
         say(f"\n== {corpus.spec.name} ({corpus.spec.describe()}): {studies} studies")
         bench = Bench(corpus, query, destination, procs.free_port(), env, args.run_timeout)
-        for key, kind in SOURCES.items():
-            source = kind(bench.port)
-            reason = source.unavailable()
-            if reason:
-                skipped[key] = reason
-                say(f"SKIP {key}: {reason}")
-                continue
-            versions[key] = source.version()
-            if isinstance(source, ImagingScp):
-                source.flags = list(args.imaging_scp_flags)
-                if not args.live_code:
-                    source.pin(root / "snapshot")
-            source_dir = root / corpus.key / key
-            try:
+        # Every source holds the corpus at once and the rounds are interleaved (each
+        # source's move and get, then the push, round after round): a slower minute
+        # of this machine falls on every source alike.
+        with contextlib.ExitStack() as running:
+            sources = {}
+            for key, kind in SOURCES.items():
+                source = kind(bench.port)
+                reason = source.unavailable()
+                if reason:
+                    skipped[key] = reason
+                    say(f"SKIP {key}: {reason}")
+                    continue
+                versions[key] = source.version()
+                if isinstance(source, ImagingScp):
+                    source.flags = list(args.imaging_scp_flags)
+                    if not args.live_code:
+                        source.pin(root / "snapshot")
+                source_dir = root / corpus.key / key
                 source.start(source_dir / "source", env, source_dir / "source.log")
+                running.callback(source.stop)
                 load(
                     source, corpus.root, corpus.instances, env, source_dir / "load.log",
                     args.run_timeout,
                 )  # fmt: skip
-                for rep in range(1, args.repeats + 1):
+                sources[key] = (source, source_dir)
+            for rep in range(1, args.repeats + 1):
+                for key, (source, source_dir) in sources.items():
                     for operation in ("move", "get"):
                         record = bench.measure(
                             operation, source, source_dir / f"{operation}-r{rep}"
                         )
                         cells.setdefault((corpus.key, operation, key), []).append(record)
                         _report(f"{key} {operation} r{rep}", record, say)
-            finally:
-                source.stop()
-        for rep in range(1, args.repeats + 1):
-            record = bench.measure("push", None, root / corpus.key / f"push-r{rep}")
-            for operation in ("move", "get"):  # the limit of both
-                cells.setdefault((corpus.key, operation, PUSH), []).append(record)
-            _report(f"{PUSH} r{rep}", record, say)
+                record = bench.measure("push", None, root / corpus.key / f"push-r{rep}")
+                for operation in ("move", "get"):  # the limit of both
+                    cells.setdefault((corpus.key, operation, PUSH), []).append(record)
+                _report(f"{PUSH} r{rep}", record, say)
     summary = _summarise(cells)
     say("\n" + _table(summary))
     document = {
