@@ -269,6 +269,36 @@ def _log_index_health(reason: str | None, since: float, damaged: bool) -> None:
         log.warning("index.available", unavailable_seconds=round(time.time() - since, 1))
 
 
+class StartGate:
+    """Workers begin to listen only once the main process listens, its metrics
+    endpoint included: a port that accepts means the whole service is up (a
+    scrape right after it finds the endpoint). Made before the fork; one byte
+    per worker lets them go, and a gate shut without them (the main process
+    could not start) sends them away."""
+
+    def __init__(self, workers: int):
+        self.workers = workers
+        self._read, self._write = os.pipe()
+
+    def keep_side(self, in_worker: bool) -> None:
+        """After the fork: each process keeps its own end of the pipe."""
+        os.close(self._write if in_worker else self._read)
+
+    def wait(self) -> bool:
+        """In a worker: True once the main process listens, False if it gave up."""
+        try:
+            return os.read(self._read, 1) == b"!"
+        finally:
+            os.close(self._read)
+
+    def open(self) -> None:
+        os.write(self._write, b"!" * self.workers)
+        os.close(self._write)
+
+    def shut(self) -> None:
+        os.close(self._write)
+
+
 def fork_workers(count: int) -> list[int] | None:
     """Start `count` more listener processes; returns their pids in the parent,
     None in a worker. Called before any thread exists, so fork is safe."""
@@ -389,20 +419,30 @@ def serve(config: Config, reload_config: Callable[[], Config] | None = None) -> 
         )
     if config.metrics_port:
         metrics.start(config)  # before the fork: each worker counts into the same place
+    gate = StartGate(config.workers - 1) if config.workers > 1 else None
     workers = fork_workers(config.workers - 1)
+    if gate is not None:
+        gate.keep_side(in_worker=workers is None)
     store = open_store(config)
     listeners = Listeners(config, store, callers)
     endpoint = None
     try:
+        if workers is None and not gate.wait():  # the main process could not start: it says why
+            store.index.close()
+            return 2
         if config.metrics_port and workers is not None:  # one endpoint: the main process's
             endpoint = expose_metrics(config, store)
         listeners.start(tls_context)
     except ListenError as exc:
+        if workers and gate is not None:
+            gate.shut()
         _signal_workers(workers or [], signal.SIGTERM)
         _wait_for_workers(workers or [], 5)
         if endpoint is not None:  # its multiprocess directory goes with it
             endpoint.stop()
         return _cannot_start(_address_problem(exc))
+    if workers and gate is not None:
+        gate.open()
     # One process delivers reports on new associations: the main one.
     reporter = Reporter(config, listeners.commitment) if workers is not None else None
     if reporter is not None:
