@@ -329,6 +329,41 @@ def lazily_mapped(size: int) -> mmap.mmap:
     return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
 
 
+class ReceiveBuffer:
+    """What the peer has sent and was not taken yet, in one buffer kept for the
+    connection (both roles). Each read from the socket takes what has arrived,
+    up to the buffer's end: a small C-STORE's command and dataset PDUs, or a
+    C-STORE-RSP's header and body, come in one read; a large message's PDUs a
+    buffer at a time."""
+
+    def __init__(self, size: int):
+        self.buffer = lazily_mapped(size)
+        self.view = memoryview(self.buffer)
+        self.start = self.end = 0  # the bytes received and not yet taken
+
+    def read_exactly(self, sock: socket.socket, count: int) -> memoryview | None:
+        """The next `count` bytes (at most the buffer's size), valid until the
+        next read; None when the peer closes first."""
+        start = self.start
+        if self.end - start < count:
+            if start + count > len(self.buffer):  # make room: what is left goes first
+                left = self.end - start
+                self.view[:left] = self.view[start : self.end]
+                start, self.end = 0, left
+            while self.end - start < count:
+                _ack_at_once(sock)
+                got = sock.recv_into(self.view[self.end :])
+                if got == 0:
+                    return None
+                self.end += got
+        self.start = start + count
+        return self.view[start : start + count]
+
+    def release(self) -> None:
+        self.view.release()
+        self.view = self.buffer = None
+
+
 def _ack_at_once(sock: socket.socket) -> None:
     """Before each read, in both roles. Linux turns quick ACKs off again by
     itself; re-armed before each read, the kernel ACKs what arrives at once,
@@ -358,9 +393,7 @@ class AcceptorLayer:
         self.state = State.AWAITING_ASSOCIATE_RQ
         self.peer_max_pdu = 0  # what the peer receives: 0 = no limit
         # max_pdu: the P-DATA-TF variable field we announced we receive.
-        self._buffer = lazily_mapped(max(max_pdu, MAX_CONTROL_PDU))
-        self._view = memoryview(self._buffer)
-        self._start = self._end = 0  # the bytes received and not yet taken
+        self._received = ReceiveBuffer(max(max_pdu, MAX_CONTROL_PDU))
         # A plain socket waits in the kernel (SO_RCVTIMEO): Python's own timeout
         # would add a poll() before every read. An SSLSocket keeps Python's.
         self._kernel_timeouts = not isinstance(sock, ssl.SSLSocket)
@@ -395,8 +428,7 @@ class AcceptorLayer:
             # The buffer goes now, not when the garbage collector gets to the
             # association (it and this layer refer to each other): the soak saw
             # a megabyte per association kept for ~32 associations otherwise.
-            self._view.release()
-            self._view = self._buffer = None
+            self._received.release()
 
     def handle(self, event: Event, detail=None) -> None:
         """Take one event: run its action and enter the next state (or the one
@@ -412,17 +444,17 @@ class AcceptorLayer:
         if self._stop_requested:
             return Event.LOCAL_ABORT, "the service is stopping"
         try:
-            header = self._read_exactly(6)
+            header = self._received.read_exactly(self.sock, 6)
             if header is None:
                 return self._closed()
             kind, length = PDU_HEADER.unpack_from(header)
             event = PDU_EVENTS.get(kind)
-            if event is None or length > len(self._buffer):
+            if event is None or length > len(self._received.buffer):
                 self._abort_reason = (
                     REASON_UNRECOGNIZED_PDU if event is None else REASON_INVALID_PARAMETER
                 )
                 return Event.INVALID_PDU, f"PDU type 0x{kind:02X} of length {length}"
-            body = self._read_exactly(length)
+            body = self._received.read_exactly(self.sock, length)
         except (TimeoutError, BlockingIOError):  # BlockingIOError: SO_RCVTIMEO expired
             if self.state in (State.AWAITING_ASSOCIATE_RQ, State.AWAITING_CLOSE):
                 return Event.ARTIM_EXPIRED, None
@@ -439,27 +471,6 @@ class AcceptorLayer:
         if error is None:
             return Event.CONNECTION_CLOSED, "connection closed without release"
         return Event.CONNECTION_CLOSED, f"connection failed: {error.strerror or error}"
-
-    def _read_exactly(self, count: int) -> memoryview | None:
-        """The next `count` bytes, from the reused buffer (valid until the next
-        read); None when the peer closes first. Each read from the socket takes
-        what has arrived, up to the buffer's end: a small C-STORE's command and
-        dataset PDUs come in one read, a large one's PDUs a megabyte at a time."""
-        start = self._start
-        if self._end - start < count:
-            if start + count > len(self._buffer):  # make room: what is left goes first
-                left = self._end - start
-                self._view[:left] = self._view[start : self._end]
-                start, self._end = 0, left
-            sock = self.sock
-            while self._end - start < count:
-                _ack_at_once(sock)
-                got = sock.recv_into(self._view[self._end :])
-                if got == 0:
-                    return None
-                self._end += got
-        self._start = start + count
-        return self._view[start : start + count]
 
     def _set_timeout(self, seconds: float) -> None:
         if not self._kernel_timeouts:
@@ -564,16 +575,18 @@ class AcceptorLayer:
                 return
 
     def _input_waiting(self) -> bool:
-        return self._end > self._start or self._stop_requested or self._arrives_within(0)
+        received = self._received
+        return received.end > received.start or self._stop_requested or self._arrives_within(0)
 
     def peer_is_leaving(self, wait: float) -> bool:
         """Whether the peer's next PDU, arriving within `wait` seconds, is an
         A-RELEASE-RQ or an A-ABORT (or it closed): it has no use for this
         association any more. The PDU is left to be read as usual."""
-        if self._end > self._start:
-            kind = self._buffer[self._start]
+        received = self._received
+        if received.end > received.start:
+            kind = received.buffer[received.start]
         else:
-            self._start = self._end = 0
+            received.start = received.end = 0
             if not self._arrives_within(wait):
                 return False
             try:
@@ -600,10 +613,10 @@ class AcceptorLayer:
             return waiting[0] if waiting else None
         self.sock.settimeout(0)
         try:
-            self._end = self.sock.recv_into(self._view)
+            self._received.end = self.sock.recv_into(self._received.view)
         finally:
             self.sock.settimeout(self.network_timeout)
-        return self._buffer[0] if self._end else None
+        return self._received.buffer[0] if self._received.end else None
 
     def request_stop(self) -> None:
         """From another thread: end this connection now. Its own thread wakes
@@ -848,6 +861,8 @@ class RequestorAssociation:
         self.peer_max_pdu = 0  # what the peer receives: 0 = no limit
         self.contexts: list[AcceptedContext] = []
         self._abort_reason = REASON_UNEXPECTED_PDU
+        # The largest PDU we take (`next_event`); its pages are mapped as used.
+        self._received = ReceiveBuffer(max(self.max_pdu, MAX_CONTROL_PDU))
         self._command = bytearray()  # the fragments of the message being received
         self._received_command: dimse.Command | None = None  # its command, once whole
         self._dataset = bytearray()
@@ -935,7 +950,7 @@ class RequestorAssociation:
                     f"{self.host}:{self.port} answered something that is not DICOM"
                     f" (PDU type '0x{kind:02X}')"
                 )
-            limit = max(self.max_pdu, MAX_CONTROL_PDU)
+            limit = len(self._received.buffer)
             if length > limit:
                 self._abort_reason = REASON_INVALID_PARAMETER
                 return Event.INVALID_PDU, (
@@ -956,17 +971,13 @@ class RequestorAssociation:
             return f"{self.peer} did not answer within {self.timeout:g} s"
         return f"{self.peer} did not answer the A-RELEASE-RQ within {self.timeout:g} s"
 
-    def _read_exactly(self, count: int) -> bytes:
-        data = bytearray(count)
-        view = memoryview(data)
-        got = 0
-        while got < count:
-            _ack_at_once(self.sock)
-            received = self.sock.recv_into(view[got:])
-            if received == 0:
-                raise ConnectionError("connection closed")
-            got += received
-        return bytes(data)
+    def _read_exactly(self, count: int) -> memoryview:
+        """The next `count` bytes, valid until the next read (each PDU's action
+        takes what it keeps); ConnectionError when the peer closes first."""
+        got = self._received.read_exactly(self.sock, count)
+        if got is None:
+            raise ConnectionError("connection closed")
+        return got
 
     # -- actions (PS3.8 tables 9-6 to 9-9) --------------------------------------------
 
