@@ -195,3 +195,17 @@ def test_a_stored_file_that_fails_is_refused_and_let_go(tmp_path, data):
         handle.seek(132)
         with pytest.raises(HeaderError, match="^dataset (is truncated|does not parse)"):
             read_header(handle, "1.2.840.10008.1.2.1")
+
+
+def test_a_character_set_naming_another_python_codec_reads_as_pydicom_does():
+    # Found by test_random_datasets_in_random_fragments: a Specific Character Set
+    # of "Uu" (Python's uu codec) fails pydicom's Patient Name; the walk's ASCII
+    # shortcut read it anyway.
+    dataset = (
+        b"\x08\x00\x05\x00\x02\x00\x00\x00Uu"
+        b"\x08\x00\x16\x00\x1a\x00\x00\x001.2.840.10008.5.1.4.1.1.2\x00"
+        b"\x08\x00\x18\x00\x06\x00\x00\x002.25.1\x08\x00`\x00\x02\x00\x00\x00CT"
+        b"\x10\x00\x10\x00\x0c\x00\x00\x00Hostile^Test\x10\x00 \x00\n\x00\x00\x00HOSTILE-1 "
+        b" \x00\r\x00\x06\x00\x00\x002.25.1 \x00\x0e\x00\x06\x00\x00\x002.25.1"
+    )
+    assert_same(dataset, "1.2.840.10008.1.2")

@@ -24,6 +24,7 @@ letters is read as implicit VR.
   and the structure part.
 """
 
+import functools
 import re
 import struct
 from collections.abc import Mapping
@@ -925,6 +926,23 @@ _PRINTABLE = bytes(range(0x20, 0x7F)).replace(b"\\", b"")
 _PLAIN_INTEGER = re.compile(rb" *[+-]?[0-9]{1,12} *\x00?")
 
 
+@functools.cache
+def _reads_ascii_as_itself(encodings: tuple[str, ...], vr: str) -> bool:
+    """Whether pydicom reads printable ASCII of `vr` as itself in `encodings`:
+    in every DICOM character set it does, but a Specific Character Set naming
+    some other Python codec ("Uu", found by a random test) can make pydicom's
+    conversion fail, and then `WalkedElements.text`'s shortcut must not read
+    what pydicom does not."""
+    plain = _PRINTABLE.replace(b"=", b"")  # "=" separates a PN's component groups
+    raw = RawDataElement(BaseTag(0x00100010), vr, len(plain), plain, 0, True, True)
+    try:
+        with lenient_reading:
+            value = convert_raw_data_element(raw, encoding=list(encodings)).value
+        return value_text(value) == plain.decode().strip()
+    except Exception:
+        return False
+
+
 class WalkedElements:
     """The elements an `ElementWalk` kept, read as pydicom reads them: values
     converted with pydicom's own converters (`convert_raw_data_element`), or, for
@@ -936,6 +954,7 @@ class WalkedElements:
         self.vrs = wanted.vrs
         charset = top.get(SPECIFIC_CHARACTER_SET)
         self.encoding = dataset_encoding(charset) if charset else default_encoding
+        self._encodings = tuple(self.encoding)
 
     def text(self, tag: int) -> str | None:
         """The value as one string (see `value_text`), or None."""
@@ -947,7 +966,11 @@ class WalkedElements:
             vr = self.vrs.get(tag) or _dictionary_vr(tag)
         elif vr == "UN" and len(value) < 0xFFFF:
             vr = self.vrs.get(tag) or vr
-        if vr in _PLAIN_VRS and length != UNDEFINED_LENGTH:
+        if (
+            vr in _PLAIN_VRS
+            and length != UNDEFINED_LENGTH
+            and _reads_ascii_as_itself(self._encodings, vr)
+        ):
             body = value.rstrip(b" \x00")
             if not body.translate(None, _PRINTABLE):
                 return body.decode("ascii").strip() or None
