@@ -5,6 +5,8 @@ the fragments the bytes arrive in."""
 
 import io
 import random
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -209,3 +211,19 @@ def test_a_character_set_naming_another_python_codec_reads_as_pydicom_does():
         b" \x00\r\x00\x06\x00\x00\x002.25.1 \x00\x0e\x00\x06\x00\x00\x002.25.1"
     )
     assert_same(dataset, "1.2.840.10008.1.2")
+
+
+def test_a_dataset_without_a_character_set_is_read_with_no_warning():
+    # A fresh process, as serve and rebuild are: the walk's check of its ASCII
+    # shortcut once took the default encoding "iso8859" for the characters
+    # "i", "s", "o"... and printed pydicom's "Unknown encoding" on the way.
+    dataset = (
+        b"\x08\x00\x16\x00\x1a\x00\x00\x001.2.840.10008.5.1.4.1.1.2\x00"
+        b"\x08\x00\x18\x00\x06\x00\x00\x002.25.1\x10\x00\x10\x00\x0c\x00\x00\x00Hostile^Test"
+    )
+    code = (
+        "import io, sys; from storage.header import read_header;"
+        f" print(read_header(io.BytesIO({dataset!r}), '1.2.840.10008.1.2').study['patient_name'])"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout, done.stderr) == (0, "Hostile^Test\n", "")

@@ -927,20 +927,24 @@ _PLAIN_INTEGER = re.compile(rb" *[+-]?[0-9]{1,12} *\x00?")
 
 
 @functools.cache
-def _reads_ascii_as_itself(encodings: tuple[str, ...], vr: str) -> bool:
-    """Whether pydicom reads printable ASCII of `vr` as itself in `encodings`:
-    in every DICOM character set it does, but a Specific Character Set naming
-    some other Python codec ("Uu", found by a random test) can make pydicom's
-    conversion fail, and then `WalkedElements.text`'s shortcut must not read
-    what pydicom does not."""
+def _vrs_read_as_ascii(encodings: tuple[str, ...]) -> frozenset[str]:
+    """The VRs of _PLAIN_VRS whose printable ASCII pydicom reads as itself in
+    `encodings`: all of them in every DICOM character set, but a Specific
+    Character Set naming some other Python codec ("Uu", found by a random test)
+    can make pydicom's conversion fail, and then `WalkedElements.text`'s
+    shortcut must not read what pydicom does not."""
     plain = _PRINTABLE.replace(b"=", b"")  # "=" separates a PN's component groups
-    raw = RawDataElement(BaseTag(0x00100010), vr, len(plain), plain, 0, True, True)
-    try:
-        with lenient_reading:
-            value = convert_raw_data_element(raw, encoding=list(encodings)).value
-        return value_text(value) == plain.decode().strip()
-    except Exception:
-        return False
+
+    def reads_as_itself(vr: str) -> bool:
+        raw = RawDataElement(BaseTag(0x00100010), vr, len(plain), plain, 0, True, True)
+        try:
+            with lenient_reading:
+                value = convert_raw_data_element(raw, encoding=list(encodings)).value
+            return value_text(value) == plain.decode().strip()
+        except Exception:
+            return False
+
+    return frozenset(vr for vr in _PLAIN_VRS if reads_as_itself(vr))
 
 
 class WalkedElements:
@@ -954,7 +958,10 @@ class WalkedElements:
         self.vrs = wanted.vrs
         charset = top.get(SPECIFIC_CHARACTER_SET)
         self.encoding = dataset_encoding(charset) if charset else default_encoding
-        self._encodings = tuple(self.encoding)
+        # Once per dataset: the check behind it runs once per character set.
+        self._plain_vrs = _vrs_read_as_ascii(
+            (self.encoding,) if isinstance(self.encoding, str) else tuple(self.encoding)
+        )
 
     def text(self, tag: int) -> str | None:
         """The value as one string (see `value_text`), or None."""
@@ -966,11 +973,7 @@ class WalkedElements:
             vr = self.vrs.get(tag) or _dictionary_vr(tag)
         elif vr == "UN" and len(value) < 0xFFFF:
             vr = self.vrs.get(tag) or vr
-        if (
-            vr in _PLAIN_VRS
-            and length != UNDEFINED_LENGTH
-            and _reads_ascii_as_itself(self._encodings, vr)
-        ):
+        if vr in self._plain_vrs and length != UNDEFINED_LENGTH:
             body = value.rstrip(b" \x00")
             if not body.translate(None, _PRINTABLE):
                 return body.decode("ascii").strip() or None
