@@ -340,7 +340,7 @@ class Move(Retrieval):
 
     def _sub_operation(self, match: Match) -> tuple[bytes, bytes] | None:
         try:
-            status, comment = self.destination.store(match)
+            status, comment = self.destination.store(match, self._rows.check_ahead)
         except Unsendable as exc:
             self._failed(match.instance, str(exc))
         except AssociationError as exc:
@@ -400,6 +400,7 @@ class Get(Retrieval):
             self._failed(instance, f"reading {instance.path} failed while sending: {exc}")
             raise
         self._sending, self.awaiting_response = instance, True
+        self._rows.check_ahead()  # while the requester stores this one
         return None
 
     def stored(self, command: dimse.Command) -> bool:

@@ -123,27 +123,47 @@ def open_dataset(data_dir: Path, instance: StoredInstance, buffer: ReadBuffer) -
             raise Unsendable(
                 f"its file {instance.path} is {size} bytes, {instance.size} were stored"
             )
-        offset = dataset_offset(source.read(_HEAD))
-        source.seek(offset)
-        length = size - offset
         view = buffer.view
-        fits = length <= len(view)
-        digest = hashlib.sha256()
-        held = 0  # what the buffer holds already, when the data set fits
-        while got := source.readinto(view[held:] if fits else view):
-            digest.update(view[held : held + got])
-            if fits:
-                held += got
+        if size <= len(view):  # the whole file in one read: its data set stays in the buffer
+            _read_into(source, view[:size])
+            offset = _offset(view, size)
+            held = view[offset:size]
+            digest = hashlib.sha256(held)
+        else:
+            head = source.read(_HEAD)
+            offset = _offset(memoryview(head), size)
+            source.seek(offset)
+            held, digest = None, hashlib.sha256()
+            while got := source.readinto(view):
+                digest.update(view[:got])
+            source.seek(offset)
         if digest.hexdigest() != instance.sha256:
             raise Unsendable(f"its file {instance.path} no longer holds the data set received")
-        source.seek(offset)
     except (OSError, ValueError) as exc:
         source.close()
         raise Unsendable(f"its file {instance.path} cannot be read: {exc}") from exc
     except Unsendable:
         source.close()
         raise
-    return Dataset(source, length, view[:length] if fits else None, buffer)
+    return Dataset(source, size - offset, held, buffer)
+
+
+def _read_into(source: BinaryIO, view: memoryview) -> None:
+    """Fill `view` from `source`; OSError when the file ends first."""
+    filled = 0
+    while filled < len(view):
+        got = source.readinto(view[filled:])
+        if not got:
+            raise OSError(f"the file ends {len(view) - filled} bytes early")
+        filled += got
+
+
+def _offset(head: memoryview, size: int) -> int:
+    """Where the data set of a `size`-byte file starts (`dataset_offset`)."""
+    offset = dataset_offset(bytes(head[:_HEAD]))
+    if offset > size:
+        raise ValueError(f"its meta group ends at byte {offset}, after the file's end")
+    return offset
 
 
 def choose_syntax(instance: StoredInstance, accepted: Iterable[str]) -> str:
@@ -186,10 +206,12 @@ class Match:
 
 class Matches:
     """A retrieve's matches, from the index's cursor, each one's file checked
-    one match ahead, a large one in a thread of the retrieve's own: the next
-    file is read and hashed (hashlib lets go of the GIL) while the current one
-    is sent and its C-STORE-RSP awaited. Two read buffers take turns; a
-    match's own is free again when the next match is taken."""
+    one match ahead, while the one before is on its way: a large file in a
+    thread of the retrieve's own as soon as the match before it is taken (the
+    file is read and hashed, and hashlib lets go of the GIL, while that match
+    is sent), a small one in the retrieve's thread while the C-STORE-RSP to
+    the match before is awaited (`check_ahead`). Two read buffers take turns;
+    a match's own is free again when the next match is taken."""
 
     def __init__(self, data_dir: Path, rows: Iterator[StoredInstance]):
         self.data_dir = data_dir
@@ -198,7 +220,8 @@ class Matches:
         self._turn = 0
         self._checker = ThreadPoolExecutor(1, thread_name_prefix="imaging-scp-check")
         self._current: Match | None = None
-        self._ahead: Match | None = None
+        self._ahead: Match | None = None  # the next match, its check started
+        self._following: StoredInstance | None = None  # the next match, to be checked
         self._unread: Exception | None = None  # the cursor failed reading the next row
 
     def __iter__(self) -> "Matches":
@@ -208,10 +231,11 @@ class Matches:
         if self._current is not None:  # sent, or failed: its buffer is free
             self._current.close()
             self._current = None
-        if self._ahead is None:  # the first (StopIteration after the last)
+        if self._ahead is None and self._following is None:  # the first, or none left
             if self._unread is not None:
                 raise self._unread
-            self._ahead = self._check(next(self._rows))
+            self._following = next(self._rows)  # StopIteration after the last
+        self.check_ahead()
         self._current, self._ahead = self._ahead, None
         try:
             following = next(self._rows, None)
@@ -219,8 +243,16 @@ class Matches:
             self._unread = exc
         else:
             if following is not None:
-                self._ahead = self._check(following)
+                self._following = following
+                if following.size >= _CHECK_AHEAD_FROM:
+                    self.check_ahead()
         return self._current
+
+    def check_ahead(self) -> None:
+        """Check the next match's file now, if not started yet: called by the
+        sender while it waits for the answer to the current match."""
+        if self._following is not None:
+            self._ahead, self._following = self._check(self._following), None
 
     def unsent(self) -> Iterator[StoredInstance]:
         """The matches not taken yet, unchecked (they are not to be sent)."""
@@ -228,13 +260,16 @@ class Matches:
             self._ahead.close()
             yield self._ahead.instance
             self._ahead = None
+        if self._following is not None:
+            yield self._following
+            self._following = None
         yield from self._rows
 
     def close(self) -> None:
         for match in (self._current, self._ahead):
             if match is not None:
                 match.close()
-        self._current = self._ahead = None
+        self._current = self._ahead = self._following = None
         self._checker.shutdown()
 
     def _check(self, instance: StoredInstance) -> Match:
@@ -377,10 +412,11 @@ class Destination:
         self.move_originator = move_originator  # (AE title, Message ID) of a C-MOVE
         self._message_ids = 0
 
-    def store(self, match: Match) -> tuple[int, str]:
-        """Send one match; its C-STORE-RSP status and comment. Unsendable when
-        it is not to be sent or the destination accepts it in no syntax we
-        can send; AssociationError when the association broke."""
+    def store(self, match: Match, meanwhile: Callable[[], None]) -> tuple[int, str]:
+        """Send one match; its C-STORE-RSP status and comment. `meanwhile` runs
+        once it is sent, before the answer is read (`Matches.check_ahead`).
+        Unsendable when it is not to be sent or the destination accepts it in
+        no syntax we can send; AssociationError when the association broke."""
         instance = match.instance
         accepted = [
             cx for cx in self.association.contexts if cx.abstract_syntax == instance.sop_class_uid
@@ -403,6 +439,7 @@ class Destination:
         except OSError as exc:  # the file, read while sending: the message is cut short
             self.association.abort()
             raise AssociationError(f"reading {instance.path} failed while sending: {exc}") from exc
+        meanwhile()
         response = self.association.receive().command
         status = response.status if response.status is not None else 0xC000
         return status, response.text(dimse.ERROR_COMMENT)

@@ -364,6 +364,16 @@ class ReceiveBuffer:
         self.view = self.buffer = None
 
 
+def set_kernel_timeout(sock: socket.socket, seconds: float) -> None:
+    """Bound each read and each write of a plain socket in blocking mode by
+    `seconds` (SO_RCVTIMEO, SO_SNDTIMEO): one that waits longer fails with
+    BlockingIOError. Python's own timeout would poll() before every call."""
+    micro = max(1, round(seconds * 1_000_000))  # 0 would be no bound at all
+    value = struct.pack("ll", *divmod(micro, 1_000_000))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
+
+
 def _ack_at_once(sock: socket.socket) -> None:
     """Before each read, in both roles. Linux turns quick ACKs off again by
     itself; re-armed before each read, the kernel ACKs what arrives at once,
@@ -476,10 +486,7 @@ class AcceptorLayer:
         if not self._kernel_timeouts:
             self.sock.settimeout(seconds)
             return
-        whole = int(seconds)
-        value = struct.pack("ll", whole, int((seconds - whole) * 1_000_000))
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
+        set_kernel_timeout(self.sock, seconds)
 
     # -- actions (PS3.8 tables 9-6 to 9-9) -------------------------------------------
 
@@ -957,7 +964,7 @@ class RequestorAssociation:
                     f"{self.peer} sent a PDU of {length} bytes, over the {limit} we take"
                 )
             return event, self._read_exactly(length)
-        except TimeoutError:
+        except (TimeoutError, BlockingIOError):  # BlockingIOError: SO_RCVTIMEO expired
             if self.state is State.AWAITING_CLOSE:
                 return Event.ARTIM_EXPIRED, None
             return Event.LOCAL_ABORT, NoAnswer(self._no_answer())
@@ -1000,6 +1007,8 @@ class RequestorAssociation:
         # at once instead of waiting for the ACK of the one before (a move's
         # sub-operations are a stream of such messages).
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock.settimeout(None)
+        set_kernel_timeout(self.sock, self.timeout)
         self.handle(Event.TRANSPORT_CONFIRM, self._associate_request())
 
     def _associate_request(self) -> bytes:
@@ -1072,6 +1081,10 @@ class RequestorAssociation:
     def send_p_data(self, previous, event, buffers: list) -> None:
         try:
             send_buffers(self.sock, buffers)
+        except BlockingIOError as exc:  # SO_SNDTIMEO expired
+            self.state = State.IDLE
+            self._close()
+            raise NoAnswer(f"{self.peer} took nothing we sent for {self.timeout:g} s") from exc
         except OSError as exc:  # the peer reset or closed the connection
             self.state = State.IDLE
             self._close()
@@ -1182,7 +1195,7 @@ class RequestorAssociation:
                 self.handle(Event.ARTIM_EXPIRED)
                 continue
             with contextlib.suppress(OSError):
-                self.sock.settimeout(remaining)
+                set_kernel_timeout(self.sock, remaining)
             self.handle(*self.next_event())
 
     def _close(self) -> None:

@@ -30,6 +30,7 @@ from scp.upper_layer import (
     abort_pdu,
     p_data_pdus,
     send_buffers,
+    set_kernel_timeout,
     streamed_p_data_pdus,
 )
 from tests.conftest import (
@@ -311,12 +312,50 @@ def test_a_response_that_breaks_dimse_is_a_protocol_violation_and_an_abort():
     assert b"".join(received) == abort_pdu(ABORT_SOURCE_PROVIDER, REASON_INVALID_PARAMETER)
 
 
+def test_a_peer_that_stops_reading_what_we_send_is_a_timeout():
+    """A peer that accepts, then reads nothing more: a data set larger than
+    the sockets' buffers stalls, and the store ends after the timeout, naming
+    the peer, instead of waiting for ever."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+        done = threading.Event()
+
+        def peer():
+            connection, _ = listener.accept()
+            with connection:
+                header = connection.recv(6, socket.MSG_WAITALL)
+                body = connection.recv(PDU_HEADER.unpack(header)[1], socket.MSG_WAITALL)
+                connection.sendall(agree(read_request(header + body), 16384).pdu)
+                done.wait(10)  # and reads nothing
+
+        thread = threading.Thread(target=peer)
+        thread.start()
+        try:
+            association = Requestor("REQUESTOR", timeout=1).associate(
+                "127.0.0.1", port, "STALLED", [CT]
+            )
+            started = time.monotonic()
+            with pytest.raises(NoAnswer) as no_answer:
+                association.send(
+                    association.context(CT_IMAGE_STORAGE),
+                    store_request(1, generate_uid()),
+                    bytes(16 * 1024 * 1024),
+                )
+            took = time.monotonic() - started
+        finally:
+            done.set()
+            thread.join(10)
+    assert str(no_answer.value) == f"STALLED@127.0.0.1:{port} took nothing we sent for 1 s"
+    assert 1 <= took < 5
+    assert association.state is State.IDLE
+
+
 def test_buffers_are_sent_whole_and_in_order_past_a_full_socket_and_iov_max():
     """More buffers than one sendmsg takes, more bytes than the socket buffers
     hold (a timeout socket's sendmsg then sends part of them): what arrives is
     every buffer, in order, and the PDUs framing them are the peer's size."""
     sender, receiver = socket.socketpair()
-    sender.settimeout(10)  # as the requestor's: sendmsg may return having sent part
+    set_kernel_timeout(sender, 10)  # as the requestor's: sendmsg may return having sent part
     sender.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
     data = bytes(range(256)) * 12_000  # 3 MB, in pieces of 1 MiB at most
     pieces = [memoryview(data)[i : i + (1 << 20)] for i in range(0, len(data), 1 << 20)]

@@ -80,7 +80,7 @@ def send(
             for match in rows:
                 instance = match.instance
                 try:
-                    status, comment = destination.store(match)
+                    status, comment = destination.store(match, rows.check_ahead)
                 except Unsendable as exc:
                     failed.append((instance.sop_instance_uid, str(exc)))
                 except AssociationError as exc:
