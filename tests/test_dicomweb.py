@@ -221,6 +221,42 @@ def test_frames_of_an_encapsulated_multiframe_object(web):
     assert httpx.get(url.replace("2,1", "3")).status_code == 404
 
 
+def bytes_read(pid: int) -> int:
+    """What the process has read so far, from files and sockets (rchar)."""
+    for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    raise AssertionError("no rchar")
+
+
+def test_a_frame_of_a_large_encapsulated_object_is_read_alone(web):
+    """A viewer asks for a multi-frame cine's frames one at a time: each one is
+    read from where its fragment is, not the whole object each time. Here 256
+    frames of 256 KiB with an empty Basic Offset Table, as many ultrasound
+    cines come."""
+    study, series, sop = generate_uid(), generate_uid(), generate_uid()
+    frame_size = 256 * 1024
+    fragments = [b"\xff\xd8" + bytes([n]) * (frame_size - 4) + b"\xff\xd9" for n in range(256)]
+    web.receive(
+        study_uid=study,
+        series_uid=series,
+        sop_instance_uid=sop,
+        transfer_syntax=JPEGBaseline8Bit,
+        NumberOfFrames=len(fragments),
+        PixelData=encapsulate(fragments, has_bot=False),
+        BitsAllocated=8,
+        BitsStored=8,
+        HighBit=7,
+    )
+    url = f"{web.url}/dicomweb/studies/{study}/series/{series}/instances/{sop}/frames/256,3"
+    before = bytes_read(web.process.pid)
+    answer = httpx.get(url, timeout=60)
+    read = bytes_read(web.process.pid) - before
+    assert answer.status_code == 200
+    assert answer.content.index(fragments[255]) < answer.content.index(fragments[2])
+    assert read < 8 * 2**20, f"{read} bytes read for two frames of an object of 64 MiB"
+
+
 def test_unknown_unavailable_and_missing_never_look_complete(web):
     study, series, sop = generate_uid(), generate_uid(), generate_uid()
     web.receive(study_uid=study, series_uid=series, sop_instance_uid=sop)

@@ -25,7 +25,7 @@ from typing import NamedTuple
 import pydicom
 import structlog
 from pydicom.datadict import keyword_for_tag, tag_for_keyword
-from pydicom.encaps import generate_frames
+from pydicom.encaps import get_frame
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -46,6 +46,7 @@ log = structlog.get_logger("imaging_scp")
 DICOM_JSON = "application/dicom+json"
 _UID = re.compile(r"[0-9.]{1,64}")
 _CHUNK = 1 << 20
+_PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010), little endian
 # A streamed body goes out in blocks of this size: each is one trip to the thread
 # pool (StreamingResponse iterates there) and one write to the socket, where a
 # piece at a time took three of each per instance. Not larger: on a kernel
@@ -480,21 +481,16 @@ def _pixel_data_uri(dataset, url: str) -> dict:
 
 def _frames(path: Path, syntax_uid: str, numbers: list[int]) -> list[bytes]:
     """Frames `numbers` (from 1) of the Pixel Data as stored: slices of native
-    pixels, read from the file alone (a large multi-frame object is not loaded),
-    or the encapsulated fragments of each frame."""
+    pixels or the encapsulated fragments of each frame, read from the file
+    alone (a large multi-frame object is not loaded)."""
     syntax = transfer_syntax(syntax_uid)
-    # A deflated file has no offsets to seek to, and pydicom reads encapsulated
-    # Pixel Data (undefined length) whole: those are read into memory.
-    in_memory = syntax.deflated or syntax.encapsulated
-    dataset = pydicom.dcmread(path, defer_size=None if in_memory else _CHUNK)
+    if syntax.encapsulated:
+        return _encapsulated_frames(path, numbers)
+    # A deflated file has no offsets to seek to: read into memory.
+    dataset = pydicom.dcmread(path, defer_size=None if syntax.deflated else _CHUNK)
     if "PixelData" not in dataset:
         raise _Refused(404, "this instance has no pixel data")
-    count = int(dataset.get("NumberOfFrames", 1) or 1)
-    if max(numbers) > count:
-        raise _Refused(404, f"this instance has {count} frame(s)")
-    if syntax.encapsulated:
-        frames = list(generate_frames(dataset.PixelData, number_of_frames=count))
-        return [frames[n - 1] for n in numbers]
+    _check_frame_numbers(dataset, numbers)
     size = dataset.Rows * dataset.Columns * dataset.SamplesPerPixel * dataset.BitsAllocated // 8
     pixels = dataset.get_item(0x7FE00010, keep_deferred=True)
     if pixels.value is not None:  # not deferred: small, or deflated
@@ -505,3 +501,34 @@ def _frames(path: Path, syntax_uid: str, numbers: list[int]) -> list[bytes]:
             handle.seek(pixels.value_tell + (n - 1) * size)
             frames.append(handle.read(size))
         return frames
+
+
+def _encapsulated_frames(path: Path, numbers: list[int]) -> list[bytes]:
+    """Each frame found by the Extended or Basic Offset Table, or by the
+    fragments' item headers, and read alone: a viewer asks for a cine's frames
+    one at a time, and the object may run to gigabytes."""
+    with path.open("rb") as handle:
+        dataset = pydicom.dcmread(handle, stop_before_pixels=True)
+        # pydicom leaves the file at the Pixel Data element: its tag, VR and
+        # undefined length (12 bytes), then the Basic Offset Table item.
+        if handle.read(12)[:4] != _PIXEL_DATA_TAG:
+            raise _Refused(404, "this instance has no pixel data")
+        count = _check_frame_numbers(dataset, numbers)
+        extended = None
+        if "ExtendedOffsetTable" in dataset and "ExtendedOffsetTableLengths" in dataset:
+            extended = (dataset.ExtendedOffsetTable, dataset.ExtendedOffsetTableLengths)
+        try:
+            return [
+                get_frame(handle, n - 1, number_of_frames=count, extended_offsets=extended)
+                for n in numbers
+            ]
+        except ValueError as exc:  # fragments that do not make the frames announced
+            raise _Refused(404, f"the stored pixel data does not hold the frame: {exc}") from exc
+
+
+def _check_frame_numbers(dataset, numbers: list[int]) -> int:
+    """The object's Number of Frames; 404 for a frame number past it."""
+    count = int(dataset.get("NumberOfFrames", 1) or 1)
+    if max(numbers) > count:
+        raise _Refused(404, f"this instance has {count} frame(s)")
+    return count
