@@ -9,6 +9,8 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate
 from storage.catalog import Catalog, Provenance
 from storage.catalog.engines import IndexLocation, IndexUnreachable
 from storage.catalog.reads import CatalogReader
+from storage.catalog.schema import SCHEMA_VERSION
+from storage.catalog.series import mark_incomplete
 from storage.files import prepare_data_dir
 from storage.store import DuplicatePolicy, InstanceStore
 from tests.conftest import both_indexes, dataset_bytes, index_url_for, make_instance, receive_file
@@ -73,3 +75,35 @@ def test_a_reader_never_creates_a_missing_index(tmp_path):
     with pytest.raises(IndexUnreachable):
         CatalogReader.open(IndexLocation(tmp_path))
     assert not IndexLocation(tmp_path).sqlite_path.exists()
+
+
+def test_an_index_of_schema_version_3_dates_its_studies_last_changes(location, tmp_path):
+    """Version 4 keeps when a study last changed (FHIR meta.lastUpdated); an
+    index upgraded to it takes that from the marks its series hold."""
+    study, series = generate_uid(), generate_uid()
+    receive(location, tmp_path / "sources", study_uid=study, series_uid=series)
+    untouched = generate_uid()
+    receive(location, tmp_path / "sources", study_uid=untouched, series_uid=generate_uid())
+    catalog = Catalog.open(location)
+    try:
+        mark_incomplete(catalog, [series], "association aborted")
+        db = catalog.conn
+        (marked,) = db.execute(
+            "SELECT incomplete_since FROM series WHERE series_uid = ?", (series,)
+        ).fetchone()
+        assert marked is not None
+        # Take the index back to what version 3 held: no changed_at.
+        db.execute("DROP INDEX idx_studies_changed_at")
+        db.execute("ALTER TABLE studies DROP COLUMN changed_at")
+        db.set_schema_version(3)
+        db.commit()
+    finally:
+        catalog.close()
+    catalog = Catalog.open(location)
+    try:
+        db = catalog.conn
+        assert db.schema_version() == SCHEMA_VERSION
+        dated = dict(db.execute("SELECT study_uid, changed_at FROM studies").fetchall())
+    finally:
+        catalog.close()
+    assert dated == {study: marked, untouched: None}

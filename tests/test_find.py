@@ -17,6 +17,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 
 from scp.cli import main
+from storage.catalog.schema import SCHEMA_VERSION
 from tests.conftest import both_indexes, make_instance, send_files, start_server
 from tests.test_hostile import (
     EXPLICIT_LE,
@@ -560,7 +561,7 @@ def test_an_index_of_schema_version_2_gets_its_names_folded(server_factory, tmp_
     responses, _ = findscu(server.port, "STUDY", utf8, "ReferringPhysicianName=ødegård^åse")
     assert len(responses) == 1
     with server.index() as db:
-        assert db.schema_version() == 3
+        assert db.schema_version() == SCHEMA_VERSION
 
 
 def test_a_name_a_later_instance_fills_in_is_folded_and_disagreements_name_it_once(

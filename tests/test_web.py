@@ -28,6 +28,7 @@ from pydicom.uid import generate_uid
 from scp.config import ConfigError, load_config
 from storage.catalog import Catalog, Provenance
 from storage.catalog.engines import IndexLocation
+from storage.catalog.series import set_availability
 from storage.files import prepare_data_dir
 from storage.store import DuplicatePolicy, InstanceStore
 from tests.conftest import (
@@ -152,6 +153,35 @@ def test_read_gives_what_the_cli_renders_with_a_version(web):
     assert changed.status_code == 200
     assert changed.headers["etag"] != etag
     assert changed.json()["numberOfInstances"] == 3
+
+
+def test_a_poller_by_last_updated_sees_an_availability_change(web):
+    """An EHR integration polls `_lastUpdated=gt<the lastUpdated it last saw>`:
+    a study an admin made NEARLINE since is a new version with a later
+    lastUpdated, and that search finds it again, to the millisecond."""
+    other = web.receive()
+    study = web.receive()
+    url = f"{web.fhir()}/ImagingStudy/{study}"
+    seen = httpx.get(url).json()["meta"]
+    time.sleep(0.005)
+    catalog = Catalog.open(web.location)
+    try:
+        set_availability(catalog, "NEARLINE", study_uid=study)
+    finally:
+        catalog.close()
+    changed = httpx.get(url).json()["meta"]
+    assert changed["versionId"] != seen["versionId"]
+    assert changed["lastUpdated"] > seen["lastUpdated"]
+
+    def found(last_updated: str) -> set[str]:
+        bundle = httpx.get(
+            f"{web.fhir()}/ImagingStudy", params={"_lastUpdated": last_updated}
+        ).json()
+        return {e["resource"]["id"] for e in bundle.get("entry", [])} - {None}
+
+    assert found(f"gt{seen['lastUpdated']}") == {study}
+    assert found(f"lt{changed['lastUpdated']}") == {other}
+    assert found(f"ge{changed['lastUpdated']}") == {study}
 
 
 def test_errors_are_operation_outcomes_and_writes_are_refused(web):

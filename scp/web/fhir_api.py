@@ -4,8 +4,11 @@ R5 at /fhir/r5, JSON only. The resources are those `imaging-scp fhir` renders
 
 - `meta.versionId`: a digest of what a study's last change moves (its last
   instance, counts, availability, states, commitment and incomplete marks);
-  `meta.lastUpdated`: the latest of its last instance, commitment and
-  incomplete marks. `ETag` is `W/"versionId"`; `If-None-Match` gets 304.
+  `meta.lastUpdated`: the latest of its last instance's arrival, its last
+  other change (`changed_at`: an availability, commitment or completeness
+  change, a series deleted) and the moment it became stable
+  (`storage.catalog.reads.study_updated`), which `_lastUpdated` searches.
+  `ETag` is `W/"versionId"`; `If-None-Match` gets 304.
 - Search pages by keyset (the last row's sort value and Study UID ride in the
   `_page` token), not by offset: a page stays right while studies arrive.
   Results carry series but not instances (tagged SUBSETTED); a read carries all.
@@ -27,7 +30,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from scp.config import Config
-from storage.catalog.reads import CatalogReader, FilterError, StudyFilter
+from storage.catalog.reads import CatalogReader, FilterError, StudyFilter, study_updated
 from storage.fhir import (
     DICOM_SYSTEM,
     DICOM_UID_SYSTEM,
@@ -62,7 +65,12 @@ SEARCH_PARAMETERS = (
     ("modality", "token", "one code, with or without the DICOM system"),
     ("series", "token", "a Series Instance UID"),
     ("status", "token", "available or registered; a comma-separated list"),
-    ("_lastUpdated", "date", "when the last instance was received; eq, ge, le, gt, lt"),
+    (
+        "_lastUpdated",
+        "date",
+        "meta.lastUpdated: the last instance, availability, commitment or"
+        " completeness change, or becoming stable; eq, ge, le, gt, lt",
+    ),
 )
 # What _elements never drops: the resource's identity and its mandatory elements.
 _ALWAYS_KEPT = ("resourceType", "id", "meta", "status", "subject")
@@ -140,7 +148,7 @@ class _FhirApi:
             wado_base_url=self._config.wado_url,
             site_timezone=self._config.site_timezone,
         )
-        version_id, last_updated = study_version(found)
+        version_id, last_updated = study_version(found, self._config.stable_after)
         meta = {"versionId": version_id, "lastUpdated": last_updated}
         if not with_instances:
             meta["tag"] = [SUBSETTED]
@@ -187,7 +195,7 @@ class _FhirApi:
         version = request.path_params["version"]
         strict = "handling=strict" in request.headers.get("prefer", "").replace(" ", "")
         try:
-            terms = _search_terms(request.query_params.multi_items())
+            terms = _search_terms(request.query_params.multi_items(), self._config.stable_after)
             if terms.ignored and strict:
                 raise SearchError(f"unknown search parameter(s): {', '.join(terms.ignored)}")
             page = _page_token(request.query_params.get("_page"))
@@ -284,12 +292,12 @@ class _FhirApi:
         return outcome(404, "not-supported", f"{request.url.path}: only ImagingStudy is served")
 
 
-def study_version(found: dict) -> tuple[str, str]:
+def study_version(found: dict, stable_after: float) -> tuple[str, str]:
     """(versionId, lastUpdated) of a study read with its series."""
     series = found["series"]
     moved = [
         found.get(name)
-        for name in ("last_received", "number_of_instances", "availability", "state")
+        for name in ("last_received", "changed_at", "number_of_instances", "availability", "state")
     ]
     for row in series:
         moved += [
@@ -304,9 +312,7 @@ def study_version(found: dict) -> tuple[str, str]:
             )
         ]
     version_id = hashlib.sha256(json.dumps(moved, default=str).encode()).hexdigest()[:16]
-    marks = [found.get("last_received")]
-    marks += [row.get(key) for row in series for key in ("committed_at", "incomplete_since")]
-    return version_id, max(mark for mark in marks if mark)
+    return version_id, study_updated(found, stable_after)
 
 
 def _tags(header: str | None) -> set[str]:
@@ -339,14 +345,14 @@ def _page_token(value: str | None) -> dict | None:
 
 _PREFIXED = re.compile(r"(eq|ne|gt|lt|ge|le|sa|eb|ap)?(\d{4}.*)")
 _DATE_TIME = re.compile(
-    r"(\d{4})(?:-(\d{2})(?:-(\d{2})(?:T(\d{2}):(\d{2})(?::(\d{2})(?:\.\d+)?)?"
+    r"(\d{4})(?:-(\d{2})(?:-(\d{2})(?:T(\d{2}):(\d{2})(?::(\d{2})(?:\.(\d{1,6})\d*)?)?"
     r"(Z|[+-]\d{2}:\d{2})?)?)?)?"
 )
 
 
-def _search_terms(items: list[tuple[str, str]]) -> _Search:
+def _search_terms(items: list[tuple[str, str]], stable_after: float) -> _Search:
     """The search's filter and controls from its query parameters."""
-    search = _Search(StudyFilter())
+    search = _Search(StudyFilter(stable_after=stable_after))
     filters: dict = {}
     started_from: list[date] = []
     started_to: list[date] = []
@@ -381,9 +387,9 @@ def _search_terms(items: list[tuple[str, str]]) -> _Search:
         elif name == "_lastUpdated":
             prefix, start, end = _prefixed_range(name, value)
             if prefix in ("eq", "ge", "gt"):
-                filters["received_since"] = (end if prefix == "gt" else start).isoformat()
+                filters["updated_since"] = (end if prefix == "gt" else start).isoformat()
             if prefix in ("eq", "le", "lt"):
-                filters["received_before"] = (start if prefix == "lt" else end).isoformat()
+                filters["updated_before"] = (start if prefix == "lt" else end).isoformat()
         elif name == "_sort":
             if value not in _SORTS:
                 raise SearchError(f"_sort: one of {', '.join(_SORTS)}, got {value!r}")
@@ -435,7 +441,7 @@ def _prefixed_range(name: str, value: str) -> tuple[str, datetime, datetime]:
     prefix = match.group(1) or "eq"
     if prefix not in ("eq", "ge", "le", "gt", "lt"):
         raise SearchError(f"{name}: prefix {prefix!r} is not supported (eq, ge, le, gt, lt)")
-    year, month, day, hour, minute, second, offset = parts.groups()
+    year, month, day, hour, minute, second, fraction, offset = parts.groups()
     try:
         start = datetime(
             int(year),
@@ -444,6 +450,7 @@ def _prefixed_range(name: str, value: str) -> tuple[str, datetime, datetime]:
             int(hour or 0),
             int(minute or 0),
             int(second or 0),
+            int((fraction or "0").ljust(6, "0")),
         )
         if offset and offset != "Z":
             start = datetime.fromisoformat(start.isoformat() + offset)
@@ -456,6 +463,8 @@ def _prefixed_range(name: str, value: str) -> tuple[str, datetime, datetime]:
         end = start + timedelta(days=calendar.monthrange(start.year, start.month)[1])
     elif hour is None:
         end = start + timedelta(days=1)
+    elif fraction:  # a meta.lastUpdated as given, to its millisecond: what a poller sends
+        end = start + timedelta(microseconds=10 ** (6 - len(fraction)))
     else:
         end = start + (timedelta(seconds=1) if second else timedelta(minutes=1))
     return prefix, start, end

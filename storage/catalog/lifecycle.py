@@ -48,6 +48,10 @@ class Event(enum.Enum):
     FILES_BACK = "verify found the files it had missed back"
 
 
+# Dated by the study's last_received: every other event dates studies.changed_at.
+_ARRIVALS = {Event.INSTANCE_ARRIVED, Event.COPY_REPLACED}
+
+
 @dataclass(frozen=True)
 class Transition:
     sets: str  # SQL assignments; `?` for the event's values, in their order
@@ -98,13 +102,24 @@ def apply(
 ) -> int:
     """Write `event` (its `values`) into the series `series_uid`, or (None)
     into every series of `study_uid`, inside a write transaction; how many
-    series it changed."""
+    series it changed. A study whose series it changed is dated changed now."""
     transition = TRANSITIONS[event]
     column, key = ("series_uid", series_uid) if series_uid is not None else ("study_uid", study_uid)
     condition = f" AND {transition.where}" if transition.where else ""
-    return db.execute(
+    changed = db.execute(
         f"UPDATE series SET {transition.sets} WHERE {column} = ?{condition}", (*values, key)
     ).rowcount
+    if changed and event not in _ARRIVALS:
+        study = (
+            "?" if study_uid is not None else "(SELECT study_uid FROM series WHERE series_uid = ?)"
+        )
+        db.execute(f"UPDATE studies SET changed_at = ? WHERE study_uid = {study}", (now(), key))
+    return changed
+
+
+def now() -> str:
+    """The moment of a change, as the index stores moments (2026-12-01T20:41:24.123Z)."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def state_of(

@@ -51,7 +51,13 @@ class StudyFilter:
     other_identifier: str | None = None  # an accession number or a Study ID
     series_uid: str | None = None  # studies holding this series
     availabilities: tuple[str, ...] | None = None
-    received_before: str | None = None  # ISO date/time, exclusive
+    # FHIR _lastUpdated, ISO date/times (the upper one exclusive): a study's last
+    # update is the latest of its last instance's arrival, its changed_at and,
+    # once `stable_after` seconds have passed since that arrival, that moment
+    # (it is rendered `stable` from then on). `study_updated` says the same.
+    updated_since: str | None = None
+    updated_before: str | None = None
+    stable_after: float = 0.0
 
     def where(self, db: Database) -> tuple[str, list]:
         """The SQL condition on `studies` and its parameters."""
@@ -79,9 +85,22 @@ class StudyFilter:
         if self.received_since is not None:
             clauses.append("last_received >= ?")
             params.append(_since(self.received_since))
-        if self.received_before is not None:
-            clauses.append("last_received < ?")
-            params.append(_since(self.received_before))
+        if self.updated_since is not None or self.updated_before is not None:
+            # When the last instance made the study stable, for a given moment
+            # of becoming stable: that moment minus stable_after, up to now's.
+            stable_now = _moment_before(datetime.now(UTC), self.stable_after)
+            became_stable = "(last_received >= ? AND last_received <= ?)"
+        if self.updated_since is not None:
+            since = _since(self.updated_since)
+            clauses.append(f"(last_received >= ? OR changed_at >= ? OR {became_stable})")
+            params += [since, since, _shifted(since, self.stable_after), stable_now]
+        if self.updated_before is not None:
+            before = _since(self.updated_before)
+            clauses.append(
+                f"last_received < ? AND (changed_at IS NULL OR changed_at < ?)"
+                f" AND NOT {became_stable}"
+            )
+            params += [before, before, _shifted(before, self.stable_after), stable_now]
         for column, values in (
             ("study_uid", self.study_uids),
             ("availability", self.availabilities),
@@ -125,6 +144,27 @@ def _since(value: str) -> str:
         if moment.tzinfo is None:
             moment = moment.replace(tzinfo=UTC)
     return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _shifted(moment: str, seconds: float) -> str:
+    """A stored moment `seconds` earlier."""
+    return _moment_before(datetime.fromisoformat(moment.replace("Z", "+00:00")), seconds)
+
+
+def _moment_before(moment: datetime, seconds: float) -> str:
+    earlier = moment.astimezone(UTC) - timedelta(seconds=seconds)
+    return earlier.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def study_updated(study: dict, stable_after: float) -> str:
+    """A study's last update (`StudyFilter.updated_since`): from a study row."""
+    last = study["last_received"]
+    marks = [last, study.get("changed_at")]
+    if last:
+        stable = _shifted(last, -stable_after)
+        if stable <= _moment_before(datetime.now(UTC), 0):
+            marks.append(stable)
+    return max(mark for mark in marks if mark)
 
 
 _STUDY_COLUMNS = (

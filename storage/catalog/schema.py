@@ -10,7 +10,8 @@ INDEX_FILENAME = SQLITE_FILENAME
 # 2: storage commitment (commitments, commitment_items, series.committed_at),
 # series.unavailable_by_verify, dates and times normalised with *_raw beside them
 # 3: studies.patient_name_folded and referrer_folded (storage.names.fold_name)
-SCHEMA_VERSION = 3
+# 4: studies.changed_at
+SCHEMA_VERSION = 4
 
 # The columns the indexed attributes fill in (storage.attributes), per table:
 # first values win (`_first_values_win`). The folded names are derived from the
@@ -34,6 +35,10 @@ TABLES = {
             "availability": str,
             "first_received": str,
             "last_received": str,
+            # When the study last changed other than by a new instance: an event
+            # of storage.catalog.lifecycle on one of its series, or a series
+            # deleted. With last_received, its FHIR meta.lastUpdated.
+            "changed_at": str,
         },
         "study_uid",
     ),
@@ -147,6 +152,7 @@ INDEXES = [
             "study_date",
             "last_received",
             "patient_name_folded",  # C-FIND's commonest key, often a prefix: DOE*
+            "changed_at",  # FHIR _lastUpdated
         )
     ),
     ("series", ["study_uid"]),
@@ -174,6 +180,8 @@ def create_schema(db: Database) -> None:
             db.ensure_index(table, columns)
         if found < 3:
             _fold_indexed_names(db)
+        if 0 < found < 4:
+            _date_earlier_changes(db)
         if found != SCHEMA_VERSION:
             db.set_schema_version(SCHEMA_VERSION)
         db.execute("COMMIT")
@@ -194,4 +202,20 @@ def _fold_indexed_names(db: Database) -> None:
     db.executemany(
         f"UPDATE studies SET {assignments} WHERE study_uid = ?",
         [(*(fold_name(value) for value in row[1:]), row[0]) for row in rows],
+    )
+
+
+def _date_earlier_changes(db: Database) -> None:
+    """Schema version 4: a study's changed_at from the marks its series hold
+    (a commitment, an incomplete mark); earlier events left no date."""
+    marks: dict[str, str] = {}
+    for study_uid, committed_at, incomplete_since in db.execute(
+        "SELECT study_uid, max(committed_at), max(incomplete_since) FROM series GROUP BY study_uid"
+    ).fetchall():
+        dated = [mark for mark in (committed_at, incomplete_since) if mark]
+        if dated:
+            marks[study_uid] = max(dated)
+    db.executemany(
+        "UPDATE studies SET changed_at = ? WHERE study_uid = ?",
+        [(mark, study_uid) for study_uid, mark in marks.items()],
     )

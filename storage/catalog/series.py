@@ -211,8 +211,8 @@ def _drop_series_from_study(catalog: Catalog, study_uid: str, instances: int, si
     ]
     catalog.conn.execute(
         "UPDATE studies SET number_of_series = number_of_series - 1,"
-        " number_of_instances = number_of_instances - ?, bytes = bytes - ?, modalities = ?"
-        " WHERE study_uid = ?",
-        (instances, size, json.dumps(modalities), study_uid),
+        " number_of_instances = number_of_instances - ?, bytes = bytes - ?, modalities = ?,"
+        " changed_at = ? WHERE study_uid = ?",
+        (instances, size, json.dumps(modalities), lifecycle.now(), study_uid),
     )
     refresh_study_availability(catalog, study_uid)
