@@ -677,14 +677,21 @@ def test_a_character_set_pydicom_does_not_know_is_logged_not_printed(server, tmp
 
 
 def test_rebuild_keeps_the_availability_an_admin_set(server, tmp_path):
-    """The files cannot tell it: rebuild takes it from the index it replaces."""
+    """The files cannot tell it, nor when it was set (the study's FHIR
+    lastUpdated): rebuild takes both from the index it replaces."""
     study = generate_uid()
     sent = [make_instance(tmp_path, study_uid=study, series_uid=generate_uid()) for _ in range(2)]
     assert {s.status for s in send_files(server.port, sent)} == {0}
     data = server.data_dir
     cli("availability", "set", "--study", study, "offline", data_dir=data)
+    query = ("SELECT changed_at FROM studies WHERE study_uid = ?", (study,))
+    with server.index() as db:
+        (changed_at,) = db.execute(*query).fetchone()
+    assert changed_at is not None
     rebuild = cli("rebuild", data_dir=data)
     shown = _study(data, study)
     assert shown["availability"] == "OFFLINE"
     assert {s["availability"] for s in shown["series"]} == {"OFFLINE"}
     assert "carried over from the old index" in rebuild.stdout
+    with server.index() as db:
+        assert db.execute(*query).fetchone()[0] == changed_at

@@ -2,7 +2,8 @@
 fills from the files, and what becomes of the live index then — its rows
 replaced under exclusion of the writers, or a damaged SQLite file's readable
 rows carried over — with what the files cannot tell (availability, marks,
-the overwrite history, storage commitments) taken from the old index."""
+when a study last changed, the overwrite history, storage commitments) taken
+from the old index."""
 
 import sqlite3
 from collections.abc import Callable, Iterable
@@ -122,6 +123,9 @@ def _carry_over(
         states,
     )
     carried["series"] = len(states)
+    changes = [(row[1], row[0]) for row in rows("studies", ["study_uid", "changed_at"]) if row[1]]
+    db.executemany("UPDATE studies SET changed_at = ? WHERE study_uid = ?", changes)
+    carried["studies"] = len(changes)
     for (study_uid,) in db.execute(
         "SELECT DISTINCT study_uid FROM series WHERE availability != ?", (ONLINE,)
     ).fetchall():
@@ -168,6 +172,7 @@ def carry_over_damaged(
         old.close()
     what = {
         "series": "availability set by an admin or by verify, incomplete and complete marks",
+        "studies": "when each study last changed other than by an instance (FHIR lastUpdated)",
         "conflicts": "the history of overwrite resends",
         "commitments": "storage commitment requests and their results",
         "commitment_items": "the instances of storage commitment requests",
