@@ -25,7 +25,7 @@ from datetime import UTC, datetime, timedelta
 
 from storage.catalog.engines import Database, IndexLocation
 from storage.catalog.find import Query, StoredInstance, matches, retrieve, retrieve_contents
-from storage.catalog.lifecycle import state_of
+from storage.catalog.lifecycle import now, state_of
 from storage.catalog.schema import TABLES
 from storage.names import fold_name
 
@@ -143,7 +143,7 @@ def _since(value: str) -> str:
             ) from exc
         if moment.tzinfo is None:
             moment = moment.replace(tzinfo=UTC)
-    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return _moment_before(moment, 0)
 
 
 def _shifted(moment: str, seconds: float) -> str:
@@ -152,6 +152,7 @@ def _shifted(moment: str, seconds: float) -> str:
 
 
 def _moment_before(moment: datetime, seconds: float) -> str:
+    """`seconds` before `moment`, as the index stores moments (lifecycle.now)."""
     earlier = moment.astimezone(UTC) - timedelta(seconds=seconds)
     return earlier.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
@@ -162,7 +163,7 @@ def study_updated(study: dict, stable_after: float) -> str:
     marks = [last, study.get("changed_at")]
     if last:
         stable = _shifted(last, -stable_after)
-        if stable <= _moment_before(datetime.now(UTC), 0):
+        if stable <= now():
             marks.append(stable)
     return max(mark for mark in marks if mark)
 
