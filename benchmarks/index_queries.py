@@ -121,7 +121,7 @@ def _uid(rng: random.Random) -> str:
 
 
 def _iso(moment: datetime.datetime) -> str:
-    """As storage.catalog.ingest.utc_now writes received times."""
+    """As storage.catalog.engines.utc_now writes received times."""
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 

@@ -11,8 +11,9 @@ Here: the door and the records it takes and gives. The exceptions are the
 modules' that raise them (engines, health, ingest).
 """
 
+from storage.catalog.engines import utc_now
 from storage.catalog.index import Catalog, count_instances
-from storage.catalog.ingest import IndexEntry, IndexOutcome, Provenance, StoredDigest, utc_now
+from storage.catalog.ingest import IndexEntry, IndexOutcome, Provenance, StoredDigest
 from storage.catalog.lifecycle import AVAILABILITIES
 
 __all__ = [

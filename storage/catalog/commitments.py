@@ -21,9 +21,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from storage.catalog import lifecycle
-from storage.catalog.engines import Database, IndexUnreachable
+from storage.catalog.engines import Database, IndexUnreachable, stored_moment, utc_now
 from storage.catalog.index import Catalog
-from storage.catalog.ingest import utc_now
 from storage.catalog.lifecycle import Event
 
 CHECKING, PENDING, DELIVERING = "checking", "pending", "delivering"
@@ -381,5 +380,4 @@ def next_attempt_in(catalog: Catalog) -> float | None:
 
 
 def _moment(seconds: float) -> str:
-    moment = datetime.now(UTC) + timedelta(seconds=seconds)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return stored_moment(datetime.now(UTC) + timedelta(seconds=seconds))

@@ -29,6 +29,7 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from functools import lru_cache
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -46,6 +47,30 @@ _EXCLUDE_WRITERS_FOR = (
     60  # seconds of trying for a moment without writers  # in one statement: below SQLite's limit
 )
 POSTGRESQL_SCHEMES = ("postgresql", "postgres")
+
+
+def utc_now() -> str:
+    """Now, as the index stores moments: a sortable UTC timestamp with
+    milliseconds (2026-12-01T20:41:24.123Z). Formatted by hand, the seconds
+    once a second: it is taken for every instance."""
+    milliseconds = time.time_ns() // 1_000_000
+    seconds, fraction = divmod(milliseconds, 1000)
+    global _formatted_second
+    cached = _formatted_second  # one tuple, read and replaced whole: safe across threads
+    if cached[0] != seconds:
+        cached = _formatted_second = (
+            seconds,
+            time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)),
+        )
+    return f"{cached[1]}.{fraction:03d}Z"
+
+
+_formatted_second: tuple[int | None, str] = (None, "")
+
+
+def stored_moment(moment: datetime) -> str:
+    """A moment as the index stores moments (`utc_now`'s form)."""
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 class IndexUnreachable(Exception):

@@ -13,7 +13,6 @@ before them (storage.catalog.index chooses each engine's way).
 
 import dataclasses
 import json
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -25,25 +24,6 @@ from storage.names import fold_name
 
 if TYPE_CHECKING:
     from storage.header import InstanceHeader
-
-
-def utc_now() -> str:
-    """A sortable UTC timestamp with milliseconds, as stored in the index
-    (2026-12-01T20:41:24.123Z). Formatted by hand, the seconds once a second:
-    it is taken for every instance."""
-    milliseconds = time.time_ns() // 1_000_000
-    seconds, fraction = divmod(milliseconds, 1000)
-    global _formatted_second
-    cached = _formatted_second  # one tuple, read and replaced whole: safe across threads
-    if cached[0] != seconds:
-        cached = _formatted_second = (
-            seconds,
-            time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)),
-        )
-    return f"{cached[1]}.{fraction:03d}Z"
-
-
-_formatted_second: tuple[int | None, str] = (None, "")
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ import enum
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from storage.catalog.engines import Database
+from storage.catalog.engines import Database, utc_now
 
 ONLINE, NEARLINE, OFFLINE, UNAVAILABLE = "ONLINE", "NEARLINE", "OFFLINE", "UNAVAILABLE"
 # Best first: a study's availability is the worst one among its series.
@@ -113,13 +113,8 @@ def apply(
         study = (
             "?" if study_uid is not None else "(SELECT study_uid FROM series WHERE series_uid = ?)"
         )
-        db.execute(f"UPDATE studies SET changed_at = ? WHERE study_uid = {study}", (now(), key))
+        db.execute(f"UPDATE studies SET changed_at = ? WHERE study_uid = {study}", (utc_now(), key))
     return changed
-
-
-def now() -> str:
-    """The moment of a change, as the index stores moments (2026-12-01T20:41:24.123Z)."""
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def state_of(

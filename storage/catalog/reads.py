@@ -23,9 +23,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from storage.catalog.engines import Database, IndexLocation
+from storage.catalog.engines import Database, IndexLocation, stored_moment, utc_now
 from storage.catalog.find import Query, StoredInstance, matches, retrieve, retrieve_contents
-from storage.catalog.lifecycle import now, state_of
+from storage.catalog.lifecycle import state_of
 from storage.catalog.schema import TABLES
 from storage.names import fold_name
 
@@ -88,7 +88,7 @@ class StudyFilter:
         if self.updated_since is not None or self.updated_before is not None:
             # When the last instance made the study stable, for a given moment
             # of becoming stable: that moment minus stable_after, up to now's.
-            stable_now = _moment_before(datetime.now(UTC), self.stable_after)
+            stable_now = _shifted(utc_now(), self.stable_after)
             became_stable = "(last_received >= ? AND last_received <= ?)"
         if self.updated_since is not None:
             since = _since(self.updated_since)
@@ -143,18 +143,14 @@ def _since(value: str) -> str:
             ) from exc
         if moment.tzinfo is None:
             moment = moment.replace(tzinfo=UTC)
-    return _moment_before(moment, 0)
+    return stored_moment(moment)
 
 
 def _shifted(moment: str, seconds: float) -> str:
     """A stored moment `seconds` earlier."""
-    return _moment_before(datetime.fromisoformat(moment.replace("Z", "+00:00")), seconds)
-
-
-def _moment_before(moment: datetime, seconds: float) -> str:
-    """`seconds` before `moment`, as the index stores moments (lifecycle.now)."""
-    earlier = moment.astimezone(UTC) - timedelta(seconds=seconds)
-    return earlier.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return stored_moment(
+        datetime.fromisoformat(moment.replace("Z", "+00:00")) - timedelta(seconds=seconds)
+    )
 
 
 def study_updated(study: dict, stable_after: float) -> str:
@@ -163,7 +159,7 @@ def study_updated(study: dict, stable_after: float) -> str:
     marks = [last, study.get("changed_at")]
     if last:
         stable = _shifted(last, -stable_after)
-        if stable <= now():
+        if stable <= utc_now():
             marks.append(stable)
     return max(mark for mark in marks if mark)
 

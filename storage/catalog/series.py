@@ -13,9 +13,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from storage.catalog import lifecycle
-from storage.catalog.engines import Database
+from storage.catalog.engines import Database, utc_now
 from storage.catalog.index import Catalog
-from storage.catalog.ingest import utc_now
 from storage.catalog.lifecycle import AVAILABILITIES, Event
 
 
@@ -213,6 +212,6 @@ def _drop_series_from_study(catalog: Catalog, study_uid: str, instances: int, si
         "UPDATE studies SET number_of_series = number_of_series - 1,"
         " number_of_instances = number_of_instances - ?, bytes = bytes - ?, modalities = ?,"
         " changed_at = ? WHERE study_uid = ?",
-        (instances, size, json.dumps(modalities), lifecycle.now(), study_uid),
+        (instances, size, json.dumps(modalities), utc_now(), study_uid),
     )
     refresh_study_availability(catalog, study_uid)
