@@ -126,12 +126,11 @@ def open_dataset(data_dir: Path, instance: StoredInstance, buffer: ReadBuffer) -
         view = buffer.view
         if size <= len(view):  # the whole file in one read: its data set stays in the buffer
             _read_into(source, view[:size])
-            offset = _offset(view, size)
+            offset = _offset(bytes(view[:_HEAD]), size)
             held = view[offset:size]
             digest = hashlib.sha256(held)
         else:
-            head = source.read(_HEAD)
-            offset = _offset(memoryview(head), size)
+            offset = _offset(source.read(_HEAD), size)
             source.seek(offset)
             held, digest = None, hashlib.sha256()
             while got := source.readinto(view):
@@ -158,9 +157,10 @@ def _read_into(source: BinaryIO, view: memoryview) -> None:
         filled += got
 
 
-def _offset(head: memoryview, size: int) -> int:
-    """Where the data set of a `size`-byte file starts (`dataset_offset`)."""
-    offset = dataset_offset(bytes(head[:_HEAD]))
+def _offset(head: bytes, size: int) -> int:
+    """Where the data set of a `size`-byte file starts, from its first bytes
+    (`dataset_offset`)."""
+    offset = dataset_offset(head)
     if offset > size:
         raise ValueError(f"its meta group ends at byte {offset}, after the file's end")
     return offset
