@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from storage.catalog.engines import POSTGRES_KEY_LOCK, Database, lock_number
-from storage.catalog.lifecycle import ONLINE, TRANSITIONS, Event
+from storage.catalog.lifecycle import ONLINE, TRANSITIONS, Event, first_instance
 from storage.catalog.schema import FOLDED_NAMES, SERIES_FIELDS, STUDY_FIELDS, TABLES
 from storage.names import fold_name
 
@@ -283,9 +283,8 @@ class Ingest:
                 **values,
                 "number_of_instances": 1,
                 "bytes": entry.size,
-                "availability": ONLINE,
                 "first_received": entry.received_at,
-                "last_received": entry.received_at,
+                **first_instance(entry.received_at),
             },
         )
         return values["modality"]

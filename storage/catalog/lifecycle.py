@@ -1,7 +1,9 @@
 """A series' lifecycle: the events that move it, and what each writes.
 
 Besides its counts, what the index says of a series is six columns of
-`series`, and `TRANSITIONS` below is the only writer of them:
+`series`, and this module is the only writer of them: `first_instance` for
+the row a series' first instance creates, `TRANSITIONS` for every change after
+(a rebuild restores the `MARKS` the files cannot tell in the index it builds):
 
 - ``last_received``: when its last new instance arrived;
 - ``incomplete_reason``, ``incomplete_since``: why, and since when, it is
@@ -33,6 +35,23 @@ ONLINE, NEARLINE, OFFLINE, UNAVAILABLE = "ONLINE", "NEARLINE", "OFFLINE", "UNAVA
 AVAILABILITIES = (ONLINE, NEARLINE, OFFLINE, UNAVAILABLE)
 
 RECEIVING, STABLE, COMPLETE, INCOMPLETE = "receiving", "stable", "complete", "incomplete"
+
+
+# The columns above that the files cannot tell: a rebuild from the files
+# carries them over from the index it replaces (storage.catalog.rebuild).
+MARKS = (
+    "availability",
+    "unavailable_by_verify",
+    "incomplete_reason",
+    "incomplete_since",
+    "committed_at",
+)
+
+
+def first_instance(received_at: str) -> dict[str, str]:
+    """The lifecycle columns of the row a series' first instance creates:
+    ONLINE and receiving, no mark (the others are NULL)."""
+    return {"availability": ONLINE, "last_received": received_at}
 
 
 class Event(enum.Enum):

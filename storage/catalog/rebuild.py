@@ -18,20 +18,11 @@ from storage.catalog.engines import (
     is_corrupt,
 )
 from storage.catalog.index import Catalog
-from storage.catalog.lifecycle import ONLINE
+from storage.catalog.lifecycle import MARKS, ONLINE
 from storage.catalog.rows import replace_rows
 from storage.catalog.schema import TABLES
 from storage.catalog.series import refresh_study_availability
 
-# What the files cannot tell about a series: an admin's availability, what
-# `verify` marked, the incomplete and committed marks.
-_SERIES_STATE = [
-    "availability",
-    "unavailable_by_verify",
-    "incomplete_reason",
-    "incomplete_since",
-    "committed_at",
-]
 _TABLES = ["studies", "series", "instances", "conflicts"]
 
 
@@ -117,9 +108,9 @@ def _carry_over(
     rows (`rows(table, columns)`): what the files cannot tell (rows per table
     into `carried`)."""
     db = scratch.conn
-    states = [(*row[1:], row[0]) for row in rows("series", ["series_uid", *_SERIES_STATE])]
+    states = [(*row[1:], row[0]) for row in rows("series", ["series_uid", *MARKS])]
     db.executemany(
-        f"UPDATE series SET {', '.join(f'{c} = ?' for c in _SERIES_STATE)} WHERE series_uid = ?",
+        f"UPDATE series SET {', '.join(f'{c} = ?' for c in MARKS)} WHERE series_uid = ?",
         states,
     )
     carried["series"] = len(states)
