@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from storage.catalog.engines import POSTGRES_KEY_LOCK, Database, lock_number
-from storage.catalog.lifecycle import ONLINE, TRANSITIONS, Event, first_instance
+from storage.catalog.lifecycle import FIRST_INSTANCE, ONLINE, TRANSITIONS, Event
 from storage.catalog.schema import FOLDED_NAMES, SERIES_FIELDS, STUDY_FIELDS, TABLES
 from storage.names import fold_name
 
@@ -284,7 +284,8 @@ class Ingest:
                 "number_of_instances": 1,
                 "bytes": entry.size,
                 "first_received": entry.received_at,
-                **first_instance(entry.received_at),
+                "last_received": entry.received_at,
+                **FIRST_INSTANCE,
             },
         )
         return values["modality"]

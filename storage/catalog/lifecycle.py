@@ -1,9 +1,10 @@
 """A series' lifecycle: the events that move it, and what each writes.
 
 Besides its counts, what the index says of a series is six columns of
-`series`, and this module is the only writer of them: `first_instance` for
-the row a series' first instance creates, `TRANSITIONS` for every change after
-(a rebuild restores the `MARKS` the files cannot tell in the index it builds):
+`series`, and this module says every value they take: `FIRST_INSTANCE` (and
+the arrival's last_received) in the row a series' first instance creates,
+`TRANSITIONS` for every change after (a rebuild restores the `MARKS` the files
+cannot tell in the index it builds):
 
 - ``last_received``: when its last new instance arrived;
 - ``incomplete_reason``, ``incomplete_since``: why, and since when, it is
@@ -48,10 +49,10 @@ MARKS = (
 )
 
 
-def first_instance(received_at: str) -> dict[str, str]:
-    """The lifecycle columns of the row a series' first instance creates:
-    ONLINE and receiving, no mark (the others are NULL)."""
-    return {"availability": ONLINE, "last_received": received_at}
+# The lifecycle columns of the row a series' first instance creates, beside its
+# last_received (the instance's arrival): ONLINE and no mark (the others NULL).
+# A constant, not a call: nothing of this module runs for each instance.
+FIRST_INSTANCE = {"availability": ONLINE}
 
 
 class Event(enum.Enum):
