@@ -30,6 +30,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from scp.config import Config
+from storage.catalog.engines import moment_of
 from storage.catalog.reads import CatalogReader, FilterError, StudyFilter, study_updated
 from storage.fhir import (
     DICOM_SYSTEM,
@@ -325,7 +326,7 @@ def _tags(header: str | None) -> set[str]:
 
 
 def _http_date(moment: str) -> str:
-    parsed = datetime.fromisoformat(moment.replace("Z", "+00:00"))
+    parsed = moment_of(moment)
     return parsed.astimezone(UTC).strftime("%a, %d %b %Y %H:%M:%S GMT")
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from storage.catalog import lifecycle
-from storage.catalog.engines import Database, IndexUnreachable, stored_moment, utc_now
+from storage.catalog.engines import Database, IndexUnreachable, moment_of, stored_moment, utc_now
 from storage.catalog.index import Catalog
 from storage.catalog.lifecycle import Event
 
@@ -375,7 +375,7 @@ def next_attempt_in(catalog: Catalog) -> float | None:
         conn.close()
     if row[0] is None:
         return None
-    moment = datetime.fromisoformat(row[0].replace("Z", "+00:00"))
+    moment = moment_of(row[0])
     return max(0.0, (moment - datetime.now(UTC)).total_seconds())
 
 

@@ -73,6 +73,11 @@ def stored_moment(moment: datetime) -> str:
     return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def moment_of(stored: str) -> datetime:
+    """The moment a stored one (`stored_moment`'s form) says, in UTC."""
+    return datetime.fromisoformat(stored)
+
+
 class IndexUnreachable(Exception):
     """The index cannot be opened: no SQLite file yet, or PostgreSQL refuses."""
 

@@ -29,7 +29,7 @@ import enum
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from storage.catalog.engines import Database, utc_now
+from storage.catalog.engines import Database, moment_of, utc_now
 
 ONLINE, NEARLINE, OFFLINE, UNAVAILABLE = "ONLINE", "NEARLINE", "OFFLINE", "UNAVAILABLE"
 # Best first: a study's availability is the worst one among its series.
@@ -147,7 +147,7 @@ def state_of(
         return COMPLETE
     if last_received is None:
         return STABLE
-    age = datetime.now(UTC) - datetime.fromisoformat(last_received.replace("Z", "+00:00"))
+    age = datetime.now(UTC) - moment_of(last_received)
     return RECEIVING if age.total_seconds() < stable_after else STABLE
 
 

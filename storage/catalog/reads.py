@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from storage.catalog.engines import Database, IndexLocation, stored_moment, utc_now
+from storage.catalog.engines import Database, IndexLocation, moment_of, stored_moment, utc_now
 from storage.catalog.find import Query, StoredInstance, matches, retrieve, retrieve_contents
 from storage.catalog.lifecycle import state_of
 from storage.catalog.schema import TABLES
@@ -148,9 +148,7 @@ def _since(value: str) -> str:
 
 def _shifted(moment: str, seconds: float) -> str:
     """A stored moment `seconds` earlier."""
-    return stored_moment(
-        datetime.fromisoformat(moment.replace("Z", "+00:00")) - timedelta(seconds=seconds)
-    )
+    return stored_moment(moment_of(moment) - timedelta(seconds=seconds))
 
 
 def study_updated(study: dict, stable_after: float) -> str:
