@@ -40,6 +40,10 @@ class Recorder:
     def __init__(self):
         from prometheus_client import Counter, Gauge, Histogram
 
+        # Here, not at the top: both modules count through this one.
+        from scp.association import REJECTION_NAMES
+        from scp.store_service import FAILURE_STATUSES
+
         stored = Counter(_PREFIX + "instances_stored", "Instances stored, by outcome", ["outcome"])
         self._stored = {outcome: stored.labels(str(outcome)) for outcome in Outcome}
         self._refused = Counter(
@@ -47,6 +51,10 @@ class Recorder:
             "C-STORE requests refused or failed, by status",
             ["status"],
         )
+        # Every status and reason is exported at 0 from the start: a series that
+        # appears at its first event hides that event from increase() and rate().
+        for status in FAILURE_STATUSES:
+            self._refused.labels(f"0x{status:04X}")
         self._bytes = Counter(_PREFIX + "received_bytes", "Bytes of the instances stored")
         stages = Histogram(
             _PREFIX + "store_stage_seconds",
@@ -65,6 +73,8 @@ class Recorder:
             "Associations rejected, by the A-ASSOCIATE-RJ reason",
             ["reason"],
         )
+        for reason in REJECTION_NAMES.values():
+            self._rejected.labels(reason)
         self._active = Gauge(
             _PREFIX + "associations_active",
             "Connections being served now",

@@ -38,6 +38,8 @@ REFUSAL_STATUS = {
 }
 INTERNAL_ERROR_STATUS = 0xC0FF
 NO_DATASET_STATUS = 0xC000
+# Every status a C-STORE here can fail with.
+FAILURE_STATUSES = sorted({*REFUSAL_STATUS.values(), NO_DATASET_STATUS, INTERNAL_ERROR_STATUS})
 
 
 class StoreService:
