@@ -40,9 +40,14 @@ class Recorder:
     def __init__(self):
         from prometheus_client import Counter, Gauge, Histogram
 
-        # Here, not at the top: both modules count through this one.
-        from scp.association import REJECTION_NAMES
-        from scp.store_service import FAILURE_STATUSES
+        # Here, not at the top: they count through this module.
+        from scp import (
+            association,
+            commitment_service,
+            find_service,
+            retrieve_service,
+            store_service,
+        )
 
         stored = Counter(_PREFIX + "instances_stored", "Instances stored, by outcome", ["outcome"])
         self._stored = {outcome: stored.labels(str(outcome)) for outcome in Outcome}
@@ -51,9 +56,9 @@ class Recorder:
             "C-STORE requests refused or failed, by status",
             ["status"],
         )
-        # Every status and reason is exported at 0 from the start: a series that
-        # appears at its first event hides that event from increase() and rate().
-        for status in FAILURE_STATUSES:
+        # Every value a label can take is exported at 0 from the start: a series
+        # that appears at its first event hides that event from increase() and rate().
+        for status in store_service.FAILURE_STATUSES:
             self._refused.labels(f"0x{status:04X}")
         self._bytes = Counter(_PREFIX + "received_bytes", "Bytes of the instances stored")
         stages = Histogram(
@@ -68,12 +73,14 @@ class Recorder:
             "Connections ended, by outcome (released, aborted, rejected, closed: no association)",
             ["outcome"],
         )
+        for outcome in association.OUTCOMES:
+            self._associations.labels(outcome)
         self._rejected = Counter(
             _PREFIX + "associations_rejected",
             "Associations rejected, by the A-ASSOCIATE-RJ reason",
             ["reason"],
         )
-        for reason in REJECTION_NAMES.values():
+        for reason in association.REJECTION_NAMES.values():
             self._rejected.labels(reason)
         self._active = Gauge(
             _PREFIX + "associations_active",
@@ -85,6 +92,8 @@ class Recorder:
             "C-FIND queries ended, by outcome (success, cancelled, refused, failed)",
             ["outcome"],
         )
+        for outcome in find_service.OUTCOMES:
+            self._find_queries.labels(outcome)
         self._find_matches = Counter(_PREFIX + "find_matches", "C-FIND pending responses sent")
         self._retrieve_requests = Counter(
             _PREFIX + "retrieve_requests",
@@ -92,6 +101,9 @@ class Recorder:
             " (success, warning, failed, cancelled, refused)",
             ["operation", "outcome"],
         )
+        for operation in _RETRIEVE_OPERATIONS:
+            for outcome in retrieve_service.OUTCOMES:
+                self._retrieve_requests.labels(operation, outcome)
         sub_operations = Counter(
             _PREFIX + "retrieve_suboperations",
             "C-STORE sub-operations of C-MOVE and C-GET ended, by operation and result"
@@ -111,6 +123,8 @@ class Recorder:
             "Storage commitment requests refused, by status",
             ["status"],
         )
+        for status in commitment_service.REFUSAL_STATUSES:
+            self._commitment_refused.labels(f"0x{status:04X}")
         committed = Counter(
             _PREFIX + "commitment_instances",
             "Instances checked for a commitment request, by result (committed, failed)",

@@ -440,6 +440,8 @@ _OUTCOMES = {
     UNABLE_TO_PERFORM_SUB_OPERATIONS: "failed",
     CANCEL: "cancelled",
 }
+# Every outcome a retrieve is counted with: a refused one has no final status of its own.
+OUTCOMES = (*_OUTCOMES.values(), "refused")
 
 
 def _kind(command: dimse.Command) -> type[Retrieval]:

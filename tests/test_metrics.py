@@ -172,6 +172,29 @@ def test_a_scrape_counts_what_the_associations_did_exactly(server_factory, tmp_p
     assert server.events("metrics.listening")[0]["port"] == metrics_port
 
 
+def test_every_count_is_exported_at_zero_before_its_first_event(server_factory):
+    """So that increase() and rate() see the first one: Prometheus takes a series
+    that appears at 1 as having always been 1."""
+    metrics_port = free_port()
+    server_factory("--metrics-port", str(metrics_port))
+
+    first = scrape(metrics_port)
+
+    for sample, labels in [
+        ("imaging_scp_instances_refused_total", {"status": "0xA700"}),
+        ("imaging_scp_instances_refused_total", {"status": "0xC0FF"}),
+        ("imaging_scp_associations_total", {"outcome": "aborted"}),
+        ("imaging_scp_associations_rejected_total", {"reason": "local-limit-exceeded"}),
+        ("imaging_scp_find_queries_total", {"outcome": "failed"}),
+        ("imaging_scp_retrieve_requests_total", {"operation": "move", "outcome": "refused"}),
+        ("imaging_scp_retrieve_requests_total", {"operation": "get", "outcome": "failed"}),
+        ("imaging_scp_retrieve_suboperations_total", {"operation": "move", "result": "failed"}),
+        ("imaging_scp_commitment_refused_total", {"status": "0x0131"}),
+        ("imaging_scp_commitment_reports_ended_total", {"outcome": "given-up"}),
+    ]:
+        assert first.get((sample, tuple(sorted(labels.items())))) == 0, (sample, labels)
+
+
 def test_a_storage_commitment_is_counted_by_result_and_report(server_factory, tmp_path):
     metrics_port = free_port()
     server = server_factory("--metrics-port", str(metrics_port))
