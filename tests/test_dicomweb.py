@@ -401,6 +401,53 @@ def test_stow_rs_keeps_nothing_of_a_cut_or_lying_body(web, tmp_path):
     assert httpx.post(f"{web.url}/dicomweb/studies", content=b"{}").status_code == 415
 
 
+def with_transfer_syntax(data: bytes, syntax: bytes) -> bytes:
+    """A DICOM file's bytes with its file meta's Transfer Syntax UID (0002,0010)
+    replaced by `syntax` as it is, the group length made to match."""
+    start = data.index(b"\x02\x00\x10\x00UI", 132)
+    length = struct.unpack("<H", data[start + 6 : start + 8])[0]
+    value = syntax + b"\x00" * (len(syntax) % 2)
+    element = data[start : start + 6] + struct.pack("<H", len(value)) + value
+    group_length = struct.unpack("<I", data[140:144])[0] + len(value) - length
+    return (
+        data[:140] + struct.pack("<I", group_length) + data[144:start] + element
+        + data[start + 8 + length :]
+    )  # fmt: skip
+
+
+def test_stow_rs_refuses_a_part_whose_transfer_syntax_is_not_a_uid(web, tmp_path):
+    """Over DICOM such a syntax is never negotiated; here the client writes it.
+    Stored, it went into the file and the index, and back out in WADO-RS's
+    Content-Type (PS3.18 I.2.2: C122, Referenced Transfer Syntax not supported)."""
+    study, series = generate_uid(), generate_uid()
+    bad = [b"", "\xff\xfe".encode("latin-1"), b"1.2.840.10008.1.2.1\\1.2.840.10008.1.2",
+           b"1." + b"2" * 70, b"../../etc"]  # fmt: skip
+    paths = [
+        make_instance(tmp_path / "stow", study_uid=study, series_uid=series)
+        for _ in range(len(bad) + 1)
+    ]
+    parts = [with_transfer_syntax(p.read_bytes(), s) for p, s in zip(paths[:-1], bad, strict=True)]
+    private = with_transfer_syntax(paths[-1].read_bytes(), b"1.2.3.4")  # a UID: as over DICOM
+
+    answer = httpx.post(
+        f"{web.url}/dicomweb/studies",
+        content=multipart([*parts, private]),
+        headers={"Content-Type": STOW_TYPE},
+    )
+
+    assert answer.status_code == 202, answer.text
+    failed = answer.json()["00081198"]["Value"]
+    assert [f["00081155"]["Value"][0] for f in failed] == [
+        pydicom.dcmread(p).SOPInstanceUID for p in paths[:-1]
+    ]
+    assert {f["00081197"]["Value"][0] for f in failed} == {0xC122}
+    rows = web.location.open().execute("SELECT sop_instance_uid, transfer_syntax FROM instances")
+    assert {tuple(row) for row in rows} == {(pydicom.dcmread(paths[-1]).SOPInstanceUID, "1.2.3.4")}
+    assert len(list(web.location.data_dir.glob(f"{study}/*/*.dcm"))) == 1
+    assert not any((web.location.data_dir / ".incoming").rglob("*.tmp*"))
+    assert web.log_path.read_text().count("is not a UID") == len(bad)
+
+
 @requires_orthanc
 @pytest.mark.skipif(not ORTHANC_DICOMWEB.exists(), reason="apt-get install orthanc-dicomweb")
 def test_orthancs_dicomweb_client_pulls_from_us_and_stores_to_us(web, tmp_path):

@@ -28,13 +28,16 @@ from starlette.responses import JSONResponse, Response
 from scp.store_service import REFUSAL_STATUS
 from storage.catalog import Provenance
 from storage.store import InstanceStore, Refusal, StoreRefused
+from storage.uids import is_valid_uid
 
 log = structlog.get_logger("imaging_scp")
 
 DICOM_JSON = "application/dicom+json"
 _PREAMBLE = 132  # 128 bytes and "DICM"
 _MAX_META = 64 * 1024  # a file meta group larger than this is not one
-_PROCESSING_FAILURE = 0x0110  # PS3.18 Failure Reason: the part could not be read
+# PS3.18 Failure Reasons (Table I.2-2) besides the C-STORE statuses.
+_PROCESSING_FAILURE = 0x0110
+_TRANSFER_SYNTAX_NOT_SUPPORTED = 0xC122
 _BOUNDARY = re.compile(r'boundary="?([^";]+)"?')
 
 
@@ -48,6 +51,7 @@ class _Part:
         self.incoming = None
         self.sop_class_uid = self.sop_instance_uid = None
         self.refused: StoreRefused | None = None
+        self.failure_reason: int | None = None  # when not the refusal's C-STORE status
 
     def write(self, data: bytes) -> None:
         if self.incoming is not None:
@@ -77,6 +81,14 @@ class _Part:
             return
         self.sop_class_uid = meta.get("MediaStorageSOPClassUID")
         self.sop_instance_uid = meta.get("MediaStorageSOPInstanceUID")
+        if not is_valid_uid(transfer_syntax):
+            # Over DICOM the negotiation admits only UIDs; this one would go into
+            # the file, the index and WADO-RS's Content-Type as written.
+            self.refused = StoreRefused(
+                Refusal.UNREADABLE, f"Transfer Syntax UID {transfer_syntax!r} is not a UID"
+            )
+            self.failure_reason = _TRANSFER_SYNTAX_NOT_SUPPORTED
+            return
         self.incoming = self._store.receive(
             transfer_syntax, self.sop_class_uid, self.sop_instance_uid, self._provenance
         )
@@ -182,7 +194,10 @@ class StowRs:
                         **_uids(part.sop_class_uid, part.sop_instance_uid),
                         "00081197": {
                             "vr": "US",
-                            "Value": [REFUSAL_STATUS.get(refused.refusal, _PROCESSING_FAILURE)],
+                            "Value": [
+                                part.failure_reason
+                                or REFUSAL_STATUS.get(refused.refusal, _PROCESSING_FAILURE)
+                            ],
                         },
                     }
                     for part, refused in failed
