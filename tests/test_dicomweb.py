@@ -398,6 +398,33 @@ def test_stow_rs_keeps_nothing_of_a_cut_or_lying_body(web, tmp_path):
     )
     assert not_dicom.status_code == 409
     assert not_dicom.json()["00081198"]["Value"][0]["00081197"]["Value"] == [0xC000]
+    # A VR no dictionary has, on the meta's SOP Class and Instance UIDs (found by
+    # flipping bytes): pydicom raises as the value is read. Was a 500.
+    for element in (b"\x02\x00\x02\x00UI", b"\x02\x00\x03\x00UI"):
+        data = whole.read_bytes()
+        at = data.index(element, 132)
+        flipped = data[: at + 4] + b"XI" + data[at + 6 :]
+        answer = httpx.post(
+            f"{web.url}/dicomweb/studies",
+            content=multipart([flipped]),
+            headers={"Content-Type": STOW_TYPE},
+        )
+        assert answer.status_code == 409, answer.text
+        assert answer.json()["00081198"]["Value"][0]["00081197"]["Value"] == [0xC000]
+    assert web.log_path.read_text().count("unreadable file meta: Unknown Value Representation") == 2
+    # A group length whose VR is not UL: pydicom guesses the VRs implicit, then
+    # finds them explicit, and says so in the log, not as a raw line on stderr.
+    data = whole.read_bytes()
+    guessed = data[:136] + b"XL" + data[138:]
+    answer = httpx.post(
+        f"{web.url}/dicomweb/studies",
+        content=multipart([guessed]),
+        headers={"Content-Type": STOW_TYPE},
+    )
+    assert answer.status_code in (200, 409), answer.text
+    log = web.log_path.read_text()
+    assert "Expected implicit VR, but found explicit VR" in log
+    assert "UserWarning" not in log
     assert httpx.post(f"{web.url}/dicomweb/studies", content=b"{}").status_code == 415
 
 

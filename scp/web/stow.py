@@ -73,14 +73,14 @@ class _Part:
             return
         if len(self._head) < end:
             return
-        try:
+        try:  # pydicom converts each value when it is first read: each can fail
             meta = pydicom.dcmread(io.BytesIO(bytes(self._head[:end]))).file_meta
             transfer_syntax = str(meta.TransferSyntaxUID)
+            self.sop_class_uid = meta.get("MediaStorageSOPClassUID")
+            self.sop_instance_uid = meta.get("MediaStorageSOPInstanceUID")
         except Exception as exc:  # pydicom's errors are many; any one: unreadable
             self.refused = StoreRefused(Refusal.UNREADABLE, f"unreadable file meta: {exc}")
             return
-        self.sop_class_uid = meta.get("MediaStorageSOPClassUID")
-        self.sop_instance_uid = meta.get("MediaStorageSOPInstanceUID")
         if not is_valid_uid(transfer_syntax):
             # Over DICOM the negotiation admits only UIDs; this one would go into
             # the file, the index and WADO-RS's Content-Type as written.

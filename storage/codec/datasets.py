@@ -58,14 +58,17 @@ class _LenientReading:
         """pydicom reads without validating, in this process, from now on: for
         the `imaging-scp` command, whose every part reads what peers send
         (pynetdicom, and pydicom's names of their UIDs, too). A character set
-        pydicom does not know it both logs (its logger: serve's log, as JSON)
-        and warns about; the warning would be a raw line on stderr, for serve
-        and for the admin at a `rebuild`, once per file: the log says it."""
+        pydicom does not know, or a file meta whose VRs it must guess (STOW-RS),
+        it both logs (its logger: serve's log, as JSON) and warns about; the
+        warning would be a raw line on stderr, for serve and the web and for the
+        admin at a `rebuild`, once per file: the log says it."""
         with self._lock:
             config.settings.reading_validation_mode = config.IGNORE
             self._saved_mode = config.IGNORE  # what a block still open gives back
             self._everywhere = True
-        warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom\.charset")
+        warnings.filterwarnings(
+            "ignore", category=UserWarning, module=r"pydicom\.(charset|filereader)"
+        )
 
 
 lenient_reading = _LenientReading()
