@@ -257,6 +257,51 @@ def test_a_frame_of_a_large_encapsulated_object_is_read_alone(web):
     assert read < 8 * 2**20, f"{read} bytes read for two frames of an object of 64 MiB"
 
 
+def test_odd_stored_values_and_odd_queries_are_answered_not_a_500(web, tmp_path):
+    """Found by random requests against randomly damaged stored files: a DS that
+    is no number took the whole study's metadata down, a query value its key's
+    VR cannot match and a bulk data request for a text attribute were 500s."""
+    study, series, sop = generate_uid(), generate_uid(), generate_uid()
+    path = make_instance(
+        tmp_path / "odd", study_uid=study, series_uid=series, sop_instance_uid=sop,
+        SliceThickness="123.456789", PatientName="Odd^Values",
+    )  # fmt: skip
+    path.write_bytes(path.read_bytes().replace(b"123.456789", b"12\xb8.45x789"))
+    web.store(path)  # stored as sent, as over DICOM
+    instance = f"{web.url}/dicomweb/studies/{study}/series/{series}/instances/{sop}"
+
+    metadata = httpx.get(f"{instance}/metadata")
+    assert metadata.status_code == 200, metadata.text
+    (document,) = metadata.json()
+    assert document["00080018"]["Value"] == [sop]
+    assert document["00100010"]["Value"] == [{"Alphabetic": "Odd^Values"}]
+    assert "00180050" not in document  # Slice Thickness, left out
+    assert len(httpx.get(f"{web.url}/dicomweb/studies/{study}/metadata").json()) == 1
+    left_out = [
+        json.loads(line)
+        for line in web.log_path.read_text().splitlines()
+        if '"web.metadata_left_out"' in line
+    ]
+    assert [(e["sop_instance_uid"], e["tag"]) for e in left_out] == [(sop, "00180050")] * 2
+
+    for query, named in [
+        ("instances?InstanceNumber=abc", "'abc' is not an integer string (IS)"),
+        (f"studies/{study}/series?SeriesNumber=1-3", "'1-3' is not an integer string (IS)"),
+        ("series?StudyDate=NaN", "StudyDate: 'NaN' is not a DICOM date/time or range"),
+        ("instances?InstanceNumber=99999999999999999999", "beyond any integer the index holds"),
+        ("studies?offset=99999999999999999999", "offset: a number"),
+        ("studies?limit=%C2%B2", "limit: a number"),  # '²' is a digit to str.isdigit
+    ]:
+        answer = httpx.get(f"{web.url}/dicomweb/{query}")
+        assert (answer.status_code, named in answer.text) == (400, True), (query, answer.text)
+
+    text = httpx.get(f"{instance}/bulkdata/00100010")
+    assert (text.status_code, "not bulk data" in text.text) == (404, True), text.text
+    pixels = httpx.get(f"{instance}/bulkdata/7FE00010")
+    assert pixels.status_code == 200
+    assert pydicom.dcmread(path).PixelData in pixels.content
+
+
 def test_unknown_unavailable_and_missing_never_look_complete(web):
     study, series, sop = generate_uid(), generate_uid(), generate_uid()
     web.receive(study_uid=study, series_uid=series, sop_instance_uid=sop)

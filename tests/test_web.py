@@ -62,15 +62,19 @@ class Web:
         """Store one made instance as a C-STORE does; its study UID."""
         attributes.setdefault("study_uid", generate_uid())
         attributes.setdefault("series_uid", generate_uid())
+        self.store(make_instance(self.sources, **attributes))
+        return attributes["study_uid"]
+
+    def store(self, path: Path) -> None:
+        """Store a DICOM file's dataset as a C-STORE does."""
         catalog = Catalog.open(self.location)
         try:
             store = InstanceStore(
                 self.location.data_dir, catalog, DuplicatePolicy.KEEP_FIRST, node="test"
             )
-            receive_file(store, make_instance(self.sources, **attributes), Provenance("TEST"))
+            receive_file(store, path, Provenance("TEST"))
         finally:
             catalog.close()
-        return attributes["study_uid"]
 
 
 def start_web(tmp_path: Path, *flags: str) -> Web:

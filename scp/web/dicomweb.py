@@ -24,8 +24,9 @@ from typing import NamedTuple
 
 import pydicom
 import structlog
-from pydicom.datadict import keyword_for_tag, tag_for_keyword
+from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.encaps import get_frame
+from pydicom.valuerep import AMBIGUOUS_VR, BYTES_VR, VR
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -206,13 +207,16 @@ class _DicomWeb:
                 None if limit is None else offset + limit,
             )
             documents = []
-            for match in rows:
-                if level != find.IMAGE:
-                    url = f"{base}/studies/{match.get('StudyInstanceUID', '')}"
-                    if level == find.SERIES:
-                        url += f"/series/{match['SeriesInstanceUID']}"
-                    match["RetrieveURL"] = url
-                documents.append(dicom_json(match, vrs))
+            try:
+                for match in rows:
+                    if level != find.IMAGE:
+                        url = f"{base}/studies/{match.get('StudyInstanceUID', '')}"
+                        if level == find.SERIES:
+                            url += f"/series/{match['SeriesInstanceUID']}"
+                        match["RetrieveURL"] = url
+                    documents.append(dicom_json(match, vrs))
+            except find.QueryError as exc:  # a value its key cannot match, found as the query runs
+                return _error(400, str(exc))
         return JSONResponse(documents, media_type=DICOM_JSON)
 
     # --- WADO-RS -----------------------------------------------------------------------
@@ -299,10 +303,9 @@ class _DicomWeb:
         def document(row: dict) -> dict:
             url = f"{base}/series/{row['series_uid']}/instances/{row['sop_instance_uid']}"
             dataset = pydicom.dcmread(row["file"], stop_before_pixels=True)
-            return dataset.to_json_dict(
-                bulk_data_threshold=4096,
-                bulk_data_element_handler=lambda e: f"{url}/bulkdata/{int(e.tag):08X}",
-            ) | _pixel_data_uri(dataset, url)
+            return _json_model(dataset, url, row["sop_instance_uid"]) | _pixel_data_uri(
+                dataset, url
+            )
 
         return JSONResponse([document(row) for row in instances], media_type=DICOM_JSON)
 
@@ -318,11 +321,14 @@ class _DicomWeb:
             if tag is None or tag not in dataset:
                 raise _Refused(404, f"no bulk data {p['tag']} in this instance")
             element = dataset.get_item(tag, keep_deferred=True)
+            vr = _vr_of(element)
+            if vr not in _BULK_DATA_VRS:
+                raise _Refused(404, f"{p['tag']} is not bulk data (VR {vr})")
         except _Refused as exc:
             return _error(exc.status, str(exc))
         if element.value is None:
             return _octets([[_Span(row["file"], element.value_tell, element.length)]])
-        return _octets([[dataset[tag].value]])
+        return _octets([[element.value]])  # its bytes as stored: not yet converted
 
     def frames(self, request: Request) -> Response:
         p = request.path_params
@@ -367,8 +373,8 @@ def _keyword(name: str) -> str:
 
 
 def _count(name: str, value: str) -> int:
-    if not value.isdigit():
-        raise _Refused(400, f"{name}: a number, got {value!r}")
+    if not re.fullmatch(r"[0-9]{1,18}", value):  # islice takes up to sys.maxsize
+        raise _Refused(400, f"{name}: a number of at most 18 digits, got {value!r}")
     return int(value)
 
 
@@ -469,6 +475,42 @@ def _octets(values, syntax_uid: str | None = None) -> Response:
         _blocks(_multipart(((part_type, pieces) for pieces in values), boundary)),
         media_type=f'multipart/related; type="application/octet-stream"; boundary={boundary}',
     )
+
+
+# The VRs the DICOM JSON model gives a BulkDataURI (pydicom's to_json_dict).
+_BULK_DATA_VRS = (BYTES_VR | AMBIGUOUS_VR) - {VR.US_SS}
+
+
+def _vr_of(element) -> str:
+    if element.VR:
+        return element.VR
+    try:  # implicit VR: the dictionary's
+        return dictionary_VR(element.tag)
+    except KeyError:  # a private or unknown tag
+        return VR.UN
+
+
+def _json_model(dataset, url: str, instance: str) -> dict:
+    """The dataset in the DICOM JSON model, binary values over 4 KiB as their
+    BulkDataURI. An element the model cannot hold as stored (a DS or IS that is
+    not a number, a VR pydicom does not know) is left out and logged: one odd
+    value does not take a study's metadata away from a viewer."""
+
+    def bulk_data_uri(element) -> str:
+        return f"{url}/bulkdata/{int(element.tag):08X}"
+
+    document = {}
+    for tag in dataset.keys():  # noqa: SIM118 - iterating a Dataset converts every element
+        try:
+            document[f"{tag:08X}"] = dataset[tag].to_json_dict(bulk_data_uri, 4096)
+        except Exception as exc:  # pydicom raises many kinds on values it cannot convert
+            log.warning(
+                "web.metadata_left_out",
+                sop_instance_uid=instance,
+                tag=f"{tag:08X}",
+                reason=str(exc),
+            )
+    return document
 
 
 def _pixel_data_uri(dataset, url: str) -> dict:
