@@ -757,7 +757,10 @@ def statement() -> str:
         " (the AE title's address in `peers`) lives within the requester's association, so"
         " `max_associations` bounds those too; it carries the move's C-STORE sub-operations,"
         " one at a time, each with the Move Originator AE Title and Message ID, and is"
-        " released when the move ends.",
+        " released when the move ends. When the destination aborts it (or it breaks) while a"
+        " sub-operation is sent, that sub-operation fails and the next goes on a new"
+        " association; when the destination stops answering, or cannot be associated with"
+        " again, every remaining sub-operation fails. `imaging-scp send` does the same.",
         "Table 4.2-2: Presentation contexts proposed",
         _proposed(),
         "The storage contexts are proposed for what the objects need, as in this example of"

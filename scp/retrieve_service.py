@@ -4,8 +4,9 @@ A retrieve's identifier (unique keys only, PS3.4 C.4.2.2.1) is matched by
 C-FIND's code (`storage.catalog.find`); the matches come from the cursor one at
 a time, and each is one C-STORE sub-operation (scp.sub_operations).
 
-A C-MOVE sends them on one association of ours to the Move Destination, an AE
-title looked up in `peers`; a C-GET sends them back on the requester's own
+A C-MOVE sends them on an association of ours to the Move Destination, an AE
+title looked up in `peers` (a new one after the destination aborts, see
+`Destination`); a C-GET sends them back on the requester's own
 association, on the storage contexts on which it accepted the SCP role (role
 selection, PS3.7 D.3.3.4). Either runs as the request's streamed responses
 (`Outbox.stream`): one sub-operation per turn of the association's loop, which
@@ -42,6 +43,7 @@ from scp.sub_operations import (
     UNABLE_TO_PERFORM_SUB_OPERATIONS,
     WARNING,
     Destination,
+    DestinationLost,
     Match,
     Matches,
     Tally,
@@ -326,24 +328,24 @@ class Move(Retrieval):
         if not contents:
             return None
         requestor = Requestor(config.aet, timeout=config.network_timeout)
+        host, port, wanted = address[0], address[1], proposals(contents)
+        originator = (self.session.provenance.calling_ae, self.message_id)
         try:
-            association = requestor.associate(
-                address[0], address[1], self.destination_ae, proposals(contents)
+            self.destination = Destination(
+                lambda: requestor.associate(host, port, self.destination_ae, wanted), originator
             )
         except AssociationError as exc:
             self._rows = Matches(self.service.data_dir, self._reader.retrieve(self.query))
             self._fail_the_rest(str(exc))
             return self._final()
-        originator = (self.session.provenance.calling_ae, self.message_id)
-        self.destination = Destination(association, originator)
         return None
 
     def _sub_operation(self, match: Match) -> tuple[bytes, bytes] | None:
         try:
             status, comment = self.destination.store(match, self._rows.check_ahead)
-        except Unsendable as exc:
+        except (Unsendable, AssociationError) as exc:  # the next goes on
             self._failed(match.instance, str(exc))
-        except AssociationError as exc:
+        except DestinationLost as exc:
             self._failed(match.instance, str(exc))
             self._fail_the_rest(str(exc))
             return self._final()
@@ -353,14 +355,14 @@ class Move(Retrieval):
 
     def _final(self, cancelled: bool = False) -> tuple[bytes, bytes]:
         if self.destination is not None:
-            association, self.destination = self.destination.association, None
-            association.__exit__(None, None, None)  # released
+            destination, self.destination = self.destination, None
+            destination.close()
         return super()._final(cancelled)
 
     def close(self) -> None:
         if self.destination is not None:  # the requester went away mid-move
-            self.destination.association.abort()
-            self.destination = None
+            destination, self.destination = self.destination, None
+            destination.abort()
         super().close()
 
 

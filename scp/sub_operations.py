@@ -11,7 +11,7 @@ the destination accepted for it) is a failed sub-operation with the reason
 logged (`retrieve.failed`) and its UID in the Failed SOP Instance UID List.
 
 `Tally` counts the sub-operations and encodes the retrieve's responses;
-`Destination` sends sub-operations on an association of ours (C-MOVE, `send`).
+`Destination` sends sub-operations on associations of ours (C-MOVE, `send`).
 """
 
 import functools
@@ -27,7 +27,13 @@ from typing import BinaryIO
 from pydicom.uid import UID
 
 from scp import dimse
-from scp.upper_layer import AssociationError, Proposal, RequestorAssociation, lazily_mapped
+from scp.upper_layer import (
+    AssociationError,
+    NoAnswer,
+    Proposal,
+    RequestorAssociation,
+    lazily_mapped,
+)
 from storage.catalog.find import StoredInstance
 from storage.catalog.lifecycle import OFFLINE, UNAVAILABLE
 from storage.codec.datasets import reencode_dataset
@@ -60,6 +66,11 @@ _CHECK_AHEAD_FROM = 128 * 1024
 
 class Unsendable(Exception):
     """A match that cannot be sent; the message says why."""
+
+
+class DestinationLost(Exception):
+    """No match can be sent any more: no new association with the destination,
+    or it stopped answering. The message says why."""
 
 
 class ReadBuffer:
@@ -405,10 +416,18 @@ class Tally:
 
 
 class Destination:
-    """Sub-operations sent on one association of ours (a C-MOVE's, `send`'s)."""
+    """Sub-operations sent on associations of ours (a C-MOVE's, `send`'s) made
+    by `connect`: the first at once (its AssociationError is the caller's).
 
-    def __init__(self, association: RequestorAssociation, move_originator=None):
-        self.association = association
+    An association the destination aborts, or that breaks, while a match is
+    sent fails that match only: the next goes on a new association. A peer that
+    chokes on one data set (dcmtk's storescp aborts on an element longer than
+    its item) so gets every other one. One that stops answering does not get
+    another association: each would wait out the timeout."""
+
+    def __init__(self, connect: Callable[[], RequestorAssociation], move_originator=None):
+        self._connect = connect
+        self.association: RequestorAssociation | None = connect()
         self.move_originator = move_originator  # (AE title, Message ID) of a C-MOVE
         self._message_ids = 0
 
@@ -416,10 +435,41 @@ class Destination:
         """Send one match; its C-STORE-RSP status and comment. `meanwhile` runs
         once it is sent, before the answer is read (`Matches.check_ahead`).
         Unsendable when it is not to be sent or the destination accepts it in
-        no syntax we can send; AssociationError when the association broke."""
+        no syntax we can send; AssociationError when the association broke
+        while it was sent (the next match goes on a new one); DestinationLost
+        when there is no association to send it on."""
+        if self.association is None:
+            try:
+                self.association = self._connect()
+            except AssociationError as exc:
+                raise DestinationLost(str(exc)) from exc
+        try:
+            return self._store(self.association, match, meanwhile)
+        except NoAnswer as exc:
+            self.association = None
+            raise DestinationLost(str(exc)) from exc
+        except AssociationError:
+            self.association = None
+            raise
+
+    def close(self) -> None:
+        """The work is over: the association released."""
+        if self.association is not None:
+            association, self.association = self.association, None
+            association.__exit__(None, None, None)
+
+    def abort(self) -> None:
+        """The work is cut short: the association aborted."""
+        if self.association is not None:
+            association, self.association = self.association, None
+            association.abort()
+
+    def _store(
+        self, association: RequestorAssociation, match: Match, meanwhile: Callable[[], None]
+    ) -> tuple[int, str]:
         instance = match.instance
         accepted = [
-            cx for cx in self.association.contexts if cx.abstract_syntax == instance.sop_class_uid
+            cx for cx in association.contexts if cx.abstract_syntax == instance.sop_class_uid
         ]
         syntax = choose_syntax(instance, (cx.transfer_syntax for cx in accepted))
         context = next(cx for cx in accepted if cx.transfer_syntax == syntax)
@@ -432,15 +482,15 @@ class Destination:
         )
         try:
             send_instance(
-                functools.partial(self.association.send, context),
-                functools.partial(self.association.send_from, context),
+                functools.partial(association.send, context),
+                functools.partial(association.send_from, context),
                 match, syntax, command,
             )  # fmt: skip
         except OSError as exc:  # the file, read while sending: the message is cut short
-            self.association.abort()
+            association.abort()
             raise AssociationError(f"reading {instance.path} failed while sending: {exc}") from exc
         meanwhile()
-        response = self.association.receive().command
+        response = association.receive().command
         status = response.status if response.status is not None else 0xC000
         return status, response.text(dimse.ERROR_COMMENT)
 

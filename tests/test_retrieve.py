@@ -58,12 +58,16 @@ DEST = "DEST"
 class Storescp:
     """A dcmtk storescp: the move destination, writing data sets exactly as received."""
 
-    def __init__(self, directory: Path, *flags: str, env: dict | None = None):
+    def __init__(
+        self, directory: Path, *flags: str, env: dict | None = None, parsing: bool = False
+    ):
+        """`parsing`: it reads each data set, and writes it again (not +B)."""
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
+        mode = [] if parsing else ["+B"]
         self.process = subprocess.Popen(
-            [STORESCP, "-aet", DEST, "+B", "-od", str(directory), *flags, str(self.port)],
+            [STORESCP, "-aet", DEST, *mode, "-od", str(directory), *flags, str(self.port)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             env=env,
@@ -465,17 +469,23 @@ def imaging_scp_send(server, *args: str) -> subprocess.CompletedProcess:
     )  # fmt: skip
 
 
+def send_study(server, study: str, port: int, *flags: str) -> tuple[int, dict]:
+    """`imaging-scp send --study` to DEST at `port`: its exit status and summary."""
+    done = imaging_scp_send(
+        server, "--study", study, "--to", DEST, "--host", "127.0.0.1", "--port", str(port),
+        "--json", *flags,
+    )  # fmt: skip
+    assert done.returncode in (0, 1), done.stderr
+    return done.returncode, json.loads(done.stdout)
+
+
 def test_send_pushes_a_study_or_a_series_and_exits_1_when_one_fails(archive, tmp_path):
     server, destination, sent = archive
     study = next(iter(sent))
     expected = instances_of(sent, study)
     destination.clear()
-    done = imaging_scp_send(
-        server, "--study", study, "--to", DEST, "--host", "127.0.0.1",
-        "--port", str(destination.port), "--json",
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    summary = json.loads(done.stdout)
+    returncode, summary = send_study(server, study, destination.port)
+    assert returncode == 0
     assert (summary["matches"], summary["sent"], summary["failed"]) == (
         len(expected),
         len(expected),
@@ -510,6 +520,92 @@ def test_send_pushes_a_study_or_a_series_and_exits_1_when_one_fails(archive, tmp
 
 
 @requires_orthanc
+def unparsable_by_dcmtk(directory: Path, **attributes) -> Path:
+    """An instance with an element longer than its sequence item (explicit lengths):
+    stored as sent, as a modality's odd file is; dcmtk's storescp aborts the
+    association on it ("DIMSE Failed to receive message")."""
+    path = make_instance(directory, **attributes)
+    dataset = pydicom.dcmread(path)
+    item = Dataset()
+    item.ReferencedSOPClassUID = "1.2.840.10008.3.1.2.3.1"
+    item.ReferencedSOPInstanceUID = generate_uid()
+    dataset.ReferencedStudySequence = [item]
+    dataset.save_as(path, enforce_file_format=True)
+    data = bytearray(path.read_bytes())
+    at = data.index(b"\x08\x00\x50\x11UI")  # (0008,1150) in the item
+    data[at + 6 : at + 8] = (0x100).to_bytes(2, "little")
+    path.write_bytes(data)
+    return path
+
+
+def test_a_destination_that_aborts_on_one_instance_gets_every_other(server_factory, tmp_path):
+    """Was: the rest of the retrieve failed with the abort's reason, unsent."""
+    destination = Storescp(tmp_path / "dest", parsing=True)
+    server = server_factory("--peer", f"{DEST}=127.0.0.1:{destination.port}")
+    study, series = generate_uid(), generate_uid()
+    ids = {"study_uid": study, "series_uid": series}
+    first, *rest = [make_instance(tmp_path / "files", **ids, InstanceNumber=n) for n in (1, 3, 4)]
+    bad = unparsable_by_dcmtk(tmp_path / "bad", **ids, InstanceNumber=2)
+    assert [s.status for s in send_files(server.port, [first, bad, *rest])] == [0] * 4
+    good = {pydicom.dcmread(p).SOPInstanceUID for p in [first, *rest]}
+    bad_uid = pydicom.dcmread(bad, stop_before_pixels=True).SOPInstanceUID
+    try:
+        responses = move(server.port, study_identifier(study), DEST)
+        final = responses[-1][0]
+        assert final.Status == 0xB000
+        counts = (final.NumberOfCompletedSuboperations, final.NumberOfFailedSuboperations)
+        assert counts == (3, 1)
+        assert responses[-1][1].FailedSOPInstanceUIDList == bad_uid
+        assert set(destination.received()) == good
+        (failed,) = server.events("retrieve.failed")
+        assert failed["sop_instance_uid"] == bad_uid
+        assert "aborted the association" in failed["reason"]
+
+        destination.clear()
+        returncode, summary = send_study(server, study, destination.port)
+        assert returncode == 1
+        assert (summary["sent"], [f["sopInstanceUid"] for f in summary["failed"]]) == (
+            3,
+            [bad_uid],
+        )
+        assert set(destination.received()) == good
+    finally:
+        destination.stop()
+
+
+def test_a_destination_that_stops_answering_is_not_associated_with_again(server, tmp_path):
+    """Each new association would wait out the timeout again: the rest fail at once."""
+    study, series = generate_uid(), generate_uid()
+    paths = [
+        make_instance(tmp_path, study_uid=study, series_uid=series, InstanceNumber=n)
+        for n in range(1, 5)
+    ]
+    assert [s.status for s in send_files(server.port, paths)] == [0] * 4
+    associations = []
+    ae = AE(DEST)
+    ae.add_supported_context(CTImageStorage, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+
+    def silent(event):
+        time.sleep(3)  # past send's --timeout
+        return 0x0000
+
+    port = free_port()
+    listener = ae.start_server(
+        ("127.0.0.1", port), block=False,
+        evt_handlers=[(evt.EVT_C_STORE, silent), (evt.EVT_ACCEPTED, associations.append)],
+    )  # fmt: skip
+    try:
+        returncode, summary = send_study(server, study, port, "--timeout", "1")
+    finally:
+        listener.shutdown()
+    assert returncode == 1
+    assert summary["sent"] == 0 and len(summary["failed"]) == 4
+    assert {f["reason"] for f in summary["failed"]} == {
+        f"{DEST}@127.0.0.1:{port} did not answer within 1 s"
+    }
+    assert len(associations) == 1
+
+
 def test_orthanc_pulls_a_study_into_itself_byte_exact(server_factory, tmp_path):
     """Orthanc's REST `POST /modalities/{us}/move` with itself as the target."""
     orthanc = Orthanc(tmp_path / "orthanc")

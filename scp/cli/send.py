@@ -33,7 +33,14 @@ def send(
     or ANY-SCP). Exit 0 when every instance was stored, 1 when any failed or
     nothing matched, 2 on a usage error.
     """
-    from scp.sub_operations import Destination, Matches, Unsendable, proposals, store_failure
+    from scp.sub_operations import (
+        Destination,
+        DestinationLost,
+        Matches,
+        Unsendable,
+        proposals,
+        store_failure,
+    )
     from scp.upper_layer import AssociationError, Requestor
     from storage.catalog import find
 
@@ -66,14 +73,14 @@ def send(
         if not matches:
             fail(f"no {level.lower()} {uid} in the index", EXIT_NOT_FOUND)
         requestor = Requestor(aet or config.aet, timeout=timeout)
+        wanted = proposals(contents)
         try:
-            association = requestor.associate(host, port, called_ae, proposals(contents))
+            destination = Destination(lambda: requestor.associate(host, port, called_ae, wanted))
         except AssociationError as exc:
             fail(str(exc), EXIT_NOT_FOUND)
-        destination = Destination(association)
         rows = Matches(config.data_dir, reader.retrieve(query))
         with (
-            association,
+            contextlib.closing(destination),
             contextlib.closing(rows),
             _progress(f"{called_ae}@{host}:{port}", matches) as bar,
         ):
@@ -81,9 +88,9 @@ def send(
                 instance = match.instance
                 try:
                     status, comment = destination.store(match, rows.check_ahead)
-                except Unsendable as exc:
+                except (Unsendable, AssociationError) as exc:  # the next goes on
                     failed.append((instance.sop_instance_uid, str(exc)))
-                except AssociationError as exc:
+                except DestinationLost as exc:
                     failed.append((instance.sop_instance_uid, str(exc)))
                     failed += [(left.sop_instance_uid, str(exc)) for left in rows.unsent()]
                     break
