@@ -1354,6 +1354,8 @@ def test_random_byte_streams_are_answered_and_closed(garbage_server, stream):
 
 
 FIND = "1.2.840.10008.5.1.4.1.2.2.1"
+MOVE = "1.2.840.10008.5.1.4.1.2.2.2"
+GET = "1.2.840.10008.5.1.4.1.2.2.3"
 COMMITMENT = "1.2.840.10008.1.20.1"
 # Something that looks like a dataset (explicit VR little endian elements), or not.
 _ELEMENT_BYTES = st.builds(
@@ -1375,17 +1377,23 @@ _DATASET_BYTES = st.one_of(
 
 @settings(max_examples=150, deadline=None, database=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])  # fmt: skip
-@given(identifier=_DATASET_BYTES, service=st.sampled_from(["find", "commitment"]))
+@given(identifier=_DATASET_BYTES, service=st.sampled_from(["find", "move", "get", "commitment"]))
 def test_random_query_identifiers_and_commitment_requests_get_an_answer(
     hostile_server, identifier, service
 ):
-    """The C-FIND identifier and the N-ACTION information are read by pydicom
-    from what a peer sent: whatever it is, the answer is a status and the
-    association goes on."""
+    """The C-FIND, C-MOVE and C-GET identifiers and the N-ACTION information are
+    read by pydicom from what a peer sent: whatever it is, the answer is a
+    status and the association goes on."""
     contexts = [(1, FIND, [EXPLICIT_LE]), (3, COMMITMENT, [EXPLICIT_LE]),
-                (5, VERIFICATION, [EXPLICIT_LE])]  # fmt: skip
+                (5, VERIFICATION, [EXPLICIT_LE]), (7, MOVE, [EXPLICIT_LE]),
+                (9, GET, [EXPLICIT_LE])]  # fmt: skip
     if service == "find":
         context, command = 1, {0x0002: _uid(FIND), 0x0100: struct.pack("<H", 0x0020)}
+    elif service == "move":  # to an AE not in peers, should anything match
+        context, command = 7, {0x0002: _uid(MOVE), 0x0100: struct.pack("<H", 0x0021),
+                               0x0600: b"NOWHERE "}  # fmt: skip
+    elif service == "get":  # no storage context: what matches fails
+        context, command = 9, {0x0002: _uid(GET), 0x0100: struct.pack("<H", 0x0010)}
     else:
         context, command = (
             3,
