@@ -343,7 +343,7 @@ def _peers(value) -> dict[str, str]:
         if not isinstance(address, str) or not is_ae_title(title):
             raise ValueError(f"{title!r} = {address!r}")
         host, sep, port = address.strip().rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
+        if not sep or not host or not port.isdecimal() or not 0 < int(port) <= 65535:
             raise ValueError(f"{title}: expected HOST:PORT, got {address!r}")
         peers[title.strip()] = f"{host}:{int(port)}"
     return peers

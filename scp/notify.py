@@ -91,7 +91,7 @@ def watchdog_interval() -> float | None:
     was meant for us, not inherited from a parent).
     """
     usec = os.environ.get("WATCHDOG_USEC", "")
-    if not usec.isdigit() or int(usec) == 0:
+    if not usec.isdecimal() or int(usec) == 0:
         return None
     pid = os.environ.get("WATCHDOG_PID")
     if pid is not None and pid != str(os.getpid()):

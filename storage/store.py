@@ -88,6 +88,9 @@ class StoreResult:
     sha256: str
     disagreements: list = field(default_factory=list)
     placed: bool = False  # the file got its final name (the index may not have it yet)
+    # (study, series) the index holds the SOP Instance UID under, when not this
+    # copy's: a copy kept aside whose first copy is in another series.
+    indexed_under: tuple[str, str] | None = None
     timings: dict = field(default_factory=dict)  # stage: milliseconds, for the log
 
     def log_fields(self) -> dict:
@@ -411,6 +414,8 @@ class InstanceStore:
             return
         # keep-first, or an overwrite that would move the instance to another
         # series: the first copy stays and the new one is kept aside, not lost.
+        if not same_place:
+            result.indexed_under = (known.study_uid, known.series_uid)
         aside = files.conflict_relpath(header.sop_instance_uid, entry.sha256)
         linked_by_us = result.placed and result.path == str(aside)  # a transaction run again
         if (self.data_dir / aside).exists() and not linked_by_us:  # kept aside before

@@ -295,6 +295,10 @@ def test_odd_stored_values_and_odd_queries_are_answered_not_a_500(web, tmp_path)
         answer = httpx.get(f"{web.url}/dicomweb/{query}")
         assert (answer.status_code, named in answer.text) == (400, True), (query, answer.text)
 
+    # '²' is a digit to str.isdigit, and no number to int(): was a 500 each.
+    assert httpx.get(f"{instance}/frames/%C2%B2").status_code == 400
+    assert httpx.get(f"{web.url}/fhir/r4/ImagingStudy?_count=%C2%B2").status_code == 400
+
     text = httpx.get(f"{instance}/bulkdata/00100010")
     assert (text.status_code, "not bulk data" in text.text) == (404, True), text.text
     pixels = httpx.get(f"{instance}/bulkdata/7FE00010")
@@ -412,6 +416,30 @@ def test_stow_rs_stores_as_a_c_store_does(web, tmp_path, server_factory):
         .fetchone()[0]
         == 4
     )
+
+
+def test_stow_rs_answers_a_copy_kept_aside_with_the_url_of_the_one_kept(web, tmp_path):
+    """keep-first: a resent UID with other bytes in another series is kept aside,
+    Success as over DICOM; its RetrieveURL named the new series, and 404'd."""
+    study, sop = generate_uid(), generate_uid()
+    first_series, other_series = generate_uid(), generate_uid()
+    first, resent = (
+        make_instance(tmp_path / name, study_uid=study, series_uid=series, sop_instance_uid=sop)
+        for name, series in (("first", first_series), ("resent", other_series))
+    )
+    urls = []
+    for path in (first, resent):
+        answer = httpx.post(
+            f"{web.url}/dicomweb/studies",
+            content=multipart([path.read_bytes()]),
+            headers={"Content-Type": STOW_TYPE},
+        )
+        assert answer.status_code == 200, answer.text
+        urls.append(answer.json()["00081199"]["Value"][0]["00081190"]["Value"][0])
+    assert urls[1] == urls[0] and f"/series/{first_series}/" in urls[1]
+    retrieved = httpx.get(urls[1])
+    assert retrieved.status_code == 200
+    assert dataset_bytes(first) in retrieved.content
 
 
 def test_stow_rs_keeps_nothing_of_a_cut_or_lying_body(web, tmp_path):

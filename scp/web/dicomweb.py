@@ -333,7 +333,7 @@ class _DicomWeb:
     def frames(self, request: Request) -> Response:
         p = request.path_params
         try:
-            numbers = [int(n) for n in p["frames"].split(",") if n.strip().isdigit()]
+            numbers = [int(n) for n in p["frames"].split(",") if n.strip().isdecimal()]
             if not numbers or len(numbers) != len(p["frames"].split(",")) or 0 in numbers:
                 raise _Refused(400, f"frame numbers start at 1: {p['frames']!r}")
             (row,) = self._files(p["study"], p["series"], p["instance"])

@@ -396,7 +396,7 @@ def _search_terms(items: list[tuple[str, str]], stable_after: float) -> _Search:
                 raise SearchError(f"_sort: one of {', '.join(_SORTS)}, got {value!r}")
             search.order, search.descending = _SORTS[value]
         elif name == "_count":
-            if not value.isdigit() or int(value) > MAX_COUNT:
+            if not value.isdecimal() or int(value) > MAX_COUNT:
                 raise SearchError(f"_count: 0 to {MAX_COUNT}, got {value!r}")
             search.count = int(value)
         elif name == "_summary":

@@ -206,9 +206,12 @@ class StowRs:
         return answer
 
     def _referenced(self, result) -> dict:
+        """The instance, and the URL that retrieves what the index holds for it
+        (a copy kept aside is not served: the first copy is, maybe elsewhere)."""
         header = result.header
+        study, series = result.indexed_under or (header.study_uid, header.series_uid)
         url = (
-            f"{self._base_url}/dicomweb/studies/{header.study_uid}/series/{header.series_uid}"
+            f"{self._base_url}/dicomweb/studies/{study}/series/{series}"
             f"/instances/{header.sop_instance_uid}"
         )
         return {
