@@ -130,7 +130,13 @@ def _header_from(source) -> InstanceHeader:
     tags = _TAGS
 
     def text(keyword: str) -> str | None:
-        return source.text(tags[keyword])
+        value = source.text(tags[keyword])
+        if value and "\0" in value:
+            # Within a value (its padding is stripped), where no text VR has one:
+            # PostgreSQL holds no NUL in text, and the index is the same on both
+            # engines. The file keeps it, as sent.
+            return value.replace("\0", "\ufffd")
+        return value
 
     def items(keyword: str) -> list:
         return source.items(tags[keyword])

@@ -291,6 +291,8 @@ def test_odd_stored_values_and_odd_queries_are_answered_not_a_500(web, tmp_path)
         ("instances?InstanceNumber=99999999999999999999", "beyond any integer the index holds"),
         ("studies?offset=99999999999999999999", "offset: a number"),
         ("studies?limit=%C2%B2", "limit: a number"),  # '²' is a digit to str.isdigit
+        # PostgreSQL refuses a NUL in a parameter: was a 500 there.
+        ("studies?PatientID=A%00B", "PatientID: a NUL character is part of no value"),
     ]:
         answer = httpx.get(f"{web.url}/dicomweb/{query}")
         assert (answer.status_code, named in answer.text) == (400, True), (query, answer.text)
@@ -298,6 +300,11 @@ def test_odd_stored_values_and_odd_queries_are_answered_not_a_500(web, tmp_path)
     # '²' is a digit to str.isdigit, and no number to int(): was a 500 each.
     assert httpx.get(f"{instance}/frames/%C2%B2").status_code == 400
     assert httpx.get(f"{web.url}/fhir/r4/ImagingStudy?_count=%C2%B2").status_code == 400
+    nul = httpx.get(f"{web.url}/fhir/r4/ImagingStudy?_id=%00")
+    assert (nul.status_code, "NUL character" in nul.text) == (400, True)
+    # A UID list of empty items is no value: every study (was `IN ()` on PostgreSQL, a 500).
+    listed = httpx.get(f"{web.url}/dicomweb/studies?StudyInstanceUID=%5C")
+    assert listed.status_code == 200 and study in listed.text
 
     text = httpx.get(f"{instance}/bulkdata/00100010")
     assert (text.status_code, "not bulk data" in text.text) == (404, True), text.text
@@ -546,6 +553,11 @@ def test_stow_rs_refuses_a_part_whose_transfer_syntax_is_not_a_uid(web, tmp_path
     assert len(list(web.location.data_dir.glob(f"{study}/*/*.dcm"))) == 1
     assert not any((web.location.data_dir / ".incoming").rglob("*.tmp*"))
     assert web.log_path.read_text().count("is not a UID") == len(bad)
+    # Its metadata (pydicom's UID.is_encapsulated raised for a private syntax: a 500).
+    private_url = answer.json()["00081199"]["Value"][0]["00081190"]["Value"][0]
+    metadata = httpx.get(f"{private_url}/metadata")
+    assert metadata.status_code == 200, metadata.text
+    assert metadata.json()[0]["7FE00010"]["vr"] == "OB"  # an unknown syntax is encapsulated
 
 
 @requires_orthanc

@@ -221,6 +221,24 @@ def test_series_and_image_levels_in_both_roots(archive):
     assert only_mr == []
 
 
+def test_a_wildcard_on_a_number_key_matches_its_digits(archive):
+    """Viewers send `*` for the keys they want back, IS ones too: on PostgreSQL
+    that was LIKE on a BIGINT column, a failed query (0xC000)."""
+    server, sent = archive
+    study_uid, study = next(iter(sent.items()))  # PAT-1: CT series 1, SR series 2
+    for pattern, modalities in (("*", {"CT", "SR"}), ("?", {"CT", "SR"}), ("2*", {"SR"})):
+        series, _ = findscu(
+            server.port, "SERIES", f"StudyInstanceUID={study_uid}", "Modality",
+            f"SeriesNumber={pattern}",
+        )  # fmt: skip
+        assert {r.Modality for r in series} == modalities, pattern
+    images, _ = findscu(
+        server.port, "IMAGE", f"StudyInstanceUID={study_uid}",
+        f"SeriesInstanceUID={next(iter(study['series']))}", "InstanceNumber=*",
+    )  # fmt: skip
+    assert sorted(r.InstanceNumber for r in images) == [1, 2, 3]
+
+
 def test_a_query_that_breaks_the_rules_gets_a_failure_and_the_association_goes_on(archive):
     server, _ = archive
     # Patient Root, STUDY level, no PatientID: twice over one association.
@@ -296,6 +314,8 @@ RAW_CONTEXTS = [(1, STUDY_ROOT_FIND, [EXPLICIT_LE]), (3, VERIFICATION, [EXPLICIT
          "does not decode"),  # no such VR
         (b"\x08\x00\x52\x00CS\x06\x00STUDY \x08\x00\x20\x00DA\x08\x002026-1-x",
          0xA900, "StudyDate"),  # a date that is none
+        (b"\x08\x00\x52\x00CS\x06\x00STUDY \x10\x00\x20\x00LO\x04\x00A\x00BC",
+         0xA900, "NUL"),  # a query PostgreSQL cannot take: was 0xC000, "query failed"
     ],
 )  # fmt: skip
 def test_a_malformed_identifier_gets_a_failure_with_a_reason(archive, identifier, status, says):

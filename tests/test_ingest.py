@@ -162,6 +162,30 @@ def test_first_value_wins_and_disagreement_is_logged(server, tmp_path):
     assert (disagreements[0]["kept"], disagreements[0]["received"]) == ("AXIAL", "CORONAL")
 
 
+def test_a_nul_inside_a_text_value_is_stored_as_sent_and_indexed(server, tmp_path):
+    """PostgreSQL holds no NUL in text: such an instance was refused 0xA700
+    ("index write failed"), which a modality retries for ever. The index holds
+    U+FFFD in its place, on either engine; the file holds what was sent."""
+    study, series = generate_uid(), generate_uid()
+    path = make_instance(
+        tmp_path, study_uid=study, series_uid=series,
+        PatientName="Doe^John", SeriesDescription="AXIAL CHEST",
+    )  # fmt: skip
+    path.write_bytes(
+        path.read_bytes()
+        .replace(b"Doe^John", b"Doe\0John")
+        .replace(b"AXIAL CHEST", b"AXIAL\0CHEST")
+    )
+    assert [s.status for s in send_files(server.port, [path])] == [0]
+    (stored,) = stored_files(server.data_dir)
+    assert stored.read_bytes().endswith(dataset_bytes(path))
+    index = server.index()
+    name = index.execute("SELECT patient_name FROM studies WHERE study_uid = ?", (study,))
+    assert name.fetchone()[0] == "Doe\ufffdJohn"
+    description = index.execute("SELECT description FROM series WHERE series_uid = ?", (series,))
+    assert description.fetchone()[0] == "AXIAL\ufffdCHEST"
+
+
 def test_later_instances_fill_in_what_the_first_lacked(server, tmp_path):
     # The second instance teaches the series its modality (the study's list
     # changes); the third is one more of a known series.

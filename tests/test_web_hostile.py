@@ -12,14 +12,17 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.conftest import both_indexes
 from tests.test_hostile import encode, random_instances
 from tests.test_web import start_web
+
+pytestmark = both_indexes
 
 STOW_TYPE = 'multipart/related; type="application/dicom"; boundary=hostile'
 
 
 @pytest.fixture(scope="module")
-def hostile_web(tmp_path_factory):
+def hostile_web(tmp_path_factory, index_backend):
     web = start_web(tmp_path_factory.mktemp("hostile-web"))
     yield web
     web.process.terminate()

@@ -517,7 +517,8 @@ def _pixel_data_uri(dataset, url: str) -> dict:
     """The Pixel Data a metadata request leaves out, as its BulkDataURI."""
     if not {"Rows", "Columns"} <= set(dataset.dir()):
         return {}
-    vr = "OB" if dataset.file_meta.TransferSyntaxUID.is_encapsulated else "OW"
+    # Ours, not pydicom's UID.is_encapsulated: that raises for a private syntax.
+    vr = "OB" if transfer_syntax(dataset.file_meta.TransferSyntaxUID).encapsulated else "OW"
     return {"7FE00010": {"vr": vr, "BulkDataURI": f"{url}/bulkdata/7FE00010"}}
 
 

@@ -358,6 +358,8 @@ def _search_terms(items: list[tuple[str, str]], stable_after: float) -> _Search:
     started_from: list[date] = []
     started_to: list[date] = []
     for name, value in items:
+        if "\0" in value:  # PostgreSQL refuses it in a parameter; no index value holds one
+            raise SearchError(f"{name}: a NUL character is part of no value")
         if name == "_id":
             _narrow(filters, "study_uids", value.split(","))
         elif name == "identifier":

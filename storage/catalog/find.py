@@ -234,6 +234,8 @@ def _conditions(
         value = values[keyword]
         if not value or keyword in combined or key.counts_patients:
             continue
+        if "\0" in value:  # PostgreSQL refuses it in a parameter; no index value holds one
+            raise QueryError(f"{keyword}: a NUL character is part of no value")
         if key is INSTANCE_AVAILABILITY:
             column = _column(db, key, level)
         else:
@@ -247,7 +249,7 @@ def _conditions(
 def _match(db: Database, keyword: str, vr: str, column: str, value: str) -> tuple[str, list]:
     if vr == "UI":
         uids = [uid.strip() for uid in value.split("\\") if uid.strip()]
-        if uids == ["*"]:
+        if uids in (["*"], []):  # a list of only empty items is no value either
             return "1 = 1", []
         listed = f"IN ({','.join('?' * len(uids))})"
         if keyword == "SOPClassesInStudy":
@@ -277,6 +279,8 @@ def _text_match(db: Database, column: str, vr: str, value: str) -> tuple[str, st
     if vr == "PN":  # `column` is the folded name
         return db.wildcard(column, fold_name(value))
     if "*" in value or "?" in value:
+        if vr == "IS":  # its digits: PostgreSQL has no LIKE on a number
+            column = f"CAST({column} AS TEXT)"
         return db.wildcard(column, value)
     if vr == "IS":
         try:
