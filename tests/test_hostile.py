@@ -1395,8 +1395,9 @@ _DATASET_BYTES = st.one_of(
 @settings(max_examples=150, deadline=None, database=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])  # fmt: skip
 @given(identifier=_DATASET_BYTES, service=st.sampled_from(["find", "move", "get", "commitment"]))
+@pytest.mark.parametrize("index_backend", ["sqlite", "postgresql"], indirect=True)
 def test_random_query_identifiers_and_commitment_requests_get_an_answer(
-    hostile_server, identifier, service
+    indexed_server, identifier, service
 ):
     """The C-FIND, C-MOVE and C-GET identifiers and the N-ACTION information are
     read by pydicom from what a peer sent: whatever it is, the answer is a
@@ -1422,7 +1423,7 @@ def test_random_query_identifiers_and_commitment_requests_get_an_answer(
             },
         )
     command |= {0x0110: struct.pack("<H", 9), 0x0800: struct.pack("<H", 0x0000)}
-    with RawAssociation(hostile_server.port, contexts, calling="FUZZ") as assoc:
+    with RawAssociation(indexed_server.port, contexts, calling="FUZZ") as assoc:
         assoc.sock.sendall(
             p_data(context, command_set(dict(sorted(command.items()))), command=True)
             + p_data(context, identifier, command=False)
@@ -1433,7 +1434,7 @@ def test_random_query_identifiers_and_commitment_requests_get_an_answer(
         assert status == 0x0000 or status >= 0x0100, f"0x{status:04X}"
         assert assoc.echo(5).status == SUCCESS
         assoc.release()
-    assert hostile_server.process.poll() is None
+    assert indexed_server.process.poll() is None
 
 
 def test_after_the_property_tests_the_servers_still_serve(hostile_server, garbage_server):
