@@ -211,6 +211,23 @@ def test_migrate_index_copies_every_row_and_is_idempotent(server_factory, tmp_pa
     assert result.exit_code == 2 and "already holds instances" in result.output
 
 
+def test_migrate_index_takes_a_nul_an_older_sqlite_index_holds(server_factory, tmp_path, index_url):
+    """Before U+FFFD was indexed in its place, SQLite kept a NUL inside a value
+    as sent; PostgreSQL refused the copy ("text fields cannot contain NUL")."""
+    server = server_factory()
+    study = generate_uid()
+    source = make_instance(tmp_path / "s", study_uid=study, series_uid=generate_uid())
+    assert [s.status for s in send_files(server.port, [source])] == [0]
+    assert server.stop() == 0
+    with server.index() as db:  # what an older version indexed
+        db.execute("UPDATE studies SET patient_name = ? WHERE study_uid = ?", ("Doe\0J", study))
+    data = server.data_dir
+    result = CliRunner().invoke(main, ["migrate-index", "--to", index_url, "--data-dir", str(data)])
+    assert result.exit_code == 0, result.output
+    migrated = _rows(IndexLocation(data, index_url).open(), "SELECT patient_name FROM studies")
+    assert migrated == [("Doe\ufffdJ",)]
+
+
 def test_migrate_index_brings_a_schema_version_2_index_up_first(
     server_factory, tmp_path, index_url
 ):

@@ -20,13 +20,24 @@ def replace_rows(
         columns, pk = TABLES[table]
         names = list(columns)
         target.execute(f"DELETE FROM {table}")
-        rows = source.execute(f"SELECT {', '.join(names)} FROM {table}")
+        rows = _without_nul(source.execute(f"SELECT {', '.join(names)} FROM {table}"))
         if table == "instances":
             rows = _counted(rows, progress)
         copied[table] = target.insert_rows(table, names, rows)
         if pk == "id":
             target.reset_identity(table, "id")
     return copied
+
+
+def _without_nul(rows):
+    """The rows, a NUL inside a text value as U+FFFD: how storage.header indexes
+    it now. An index written before may hold one, and PostgreSQL's text none."""
+    for row in rows:
+        if any(type(value) is str and "\0" in value for value in row):
+            row = tuple(
+                value.replace("\0", "\ufffd") if type(value) is str else value for value in row
+            )
+        yield row
 
 
 def _counted(rows, progress: Callable[[int], None], every: int = 1000):
