@@ -10,9 +10,13 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 from pydicom.uid import generate_uid
 
+from storage.catalog.engines import IndexLocation
+from storage.catalog.index import Catalog
+from storage.files import prepare_data_dir
 from tests.conftest import (
     CT_IMAGE_STORAGE,
     IMAGING_SCP,
@@ -24,6 +28,7 @@ from tests.conftest import (
 )
 from tests.test_hostile import EXPLICIT_LE, AssociationRefused, RawAssociation
 from tests.test_systemd import NotifySocket
+from tests.test_web import start_web
 
 ROOT = Path(__file__).resolve().parent.parent
 INDEX_TIMEOUT = 3  # seconds; the default is 10
@@ -394,3 +399,39 @@ def test_readers_after_a_postgresql_restart_get_a_live_connection(tmp_path, clus
     time.sleep(6)
     assert server.events("commitment.reporter_failed") == []
     assert server.events("commitment.check_failed") == []
+
+
+def test_postgresql_down_the_web_answers_503_with_the_reason_and_its_health_says_so(
+    tmp_path, cluster
+):
+    """Was: each request waited 30 s (the pool's own timeout), then a bare 500."""
+    url = cluster.new_database()
+    data_dir = tmp_path / "data"
+    prepare_data_dir(data_dir, "test")
+    Catalog.open(IndexLocation(data_dir, url)).close()  # what the listener's start makes
+    web = start_web(tmp_path, "--index-url", url, "--index-timeout", str(INDEX_TIMEOUT))
+    try:
+        assert httpx.get(web.url + "/health").json() == {"index": "available"}
+        cluster.stop_server()
+        try:
+            for path in ("/health", "/dicomweb/studies", "/fhir/r4/ImagingStudy"):
+                started = time.monotonic()
+                answer = httpx.get(web.url + path, timeout=60)
+                assert time.monotonic() - started < INDEX_TIMEOUT + MARGIN, path
+                assert answer.status_code == 503, (path, answer.text)
+                assert answer.headers["retry-after"] == "10"
+                assert "index unavailable: cannot connect to the index at" in answer.text
+            fhir = httpx.get(web.url + "/fhir/r4/ImagingStudy/1.2.3", timeout=60).json()
+            assert fhir["resourceType"] == "OperationOutcome"
+            assert fhir["issue"][0]["code"] == "transient"
+        finally:
+            cluster.start_server()
+        deadline = time.monotonic() + 15
+        while httpx.get(web.url + "/health", timeout=60).status_code != 200:
+            assert time.monotonic() < deadline, "the web did not see the index come back"
+            time.sleep(0.2)
+        assert httpx.get(web.url + "/dicomweb/studies").status_code == 200
+    finally:
+        web.process.terminate()
+        web.process.wait(10)
+    assert '"web.index_unavailable"' in web.log_path.read_text()

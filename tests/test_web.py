@@ -390,6 +390,9 @@ def test_tokens_are_required_and_reloaded_on_sighup(tmp_path):
         for path in (f"/dicomweb/studies/{study}", "/dicomweb/studies", "/wado"):
             assert httpx.get(web.url + path).status_code == 401
         assert httpx.post(web.url + "/dicomweb/studies", content=b"x").status_code == 401
+        # A load balancer has no token: /health says whether the index answers, no more.
+        health = httpx.get(web.url + "/health")
+        assert (health.status_code, health.json()) == (200, {"index": "available"})
         sent = make_instance(web.sources, study_uid=generate_uid(), series_uid=generate_uid())
         stow = httpx.post(
             web.url + "/dicomweb/studies",

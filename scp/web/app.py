@@ -5,28 +5,37 @@ from starlette.applications import Starlette
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from scp.config import Config
-from scp.web import dicomweb, fhir_api
+from scp.web import dicomweb, fhir_api, index
 from scp.web.access import BearerTokens
 
 log = structlog.get_logger("imaging_scp")
 
 
 def web_app(config: Config, tokens: BearerTokens) -> Starlette:
-    app = Starlette(routes=[*fhir_api.routes(config), *dicomweb.routes(config)])
+    app = Starlette(
+        routes=[*fhir_api.routes(config), *dicomweb.routes(config), *index.routes(config)],
+        exception_handlers=index.handlers(),
+    )
     app.add_middleware(_RequireToken, tokens=tokens)
     return app
 
 
 class _RequireToken:
     """401 and no data for a request without a valid bearer token, when tokens
-    are required; the token's name goes into the request's scope for the logs."""
+    are required (but /health: a load balancer has none, and it tells only
+    whether the index answers); the token's name goes into the request's scope
+    for the logs."""
 
     def __init__(self, app: ASGIApp, tokens: BearerTokens):
         self._app = app
         self._tokens = tokens
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self._tokens.required:
+        if (
+            scope["type"] != "http"
+            or not self._tokens.required
+            or scope["path"] == index.HEALTH_PATH
+        ):
             await self._app(scope, receive, send)
             return
         headers = dict(scope["headers"])

@@ -33,6 +33,7 @@ from starlette.routing import Route
 
 from scp.config import Config
 from scp.server import open_store
+from scp.web import index
 from scp.web.stow import StowRs
 from storage.catalog import find
 from storage.catalog.lifecycle import OFFLINE, UNAVAILABLE
@@ -152,7 +153,7 @@ class _DicomWeb:
         self._root = config.data_dir.resolve()
 
     def _reader(self) -> CatalogReader:
-        return CatalogReader.open(self._config.index_location, pooled=True)
+        return index.reader(self._config)
 
     # --- QIDO-RS -----------------------------------------------------------------------
 

@@ -30,6 +30,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from scp.config import Config
+from scp.web import index
 from storage.catalog.engines import moment_of
 from storage.catalog.reads import CatalogReader, FilterError, StudyFilter, study_updated
 from storage.fhir import (
@@ -136,7 +137,7 @@ class _FhirApi:
         self._config = config
 
     def _reader(self) -> CatalogReader:
-        return CatalogReader.open(self._config.index_location, pooled=True)
+        return index.reader(self._config)
 
     def _render(self, found: dict, version: str, *, with_instances: bool) -> dict:
         series = found["series"]

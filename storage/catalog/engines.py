@@ -214,11 +214,11 @@ class IndexLocation:
         if found != ["ok"]:
             raise IndexCorrupt(self.sqlite_path, "; ".join(found))
 
-    def open_reader(self) -> "Database":
+    def open_reader(self, timeout: float = 30) -> "Database":
         """A read connection: for PostgreSQL, one lent by this process's pool
-        (closing it gives it back)."""
+        (closing it gives it back) within `timeout` seconds, else IndexUnreachable."""
         if self.url:
-            return PostgresDatabase.from_pool(self.url)
+            return PostgresDatabase.from_pool(self.url, timeout)
         return self.open()
 
 
@@ -777,7 +777,7 @@ class PostgresDatabase(Database):
             self.prepare_writer()
 
     @classmethod
-    def from_pool(cls, url: str) -> "PostgresDatabase":
+    def from_pool(cls, url: str, timeout: float = 30) -> "PostgresDatabase":
         """A connection lent by this process's pool (created at first use, per
         process: a forked worker never shares its parent's sockets)."""
         import os
@@ -803,7 +803,7 @@ class PostgresDatabase(Database):
                 )
                 _pools[key] = pool
         try:
-            return cls(url, pool.getconn(timeout=30), pool)
+            return cls(url, pool.getconn(timeout=timeout), pool)
         except PoolTimeout as exc:
             raise IndexUnreachable(f"cannot connect to the index at {redact(url)}: {exc}") from exc
 

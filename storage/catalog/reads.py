@@ -217,15 +217,22 @@ class CatalogReader:
         self._db = db
 
     @classmethod
-    def open(cls, location: IndexLocation, *, pooled: bool = False) -> "CatalogReader":
+    def open(
+        cls, location: IndexLocation, *, pooled: bool = False, timeout: float = 30
+    ) -> "CatalogReader":
         """A reader of the index at `location`. `pooled`: its connection lent by
-        this process's pool (PostgreSQL; the listener's queries), else one of its
-        own (one admin command, one connection). IndexUnreachable when the index
-        is not there: a reader never creates a SQLite index."""
-        return cls(location.open_reader() if pooled else location.open())
+        this process's pool (PostgreSQL; the listener's and the web's queries)
+        within `timeout` seconds, else one of its own (one admin command, one
+        connection). IndexUnreachable when the index is not there: a reader
+        never creates a SQLite index."""
+        return cls(location.open_reader(timeout) if pooled else location.open())
 
     def close(self) -> None:
         self._db.close()
+
+    def answers(self) -> None:
+        """One round trip that reads a table: raises when the index cannot."""
+        self._db.execute("SELECT 1 FROM studies LIMIT 1").fetchall()
 
     def __enter__(self) -> "CatalogReader":
         return self
