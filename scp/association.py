@@ -273,8 +273,10 @@ class IndexResponses:
         self._failure: Refused | None = None
 
     def _open_reader(self) -> CatalogReader:
-        """A reader from this process's pool, held until `close`."""
-        self._reader = CatalogReader.open(self.service.location, pooled=True)
+        """A reader from this process's pool (within index_timeout), held until `close`."""
+        self._reader = CatalogReader.open(
+            self.service.location, pooled=True, timeout=self.service.index_timeout
+        )
         return self._reader
 
     def cancel(self) -> None:

@@ -63,9 +63,15 @@ _UNIQUE_KEY = {
 
 class FindService:
     def __init__(
-        self, location: IndexLocation, aet: str, find_limit: int, index_health: IndexHealth
+        self,
+        location: IndexLocation,
+        aet: str,
+        find_limit: int,
+        index_health: IndexHealth,
+        index_timeout: float,
     ):
         self.location = location
+        self.index_timeout = index_timeout
         self.index_health = index_health  # told when a query finds the index damaged
         self.aet = aet
         self.find_limit = find_limit

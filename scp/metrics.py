@@ -276,13 +276,18 @@ class _Holdings:
             "min_free_space in bytes: below it new objects are refused",
             value=floor,
         )
+        available = self.store.index.health.available
         yield GaugeMetricFamily(
             _PREFIX + "index_available",
             "1 while the index answers, 0 during an outage",
-            value=int(self.store.index.health.available),
+            value=int(available),
         )
+        if not available:  # a read would wait out the timeout, past the scrape's own
+            return
         try:
-            with CatalogReader.open(self.config.index_location, pooled=True) as reader:
+            with CatalogReader.open(
+                self.config.index_location, pooled=True, timeout=self.config.index_timeout
+            ) as reader:
                 size = reader.size()
                 states = reader.commitment_states()
         except Exception:  # an index outage: index_available says so, the rest is absent

@@ -80,6 +80,7 @@ UNABLE_TO_PROCESS = 0xC000
 class RetrieveService:
     def __init__(self, config, index_health: IndexHealth):
         self.location: IndexLocation = config.index_location
+        self.index_timeout = config.index_timeout
         self.data_dir = config.data_dir
         self.config = config  # `peers` and the timeouts of our associations
         self.index_health = index_health

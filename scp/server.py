@@ -150,7 +150,13 @@ class Listeners:
         self.commitment = CommitmentService(
             store.index, config.aet, config.peers, config.network_timeout
         )
-        find = FindService(config.index_location, config.aet, config.find_limit, store.index.health)
+        find = FindService(
+            config.index_location,
+            config.aet,
+            config.find_limit,
+            store.index.health,
+            config.index_timeout,
+        )
         retrieve = RetrieveService(config, store.index.health)
         services = {  # Command Field -> the service its messages go to
             dimse.C_ECHO_RQ: EchoService(store.index.health),

@@ -435,3 +435,53 @@ def test_postgresql_down_the_web_answers_503_with_the_reason_and_its_health_says
         web.process.terminate()
         web.process.wait(10)
     assert '"web.index_unavailable"' in web.log_path.read_text()
+
+
+def test_postgresql_down_a_query_and_a_scrape_are_answered_within_the_index_timeout(
+    tmp_path, cluster, servers
+):
+    """Both read through the reader pool, which waited 30 s of its own: longer
+    than a C-FIND's requester and Prometheus's scrape (10 s) wait."""
+    from pydicom import Dataset
+    from pynetdicom import AE
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
+
+    from tests.conftest import free_port
+    from tests.test_metrics import scrape
+
+    metrics_port = free_port()
+    server = start_server(
+        tmp_path / "data", "--index-timeout", str(INDEX_TIMEOUT),
+        "--metrics-port", str(metrics_port), index_url=cluster.new_database(),
+    )  # fmt: skip
+    servers.append(server)
+    first, during = instances(tmp_path / "in", 2)
+    sender = Sender(server.port)
+    assert sender.store(first)[0] == 0x0000
+    ae = AE("FINDSCU")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    finder = ae.associate("127.0.0.1", server.port, ae_title="IMAGING_SCP")
+    assert finder.is_established  # before the outage
+    cluster.stop_server()
+    try:
+        query = Dataset()
+        query.QueryRetrieveLevel = "STUDY"
+        query.StudyInstanceUID = ""
+        started = time.monotonic()
+        answers = list(finder.send_c_find(query, StudyRootQueryRetrieveInformationModelFind))
+        assert time.monotonic() - started < INDEX_TIMEOUT + MARGIN
+        assert answers[-1][0].Status == 0xC000
+        finder.release()
+
+        assert sender.store(during)[0] == 0xA700  # the node now knows
+        sender.release()
+        started = time.monotonic()
+        scraped = scrape(metrics_port)
+        assert time.monotonic() - started < MARGIN
+        assert scraped("imaging_scp_index_available") == 0
+        assert ("imaging_scp_index_studies", ()) not in scraped
+    finally:
+        cluster.start_server()
+    server.wait_for_event("index.available", timeout=15)
+    scraped = scrape(metrics_port)
+    assert (scraped("imaging_scp_index_available"), scraped("imaging_scp_index_studies")) == (1, 1)
