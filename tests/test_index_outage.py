@@ -485,3 +485,17 @@ def test_postgresql_down_a_query_and_a_scrape_are_answered_within_the_index_time
     server.wait_for_event("index.available", timeout=15)
     scraped = scrape(metrics_port)
     assert (scraped("imaging_scp_index_available"), scraped("imaging_scp_index_studies")) == (1, 1)
+
+
+def test_a_web_on_an_index_no_listener_has_set_up_says_so(tmp_path, cluster):
+    """Was a 500 and a traceback (PostgreSQL's UndefinedTable)."""
+    url = cluster.new_database()  # empty: the listener's start makes the tables
+    web = start_web(tmp_path, "--index-url", url)
+    try:
+        for path in ("/health", "/dicomweb/studies", "/fhir/r4/ImagingStudy"):
+            answer = httpx.get(web.url + path, timeout=60)
+            assert answer.status_code == 503, (path, answer.text)
+            assert "no `imaging-scp serve` has set this index up yet" in answer.text
+    finally:
+        web.process.terminate()
+        web.process.wait(10)

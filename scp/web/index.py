@@ -27,10 +27,16 @@ def reader(config: Config) -> CatalogReader:
 
 def unavailable_errors() -> tuple[type[BaseException], ...]:
     """What a read raises while the index cannot answer: no connection within
-    the timeout, or the engine's operational errors (a server gone mid-query)."""
+    the timeout, the engine's operational errors (a server gone mid-query), or
+    no tables yet (SQLite's "no such table" is an OperationalError)."""
     import psycopg
 
-    return (IndexUnreachable, psycopg.OperationalError, sqlite3.OperationalError)
+    return (
+        IndexUnreachable,
+        psycopg.OperationalError,
+        psycopg.errors.UndefinedTable,
+        sqlite3.OperationalError,
+    )
 
 
 def routes(config: Config) -> list[Route]:
@@ -52,6 +58,8 @@ def handlers() -> dict:
 
 def _unavailable(request: Request, exc: BaseException) -> Response:
     reason = f"index unavailable: {exc}".strip()
+    if type(exc).__name__ == "UndefinedTable" or "no such table" in reason:
+        reason += " (no `imaging-scp serve` has set this index up yet: start it once)"
     log.warning("web.index_unavailable", path=request.url.path, reason=reason)
     headers = {"Retry-After": str(RETRY_AFTER)}
     if request.url.path.startswith("/fhir/"):
