@@ -376,9 +376,9 @@ REJECT_APPLICATION_CONTEXT = (0x01, 0x01, 0x02)
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)
 REJECT_CALLED_AE = (0x01, 0x01, 0x07)
 REJECT_BUSY = (0x02, 0x03, 0x02)  # transient: local limit exceeded
-# Each one's name in PS3.8's table, for the metrics.
 # How a connection ends (Session.outcome), as counted.
 OUTCOMES = ("closed", "rejected", "released", "aborted")
+# Each one's name in PS3.8's table, for the metrics.
 REJECTION_NAMES = {
     REJECT_NO_REASON: "no-reason-given",
     REJECT_APPLICATION_CONTEXT: "application-context-name-not-supported",
