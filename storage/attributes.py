@@ -26,6 +26,16 @@ from dataclasses import dataclass
 
 PATIENT, STUDY, SERIES, INSTANCE = "patient", "study", "series", "instance"
 
+# The integers an IS column holds (SQLite's INTEGER, PostgreSQL's BIGINT): the
+# header read keeps no other, and a query for another can match nothing.
+INDEX_INTEGERS = range(-(2**63), 2**63)
+
+
+def index_text(value: str) -> str:
+    """A text value as the index holds it: a NUL within it (no text VR has one,
+    and PostgreSQL's text holds none) as U+FFFD, on either engine."""
+    return value.replace("\0", "\ufffd")
+
 
 @dataclass(frozen=True)
 class Attribute:

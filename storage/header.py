@@ -20,7 +20,7 @@ import json
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
-from storage.attributes import ATTRIBUTES
+from storage.attributes import ATTRIBUTES, INDEX_INTEGERS, index_text
 from storage.codec.datasets import lenient_reading
 from storage.codec.dates import normal_date, normal_time
 from storage.codec.streams import encoded_bytes, inflate, read_with_pydicom
@@ -131,11 +131,8 @@ def _header_from(source) -> InstanceHeader:
 
     def text(keyword: str) -> str | None:
         value = source.text(tags[keyword])
-        if value and "\0" in value:
-            # Within a value (its padding is stripped), where no text VR has one:
-            # PostgreSQL holds no NUL in text, and the index is the same on both
-            # engines. The file keeps it, as sent.
-            return value.replace("\0", "\ufffd")
+        if value and "\0" in value:  # within the value: its padding is stripped
+            return index_text(value)  # the file keeps it as sent
         return value
 
     def items(keyword: str) -> list:
@@ -208,7 +205,7 @@ def _integer(text_of, keyword: str) -> int | None:
         return None
     # An IS holds at most 12 characters: a value SQLite cannot store as an
     # INTEGER is no number of ours, and would fail the index write.
-    return value if -(2**63) <= value < 2**63 else None
+    return value if value in INDEX_INTEGERS else None
 
 
 def _item_value(item, keyword: str):

@@ -270,11 +270,6 @@ def _match(db: Database, keyword: str, vr: str, column: str, value: str) -> tupl
     return "(" + " OR ".join(parts) + ")", args
 
 
-# What an INTEGER (SQLite) or BIGINT (PostgreSQL) column holds; ingest keeps no
-# other (storage.header).
-_COLUMN_INTEGERS = range(-(2**63), 2**63)
-
-
 def _text_match(db: Database, column: str, vr: str, value: str) -> tuple[str, str | int]:
     if vr == "PN":  # `column` is the folded name
         return db.wildcard(column, fold_name(value))
@@ -287,7 +282,7 @@ def _text_match(db: Database, column: str, vr: str, value: str) -> tuple[str, st
             number = int(value)
         except ValueError as exc:
             raise QueryError(f"{value!r} is not an integer string (IS)") from exc
-        if number not in _COLUMN_INTEGERS:  # the engine would raise, not match none
+        if number not in attributes.INDEX_INTEGERS:  # the engine would raise, not match none
             raise QueryError(f"{value!r} is beyond any integer the index holds (IS)")
         return f"{column} = ?", number
     return f"{column} = ?", value

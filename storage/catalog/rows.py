@@ -2,6 +2,7 @@
 
 from collections.abc import Callable
 
+from storage.attributes import index_text
 from storage.catalog.engines import Database
 from storage.catalog.schema import TABLES
 
@@ -30,13 +31,11 @@ def replace_rows(
 
 
 def _without_nul(rows):
-    """The rows, a NUL inside a text value as U+FFFD: how storage.header indexes
-    it now. An index written before may hold one, and PostgreSQL's text none."""
+    """The rows, each text value as the index holds it now (`index_text`): an
+    index written before may hold a NUL, and PostgreSQL's text none."""
     for row in rows:
         if any(type(value) is str and "\0" in value for value in row):
-            row = tuple(
-                value.replace("\0", "\ufffd") if type(value) is str else value for value in row
-            )
+            row = tuple(index_text(value) if type(value) is str else value for value in row)
         yield row
 
 
